@@ -1,0 +1,124 @@
+"""TSRA and fused RMSNorm→TSRA modules."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from cobkern.ops import rmsnorm_tsra, tsra
+from cobkern.ops.tsra import (
+    DEFAULT_A_U,
+    DEFAULT_A_V,
+    DEFAULT_B_U,
+    DEFAULT_B_V,
+    DEFAULT_EPS,
+    DEFAULT_RMS_EPS,
+)
+
+__all__ = ["TSRA", "RMSNormTSRA"]
+
+
+def _default_split(num_channels: int, split: int | None) -> int:
+    if num_channels < 2:
+        raise ValueError(f"TSRA needs at least 2 channels, got num_channels={num_channels}")
+    split = num_channels // 2 if split is None else split
+    if not (1 <= split < num_channels):
+        raise ValueError(f"split={split} is out of range for {num_channels} channels "
+                         f"(need 1 <= split < {num_channels})")
+    return split
+
+
+class _TSRABase(nn.Module):
+    def __init__(self, num_channels: int, split: int | None, dim: int, a_u: float, b_u: float,
+                 a_v: float, b_v: float, tsra_eps: float) -> None:
+        super().__init__()
+        self.num_channels = num_channels
+        self.split = _default_split(num_channels, split)
+        self.dim = dim
+        self.a_u, self.b_u, self.a_v, self.b_v = a_u, b_u, a_v, b_v
+        self.tsra_eps = tsra_eps
+
+    def _check(self, x: Tensor) -> None:
+        if x.dim() > self.dim and x.shape[self.dim] != self.num_channels:
+            raise ValueError(f"{type(self).__name__}: expected {self.num_channels} channels on "
+                             f"dim {self.dim}, got input of shape {tuple(x.shape)}")
+
+    def _gain_repr(self) -> str:
+        return (f"a_u={self.a_u}, b_u={self.b_u}, a_v={self.a_v}, b_v={self.b_v}")
+
+
+class TSRA(_TSRABase):
+    r"""Two-subspace radial activation (``method.md`` §1).
+
+    The channels split into ``U = [0, split)`` and ``V = [split, C)``; each subspace is scaled
+    by a logistic function of ``r = ||x_U|| / (||x|| + eps)``. It commutes with any rotation
+    ``diag(R_U, R_V)``, and the gains are invariant to positive scaling of ``x``.
+
+    Args:
+        num_channels: ``C``.
+        split: size of ``U``; default ``C // 2``. After pruning the two subspaces differ.
+        dim: the channel axis (default 1).
+        a_u, b_u, a_v, b_v: logistic constants (defaults 5, 0.5, 5, 0.7).
+        eps: added to ``||x||`` in ``r`` (default 1e-12).
+
+    Shape:
+        - Input: ``(N, C)``, ``(N, C, H, W)`` (NCHW or channels_last), ...
+        - Output: same shape, dtype and memory format.
+
+    Example::
+
+        >>> act = TSRA(64)
+        >>> y = act(torch.randn(8, 64, 32, 32))
+    """
+
+    def __init__(self, num_channels: int, split: int | None = None, dim: int = 1,
+                 a_u: float = DEFAULT_A_U, b_u: float = DEFAULT_B_U, a_v: float = DEFAULT_A_V,
+                 b_v: float = DEFAULT_B_V, eps: float = DEFAULT_EPS) -> None:
+        super().__init__(num_channels, split, dim, a_u, b_u, a_v, b_v, eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x)
+        return tsra(x, self.split, self.dim, a_u=self.a_u, b_u=self.b_u, a_v=self.a_v,
+                    b_v=self.b_v, eps=self.tsra_eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, split={self.split}, dim={self.dim}, {self._gain_repr()}"
+
+
+class RMSNormTSRA(_TSRABase):
+    r"""Unlearned RMSNorm followed by TSRA, fused into one kernel.
+
+    Equivalent to ``TSRA(C, split)(RMSNorm(C, eps=eps, norm_size=norm_size)(x))`` with one
+    read and one write of ``x`` in each direction.
+
+    Args:
+        num_channels: ``C``.
+        split: size of ``U``; default ``C // 2``.
+        dim: the channel axis (default 1).
+        eps: RMSNorm's epsilon (default 1e-6).
+        norm_size: RMSNorm's normaliser; ``None`` (default) means ``num_channels``.
+        a_u, b_u, a_v, b_v, tsra_eps: TSRA's constants.
+
+    Shape:
+        - Input: ``(N, C, *)``
+        - Output: same shape, dtype and memory format.
+    """
+
+    def __init__(self, num_channels: int, split: int | None = None, dim: int = 1,
+                 eps: float = DEFAULT_RMS_EPS, norm_size: int | None = None,
+                 a_u: float = DEFAULT_A_U, b_u: float = DEFAULT_B_U, a_v: float = DEFAULT_A_V,
+                 b_v: float = DEFAULT_B_V, tsra_eps: float = DEFAULT_EPS) -> None:
+        super().__init__(num_channels, split, dim, a_u, b_u, a_v, b_v, tsra_eps)
+        self.eps = eps
+        self.norm_size = norm_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x)
+        return rmsnorm_tsra(x, self.split, self.dim, eps=self.eps, norm_size=self.norm_size,
+                            a_u=self.a_u, b_u=self.b_u, a_v=self.a_v, b_v=self.b_v,
+                            tsra_eps=self.tsra_eps)
+
+    def extra_repr(self) -> str:
+        s = f"{self.num_channels}, split={self.split}, dim={self.dim}, eps={self.eps}"
+        if self.norm_size is not None:
+            s += f", norm_size={self.norm_size}"
+        return s + ", " + self._gain_repr()

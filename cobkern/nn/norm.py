@@ -1,0 +1,53 @@
+"""Unlearned RMSNorm module."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from cobkern.ops import rmsnorm
+from cobkern.ops.tsra import DEFAULT_RMS_EPS
+
+__all__ = ["RMSNorm"]
+
+
+class RMSNorm(nn.Module):
+    r"""RMSNorm over the channel axis with no learned scale or shift.
+
+    .. math:: y = x / \sqrt{\textstyle\sum_c x_c^2 / n + \epsilon}
+
+    It commutes with any rotation of the channels, which is why CoB networks use it in
+    place of BatchNorm.
+
+    Args:
+        num_channels: ``C``, the size of the channel axis.
+        dim: the channel axis (default 1: ``(N, C)`` or ``(N, C, H, W)``).
+        eps: added inside the square root. Default: 1e-6.
+        norm_size: the normaliser ``n``; ``None`` (default) means ``num_channels``. After
+            pruning, keeping the original width here keeps the activations' scale.
+
+    Shape:
+        - Input: ``(N, C, *)``
+        - Output: same shape and dtype as the input.
+    """
+
+    def __init__(
+        self, num_channels: int, dim: int = 1, eps: float = DEFAULT_RMS_EPS,
+        norm_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_channels = num_channels
+        self.dim = dim
+        self.eps = eps
+        self.norm_size = norm_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[self.dim] != self.num_channels:
+            raise ValueError(f"RMSNorm: expected {self.num_channels} channels on dim {self.dim}, "
+                             f"got input of shape {tuple(x.shape)}")
+        return rmsnorm(x, self.dim, eps=self.eps, norm_size=self.norm_size)
+
+    def extra_repr(self) -> str:
+        s = f"{self.num_channels}, dim={self.dim}, eps={self.eps}"
+        if self.norm_size is not None:
+            s += f", norm_size={self.norm_size}"
+        return s

@@ -1,0 +1,41 @@
+"""cobkern's differentiable ops (``torch.library`` custom ops backed by Triton kernels).
+
+* :func:`tsra`, :func:`rmsnorm_tsra` — forward with autograd;
+* :func:`tsra_backward`, :func:`rmsnorm_tsra_backward` — explicit backward;
+* :func:`rmsnorm` — unlearned RMSNorm (plain PyTorch);
+* :func:`use_backend`, :func:`set_backend` — choose Triton kernels or the reference.
+"""
+
+from .backend import get_backend, set_backend, use_backend
+from .rmsnorm import rmsnorm
+from .tsra import (
+    DEFAULT_A_U,
+    DEFAULT_A_V,
+    DEFAULT_B_U,
+    DEFAULT_B_V,
+    DEFAULT_EPS,
+    DEFAULT_RMS_EPS,
+    MAX_KERNEL_CHANNELS,
+    rmsnorm_tsra,
+    rmsnorm_tsra_backward,
+    tsra,
+    tsra_backward,
+)
+
+__all__ = [
+    "tsra",
+    "rmsnorm_tsra",
+    "tsra_backward",
+    "rmsnorm_tsra_backward",
+    "rmsnorm",
+    "get_backend",
+    "set_backend",
+    "use_backend",
+    "DEFAULT_A_U",
+    "DEFAULT_B_U",
+    "DEFAULT_A_V",
+    "DEFAULT_B_V",
+    "DEFAULT_EPS",
+    "DEFAULT_RMS_EPS",
+    "MAX_KERNEL_CHANNELS",
+]

@@ -1,0 +1,118 @@
+"""Argument validation and channel-axis geometry shared by every cobkern op.
+
+All ops reduce over one *channel* axis of a tensor at every other index ("position").
+A tensor is viewed, without copying, as ``(B, C, P)`` with three strides:
+
+* channel-major  (NCHW, or any contiguous tensor): ``stride_c = P``, ``stride_p = 1``;
+* channels-last (NHWC, or (N, C) with dim=1): ``stride_c = 1``, ``stride_p = C``
+  and all positions collapse into one axis (``B = 1``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class ChannelGeometry:
+    """How a tensor maps onto the kernels' ``(B, C, P)`` view.
+
+    Attributes:
+        B: number of outer blocks (batch for NCHW, 1 for channels-last).
+        C: channels, the reduction axis.
+        P: positions per block.
+        stride_b, stride_c, stride_p: element strides of the three axes.
+        channels_contig: ``True`` when ``stride_c == 1`` (NHWC / row-major 2-D).
+    """
+
+    B: int
+    C: int
+    P: int
+    stride_b: int
+    stride_c: int
+    stride_p: int
+    channels_contig: bool
+
+
+def check_activation_input(
+    name: str, x: torch.Tensor, split: int, dim: int, *, min_rank: int = 2, max_rank: int = 5
+) -> int:
+    """Validate the common arguments of the TSRA-family ops; return ``dim`` normalised."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name}: expected a floating-point tensor (float16, bfloat16, float32 or float64), "
+            f"got dtype {x.dtype}"
+        )
+    if not (min_rank <= x.dim() <= max_rank):
+        raise ValueError(
+            f"{name}: expected a {min_rank}-D to {max_rank}-D tensor such as (N, C) or "
+            f"(N, C, H, W), got shape {tuple(x.shape)} ({x.dim()}-D)"
+        )
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"{name}: dim must be an int, got {type(dim).__name__}")
+    if not (-x.dim() <= dim < x.dim()):
+        raise IndexError(
+            f"{name}: dim={dim} is out of range for a {x.dim()}-D tensor "
+            f"(expected -{x.dim()} <= dim < {x.dim()})"
+        )
+    dim = dim % x.dim()
+    c = x.shape[dim]
+    if c < 2:
+        raise ValueError(
+            f"{name}: the channel axis (dim={dim}) has size {c}; TSRA needs at least 2 channels "
+            "(one in each subspace)"
+        )
+    if isinstance(split, bool) or not isinstance(split, int):
+        raise TypeError(f"{name}: split must be an int, got {type(split).__name__}")
+    if not (1 <= split < c):
+        raise ValueError(
+            f"{name}: split={split} is out of range for {c} channels (need 1 <= split < {c}, "
+            "so that both subspaces are non-empty)"
+        )
+    return dim
+
+
+def check_same_device(name: str, **tensors: torch.Tensor) -> None:
+    """Raise if the given tensors are not all on one device."""
+    devices = {k: t.device for k, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{k} on {d}" for k, d in devices.items())
+        raise RuntimeError(f"{name}: expected all tensors on one device, got {listing}")
+
+
+def check_same_shape(name: str, a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{name}: {a_name} has shape {tuple(a.shape)} but {b_name} has shape {tuple(b.shape)}"
+        )
+
+
+def channel_geometry(x: torch.Tensor, dim: int) -> ChannelGeometry | None:
+    """Describe ``x`` as ``(B, C, P)`` without copying, or return ``None``.
+
+    ``None`` means the layout is neither channel-major contiguous nor channels-last; the
+    caller then works on a contiguous copy.
+    """
+    shape = x.shape
+    c = shape[dim]
+    if x.is_contiguous():
+        b = 1
+        for s in shape[:dim]:
+            b *= s
+        p = 1
+        for s in shape[dim + 1 :]:
+            p *= s
+        if p == 1:  # (N, C) rows: the channel axis itself is contiguous
+            return ChannelGeometry(1, c, b, 0, 1, c, True)
+        return ChannelGeometry(b, c, p, c * p, p, 1, False)
+    if x.dim() == 4 and dim == 1 and x.is_contiguous(memory_format=torch.channels_last):
+        n, _, h, w = shape
+        return ChannelGeometry(1, c, n * h * w, 0, 1, c, True)
+    return None

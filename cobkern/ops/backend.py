@@ -1,0 +1,91 @@
+"""Choosing between the Triton kernels and the plain-PyTorch reference.
+
+``"auto"`` (the default) runs the Triton kernels on CUDA tensors, and on CPU tensors when
+``TRITON_INTERPRET=1`` is set (the Triton interpreter, for testing); everything else runs
+the reference. ``"reference"`` forces the reference everywhere (useful for comparisons);
+``"triton"`` forces the kernels and raises where they cannot run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+
+import torch
+
+_BACKENDS = ("auto", "triton", "reference")
+_backend = "auto"
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether ``import triton`` works in this environment."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the platform
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    """Whether the Triton interpreter is on (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def get_backend() -> str:
+    """The current backend name: ``"auto"``, ``"triton"`` or ``"reference"``."""
+    return _backend
+
+
+def set_backend(name: str) -> None:
+    """Set the backend for all cobkern ops (process-wide)."""
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown cobkern backend {name!r}; expected one of {_BACKENDS}")
+    _backend = name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager form of :func:`set_backend`.
+
+    Example::
+
+        with cobkern.ops.use_backend("reference"):
+            y = cobkern.tsra(x, split=32)
+    """
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def use_triton(x: torch.Tensor, *, op: str, supported: bool = True) -> bool:
+    """Decide whether ``op`` on ``x`` runs the Triton kernel.
+
+    Args:
+        x: the op's main input.
+        op: the op's name, for error messages.
+        supported: ``False`` when the kernel does not handle this case (e.g. float64);
+            the reference then runs under ``"auto"``.
+    """
+    if _backend == "reference":
+        return False
+    runnable = triton_available() and (
+        x.device.type == "cuda" or (x.device.type == "cpu" and interpreter_enabled())
+    )
+    if _backend == "triton":
+        if not runnable:
+            raise RuntimeError(
+                f"{op}: backend 'triton' was forced but Triton cannot run on {x.device} here "
+                "(need a CUDA tensor, or TRITON_INTERPRET=1 for CPU tensors)"
+            )
+        if not supported:
+            raise RuntimeError(f"{op}: backend 'triton' was forced but the kernel does not "
+                               f"support this input (dtype {x.dtype}, shape {tuple(x.shape)})")
+        return True
+    return runnable and supported
