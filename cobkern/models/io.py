@@ -1,0 +1,334 @@
+"""Architecture configs derived from live modules, and model files (weights + config).
+
+Pruning edits a model in place (smaller ``Conv2d``/``Linear``, new ``num_channels``,
+``split`` and ``norm_size`` on the TSRA/RMSNorm modules), so the config is never stored
+from the constructor's arguments: :func:`model_config` reads every layer's actual sizes,
+and :func:`build_model` rebuilds exactly that architecture. A model file holds both, so a
+pruned model can be rebuilt from its file alone.
+
+Config format (a JSON-serialisable dict)::
+
+    {"format": "cobkern.vgg", "version": 1, "arch": "tsra" | "relu",
+     "num_classes": 10, "fused": true | false | null,
+     "features":   [{"type": "Conv2d", "in_channels": 3, ...}, {"type": "RMSNormTSRA", ...}, ...],
+     "classifier": [{"type": "Flatten", ...}, {"type": "Linear", ...}, ...]}
+
+File formats: ``*.safetensors`` (weights as safetensors, config and ``extra`` as JSON in the
+header metadata) when the ``safetensors`` package is installed, otherwise a ``torch.save``
+pickle ``{"format", "config", "state_dict", "extra"}`` (any other suffix). Writes are atomic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cobkern.nn import TSRA, RMSNorm, RMSNormTSRA
+
+from .vgg import VGG
+
+__all__ = [
+    "ModelFileError",
+    "model_config",
+    "build_model",
+    "save_model",
+    "load_model",
+    "read_model_file",
+    "unwrap_model",
+    "default_model_filename",
+    "safetensors_available",
+]
+
+FORMAT = "cobkern.vgg"
+VERSION = 1
+
+
+class ModelFileError(ValueError):
+    """A model file or config that cannot be read or does not describe a cobkern model."""
+
+
+def safetensors_available() -> bool:
+    """Whether the optional ``safetensors`` package imports."""
+    try:
+        import safetensors.torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def default_model_filename() -> str:
+    """``"model.safetensors"`` when safetensors is installed, else ``"model.pt"``."""
+    return "model.safetensors" if safetensors_available() else "model.pt"
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip ``torch.compile`` and ``DistributedDataParallel``/``DataParallel`` wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+# ----------------------------------------------------------------------------- layer specs
+def _pair(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _gains(m: TSRA | RMSNormTSRA) -> dict[str, float]:
+    return {"a_u": float(m.a_u), "b_u": float(m.b_u), "a_v": float(m.a_v), "b_v": float(m.b_v)}
+
+
+def layer_spec(m: nn.Module) -> dict[str, Any]:
+    """The JSON spec of one supported layer, read from its current attributes."""
+    if isinstance(m, nn.Conv2d):
+        return {"type": "Conv2d", "in_channels": m.in_channels, "out_channels": m.out_channels,
+                "kernel_size": _pair(m.kernel_size), "stride": _pair(m.stride),
+                "padding": _pair(m.padding), "dilation": _pair(m.dilation), "groups": m.groups,
+                "bias": m.bias is not None, "padding_mode": m.padding_mode}
+    if isinstance(m, nn.Linear):
+        return {"type": "Linear", "in_features": m.in_features, "out_features": m.out_features,
+                "bias": m.bias is not None}
+    if isinstance(m, nn.BatchNorm2d):
+        return {"type": "BatchNorm2d", "num_features": m.num_features, "eps": m.eps,
+                "momentum": m.momentum, "affine": m.affine,
+                "track_running_stats": m.track_running_stats}
+    if isinstance(m, RMSNormTSRA):
+        return {"type": "RMSNormTSRA", "num_channels": m.num_channels, "split": m.split,
+                "dim": m.dim, "eps": float(m.eps), "norm_size": m.norm_size, **_gains(m),
+                "tsra_eps": float(m.tsra_eps)}
+    if isinstance(m, TSRA):
+        return {"type": "TSRA", "num_channels": m.num_channels, "split": m.split, "dim": m.dim,
+                **_gains(m), "eps": float(m.tsra_eps)}
+    if isinstance(m, RMSNorm):
+        return {"type": "RMSNorm", "num_channels": m.num_channels, "dim": m.dim,
+                "eps": float(m.eps), "norm_size": m.norm_size}
+    if isinstance(m, nn.ReLU):
+        return {"type": "ReLU", "inplace": m.inplace}
+    if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+        spec = {"type": type(m).__name__, "kernel_size": _pair(m.kernel_size),
+                "stride": _pair(m.stride), "padding": _pair(m.padding),
+                "ceil_mode": m.ceil_mode}
+        if isinstance(m, nn.AvgPool2d):
+            spec["count_include_pad"] = m.count_include_pad
+        else:
+            spec["dilation"] = _pair(m.dilation)
+        return spec
+    if isinstance(m, nn.Flatten):
+        return {"type": "Flatten", "start_dim": m.start_dim, "end_dim": m.end_dim}
+    if isinstance(m, nn.Dropout):
+        return {"type": "Dropout", "p": m.p}
+    if isinstance(m, nn.Identity):
+        return {"type": "Identity"}
+    raise ModelFileError(f"cannot describe layer of type {type(m).__name__} in a model config")
+
+
+def _tuple(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
+
+
+def build_layer(spec: dict[str, Any]) -> nn.Module:
+    """Inverse of :func:`layer_spec`: a freshly initialised layer of that shape."""
+    s = dict(spec)
+    kind = s.pop("type", None)
+    try:
+        if kind == "Conv2d":
+            return nn.Conv2d(s["in_channels"], s["out_channels"], _tuple(s["kernel_size"]),
+                             stride=_tuple(s["stride"]), padding=_tuple(s["padding"]),
+                             dilation=_tuple(s["dilation"]), groups=s["groups"], bias=s["bias"],
+                             padding_mode=s["padding_mode"])
+        if kind == "Linear":
+            return nn.Linear(s["in_features"], s["out_features"], bias=s["bias"])
+        if kind == "BatchNorm2d":
+            return nn.BatchNorm2d(s["num_features"], eps=s["eps"], momentum=s["momentum"],
+                                  affine=s["affine"],
+                                  track_running_stats=s["track_running_stats"])
+        if kind == "RMSNormTSRA":
+            return RMSNormTSRA(**s)
+        if kind == "TSRA":
+            return TSRA(**s)
+        if kind == "RMSNorm":
+            return RMSNorm(**s)
+        if kind == "ReLU":
+            return nn.ReLU(inplace=s.get("inplace", False))
+        if kind == "MaxPool2d":
+            return nn.MaxPool2d(_tuple(s["kernel_size"]), stride=_tuple(s["stride"]),
+                                padding=_tuple(s["padding"]), dilation=_tuple(s["dilation"]),
+                                ceil_mode=s["ceil_mode"])
+        if kind == "AvgPool2d":
+            return nn.AvgPool2d(_tuple(s["kernel_size"]), stride=_tuple(s["stride"]),
+                                padding=_tuple(s["padding"]), ceil_mode=s["ceil_mode"],
+                                count_include_pad=s["count_include_pad"])
+        if kind == "Flatten":
+            return nn.Flatten(s["start_dim"], s["end_dim"])
+        if kind == "Dropout":
+            return nn.Dropout(s["p"])
+        if kind == "Identity":
+            return nn.Identity()
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFileError(f"invalid {kind} layer spec {spec!r}: {e}") from None
+    raise ModelFileError(f"unknown layer type {kind!r} in model config")
+
+
+# ----------------------------------------------------------------------------- model config
+def model_config(model: nn.Module) -> dict[str, Any]:
+    """Derive a model's architecture config from its current modules.
+
+    Args:
+        model: a :class:`~cobkern.models.vgg.VGG` (possibly pruned in place, compiled or
+            wrapped in DDP).
+
+    Returns:
+        A JSON-serialisable dict (see the module docstring) that :func:`build_model` turns
+        back into the same architecture.
+    """
+    model = unwrap_model(model)
+    if not isinstance(model, VGG):
+        raise ModelFileError(f"model_config expects a cobkern VGG, got {type(model).__name__}")
+    features = [layer_spec(m) for m in model.features]
+    classifier = [layer_spec(m) for m in model.classifier]
+    kinds = {s["type"] for s in features + classifier}
+    if kinds & {"TSRA", "RMSNormTSRA", "RMSNorm"}:
+        arch = "tsra"
+    elif kinds & {"ReLU", "BatchNorm2d"}:
+        arch = "relu"
+    else:
+        arch = "other"
+    fused: bool | None = None
+    fkinds = {s["type"] for s in features}
+    if "RMSNormTSRA" in fkinds:
+        fused = True
+    elif "RMSNorm" in fkinds:
+        fused = False
+    return {"format": FORMAT, "version": VERSION, "arch": arch,
+            "num_classes": model.num_classes, "fused": fused,
+            "features": features, "classifier": classifier}
+
+
+def build_model(config: dict[str, Any]) -> VGG:
+    """Build the architecture described by ``config`` (from :func:`model_config`).
+
+    The weights are freshly initialised; load a state dict to restore a trained model.
+
+    Raises:
+        ModelFileError: the config is not a cobkern VGG config or a layer spec is invalid.
+    """
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ModelFileError(f"not a cobkern model config (expected format {FORMAT!r})")
+    if config.get("version", 0) > VERSION:
+        raise ModelFileError(f"model config version {config['version']} is newer than this "
+                             f"cobkern understands ({VERSION})")
+    features = nn.Sequential(*[build_layer(s) for s in config["features"]])
+    classifier = nn.Sequential(*[build_layer(s) for s in config["classifier"]])
+    return VGG(features, classifier)
+
+
+# ----------------------------------------------------------------------------- files
+def _atomic_target(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write a model's weights and derived config to one file, atomically.
+
+    Args:
+        model: a cobkern VGG (pruned, compiled or DDP-wrapped models are fine).
+        path: ``*.safetensors`` (needs the ``safetensors`` package) or any other suffix for a
+            ``torch.save`` file.
+        extra: optional JSON-serialisable metadata stored alongside (e.g. accuracy).
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    base = unwrap_model(model)
+    config = model_config(base)
+    state = _cpu_state_dict(base)
+    extra = dict(extra or {})
+    json.dumps(extra)  # fail before writing anything if extra is not serialisable
+    tmp = _atomic_target(path)
+    try:
+        if path.suffix == ".safetensors":
+            if not safetensors_available():
+                raise ModelFileError("saving *.safetensors needs the safetensors package "
+                                     "(pip install safetensors) or use a .pt path")
+            from safetensors.torch import save_file
+
+            save_file(state, str(tmp), metadata={"format": FORMAT, "config": json.dumps(config),
+                                                 "extra": json.dumps(extra)})
+        else:
+            torch.save({"format": FORMAT, "config": config, "state_dict": state,
+                        "extra": extra}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def read_model_file(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu",
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """Read ``(config, state_dict, extra)`` from a file written by :func:`save_model`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    # safetensors files start with a little-endian u64 header length and then '{'.
+    is_safetensors = path.suffix == ".safetensors"
+    try:
+        if is_safetensors:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}
+            if meta.get("format") != FORMAT:
+                raise ModelFileError(f"{path}: safetensors file without cobkern metadata")
+            config = json.loads(meta["config"])
+            extra = json.loads(meta.get("extra", "{}"))
+            state = {k: v.to(map_location) for k, v in state.items()}
+        else:
+            blob = torch.load(path, map_location=map_location, weights_only=True)
+            if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+                raise ModelFileError(f"{path}: not a cobkern model file")
+            config, state, extra = blob["config"], blob["state_dict"], blob.get("extra", {})
+    except ModelFileError:
+        raise
+    except Exception as e:  # corrupt/truncated files surface as many exception types
+        kind = "safetensors" if is_safetensors else "torch"
+        raise ModelFileError(f"{path}: cannot read {kind} model file ({type(e).__name__}: {e}; "
+                             f"first bytes {head!r})") from None
+    return config, state, extra
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> VGG:
+    """Rebuild a model from a file written by :func:`save_model` and load its weights.
+
+    Returns:
+        The model on ``map_location``, in training mode (call ``.eval()`` for inference).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ModelFileError: unreadable file or weights that do not fit the stored config.
+    """
+    config, state, _ = read_model_file(path, map_location)
+    model = build_model(config).to(map_location)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ModelFileError(f"{path}: weights do not match the stored architecture: {e}") from None
+    return model

@@ -1,0 +1,161 @@
+"""VGG-16 for CIFAR-10: the TSRA model and the ReLU control (``method.md`` §2).
+
+Both models are a :class:`VGG` with two ``nn.Sequential`` halves, ``features`` and
+``classifier``; ``forward(x) = classifier(features(x))``.
+
+* TSRA model (:func:`vgg16_tsra`): every conv block is ``Conv2d(3×3, pad 1, bias)`` followed
+  by :class:`cobkern.nn.RMSNormTSRA` (``fused=True``, the default: one fused kernel on CUDA,
+  the reference math on CPU, chosen automatically) or by :class:`cobkern.nn.RMSNorm` then
+  :class:`cobkern.nn.TSRA` (``fused=False``); pooling is ``AvgPool2d(2)``; the classifier
+  uses TSRA; PyTorch's default initialisation.
+* ReLU control (:func:`vgg16_relu`): ``Conv2d → BatchNorm2d → ReLU``, ``MaxPool2d(2)``, ReLU
+  in the classifier, ``kaiming_uniform_(mode="fan_out", nonlinearity="relu")`` with zero bias
+  for every conv and linear layer.
+
+``width`` multiplies every hidden width (conv channels and the two 4096-wide linear
+layers), giving small models for CPU runs and tests; at ``width=1.0`` the TSRA model has
+33,638,218 parameters.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from cobkern.nn import TSRA, RMSNorm, RMSNormTSRA
+
+__all__ = ["VGG", "VGG_CFG_D", "vgg16_tsra", "vgg16_relu", "scaled_width"]
+
+#: VGG configuration "D" (VGG-16): conv output widths, ``"M"`` = 2×2 pooling.
+VGG_CFG_D: tuple[int | str, ...] = (
+    64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
+)
+
+#: Width of the two hidden linear layers at ``width=1``.
+HIDDEN = 4096
+
+
+class VGG(nn.Module):
+    """A VGG network: ``classifier(features(x))``.
+
+    Args:
+        features: convolutional part; maps ``(N, 3, 32, 32)`` to ``(N, C, 1, 1)``.
+        classifier: starts with ``nn.Flatten()``; maps to ``(N, num_classes)`` logits.
+
+    Shape:
+        - Input: ``(N, 3, 32, 32)`` float (NCHW or channels_last).
+        - Output: ``(N, num_classes)`` logits, same dtype as the last layer computes in.
+    """
+
+    def __init__(self, features: nn.Sequential, classifier: nn.Sequential) -> None:
+        super().__init__()
+        self.features = features
+        self.classifier = classifier
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+    @property
+    def num_classes(self) -> int:
+        """Number of logits (the last Linear's ``out_features``)."""
+        last = [m for m in self.classifier if isinstance(m, nn.Linear)][-1]
+        return last.out_features
+
+
+def scaled_width(channels: int, width: float) -> int:
+    """``round(channels * width)``, at least 2 (TSRA needs two non-empty subspaces)."""
+    if not width > 0:
+        raise ValueError(f"width must be > 0, got {width!r}")
+    return max(2, int(round(channels * width)))
+
+
+def _tsra_features(cfg: tuple[int | str, ...], width: float, fused: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    c_in = 3
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.AvgPool2d(2))
+            continue
+        c = scaled_width(int(v), width)
+        layers.append(nn.Conv2d(c_in, c, kernel_size=3, padding=1, bias=True))
+        if fused:
+            layers.append(RMSNormTSRA(c))
+        else:
+            layers += [RMSNorm(c), TSRA(c)]
+        c_in = c
+    return nn.Sequential(*layers)
+
+
+def _relu_features(cfg: tuple[int | str, ...], width: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    c_in = 3
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+            continue
+        c = scaled_width(int(v), width)
+        layers += [nn.Conv2d(c_in, c, kernel_size=3, padding=1, bias=True), nn.BatchNorm2d(c),
+                   nn.ReLU(inplace=True)]
+        c_in = c
+    return nn.Sequential(*layers)
+
+
+def _last_conv_width(cfg: tuple[int | str, ...], width: float) -> int:
+    return scaled_width(int([v for v in cfg if v != "M"][-1]), width)
+
+
+def vgg16_tsra(num_classes: int = 10, width: float = 1.0, fused: bool = True) -> VGG:
+    """VGG-16 with unlearned RMSNorm + TSRA and average pooling (``method.md`` §2).
+
+    Args:
+        num_classes: number of logits.
+        width: multiplier for every hidden width (``round(c * width)``, at least 2).
+        fused: use one :class:`~cobkern.nn.RMSNormTSRA` per conv block (default) instead of
+            separate :class:`~cobkern.nn.RMSNorm` and :class:`~cobkern.nn.TSRA` modules.
+            Both compute the same function.
+
+    Returns:
+        A :class:`VGG` with PyTorch's default initialisation. Input ``(N, 3, 32, 32)``,
+        output ``(N, num_classes)``.
+    """
+    c = _last_conv_width(VGG_CFG_D, width)
+    h = scaled_width(HIDDEN, width)
+    classifier = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(c, h), TSRA(h), nn.Dropout(0.5),
+        nn.Linear(h, h), TSRA(h), nn.Dropout(0.5),
+        nn.Linear(h, num_classes),
+    )
+    return VGG(_tsra_features(VGG_CFG_D, width, fused), classifier)
+
+
+def init_relu_weights(model: nn.Module) -> None:
+    """``kaiming_uniform_(fan_out, relu)`` and zero bias for every Conv2d and Linear."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_uniform_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def vgg16_relu(num_classes: int = 10, width: float = 1.0) -> VGG:
+    """The ReLU control: VGG-16 with BatchNorm2d, ReLU and max pooling (``method.md`` §2).
+
+    Args:
+        num_classes: number of logits.
+        width: multiplier for every hidden width.
+
+    Returns:
+        A :class:`VGG`, Kaiming-uniform (fan_out, relu) weights and zero biases in every
+        conv and linear layer. Input ``(N, 3, 32, 32)``, output ``(N, num_classes)``.
+    """
+    c = _last_conv_width(VGG_CFG_D, width)
+    h = scaled_width(HIDDEN, width)
+    classifier = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(c, h), nn.ReLU(inplace=True), nn.Dropout(0.5),
+        nn.Linear(h, h), nn.ReLU(inplace=True), nn.Dropout(0.5),
+        nn.Linear(h, num_classes),
+    )
+    model = VGG(_relu_features(VGG_CFG_D, width), classifier)
+    init_relu_weights(model)
+    return model

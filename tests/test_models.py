@@ -1,0 +1,226 @@
+"""VGG-16 TSRA / ReLU models, derived configs and model files."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import cobkern
+from cobkern.models import (
+    VGG,
+    ModelFileError,
+    build_model,
+    load_model,
+    model_config,
+    save_model,
+    vgg16_relu,
+    vgg16_tsra,
+)
+from cobkern.models.io import safetensors_available
+from cobkern.nn import TSRA, RMSNorm, RMSNormTSRA
+
+
+def _n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_parameter_counts_match_the_paper() -> None:
+    # method.md §2: 33,638,218 for the TSRA model; the ReLU control adds BatchNorm's
+    # weight and bias (2 × 4224 channels).
+    assert _n_params(vgg16_tsra()) == 33_638_218
+    assert _n_params(vgg16_tsra(fused=False)) == 33_638_218
+    assert _n_params(vgg16_relu()) == 33_638_218 + 2 * 4224
+
+
+def test_structure_follows_the_contract() -> None:
+    m = vgg16_tsra(width=0.25)
+    assert isinstance(m.features, nn.Sequential) and isinstance(m.classifier, nn.Sequential)
+    kinds = [type(x) for x in m.features]
+    assert kinds.count(nn.Conv2d) == 13 and kinds.count(RMSNormTSRA) == 13
+    assert kinds.count(nn.AvgPool2d) == 5 and nn.MaxPool2d not in kinds
+    for i, layer in enumerate(m.features):
+        if isinstance(layer, nn.Conv2d):
+            assert layer.kernel_size == (3, 3) and layer.padding == (1, 1)
+            assert layer.bias is not None
+            assert isinstance(m.features[i + 1], RMSNormTSRA)
+            assert m.features[i + 1].split == layer.out_channels // 2
+    cls = [type(x) for x in m.classifier]
+    assert cls == [nn.Flatten, nn.Linear, TSRA, nn.Dropout, nn.Linear, TSRA, nn.Dropout,
+                   nn.Linear]
+    assert m.classifier[1].in_features == 128 and m.classifier[1].out_features == 1024
+
+    unfused = vgg16_tsra(width=0.25, fused=False)
+    kinds = [type(x) for x in unfused.features]
+    assert kinds.count(RMSNorm) == 13 and kinds.count(TSRA) == 13
+
+    r = vgg16_relu(width=0.25)
+    kinds = [type(x) for x in r.features]
+    assert kinds.count(nn.BatchNorm2d) == 13 and kinds.count(nn.MaxPool2d) == 5
+    assert [type(x) for x in r.classifier].count(nn.ReLU) == 2
+
+
+def test_relu_init_is_kaiming_fan_out_with_zero_bias() -> None:
+    r = vgg16_relu(width=0.25)
+    for m in r.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            assert torch.count_nonzero(m.bias) == 0
+            fan_out = m.weight.shape[0] * m.weight[0, 0].numel()
+            bound = (6.0 / fan_out) ** 0.5  # kaiming_uniform, gain sqrt(2)
+            assert m.weight.abs().max() <= bound + 1e-6
+            # Uniform(-b, b) has std b/sqrt(3); with >= 1000 draws the sample std is
+            # within 10% of it.
+            if m.weight.numel() >= 1000:
+                assert abs(m.weight.std().item() / (bound / 3**0.5) - 1) < 0.1
+
+
+def test_fused_and_unfused_compute_the_same_function() -> None:
+    torch.manual_seed(0)
+    fused = vgg16_tsra(width=0.125).eval()
+    unfused = vgg16_tsra(width=0.125, fused=False).eval()
+    # RMSNorm and TSRA have no parameters: copying the convs and linears copies the model.
+    conv_f = [m for m in fused.features if isinstance(m, nn.Conv2d)]
+    conv_u = [m for m in unfused.features if isinstance(m, nn.Conv2d)]
+    for a, b in zip(conv_f, conv_u, strict=True):
+        b.load_state_dict(a.state_dict())
+    unfused.classifier.load_state_dict(fused.classifier.state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad(), cobkern.use_backend("reference"):
+        # float32, 16 layers: fused vs two-step rounding differs by a few ulps per layer.
+        torch.testing.assert_close(fused(x), unfused(x), rtol=1e-4, atol=1e-5)
+
+
+def test_forward_backward_default_backend() -> None:
+    # "auto" backend: Triton interpreter on CPU under the test conftest, kernels on CUDA.
+    m = vgg16_tsra(width=0.0625)
+    x = torch.randn(2, 3, 32, 32)
+    y = m(x)
+    assert y.shape == (2, 10) and y.dtype == torch.float32
+    y.square().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_channels_last_and_bf16_autocast() -> None:
+    torch.manual_seed(0)
+    m = vgg16_tsra(width=0.125).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad(), cobkern.use_backend("reference"):
+        ref = m(x)
+        m_cl = m.to(memory_format=torch.channels_last)
+        out_cl = m_cl(x.to(memory_format=torch.channels_last))
+        # Same math in another memory layout; conv accumulation order may differ.
+        torch.testing.assert_close(out_cl, ref, rtol=1e-4, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out_bf = m(x)
+    assert torch.isfinite(out_bf).all()
+    # bf16 keeps ~8 bits of mantissa; after 16 layers the logits agree to a few percent.
+    err = (out_bf.float() - ref).norm() / ref.norm()
+    assert err < 0.1, err
+
+
+def test_torch_compile_fullgraph() -> None:
+    # fullgraph=True raises on any graph break; aot_eager also runs the ops' fake
+    # kernels and autograd formula without needing a C++ compiler.
+    torch.manual_seed(0)
+    m = vgg16_tsra(width=0.0625)
+    x = torch.randn(2, 3, 32, 32)
+    with cobkern.use_backend("reference"):
+        torch._dynamo.reset()
+        cm = torch.compile(m, backend="aot_eager", fullgraph=True)
+        cm(x).sum().backward()  # training mode (dropout) compiles and differentiates
+        m.eval()  # dropout is random in training mode: compare outputs in eval mode
+        ref = m(x)
+        out = cm(x)
+    # aot_eager runs the same eager kernels, only traced: equal up to float reassociation.
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def _prune_like(m: VGG) -> VGG:
+    """Shrink some layers in place the way the pruning code does, with odd splits."""
+    feats = m.features
+    convs = [i for i, x in enumerate(feats) if isinstance(x, nn.Conv2d)]
+    # Shrink conv #1's output from 8 to 5 channels, split 3/2, keep original norm size.
+    i, j = convs[1], convs[2]
+    old, nxt = feats[i], feats[j]
+    new = nn.Conv2d(old.in_channels, 5, 3, padding=1)
+    new.weight.data = old.weight.data[:5].clone()
+    new.bias.data = old.bias.data[:5].clone()
+    feats[i] = new
+    act = feats[i + 1]
+    act.num_channels, act.split, act.norm_size = 5, 3, 8
+    new_next = nn.Conv2d(5, nxt.out_channels, 3, padding=1)
+    new_next.weight.data = nxt.weight.data[:, :5].clone()
+    new_next.bias.data = nxt.bias.data.clone()
+    feats[j] = new_next
+    # Classifier hidden layer 1: 512w -> 7 features, split 2.
+    cls = m.classifier
+    l1, l2 = cls[1], cls[4]
+    n1 = nn.Linear(l1.in_features, 7)
+    n1.weight.data, n1.bias.data = l1.weight.data[:7].clone(), l1.bias.data[:7].clone()
+    n2 = nn.Linear(7, l2.out_features)
+    n2.weight.data, n2.bias.data = l2.weight.data[:, :7].clone(), l2.bias.data.clone()
+    cls[1], cls[4] = n1, n2
+    cls[2].num_channels, cls[2].split = 7, 2
+    cls[5].split = 5
+    return m
+
+
+def test_pruned_model_round_trips_through_its_file(tmp_path) -> None:
+    torch.manual_seed(0)
+    m = _prune_like(vgg16_tsra(width=0.125)).eval()
+    cfg = model_config(m)
+    assert cfg["arch"] == "tsra" and cfg["fused"] is True and cfg["num_classes"] == 10
+    act = cfg["features"][3]
+    assert act["type"] == "RMSNormTSRA"
+    assert (act["num_channels"], act["split"], act["norm_size"]) == (5, 3, 8)
+    assert cfg["classifier"][2]["split"] == 2 and cfg["classifier"][5]["split"] == 5
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad(), cobkern.use_backend("reference"):
+        ref = m(x)
+        paths = [tmp_path / "m.pt"]
+        if safetensors_available():
+            paths.append(tmp_path / "m.safetensors")
+        for p in paths:
+            save_model(m, p, extra={"accuracy": 0.5})
+            m2 = load_model(p).eval()
+            assert model_config(m2) == cfg
+            # Same weights, same architecture, same op order: bit-identical.
+            assert torch.equal(m2(x), ref)
+        rebuilt = build_model(cfg)
+        assert model_config(rebuilt) == cfg
+    assert sorted(x.name for x in tmp_path.iterdir()) == sorted(x.name for x in paths)
+
+
+def test_relu_and_unfused_configs_round_trip(tmp_path) -> None:
+    for m in (vgg16_relu(width=0.0625), vgg16_tsra(width=0.0625, fused=False)):
+        m.eval()
+        cfg = model_config(m)
+        save_model(m, tmp_path / "x.pt")
+        m2 = load_model(tmp_path / "x.pt").eval()
+        assert model_config(m2) == cfg
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad(), cobkern.use_backend("reference"):
+            assert torch.equal(m(x), m2(x))
+    assert model_config(vgg16_relu(width=0.0625))["arch"] == "relu"
+    assert model_config(vgg16_tsra(width=0.0625, fused=False))["fused"] is False
+
+
+def test_bad_model_files_give_clear_errors(tmp_path) -> None:
+    import pytest
+
+    with pytest.raises(FileNotFoundError, match="model file not found"):
+        load_model(tmp_path / "missing.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ModelFileError, match="cannot read"):
+        load_model(bad)
+    if safetensors_available():
+        bad = tmp_path / "bad.safetensors"
+        bad.write_bytes(b"\x00" * 16)
+        with pytest.raises(ModelFileError):
+            load_model(bad)
+    with pytest.raises(ModelFileError, match="not a cobkern model config"):
+        build_model({"format": "something-else"})
+    with pytest.raises(ModelFileError, match="unknown layer type"):
+        build_model({"format": "cobkern.vgg", "version": 1, "features": [{"type": "Foo"}],
+                     "classifier": []})
