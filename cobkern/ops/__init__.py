@@ -39,3 +39,4 @@ __all__ = [
     "DEFAULT_RMS_EPS",
     "MAX_KERNEL_CHANNELS",
 ]
+from .covariance import CovarianceAccumulator, Moments, subspace_moments  # noqa: E402, F401

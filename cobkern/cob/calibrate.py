@@ -1,0 +1,159 @@
+"""One-pass calibration: stream every CoB layer's activations into covariance accumulators.
+
+``calibrate(model, loader)`` puts the model in eval mode, disables autograd, hooks the
+output of every CoB layer's TSRA module (:func:`~cobkern.cob.find_cob_layers`) and feeds
+each batch to a :class:`~cobkern.ops.covariance.CovarianceAccumulator` (the streaming
+Triton kernel on GPU). Memory beyond the model: ``O(C²)`` per layer (float64 sums on the
+model's device); no activation is kept.
+
+Data: ``loader`` is any iterable of batches ``x`` or ``(x, y, ...)``. By default the first
+``max_samples = 10,000`` images are used (a trailing batch is cut to fit). For the
+project's data module that is the un-augmented training set; pass the augmenting training
+loader to do what the authors did (random crop + flip applied to the calibration images).
+
+Distributed: when ``torch.distributed`` is initialised each rank should iterate over its own
+shard (e.g. a ``DistributedSampler``) and takes ``max_samples / world_size`` images (the
+remainder going to the lowest ranks); the sums are then all-reduced, so every rank ends with
+the statistics of the whole sample set, and N ranks calibrate N× faster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cobkern.ops.covariance import CovarianceAccumulator
+
+from .discovery import select_layers
+from .stats import CalibrationStats, LayerStats
+
+__all__ = ["calibrate", "batch_inputs"]
+
+
+def batch_inputs(batch: Any) -> Tensor:
+    """The input tensor of a batch: ``x`` itself, or the first element of ``(x, y, ...)``."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    if isinstance(batch, dict):
+        for key in ("x", "input", "inputs", "image", "images"):
+            if key in batch and isinstance(batch[key], Tensor):
+                return batch[key]
+    raise TypeError(f"calibrate: cannot find the input tensor in a batch of type "
+                    f"{type(batch).__name__}; yield x or (x, y)")
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def calibrate(
+    model: nn.Module,
+    loader: Iterable[Any],
+    layers: list[str] | None = None,
+    max_samples: int | None = 10_000,
+    progress: bool = True,
+    device: torch.device | str | None = None,
+    distributed: bool | None = None,
+    meta: dict[str, Any] | None = None,
+) -> CalibrationStats:
+    """Collect per-subspace second moments of the CoB layers' activations.
+
+    Args:
+        model: the network (its current, un-rotated weights give ``basis="original"``
+            statistics; a model that went through :func:`rotate_model` gives rotated ones —
+            pass ``meta={"basis": "rotated"}`` then).
+        loader: iterable of ``x`` or ``(x, y, ...)`` batches, ``x`` of shape ``(N, ...)``.
+        layers: producer names of the CoB layers to calibrate; ``None`` = all.
+        max_samples: images to use in total (over all ranks); ``None`` = the whole loader.
+        progress: show a tqdm progress bar (rank 0 only).
+        device: where to run; default: the device of the model's first parameter.
+        distributed: all-reduce across ranks; default: when ``torch.distributed`` is
+            initialised.
+        meta: extra provenance stored with the statistics.
+
+    Returns:
+        :class:`CalibrationStats` with one float64 :class:`LayerStats` per layer (on CPU).
+    """
+    chosen = select_layers(model, layers)
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"calibrate: max_samples must be >= 1 or None, got {max_samples}")
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    rank, world = _rank_and_world()
+    if distributed is None:
+        distributed = world > 1
+    if not distributed:
+        rank, world = 0, 1
+    quota = None
+    if max_samples is not None:
+        quota = max_samples // world + (1 if rank < max_samples % world else 0)
+
+    accs = {lay.name: CovarianceAccumulator(lay.num_channels, lay.split, device=device)
+            for lay in chosen}
+    handles = []
+
+    def make_hook(acc: CovarianceAccumulator):
+        def hook(_module, _inputs, output):
+            acc.update(output.detach())
+        return hook
+
+    for lay in chosen:
+        handles.append(lay.activation.register_forward_hook(make_hook(accs[lay.name])))
+    was_training = model.training
+    model.eval()
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max_samples, desc="calibrate", unit="img")
+    seen = 0
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                if quota is not None and seen >= quota:
+                    break
+                x = batch_inputs(batch)
+                if quota is not None and seen + x.shape[0] > quota:
+                    x = x[: quota - seen]
+                model(x.to(device, non_blocking=True))
+                seen += x.shape[0]
+                if bar is not None:
+                    bar.update(x.shape[0] * world)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+    total = seen
+    if distributed:
+        import torch.distributed as dist
+
+        for acc in accs.values():
+            acc.all_reduce()
+        t = torch.tensor([seen], dtype=torch.float64,
+                         device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)
+        total = int(t.item())
+    if total == 0:
+        raise ValueError("calibrate: the loader yielded no samples")
+    meta = dict(meta or {})
+    basis = meta.pop("basis", "original")
+    out = {}
+    for lay in chosen:
+        a = accs[lay.name]
+        out[lay.name] = LayerStats(lay.name, lay.num_channels, lay.split, a.gram_u.cpu(),
+                                   a.gram_v.cpu(), a.sum_abs.cpu(), a.sum_sq.cpu(), a.count,
+                                   basis)
+    return CalibrationStats(out, total, meta)

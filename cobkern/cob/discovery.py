@@ -1,0 +1,201 @@
+"""Finding the change-of-basis layers of a model (``method.md`` §4).
+
+A *CoB layer* is a chain ``producer → ops → consumer`` in the model's leaf modules where
+
+* ``producer`` and ``consumer`` are ``nn.Conv2d`` / ``nn.Linear`` (``groups == 1``),
+* the ops between them contain at least one TSRA (:class:`cobkern.nn.TSRA` or
+  :class:`cobkern.nn.RMSNormTSRA`; all with the same width and split) and otherwise only
+  modules that commute with a block-diagonal rotation ``diag(R_U, R_V)`` of the channels:
+  :class:`cobkern.nn.RMSNorm`, ``AvgPool1d/2d/3d``, ``AdaptiveAvgPool1d/2d/3d``,
+  ``Dropout*`` (identity in eval mode), ``Flatten`` (only after the last TSRA, from a
+  conv into a linear), ``Identity``.
+
+The CoB activation (what calibration records) is the output of the last TSRA module of
+the chain. A producer with no consumer (the logits) is never a CoB layer. A module that
+does not commute with such a rotation (``ReLU``, ``MaxPool2d``, ``BatchNorm2d``, ...)
+between a producer and its consumer is refused with an error naming it.
+
+Leaf order: containers are walked in registration order (``named_children``), which is the
+execution order of ``nn.Sequential`` and of models built from Sequentials (the project's
+:class:`cobkern.models.VGG`: ``classifier(features(x))``). A custom container whose
+``forward`` runs its children in another order is outside this contract.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from cobkern.nn import TSRA, RMSNorm, RMSNormTSRA
+
+__all__ = ["CoBLayer", "find_cob_layers", "leaf_modules", "ROTATION_COMPATIBLE"]
+
+_WEIGHTED = (nn.Conv2d, nn.Linear)
+_ACTIVATIONS = (TSRA, RMSNormTSRA)
+#: Modules that commute with any (block-diagonal) rotation of the channel axis.
+ROTATION_COMPATIBLE: tuple[type[nn.Module], ...] = (
+    RMSNorm, TSRA, RMSNormTSRA,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.Flatten, nn.Identity,
+)
+
+
+@dataclass
+class CoBLayer:
+    """One rotatable, prunable layer.
+
+    Attributes:
+        name: the producer's qualified name (the layer's key everywhere in cobkern).
+        producer: the ``Conv2d``/``Linear`` whose output channels are rotated/pruned.
+        consumer_name, consumer: the next ``Conv2d``/``Linear`` (input channels).
+        activation_name, activation: the last TSRA-type module; its output is the CoB
+            activation.
+        tsra: ``(name, module)`` of every TSRA / RMSNormTSRA in the chain.
+        norms: ``(name, module)`` of every RMSNorm in the chain.
+        spatial: positions per channel in the consumer's input (``S`` when a
+            ``Flatten`` turns ``(C, S)`` into ``C·S`` linear inputs, else 1).
+    """
+
+    name: str
+    producer: nn.Module
+    consumer_name: str
+    consumer: nn.Module
+    activation_name: str
+    activation: nn.Module
+    tsra: list[tuple[str, nn.Module]] = field(default_factory=list)
+    norms: list[tuple[str, nn.Module]] = field(default_factory=list)
+    spatial: int = 1
+
+    @property
+    def num_channels(self) -> int:
+        """Current width ``C`` (read live from the activation module)."""
+        return int(self.activation.num_channels)
+
+    @property
+    def split(self) -> int:
+        """Current size of ``U``."""
+        return int(self.activation.split)
+
+    def signature(self) -> tuple[str, int, int]:
+        """``(name, C, split)``: what statistics must match."""
+        return (self.name, self.num_channels, self.split)
+
+
+def leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Leaf modules in registration order, with qualified names.
+
+    cobkern's own modules (TSRA, RMSNorm, RMSNormTSRA) count as leaves.
+    """
+    out: list[tuple[str, nn.Module]] = []
+
+    def walk(prefix: str, m: nn.Module) -> None:
+        children = list(m.named_children())
+        if not children or isinstance(m, ROTATION_COMPATIBLE + _WEIGHTED):
+            out.append((prefix, m))
+            return
+        for n, c in children:
+            walk(f"{prefix}.{n}" if prefix else n, c)
+
+    walk("", model)
+    return out
+
+
+def _out_channels(m: nn.Module) -> int:
+    return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+
+
+def _in_channels(m: nn.Module) -> int:
+    return m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
+
+
+def _check_groups(name: str, m: nn.Module) -> None:
+    if isinstance(m, nn.Conv2d) and m.groups != 1:
+        raise ValueError(f"find_cob_layers: {name} ({m}) is a grouped convolution "
+                         f"(groups={m.groups}); only groups=1 can be rotated")
+
+
+def find_cob_layers(model: nn.Module) -> list[CoBLayer]:
+    """Discover every CoB layer of ``model`` (see the module docstring).
+
+    Returns:
+        The layers in forward order.
+
+    Raises:
+        ValueError: a non-commuting module between a producer and its consumer (named), a
+            Flatten before a TSRA, TSRA modules of different widths/splits in one chain, or
+            widths that do not match.
+    """
+    leaves = leaf_modules(model)
+    weighted = [i for i, (_, m) in enumerate(leaves) if isinstance(m, _WEIGHTED)]
+    layers: list[CoBLayer] = []
+    for k, i in enumerate(weighted[:-1]):
+        j = weighted[k + 1]
+        pname, prod = leaves[i]
+        cname, cons = leaves[j]
+        between = leaves[i + 1:j]
+        acts = [(n, m) for n, m in between if isinstance(m, _ACTIVATIONS)]
+        for n, m in between:
+            if not isinstance(m, ROTATION_COMPATIBLE):
+                raise ValueError(
+                    f"find_cob_layers: module {n!r} ({type(m).__name__}) between {pname!r} and "
+                    f"{cname!r} does not commute with a rotation of the channels; CoB needs "
+                    f"only {sorted({t.__name__ for t in ROTATION_COMPATIBLE})} there")
+        if not acts:
+            continue  # a purely linear chain: nothing to calibrate, not a CoB layer
+        _check_groups(pname, prod)
+        _check_groups(cname, cons)
+        c = _out_channels(prod)
+        for n, m in acts:
+            if m.num_channels != c or m.split != acts[0][1].split:
+                raise ValueError(f"find_cob_layers: {n!r} has {m.num_channels} channels / split "
+                                 f"{m.split}, but {pname!r} outputs {c} channels and the chain's "
+                                 f"first TSRA has split {acts[0][1].split}")
+            if getattr(m, "dim", 1) != 1:
+                raise ValueError(f"find_cob_layers: {n!r} acts on dim {m.dim}; need dim=1")
+        norms = [(n, m) for n, m in between if isinstance(m, RMSNorm)]
+        for n, m in norms:
+            if m.num_channels != c or m.dim != 1:
+                raise ValueError(f"find_cob_layers: {n!r} normalises {m.num_channels} channels "
+                                 f"on dim {m.dim}; {pname!r} outputs {c} channels on dim 1")
+        last_act = max(idx for idx, (n, m) in enumerate(between) if isinstance(m, _ACTIVATIONS))
+        flat = [idx for idx, (_, m) in enumerate(between) if isinstance(m, nn.Flatten)]
+        if flat and min(flat) < last_act:
+            raise ValueError(f"find_cob_layers: Flatten {between[min(flat)][0]!r} comes before "
+                             f"the TSRA {between[last_act][0]!r} between {pname!r} and {cname!r}")
+        spatial = 1
+        cin = _in_channels(cons)
+        if flat or (isinstance(prod, nn.Conv2d) and isinstance(cons, nn.Linear)):
+            if cin % c:
+                raise ValueError(f"find_cob_layers: {cname!r} has {cin} inputs, not a multiple "
+                                 f"of the {c} channels of {pname!r}")
+            spatial = cin // c
+        elif cin != c:
+            raise ValueError(f"find_cob_layers: {cname!r} takes {cin} input channels but "
+                             f"{pname!r} outputs {c}")
+        aname, act = acts[-1]
+        layers.append(CoBLayer(name=pname, producer=prod, consumer_name=cname, consumer=cons,
+                               activation_name=aname, activation=act, tsra=acts, norms=norms,
+                               spatial=spatial))
+    return layers
+
+
+def select_layers(model: nn.Module, layers: list[str] | None) -> list[CoBLayer]:
+    """The CoB layers of ``model`` restricted to the names in ``layers`` (all when ``None``).
+
+    Raises:
+        ValueError: no CoB layers, or a name that is not a CoB layer of this model.
+    """
+    found = find_cob_layers(model)
+    if not found:
+        raise ValueError("the model has no CoB layers (Conv2d/Linear → TSRA → Conv2d/Linear)")
+    if layers is None:
+        return found
+    by_name = {lay.name: lay for lay in found}
+    unknown = [n for n in layers if n not in by_name]
+    if unknown:
+        raise ValueError(f"layers {unknown} are not CoB layers of this model; its CoB layers "
+                         f"are {list(by_name)}")
+    return [by_name[n] for n in layers]

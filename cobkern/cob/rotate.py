@@ -1,0 +1,107 @@
+"""Merging the CoB rotations into the weights (``method.md`` §4.3).
+
+For each CoB layer with rotation ``R = diag(R_U, R_V)`` (eigenvectors of its un-rotated
+statistics as rows):
+
+* producer (output side): ``W ← R W``, ``b ← R b`` — a conv weight viewed as
+  ``(out, in·k·k)``;
+* consumer (input side): ``W_next ← W_next Rᵀ`` — a conv weight's input-channel axis, a
+  linear's columns; through a ``Flatten`` the linear weight is viewed as ``(out, C, S)``
+  (column ``c·S + s``) and its ``C`` axis is rotated.
+
+Every rotation comes from the same un-rotated pass; a weight that is both a consumer and a
+producer gets ``R_l W R_{l-1}ᵀ``. The arithmetic is float64, stored back in the weight's
+dtype. RMSNorm, TSRA, average pooling and (eval) dropout commute with ``R``, so the
+network's function is unchanged up to round-off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .discovery import CoBLayer, select_layers
+from .stats import CalibrationStats
+
+__all__ = ["rotate_model", "RotationResult", "rotate_output", "rotate_input"]
+
+
+@dataclass
+class RotationResult:
+    """What :func:`rotate_model` did.
+
+    Attributes:
+        rotations: ``name → R`` (``(C, C)`` float64, block-diagonal).
+        stats: the statistics in the rotated basis (:meth:`CalibrationStats.rotated`).
+    """
+
+    rotations: dict[str, Tensor]
+    stats: CalibrationStats
+
+
+def rotate_output(module: nn.Module, r: Tensor) -> None:
+    """``W ← R W``, ``b ← R b`` on a Conv2d/Linear's output channels (in place)."""
+    w = module.weight
+    w2 = r.to(w.device) @ w.detach().to(torch.float64).reshape(w.shape[0], -1)
+    w.data.copy_(w2.reshape(w.shape).to(w.dtype))
+    if module.bias is not None:
+        b = module.bias
+        b.data.copy_((r.to(b.device) @ b.detach().to(torch.float64)).to(b.dtype))
+
+
+def rotate_input(module: nn.Module, r: Tensor, spatial: int = 1) -> None:
+    """``W ← W Rᵀ`` on a Conv2d/Linear's input channels (in place).
+
+    Args:
+        spatial: ``S`` when the input is a flattened ``(C, S)`` map (linear columns
+            ``c·S + s``).
+    """
+    w = module.weight
+    c = r.shape[0]
+    wd = w.detach().to(torch.float64)
+    rd = r.to(w.device)
+    if isinstance(module, nn.Conv2d):
+        w2 = torch.einsum("ocij,dc->odij", wd, rd)
+    else:
+        w2 = torch.einsum("ocs,dc->ods", wd.reshape(w.shape[0], c, spatial), rd)
+    w.data.copy_(w2.reshape(w.shape).to(w.dtype))
+
+
+def rotate_model(model: nn.Module, stats: CalibrationStats,
+                 layers: list[str] | None = None) -> RotationResult:
+    """Rotate every CoB layer of ``model`` (in place) into its principal basis.
+
+    Args:
+        model: the un-rotated model the statistics were computed on.
+        stats: ``basis="original"`` statistics (:func:`calibrate`).
+        layers: restrict to these CoB layers (default: every layer in ``stats``).
+
+    Returns:
+        :class:`RotationResult` (rotations and the rotated statistics).
+
+    Raises:
+        ValueError: statistics already in the rotated basis, or not matching the model.
+    """
+    if stats.basis != "original":
+        raise ValueError(f"rotate_model needs statistics of the un-rotated model, got basis "
+                         f"{stats.basis!r}")
+    if layers is None:
+        names = [lay.name for lay in select_layers(model, None) if lay.name in stats]
+        if not names:
+            raise ValueError("rotate_model: none of the model's CoB layers are in the statistics "
+                             f"(they hold {list(stats.layers)}); were they computed for another "
+                             "model?")
+        layers = names
+    chosen: list[CoBLayer] = select_layers(model, layers)
+    stats.check_matches(chosen)
+    rotations = {lay.name: stats[lay.name].eigh().rotation() for lay in chosen}
+    with torch.no_grad():
+        for lay in chosen:
+            r = rotations[lay.name]
+            rotate_output(lay.producer, r)
+            rotate_input(lay.consumer, r, lay.spatial)
+    rotated = CalibrationStats({lay.name: stats[lay.name].rotated() for lay in chosen},
+                               stats.num_images, dict(stats.meta))
+    return RotationResult(rotations, rotated)

@@ -1,0 +1,178 @@
+"""Calibration statistics: per-layer, per-subspace second moments and their eigenbases.
+
+:class:`LayerStats` holds the float64 sums one calibration pass produced for one CoB layer;
+:meth:`LayerStats.eigh` turns them into the rotation (``method.md`` §4.2: eigenvectors of
+``G_U`` and ``G_V`` as rows, eigenvalues descending, computed in float64).
+:class:`CalibrationStats` is the whole model's set, with :meth:`~CalibrationStats.save` /
+:meth:`~CalibrationStats.load` (a ``torch.save`` file of plain tensors, loadable with
+``weights_only=True``), so a model is calibrated once and pruned many times.
+
+``basis`` records in which basis the sums were taken: ``"original"`` (a pass through the
+un-rotated model) or ``"rotated"`` (a pass through the model after :func:`rotate_model`;
+needed for L1 importance in the rotated basis).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["LayerStats", "CalibrationStats", "Eigen"]
+
+_FORMAT = "cobkern.calibration_stats/1"
+
+
+@dataclass
+class Eigen:
+    """Eigen-decomposition of one layer's two Gram matrices (float64).
+
+    Attributes:
+        values_u: ``(split,)`` descending; vectors_u: ``(split, split)``, eigenvectors as rows.
+        values_v: ``(C-split,)`` descending; vectors_v: ``(C-split, C-split)``, rows.
+    """
+
+    values_u: Tensor
+    vectors_u: Tensor
+    values_v: Tensor
+    vectors_v: Tensor
+
+    def rotation(self) -> Tensor:
+        """The block-diagonal ``R = diag(R_U, R_V)``, ``(C, C)`` float64."""
+        return torch.block_diag(self.vectors_u, self.vectors_v)
+
+    @property
+    def values(self) -> Tensor:
+        """``(C,)``: the eigenvalues of U then of V (the rotated channels' energies)."""
+        return torch.cat([self.values_u, self.values_v])
+
+
+def _eigh_desc(g: Tensor) -> tuple[Tensor, Tensor]:
+    g = g.to(torch.float64)
+    g = 0.5 * (g + g.T)
+    vals, vecs = torch.linalg.eigh(g)             # ascending, eigenvectors as columns
+    vals = vals.flip(0).clamp_min(0.0)            # G is PSD: negative values are round-off
+    return vals, vecs.flip(1).T.contiguous()
+
+
+@dataclass
+class LayerStats:
+    """Sums over the calibration samples of one CoB layer (float64, CPU).
+
+    Attributes:
+        name: the layer's producer name.
+        num_channels: ``C``; split: size of ``U``.
+        gram_u ``(split, split)``, gram_v ``(C-split, C-split)``: uncentered second moments.
+        sum_abs ``(C,)``: ``Σ|a|``; sum_sq ``(C,)``: ``Σa²``.
+        count: samples (positions) summed.
+        basis: ``"original"`` or ``"rotated"``.
+    """
+
+    name: str
+    num_channels: int
+    split: int
+    gram_u: Tensor
+    gram_v: Tensor
+    sum_abs: Tensor
+    sum_sq: Tensor
+    count: int
+    basis: str = "original"
+    _eigen: Eigen | None = field(default=None, repr=False, compare=False)
+
+    def eigh(self) -> Eigen:
+        """Eigen-decomposition in float64 (cached): descending values, vectors as rows."""
+        if self._eigen is None:
+            vu, ru = _eigh_desc(self.gram_u)
+            vv, rv = _eigh_desc(self.gram_v)
+            self._eigen = Eigen(vu, ru, vv, rv)
+        return self._eigen
+
+    def rotated(self) -> LayerStats:
+        """The statistics the rotated layer would produce, from the eigen-decomposition.
+
+        ``G' = R G Rᵀ = diag(λ)`` and ``Σa'² = λ``; ``Σ|a'|`` is not a function of ``G`` and
+        is set to NaN (take a second pass through the rotated model for it).
+        """
+        e = self.eigh()
+        return LayerStats(self.name, self.num_channels, self.split, torch.diag(e.values_u),
+                          torch.diag(e.values_v), torch.full_like(self.sum_abs, float("nan")),
+                          e.values.clone(), self.count, "rotated")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "num_channels": self.num_channels, "split": self.split,
+                "gram_u": self.gram_u, "gram_v": self.gram_v, "sum_abs": self.sum_abs,
+                "sum_sq": self.sum_sq, "count": self.count, "basis": self.basis}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LayerStats:
+        return cls(d["name"], int(d["num_channels"]), int(d["split"]), d["gram_u"], d["gram_v"],
+                   d["sum_abs"], d["sum_sq"], int(d["count"]), d.get("basis", "original"))
+
+
+@dataclass
+class CalibrationStats:
+    """Statistics of every calibrated CoB layer of one model.
+
+    Attributes:
+        layers: ``name → LayerStats``, in forward order.
+        num_images: images that went through the model.
+        meta: free-form provenance (e.g. the loader's description), saved with the stats.
+    """
+
+    layers: dict[str, LayerStats]
+    num_images: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> LayerStats:
+        return self.layers[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.layers
+
+    def __iter__(self):
+        return iter(self.layers.values())
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def basis(self) -> str:
+        """``"original"``, ``"rotated"`` (or ``"mixed"``)."""
+        bases = {s.basis for s in self.layers.values()}
+        return bases.pop() if len(bases) == 1 else "mixed"
+
+    def rotated(self) -> CalibrationStats:
+        """Every layer's :meth:`LayerStats.rotated`."""
+        return CalibrationStats({n: s.rotated() for n, s in self.layers.items()},
+                                self.num_images, dict(self.meta))
+
+    def check_matches(self, layers) -> None:
+        """Raise ``ValueError`` unless every given :class:`~cobkern.cob.CoBLayer` has stats of
+        the same width and split (statistics from another model, or a pruned one)."""
+        for lay in layers:
+            if lay.name not in self.layers:
+                raise ValueError(f"the statistics have no layer {lay.name!r} (they hold "
+                                 f"{list(self.layers)}); were they computed for another model?")
+            s = self.layers[lay.name]
+            if (s.num_channels, s.split) != (lay.num_channels, lay.split):
+                raise ValueError(
+                    f"statistics for {lay.name!r} have {s.num_channels} channels / split "
+                    f"{s.split}, but the model's layer has {lay.num_channels} / {lay.split}; "
+                    "the statistics come from another (or an already pruned) model")
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write to ``path`` (``torch.save`` of plain tensors and Python scalars)."""
+        torch.save({"format": _FORMAT, "num_images": self.num_images, "meta": self.meta,
+                    "layers": [s.to_dict() for s in self.layers.values()]}, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CalibrationStats:
+        """Read a file written by :meth:`save`."""
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(d, dict) or d.get("format") != _FORMAT:
+            raise ValueError(f"{path}: not a cobkern calibration-statistics file")
+        layers = [LayerStats.from_dict(x) for x in d["layers"]]
+        return cls({s.name: s for s in layers}, int(d["num_images"]), dict(d.get("meta", {})))

@@ -1,0 +1,175 @@
+"""Triton kernel: streaming per-subspace second moments of a batch of activations.
+
+One launch reads a batch ``x`` viewed as ``(B, C, P)`` (see
+:class:`cobkern.ops._checks.ChannelGeometry`; every ``(b, p)`` is a sample) and adds into
+float32 outputs:
+
+* the two Gram matrices ``G_U = A_Uᵀ A_U`` and ``G_V = A_Vᵀ A_V``, packed one after the
+  other in one buffer (``G_U`` row-major ``split × split``, then ``G_V``);
+* the per-channel ``Σ|a|`` and ``Σa²``.
+
+Work decomposition: each subspace's Gram matrix is cut into ``BLOCK × BLOCK`` tiles and
+only the block-upper triangle is computed (the launcher mirrors it). A program owns one
+tile and one contiguous chunk of samples; it walks the chunk ``BLOCK_K`` samples at a time,
+loads the two ``[BLOCK, BLOCK_K]`` channel slabs straight from ``x`` in its own layout, and
+accumulates ``slab_i · slab_jᵀ`` with ``tl.dot`` (tensor cores for bf16/fp16: ``wgmma`` on
+sm_90; IEEE fp32 FMA for float32 input, so no TF32 rounding enters the statistics). At the
+end it ``atomic_add``\\ s its tile into the output. Programs on the same sample chunk have
+neighbouring ids, so the slabs a chunk's tiles share are served from L2: ``x`` comes from
+HBM about once. Nothing of size ``samples × C`` is ever allocated. Diagonal tiles also
+reduce ``|a|`` and ``a²`` over the samples (each channel lies in exactly one diagonal tile).
+
+Interpreter caveat: triton 3.8's interpreter computes ``tl.dot`` of bfloat16 tiles wrongly,
+so on CPU tensors bfloat16 slabs are widened to float32 before the dot (exact: a product
+of two bfloat16 values is representable in float32). The GPU path keeps bf16 operands.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["subspace_moments", "launch_config", "tile_table", "KERNELS"]
+
+
+@triton.jit
+def _moments_kernel(
+    X, TILES, G, SABS, SSQ,
+    C, P, split, n_samples, n_tiles, chunk, stride_b, stride_c, stride_p,
+    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, FLAT: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tile = pid % n_tiles
+    pid_k = pid // n_tiles
+    sub = tl.load(TILES + tile * 3)
+    ti = tl.load(TILES + tile * 3 + 1)
+    tj = tl.load(TILES + tile * 3 + 2)
+    lo = sub * split                       # U: [0, split), V: [split, C)
+    hi = split + sub * (C - split)
+    size = hi - lo
+    g_base = sub * split * split           # packed: G_U then G_V
+    offs = tl.arange(0, BLOCK)
+    rows = lo + ti * BLOCK + offs
+    cols = lo + tj * BLOCK + offs
+    rmask = rows < hi
+    cmask = cols < hi
+    row_off = rows.to(tl.int64) * stride_c
+    col_off = cols.to(tl.int64) * stride_c
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    s_abs = tl.zeros((BLOCK,), dtype=tl.float32)
+    s_sq = tl.zeros((BLOCK,), dtype=tl.float32)
+    start = pid_k * chunk
+    end = tl.minimum(start + chunk, n_samples)
+    for k0 in range(start, end, BLOCK_K):
+        q = k0 + tl.arange(0, BLOCK_K)
+        qmask = q < end
+        if FLAT:
+            q_off = q.to(tl.int64) * stride_p
+        else:
+            b = q // P
+            q_off = b.to(tl.int64) * stride_b + (q - b * P).to(tl.int64) * stride_p
+        a = tl.load(X + row_off[:, None] + q_off[None, :],
+                    mask=rmask[:, None] & qmask[None, :], other=0.0)      # [BLOCK, BLOCK_K]
+        bt = tl.load(X + q_off[:, None] + col_off[None, :],
+                     mask=qmask[:, None] & cmask[None, :], other=0.0)     # [BLOCK_K, BLOCK]
+        if UPCAST:  # interpreter only: its bf16 tl.dot is wrong (triton 3.8); fp32 is exact
+            acc = tl.dot(a.to(tl.float32), bt.to(tl.float32), acc, input_precision="ieee")
+        elif IEEE:
+            acc = tl.dot(a, bt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, bt, acc)
+        af = a.to(tl.float32)
+        s_abs += tl.sum(tl.abs(af), axis=1)
+        s_sq += tl.sum(af * af, axis=1)
+    g_off = g_base + (rows - lo)[:, None] * size + (cols - lo)[None, :]
+    tl.atomic_add(G + g_off, acc, mask=rmask[:, None] & cmask[None, :])
+    diag = rmask & (ti == tj)
+    tl.atomic_add(SABS + rows, s_abs, mask=diag)
+    tl.atomic_add(SSQ + rows, s_sq, mask=diag)
+
+
+KERNELS = {"moments": _moments_kernel}
+
+#: Programs to aim for on a GPU: a few per SM of an H100 (132 SMs).
+TARGET_PROGRAMS_GPU = 4 * 132
+#: On the interpreter every program runs one after another: few and large is faster.
+TARGET_PROGRAMS_INTERPRETER = 4
+
+
+def launch_config(subspace: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """``(BLOCK, BLOCK_K, num_warps, num_stages)`` for a subspace of this size and dtype.
+
+    64×64 tiles with 4 warps (one warpgroup) for subspaces up to 128 channels, 128×128 tiles
+    with 8 warps above; 64 samples per step for 16-bit inputs (32 for float32, whose slabs
+    are twice the bytes). These are the configurations compiled and checked for spills and
+    ``wgmma`` in the test suite.
+    """
+    block = 64 if subspace <= 128 else 128
+    block_k = 32 if dtype == torch.float32 else 64
+    num_warps = 4 if block == 64 else 8
+    num_stages = 3 if dtype != torch.float32 else 2
+    return block, block_k, num_warps, num_stages
+
+
+@functools.lru_cache(maxsize=256)
+def _tile_table_cpu(su: int, sv: int, block: int) -> torch.Tensor:
+    rows = []
+    for sub, size in ((0, su), (1, sv)):
+        nb = triton.cdiv(size, block)
+        rows += [(sub, i, j) for i in range(nb) for j in range(i, nb)]
+    return torch.tensor(rows, dtype=torch.int32).reshape(-1)
+
+
+def tile_table(su: int, sv: int, block: int, device: torch.device) -> torch.Tensor:
+    """Flat int32 ``(n_tiles·3,)`` table of ``(subspace, tile_row, tile_col)``, block-upper."""
+    return _tile_table_cpu(su, sv, block).to(device)
+
+
+def _mirror_block_upper(g: torch.Tensor, block: int) -> None:
+    """Fill the block-lower triangle of the square ``g`` from its transpose, in place."""
+    n = g.shape[0]
+    bi = torch.arange(n, device=g.device) // block
+    lower = bi[:, None] > bi[None, :]
+    g.copy_(torch.where(lower, g.T, g))
+
+
+def subspace_moments(x: torch.Tensor, geo, split: int, packed: torch.Tensor,
+                     sum_abs: torch.Tensor, sum_sq: torch.Tensor,
+                     target_programs: int | None = None) -> None:
+    """Add the moments of ``x`` into the zero-initialised float32 outputs.
+
+    Args:
+        x: the batch, float32/bfloat16/float16, described by ``geo`` (a
+            :class:`~cobkern.ops._checks.ChannelGeometry`).
+        split: size of ``U``.
+        packed: float32 ``(split² + (C-split)²,)``: ``G_U`` then ``G_V``, row-major.
+        sum_abs, sum_sq: float32 ``(C,)``.
+        target_programs: grid size to aim for (default: a few per H100 SM on CUDA, a handful
+            under the interpreter).
+    """
+    C, n = geo.C, geo.B * geo.P
+    su, sv = split, C - split
+    block, block_k, num_warps, num_stages = launch_config(max(su, sv), x.dtype)
+    table = tile_table(su, sv, block, x.device)
+    n_tiles = table.numel() // 3
+    if target_programs is None:
+        target_programs = (TARGET_PROGRAMS_GPU if x.device.type == "cuda"
+                           else TARGET_PROGRAMS_INTERPRETER)
+    n_chunks = max(1, min(triton.cdiv(n, block_k), triton.cdiv(target_programs, n_tiles)))
+    chunk = triton.cdiv(triton.cdiv(n, n_chunks), block_k) * block_k
+    n_chunks = triton.cdiv(n, chunk)
+    grid = (n_tiles * n_chunks,)
+    flat = geo.B == 1
+    _moments_kernel[grid](
+        x, table, packed, sum_abs, sum_sq,
+        C, geo.P, split, n, n_tiles, chunk, geo.stride_b, geo.stride_c, geo.stride_p,
+        BLOCK=block, BLOCK_K=block_k, FLAT=flat, IEEE=x.dtype == torch.float32,
+        UPCAST=x.device.type != "cuda" and x.dtype == torch.bfloat16,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    _mirror_block_upper(packed[: su * su].view(su, su), block)
+    _mirror_block_upper(packed[su * su:].view(sv, sv), block)
