@@ -1,0 +1,242 @@
+"""CIFAR-10 sources, the decode cache, subsets and the device loader (tiny synthetic data)."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cobkern.data import (
+    CacheError,
+    DataError,
+    DeviceLoader,
+    ImageSet,
+    calibration_set,
+    default_archive_path,
+    load_cifar10,
+    normalize,
+    subset,
+)
+
+CLASSES = ["cat", "dog", "frog"]
+
+
+def _images(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+def _make_folder(root: Path, per_class: int = 4) -> dict[str, np.ndarray]:
+    """PNG ImageFolder tree (lossless, so pixels can be compared exactly)."""
+    arrays = {}
+    for split, seed in (("train", 1), ("test", 2)):
+        imgs = _images(per_class * len(CLASSES), seed)
+        arrays[split] = imgs
+        for k, cls in enumerate(CLASSES):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for j in range(per_class):
+                Image.fromarray(imgs[k * per_class + j]).save(d / f"{j:04d}.png")
+    return arrays
+
+
+def test_imagefolder_source_decodes_caches_and_detects_corruption(tmp_path) -> None:
+    arrays = _make_folder(tmp_path / "tree")
+    cache = tmp_path / "cache"
+    train, test = load_cifar10("imagefolder", tmp_path / "tree", cache_dir=cache)
+    assert train.classes == CLASSES and test.classes == CLASSES
+    assert train.images.dtype == torch.uint8 and train.images.shape == (12, 32, 32, 3)
+    assert torch.equal(train.images, torch.from_numpy(arrays["train"]))
+    assert torch.equal(test.images, torch.from_numpy(arrays["test"]))
+    assert train.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    npz = list(cache.glob("*.npz"))
+    assert len(npz) == 1 and len(list(cache.glob("*.json"))) == 1
+    assert not list(cache.glob(".*tmp*"))  # no leftovers from the atomic write
+
+    # "auto" recognises the tree and now reads the cache (same content).
+    train2, _ = load_cifar10("auto", tmp_path / "tree", cache_dir=cache)
+    assert torch.equal(train2.images, train.images)
+
+    # A flipped byte in the cache is caught by the checksum, with a clear message.
+    raw = bytearray(npz[0].read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    npz[0].write_bytes(bytes(raw))
+    with pytest.raises(CacheError, match="corrupt"):
+        load_cifar10("imagefolder", tmp_path / "tree", cache_dir=cache)
+    train3, _ = load_cifar10("imagefolder", tmp_path / "tree", cache_dir=cache,
+                             rebuild_cache=True)
+    assert torch.equal(train3.images, train.images)
+
+
+def test_archive_source(tmp_path) -> None:
+    arrays = _make_folder(tmp_path / "cifar10-jpeg")
+    archive = tmp_path / "tiny.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(tmp_path / "cifar10-jpeg", arcname="cifar10-jpeg")
+    train, test = load_cifar10("shipped", archive, cache_dir=tmp_path / "c")
+    assert len(train) == 12 and len(test) == 12 and train.classes == CLASSES
+    assert torch.equal(train.images, torch.from_numpy(arrays["train"]))
+    # "auto" with a file root is the archive reader.
+    train2, _ = load_cifar10("auto", archive, cache_dir=tmp_path / "c")
+    assert torch.equal(train2.labels, train.labels)
+
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(DataError, match="cannot read archive"):
+        load_cifar10("shipped", bad, cache_dir=tmp_path / "c")
+
+
+def test_torchvision_layout_from_a_local_root(tmp_path) -> None:
+    # The official python pickles, written by hand: (N, 3072) rows in CHW order.
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    expect = {}
+    for name, seed in [(f"data_batch_{i}", i) for i in range(1, 6)] + [("test_batch", 9)]:
+        imgs = _images(3, seed)
+        expect[name] = imgs
+        rows = imgs.transpose(0, 3, 1, 2).reshape(3, -1)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rows, "labels": [seed % 10, 1, 2]}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    train, test = load_cifar10("torchvision", tmp_path)
+    assert len(train) == 15 and len(test) == 3 and train.classes[3] == "c3"
+    want = np.concatenate([expect[f"data_batch_{i}"] for i in range(1, 6)])
+    assert torch.equal(train.images, torch.from_numpy(want))
+    assert torch.equal(test.images, torch.from_numpy(expect["test_batch"]))
+    assert train.labels[:3].tolist() == [1, 1, 2]
+    assert load_cifar10("auto", tmp_path)[1].labels.tolist() == [9, 1, 2]
+    with pytest.raises(DataError, match="download"):  # never downloads unless asked
+        load_cifar10("torchvision", tmp_path / "empty")
+
+
+def test_bad_sources_raise_clear_errors(tmp_path) -> None:
+    with pytest.raises(DataError, match="unknown data source"):
+        load_cifar10("imagenet")
+    with pytest.raises(DataError, match="not found"):
+        load_cifar10("shipped", tmp_path / "nope.tar.gz")
+    with pytest.raises(DataError, match="does not exist"):
+        load_cifar10("auto", tmp_path / "nope")
+    (tmp_path / "only" / "train" / "a").mkdir(parents=True)
+    Image.fromarray(_images(1, 0)[0]).save(tmp_path / "only" / "train" / "a" / "x.png")
+    with pytest.raises(DataError, match="need both"):
+        load_cifar10("imagefolder", tmp_path / "only", cache_dir=tmp_path / "c")
+    assert not (tmp_path / "c").exists()  # nothing written for bad input
+
+
+def test_shipped_archive_matches_its_recorded_checksum() -> None:
+    path = default_archive_path()
+    if not path.is_file():
+        pytest.skip("shipped archive not present")
+    h = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert h == "42fe47b5e11e99a8fe29e13b5f2536777fa36d84618a59c32c5c9e8650ad96ae"
+
+
+def _toy(n: int = 40) -> ImageSet:
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g)
+    return ImageSet(imgs, torch.arange(n) % 10)
+
+
+def test_subset_and_calibration_set_are_seeded() -> None:
+    data = _toy(100)
+    a, b, c = subset(data, 30, seed=1), subset(data, 30, seed=1), subset(data, 30, seed=2)
+    assert torch.equal(a.images, b.images) and not torch.equal(a.images, c.images)
+    assert len(a) == 30
+    # Distinct images, original order: labels are arange(n) % 10 of sorted indices.
+    assert subset(data, 100, seed=0) is data
+    cal = calibration_set(data, n=50, seed=0)
+    assert len(cal) == 50 and torch.equal(cal.images, data.subset(50, 0).images)
+
+
+def test_plain_loader_is_normalised_in_order() -> None:
+    data = _toy(10)
+    loader = DeviceLoader.from_imageset(data, 4, augment=False, shuffle=False, drop_last=False)
+    xs, ys = zip(*loader, strict=True)
+    assert [len(y) for y in ys] == [4, 4, 2]
+    x = torch.cat(xs)
+    assert x.dtype == torch.float32 and x.shape == (10, 3, 32, 32) and xs[0].is_contiguous()
+    torch.testing.assert_close(x, normalize(data.images), rtol=0, atol=1e-6)
+    mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+    std = torch.tensor([0.247, 0.243, 0.261]).view(1, 3, 1, 1)
+    want = (data.images.permute(0, 3, 1, 2).float() / 255 - mean) / std
+    # Folded scale/shift vs textbook formula: float32 rounding only.
+    torch.testing.assert_close(x, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(torch.cat(ys), data.labels)
+
+
+def test_augmentation_is_a_padded_crop_with_optional_flip() -> None:
+    data = _toy(16)
+    loader = DeviceLoader.from_imageset(data, 16, augment=True, shuffle=False, drop_last=True,
+                                        seed=3)
+    x, _ = next(iter(loader))
+    base = normalize(data.images)
+    zero = normalize(torch.zeros(1, 1, 1, 3, dtype=torch.uint8))  # a zero-padded pixel
+    padded = zero.expand(16, 3, 40, 40).clone()
+    padded[:, :, 4:36, 4:36] = base
+    flips = 0
+    for i in range(16):
+        hits = [(oy, ox, f) for oy in range(9) for ox in range(9) for f in (0, 1)
+                if torch.equal(x[i], (lambda c: c.flip(-1) if f else c)(
+                    padded[i, :, oy:oy + 32, ox:ox + 32]))]
+        assert hits, f"sample {i} is not a crop/flip of its image"
+        flips += hits[0][2]
+    assert 0 < flips < 16  # both branches of the coin occur for this seed
+
+
+def test_loader_is_deterministic_and_resumable() -> None:
+    data = _toy(40)
+    kw = dict(augment=True, shuffle=True, drop_last=True, seed=7)
+    a = DeviceLoader.from_imageset(data, 8, **kw)
+    full = [b for _ in range(2) for b in a]  # two epochs, 5 batches each
+    assert len(full) == 10
+    assert not torch.equal(full[0][1], full[5][1])  # a new permutation each epoch
+
+    b = DeviceLoader.from_imageset(data, 8, **kw)
+    it = iter(b)
+    for _ in range(3):
+        next(it)
+    state = b.state_dict()
+    assert state["epoch"] == 0 and state["batch"] == 3
+    c = DeviceLoader.from_imageset(data, 8, **kw)
+    c.load_state_dict(state)
+    rest = list(c) + list(c)  # the end of epoch 0, then epoch 1
+    for (x1, y1), (x2, y2) in zip(full[3:], rest, strict=True):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    with pytest.raises(DataError, match="batch size changed"):
+        DeviceLoader.from_imageset(data, 4, **kw).load_state_dict(state)
+
+
+def test_ranks_split_the_global_batch() -> None:
+    data = _toy(40)
+    kw = dict(augment=True, shuffle=True, drop_last=True, seed=5)
+    one = list(DeviceLoader.from_imageset(data, 8, **kw))
+    r0 = list(DeviceLoader.from_imageset(data, 4, rank=0, world_size=2, **kw))
+    r1 = list(DeviceLoader.from_imageset(data, 4, rank=1, world_size=2, **kw))
+    assert len(one) == len(r0) == len(r1) == 5
+    for (x, y), (x0, y0), (x1, y1) in zip(one, r0, r1, strict=True):
+        assert torch.equal(x, torch.cat([x0, x1])) and torch.equal(y, torch.cat([y0, y1]))
+
+
+def test_channels_last_output() -> None:
+    data = _toy(8)
+    loader = DeviceLoader.from_imageset(data, 8, augment=False, shuffle=False, drop_last=False,
+                                        channels_last=True)
+    x, _ = next(iter(loader))
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(x, normalize(data.images))
+
+
+def test_loader_rejects_bad_input() -> None:
+    with pytest.raises(DataError, match="uint8"):
+        DeviceLoader(torch.zeros(4, 3, 32, 32), torch.zeros(4, dtype=torch.long), 2,
+                     augment=False, shuffle=False, drop_last=False)
+    with pytest.raises(DataError, match="no full batch"):
+        DeviceLoader.from_imageset(_toy(4), 8, augment=False, shuffle=False, drop_last=True)
+
+
