@@ -1,18 +1,24 @@
 """Triton kernels for TSRA and fused RMSNorm→TSRA, forward and backward.
 
-Each program owns a ``[BLOCK_C, BLOCK_P]`` tile: *all* channels of ``BLOCK_P`` positions,
-so the per-position reductions (the two subspace norms, and in backward the two dot
-products ``<dy_U, x_U>``, ``<dy_V, x_V>``) happen in registers and every element of ``x``
-(and ``dy``) is read exactly once and every output element written once. Nothing but ``x``
-is saved for backward: the norms are recomputed from the ``x`` tile the backward loads
-anyway. Accumulation is in float32 whatever the storage dtype.
+Single-tile kernels (``C <= MAX_TILE_CHANNELS``): each program owns a ``[BLOCK_C, BLOCK_P]``
+tile holding *all* channels of ``BLOCK_P`` positions, so the per-position reductions (the
+two subspace norms, and in backward the two dots ``<dy_U, x_U>``, ``<dy_V, x_V>``) happen in
+registers and every element of ``x`` (and ``dy``) is read exactly once and every output
+element written once. Nothing but ``x`` is saved for backward: the norms are recomputed
+from the ``x`` tile that the backward loads anyway.
+
+Chunked kernels (wider ``C``, e.g. a 16,384-wide linear layer): a register tile cannot hold
+a whole row of ``x`` and ``dy`` without spilling, so the program loops over channel chunks
+twice — once to reduce, once to write. The second read of the row hits L2 on the GPU.
+
+Accumulation is float32 whatever the storage dtype.
 
 Layouts (see :class:`cobkern.ops._checks.ChannelGeometry`): ``CHANNELS_CONTIG=False`` is
 channel-major (NCHW: positions contiguous), ``True`` is channels-last (NHWC or ``(N, C)``:
-channels contiguous). Both are read in place; the compiler vectorises along whichever
-axis has unit stride.
-
-``RMSNORM=True`` prepends an unlearned RMSNorm with normaliser ``norm_size``.
+channels contiguous, all positions on one axis). Both are read in place; the compiler
+vectorises along whichever axis has unit stride. ``EVEN_C=True`` (``C`` a power of two)
+drops the channel mask, which the compiler needs to vectorise a unit-stride channel axis.
+``RMSNORM=True`` prepends an unlearned RMSNorm with normaliser ``1 / inv_norm_size``.
 """
 
 from __future__ import annotations
@@ -21,40 +27,39 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["tsra_forward", "tsra_backward", "launch_config", "KERNELS"]
+__all__ = ["tsra_forward", "tsra_backward", "launch_config", "KERNELS", "MAX_TILE_CHANNELS"]
 
 
+# ----------------------------------------------------------------------------- helpers
 @triton.jit
-def _tile_offsets(pid, n_pblocks, P, C, stride_b, stride_c, stride_p,
-                  BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, CHANNELS_CONTIG: tl.constexpr):
-    pid_b = pid // n_pblocks
-    pid_p = pid % n_pblocks
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    base = pid_b.to(tl.int64) * stride_b
-    if CHANNELS_CONTIG:
-        offs = base + offs_p.to(tl.int64)[None, :] * stride_p + offs_c[:, None]
+def _offsets(pid_b, offs_c, offs_p, P, C, stride_b, stride_c, stride_p,
+             BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, CHANNELS_CONTIG: tl.constexpr,
+             EVEN_C: tl.constexpr):
+    """Element offsets and mask of a ``[BLOCK_C, BLOCK_P]`` tile."""
+    if CHANNELS_CONTIG:  # one position axis (B == 1): no batch term
+        offs = offs_p.to(tl.int64)[None, :] * stride_p + offs_c[:, None]
     else:
-        offs = base + offs_c.to(tl.int64)[:, None] * stride_c + offs_p[None, :]
-    mask = (offs_c[:, None] < C) & (offs_p[None, :] < P)
-    return offs, mask, offs_c
+        offs = (pid_b.to(tl.int64) * stride_b + offs_c.to(tl.int64)[:, None] * stride_c
+                + offs_p[None, :])
+    if EVEN_C:  # no channel mask: keeps loads along a unit-stride channel axis vectorised
+        mask = tl.broadcast_to((offs_p < P)[None, :], [BLOCK_C, BLOCK_P])
+    else:
+        mask = (offs_c[:, None] < C) & (offs_p[None, :] < P)
+    return offs, mask
 
 
 @triton.jit
-def _tsra_fwd_kernel(
-    X, Y, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
-    a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, CHANNELS_CONTIG: tl.constexpr,
-    RMSNORM: tl.constexpr,
-):
+def _program_coords(n_pblocks, BLOCK_P: tl.constexpr):
     pid = tl.program_id(0)
-    offs, mask, offs_c = _tile_offsets(pid, n_pblocks, P, C, stride_b, stride_c, stride_p,
-                                       BLOCK_C, BLOCK_P, CHANNELS_CONTIG)
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    is_u = (offs_c < split)[:, None]
-    sq = x * x
-    s2u = tl.sum(tl.where(is_u, sq, 0.0), axis=0)
-    s2v = tl.sum(tl.where(is_u, 0.0, sq), axis=0)
+    pid_b = pid // n_pblocks
+    offs_p = (pid % n_pblocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    return pid_b, offs_p
+
+
+@triton.jit
+def _forward_gains(s2u, s2v, a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
+                   RMSNORM: tl.constexpr):
+    """Per-position output gains ``(q g_U, q g_V)`` from the raw squared subspace norms."""
     s2 = s2u + s2v
     if RMSNORM:
         q = 1.0 / tl.sqrt(s2 * inv_norm_size + rms_eps)
@@ -65,29 +70,17 @@ def _tsra_fwd_kernel(
     r = su / (s + eps)
     gu = tl.sigmoid(a_u * (r - b_u)) * q
     gv = tl.sigmoid(a_v * (r - b_v)) * q
-    y = x * tl.where(is_u, gu[None, :], gv[None, :])
-    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    return gu, gv
 
 
 @triton.jit
-def _tsra_bwd_kernel(
-    DY, X, DX, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
-    a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, CHANNELS_CONTIG: tl.constexpr,
-    RMSNORM: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    offs, mask, offs_c = _tile_offsets(pid, n_pblocks, P, C, stride_b, stride_c, stride_p,
-                                       BLOCK_C, BLOCK_P, CHANNELS_CONTIG)
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-    is_u = (offs_c < split)[:, None]
-    sq = x * x
-    pr = dy * x
-    s2u = tl.sum(tl.where(is_u, sq, 0.0), axis=0)
-    s2v = tl.sum(tl.where(is_u, 0.0, sq), axis=0)
-    du = tl.sum(tl.where(is_u, pr, 0.0), axis=0)
-    dv = tl.sum(tl.where(is_u, 0.0, pr), axis=0)
+def _backward_coefs(s2u, s2v, du, dv, a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
+                    RMSNORM: tl.constexpr):
+    """Per-position ``(gain_U, gain_V, coef_U, coef_V)`` with ``dx = gain dy + coef x``.
+
+    Inputs are the raw squared norms ``s2u``, ``s2v`` and dots ``du = <dy_U, x_U>``,
+    ``dv = <dy_V, x_V>``; see :mod:`cobkern.ops.reference` for the derivation.
+    """
     s2 = s2u + s2v
     if RMSNORM:
         q = 1.0 / tl.sqrt(s2 * inv_norm_size + rms_eps)
@@ -99,8 +92,7 @@ def _tsra_bwd_kernel(
     r = su / den
     gu = tl.sigmoid(a_u * (r - b_u))
     gv = tl.sigmoid(a_v * (r - b_v))
-    c = q * (a_u * gu * (1.0 - gu) * du + a_v * gv * (1.0 - gv) * dv)
-    t = c / den
+    t = q * (a_u * gu * (1.0 - gu) * du + a_v * gv * (1.0 - gv) * dv) / den
     # 1/0 := 0 (x_U = 0 or x = 0): the subgradient that keeps dx finite at the origin.
     inv_su = tl.where(su > 0.0, 1.0 / tl.where(su > 0.0, su, 1.0), 0.0)
     inv_s = tl.where(s > 0.0, 1.0 / tl.where(s > 0.0, s, 1.0), 0.0)
@@ -114,53 +106,184 @@ def _tsra_bwd_kernel(
         kv = q2 * kv - corr
         gu = gu * q
         gv = gv * q
-    gain = tl.where(is_u, gu[None, :], gv[None, :])
-    coef = tl.where(is_u, ku[None, :], kv[None, :])
-    dx = gain * dy + coef * x
+    return gu, gv, ku, kv
+
+
+# ----------------------------------------------------------------------------- single tile
+@triton.jit
+def _tsra_fwd_kernel(
+    X, Y, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
+    a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, CHANNELS_CONTIG: tl.constexpr,
+    RMSNORM: tl.constexpr, EVEN_C: tl.constexpr,
+):
+    pid_b, offs_p = _program_coords(n_pblocks, BLOCK_P)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs, mask = _offsets(pid_b, offs_c, offs_p, P, C, stride_b, stride_c, stride_p,
+                          BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    is_u = (offs_c < split)[:, None]
+    sq = x * x
+    s2u = tl.sum(tl.where(is_u, sq, 0.0), axis=0)
+    s2v = tl.sum(tl.where(is_u, 0.0, sq), axis=0)
+    gu, gv = _forward_gains(s2u, s2v, a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps, RMSNORM)
+    y = x * tl.where(is_u, gu[None, :], gv[None, :])
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _tsra_bwd_kernel(
+    DY, X, DX, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
+    a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, CHANNELS_CONTIG: tl.constexpr,
+    RMSNORM: tl.constexpr, EVEN_C: tl.constexpr,
+):
+    pid_b, offs_p = _program_coords(n_pblocks, BLOCK_P)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs, mask = _offsets(pid_b, offs_c, offs_p, P, C, stride_b, stride_c, stride_p,
+                          BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+    is_u = (offs_c < split)[:, None]
+    sq = x * x
+    pr = dy * x
+    s2u = tl.sum(tl.where(is_u, sq, 0.0), axis=0)
+    s2v = tl.sum(tl.where(is_u, 0.0, sq), axis=0)
+    du = tl.sum(tl.where(is_u, pr, 0.0), axis=0)
+    dv = tl.sum(tl.where(is_u, 0.0, pr), axis=0)
+    gu, gv, ku, kv = _backward_coefs(s2u, s2v, du, dv, a_u, b_u, a_v, b_v, eps, inv_norm_size,
+                                     rms_eps, RMSNORM)
+    dx = (tl.where(is_u, gu[None, :], gv[None, :]) * dy
+          + tl.where(is_u, ku[None, :], kv[None, :]) * x)
     tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
-KERNELS = {"forward": _tsra_fwd_kernel, "backward": _tsra_bwd_kernel}
+# ----------------------------------------------------------------------------- chunked
+@triton.jit
+def _tsra_fwd_chunked_kernel(
+    X, Y, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
+    a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, CHANNELS_CONTIG: tl.constexpr,
+    RMSNORM: tl.constexpr, EVEN_C: tl.constexpr,
+):
+    pid_b, offs_p = _program_coords(n_pblocks, BLOCK_P)
+    s2u = tl.zeros([BLOCK_P], tl.float32)
+    s2v = tl.zeros([BLOCK_P], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        offs, mask = _offsets(pid_b, offs_c, offs_p, P, C, stride_b, stride_c, stride_p,
+                              BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        is_u = (offs_c < split)[:, None]
+        sq = x * x
+        s2u += tl.sum(tl.where(is_u, sq, 0.0), axis=0)
+        s2v += tl.sum(tl.where(is_u, 0.0, sq), axis=0)
+    gu, gv = _forward_gains(s2u, s2v, a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps, RMSNORM)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        offs, mask = _offsets(pid_b, offs_c, offs_p, P, C, stride_b, stride_c, stride_p,
+                              BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        y = x * tl.where((offs_c < split)[:, None], gu[None, :], gv[None, :])
+        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
-#: Elements per program tile: 4096 fp32 values keep x (and dy) in registers with no spills.
-TILE_ELEMS = 4096
+
+@triton.jit
+def _tsra_bwd_chunked_kernel(
+    DY, X, DX, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
+    a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, CHANNELS_CONTIG: tl.constexpr,
+    RMSNORM: tl.constexpr, EVEN_C: tl.constexpr,
+):
+    pid_b, offs_p = _program_coords(n_pblocks, BLOCK_P)
+    s2u = tl.zeros([BLOCK_P], tl.float32)
+    s2v = tl.zeros([BLOCK_P], tl.float32)
+    du = tl.zeros([BLOCK_P], tl.float32)
+    dv = tl.zeros([BLOCK_P], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        offs, mask = _offsets(pid_b, offs_c, offs_p, P, C, stride_b, stride_c, stride_p,
+                              BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        is_u = (offs_c < split)[:, None]
+        sq = x * x
+        pr = dy * x
+        s2u += tl.sum(tl.where(is_u, sq, 0.0), axis=0)
+        s2v += tl.sum(tl.where(is_u, 0.0, sq), axis=0)
+        du += tl.sum(tl.where(is_u, pr, 0.0), axis=0)
+        dv += tl.sum(tl.where(is_u, 0.0, pr), axis=0)
+    gu, gv, ku, kv = _backward_coefs(s2u, s2v, du, dv, a_u, b_u, a_v, b_v, eps, inv_norm_size,
+                                     rms_eps, RMSNORM)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        offs, mask = _offsets(pid_b, offs_c, offs_p, P, C, stride_b, stride_c, stride_p,
+                              BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        is_u = (offs_c < split)[:, None]
+        dx = (tl.where(is_u, gu[None, :], gv[None, :]) * dy
+              + tl.where(is_u, ku[None, :], kv[None, :]) * x)
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
-def launch_config(C: int, P: int) -> tuple[int, int, int]:
-    """Block sizes and warps for a ``(C, P)`` problem: ``(BLOCK_C, BLOCK_P, num_warps)``.
+KERNELS = {
+    ("forward", False): _tsra_fwd_kernel,
+    ("backward", False): _tsra_bwd_kernel,
+    ("forward", True): _tsra_fwd_chunked_kernel,
+    ("backward", True): _tsra_bwd_chunked_kernel,
+}
 
-    The tile always spans every channel (``BLOCK_C = next_pow2(C)``) and as many positions
-    as fit in :data:`TILE_ELEMS`; warps grow with the tile so each thread holds ~16-32 values.
+#: Widest channel count held in one register tile; wider inputs use the chunked kernels.
+MAX_TILE_CHANNELS = 4096
+#: Elements per program tile (and channel chunk of the chunked kernels). Backward holds two
+#: tensors, so its tile is half as large: at 4096 it needs 16 warps, whose 128-register
+#: cap spills the half-precision RMSNorm variant.
+TILE_ELEMS = {"forward": 4096, "backward": 2048}
+#: Values of each loaded tensor per thread: more spills in backward (which holds x and dy
+#: plus the broadcast coefficients), fewer starves the memory system of loads in flight.
+ELEMS_PER_THREAD = {"forward": 16, "backward": 8}
+
+
+def launch_config(C: int, P: int, direction: str = "forward") -> tuple[int, int, int, bool]:
+    """``(BLOCK_C, BLOCK_P, num_warps, chunked)`` for a ``(C, P)`` problem.
+
+    Up to :data:`MAX_TILE_CHANNELS` the tile spans every channel (``BLOCK_C =
+    next_pow2(C)``) and as many positions as fit in :data:`TILE_ELEMS`; wider inputs loop over
+    channel chunks of :data:`TILE_ELEMS`. Warps grow with the tile so that each thread
+    holds :data:`ELEMS_PER_THREAD` values (verified spill-free by the AOT tests).
     """
-    block_c = triton.next_power_of_2(C)
-    block_p = max(1, min(triton.next_power_of_2(P), TILE_ELEMS // block_c))
+    tile_elems = TILE_ELEMS[direction]
+    chunked = C > MAX_TILE_CHANNELS
+    block_c = tile_elems if chunked else triton.next_power_of_2(C)
+    block_p = max(1, min(triton.next_power_of_2(P), tile_elems // block_c))
     tile = block_c * block_p
-    num_warps = min(16, max(4, tile // 512))
-    return block_c, block_p, num_warps
+    num_warps = min(32, max(4, tile // (32 * ELEMS_PER_THREAD[direction])))
+    return block_c, block_p, num_warps, chunked
 
 
-def _launch(kernel, tensors, geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps):
-    block_c, block_p, num_warps = launch_config(geo.C, geo.P)
+def _launch(direction, tensors, geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps):
+    block_c, block_p, num_warps, chunked = launch_config(geo.C, geo.P, direction)
     n_pblocks = triton.cdiv(geo.P, block_p)
     grid = (n_pblocks * geo.B,)
     inv_n = 1.0 / norm_size if norm_size > 0 else 0.0
-    kernel[grid](
+    even_c = geo.C % block_c == 0
+    KERNELS[(direction, chunked)][grid](
         *tensors, geo.C, geo.P, split, n_pblocks, geo.stride_b, geo.stride_c, geo.stride_p,
         a_u, b_u, a_v, b_v, eps, inv_n, rms_eps,
         BLOCK_C=block_c, BLOCK_P=block_p, CHANNELS_CONTIG=geo.channels_contig,
-        RMSNORM=norm_size > 0, num_warps=num_warps,
+        RMSNORM=norm_size > 0, EVEN_C=even_c, num_warps=num_warps,
     )
 
 
 def tsra_forward(x: torch.Tensor, y: torch.Tensor, geo, split: int, a_u: float, b_u: float,
                  a_v: float, b_v: float, eps: float, norm_size: int, rms_eps: float) -> None:
     """Write TSRA(x) (RMSNorm→TSRA when ``norm_size > 0``) into ``y``; same geometry."""
-    _launch(_tsra_fwd_kernel, (x, y), geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps)
+    _launch("forward", (x, y), geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps)
 
 
 def tsra_backward(dy: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, geo, split: int,
                   a_u: float, b_u: float, a_v: float, b_v: float, eps: float, norm_size: int,
                   rms_eps: float) -> None:
     """Write the input gradient into ``dx`` given ``dy``; all three share ``geo``."""
-    _launch(_tsra_bwd_kernel, (dy, x, dx), geo, split, a_u, b_u, a_v, b_v, eps, norm_size,
-            rms_eps)
+    _launch("backward", (dy, x, dx), geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps)

@@ -19,7 +19,8 @@ Backward (one pass over ``x`` and ``dy``): with the dots ``d_U = <dy_U, x_U>``,
 norms here are those of the normalised input)::
 
     TSRA:          dx = g dy + k x
-    RMSNorm→TSRA:  dx = q g dy + (q² k - q³ w / n) x,   w = g_U d_U + g_V d_V + q (k_U s_U'² + k_V s_V'²)
+    RMSNorm→TSRA:  dx = q g dy + (q² k - q³ w / n) x,
+                   w  = g_U d_U + g_V d_V + q (k_U s_U'² + k_V s_V'²)
 
 where ``s_U'``, ``s_V'`` are the raw (un-normalised) norms.
 """

@@ -1,0 +1,105 @@
+"""Ahead-of-time compilation of Triton kernels for an sm_90 target, on a machine without a GPU.
+
+``TRITON_INTERPRET=1`` (set by conftest on CPU machines) turns every ``@triton.jit``
+function into an interpreted one that ``triton.compile`` cannot take, so compilation runs in
+a subprocess with the interpreter off. Each spec names a kernel and one configuration::
+
+    {"module": "cobkern.kernels.tsra", "kernel": "_tsra_fwd_kernel",
+     "signature": {"X": "*bf16", ..., "BLOCK_C": "constexpr"},
+     "constexprs": {"BLOCK_C": 64, ...}, "num_warps": 8,
+     "divisible": ["X", "Y", "P"]}            # args JIT-specialised as multiples of 16
+
+and the result holds the PTX-level facts the suite checks: vectorised and scalar global
+loads/stores, ``wgmma`` instructions, and ptxas' register / spill report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+
+def _compile_one(spec: dict[str, Any]) -> dict[str, Any]:
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    mod = importlib.import_module(spec["module"])
+    fn = getattr(mod, spec["kernel"])
+    names = list(fn.arg_names)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in spec.get("divisible", [])}
+    src = ASTSource(fn=fn, signature=spec["signature"], constexprs=spec.get("constexprs", {}),
+                    attrs=attrs)
+    options = {"num_warps": spec.get("num_warps", 4)}
+    if "num_stages" in spec:
+        options["num_stages"] = spec["num_stages"]
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    ptx = compiled.asm["ptx"]
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        proc = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+                              capture_output=True, text=True, check=False)
+    finally:
+        os.unlink(f.name)
+    info = proc.stdout + proc.stderr
+    spill_stores = [int(m) for m in re.findall(r"(\d+) bytes spill stores", info)]
+    spill_loads = [int(m) for m in re.findall(r"(\d+) bytes spill loads", info)]
+    regs = [int(m) for m in re.findall(r"Used (\d+) registers", info)]
+    return {
+        "ptxas_ok": proc.returncode == 0,
+        "ptxas_log": info,
+        "spill_stores": sum(spill_stores),
+        "spill_loads": sum(spill_loads),
+        "registers": max(regs) if regs else None,
+        **_memory_ops(ptx, "ld"),
+        **_memory_ops(ptx, "st"),
+        "wgmma": ptx.count("wgmma.mma_async"),
+        "mma": len(re.findall(r"\bmma\.sync", ptx)),
+    }
+
+
+def _memory_ops(ptx: str, kind: str) -> dict[str, int]:
+    """Count global ``ld``/``st`` instructions by vector width (v4, v2, scalar)."""
+    ops = re.findall(rf"\b{kind}\.global(?:\.[\w:]+)*", ptx)
+    v4 = sum(".v4" in o for o in ops)
+    v2 = sum(".v2" in o for o in ops)
+    return {f"{kind}_v4": v4, f"{kind}_v2": v2, f"{kind}_scalar": len(ops) - v4 - v2}
+
+
+def compile_specs(specs: list[dict[str, Any]], timeout: float = 900) -> list[dict[str, Any]]:
+    """Compile every spec in one subprocess (interpreter off); return one result per spec.
+
+    A spec that fails to compile yields ``{"error": "<message>"}`` so that a test can
+    report which configuration the GPU compiler rejected.
+    """
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], input=json.dumps(specs),
+                          capture_output=True, text=True, env=env, timeout=timeout, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"AOT compile subprocess failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _main() -> None:
+    specs = json.loads(sys.stdin.read())
+    results = []
+    for spec in specs:
+        try:
+            results.append(_compile_one(spec))
+        except Exception as exc:  # report, don't die: the test names the failing variant
+            results.append({"error": f"{type(exc).__name__}: {exc}"})
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    _main()

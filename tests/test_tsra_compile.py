@@ -1,0 +1,80 @@
+"""torch.library registration: opcheck and torch.compile(fullgraph=True)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cobkern
+from cobkern.nn import TSRA, RMSNormTSRA
+
+
+def _op_args(x, norm_size):
+    return (x, 3, 1, 5.0, 0.5, 5.0, 0.7, 1e-12, norm_size, 1e-6 if norm_size else 0.0)
+
+
+@pytest.mark.parametrize("norm_size", [0, 11])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "2d"])
+def test_opcheck(norm_size, layout, device):
+    if layout == "2d":
+        x = torch.randn(5, 8, device=device)
+    else:
+        x = torch.randn(2, 8, 3, 3, device=device)
+        if layout == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    torch.library.opcheck(torch.ops.cobkern.tsra.default, _op_args(x, norm_size))
+    dy = torch.randn_like(x).detach()
+    torch.library.opcheck(torch.ops.cobkern.tsra_backward.default,
+                          (dy,) + _op_args(x.detach(), norm_size))
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.act = RMSNormTSRA(8, split=3)
+        self.pool = torch.nn.AvgPool2d(2)
+        self.fc = torch.nn.Linear(8 * 2 * 2, 12)
+        self.act2 = TSRA(12, split=5)
+        self.out = torch.nn.Linear(12, 4)
+
+    def forward(self, x):
+        h = self.pool(self.act(self.conv(x))).flatten(1)
+        return self.out(self.act2(self.fc(h)))
+
+
+def test_torch_compile_fullgraph_matches_eager(device):
+    """The ops trace as single nodes: fullgraph=True raises on any graph break.
+    Tolerance 1e-5: the compiled convolution/linear may reorder float32 sums."""
+    torch._dynamo.reset()
+    model = _Tiny().to(device)
+    x = torch.randn(2, 3, 4, 4, device=device)
+    ref_out = model(x)
+    ref_grads = torch.autograd.grad(ref_out.square().sum(), list(model.parameters()))
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    for g, rg in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_graph_contains_the_custom_ops(device):
+    torch._dynamo.reset()
+    seen: list[str] = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    model = _Tiny().to(device)
+    torch.compile(model, backend=backend, fullgraph=True)(torch.randn(1, 3, 4, 4, device=device))
+    assert sum("cobkern.tsra" in s for s in seen) == 2, seen
+
+
+def test_backend_context_restores():
+    assert cobkern.ops.get_backend() == "auto"
+    with cobkern.use_backend("reference"):
+        assert cobkern.ops.get_backend() == "reference"
+    assert cobkern.ops.get_backend() == "auto"

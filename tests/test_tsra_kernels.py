@@ -1,0 +1,151 @@
+"""The TSRA / RMSNorm→TSRA ops against an independent float64 reference.
+
+Runs the real Triton kernels (natively on a GPU, under ``TRITON_INTERPRET=1`` on a CPU)
+and the plain-PyTorch reference path, forward and backward, over shapes that stress the
+tiling: odd C, C not a power of two, large C, tiny and unbalanced splits, position counts
+that are not a multiple of the tile, NCHW / channels_last / 2-D, and three dtypes.
+
+Tolerances: the float64 reference is evaluated at the *same rounded input* the op sees,
+so the error is float32 accumulation plus one rounding of the output to the storage dtype.
+float32: rtol 1e-5 / atol 1e-5 (sums of up to a few thousand terms in fp32);
+bfloat16: rtol 2^-7 (two bf16 ulps) / atol 1e-2; float16: rtol 2^-9 / atol 2e-3.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference64 import tsra64_grad
+
+import cobkern
+from cobkern.ops import rmsnorm_tsra, rmsnorm_tsra_backward, tsra, tsra_backward
+
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.bfloat16: dict(rtol=2**-7, atol=1e-2),
+    torch.float16: dict(rtol=2**-9, atol=2e-3),
+}
+
+# (shape, split, dim, layout)
+CASES = [
+    ((3, 7, 5, 3), 3, 1, "nchw"),  # odd C, P=15 not a multiple of the tile
+    ((3, 7, 5, 3), 3, 1, "channels_last"),
+    ((2, 12, 4, 4), 1, 1, "nchw"),  # tiny U
+    ((2, 12, 4, 4), 11, 1, "channels_last"),  # tiny V
+    ((2, 300, 3, 3), 150, 1, "nchw"),  # C not a power of two, >256
+    ((2, 64, 6, 6), 32, 1, "channels_last"),  # VGG-like power-of-two C (unmasked channels)
+    ((37, 64), 32, 1, "2d"),  # linear layer, rows not a multiple of the tile
+    ((5, 1000), 600, 1, "2d"),  # unbalanced, large C
+    ((6, 10), 4, 0, "2d"),  # channels on dim 0
+    ((2, 3, 9), 5, 2, "nchw"),  # channels on the last dim of a 3-D tensor
+]
+
+
+def _make(shape, layout, dtype, device):
+    x = torch.randn(shape, dtype=torch.float32) * 1.5
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    return x.to(device=device, dtype=dtype)
+
+
+def _ids(case):
+    shape, split, dim, layout = case
+    return f"{layout}-{'x'.join(map(str, shape))}-s{split}-d{dim}"
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+@pytest.mark.parametrize("fused", [False, True], ids=["tsra", "rmsnorm_tsra"])
+def test_forward_backward_match_float64(case, dtype, backend, fused, device):
+    shape, split, dim, layout = case
+    x = _make(shape, layout, dtype, device)
+    dy = torch.randn(shape).to(device=device, dtype=dtype)
+    kw = dict(norm_size=None, rms_eps=1e-6) if fused else {}
+    y64, dx64 = tsra64_grad(x.cpu(), dy.cpu(), split, dim, **kw)
+    with cobkern.use_backend(backend):
+        if fused:
+            y = rmsnorm_tsra(x, split, dim)
+            dx = rmsnorm_tsra_backward(dy, x, split, dim)
+        else:
+            y = tsra(x, split, dim)
+            dx = tsra_backward(dy, x, split, dim)
+    assert y.dtype == dtype and y.shape == x.shape and y.stride() == x.stride()
+    assert dx.dtype == dtype and dx.stride() == x.stride()
+    torch.testing.assert_close(y.cpu().double(), y64, **TOL[dtype])
+    torch.testing.assert_close(dx.cpu().double(), dx64, **TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_normaliser_size_and_constants(backend, device):
+    """A pruned model keeps its original width as RMS normaliser; custom gain constants."""
+    x = torch.randn(4, 24, 3, 3, device=device)
+    dy = torch.randn_like(x)
+    consts = dict(a_u=3.0, b_u=0.4, a_v=7.0, b_v=0.8)
+    y64, dx64 = tsra64_grad(x.cpu(), dy.cpu(), 10, 1, norm_size=64, rms_eps=1e-5,
+                            eps=1e-9, **consts)
+    with cobkern.use_backend(backend):
+        y = rmsnorm_tsra(x, 10, eps=1e-5, norm_size=64, tsra_eps=1e-9, **consts)
+        dx = rmsnorm_tsra_backward(dy, x, 10, eps=1e-5, norm_size=64, tsra_eps=1e-9, **consts)
+    torch.testing.assert_close(y.cpu().double(), y64, **TOL[torch.float32])
+    torch.testing.assert_close(dx.cpu().double(), dx64, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_autograd_through_op_matches_explicit_backward(fused, device):
+    x = torch.randn(3, 20, 4, 4, device=device, requires_grad=True)
+    fn = rmsnorm_tsra if fused else tsra
+    bwd = rmsnorm_tsra_backward if fused else tsra_backward
+    y = fn(x, 7)
+    dy = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    torch.testing.assert_close(dx, bwd(dy, x.detach(), 7), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "shape, split, layout",
+    [((2, 16384), 5000, "2d"),  # chunked, channel count a multiple of the chunk
+     ((3, 5000), 4500, "2d"),  # chunked, ragged last chunk
+     ((2, 4100, 3, 1), 7, "nchw"),  # chunked, channel-major
+     ((2, 4096, 1, 2), 2048, "channels_last")],  # widest single tile
+    ids=["2d-16384", "2d-5000", "nchw-4100", "nhwc-4096"],
+)
+@pytest.mark.parametrize("fused", [False, True], ids=["tsra", "rmsnorm_tsra"])
+def test_wide_channels(shape, split, layout, fused, device):
+    """Wide layers (up to a 16,384-wide linear) take the chunked kernels; same results."""
+    x = _make(shape, layout, torch.float32, device)
+    dy = torch.randn(shape).to(device)
+    kw = dict(norm_size=None, rms_eps=1e-6) if fused else {}
+    y64, dx64 = tsra64_grad(x.cpu(), dy.cpu(), split, 1, **kw)
+    with cobkern.use_backend("triton"):
+        fn, bwd = (rmsnorm_tsra, rmsnorm_tsra_backward) if fused else (tsra, tsra_backward)
+        y = fn(x, split)
+        dx = bwd(dy, x, split)
+    torch.testing.assert_close(y.cpu().double(), y64, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx.cpu().double(), dx64, rtol=1e-5, atol=1e-6)
+
+
+def test_float64_runs_reference_and_forced_triton_refuses(device):
+    x = torch.randn(3, 6, dtype=torch.float64, device=device)
+    y64, _ = tsra64_grad(x.cpu(), torch.ones_like(x).cpu(), 2, 1)
+    torch.testing.assert_close(tsra(x, 2).cpu(), y64, rtol=1e-12, atol=1e-12)
+    with cobkern.use_backend("triton"), pytest.raises(RuntimeError, match="does not support"):
+        tsra(x, 2)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_non_contiguous_input_and_mixed_layout_grad(backend, device):
+    x = torch.randn(4, 6, 3, 10, device=device).transpose(2, 3)  # (4, 6, 10, 3), H/W swapped
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(4, 6, 10, 3, device=device).to(memory_format=torch.channels_last)
+    y64, dx64 = tsra64_grad(x.cpu(), dy.cpu(), 2, 1)
+    with cobkern.use_backend(backend):
+        y = tsra(x, 2)
+        dx = tsra_backward(dy, x.contiguous(), 2)  # grad channels_last, x NCHW
+    torch.testing.assert_close(y.cpu().double(), y64, **TOL[torch.float32])
+    torch.testing.assert_close(dx.cpu().double(), dx64, **TOL[torch.float32])
+
+
+def test_empty_input(device):
+    x = torch.randn(0, 8, 3, 3, device=device)
+    assert tsra(x, 4).shape == x.shape
