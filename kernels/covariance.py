@@ -12,12 +12,13 @@ Work decomposition: each subspace's Gram matrix is cut into ``BLOCK × BLOCK`` t
 only the block-upper triangle is computed (the launcher mirrors it). A program owns one
 tile and one contiguous chunk of samples; it walks the chunk ``BLOCK_K`` samples at a time,
 loads the two ``[BLOCK, BLOCK_K]`` channel slabs straight from ``x`` in its own layout, and
-accumulates ``slab_i · slab_jᵀ`` with ``tl.dot`` (tensor cores for bf16/fp16: ``wgmma`` on
-sm_90; IEEE fp32 FMA for float32 input, so no TF32 rounding enters the statistics). At the
-end it ``atomic_add``\\ s its tile into the output. Programs on the same sample chunk have
-neighbouring ids, so the slabs a chunk's tiles share are served from L2: ``x`` comes from
-HBM about once. Nothing of size ``samples × C`` is ever allocated. Diagonal tiles also
-reduce ``|a|`` and ``a²`` over the samples (each channel lies in exactly one diagonal tile).
+accumulates ``slab_i · slab_jᵀ`` with ``tl.dot`` and Kahan-compensated adds (tensor cores
+for bf16/fp16: ``wgmma`` on sm_90; IEEE fp32 FMA for float32 input, so no TF32 rounding
+enters the statistics). At the end it adds its tile into the output with ``atomic_add``.
+Programs on the same sample chunk have neighbouring ids, so the slabs a chunk's tiles
+share are served from L2: ``x`` comes from HBM about once. Nothing of size
+``samples × C`` is ever allocated. Diagonal tiles also reduce ``|a|`` and ``a²`` over
+the samples (each channel lies in exactly one diagonal tile).
 
 Interpreter caveat: triton 3.8's interpreter computes ``tl.dot`` of bfloat16 tiles wrongly,
 so on CPU tensors bfloat16 slabs are widened to float32 before the dot (exact: a product
@@ -60,6 +61,7 @@ def _moments_kernel(
     row_off = rows.to(tl.int64) * stride_c
     col_off = cols.to(tl.int64) * stride_c
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    comp = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     s_abs = tl.zeros((BLOCK,), dtype=tl.float32)
     s_sq = tl.zeros((BLOCK,), dtype=tl.float32)
     start = pid_k * chunk
@@ -77,11 +79,17 @@ def _moments_kernel(
         bt = tl.load(X + q_off[:, None] + col_off[None, :],
                      mask=qmask[:, None] & cmask[None, :], other=0.0)     # [BLOCK_K, BLOCK]
         if UPCAST:  # interpreter only: its bf16 tl.dot is wrong (triton 3.8); fp32 is exact
-            acc = tl.dot(a.to(tl.float32), bt.to(tl.float32), acc, input_precision="ieee")
+            step = tl.dot(a.to(tl.float32), bt.to(tl.float32), input_precision="ieee")
         elif IEEE:
-            acc = tl.dot(a, bt, acc, input_precision="ieee")
+            step = tl.dot(a, bt, input_precision="ieee")
         else:
-            acc = tl.dot(a, bt, acc)
+            step = tl.dot(a, bt)
+        # Kahan summation across steps: the tile's error stays ~eps instead of growing with
+        # the chunk length (the lossless strategy reads eigenvalues near the noise floor).
+        y = step - comp
+        t = acc + y
+        comp = (t - acc) - y
+        acc = t
         af = a.to(tl.float32)
         s_abs += tl.sum(tl.abs(af), axis=1)
         s_sq += tl.sum(af * af, axis=1)
@@ -103,14 +111,17 @@ TARGET_PROGRAMS_INTERPRETER = 4
 def launch_config(subspace: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """``(BLOCK, BLOCK_K, num_warps, num_stages)`` for a subspace of this size and dtype.
 
-    64×64 tiles with 4 warps (one warpgroup) for subspaces up to 128 channels, 128×128 tiles
-    with 8 warps above; 64 samples per step for 16-bit inputs (32 for float32, whose slabs
-    are twice the bytes). These are the configurations compiled and checked for spills and
-    ``wgmma`` in the test suite.
+    64×64 tiles with 4 warps (one warpgroup; the accumulator and its Kahan compensation
+    take 32 registers each per thread), 64 samples per step for 16-bit inputs (32 for
+    float32, whose slabs are twice the bytes). Wider subspaces get more tiles rather than
+    bigger ones: a 128×128 tile would need 128 registers per thread for the two fp32
+    accumulators and spill. ``subspace`` is accepted for future tuning. These are the
+    configurations compiled and checked for spills and ``wgmma`` in the test suite.
     """
-    block = 64 if subspace <= 128 else 128
+    del subspace
+    block = 64
     block_k = 32 if dtype == torch.float32 else 64
-    num_warps = 4 if block == 64 else 8
+    num_warps = 4
     num_stages = 3 if dtype != torch.float32 else 2
     return block, block_k, num_warps, num_stages
 

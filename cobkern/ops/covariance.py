@@ -17,9 +17,11 @@ On CUDA (and on CPU under ``TRITON_INTERPRET=1``) the Triton kernel in
 channels_last or ``(N, C)``; float32/bfloat16/float16) and never builds the flattened
 ``(N·H·W, C)`` matrix; elsewhere a plain-PyTorch reference runs.
 
-:class:`CovarianceAccumulator` adds successive batches into float64 running sums (each
-batch's float32 partial sums are promoted before they are added, so the error does not grow
-with the number of batches) and can all-reduce them across ``torch.distributed`` ranks.
+:class:`CovarianceAccumulator` adds successive batches into float64 running sums (the
+kernel's float32 per-batch sums — Kahan-compensated inside each tile — are promoted before
+they are added, so the error does not grow with the number of batches; on the reference
+path the products themselves are summed in float64) and can all-reduce them across
+``torch.distributed`` ranks.
 
 Public API::
 
@@ -171,7 +173,10 @@ class CovarianceAccumulator:
         if x.shape[dim] != self.num_channels:
             raise ValueError(f"CovarianceAccumulator: expected {self.num_channels} channels on "
                              f"dim {dim}, got shape {tuple(x.shape)}")
-        m = subspace_moments(x, self.split, dim)
+        if x.dtype in KERNEL_DTYPES and use_triton(x, op="cobkern.subspace_moments"):
+            m = subspace_moments(x, self.split, dim)
+        else:  # the reference path accumulates directly in the accumulator's dtype
+            m = subspace_moments_reference(x, self.split, dim, accum_dtype=self.gram_u.dtype)
         dev = self.gram_u.device
         self.gram_u += m.gram_u.to(dev, self.gram_u.dtype)
         self.gram_v += m.gram_v.to(dev, self.gram_v.dtype)

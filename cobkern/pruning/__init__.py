@@ -1,1 +1,149 @@
-"""Placeholder: filled in by its issue."""
+"""Importance, strategies and surgery for (CoB) structured pruning (``method.md`` §4.4–4.6, §5).
+
+Kept apart in the style of Torch-Pruning:
+
+* :mod:`.importance` — statistics → per-channel scores (:func:`compute_importance`);
+* :mod:`.strategy` — scores → keep sets (:class:`FixedRatio`, :class:`ParameterTarget`,
+  :class:`ExactParameterTarget`, :class:`AbsoluteCount`, :class:`ZScore`,
+  :class:`RelativeThreshold`, :class:`EnergyBudget`, :class:`RankTolerance`,
+  :func:`make_strategy`);
+* :mod:`.surgery` — keep sets → a smaller model + :class:`PruneReport`.
+
+:func:`prune` chains them (with the rotation when ``cob=True``)::
+
+    stats = calibrate(model, loader)                       # once; stats.save(path)
+    model, report = prune(model, stats, FixedRatio((0.5, 0.5)))
+    print(report.summary()); report.to_json("report.json")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from cobkern.cob import CalibrationStats, calibrate, rotate_model, select_layers
+
+from .importance import IMPORTANCE_KINDS, LayerScores, compute_importance
+from .strategy import (
+    STRATEGIES,
+    AbsoluteCount,
+    EnergyBudget,
+    ExactParameterTarget,
+    FixedRatio,
+    ParameterTarget,
+    RankTolerance,
+    RelativeThreshold,
+    Strategy,
+    ZScore,
+    make_strategy,
+    parameter_target_ratio,
+)
+from .surgery import (
+    NORMALIZERS,
+    KeepSet,
+    LayerReport,
+    ModuleReport,
+    PruneReport,
+    apply_keep_sets,
+    count_params_after,
+)
+
+__all__ = [
+    "prune",
+    "compute_importance",
+    "LayerScores",
+    "IMPORTANCE_KINDS",
+    "Strategy",
+    "FixedRatio",
+    "ParameterTarget",
+    "ExactParameterTarget",
+    "AbsoluteCount",
+    "ZScore",
+    "RelativeThreshold",
+    "EnergyBudget",
+    "RankTolerance",
+    "make_strategy",
+    "parameter_target_ratio",
+    "STRATEGIES",
+    "KeepSet",
+    "PruneReport",
+    "ModuleReport",
+    "LayerReport",
+    "apply_keep_sets",
+    "count_params_after",
+    "NORMALIZERS",
+]
+
+
+def prune(
+    model: nn.Module,
+    stats: CalibrationStats,
+    strategy: Strategy | tuple[str, Any],
+    importance: str = "l2",
+    cob: bool = True,
+    normalizer: str = "kept",
+    layers: list[str] | None = None,
+    loader: Iterable[Any] | None = None,
+    max_samples: int | None = 10_000,
+    progress: bool = False,
+) -> tuple[nn.Module, PruneReport]:
+    """Rotate (when ``cob``), score, select and cut ``model`` in place.
+
+    Args:
+        model: the un-rotated model ``stats`` were computed on (``stats.basis ==
+            "original"``), or — with ``stats.basis == "rotated"`` — a model already rotated
+            by :func:`~cobkern.cob.rotate_model` and recalibrated.
+        stats: :class:`~cobkern.cob.CalibrationStats`.
+        strategy: a :class:`Strategy` or ``(name, value)`` for :func:`make_strategy`.
+        importance: ``"l2"`` (default) or ``"l1"``.
+        cob: rotate into the principal basis first (``False``: the TSRA baseline).
+        normalizer: RMSNorm normaliser after pruning: ``"kept"`` (default, the authors') or
+            ``"original"`` (keeps the activations' scale).
+        layers: CoB layer names to prune (default: every layer in ``stats``).
+        loader: for ``importance="l1"`` with ``cob=True`` from original-basis statistics: the
+            data of the second calibration pass through the rotated model.
+        max_samples, progress: for that second pass.
+
+    Returns:
+        ``(model, report)``; the model is the same object, modified.
+    """
+    if importance not in IMPORTANCE_KINDS:
+        raise ValueError(f"unknown importance {importance!r}; expected one of {IMPORTANCE_KINDS}")
+    if normalizer not in NORMALIZERS:
+        raise ValueError(f"unknown normalizer {normalizer!r}; expected one of {NORMALIZERS}")
+    if not isinstance(strategy, Strategy):
+        if not (isinstance(strategy, (tuple, list)) and len(strategy) == 2):
+            raise TypeError(f"strategy must be a Strategy or (name, value), got {strategy!r}")
+        strategy = make_strategy(*strategy)
+    if layers is None:
+        found = select_layers(model, None)
+        layers = [lay.name for lay in found if lay.name in stats]
+        if not layers:
+            raise ValueError(f"none of the model's CoB layers {[lay.name for lay in found]} are "
+                             f"in the statistics (they hold {list(stats.layers)}); were they "
+                             "computed for another model?")
+    chosen = select_layers(model, layers)
+    stats.check_matches(chosen)
+    basis = stats.basis
+    if basis == "mixed":
+        raise ValueError("the statistics mix original- and rotated-basis layers")
+    if cob and basis == "original":
+        stats = rotate_model(model, stats, layers).stats
+        if importance == "l1":
+            if loader is None:
+                raise ValueError("importance='l1' with cob=True needs a second calibration pass "
+                                 "through the rotated model: pass loader=")
+            stats = calibrate(model, loader, layers, max_samples=max_samples, progress=progress,
+                              meta={"basis": "rotated"})
+    elif not cob and basis != "original":
+        raise ValueError("the baseline (cob=False) needs statistics of the un-rotated model")
+    scores = compute_importance(stats, importance, cob, layers)
+    chosen = select_layers(model, layers)
+    keep = strategy.plan(scores, chosen, model)
+    report = apply_keep_sets(model, chosen, keep, normalizer)
+    report.meta.update({"importance": importance, "cob": cob, **strategy.describe()})
+    if isinstance(strategy, ExactParameterTarget):
+        report.meta.update({"ratio": strategy.ratio, "achieved": strategy.achieved})
+    return model, report

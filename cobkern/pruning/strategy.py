@@ -1,0 +1,368 @@
+"""Pruning strategies: per-layer scores → keep sets (``method.md`` §4.5, §5).
+
+Every strategy takes its value either as a **pair** ``(value_U, value_V)`` — applied
+separately in U and in V (the paper's experiments) — or as a **single** value, which ranks
+the whole layer's channels together (U and V pooled). Whatever the rule says, at least one
+channel stays in each subspace (the highest-scoring one).
+
+=====================  ======================  =============================================
+name (make_strategy)   class                   prunes, per subspace (or whole layer)
+=====================  ======================  =============================================
+``"ratio"``            :class:`FixedRatio`     the ``floor(p·size)`` lowest scores, p ∈ [0,1)
+``"param_target"``     :class:`ParameterTarget` fixed ratio ``p = 1 − sqrt(1 − P)``
+``"param_exact"``      :class:`ExactParameterTarget`  the one ratio whose pruned model loses
+                                               the fraction P of all parameters (bisection)
+``"count"``            :class:`AbsoluteCount`  the ``n`` lowest scores
+``"zscore"``           :class:`ZScore`         ``(s − mean)/std < t``
+``"mean"``             :class:`RelativeThreshold`  ``s < t·mean``
+``"median"``           :class:`RelativeThreshold`  ``s < t·median``
+``"max"``              :class:`RelativeThreshold`  ``s < t·max``
+``"energy"``           :class:`EnergyBudget`   all but the fewest leading directions whose
+                                               eigenvalues hold a fraction ``e`` of the energy
+``"lossless"``         :class:`RankTolerance`  directions with ``λ ≤ tol·λ_max`` (§5: removes
+                                               saturated width without changing the function)
+=====================  ======================  =============================================
+
+``"energy"`` and ``"lossless"`` work on eigenvalues and so only in the rotated basis.
+
+Interface: ``strategy.plan(scores, layers=None, model=None) -> {name: KeepSet}`` (the exact
+parameter solver needs ``layers`` and ``model``; the others decide per layer with
+``strategy.select(layer_scores)``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cobkern.cob.discovery import CoBLayer
+
+from .importance import LayerScores
+from .surgery import KeepSet, count_params_after
+
+__all__ = [
+    "Strategy",
+    "FixedRatio",
+    "ParameterTarget",
+    "ExactParameterTarget",
+    "AbsoluteCount",
+    "ZScore",
+    "RelativeThreshold",
+    "EnergyBudget",
+    "RankTolerance",
+    "make_strategy",
+    "parameter_target_ratio",
+    "STRATEGIES",
+]
+
+Value = float | int | tuple[float, float] | list[float]
+
+
+def parameter_target_ratio(P: float) -> float:
+    """The authors' per-layer ratio for a parameter target: ``p = 1 − sqrt(1 − P)``.
+
+    A weight matrix that loses a fraction ``p`` of its rows and of its columns keeps
+    ``(1 − p)²`` of its entries, hence ``p`` for a target ``P`` of pruned parameters.
+    """
+    if not 0.0 <= P < 1.0:
+        raise ValueError(f"parameter target P must be in [0, 1), got {P!r}")
+    return 1.0 - math.sqrt(1.0 - P)
+
+
+def _lowest(scores: Tensor, k: int) -> Tensor:
+    """Boolean mask of the ``k`` lowest scores (ties: lower index first)."""
+    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    if k > 0:
+        order = torch.sort(scores, stable=True).indices
+        mask[order[:k]] = True
+    return mask
+
+
+class Strategy:
+    """Base class. Subclasses implement :meth:`_prune_mask` on one group of channels."""
+
+    #: Whether the rule needs eigenvalues (rotated basis only).
+    needs_energy = False
+
+    def __init__(self, value: Value) -> None:
+        if isinstance(value, (tuple, list)):
+            if len(value) != 2:
+                raise ValueError(f"{type(self).__name__}: a pair needs exactly two values "
+                                 f"(U, V), got {value!r}")
+            self.values: tuple[Any, ...] = (value[0], value[1])
+            self.per_subspace = True
+        else:
+            self.values = (value,)
+            self.per_subspace = False
+        for v in self.values:
+            self._check_value(v)
+
+    def _check_value(self, v: Any) -> None:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{type(self).__name__}: expected a finite number, got {v!r}")
+
+    def _prune_mask(self, scores: Tensor, energy: Tensor | None, value: Any) -> Tensor:
+        """Boolean ``(n,)`` mask of the channels to prune in one group."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        v = self.values if self.per_subspace else self.values[0]
+        return f"{type(self).__name__}({v!r})"
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-friendly description (for reports)."""
+        return {"strategy": type(self).__name__, "value": list(self.values)
+                if self.per_subspace else self.values[0], "per_subspace": self.per_subspace}
+
+    # ------------------------------------------------------------------ selection
+    def select(self, s: LayerScores) -> KeepSet:
+        """Keep set of one layer."""
+        if self.needs_energy and (s.energy_u is None or s.energy_v is None):
+            raise ValueError(f"{type(self).__name__} ranks principal directions by eigenvalue: "
+                             "it is only meaningful in the rotated basis (cob=True)")
+        su = s.split
+        if self.per_subspace:
+            pu = self._prune_mask(s.u, s.energy_u, self.values[0])
+            pv = self._prune_mask(s.v, s.energy_v, self.values[1])
+        else:
+            energy = None if s.energy_u is None else torch.cat([s.energy_u, s.energy_v])
+            p = self._prune_mask(s.scores, energy, self.values[0])
+            pu, pv = p[:su], p[su:]
+        ru = s.energy_u if self.needs_energy else s.u
+        rv = s.energy_v if self.needs_energy else s.v
+        return KeepSet(_keep_at_least_one(pu, ru), _keep_at_least_one(pv, rv))
+
+    def plan(self, scores: dict[str, LayerScores], layers: list[CoBLayer] | None = None,
+             model: nn.Module | None = None) -> dict[str, KeepSet]:
+        """Keep sets of every layer in ``scores``."""
+        return {n: self.select(s) for n, s in scores.items()}
+
+
+def _keep_at_least_one(pruned: Tensor, rank: Tensor) -> Tensor:
+    keep = ~pruned
+    if not keep.any():
+        keep[int(torch.argmax(rank))] = True
+    return keep.nonzero().flatten()
+
+
+class FixedRatio(Strategy):
+    """Prune ``floor(p·size)`` lowest-scoring channels; ``p ∈ [0, 1)``."""
+
+    def _check_value(self, v: Any) -> None:
+        super()._check_value(v)
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"{type(self).__name__}: ratio must be in [0, 1), got {v!r}")
+
+    def _prune_mask(self, scores, energy, value):
+        return _lowest(scores, math.floor(value * scores.numel()))
+
+
+class ParameterTarget(FixedRatio):
+    """The authors' map: prune a fixed ratio ``p = 1 − sqrt(1 − P)`` for a target ``P``."""
+
+    def __init__(self, value: Value) -> None:
+        self.targets = value
+        if isinstance(value, (tuple, list)):
+            conv: Value = tuple(parameter_target_ratio(v) for v in value)
+        else:
+            conv = parameter_target_ratio(value)
+        super().__init__(conv)
+
+    def __repr__(self) -> str:
+        return f"ParameterTarget({self.targets!r})"
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d["target"] = self.targets
+        return d
+
+
+class ExactParameterTarget(Strategy):
+    """The fixed ratio (one ``p`` for every layer) that prunes a fraction ``P`` of all
+    parameters of the model, found by bisection on the exact parameter count.
+
+    A pair ``(P, P)`` ranks per subspace, a single ``P`` the whole layer; the two entries
+    of a pair must be equal (the target is one number for the whole model). Because
+    channel counts are integers the achieved fraction is the smallest one ``≥ P``
+    (:attr:`achieved` after :meth:`plan`).
+    """
+
+    def __init__(self, value: Value, iterations: int = 60) -> None:
+        super().__init__(value)
+        if self.per_subspace and self.values[0] != self.values[1]:
+            raise ValueError("ExactParameterTarget: the target is one fraction for the whole "
+                             f"model; a pair must repeat it (got {value!r})")
+        self.iterations = iterations
+        self.ratio: float | None = None
+        self.achieved: float | None = None
+
+    def _check_value(self, v: Any) -> None:
+        super()._check_value(v)
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"ExactParameterTarget: target must be in [0, 1), got {v!r}")
+
+    def _ratio_strategy(self, p: float) -> FixedRatio:
+        return FixedRatio((p, p) if self.per_subspace else p)
+
+    def plan(self, scores, layers=None, model=None):
+        if layers is None or model is None:
+            raise ValueError("ExactParameterTarget.plan needs the model and its CoB layers")
+        target = float(self.values[0])
+        total = sum(p.numel() for p in model.parameters())
+        lays = [lay for lay in layers if lay.name in scores]
+
+        def fraction(p: float) -> tuple[float, dict[str, KeepSet]]:
+            keep = self._ratio_strategy(p).plan(scores)
+            after = count_params_after(model, lays, {n: k.num_kept for n, k in keep.items()})
+            return (total - after) / total, keep
+
+        lo, hi = 0.0, math.nextafter(1.0, 0.0)
+        f_hi, keep_hi = fraction(hi)
+        if f_hi < target:
+            raise ValueError(f"ExactParameterTarget: at most {f_hi:.4f} of the parameters can be "
+                             f"pruned from these layers (one channel stays per subspace), asked "
+                             f"for {target}")
+        f_lo, keep_lo = fraction(lo)
+        if f_lo >= target:
+            self.ratio, self.achieved = lo, f_lo
+            return keep_lo
+        for _ in range(self.iterations):
+            mid = 0.5 * (lo + hi)
+            f_mid, keep_mid = fraction(mid)
+            if f_mid >= target:
+                hi, f_hi, keep_hi = mid, f_mid, keep_mid
+            else:
+                lo = mid
+        self.ratio, self.achieved = hi, f_hi
+        return keep_hi
+
+    def select(self, s):  # pragma: no cover - plan() is the entry point
+        raise ValueError("ExactParameterTarget works on the whole model: call plan()")
+
+
+class AbsoluteCount(Strategy):
+    """Prune the ``n`` lowest-scoring channels (``n`` a non-negative int)."""
+
+    def _check_value(self, v: Any) -> None:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"AbsoluteCount: count must be a non-negative int, got {v!r}")
+
+    def _prune_mask(self, scores, energy, value):
+        return _lowest(scores, min(value, scores.numel()))
+
+
+class ZScore(Strategy):
+    """Prune channels whose z-score ``(s − mean) / std`` is below ``t`` (population std;
+    nothing is pruned when all scores are equal)."""
+
+    def _prune_mask(self, scores, energy, value):
+        std = scores.std(unbiased=False) if scores.numel() > 1 else scores.new_zeros(())
+        if std <= 0:
+            return torch.zeros(scores.numel(), dtype=torch.bool)
+        return (scores - scores.mean()) / std < value
+
+
+class RelativeThreshold(Strategy):
+    """Prune channels with score below ``t · ref``, ``ref`` the mean, median or max."""
+
+    REFS = ("mean", "median", "max")
+
+    def __init__(self, value: Value, ref: str = "max") -> None:
+        if ref not in self.REFS:
+            raise ValueError(f"RelativeThreshold: ref must be one of {self.REFS}, got {ref!r}")
+        self.ref = ref
+        super().__init__(value)
+
+    def _check_value(self, v: Any) -> None:
+        super()._check_value(v)
+        if v < 0:
+            raise ValueError(f"RelativeThreshold: t must be >= 0, got {v!r}")
+
+    def _prune_mask(self, scores, energy, value):
+        ref = {"mean": scores.mean, "median": scores.median, "max": scores.max}[self.ref]()
+        return scores < value * ref
+
+    def __repr__(self) -> str:
+        v = self.values if self.per_subspace else self.values[0]
+        return f"RelativeThreshold({v!r}, ref={self.ref!r})"
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "ref": self.ref}
+
+
+class EnergyBudget(Strategy):
+    """Keep the fewest leading principal directions whose eigenvalues hold at least a
+    fraction ``e ∈ (0, 1]`` of the group's energy; prune the rest (rotated basis only)."""
+
+    needs_energy = True
+
+    def _check_value(self, v: Any) -> None:
+        super()._check_value(v)
+        if not 0.0 < v <= 1.0:
+            raise ValueError(f"EnergyBudget: energy fraction must be in (0, 1], got {v!r}")
+
+    def _prune_mask(self, scores, energy, value):
+        e = energy.clamp_min(0.0)
+        order = torch.sort(e, descending=True, stable=True).indices
+        total = e.sum()
+        pruned = torch.ones(e.numel(), dtype=torch.bool)
+        if total <= 0:
+            return pruned
+        cum = torch.cumsum(e[order], 0) / total
+        # fewest leading directions reaching the budget (small slack for round-off at e = 1)
+        k = int((cum < value * (1 - 1e-12)).sum().item()) + 1
+        pruned[order[: min(k, e.numel())]] = False
+        return pruned
+
+
+class RankTolerance(Strategy):
+    """"Lossless" pruning (``method.md`` §5): drop directions with ``λ ≤ tol · λ_max``.
+
+    With a small ``tol`` this removes exactly the directions the layer's input cannot
+    reach (a saturated width: at most ``2(d + 1)`` directions carry energy), leaving the
+    function unchanged up to round-off. Default ``tol = 1e-6``: above the noise floor a
+    float32 Gram matrix leaves in an unreachable direction (about 1e-8 of the largest
+    eigenvalue from the GPU kernel's float32 per-batch sums; ~1e-14 on the float64
+    reference path), and small enough that a genuine direction dropped by it would change
+    the activations by at most ~1e-3 of their RMS.
+    """
+
+    needs_energy = True
+
+    def __init__(self, value: Value = 1e-6) -> None:
+        super().__init__(value)
+
+    def _check_value(self, v: Any) -> None:
+        super()._check_value(v)
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"RankTolerance: tol must be in [0, 1), got {v!r}")
+
+    def _prune_mask(self, scores, energy, value):
+        e = energy.clamp_min(0.0)
+        return e <= value * e.max()
+
+
+#: ``make_strategy`` names.
+STRATEGIES: dict[str, Any] = {
+    "ratio": FixedRatio,
+    "param_target": ParameterTarget,
+    "param_exact": ExactParameterTarget,
+    "count": AbsoluteCount,
+    "zscore": ZScore,
+    "mean": lambda v: RelativeThreshold(v, "mean"),
+    "median": lambda v: RelativeThreshold(v, "median"),
+    "max": lambda v: RelativeThreshold(v, "max"),
+    "energy": EnergyBudget,
+    "lossless": RankTolerance,
+}
+
+
+def make_strategy(name: str, value: Value) -> Strategy:
+    """Build a strategy by name (see the module table), e.g. ``make_strategy("ratio", (0.5,
+    0.5))``."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown pruning strategy {name!r}; expected one of {list(STRATEGIES)}")
+    return STRATEGIES[name](value)
