@@ -1,0 +1,213 @@
+"""Benchmark TSRA and RMSNorm→TSRA: cobkern's fused kernels vs eager PyTorch vs torch.compile.
+
+Run: ``python bench/bench_tsra.py [--out bench-results] [--dtypes bf16,fp32] [--quick]``.
+
+On a GPU it times, at the VGG-16 shapes at batch 1024 (NCHW conv activations and the
+4096-wide classifier), forward and forward+backward of
+
+* ``eager``    — the method written as its authors write it in plain PyTorch (norms,
+                 sigmoid, multiply, concatenate; autograd for the backward),
+* ``compile``  — ``torch.compile`` of that same function,
+* ``cobkern``  — the fused Triton kernels (``cobkern.tsra`` / ``cobkern.rmsnorm_tsra``),
+
+next to the bandwidth ceiling measured in the same run: the faster of ``torch``'s device
+copy and a simple Triton copy kernel moving the same bytes. Bytes are the minimum traffic:
+forward reads x and writes y; forward+backward additionally reads x and dy and writes dx.
+Timing: ``triton.testing.do_bench`` (median, after warm-up). Results go to
+``OUT/bench_tsra.json`` and ``OUT/bench_tsra.md``.
+
+On a CPU the script still runs (small shapes, wall-clock timing; the cobkern column then is
+the reference path), which checks the harness, not the kernels' speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+import cobkern
+
+# VGG-16 activation shapes (C, H, W) — one per distinct width/resolution — and the classifier.
+VGG_SHAPES = [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 2, 2), (4096,)]
+CPU_SHAPES = [(64, 8, 8), (512, 2, 2), (1024,)]
+SPEC_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s, vendor specs (SXM)
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+def eager_tsra(x: torch.Tensor, split: int, a_u=5.0, b_u=0.5, a_v=5.0, b_v=0.7, eps=1e-12):
+    """The method as plain eager PyTorch: norms, ratio, sigmoid gains, multiply, concatenate."""
+    xu, xv = x[:, :split], x[:, split:]
+    su = torch.linalg.vector_norm(xu, dim=1, keepdim=True)
+    sv = torch.linalg.vector_norm(xv, dim=1, keepdim=True)
+    r = su / (torch.sqrt(su**2 + sv**2) + eps)
+    return torch.cat([torch.sigmoid(a_u * (r - b_u)) * xu, torch.sigmoid(a_v * (r - b_v)) * xv],
+                     dim=1)
+
+
+def eager_rmsnorm_tsra(x: torch.Tensor, split: int, eps: float = 1e-6):
+    """Unlearned RMSNorm over channels, then :func:`eager_tsra`."""
+    x = x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + eps)
+    return eager_tsra(x, split)
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    """Return a function timing a callable in milliseconds (median)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return lambda fn: float(triton.testing.do_bench(fn, warmup=25, rep=100,
+                                                        return_mode="median"))
+
+    def cpu_time(fn):
+        for _ in range(3):  # warm-up (torch.compile traces on the first calls)
+            fn()
+        times = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return sorted(times)[len(times) // 2]
+
+    return cpu_time
+
+
+def _copy_ceiling(numel: int, dtype: torch.dtype, device: torch.device, timer, passes: int):
+    """Best time to move ``passes`` × (read + write) of ``numel`` elements: torch copy vs a
+    Triton copy kernel; returns (ms, which)."""
+    src = torch.empty(numel * passes, dtype=dtype, device=device).normal_()
+    dst = torch.empty_like(src)
+    best = (timer(lambda: dst.copy_(src)), "torch.copy_")
+    if device.type == "cuda":
+        from bench._triton_copy import triton_copy
+
+        t = timer(lambda: triton_copy(src, dst))
+        if t < best[0]:
+            best = (t, "triton copy")
+    return best
+
+
+def _variants(op: str, split: int):
+    if op == "tsra":
+        eager = lambda x: eager_tsra(x, split)  # noqa: E731
+        ours = lambda x: cobkern.tsra(x, split)  # noqa: E731
+    else:
+        eager = lambda x: eager_rmsnorm_tsra(x, split)  # noqa: E731
+        ours = lambda x: cobkern.rmsnorm_tsra(x, split)  # noqa: E731
+    compiled = torch.compile(eager, dynamic=False)
+    return {"eager": eager, "compile": compiled, "cobkern": ours}
+
+
+def run(shapes, batch, dtypes, device, ops=("tsra", "rmsnorm_tsra")) -> list[dict]:
+    timer = _timer(device)
+    rows = []
+    spec = next((v for k, v in SPEC_BANDWIDTH.items()
+                 if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        for shape in shapes:
+            x = torch.randn((batch, *shape), device=device, dtype=dtype)
+            split = shape[0] // 2
+            elem = x.element_size()
+            for op in ops:
+                for mode, passes in [("fwd", 1), ("fwd+bwd", 2.5)]:
+                    # minimum bytes: fwd = read x + write y; bwd = read x, dy + write dx
+                    nbytes = x.numel() * elem * (2 if mode == "fwd" else 5)
+                    ceil_ms, ceil_how = _copy_ceiling(x.numel(), dtype, device, timer,
+                                                      1 if mode == "fwd" else 3)
+                    if mode == "fwd+bwd":  # copy moved 3 × (r + w) = 6 units; we need 5
+                        ceil_ms *= 5 / 6
+                    row = dict(op=op, mode=mode, dtype=dname, shape=[batch, *shape],
+                               bytes=nbytes, ceiling_ms=ceil_ms, ceiling_kind=ceil_how)
+                    for name, fn in _variants(op, split).items():
+                        if mode == "fwd":
+                            with torch.no_grad():
+                                ms = timer(lambda fn=fn: fn(x))
+                        else:
+                            xg = x.detach().requires_grad_(True)
+                            dy = torch.randn_like(x)
+                            ms = timer(lambda fn=fn, xg=xg, dy=dy: torch.autograd.grad(
+                                fn(xg), xg, dy))
+                        row[f"{name}_ms"] = ms
+                        row[f"{name}_GBps"] = nbytes / ms / 1e6
+                    row["pct_of_ceiling"] = 100 * ceil_ms / row["cobkern_ms"]
+                    row["pct_of_spec"] = (100 * nbytes / (row["cobkern_ms"] * 1e-3) / spec
+                                          if spec else None)
+                    row["speedup_vs_eager"] = row["eager_ms"] / row["cobkern_ms"]
+                    row["speedup_vs_compile"] = row["compile_ms"] / row["cobkern_ms"]
+                    rows.append(row)
+                    print(_fmt_row(row), flush=True)
+            del x
+    return rows
+
+
+def _fmt_row(r: dict) -> str:
+    spec = f"{r['pct_of_spec']:.0f}%" if r["pct_of_spec"] is not None else "n/a"
+    return (f"| {r['op']} | {r['mode']} | {r['dtype']} | {'×'.join(map(str, r['shape']))} | "
+            f"{r['eager_ms']:.3f} | {r['compile_ms']:.3f} | {r['cobkern_ms']:.3f} | "
+            f"{r['ceiling_ms']:.3f} | {r['cobkern_GBps']:.0f} | {r['pct_of_ceiling']:.0f}% | "
+            f"{spec} | {r['speedup_vs_eager']:.2f}× | {r['speedup_vs_compile']:.2f}× |")
+
+
+HEADER = ("| op | pass | dtype | shape | eager ms | compile ms | cobkern ms | ceiling ms | "
+          "cobkern GB/s | % ceiling | % spec | vs eager | vs compile |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def environment(device: torch.device) -> dict:
+    env = {"date": _dt.date.today().isoformat(), "python": platform.python_version(),
+           "torch": torch.__version__, "device": str(device), "cobkern": cobkern.__version__}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:  # pragma: no cover
+        env["triton"] = None
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
+        env["threads"] = torch.get_num_threads()
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="bench-results", help="output folder (JSON + Markdown)")
+    p.add_argument("--dtypes", default=None, help="comma list of bf16,fp32,fp16 "
+                   "(default: bf16,fp32 on GPU, fp32 on CPU)")
+    p.add_argument("--batch", type=int, default=None, help="default 1024 on GPU, 8 on CPU")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    gpu = device.type == "cuda"
+    dtypes = (args.dtypes or ("bf16,fp32" if gpu else "fp32")).split(",")
+    unknown = [d for d in dtypes if d not in DTYPES]
+    if unknown:
+        p.error(f"unknown dtype(s) {unknown}; choose from {list(DTYPES)}")
+    batch = args.batch or (1024 if gpu else 8)
+    shapes = VGG_SHAPES if gpu else CPU_SHAPES
+    env = environment(device)
+    print(json.dumps(env))
+    print(HEADER)
+    rows = run(shapes, batch, dtypes, device)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_tsra.json"), "w") as f:
+        json.dump({"environment": env, "results": rows}, f, indent=1)
+    with open(os.path.join(args.out, "bench_tsra.md"), "w") as f:
+        f.write(f"Environment: `{json.dumps(env)}`\n\n{HEADER}\n")
+        f.write("\n".join(_fmt_row(r) for r in rows) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    raise SystemExit(main())
