@@ -41,7 +41,7 @@ def _moments_kernel(
     X, TILES, G, SABS, SSQ,
     C, P, split, n_samples, n_tiles, chunk, stride_b, stride_c, stride_p,
     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, FLAT: tl.constexpr, IEEE: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, INDEX64: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tile = pid % n_tiles
@@ -58,8 +58,12 @@ def _moments_kernel(
     cols = lo + tj * BLOCK + offs
     rmask = rows < hi
     cmask = cols < hi
-    row_off = rows.to(tl.int64) * stride_c
-    col_off = cols.to(tl.int64) * stride_c
+    if INDEX64:  # only for tensors of 2^31 elements or more: 64-bit offsets cost registers
+        row_off = rows.to(tl.int64) * stride_c
+        col_off = cols.to(tl.int64) * stride_c
+    else:
+        row_off = rows * stride_c
+        col_off = cols * stride_c
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     comp = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     s_abs = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -69,11 +73,19 @@ def _moments_kernel(
     for k0 in range(start, end, BLOCK_K):
         q = k0 + tl.arange(0, BLOCK_K)
         qmask = q < end
-        if FLAT:
-            q_off = q.to(tl.int64) * stride_p
+        if INDEX64:
+            q64 = q.to(tl.int64)
+            if FLAT:
+                q_off = q64 * stride_p
+            else:
+                b = q64 // P
+                q_off = b * stride_b + (q64 - b * P) * stride_p
         else:
-            b = q // P
-            q_off = b.to(tl.int64) * stride_b + (q - b * P).to(tl.int64) * stride_p
+            if FLAT:
+                q_off = q * stride_p
+            else:
+                b = q // P
+                q_off = b * stride_b + (q - b * P) * stride_p
         a = tl.load(X + row_off[:, None] + q_off[None, :],
                     mask=rmask[:, None] & qmask[None, :], other=0.0)      # [BLOCK, BLOCK_K]
         bt = tl.load(X + q_off[:, None] + col_off[None, :],
@@ -111,18 +123,19 @@ TARGET_PROGRAMS_INTERPRETER = 4
 def launch_config(subspace: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """``(BLOCK, BLOCK_K, num_warps, num_stages)`` for a subspace of this size and dtype.
 
-    64×64 tiles with 4 warps (one warpgroup; the accumulator and its Kahan compensation
-    take 32 registers each per thread), 64 samples per step for 16-bit inputs (32 for
-    float32, whose slabs are twice the bytes). Wider subspaces get more tiles rather than
-    bigger ones: a 128×128 tile would need 128 registers per thread for the two fp32
-    accumulators and spill. ``subspace`` is accepted for future tuning. These are the
+    64×64 tiles, 64 samples per step for 16-bit inputs (32 for float32, whose slabs are
+    twice the bytes), 8 warps. The fp32 tile accumulator, its Kahan compensation and each
+    step's product tile live in registers: with 4 warps ptxas needs more than 255 registers
+    per thread and spills (measured offline for sm_90: ~500 bytes for bf16); with 8 warps
+    bf16/fp16 use ~210 and float32 ~130 registers, no spills. Wider subspaces get more
+    tiles rather than bigger ones. ``subspace`` is accepted for future tuning. These are the
     configurations compiled and checked for spills and ``wgmma`` in the test suite.
     """
     del subspace
     block = 64
     block_k = 32 if dtype == torch.float32 else 64
-    num_warps = 4
-    num_stages = 3 if dtype != torch.float32 else 2
+    num_warps = 8
+    num_stages = 1 if dtype == torch.float32 else 2
     return block, block_k, num_warps, num_stages
 
 
@@ -140,12 +153,14 @@ def tile_table(su: int, sv: int, block: int, device: torch.device) -> torch.Tens
     return _tile_table_cpu(su, sv, block).to(device)
 
 
-def _mirror_block_upper(g: torch.Tensor, block: int) -> None:
-    """Fill the block-lower triangle of the square ``g`` from its transpose, in place."""
-    n = g.shape[0]
-    bi = torch.arange(n, device=g.device) // block
-    lower = bi[:, None] > bi[None, :]
-    g.copy_(torch.where(lower, g.T, g))
+def _mirror_upper(g: torch.Tensor) -> None:
+    """Make the square ``g`` exactly symmetric from its upper triangle, in place.
+
+    The kernel computes the block-upper tiles, which contain the element-wise upper
+    triangle; the lower triangle (including the lower halves of diagonal tiles, computed
+    by ``tl.dot`` with a different summation order) is replaced by the transpose.
+    """
+    g.copy_(torch.triu(g) + torch.triu(g, 1).T)
 
 
 def subspace_moments(x: torch.Tensor, geo, split: int, packed: torch.Tensor,
@@ -180,7 +195,8 @@ def subspace_moments(x: torch.Tensor, geo, split: int, packed: torch.Tensor,
         C, geo.P, split, n, n_tiles, chunk, geo.stride_b, geo.stride_c, geo.stride_p,
         BLOCK=block, BLOCK_K=block_k, FLAT=flat, IEEE=x.dtype == torch.float32,
         UPCAST=x.device.type != "cuda" and x.dtype == torch.bfloat16,
+        INDEX64=x.numel() >= 2**31 - 1 or n >= 2**31 - 2 * block_k,
         num_warps=num_warps, num_stages=num_stages,
     )
-    _mirror_block_upper(packed[: su * su].view(su, su), block)
-    _mirror_block_upper(packed[su * su:].view(sv, sv), block)
+    _mirror_upper(packed[: su * su].view(su, su))
+    _mirror_upper(packed[su * su:].view(sv, sv))

@@ -1,0 +1,120 @@
+"""Streaming covariance: Triton kernel (interpreter on CPU) vs the plain-PyTorch reference.
+
+Tolerances: the reference is evaluated in float64 on the *same* (possibly bf16/fp16)
+values, so products are exact in both and only the kernel's float32 summation differs:
+with Kahan-compensated tiles that is a few float32 ulps of the largest entry — we allow
+2e-6 relative to the largest magnitude of each output (≈ 30 ulps).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cobkern.ops import use_backend
+from cobkern.ops._checks import channel_geometry
+from cobkern.ops.covariance import (
+    CovarianceAccumulator,
+    num_samples,
+    subspace_moments,
+    subspace_moments_reference,
+)
+
+RTOL = 2e-6
+
+
+def _close(got, ref, rtol=RTOL):
+    for name, g, r in zip(("gram_u", "gram_v", "sum_abs", "sum_sq"), got, ref, strict=True):
+        assert g.shape == r.shape, name
+        scale = r.abs().max().clamp_min(1e-30)
+        err = (g.double().cpu() - r.cpu()).abs().max() / scale
+        assert err <= rtol, f"{name}: relative error {err:.3g} > {rtol}"
+
+
+def _make(shape, dtype, channels_last, device):
+    x = torch.randn(shape, dtype=torch.float32).to(device=device, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    return x
+
+
+CASES = [
+    # shape, split, channels_last
+    ((3, 10, 5, 7), 4, False),    # NCHW, odd spatial sizes, B > 1 (position = (n, h, w))
+    ((3, 10, 5, 7), 3, True),     # channels_last
+    ((37, 9), 5, False),          # (N, C) rows
+    ((2, 67, 3, 3), 30, False),   # odd C, several 64-wide tiles in V
+    ((2, 67, 3, 3), 1, True),     # split at the edge: |U| = 1
+    ((2, 67, 3, 3), 66, False),   # |V| = 1
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,split,channels_last", CASES)
+def test_kernel_matches_reference(device, dtype, shape, split, channels_last):
+    x = _make(shape, dtype, channels_last, device)
+    with use_backend("triton"):
+        got = subspace_moments(x, split)
+    ref = subspace_moments_reference(x, split, accum_dtype=torch.float64)
+    _close(got, ref)
+
+
+def test_kernel_several_chunks_and_big_subspace(device):
+    """Many sample chunks (atomic adds of partial tiles) and a 160-wide subspace (3 tiles)."""
+    from cobkern.kernels import covariance as k
+
+    x = _make((4, 300, 2, 3), torch.float32, True, device)
+    split = 140
+    geo = channel_geometry(x, 1)
+    su, sv = split, 300 - split
+    packed = torch.zeros(su * su + sv * sv, device=device)
+    sa = torch.zeros(300, device=device)
+    sq = torch.zeros(300, device=device)
+    k.subspace_moments(x, geo, split, packed, sa, sq, target_programs=64)
+    ref = subspace_moments_reference(x, split, accum_dtype=torch.float64)
+    got = (packed[: su * su].view(su, su), packed[su * su:].view(sv, sv), sa, sq)
+    _close(got, ref)
+
+
+def test_gram_is_symmetric_and_psd(device):
+    x = _make((2, 40, 4, 4), torch.float32, False, device)
+    with use_backend("triton"):
+        m = subspace_moments(x, 17)
+    for g in (m.gram_u, m.gram_v):
+        assert torch.equal(g, g.T)  # mirrored exactly, not recomputed
+        assert torch.linalg.eigvalsh(g.double()).min() > -1e-4 * g.abs().max()
+
+
+def test_permuted_layout_and_float64_fallback(device):
+    x = torch.randn(3, 5, 4, 12, device=device).permute(0, 3, 1, 2)  # neither NCHW nor NHWC
+    with use_backend("triton"):
+        got = subspace_moments(x, 5)
+    _close(got, subspace_moments_reference(x, 5, accum_dtype=torch.float64))
+    xd = torch.randn(4, 6, 3, dtype=torch.float64, device=device)
+    m = subspace_moments(xd, 2)  # float64 runs the reference, in float64
+    assert m.gram_u.dtype == torch.float64
+    _close(m, subspace_moments_reference(xd, 2), rtol=1e-12)
+
+
+def test_accumulator_equals_reference_of_concatenation(device):
+    """Running sums over batches == the moments of all batches at once; count is N·H·W."""
+    batches = [_make((n, 12, 3, 2), torch.float32, False, device) for n in (2, 5, 1)]
+    acc = CovarianceAccumulator(12, 5, device=device)
+    for b in batches:
+        acc.update(b)
+    ref = subspace_moments_reference(torch.cat(batches), 5, accum_dtype=torch.float64)
+    _close((acc.gram_u, acc.gram_v, acc.sum_abs, acc.sum_sq), ref)
+    assert acc.count == sum(num_samples(b) for b in batches) == 8 * 3 * 2
+    assert acc.gram_u.dtype == torch.float64
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="split"):
+        subspace_moments(torch.randn(4, 6), 6)
+    with pytest.raises(TypeError, match="floating"):
+        subspace_moments(torch.ones(4, 6, dtype=torch.int32), 3)
+    acc = CovarianceAccumulator(6, 3)
+    with pytest.raises(ValueError, match="expected 6 channels"):
+        acc.update(torch.randn(4, 7))
+    with pytest.raises(ValueError, match="split"):
+        CovarianceAccumulator(6, 0)
