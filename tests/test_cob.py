@@ -1,0 +1,248 @@
+"""CoB layer discovery, calibration, statistics I/O and the rotation merge.
+
+Function-preservation tolerance: the merged model computes the same function in exact
+arithmetic; in float32 the rotated weights and activations carry ~1e-7 relative round-off
+per operation through a few layers, so we allow 1e-4 relative (max |Δ| / max |logit|) on
+the logits, as the issue states. In float64, 1e-10.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cobkern.cob import (
+    CalibrationStats,
+    calibrate,
+    find_cob_layers,
+    rotate_model,
+)
+from cobkern.nn import TSRA, RMSNorm, RMSNormTSRA
+from cobkern.ops import use_backend
+from cobkern.ops.covariance import subspace_moments_reference
+
+LOGIT_RTOL = 1e-4
+
+
+def small_net(fused: bool = True, spatial_out: int = 2) -> nn.Sequential:
+    """conv→(RMSNorm)TSRA→pool ×2 → flatten (S = spatial_out²) → linear→TSRA→linear."""
+
+    def block(cin, cout, split=None):
+        if fused:
+            return [nn.Conv2d(cin, cout, 3, padding=1), RMSNormTSRA(cout, split=split)]
+        return [nn.Conv2d(cin, cout, 3, padding=1), RMSNorm(cout), TSRA(cout, split=split)]
+
+    return nn.Sequential(
+        *block(3, 8), nn.AvgPool2d(2),
+        *block(8, 6, split=2), nn.AvgPool2d(2), nn.Dropout(0.5),
+        nn.Flatten(), nn.Linear(6 * spatial_out**2, 20), TSRA(20, split=7), nn.Dropout(0.5),
+        nn.Identity(), nn.Linear(20, 5),
+    )
+
+
+def batches(n_batches=3, n=8, hw=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, 3, hw, hw, generator=g), torch.randint(0, 5, (n,), generator=g))
+            for _ in range(n_batches)]
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def train_briefly(model, data, steps=12):
+    """A few Adam steps so that weights are no longer at their random init."""
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for i in range(steps):
+        x, y = data[i % len(data)]
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return model
+
+
+# ------------------------------------------------------------------------- discovery
+@pytest.mark.parametrize("fused", [True, False])
+def test_discovery_small_net(fused):
+    m = small_net(fused)
+    layers = find_cob_layers(m)
+    assert [lay.name for lay in layers] == (["0", "3", "8"] if fused else ["0", "4", "10"])
+    assert [lay.num_channels for lay in layers] == [8, 6, 20]
+    assert [lay.split for lay in layers] == [4, 2, 7]
+    assert [lay.spatial for lay in layers] == [1, 4, 1]  # conv→flatten→linear: S = 2·2
+    assert layers[-1].consumer is m[-1]  # the logits layer is a consumer, never a producer
+    if not fused:
+        assert len(layers[0].norms) == 1 and len(layers[0].tsra) == 1
+
+
+@pytest.mark.parametrize("bad", [nn.ReLU(), nn.MaxPool2d(1), nn.BatchNorm2d(8)])
+def test_discovery_refuses_non_commuting_module(bad):
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), RMSNormTSRA(8), bad,
+                      nn.Conv2d(8, 4, 1))
+    with pytest.raises(ValueError, match=rf"'2' \({type(bad).__name__}\)"):
+        find_cob_layers(m)
+
+
+def test_discovery_nested_and_vgg():
+    outer = nn.Sequential(nn.Sequential(nn.Linear(4, 6), TSRA(6)), nn.Sequential(nn.Linear(6, 2)))
+    (lay,) = find_cob_layers(outer)
+    assert (lay.name, lay.activation_name, lay.consumer_name) == ("0.0", "0.1", "1.0")
+    models = pytest.importorskip("cobkern.models")
+    if not hasattr(models, "vgg16_tsra"):
+        pytest.skip("cobkern.models.vgg16_tsra not available yet")
+    vgg = models.vgg16_tsra(width=1 / 16)
+    layers = find_cob_layers(vgg)
+    assert len(layers) == 15  # 13 conv blocks + 2 hidden linears, never the logits
+    assert all(isinstance(lay.producer, nn.Conv2d) for lay in layers[:13])
+    assert all(isinstance(lay.producer, nn.Linear) for lay in layers[13:])
+    assert layers[12].spatial == 1 and layers[12].consumer is layers[13].producer
+
+
+# ------------------------------------------------------------------------- calibration
+def test_calibrate_matches_materialized_reference():
+    """Streaming sums == the moments of all hooked activations concatenated."""
+    torch.manual_seed(0)
+    m = small_net().double().eval()
+    data = batches()
+    acts = {}
+    hooks = [lay.activation.register_forward_hook(
+        lambda mod, i, o, n=lay.name: acts.setdefault(n, []).append(o))
+        for lay in find_cob_layers(m)]
+    with torch.no_grad():
+        for x, _ in data:
+            m(x.double())
+    for h in hooks:
+        h.remove()
+    stats = calibrate(m, [(x.double(), y) for x, y in data], progress=False)
+    assert stats.num_images == 24
+    for lay in find_cob_layers(m):
+        a = torch.cat(acts[lay.name])
+        ref = subspace_moments_reference(a, lay.split)
+        s = stats[lay.name]
+        assert s.count == a.numel() // a.shape[1]  # every spatial position is a sample
+        for got, want in zip((s.gram_u, s.gram_v, s.sum_abs, s.sum_sq), ref, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_calibrate_max_samples_and_plain_tensors():
+    m = small_net().eval()
+    xs = [x for x, _ in batches(n_batches=4, n=5)]
+    with use_backend("reference"):
+        st = calibrate(m, xs, max_samples=12, progress=False)
+        st_first = calibrate(m, [torch.cat(xs)[:12]], progress=False)
+    assert st.num_images == 12
+    assert st["0"].count == 12 * 8 * 8
+    # float32 convolutions of differently composed batches differ in the last bits
+    torch.testing.assert_close(st["3"].gram_u, st_first["3"].gram_u, rtol=1e-6, atol=0)
+    assert m.training is False
+
+
+def test_calibrate_kernel_path_matches_reference():
+    """The same calibration through the Triton kernel (interpreter on CPU) and the reference."""
+    torch.manual_seed(0)
+    m = small_net().eval()
+    data = batches(n_batches=2)
+    with use_backend("reference"):
+        ref = calibrate(m, data, progress=False)
+    with use_backend("auto"):  # interpreter when TRITON_INTERPRET=1, CUDA kernel on GPU
+        got = calibrate(m, data, progress=False)
+    for n in ref.layers:
+        for a, b in zip((got[n].gram_u, got[n].gram_v, got[n].sum_abs, got[n].sum_sq),
+                        (ref[n].gram_u, ref[n].gram_v, ref[n].sum_abs, ref[n].sum_sq),
+                        strict=True):
+            # float32 activations, float32 Kahan tiles vs float64 sums: a few ulps
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+def test_stats_eigh_save_load(tmp_path):
+    m = small_net().eval()
+    with use_backend("reference"):
+        st = calibrate(m, batches(), progress=False, meta={"source": "test"})
+    s = st["0"]
+    e = s.eigh()
+    assert torch.all(e.values_u[:-1] >= e.values_u[1:])  # descending
+    r = e.vectors_u  # rows are eigenvectors: R G Rᵀ = diag(λ)
+    torch.testing.assert_close(r @ s.gram_u @ r.T, torch.diag(e.values_u), rtol=0,
+                               atol=1e-10 * e.values_u[0].item())
+    torch.testing.assert_close(r @ r.T, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-12)
+    path = tmp_path / "stats.pt"
+    st.save(path)
+    back = CalibrationStats.load(path)
+    assert list(back.layers) == list(st.layers) and back.num_images == st.num_images
+    assert back.meta == {"source": "test"}
+    for n in st.layers:
+        assert torch.equal(back[n].gram_v, st[n].gram_v) and back[n].count == st[n].count
+    bad = tmp_path / "bad.pt"
+    torch.save({"x": 1}, bad)
+    with pytest.raises(ValueError, match="not a cobkern"):
+        CalibrationStats.load(bad)
+
+
+# ------------------------------------------------------------------------- rotation
+@pytest.mark.parametrize("trained", [False, True])
+@pytest.mark.parametrize("fused", [True, False])
+def test_rotation_preserves_function(trained, fused):
+    torch.manual_seed(0)
+    m = small_net(fused)
+    data = batches()
+    with use_backend("reference"):
+        if trained:
+            train_briefly(m, data)
+        m.eval()
+        st = calibrate(m, data, progress=False)
+        x = torch.randn(16, 3, 8, 8)
+        y0 = m(x)
+        res = rotate_model(m, st)
+        y1 = m(x)
+        assert rel_err(y1, y0) <= LOGIT_RTOL
+        # the rotated model's statistics are diagonal with the eigenvalues on the diagonal
+        st2 = calibrate(m, data, progress=False)
+    for n, r in res.rotations.items():
+        s2, e = st2[n], st[n].eigh()
+        assert torch.equal(r, e.rotation())
+        scale = e.values.max().item()
+        torch.testing.assert_close(s2.sum_sq, e.values, rtol=0, atol=1e-4 * scale)
+        off = s2.gram_u - torch.diag(torch.diag(s2.gram_u))
+        assert off.abs().max() <= 1e-4 * scale
+
+
+def test_rotation_float64_and_vgg():
+    torch.manual_seed(0)
+    m = small_net().double().eval()
+    data = [(x.double(), y) for x, y in batches()]
+    st = calibrate(m, data, progress=False)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    y0 = m(x)
+    rotate_model(m, st)
+    assert rel_err(m(x), y0) <= 1e-10
+    models = pytest.importorskip("cobkern.models")
+    if not hasattr(models, "vgg16_tsra"):
+        pytest.skip("cobkern.models.vgg16_tsra not available yet")
+    vgg = models.vgg16_tsra(width=1 / 16).eval()
+    imgs = [torch.randn(8, 3, 32, 32) for _ in range(2)]
+    with use_backend("reference"):
+        st = calibrate(vgg, imgs, progress=False)
+        x = torch.randn(4, 3, 32, 32)
+        y0 = vgg(x)
+        rotate_model(vgg, st)
+        assert rel_err(vgg(x), y0) <= LOGIT_RTOL
+
+
+def test_rotation_errors():
+    m = small_net().eval()
+    with use_backend("reference"):
+        st = calibrate(m, batches(), progress=False)
+        other = small_net()
+        other[3] = nn.Conv2d(8, 7, 3, padding=1)
+        other[4] = RMSNormTSRA(7)
+        other[8] = nn.Linear(28, 20)
+        with pytest.raises(ValueError, match="another"):
+            rotate_model(other, st)
+        with pytest.raises(ValueError, match="not CoB layers"):
+            rotate_model(m, st, layers=["0", "nope"])
+        with pytest.raises(ValueError, match="un-rotated"):
+            rotate_model(m, st.rotated())
