@@ -1,0 +1,205 @@
+"""Training throughput of VGG-16 TSRA variants vs the ReLU control, side by side.
+
+Variants (same width and batch, random data on the device, full training steps:
+forward, cross-entropy, backward, AdamW/SGD step):
+
+* ``tsra-fused``          — cobkern's fused RMSNorm+TSRA / TSRA custom ops (Triton on CUDA);
+* ``tsra-reference-op``   — the same custom ops forced onto the plain-PyTorch reference
+  (``cobkern.ops.use_backend("reference")``);
+* ``tsra-eager``          — RMSNorm and TSRA written as ordinary autograd-traced PyTorch ops
+  (what the authors' eager code does);
+* ``tsra-eager-compiled`` — ``torch.compile`` of that eager model (Inductor may fuse it);
+* ``tsra-fused-compiled`` — ``torch.compile`` of the fused model;
+* ``relu`` / ``relu-compiled`` — the BatchNorm/ReLU control.
+
+Defaults: batch 1024, width 1.0, bf16 autocast on CUDA; on a CPU it falls back to small
+shapes (width 0.125, batch 64, fewer steps) so it still runs. Writes JSON and a Markdown
+table. Not part of the test suite.
+
+Usage::
+
+    python bench/bench_training.py --out bench/results/training
+    python bench/bench_training.py --variants tsra-fused,relu --batch 512 --steps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import cobkern
+from cobkern.models import vgg16_relu, vgg16_tsra
+from cobkern.nn import TSRA, RMSNorm, RMSNormTSRA
+from cobkern.ops import reference
+
+VARIANTS = ("tsra-fused", "tsra-reference-op", "tsra-eager", "tsra-eager-compiled",
+            "tsra-fused-compiled", "relu", "relu-compiled")
+
+
+class EagerTSRA(nn.Module):
+    """TSRA / RMSNorm→TSRA as plain differentiable PyTorch ops (no custom op)."""
+
+    def __init__(self, m: TSRA | RMSNormTSRA) -> None:
+        super().__init__()
+        self.split, self.dim = m.split, m.dim
+        self.consts = (m.a_u, m.b_u, m.a_v, m.b_v, m.tsra_eps)
+        self.norm = isinstance(m, RMSNormTSRA)
+        self.norm_size = (m.norm_size or m.num_channels) if self.norm else 0
+        self.rms_eps = m.eps if self.norm else 0.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.norm:
+            x = reference.rmsnorm(x, self.dim, self.norm_size, self.rms_eps)
+        a_u, b_u, a_v, b_v, eps = self.consts
+        xf = x.float()
+        xu, xv = xf.narrow(self.dim, 0, self.split), xf.narrow(self.dim, self.split,
+                                                               x.shape[self.dim] - self.split)
+        su = xu.square().sum(self.dim, keepdim=True).sqrt()
+        s = (su.square() + xv.square().sum(self.dim, keepdim=True)).sqrt()
+        r = su / (s + eps)
+        gu = torch.sigmoid(a_u * (r - b_u))
+        gv = torch.sigmoid(a_v * (r - b_v))
+        return torch.cat([gu * xu, gv * xv], self.dim).to(x.dtype)
+
+
+class EagerRMSNorm(nn.Module):
+    def __init__(self, m: RMSNorm) -> None:
+        super().__init__()
+        self.dim, self.n, self.eps = m.dim, m.norm_size or m.num_channels, m.eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return reference.rmsnorm(x, self.dim, self.n, self.eps)
+
+
+def eager_copy(model: nn.Module) -> nn.Module:
+    """Replace every cobkern activation/norm module by its plain-PyTorch equivalent."""
+    for name, child in model.named_children():
+        if isinstance(child, (TSRA, RMSNormTSRA)):
+            setattr(model, name, EagerTSRA(child))
+        elif isinstance(child, RMSNorm):
+            setattr(model, name, EagerRMSNorm(child))
+        else:
+            eager_copy(child)
+    return model
+
+
+def build(variant: str, width: float) -> tuple[nn.Module, str]:
+    if variant.startswith("relu"):
+        return vgg16_relu(width=width), "auto"
+    model = vgg16_tsra(width=width)
+    if variant.startswith("tsra-eager"):
+        return eager_copy(model), "auto"
+    return model, "reference" if variant == "tsra-reference-op" else "auto"
+
+
+def bench_one(variant: str, *, width: float, batch: int, steps: int, warmup: int,
+              device: torch.device, bf16: bool, channels_last: bool) -> dict:
+    torch.manual_seed(0)
+    model, backend = build(variant, width)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device=device, memory_format=fmt).train()
+    opt = (torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+           if variant.startswith("relu") else torch.optim.AdamW(model.parameters(), lr=1e-3))
+    net = torch.compile(model) if variant.endswith("compiled") else model
+    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (batch,), device=device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def step() -> None:
+        with amp:
+            loss = F.cross_entropy(net(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    with cobkern.use_backend(backend):
+        t0 = time.perf_counter()
+        for _ in range(warmup):  # includes compilation / autotuning
+            step()
+        sync()
+        warm_s = time.perf_counter() - t0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        dt = time.perf_counter() - t0
+    res = {"variant": variant, "images_per_s": batch * steps / dt,
+           "ms_per_step": 1000 * dt / steps, "warmup_s": warm_s}
+    if device.type == "cuda":
+        res["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--width", type=float, default=None, help="default 1.0 GPU, 0.125 CPU")
+    p.add_argument("--batch", type=int, default=None, help="default 1024 GPU, 64 CPU")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 50 / 5)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 10 / 2)")
+    p.add_argument("--no-bf16", action="store_true", help="fp32 on CUDA")
+    p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--out", default="bench/results/training", help="output path stem")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    width = args.width if args.width is not None else (1.0 if gpu else 0.125)
+    batch = args.batch or (1024 if gpu else 64)
+    steps = args.steps or (50 if gpu else 5)
+    warmup = args.warmup if args.warmup is not None else (10 if gpu else 2)
+    bf16 = gpu and not args.no_bf16
+    channels_last = not args.no_channels_last
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        p.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+
+    rows = []
+    for v in variants:
+        try:
+            r = bench_one(v, width=width, batch=batch, steps=steps, warmup=warmup,
+                          device=device, bf16=bf16, channels_last=channels_last)
+        except Exception as e:  # e.g. no C++ compiler for Inductor on this machine
+            r = {"variant": v, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+        rows.append(r)
+        print(json.dumps(r))
+    base = next((r["images_per_s"] for r in rows if r["variant"] == "tsra-eager"
+                 and "images_per_s" in r), None)
+    meta = {"device": torch.cuda.get_device_name(device) if gpu else platform.processor()
+            or "cpu", "torch": torch.__version__, "width": width, "batch": batch,
+            "steps": steps, "warmup": warmup, "bf16": bf16, "channels_last": channels_last}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    lines = [f"Training throughput — {meta['device']}, torch {meta['torch']}, width {width}, "
+             f"batch {batch}, bf16 {bf16}, channels_last {channels_last}", "",
+             "| variant | images/s | ms/step | vs tsra-eager | warm-up s |",
+             "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | — | — | — | {r['error']} |")
+            continue
+        rel = f"{r['images_per_s'] / base:.2f}×" if base else "—"
+        lines.append(f"| {r['variant']} | {r['images_per_s']:.0f} | {r['ms_per_step']:.1f} | "
+                     f"{rel} | {r['warmup_s']:.1f} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
