@@ -1,0 +1,308 @@
+"""Importance, strategies, surgery and ``prune`` (``method.md`` §4.4–4.6, §5).
+
+Tolerances: float32 forward passes of a model and of its rotated/pruned copy agree to
+~1e-6 relative; we allow 1e-4 relative on the logits (max |Δ| / max |logit|). Parameter
+counts are exact integers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from cobkern.cob import calibrate, find_cob_layers, rotate_model
+from cobkern.nn import TSRA, RMSNorm, RMSNormTSRA
+from cobkern.ops import use_backend
+from cobkern.pruning import (
+    AbsoluteCount,
+    EnergyBudget,
+    ExactParameterTarget,
+    FixedRatio,
+    KeepSet,
+    LayerScores,
+    ParameterTarget,
+    RankTolerance,
+    RelativeThreshold,
+    ZScore,
+    apply_keep_sets,
+    compute_importance,
+    make_strategy,
+    parameter_target_ratio,
+    prune,
+)
+
+LOGIT_RTOL = 1e-4
+
+
+def net(fused: bool = True) -> nn.Sequential:
+    def block(cin, cout, split=None):
+        if fused:
+            return [nn.Conv2d(cin, cout, 3, padding=1), RMSNormTSRA(cout, split=split)]
+        return [nn.Conv2d(cin, cout, 3, padding=1), RMSNorm(cout), TSRA(cout, split=split)]
+
+    return nn.Sequential(*block(3, 10), nn.AvgPool2d(2), *block(10, 8, split=3),
+                         nn.AvgPool2d(2), nn.Flatten(), nn.Linear(8 * 4, 12), TSRA(12, split=5),
+                         nn.Dropout(0.5), nn.Linear(12, 4))
+
+
+def data(n_batches=3, n=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, 3, 8, 8, generator=g) for _ in range(n_batches)]
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def scores(u, v, energy=True):
+    u = torch.tensor(u, dtype=torch.float64)
+    v = torch.tensor(v, dtype=torch.float64)
+    return LayerScores("l", u.numel(), u, v, u**2 if energy else None, v**2 if energy else None,
+                       "l2", energy)
+
+
+# ------------------------------------------------------------------------- strategies
+def test_fixed_ratio_pair_and_single():
+    s = scores([5.0, 1.0, 3.0, 2.0], [0.5, 4.0, 0.1])
+    k = FixedRatio((0.5, 0.4)).select(s)   # floor(0.5·4)=2 in U, floor(0.4·3)=1 in V
+    assert k.u.tolist() == [0, 2] and k.v.tolist() == [0, 1]
+    k = FixedRatio(0.5).select(s)          # whole layer: floor(0.5·7)=3 lowest of all 7
+    assert k.u.tolist() == [0, 2, 3] and k.v.tolist() == [1]
+    k = FixedRatio((0.99, 0.99)).select(s)  # at least one channel stays, the best one
+    assert k.u.tolist() == [0] and k.v.tolist() == [1]
+    assert FixedRatio(0.0).select(s).num_kept == 7
+
+
+def test_parameter_target_map_and_counts_and_thresholds():
+    assert parameter_target_ratio(0.75) == pytest.approx(0.5)
+    assert ParameterTarget((0.75, 0.75)).values == pytest.approx((0.5, 0.5))
+    s = scores([5.0, 1.0, 3.0, 2.0], [0.5, 4.0, 0.1])
+    assert AbsoluteCount((1, 2)).select(s).u.tolist() == [0, 2, 3]
+    assert AbsoluteCount((1, 2)).select(s).v.tolist() == [1]
+    assert AbsoluteCount(10).select(s).num_kept == 2          # one per subspace remains
+    # z-score over U: mean 2.75, std ~1.479 → z(1.0) ≈ -1.18 < -1
+    assert ZScore((-1.0, -1.0)).select(s).u.tolist() == [0, 2, 3]
+    assert RelativeThreshold((0.5, 0.5), "max").select(s).u.tolist() == [0, 2]
+    assert RelativeThreshold((1.0, 1.0), "mean").select(s).u.tolist() == [0, 2]
+    assert RelativeThreshold((1.0, 1.0), "median").select(s).v.tolist() == [0, 1]
+    assert make_strategy("median", 1.0).select(s).num_kept == 4  # median of all 7 is 2.0
+
+
+def test_energy_and_rank_tolerance():
+    s = scores([4.0, 2.0, 1.0, 0.0], [3.0, 1e-9, 1.0])      # energies = squares
+    # U energies 16, 4, 1, 0 (total 21): 16/21 < 0.8 ≤ 20/21 → keep 2 leading directions
+    assert EnergyBudget((0.8, 0.5)).select(s).u.tolist() == [0, 1]
+    assert EnergyBudget((0.8, 0.5)).select(s).v.tolist() == [0]
+    assert EnergyBudget((1.0, 1.0)).select(s).u.tolist() == [0, 1, 2]  # zero energy goes
+    assert RankTolerance().select(s).u.tolist() == [0, 1, 2]
+    assert RankTolerance((1e-6, 1e-6)).select(s).v.tolist() == [0, 2]
+    base = scores([1.0, 2.0], [3.0, 4.0], energy=False)
+    with pytest.raises(ValueError, match="rotated basis"):
+        EnergyBudget(0.9).select(base)
+
+
+@pytest.mark.parametrize("bad", [
+    lambda: FixedRatio(1.0), lambda: FixedRatio(-0.1), lambda: FixedRatio((0.5, 1.5)),
+    lambda: FixedRatio((0.1, 0.2, 0.3)), lambda: make_strategy("nope", 0.5),
+    lambda: AbsoluteCount(1.5), lambda: EnergyBudget(0.0), lambda: ParameterTarget(1.0),
+    lambda: ExactParameterTarget((0.3, 0.5)), lambda: RelativeThreshold(0.1, "mode"),
+    lambda: FixedRatio(float("nan")),
+])
+def test_bad_strategy_values(bad):
+    with pytest.raises(ValueError):
+        bad()
+
+
+# ------------------------------------------------------------------------- surgery
+def _expected_params(c, fc_hidden=12, s=4):
+    """Parameters of ``net`` with widths c = (c0, c1, c2)."""
+    c0, c1, c2 = c
+    return ((3 * 9 + 1) * c0 + (c0 * 9 + 1) * c1 + (c1 * s + 1) * c2 + (c2 + 1) * 4)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_surgery_equals_masking_and_counts_exact(fused):
+    """Pruning = zeroing the pruned channels, when the RMSNorm keeps the original width.
+
+    Zeroed channels add nothing to the norms TSRA/RMSNorm compute, nor to the consumer, so
+    the two models must agree — a check of every index the surgery cuts (incl. Flatten).
+    """
+    torch.manual_seed(0)
+    m = net(fused).eval()
+    layers = find_cob_layers(m)
+    keep = {layers[0].name: KeepSet(torch.tensor([0, 2, 3]), torch.tensor([1, 4])),
+            layers[1].name: KeepSet(torch.tensor([1]), torch.tensor([0, 2, 4])),
+            layers[2].name: KeepSet(torch.tensor([0, 1, 4]), torch.tensor([6]))}
+    masked = net(fused).eval()
+    masked.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        for lay, mlay in zip(layers, find_cob_layers(masked), strict=True):
+            idx = keep[lay.name].indices(lay.split)
+            drop = torch.ones(lay.num_channels, dtype=torch.bool)
+            drop[idx] = False
+            mlay.producer.weight[drop] = 0
+            mlay.producer.bias[drop] = 0
+    x = torch.randn(5, 3, 8, 8)
+    with use_backend("reference"):
+        y_masked = masked(x)
+        report = apply_keep_sets(m, layers, keep, normalizer="original")
+        y = m(x)
+    assert rel_err(y, y_masked) <= 1e-5
+    assert report.total_before == _expected_params((10, 8, 12)) == sum(
+        p.numel() for p in masked.parameters())
+    assert report.total_after == _expected_params((5, 4, 4)) == sum(p.numel()
+                                                                      for p in m.parameters())
+    assert sum(r.params_after for r in report.modules) == report.total_after
+    new = find_cob_layers(m)
+    assert [(lay.num_channels, lay.split) for lay in new] == [(5, 3), (4, 1), (4, 3)]
+    norm_mods = [mod for lay in new for _, mod in lay.tsra + lay.norms
+                 if isinstance(mod, (RMSNorm, RMSNormTSRA))]
+    assert [mod.norm_size for mod in norm_mods] == [10, 8]
+    assert m[0].in_channels == 3 and m[-1].out_features == 4  # RGB in, logits out untouched
+    assert report.fraction_pruned == pytest.approx(1 - 412 / 1456)  # hand count: see helper
+    d = report.to_dict()
+    assert d["total_after"] == report.total_after and len(d["layers"]) == 3
+
+
+def test_surgery_rejects_empty_subspace_and_kept_normalizer():
+    m = net().eval()
+    layers = find_cob_layers(m)
+    with pytest.raises(ValueError, match="empty"):
+        apply_keep_sets(m, layers, {"0": KeepSet(torch.tensor([], dtype=torch.long),
+                                                 torch.tensor([0]))})
+    with pytest.raises(ValueError, match="normalizer"):
+        apply_keep_sets(m, layers, {}, normalizer="both")
+    apply_keep_sets(m, layers, {"0": KeepSet(torch.tensor([0]), torch.tensor([0, 1]))})
+    assert m[1].norm_size is None and m[1].num_channels == 3 and m[1].split == 1
+
+
+# ------------------------------------------------------------------------- prune()
+def test_lossless_saturation_keeps_function():
+    """§5: Linear(512→4096, bias) → TSRA(4096) has ≤ 2·513 non-zero directions; lossless
+    pruning keeps exactly those and the logits do not change."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(512, 4096), TSRA(4096), nn.Linear(4096, 10)).eval()
+    xs = [torch.randn(512, 512) for _ in range(3)]  # 1536 samples > 1026
+    x = torch.randn(64, 512)
+    with use_backend("reference"):
+        st = calibrate(m, xs, progress=False)
+        y0 = m(x)
+        m, report = prune(m, st, RankTolerance((1e-6, 1e-6)))
+        y1 = m(x)
+    (lay,) = report.layers
+    assert (lay.split_after, lay.channels_after - lay.split_after) == (513, 513)
+    assert rel_err(y1, y0) <= LOGIT_RTOL
+    assert report.total_after == (512 + 1) * 1026 + (1026 + 1) * 10
+    assert report.total_before == (512 + 1) * 4096 + (4096 + 1) * 10
+
+
+@pytest.mark.parametrize("cob", [True, False])
+def test_prune_fixed_ratio_runs_and_counts(cob):
+    torch.manual_seed(0)
+    m = net().eval()
+    with use_backend("reference"):
+        st = calibrate(m, data(), progress=False)
+        m, report = prune(m, st, ("ratio", (0.5, 0.5)), cob=cob)
+        out = m(torch.randn(2, 3, 8, 8))
+    assert out.shape == (2, 4)
+    # floor(0.5·size) pruned per subspace: U/V = 5/5 → 3/3, 3/5 → 2/3, 5/7 → 3/4
+    assert [(r.channels_after, r.split_after) for r in report.layers] == [(6, 3), (5, 2),
+                                                                        (7, 3)]
+    assert report.total_after == _expected_params((6, 5, 7))
+    assert report.meta["cob"] is cob
+
+
+def test_prune_with_mild_energy_budget_is_close_and_l2_scores_are_eigen():
+    torch.manual_seed(0)
+    m = net().eval()
+    with use_backend("reference"):
+        st = calibrate(m, data(), progress=False)
+        sc = compute_importance(st, "l2", cob=True)
+        e = st["0"].eigh()
+        torch.testing.assert_close(sc["0"].u ** 2, e.values_u)
+        base = compute_importance(st, "l1", cob=False)
+        torch.testing.assert_close(base["0"].u, st["0"].sum_abs[:5])
+
+
+def test_prune_l1_rotated_needs_second_pass():
+    torch.manual_seed(0)
+    m = net().eval()
+    xs = data()
+    with use_backend("reference"):
+        st = calibrate(m, xs, progress=False)
+        with pytest.raises(ValueError, match="loader"):
+            prune(net().eval(), st, FixedRatio((0.5, 0.5)), importance="l1")
+        ref = net().eval()
+        ref.load_state_dict(m.state_dict())
+        rotate_model(ref, st)
+        st_rot = calibrate(ref, xs, progress=False, meta={"basis": "rotated"})
+        m, report = prune(m, st, FixedRatio((0.5, 0.5)), importance="l1", loader=xs)
+        sc = compute_importance(st_rot, "l1", cob=True)
+    # the kept channels are those with the largest rotated-basis Σ|a|
+    top_u = torch.sort(sc["0"].u, descending=True).indices[:3].sort().values
+    top_v = torch.sort(sc["0"].v, descending=True).indices[:3].sort().values
+    assert report.layers[0].split_after == 3
+    torch.testing.assert_close(m[0].weight, ref[0].weight[torch.cat([top_u, 5 + top_v])])
+
+
+def test_exact_parameter_target():
+    torch.manual_seed(0)
+    m = net().eval()
+    with use_backend("reference"):
+        st = calibrate(m, data(), progress=False)
+    for target in (0.3, 0.6):
+        mm = net().eval()
+        mm.load_state_dict(m.state_dict())
+        strat = ExactParameterTarget((target, target))
+        mm, report = prune(mm, st, strat)
+        assert report.fraction_pruned >= target
+        assert report.fraction_pruned == pytest.approx(strat.achieved)
+        # the next-smaller attainable ratio would miss the target: the solver is tight
+        lower = FixedRatio((math.nextafter(strat.ratio, 0.0),) * 2)
+        mm2 = net().eval()
+        mm2.load_state_dict(m.state_dict())
+        with use_backend("reference"):
+            _, r2 = prune(mm2, st, lower)
+        assert r2.fraction_pruned < target or r2.total_after == report.total_after
+    with pytest.raises(ValueError, match="at most"):
+        prune(net().eval(), st, ExactParameterTarget(0.999))
+
+
+def test_prune_errors():
+    m = net().eval()
+    with use_backend("reference"):
+        st = calibrate(m, data(), progress=False)
+    with pytest.raises(ValueError, match="not CoB layers"):
+        prune(net().eval(), st, FixedRatio(0.5), layers=["0", "9"])
+    other = nn.Sequential(nn.Linear(4, 6), TSRA(6), nn.Linear(6, 2))
+    with pytest.raises(ValueError, match="another"):
+        prune(other, st, FixedRatio(0.5))
+    with pytest.raises(ValueError, match="importance"):
+        prune(net().eval(), st, FixedRatio(0.5), importance="l3")
+    with pytest.raises(ValueError, match="unknown pruning strategy"):
+        prune(net().eval(), st, ("magic", 0.5))
+
+
+def test_prune_vgg_and_config_roundtrip():
+    models = pytest.importorskip("cobkern.models")
+    if not hasattr(models, "vgg16_tsra"):
+        pytest.skip("cobkern.models.vgg16_tsra not available yet")
+    torch.manual_seed(0)
+    vgg = models.vgg16_tsra(width=1 / 16).eval()
+    imgs = [torch.randn(8, 3, 32, 32) for _ in range(2)]
+    x = torch.randn(2, 3, 32, 32)
+    with use_backend("reference"):
+        st = calibrate(vgg, imgs, progress=False)
+        vgg, report = prune(vgg, st, FixedRatio((0.5, 0.5)), normalizer="original")
+        y = vgg(x)
+    assert y.shape == (2, 10)
+    assert report.total_after == sum(p.numel() for p in vgg.parameters())
+    assert len(report.layers) == 15
+    if hasattr(models, "model_config") and hasattr(models, "build_model"):
+        rebuilt = models.build_model(models.model_config(vgg))
+        rebuilt.load_state_dict(vgg.state_dict())
+        with use_backend("reference"):
+            assert rel_err(rebuilt.eval()(x), y) <= 1e-6
