@@ -15,7 +15,6 @@ from .tsra import (
     DEFAULT_B_V,
     DEFAULT_EPS,
     DEFAULT_RMS_EPS,
-    MAX_KERNEL_CHANNELS,
     rmsnorm_tsra,
     rmsnorm_tsra_backward,
     tsra,
@@ -37,6 +36,5 @@ __all__ = [
     "DEFAULT_B_V",
     "DEFAULT_EPS",
     "DEFAULT_RMS_EPS",
-    "MAX_KERNEL_CHANNELS",
 ]
 from .covariance import CovarianceAccumulator, Moments, subspace_moments  # noqa: E402, F401
