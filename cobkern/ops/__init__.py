@@ -3,10 +3,13 @@
 * :func:`tsra`, :func:`rmsnorm_tsra` — forward with autograd;
 * :func:`tsra_backward`, :func:`rmsnorm_tsra_backward` — explicit backward;
 * :func:`rmsnorm` — unlearned RMSNorm (plain PyTorch);
+* :func:`subspace_moments`, :class:`CovarianceAccumulator` — streaming per-subspace
+  second moments for calibration;
 * :func:`use_backend`, :func:`set_backend` — choose Triton kernels or the reference.
 """
 
 from .backend import get_backend, set_backend, use_backend
+from .covariance import CovarianceAccumulator, Moments, subspace_moments
 from .rmsnorm import rmsnorm
 from .tsra import (
     DEFAULT_A_U,
@@ -27,6 +30,9 @@ __all__ = [
     "tsra_backward",
     "rmsnorm_tsra_backward",
     "rmsnorm",
+    "subspace_moments",
+    "Moments",
+    "CovarianceAccumulator",
     "get_backend",
     "set_backend",
     "use_backend",
@@ -37,4 +43,3 @@ __all__ = [
     "DEFAULT_EPS",
     "DEFAULT_RMS_EPS",
 ]
-from .covariance import CovarianceAccumulator, Moments, subspace_moments  # noqa: E402, F401
