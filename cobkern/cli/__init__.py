@@ -1,1 +1,1 @@
-"""Placeholder: filled in by its issue."""
+"""The ``cobkern`` command line: :func:`cobkern.cli.main.main`."""

@@ -1,0 +1,470 @@
+"""The ``cobkern`` command line (also ``python -m cobkern``).
+
+Commands (each reads the previous step's files from ``--out``)::
+
+    cobkern train      --out OUT [--preset quick] [--arch tsra|relu] [--set steps=100 ...]
+    cobkern calibrate  --out OUT [--samples N] [--augment]
+    cobkern prune      --out OUT --strategy NAME --value V [--value-v V] [--importance l2|l1]
+                       [--baseline] [--normalizer kept|original] [--name NAME]
+    cobkern finetune   --out OUT --name NAME [--steps N] [--lr LR]
+    cobkern evaluate   --out OUT [--name NAME | --model FILE]
+    cobkern sweep      --out OUT [--experiments fixed,normalizer,...] [--fractions 0,0.5,...]
+    cobkern report     --out OUT
+    cobkern run        --out OUT --preset quick|fast|paper     (all of the above)
+
+Errors in the input (a missing file of an earlier step, a bad value) print one ``error:``
+line naming the fix and exit with status 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "build_parser"]
+
+_STRATEGY_HELP = (
+    "ratio: prune the fraction p of each subspace; param_target: the fraction P of parameters "
+    "via p = 1 - sqrt(1 - P); param_exact: exactly P of all parameters (bisection); count: "
+    "prune n channels; zscore: z-score below t; mean / median / max: below t times the "
+    "subspace's mean / median / max importance; energy: keep the leading directions holding "
+    "a fraction e of the energy (CoB only); lossless: rank tolerance, drop directions with "
+    "eigenvalue <= t * max (CoB only)")
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") \
+            from None
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _kv(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    k, v = text.split("=", 1)
+    try:
+        val: Any = json.loads(v)
+    except ValueError:
+        val = v
+    return k.strip().replace("-", "_"), val
+
+
+def _common(p: argparse.ArgumentParser, *, out_required: bool = True) -> None:
+    g = p.add_argument_group("common options")
+    g.add_argument("--out", required=out_required, type=Path, metavar="DIR",
+                   help="experiment directory: every step reads and writes its files here")
+    g.add_argument("--device", default=None, metavar="DEV",
+                   help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N "
+                        "(default: the experiment config's, normally auto)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="seed for training, data subsets and calibration images "
+                        "(default: the experiment config's, normally 0)")
+    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    g.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one sub-command per step."""
+    p = argparse.ArgumentParser(
+        prog="cobkern",
+        description="Change-of-basis (CoB) pruning of TSRA networks: train, calibrate, prune, "
+                    "fine-tune, evaluate, sweep and report. Each step reads the previous "
+                    "step's files from --out, so you can calibrate once and prune many times.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Start with: cobkern run --preset quick --out runs/quick   (about 10 min on a "
+               "2-core CPU). Then `cobkern <command> --help` for each step.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    s = sub.add_parser("run", formatter_class=fmt,
+                       help="everything end to end from a preset",
+                       description="Train, calibrate, rotate, run the sweeps and write the "
+                                   "report. Steps whose files exist are skipped, so re-running "
+                                   "continues an interrupted run.")
+    s.add_argument("--preset", default="quick", choices=["quick", "fast", "paper"],
+                   help="quick: width-1/8 model, minutes on a CPU; fast / paper: the full "
+                        "model on a GPU (paper = the authors' 120k-step training)")
+    _experiment_options(s)
+    _common(s)
+
+    s = sub.add_parser("train", formatter_class=fmt, help="train a model into OUT/train",
+                       description="Train the TSRA model (or the ReLU control, --arch relu) "
+                                   "with a training preset; resumes from a checkpoint.")
+    s.add_argument("--preset", default=None, choices=["quick", "fast", "paper"],
+                   help="training preset (default: the experiment config's, else quick)")
+    s.add_argument("--arch", default="tsra", choices=["tsra", "relu"], help="model family")
+    s.add_argument("--set", dest="overrides", action="append", type=_kv, default=[],
+                   metavar="KEY=VALUE",
+                   help="override a training setting (a TrainConfig field, e.g. steps=200, "
+                        "width=0.25, lr=1e-3); repeatable")
+    s.add_argument("--force", action="store_true", help="train again even if a model exists")
+    _common(s)
+
+    s = sub.add_parser("calibrate", formatter_class=fmt,
+                       help="one pass over training images → OUT/calibration.pt",
+                       description="Collect the per-subspace second moments of every CoB "
+                                   "layer's activations (needs OUT/train).")
+    s.add_argument("--samples", type=int, default=None,
+                   help="calibration images (default: the config's; the paper uses 10000)")
+    s.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="apply random crop + flip to the calibration images (the authors' "
+                        "notebook did; default: no)")
+    _common(s)
+
+    s = sub.add_parser("prune", formatter_class=fmt,
+                       help="prune the trained model → OUT/pruned/NAME",
+                       description="Rotate (CoB) and prune the trained model with one "
+                                   "strategy; writes the model file, prune.json and evaluates "
+                                   "it. Needs OUT/train and OUT/calibration.pt.")
+    s.add_argument("--strategy", required=True,
+                   choices=["ratio", "param_target", "param_exact", "count", "zscore", "mean",
+                            "median", "max", "energy", "lossless"], help=_STRATEGY_HELP)
+    s.add_argument("--value", required=True, type=float,
+                   help="the strategy's value (for U; also for V unless --value-v)")
+    s.add_argument("--value-v", type=float, default=None,
+                   help="a separate value for the V subspace")
+    s.add_argument("--whole-layer", action="store_true",
+                   help="rank U and V together with the single value instead of per subspace")
+    s.add_argument("--importance", default="l2", choices=["l2", "l1"],
+                   help="channel importance: l2 = sqrt(sum a^2), l1 = sum |a|")
+    s.add_argument("--baseline", action="store_true",
+                   help="prune without the rotation (the TSRA baseline)")
+    s.add_argument("--normalizer", default=None, choices=["kept", "original"],
+                   help="RMSNorm normaliser after pruning: kept width (the authors') or the "
+                        "original width (default: the config's, normally kept)")
+    s.add_argument("--name", default=None,
+                   help="name of the pruned model under OUT/pruned/ (default: from the options)")
+    s.add_argument("--no-eval", action="store_true", help="do not evaluate the pruned model")
+    _common(s)
+
+    s = sub.add_parser("finetune", formatter_class=fmt,
+                       help="fine-tune a pruned model (OUT/pruned/NAME/finetune)",
+                       description="Fine-tune a model written by `cobkern prune` with the "
+                                   "config's recipe (flags override it).")
+    s.add_argument("--name", required=True, help="the pruned model under OUT/pruned/")
+    s.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    s.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW)")
+    s.add_argument("--batch-size", type=int, default=None, help="batch size")
+    _common(s)
+
+    s = sub.add_parser("evaluate", formatter_class=fmt,
+                       help="test accuracy of a model",
+                       description="Evaluate the trained model, a pruned one (--name) or any "
+                                   "model file (--model); the result is printed and appended to "
+                                   "OUT/metrics.jsonl.")
+    s.add_argument("--name", default=None, help="a pruned model under OUT/pruned/ (its "
+                   "fine-tuned version when it exists, unless --no-finetuned)")
+    s.add_argument("--no-finetuned", action="store_true",
+                   help="with --name: the pruned model before fine-tuning")
+    s.add_argument("--model", type=Path, default=None, help="a model file")
+    s.add_argument("--test-subset", type=int, default=None,
+                   help="test images (0 = all 10000; default: the config's eval_subset)")
+    _common(s)
+
+    s = sub.add_parser("sweep", formatter_class=fmt,
+                       help="run the experiments → OUT/metrics.jsonl",
+                       description="Fixed-ratio sweep (CoB vs baseline, L2/L1), normaliser, "
+                                   "lossless, threshold + fine-tuning, Torch-Pruning peers, "
+                                   "speed. Already measured points are skipped.")
+    _experiment_options(s)
+    _common(s)
+
+    s = sub.add_parser("report", formatter_class=fmt,
+                       help="write OUT/report.md with figures and tables",
+                       description="Rebuild summary.json, tables/*.csv, figures/*.png and "
+                                   "report.md from the files in OUT (nothing is recomputed).")
+    _common(s)
+    return p
+
+
+def _experiment_options(s: argparse.ArgumentParser) -> None:
+    g = s.add_argument_group("experiment settings (override the preset / OUT/config.json)")
+    g.add_argument("--experiments", type=_names, default=None, metavar="LIST",
+                   help="comma-separated subset of fixed,normalizer,lossless,threshold,peers,"
+                        "speed")
+    g.add_argument("--fractions", type=_floats, default=None, metavar="LIST",
+                   help="parameter fractions P of the fixed-ratio sweep, e.g. 0,0.5,0.9")
+    g.add_argument("--importances", type=_names, default=None, metavar="LIST",
+                   help="l2,l1")
+    g.add_argument("--eval-subset", type=int, default=None,
+                   help="test images per evaluation (0 = all)")
+    g.add_argument("--calib-samples", type=int, default=None, help="calibration images")
+    g.add_argument("--finetune-steps", type=int, default=None,
+                   help="fine-tuning steps after threshold / peer pruning")
+    g.add_argument("--set", dest="overrides", action="append", type=_kv, default=[],
+                   metavar="KEY=VALUE",
+                   help="any ExperimentConfig setting as JSON, e.g. "
+                        "'thresholds=[[\"max\",0.1]]' or 'train={\"steps\":100}'; repeatable")
+
+
+# ---------------------------------------------------------------------------- helpers
+def _experiment_config(args: argparse.Namespace, preset: str | None = None) -> Any:
+    from cobkern.experiments import get_experiment_preset, load_experiment_config
+    from cobkern.experiments.files import Layout
+
+    layout = Layout(args.out)
+    if preset is not None and not layout.config.is_file():
+        cfg = get_experiment_preset(preset)
+    elif layout.config.is_file():
+        cfg = load_experiment_config(layout.config)
+        if preset is not None and cfg.preset != preset:
+            raise ValueError(f"{layout.config} was made with preset {cfg.preset!r}, not "
+                             f"{preset!r}; use another --out or delete that directory")
+    else:
+        cfg = get_experiment_preset(getattr(args, "preset", None) or "quick")
+    over: dict[str, Any] = {}
+    for k, v in getattr(args, "overrides", []) if args.command in ("run", "sweep") else []:
+        over[k] = v
+    if getattr(args, "experiments", None):
+        over["experiments"] = args.experiments
+    if getattr(args, "fractions", None):
+        over["fractions"] = args.fractions
+    if getattr(args, "importances", None):
+        over["importances"] = args.importances
+    if getattr(args, "eval_subset", None) is not None:
+        over["eval_subset"] = args.eval_subset
+    if getattr(args, "calib_samples", None) is not None:
+        over["calib_samples"] = args.calib_samples
+    if getattr(args, "finetune_steps", None) is not None:
+        over["finetune"] = {"steps": args.finetune_steps}
+    if args.seed is not None:
+        over["seed"] = args.seed
+    if args.device is not None:
+        over["device"] = args.device
+    return cfg.with_overrides(over) if over else cfg
+
+
+def _context(args: argparse.Namespace, cfg: Any) -> Any:
+    from cobkern.experiments import Context
+
+    return Context(args.out, cfg, device=args.device, progress=not args.no_progress)
+
+
+def _value(args: argparse.Namespace) -> Any:
+    v: Any = args.value
+    vv = args.value_v if args.value_v is not None else v
+    if args.strategy == "count":
+        v, vv = int(v), int(vv)
+    return v if args.whole_layer else [v, vv]
+
+
+def _default_name(args: argparse.Namespace) -> str:
+    v = _value(args)
+    vs = "-".join(f"{x:g}" for x in v) if isinstance(v, list) else f"{v:g}"
+    method = "baseline" if args.baseline else "cob"
+    return f"{method}-{args.importance}-{args.strategy}-{vs}"
+
+
+def _model_file(d: Path) -> Path | None:
+    for name in ("model.safetensors", "model.pt"):
+        if (d / name).is_file():
+            return d / name
+    return None
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_run(args: argparse.Namespace) -> int:
+    from cobkern.experiments import run_pipeline
+
+    cfg = _experiment_config(args, preset=args.preset)
+    ctx = _context(args, cfg)
+    run_pipeline(ctx, cfg.experiments)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cobkern.experiments import train_step
+
+    cfg = _experiment_config(args)
+    if args.preset is not None:
+        cfg = cfg.with_overrides({"preset": args.preset})
+    if args.overrides:
+        key = "train" if args.arch == "tsra" else "train_relu_overrides"
+        cfg = cfg.with_overrides({key: {**getattr(cfg, key), **dict(args.overrides)}})
+    ctx = _context(args, cfg)
+    if args.arch == "tsra" or not ctx.layout.config.is_file():
+        ctx.save_config()
+    res = train_step(ctx, args.arch, force=args.force)
+    print(f"{args.arch} model: test accuracy {100 * res['test_accuracy']:.2f}% after "
+          f"{res['steps']} steps → {ctx.layout.model_file(args.arch)}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from cobkern.experiments import calibrate_step
+
+    cfg = _experiment_config(args)
+    over: dict[str, Any] = {}
+    if args.samples is not None:
+        over["calib_samples"] = args.samples
+    if args.augment is not None:
+        over["calib_augment"] = args.augment
+    if over:
+        cfg = cfg.with_overrides(over)
+    ctx = _context(args, cfg)
+    ctx.layout.require_model("tsra")
+    ctx.save_config()
+    path = calibrate_step(ctx, force=True)
+    stats = ctx.stats()
+    print(f"calibrated {len(stats)} layers on {stats.num_images:,} images → {path}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from cobkern.experiments import layer_widths
+    from cobkern.experiments.files import append_jsonl, atomic_write_json
+    from cobkern.models import default_model_filename, save_model
+
+    cfg = _experiment_config(args)
+    ctx = _context(args, cfg)
+    name = args.name or _default_name(args)
+    normalizer = args.normalizer or cfg.normalizer
+    model, report = ctx.prune((args.strategy, _value(args)), importance=args.importance,
+                              cob=not args.baseline, normalizer=normalizer)
+    d = ctx.layout.pruned_dir(name)
+    info: dict[str, Any] = {"name": name, "strategy": args.strategy, "value": _value(args),
+                            "importance": args.importance, "cob": not args.baseline,
+                            "normalizer": normalizer, **report.to_dict(),
+                            "widths": layer_widths(model)}
+    if not args.no_eval:
+        ev = ctx.evaluate(model)
+        info.update(accuracy=ev["accuracy"], loss=ev["loss"], n_eval=ev["n"])
+    save_model(model, d / default_model_filename(), extra={
+        k: info[k] for k in ("strategy", "importance", "cob", "normalizer") if k in info})
+    atomic_write_json(d / "prune.json", info)
+    print(report.summary())
+    msg = f"pruned {100 * report.fraction_pruned:.2f}% of the parameters → {d}"
+    if "accuracy" in info:
+        msg += f"; accuracy {100 * info['accuracy']:.2f}% on {info['n_eval']} test images"
+        append_jsonl(ctx.layout.metrics, {
+            "experiment": "prune", "name": name, "method": "cob" if info["cob"] else "baseline",
+            "arch": "tsra", "importance": args.importance, "normalizer": normalizer,
+            "strategy": args.strategy, "value": _value(args), "finetuned": False,
+            "fraction_pruned": report.fraction_pruned, "params_after": report.total_after,
+            "accuracy": info["accuracy"], "loss": info["loss"], "n_eval": info["n_eval"]})
+    print(msg)
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from cobkern.experiments.files import MissingStepError, append_jsonl
+    from cobkern.models import load_model
+
+    cfg = _experiment_config(args)
+    over = {k: v for k, v in (("steps", args.steps), ("lr", args.lr),
+                              ("batch_size", args.batch_size)) if v is not None}
+    if over:
+        cfg = cfg.with_overrides({"finetune": over})
+    ctx = _context(args, cfg)
+    d = ctx.layout.pruned_dir(args.name)
+    src = _model_file(d)
+    if src is None:
+        raise MissingStepError(f"pruned model not found in {d} — make it with `cobkern prune "
+                               f"--out {ctx.layout.root} --name {args.name} --strategy ... "
+                               "--value ...`")
+    model = load_model(src, ctx.device)
+    res = ctx.finetune(model, args.name, "tsra", out=d / "finetune")
+    print(f"fine-tuned {res['steps']} steps: accuracy {100 * res['test_accuracy']:.2f}% on "
+          f"{len(ctx.eval_set())} test images → {res['model_path']}")
+    append_jsonl(ctx.layout.metrics, {"experiment": "finetune", "name": args.name,
+                                      "finetuned": True, "finetune_steps": res["steps"],
+                                      "accuracy": res["test_accuracy"],
+                                      "loss": res["test_loss"]})
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cobkern.experiments import count_params
+    from cobkern.experiments.files import MissingStepError, append_jsonl
+    from cobkern.models import load_model
+
+    cfg = _experiment_config(args)
+    if args.test_subset is not None:
+        cfg = cfg.with_overrides({"eval_subset": args.test_subset})
+    ctx = _context(args, cfg)
+    if args.model is not None:
+        path = args.model
+        if not path.is_file():
+            raise MissingStepError(f"model file not found: {path}")
+    elif args.name is not None:
+        d = ctx.layout.pruned_dir(args.name)
+        path = None if args.no_finetuned else _model_file(d / "finetune")
+        path = path or _model_file(d)
+        if path is None:
+            raise MissingStepError(f"pruned model not found in {d} — make it with `cobkern "
+                                   f"prune --out {ctx.layout.root} --name {args.name} ...`")
+    else:
+        path = ctx.layout.require_model("tsra")
+    model = load_model(path, ctx.device)
+    t0 = time.perf_counter()
+    ev = ctx.evaluate(model)
+    rec = {"experiment": "evaluate", "model": str(path), "params_after": count_params(model),
+           "accuracy": ev["accuracy"], "loss": ev["loss"], "n_eval": ev["n"],
+           "eval_s": time.perf_counter() - t0}
+    append_jsonl(ctx.layout.metrics, rec)
+    print(f"{path}: accuracy {100 * ev['accuracy']:.2f}%, loss {ev['loss']:.4f} on {ev['n']} "
+          f"test images ({rec['params_after']:,} parameters)")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from cobkern.experiments import sweep_step
+
+    cfg = _experiment_config(args)
+    ctx = _context(args, cfg)
+    ctx.layout.require_model("tsra")
+    ctx.layout.require_calibration()
+    ctx.save_config()
+    recs = sweep_step(ctx, cfg.experiments)
+    print(f"{len(recs)} records in {ctx.layout.metrics}; now `cobkern report --out "
+          f"{ctx.layout.root}`")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from cobkern.experiments import report_step
+
+    path = report_step(args.out)
+    print(f"report: {path}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "train": cmd_train, "calibrate": cmd_calibrate, "prune": cmd_prune,
+            "finetune": cmd_finetune, "evaluate": cmd_evaluate, "sweep": cmd_sweep,
+            "report": cmd_report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``cobkern``; returns the exit status (0 ok, 2 bad input, 130 stopped)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from cobkern.data import DataError
+    from cobkern.models import ModelFileError
+    from cobkern.training import CheckpointError, ConfigError
+
+    user_errors = (FileNotFoundError, ValueError, DataError, ModelFileError, CheckpointError,
+                   ConfigError)
+    try:
+        return COMMANDS[args.command](args)
+    except user_errors as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

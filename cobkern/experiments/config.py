@@ -1,0 +1,217 @@
+"""Experiment settings (:class:`ExperimentConfig`) and the presets ``quick`` / ``fast`` /
+``paper``.
+
+The config drives every step after training: calibration, the sweeps, fine-tuning,
+the peer comparison and the speed measurements. The training itself is configured by
+:class:`cobkern.training.TrainConfig` (the preset of the same name plus ``train``
+overrides). ``cobkern run`` stores the resolved config in ``OUT/config.json``; the other
+commands read it from there, and their flags override it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ExperimentConfig", "EXPERIMENTS", "get_experiment_preset", "load_experiment_config",
+           "FinetuneRecipe"]
+
+#: Experiment names, in the order ``sweep`` runs them.
+EXPERIMENTS = ("fixed", "normalizer", "lossless", "threshold", "peers", "speed")
+
+
+@dataclass
+class FinetuneRecipe:
+    """The fine-tuning applied after pruning (the same for CoB, baseline and peers).
+
+    AdamW with linear warm-up and cosine decay to 0, grad-norm clip 1.0, random crop + flip,
+    batch ``batch_size``, ``steps`` optimizer steps; ``optimizer="sgd"`` (momentum 0.9,
+    Nesterov) for the ReLU control.
+    """
+
+    steps: int = 2000
+    lr: float = 2e-4
+    lr_relu: float = 0.01
+    batch_size: int = 256
+    warmup_steps: int = 100
+    weight_decay: float = 5e-4
+    train_subset: int = 0
+
+    def describe(self) -> str:
+        """One sentence for the report."""
+        sub = f" on {self.train_subset:,} training images" if self.train_subset else ""
+        return (f"{self.steps} steps{sub} at batch {self.batch_size}; AdamW with peak lr "
+                f"{self.lr:g} (TSRA) / SGD-Nesterov with peak lr {self.lr_relu:g} (ReLU); "
+                f"{self.warmup_steps} linear warm-up steps, "
+                f"cosine decay to 0, weight decay {self.weight_decay:g}, grad-norm clip 1.0 "
+                f"(TSRA), random crop + flip")
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything the experiments need besides the training recipe.
+
+    Attributes:
+        preset: the training preset (``quick``, ``fast``, ``paper``) and the name of this one.
+        seed, device: as everywhere (``device="auto"``: CUDA when available).
+        train: overrides on the training preset (``TrainConfig`` field → value).
+        train_relu: train the ReLU control too (for the accuracy gap and the peer
+            comparison); ``train_relu_overrides`` on its preset.
+        calib_samples: calibration images (``method.md`` §4: 10,000);
+            calib_augment: random crop/flip on them (the authors' notebook) or not.
+        eval_subset: test images used for every sweep evaluation (0: all 10,000).
+        eval_batch_size: evaluation batch.
+        fractions: parameter fractions ``P`` of the fixed-ratio sweep.
+        importances: ``"l2"``, ``"l1"``.
+        normalizer: the sweep's normaliser; normalizer_fractions / normalizer_importance: the
+            normaliser experiment (``"original"`` vs ``"kept"``).
+        lossless_tol: rank tolerance of the lossless experiment.
+        thresholds: ``[strategy, value]`` pairs (prop-of-max ``"max"``, ``"zscore"``,
+            ``"mean"``, ``"median"``), applied per subspace, followed by fine-tuning.
+        threshold_baseline: also run each threshold without CoB.
+        finetune: the recipe (:class:`FinetuneRecipe`).
+        peer_archs: models for the Torch-Pruning comparison (``"tsra"``, ``"relu"``);
+            peer_fractions: its parameter budgets; peer_criteria: Torch-Pruning importances;
+            peer_finetune: fine-tune the peers and CoB at those budgets.
+        speed_fractions: CoB-pruned models (L2, fixed ratio) timed against the unpruned one;
+            speed_batches: batch sizes; speed_repeats: timed runs per measurement.
+        frontier_tolerance: accuracy drop (fraction, 0.01 = 1 point) of the reliable frontier.
+        experiments: which of :data:`EXPERIMENTS` ``sweep`` runs.
+    """
+
+    preset: str = "quick"
+    seed: int = 0
+    device: str = "auto"
+    train: dict[str, Any] = field(default_factory=dict)
+    train_relu: bool = False
+    train_relu_overrides: dict[str, Any] = field(default_factory=dict)
+    calib_samples: int = 10_000
+    calib_augment: bool = False
+    calib_batch_size: int = 500
+    eval_subset: int = 0
+    eval_batch_size: int = 1000
+    fractions: list[float] = field(default_factory=lambda: [
+        0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95])
+    importances: list[str] = field(default_factory=lambda: ["l2", "l1"])
+    normalizer: str = "kept"
+    normalizer_fractions: list[float] | None = None
+    normalizer_importance: str = "l2"
+    lossless_tol: float = 1e-6
+    thresholds: list[list[Any]] = field(default_factory=lambda: [
+        ["max", 0.1], ["max", 0.05], ["zscore", -0.5], ["zscore", -0.25], ["mean", 0.5],
+        ["mean", 0.25], ["median", 0.5], ["median", 0.25]])
+    threshold_baseline: bool = True
+    finetune: FinetuneRecipe = field(default_factory=FinetuneRecipe)
+    peer_archs: list[str] = field(default_factory=lambda: ["tsra", "relu"])
+    peer_fractions: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])
+    peer_criteria: list[str] = field(default_factory=lambda: ["l2", "l1"])
+    peer_finetune: bool = True
+    speed_fractions: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])
+    speed_batches: list[int] = field(default_factory=lambda: [1, 1024])
+    speed_repeats: int = 20
+    frontier_tolerance: float = 0.01
+    experiments: list[str] = field(default_factory=lambda: list(EXPERIMENTS))
+
+    def validate(self) -> ExperimentConfig:
+        """Check the values; raises ``ValueError`` naming the bad setting."""
+        bad = [e for e in self.experiments if e not in EXPERIMENTS]
+        if bad:
+            raise ValueError(f"unknown experiment(s) {bad}; expected some of {list(EXPERIMENTS)}")
+        for name in ("fractions", "peer_fractions", "speed_fractions"):
+            for p in getattr(self, name):
+                if not 0.0 <= float(p) < 1.0:
+                    raise ValueError(f"{name}: parameter fractions must be in [0, 1), got {p}")
+        for imp in self.importances + [self.normalizer_importance]:
+            if imp not in ("l2", "l1"):
+                raise ValueError(f"importance must be 'l2' or 'l1', got {imp!r}")
+        if self.normalizer not in ("kept", "original"):
+            raise ValueError(f"normalizer must be 'kept' or 'original', got {self.normalizer!r}")
+        for arch in self.peer_archs:
+            if arch not in ("tsra", "relu"):
+                raise ValueError(f"peer_archs: expected 'tsra' or 'relu', got {arch!r}")
+        for item in self.thresholds:
+            if not (isinstance(item, (list, tuple)) and len(item) == 2
+                    and item[0] in ("max", "zscore", "mean", "median")):
+                raise ValueError(f"thresholds: expected [max|zscore|mean|median, t], got {item!r}")
+        if self.calib_samples < 1 or self.eval_subset < 0:
+            raise ValueError("calib_samples must be >= 1 and eval_subset >= 0")
+        if not 0 < self.frontier_tolerance < 1:
+            raise ValueError(f"frontier_tolerance must be in (0, 1), got {self.frontier_tolerance}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExperimentConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown experiment setting(s) {unknown}; valid: {sorted(names)}")
+        d = dict(d)
+        if isinstance(d.get("finetune"), dict):
+            d["finetune"] = FinetuneRecipe(**d["finetune"])
+        return cls(**d).validate()
+
+    def with_overrides(self, overrides: dict[str, Any]) -> ExperimentConfig:
+        """A copy with top-level settings replaced (``finetune`` may be a partial dict)."""
+        d = self.to_dict()
+        for k, v in overrides.items():
+            if k == "finetune" and isinstance(v, dict):
+                d["finetune"] = {**d["finetune"], **v}
+            else:
+                d[k] = v
+        return ExperimentConfig.from_dict(d)
+
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    # A 2-core CPU: the whole `cobkern run` in about ten minutes.
+    "quick": dict(
+        preset="quick", calib_samples=2000, calib_batch_size=250, eval_subset=2000,
+        eval_batch_size=500,
+        fractions=[0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95], importances=["l2", "l1"],
+        normalizer_fractions=[0.5, 0.7, 0.9],
+        thresholds=[["max", 0.1], ["zscore", -0.5]], threshold_baseline=True,
+        finetune=FinetuneRecipe(steps=40, lr=1e-3, batch_size=128, warmup_steps=5,
+                                train_subset=10_000),
+        peer_archs=["tsra"], peer_fractions=[0.7, 0.9], peer_criteria=["l2"],
+        peer_finetune=True, speed_fractions=[0.7, 0.9], speed_batches=[1, 1024],
+        speed_repeats=5,
+    ),
+    # A GPU, a few hours.
+    "fast": dict(
+        preset="fast", train_relu=True, calib_samples=10_000, eval_subset=0,
+        finetune=FinetuneRecipe(steps=1000, lr=2e-4, batch_size=512, warmup_steps=50),
+        peer_archs=["tsra", "relu"],
+    ),
+    # The paper's setting (a GPU, about a day with the 120k-step training).
+    "paper": dict(
+        preset="paper", train_relu=True, calib_samples=10_000, eval_subset=0,
+        finetune=FinetuneRecipe(steps=4000, lr=2e-4, batch_size=1024, warmup_steps=200),
+        peer_archs=["tsra", "relu"],
+    ),
+}
+
+
+def get_experiment_preset(name: str) -> ExperimentConfig:
+    """The :class:`ExperimentConfig` of a preset (``quick``, ``fast``, ``paper``)."""
+    if name not in _PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available: {', '.join(sorted(_PRESETS))}")
+    return ExperimentConfig(**_PRESETS[name]).validate()
+
+
+def load_experiment_config(path: str | os.PathLike) -> ExperimentConfig:
+    """Read ``OUT/config.json`` (the ``experiment`` section of it)."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read experiment config {p}: {e}") from None
+    if isinstance(data, dict) and "experiment" in data:
+        data = data["experiment"]
+    return ExperimentConfig.from_dict(data)

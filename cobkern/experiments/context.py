@@ -1,0 +1,273 @@
+"""The shared state of the experiment steps: settings, data, the trained model, statistics.
+
+:class:`Context` loads everything lazily and caches it, so one ``cobkern run`` decodes the
+data, loads the model and rotates it once, however many models the sweeps measure.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cobkern.cob import CalibrationStats, calibrate, rotate_model
+from cobkern.data import DeviceLoader, ImageSet, calibration_set, load_cifar10, subset
+from cobkern.models import load_model
+from cobkern.pruning import PruneReport, Strategy, make_strategy, prune
+from cobkern.training import TrainConfig, apply_overrides, evaluate, get_preset
+
+from .config import ExperimentConfig, get_experiment_preset, load_experiment_config
+from .files import Layout, MissingStepError, append_jsonl, atomic_write_json, read_jsonl
+
+__all__ = ["Context", "resolve_device", "count_params"]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; anything else as given."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def count_params(model: nn.Module) -> int:
+    """Every parameter of ``model`` (biases included)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _save_stats(stats: CalibrationStats, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        stats.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class Context:
+    """Settings, data and models of one experiment directory.
+
+    Args:
+        out: the experiment directory.
+        config: the settings; default: ``OUT/config.json`` if it exists, else the ``quick``
+            preset.
+        device: overrides ``config.device``.
+        progress: show progress bars.
+        data: ``(train, test)`` image sets to use instead of loading CIFAR-10 (tests).
+    """
+
+    def __init__(self, out: str | os.PathLike, config: ExperimentConfig | None = None, *,
+                 device: str | None = None, progress: bool = True,
+                 data: tuple[ImageSet, ImageSet] | None = None) -> None:
+        self.layout = Layout(out)
+        if config is None:
+            config = (load_experiment_config(self.layout.config) if self.layout.config.is_file()
+                      else get_experiment_preset("quick"))
+        self.config = config.validate()
+        self.device = resolve_device(device or config.device)
+        self.progress = progress
+        self._data = data
+        self._eval_set: ImageSet | None = None
+        self._models: dict[str, nn.Module] = {}
+        self._stats: CalibrationStats | None = None
+        self._rotated: tuple[nn.Module, CalibrationStats] | None = None
+        self._rotated_l1: CalibrationStats | None = None
+        self._done: dict[str, dict[str, Any]] | None = None
+
+    # ------------------------------------------------------------------ settings
+    def train_config(self, arch: str = "tsra") -> TrainConfig:
+        """The training settings: the preset for ``arch`` plus the config's overrides."""
+        cfg = self.config
+        overrides = dict(cfg.train if arch == "tsra" else cfg.train_relu_overrides)
+        if arch != "tsra":
+            # the data settings are shared with the main model
+            for k in ("data_source", "data_root", "cache_dir", "train_subset", "width"):
+                if k in cfg.train and k not in overrides:
+                    overrides[k] = cfg.train[k]
+        overrides.setdefault("seed", cfg.seed)
+        overrides.setdefault("device", str(self.device) if cfg.device == "auto" else cfg.device)
+        overrides.setdefault("progress", self.progress)
+        return apply_overrides(get_preset(cfg.preset, arch), overrides)
+
+    def save_config(self) -> Path:
+        """Write ``OUT/config.json``: the experiment settings and the resolved training ones."""
+        return atomic_write_json(self.layout.config, {
+            "experiment": self.config.to_dict(),
+            "training": asdict(self.train_config("tsra")),
+        })
+
+    # ------------------------------------------------------------------ data
+    def data(self) -> tuple[ImageSet, ImageSet]:
+        """``(train, test)``: CIFAR-10 from the training config's source (cached)."""
+        if self._data is None:
+            tc = self.train_config("tsra")
+            self._data = load_cifar10(tc.data_source, tc.data_root, tc.cache_dir,
+                                      download=tc.download)
+        return self._data
+
+    def eval_set(self) -> ImageSet:
+        """The test images every sweep evaluation uses (``eval_subset``, seeded)."""
+        if self._eval_set is None:
+            _, test = self.data()
+            self._eval_set = subset(test, self.config.eval_subset or None, self.config.seed + 1)
+        return self._eval_set
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Accuracy and loss of ``model`` on :meth:`eval_set`."""
+        return evaluate(model, self.eval_set(), self.device,
+                        batch_size=self.config.eval_batch_size)
+
+    @torch.no_grad()
+    def logits(self, model: nn.Module) -> torch.Tensor:
+        """Logits of ``model`` on :meth:`eval_set` (float64, CPU)."""
+        loader = DeviceLoader.from_imageset(self.eval_set(), self.config.eval_batch_size,
+                                            augment=False, shuffle=False, drop_last=False,
+                                            device=self.device)
+        was = model.training
+        model.eval()
+        out = [model(x).double().cpu() for x, _ in loader]
+        model.train(was)
+        return torch.cat(out)
+
+    # ------------------------------------------------------------------ models
+    def model(self, arch: str = "tsra") -> nn.Module:
+        """The trained model (eval mode, on the device). Do not modify: use a copy."""
+        if arch not in self._models:
+            path = self.layout.require_model(arch)
+            self._models[arch] = load_model(path, self.device).eval()
+        return self._models[arch]
+
+    def stats(self) -> CalibrationStats:
+        """Calibration statistics of the trained model (``OUT/calibration.pt``)."""
+        if self._stats is None:
+            self._stats = CalibrationStats.load(self.layout.require_calibration())
+        return self._stats
+
+    def calibration_loader(self) -> DeviceLoader:
+        """The calibration images: ``calib_samples`` training images, augmented or not."""
+        cfg = self.config
+        train, _ = self.data()
+        calib = calibration_set(train, cfg.calib_samples, seed=cfg.seed)
+        return DeviceLoader.from_imageset(calib, cfg.calib_batch_size, augment=cfg.calib_augment,
+                                          shuffle=False, drop_last=False, seed=cfg.seed,
+                                          device=self.device)
+
+    def calibrate(self, force: bool = False) -> CalibrationStats:
+        """Calibrate the trained model and write ``OUT/calibration.pt`` (skipped if present)."""
+        path = self.layout.calibration
+        if path.is_file() and not force:
+            return self.stats()
+        model = self.model()
+        stats = calibrate(model, self.calibration_loader(), max_samples=self.config.calib_samples,
+                          progress=self.progress, device=self.device,
+                          meta={"augment": self.config.calib_augment,
+                                "samples": self.config.calib_samples, "seed": self.config.seed})
+        _save_stats(stats, path)
+        if self.layout.calibration_rotated.is_file():
+            self.layout.calibration_rotated.unlink()  # stale now
+        self._stats, self._rotated, self._rotated_l1 = stats, None, None
+        return stats
+
+    def rotated(self) -> tuple[nn.Module, CalibrationStats]:
+        """The trained model rotated into its principal bases, and the rotated statistics."""
+        if self._rotated is None:
+            m = copy.deepcopy(self.model())
+            res = rotate_model(m, self.stats())
+            self._rotated = (m.eval(), res.stats)
+        return self._rotated
+
+    def rotated_stats(self, importance: str) -> CalibrationStats:
+        """Rotated-basis statistics for ``importance``: derived from the eigenvalues for L2;
+        a second calibration pass through the rotated model for L1 (cached in
+        ``OUT/calibration-rotated.pt``)."""
+        model, stats = self.rotated()
+        if importance == "l2":
+            return stats
+        if self._rotated_l1 is None:
+            path = self.layout.calibration_rotated
+            if path.is_file():
+                self._rotated_l1 = CalibrationStats.load(path)
+            else:
+                self._rotated_l1 = calibrate(
+                    model, self.calibration_loader(), max_samples=self.config.calib_samples,
+                    progress=self.progress, device=self.device,
+                    meta={"basis": "rotated", "augment": self.config.calib_augment})
+                _save_stats(self._rotated_l1, path)
+        return self._rotated_l1
+
+    def prune(self, strategy: Strategy | tuple[str, Any], *, importance: str = "l2",
+              cob: bool = True, normalizer: str | None = None) -> tuple[nn.Module, PruneReport]:
+        """A pruned copy of the trained model (CoB: of the rotated model)."""
+        if not isinstance(strategy, Strategy):
+            strategy = make_strategy(*strategy)
+        normalizer = normalizer or self.config.normalizer
+        if cob:
+            base, _ = self.rotated()
+            stats = self.rotated_stats(importance)
+        else:
+            base, stats = self.model(), self.stats()
+        m = copy.deepcopy(base)
+        m, report = prune(m, stats, strategy, importance=importance, cob=cob,
+                          normalizer=normalizer)
+        return m.eval(), report
+
+    # ------------------------------------------------------------------ fine-tuning
+    def finetune(self, model: nn.Module, run_name: str, arch: str = "tsra",
+                 out: Path | None = None) -> dict[str, Any]:
+        """Fine-tune ``model`` in place with the config's recipe; returns the final metrics.
+
+        The run lives in ``out`` (default ``OUT/runs/<run_name>/``); an interrupted run
+        resumes from its checkpoint. The training images are the config's
+        ``finetune.train_subset``; the run's test images are :meth:`eval_set`.
+        """
+        r = self.config.finetune
+        train, _ = self.data()
+        overrides: dict[str, Any] = {
+            "steps": r.steps, "batch_size": r.batch_size,
+            "warmup_steps": min(r.warmup_steps, r.steps),
+            "weight_decay": r.weight_decay, "train_subset": r.train_subset, "test_subset": 0,
+            "eval_every": 0, "checkpoint_every": 0, "log_every": max(1, min(20, r.steps)),
+            "eval_batch_size": self.config.eval_batch_size, "schedule": "cosine",
+            "min_lr": 0.0}
+        if arch == "tsra":
+            overrides.update(optimizer="adamw", lr=r.lr, grad_clip=1.0)
+        else:
+            overrides.update(optimizer="sgd", lr=r.lr_relu, grad_clip=0.0)
+        config = apply_overrides(self.train_config(arch), overrides)
+        out = out if out is not None else self.layout.runs / run_name
+        from cobkern.training.trainer import CHECKPOINT_NAME, finetune
+
+        resume = (out / CHECKPOINT_NAME).is_file()
+        res = finetune(model, (train, self.eval_set()), config, out, resume=resume)
+        model.eval()
+        return res
+
+    # ------------------------------------------------------------------ records
+    def records(self) -> list[dict[str, Any]]:
+        """Every record in ``OUT/metrics.jsonl``."""
+        return read_jsonl(self.layout.metrics)
+
+    def done(self, key: str) -> dict[str, Any] | None:
+        """The record with this key, if already measured (sweeps resume by key)."""
+        if self._done is None:
+            self._done = {r["key"]: r for r in self.records() if "key" in r}
+        return self._done.get(key)
+
+    def log(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Append a record to ``OUT/metrics.jsonl``."""
+        append_jsonl(self.layout.metrics, record)
+        if self._done is not None and "key" in record:
+            self._done[record["key"]] = record
+        return record
+
+
+_ = MissingStepError

@@ -1,0 +1,286 @@
+"""End to end: a tiny version of `cobkern run --preset quick`, through the real CLI.
+
+The data are a tiny synthetic ImageFolder (10 classes), the model a width-1/16 TSRA VGG
+trained for a few steps. The checks hold whatever the training gave: every file is written
+and consistent, parameter counts match the pruned models, CoB at P = 0 and lossless
+(rank-tolerance) pruning leave the predictions unchanged, and the report rebuilds from the
+files alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cobkern.cli.main import build_parser, main
+from cobkern.experiments import Context, count_params
+from cobkern.experiments.files import read_jsonl
+
+N_TRAIN, N_TEST = 24, 12  # per class
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _reference_ops():
+    """The pipeline runs the plain-PyTorch ops: under TRITON_INTERPRET=1 (conftest, no GPU)
+    the Triton kernels would run in the interpreter, which the kernel tests cover."""
+    from cobkern.ops import use_backend
+
+    with use_backend("reference"):
+        yield
+
+
+def _write_imagefolder(root: Path) -> None:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", N_TRAIN), ("test", N_TEST)):
+        for k in range(10):
+            d = root / split / f"class{k}"
+            d.mkdir(parents=True)
+            base = np.array([25 * k, 255 - 25 * k, (80 * k) % 256], dtype=np.float64)
+            for i in range(n):
+                img = base + rng.normal(0, 40, size=(32, 32, 3))
+                Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(d / f"{i}.png")
+
+
+TRAIN = {"width": 0.0625, "steps": 4, "batch_size": 40, "warmup_steps": 1, "train_subset": 0,
+         "eval_batch_size": 60, "checkpoint_every": 0, "log_every": 2}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("cli")
+    data = tmp / "data"
+    _write_imagefolder(data)
+    out = tmp / "out"
+    train = {**TRAIN, "data_source": "imagefolder", "data_root": str(data),
+             "cache_dir": str(tmp / "cache")}
+    argv = ["run", "--preset", "quick", "--out", str(out), "--no-progress",
+            "--set", "train=" + json.dumps(train),
+            "--calib-samples", "200", "--eval-subset", "0", "--fractions", "0,0.5,0.9",
+            "--importances", "l2,l1", "--finetune-steps", "2",
+            "--set", "normalizer_fractions=[0.5]",
+            "--set", 'thresholds=[["max", 0.1]]',
+            "--set", 'finetune={"steps": 2, "batch_size": 40, "warmup_steps": 1, '
+                     '"train_subset": 0}',
+            "--set", "peer_fractions=[0.5]", "--set", 'peer_criteria=["l2"]',
+            "--set", "speed_fractions=[0.5]", "--set", "speed_batches=[1, 8]",
+            "--set", "speed_repeats=1",
+            # float64 reference statistics: numerically zero directions sit near 1e-14
+            "--set", "lossless_tol=1e-9"]
+    assert main(argv) == 0
+    return out
+
+
+def _records(out: Path) -> list[dict]:
+    return read_jsonl(out / "metrics.jsonl")
+
+
+def test_every_file_is_written(run_dir: Path) -> None:
+    for rel in ["config.json", "train/final.json", "train/metrics.jsonl", "calibration.pt",
+                "calibration-rotated.pt", "metrics.jsonl", "summary.json", "report.md",
+                "run.json", "tables/fixed_ratio.csv", "tables/frontier.csv",
+                "tables/threshold_finetune.csv", "tables/peers.csv",
+                "tables/lossless_layers.csv", "tables/speed.csv", "tables/published.csv",
+                "figures/accuracy_vs_pruned.png", "figures/normalizer.png",
+                "figures/eigen_spectra.png", "figures/kept_channels.png",
+                "figures/threshold_finetune.png", "figures/peers.png", "figures/speed.png"]:
+        assert (run_dir / rel).is_file(), rel
+    assert any((run_dir / "train" / n).is_file() for n in ("model.safetensors", "model.pt"))
+    for png in (run_dir / "figures").glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (run_dir / "report.md").read_text()
+    for png in (run_dir / "figures").glob("*.png"):
+        assert f"figures/{png.name}" in report
+    assert "reliable frontier" in report.lower() and "15 M" in report
+    assert not list(run_dir.rglob(".*.tmp-*"))  # no leftovers of atomic writes
+
+
+def test_config_and_records_are_consistent(run_dir: Path) -> None:
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["experiment"]["preset"] == "quick"
+    assert cfg["training"]["width"] == 0.0625
+    recs = _records(run_dir)
+    keys = [r["key"] for r in recs if "key" in r]
+    assert len(keys) == len(set(keys))
+    ref = next(r for r in recs if r["key"] == "reference|tsra")
+    ctx = Context(run_dir, progress=False)
+    n0 = count_params(ctx.model())
+    assert ref["params_after"] == n0
+    fixed = [r for r in recs if r.get("strategy") == "param_target" and not r["finetuned"]]
+    # 2 importances x 2 methods x 3 fractions + the normaliser experiment's "original" points
+    assert len([r for r in fixed if r["normalizer"] == "kept"]) == 12
+    assert len([r for r in fixed if r["normalizer"] == "original"]) == 2
+    for r in fixed:
+        assert r["params_before"] == n0
+        assert r["fraction_pruned"] == pytest.approx((n0 - r["params_after"]) / n0)
+        assert r["n_eval"] == 10 * N_TEST
+    for imp in ("l2", "l1"):
+        for method in ("cob", "baseline"):
+            pts = sorted((r for r in fixed if r["importance"] == imp and r["method"] == method
+                          and r["normalizer"] == "kept"), key=lambda r: r["target"])
+            assert [r["target"] for r in pts] == [0.0, 0.5, 0.9]
+            assert pts[0]["fraction_pruned"] == 0.0
+            assert pts[0]["accuracy"] == pytest.approx(ref["accuracy"], abs=1 / ref["n_eval"])
+            assert pts[0]["fraction_pruned"] < pts[1]["fraction_pruned"] \
+                < pts[2]["fraction_pruned"]
+    # CoB and baseline prune the same counts per subspace at a fixed ratio
+    by = {(r["method"], r["importance"], r["target"]): r for r in fixed
+          if r["normalizer"] == "kept"}
+    assert by[("cob", "l2", 0.9)]["params_after"] == by[("baseline", "l2", 0.9)]["params_after"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["unpruned_accuracy"] == ref["accuracy"]
+    assert summary["unpruned_params"] == n0
+    with open(run_dir / "tables" / "fixed_ratio.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(fixed)
+
+
+def test_parameter_counts_match_the_pruned_models(run_dir: Path) -> None:
+    ctx = Context(run_dir, progress=False)
+    recs = _records(run_dir)
+    checked = 0
+    for r in recs:
+        if r.get("experiment") not in ("fixed", "normalizer", "lossless", "threshold"):
+            continue
+        model, report = ctx.prune((r["strategy"], r["value"]), importance=r["importance"],
+                                  cob=r["method"] == "cob", normalizer=r["normalizer"])
+        assert count_params(model) == r["params_after"] == report.total_after, r["key"]
+        widths = {x["name"]: x["after"] for x in r["layers"]}
+        for lay in report.layers:
+            assert widths[lay.name] == lay.channels_after
+        checked += 1
+    assert checked >= 16
+    speed = [r for r in recs if r.get("experiment") == "speed"]
+    assert {r["method"] for r in speed} == {"unpruned", "cob"}
+    assert all(r["latency_ms"] > 0 and r["throughput"] > 0 for r in speed)
+    pruned = next(r for r in speed if r["method"] == "cob")
+    unpruned = next(r for r in speed if r["method"] == "unpruned")
+    assert pruned["params"] < unpruned["params"] and pruned["flops"] < unpruned["flops"]
+
+
+def test_lossless_pruning_leaves_predictions_unchanged(run_dir: Path) -> None:
+    rec = next(r for r in _records(run_dir) if r.get("experiment") == "lossless")
+    assert rec["agreement"] == 1.0
+    assert rec["max_logit_diff"] <= 1e-4 * max(1.0, rec["logit_scale"])  # float32 round-off
+    # the first hidden classifier layer (width 256, input 32) saturates at 2 * (32 + 1)
+    first = next(x for x in rec["layers"] if x["name"] == "classifier.1")
+    bound = rec["saturation_bound"]["classifier.1"]
+    assert bound == 66
+    assert first["before"] == 256 and first["after"] == bound
+    assert rec["fraction_pruned"] > 0
+    # independently: rebuild it and compare logits with the unpruned model
+    ctx = Context(run_dir, progress=False)
+    model, _ = ctx.prune(("lossless", rec["value"]), importance="l2", cob=True,
+                         normalizer="original")
+    a, b = ctx.logits(model), ctx.logits(ctx.model())
+    assert torch.equal(a.argmax(1), b.argmax(1))
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def test_threshold_and_peer_records_are_finetuned(run_dir: Path) -> None:
+    recs = _records(run_dir)
+    th = [r for r in recs if r.get("experiment") == "threshold"]
+    assert {r["method"] for r in th} == {"cob", "baseline"}
+    peers = [r for r in recs if r.get("experiment") == "peers"]
+    assert {r["method"] for r in peers} == {"cob", "tp-l2"}
+    for r in th + peers:
+        assert r["finetuned"] and r["finetune_steps"] == 2
+        assert 0.0 <= r["accuracy_before_ft"] <= 1.0 and 0.0 <= r["accuracy"] <= 1.0
+    tp = next(r for r in peers if r["method"] == "tp-l2")
+    assert tp["fraction_pruned"] == pytest.approx(0.5, abs=0.1)
+
+
+def test_report_rebuilds_without_recomputing(run_dir: Path) -> None:
+    before = (run_dir / "report.md").read_text()
+    n_records = len(_records(run_dir))
+    mtime = (run_dir / "metrics.jsonl").stat().st_mtime_ns
+    for p in (run_dir / "figures").glob("*.png"):
+        p.unlink()
+    (run_dir / "report.md").unlink()
+    assert main(["report", "--out", str(run_dir)]) == 0
+    assert (run_dir / "report.md").read_text() == before
+    assert (run_dir / "figures" / "accuracy_vs_pruned.png").is_file()
+    assert len(_records(run_dir)) == n_records
+    assert (run_dir / "metrics.jsonl").stat().st_mtime_ns == mtime
+
+
+def test_rerunning_run_skips_done_work(run_dir: Path) -> None:
+    n = len(_records(run_dir))
+    assert main(["run", "--preset", "quick", "--out", str(run_dir), "--no-progress"]) == 0
+    assert len(_records(run_dir)) == n
+
+
+def test_prune_finetune_evaluate_commands(run_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    out = str(run_dir)
+    assert main(["prune", "--out", out, "--strategy", "param_target", "--value", "0.5",
+                 "--name", "p50", "--no-progress"]) == 0
+    info = json.loads((run_dir / "pruned" / "p50" / "prune.json").read_text())
+    from cobkern.models import load_model
+
+    files = [p for p in (run_dir / "pruned" / "p50").iterdir() if p.name.startswith("model.")]
+    model = load_model(files[0])
+    assert count_params(model) == info["total_after"]
+    assert main(["finetune", "--out", out, "--name", "p50", "--steps", "1",
+                 "--no-progress"]) == 0
+    assert (run_dir / "pruned" / "p50" / "finetune" / "final.json").is_file()
+    assert main(["evaluate", "--out", out, "--name", "p50", "--no-progress"]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    assert main(["prune", "--out", out, "--strategy", "lossless", "--value", "1e-6",
+                 "--baseline", "--no-progress"]) == 2  # eigenvalue rules need CoB
+    assert "rotated basis" in capsys.readouterr().err
+
+
+def test_missing_previous_step_names_the_command(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    out = str(tmp_path / "empty")
+    assert main(["calibrate", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "cobkern train --out" in err and "model" in err
+    assert main(["sweep", "--out", out]) == 2
+    assert "cobkern train --out" in capsys.readouterr().err
+    assert main(["report", "--out", out]) == 2
+    assert "cobkern sweep --out" in capsys.readouterr().err
+    assert main(["finetune", "--out", out, "--name", "nope"]) == 2
+    assert "cobkern prune" in capsys.readouterr().err
+
+
+def test_missing_calibration_names_the_command(run_dir: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    out = tmp_path / "nocal"
+    shutil.copytree(run_dir / "train", out / "train")
+    assert main(["prune", "--out", str(out), "--strategy", "ratio", "--value", "0.5"]) == 2
+    assert "cobkern calibrate --out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [None, "run", "train", "calibrate", "prune", "finetune",
+                                     "evaluate", "sweep", "report"])
+def test_help_explains_every_option(command: str | None,
+                                    capsys: pytest.CaptureFixture) -> None:
+    argv = ["--help"] if command is None else [command, "--help"]
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: cobkern" in text
+    if command is not None:
+        assert "--out" in text and "--device" in text and "--seed" in text
+        # every option has a help text
+        parser = build_parser()
+        sub = parser._subparsers._group_actions[0].choices[command]  # noqa: SLF001
+        for action in sub._actions:  # noqa: SLF001
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{command} {action.option_strings} has no help"
+
+
+def test_bad_values_are_user_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["run", "--out", str(tmp_path / "x"), "--experiments", "nonsense"]) == 2
+    assert "unknown experiment" in capsys.readouterr().err
+    assert main(["run", "--out", str(tmp_path / "x"), "--fractions", "0,1.5"]) == 2
+    assert "[0, 1)" in capsys.readouterr().err
