@@ -154,6 +154,8 @@ def lossless(ctx: Context, bar: Any = None) -> dict[str, Any]:
     """Experiment 3: CoB with the rank tolerance alone (normaliser ``original``, so only the
     directions the data never reaches are removed and nothing rescales)."""
     tol = ctx.config.lossless_tol
+    if tol is None:
+        tol = 1e-9 if ctx.device.type == "cpu" else 1e-7
 
     def agreement(model: nn.Module, base: nn.Module) -> dict[str, Any]:
         a, b = ctx.logits(model), ctx.logits(base)

@@ -1,0 +1,104 @@
+"""Report: the frontier definition, summaries and a report built from records alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cobkern.cli.main import main
+from cobkern.experiments import ExperimentConfig, MissingStepError
+from cobkern.experiments.files import append_jsonl, atomic_write_json, read_jsonl
+from cobkern.report import build_report, dedupe, reliable_frontier, summarize
+
+
+def _pt(target: float, acc: float, method: str = "cob", imp: str = "l2") -> dict:
+    return {"experiment": "fixed", "key": f"{method}|{imp}|{target}", "method": method,
+            "arch": "tsra", "importance": imp, "normalizer": "kept", "strategy": "param_target",
+            "value": [target, target], "target": target, "finetuned": False,
+            "fraction_pruned": target * 0.98, "params_before": 1000,
+            "params_after": int(1000 * (1 - target * 0.98)), "accuracy": acc, "loss": 1.0,
+            "n_eval": 2000}
+
+
+def test_frontier_is_the_last_point_of_the_unbroken_run_within_tolerance() -> None:
+    pts = [_pt(0.0, 0.90), _pt(0.3, 0.895), _pt(0.5, 0.891), _pt(0.7, 0.85), _pt(0.8, 0.895)]
+    f = reliable_frontier(pts, 0.90, 0.01)
+    assert f is not None and f["frontier"] == 0.5  # 0.8 recovers but 0.7 broke the run
+    assert f["achieved"] == pytest.approx(0.49)
+    assert reliable_frontier(pts, 0.90, 0.1)["frontier"] == 0.8
+    assert reliable_frontier([_pt(0.3, 0.5)], 0.90, 0.01) is None
+    # order of the input does not matter
+    assert reliable_frontier(list(reversed(pts)), 0.90, 0.01)["frontier"] == 0.5
+
+
+def test_dedupe_keeps_the_last_record_per_key() -> None:
+    a, b = _pt(0.3, 0.5), _pt(0.3, 0.7)
+    assert dedupe([a, b, {"experiment": "evaluate"}]) == [b, {"experiment": "evaluate"}]
+
+
+def _records() -> list[dict]:
+    ref = {"experiment": "reference", "key": "reference|tsra", "method": "unpruned",
+           "arch": "tsra", "finetuned": False, "target": 0.0, "params_before": 1000,
+           "params_after": 1000, "fraction_pruned": 0.0, "accuracy": 0.90, "loss": 0.3,
+           "n_eval": 2000}
+    recs = [ref]
+    for imp in ("l2", "l1"):
+        recs += [_pt(t, a, "cob", imp) for t, a in
+                 [(0.0, 0.90), (0.3, 0.899), (0.5, 0.895), (0.7, 0.893), (0.9, 0.5)]]
+        recs += [_pt(t, a, "baseline", imp) for t, a in
+                 [(0.0, 0.90), (0.3, 0.895), (0.5, 0.80), (0.7, 0.5), (0.9, 0.1)]]
+    recs.append({"experiment": "speed", "key": "speed|unpruned|0|b1|cpu", "method": "unpruned",
+                 "target": 0.0, "params": 1000, "flops": 8000, "batch": 1, "latency_ms": 2.0,
+                 "throughput": 500.0, "device": "CPU"})
+    recs.append({"experiment": "speed", "key": "speed|cob|0.7|b1|cpu", "method": "cob",
+                 "target": 0.7, "params": 300, "flops": 2000, "batch": 1, "latency_ms": 1.0,
+                 "throughput": 1000.0, "device": "CPU"})
+    return recs
+
+
+def test_summary_numbers() -> None:
+    s = summarize(_records(), ExperimentConfig())
+    assert s["unpruned_accuracy"] == 0.90
+    assert s["frontiers"]["l2/cob"]["target"] == 0.7
+    assert s["frontiers"]["l2/baseline"]["target"] == 0.3
+    assert s["frontiers"]["l2/baseline"]["next_target"] == 0.5
+    assert s["cob_wins"]["l1"] == {"ratios": 4, "cob_better": 4, "ties": 0}
+    (row,) = [r for r in s["speed"] if r["method"] == "cob"]
+    assert row["flops_ratio"] == 4.0 and row["speedup_b1"] == 2.0
+    assert row["params_ratio"] == 1000 / 300
+
+
+def test_report_from_records_alone(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    atomic_write_json(out / "config.json", {"experiment": ExperimentConfig(
+        fractions=[0.0, 0.3, 0.5, 0.7, 0.9]).to_dict()})
+    for r in _records():
+        append_jsonl(out / "metrics.jsonl", r)
+    path = build_report(out)
+    text = path.read_text()
+    assert "figures/accuracy_vs_pruned.png" in text and "figures/speed.png" in text
+    assert "29.4% (fails at 50%)" in text  # the baseline frontier, L2: 0.3 * 0.98
+    assert "68.6%" in text  # the CoB frontier: 0.7 * 0.98
+    assert "15 M" in text and "HRank" in text and "CHIP" in text
+    s = json.loads((out / "summary.json").read_text())
+    assert s["frontiers"]["l1/cob"]["target"] == 0.7
+    assert (out / "tables" / "fixed_ratio.csv").read_text().count("\n") == 1 + 20
+    assert (out / "figures" / "accuracy_vs_pruned.png").stat().st_size > 1000
+    # the report is a pure function of the files
+    assert build_report(out).read_text() == text
+
+
+def test_report_without_sweep_names_the_command(tmp_path: Path) -> None:
+    with pytest.raises(MissingStepError, match="cobkern sweep --out"):
+        build_report(tmp_path)
+
+
+def test_jsonl_skips_torn_lines(tmp_path: Path) -> None:
+    p = tmp_path / "m.jsonl"
+    append_jsonl(p, {"a": 1, "nan": float("nan")})
+    with open(p, "a") as f:
+        f.write('{"b": 2')  # a line torn by a crash
+    assert read_jsonl(p) == [{"a": 1, "nan": None}]
+    assert main(["report", "--out", str(tmp_path / "none")]) == 2
