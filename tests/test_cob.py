@@ -176,10 +176,21 @@ def test_stats_eigh_save_load(tmp_path):
     assert back.meta == {"source": "test"}
     for n in st.layers:
         assert torch.equal(back[n].gram_v, st[n].gram_v) and back[n].count == st[n].count
+        assert back[n].accumulation == st[n].accumulation == "float64"  # reference path
     bad = tmp_path / "bad.pt"
     torch.save({"x": 1}, bad)
     with pytest.raises(ValueError, match="not a cobkern"):
         CalibrationStats.load(bad)
+
+
+def test_statistics_record_the_kernel_precision():
+    """float32 activations through the Triton kernel (natively or interpreted) give
+    float32-accumulated sums; the lossless default tolerance depends on it."""
+    m = small_net().eval()
+    with use_backend("triton"):
+        st = calibrate(m, batches(), progress=False)
+    assert {s.accumulation for s in st.layers.values()} == {"float32"}
+    assert st["0"].rotated().accumulation == "float32"
 
 
 # ------------------------------------------------------------------------- rotation

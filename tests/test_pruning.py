@@ -104,6 +104,18 @@ def test_energy_and_rank_tolerance():
         EnergyBudget(0.9).select(base)
 
 
+def test_rank_tolerance_default_follows_the_statistics_precision():
+    """A direction at 1e-8 of the largest eigenvalue is real for float64 sums (kept at the
+    1e-10 default) but below the float32 kernel's noise floor (cut at the 1e-7 default)."""
+    s = scores([1.0, 1e-4, 1e-7], [1.0, 1e-4])  # energies 1, 1e-8, 1e-14 | 1, 1e-8
+    assert RankTolerance().select(s).u.tolist() == [0, 1]
+    s.accumulation = "float32"
+    assert RankTolerance().select(s).u.tolist() == [0]
+    assert RankTolerance().select(s).v.tolist() == [0]
+    assert RankTolerance().describe()["value"] == "auto"
+    assert make_strategy("lossless", None).select(s).u.tolist() == [0]
+
+
 @pytest.mark.parametrize("bad", [
     lambda: FixedRatio(1.0), lambda: FixedRatio(-0.1), lambda: FixedRatio((0.5, 1.5)),
     lambda: FixedRatio((0.1, 0.2, 0.3)), lambda: make_strategy("nope", 0.5),
@@ -190,7 +202,7 @@ def test_lossless_saturation_keeps_function():
     with use_backend("reference"):
         st = calibrate(m, xs, progress=False)
         y0 = m(x)
-        m, report = prune(m, st, RankTolerance((1e-6, 1e-6)))
+        m, report = prune(m, st, RankTolerance())  # default tolerance for float64 sums
         y1 = m(x)
     (lay,) = report.layers
     assert (lay.split_after, lay.channels_after - lay.split_after) == (513, 513)

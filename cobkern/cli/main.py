@@ -129,8 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--strategy", required=True,
                    choices=["ratio", "param_target", "param_exact", "count", "zscore", "mean",
                             "median", "max", "energy", "lossless"], help=_STRATEGY_HELP)
-    s.add_argument("--value", required=True, type=float,
-                   help="the strategy's value (for U; also for V unless --value-v)")
+    s.add_argument("--value", type=float, default=None,
+                   help="the strategy's value (for U; also for V unless --value-v); required "
+                        "except for lossless, whose tolerance defaults to one set by the "
+                        "statistics' precision")
     s.add_argument("--value-v", type=float, default=None,
                    help="a separate value for the V subspace")
     s.add_argument("--whole-layer", action="store_true",
@@ -252,6 +254,10 @@ def _context(args: argparse.Namespace, cfg: Any) -> Any:
 
 def _value(args: argparse.Namespace) -> Any:
     v: Any = args.value
+    if v is None:
+        if args.strategy == "lossless" and args.value_v is None:
+            return None  # RankTolerance picks the tolerance from the statistics' precision
+        raise ValueError(f"--value is required for --strategy {args.strategy}")
     vv = args.value_v if args.value_v is not None else v
     if args.strategy == "count":
         v, vv = int(v), int(vv)
@@ -260,7 +266,10 @@ def _value(args: argparse.Namespace) -> Any:
 
 def _default_name(args: argparse.Namespace) -> str:
     v = _value(args)
-    vs = "-".join(f"{x:g}" for x in v) if isinstance(v, list) else f"{v:g}"
+    if v is None:
+        vs = "auto"
+    else:
+        vs = "-".join(f"{x:g}" for x in v) if isinstance(v, list) else f"{v:g}"
     method = "baseline" if args.baseline else "cob"
     return f"{method}-{args.importance}-{args.strategy}-{vs}"
 

@@ -155,5 +155,5 @@ def calibrate(
         a = accs[lay.name]
         out[lay.name] = LayerStats(lay.name, lay.num_channels, lay.split, a.gram_u.cpu(),
                                    a.gram_v.cpu(), a.sum_abs.cpu(), a.sum_sq.cpu(), a.count,
-                                   basis)
+                                   basis, a.accumulation)
     return CalibrationStats(out, total, meta)

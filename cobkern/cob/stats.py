@@ -69,6 +69,8 @@ class LayerStats:
         sum_abs ``(C,)``: ``Σ|a|``; sum_sq ``(C,)``: ``Σa²``.
         count: samples (positions) summed.
         basis: ``"original"`` or ``"rotated"``.
+        accumulation: ``"float64"`` (reference path) or ``"float32"`` (the GPU kernel's
+            per-batch sums): the precision of the sums, hence of the small eigenvalues.
     """
 
     name: str
@@ -80,6 +82,7 @@ class LayerStats:
     sum_sq: Tensor
     count: int
     basis: str = "original"
+    accumulation: str = "float64"
     _eigen: Eigen | None = field(default=None, repr=False, compare=False)
 
     def eigh(self) -> Eigen:
@@ -99,17 +102,19 @@ class LayerStats:
         e = self.eigh()
         return LayerStats(self.name, self.num_channels, self.split, torch.diag(e.values_u),
                           torch.diag(e.values_v), torch.full_like(self.sum_abs, float("nan")),
-                          e.values.clone(), self.count, "rotated")
+                          e.values.clone(), self.count, "rotated", self.accumulation)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "num_channels": self.num_channels, "split": self.split,
                 "gram_u": self.gram_u, "gram_v": self.gram_v, "sum_abs": self.sum_abs,
-                "sum_sq": self.sum_sq, "count": self.count, "basis": self.basis}
+                "sum_sq": self.sum_sq, "count": self.count, "basis": self.basis,
+                "accumulation": self.accumulation}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LayerStats:
         return cls(d["name"], int(d["num_channels"]), int(d["split"]), d["gram_u"], d["gram_v"],
-                   d["sum_abs"], d["sum_sq"], int(d["count"]), d.get("basis", "original"))
+                   d["sum_abs"], d["sum_sq"], int(d["count"]), d.get("basis", "original"),
+                   d.get("accumulation", "float64"))
 
 
 @dataclass

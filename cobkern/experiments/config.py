@@ -69,10 +69,10 @@ class ExperimentConfig:
         importances: ``"l2"``, ``"l1"``.
         normalizer: the sweep's normaliser; normalizer_fractions / normalizer_importance: the
             normaliser experiment (``"original"`` vs ``"kept"``).
-        lossless_tol: rank tolerance of the lossless experiment; ``None`` (default): 1e-9 on
-            CPU (float64 reference statistics, whose unreachable directions sit near 1e-14 of
-            the largest eigenvalue) and 1e-7 on CUDA (the float32 kernel's noise floor is
-            about 1e-8).
+        lossless_tol: rank tolerance of the lossless experiment; ``None`` (default): chosen
+            per layer from the precision of its statistics
+            (:data:`cobkern.pruning.strategy.DEFAULT_RANK_TOL`: 1e-10 for float64 sums, 1e-7
+            for the GPU kernel's float32 sums).
         thresholds: ``[strategy, value]`` pairs (prop-of-max ``"max"``, ``"zscore"``,
             ``"mean"``, ``"median"``), applied per subspace, followed by fine-tuning.
         threshold_baseline: also run each threshold without CoB.

@@ -153,9 +153,7 @@ def normalizer(ctx: Context, bar: Any = None) -> None:
 def lossless(ctx: Context, bar: Any = None) -> dict[str, Any]:
     """Experiment 3: CoB with the rank tolerance alone (normaliser ``original``, so only the
     directions the data never reaches are removed and nothing rescales)."""
-    tol = ctx.config.lossless_tol
-    if tol is None:
-        tol = 1e-9 if ctx.device.type == "cpu" else 1e-7
+    tol = ctx.config.lossless_tol  # None: per layer, from the statistics' precision
 
     def agreement(model: nn.Module, base: nn.Module) -> dict[str, Any]:
         a, b = ctx.logits(model), ctx.logits(base)
@@ -165,7 +163,8 @@ def lossless(ctx: Context, bar: Any = None) -> dict[str, Any]:
                 "saturation_bound": _saturation_bounds(base)}
 
     rec = _prune_eval(ctx, "lossless", method="cob", importance="l2", normalizer="original",
-                      strategy="lossless", value=[tol, tol], extra=agreement)
+                      strategy="lossless", value=None if tol is None else [tol, tol],
+                      extra=agreement)
     _tick(bar)
     return rec
 

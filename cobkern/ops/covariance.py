@@ -162,6 +162,9 @@ class CovarianceAccumulator:
         self.sum_abs = torch.zeros(num_channels, **kw)
         self.sum_sq = torch.zeros(num_channels, **kw)
         self._count = torch.zeros((), **kw)
+        #: ``"float32"`` once any batch went through the float32 kernel, else the
+        #: accumulator's own dtype: how precise the sums are (sets the lossless tolerance).
+        self.accumulation = "float64" if dtype == torch.float64 else "float32"
 
     @property
     def count(self) -> int:
@@ -175,6 +178,7 @@ class CovarianceAccumulator:
                              f"dim {dim}, got shape {tuple(x.shape)}")
         if x.dtype in KERNEL_DTYPES and use_triton(x, op="cobkern.subspace_moments"):
             m = subspace_moments(x, self.split, dim)
+            self.accumulation = "float32"
         else:  # the reference path accumulates directly in the accumulator's dtype
             m = subspace_moments_reference(x, self.split, dim, accum_dtype=self.gram_u.dtype)
         dev = self.gram_u.device

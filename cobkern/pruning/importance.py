@@ -39,6 +39,7 @@ class LayerScores:
             ``None`` in the baseline (original channels have no such meaning).
         kind: ``"l2"`` or ``"l1"``; rotated: whether the channels are the principal
             directions.
+        accumulation: precision of the statistics' sums (``"float64"`` / ``"float32"``).
     """
 
     name: str
@@ -49,6 +50,7 @@ class LayerScores:
     energy_v: Tensor | None
     kind: str
     rotated: bool
+    accumulation: str = "float64"
 
     @property
     def num_channels(self) -> int:
@@ -68,7 +70,8 @@ def _layer_scores(s: LayerStats, kind: str, cob: bool) -> LayerScores:
                              f"un-rotated model, got basis {s.basis!r}")
         sc = s.sum_sq.sqrt() if kind == "l2" else s.sum_abs
         sc = sc.to(torch.float64)
-        return LayerScores(s.name, sp, sc[:sp].clone(), sc[sp:].clone(), None, None, kind, False)
+        return LayerScores(s.name, sp, sc[:sp].clone(), sc[sp:].clone(), None, None, kind, False,
+                           s.accumulation)
     if s.basis == "original":
         e = s.eigh()
         eu, ev = e.values_u, e.values_v
@@ -78,7 +81,7 @@ def _layer_scores(s: LayerStats, kind: str, cob: bool) -> LayerScores:
                 "channels, which the covariance does not determine; rotate the model, calibrate "
                 "it again (basis='rotated') and pass those statistics — or pass loader= to "
                 "cobkern.pruning.prune, which does the second pass")
-        return LayerScores(s.name, sp, eu.sqrt(), ev.sqrt(), eu, ev, kind, True)
+        return LayerScores(s.name, sp, eu.sqrt(), ev.sqrt(), eu, ev, kind, True, s.accumulation)
     # rotated-basis statistics (a pass through the rotated model, or LayerStats.rotated())
     sq = s.sum_sq.to(torch.float64).clamp_min(0.0)
     if kind == "l2":
@@ -90,7 +93,7 @@ def _layer_scores(s: LayerStats, kind: str, cob: bool) -> LayerScores:
                              "derived from the eigen-decomposition); calibrate the rotated model "
                              "for L1 importance")
     return LayerScores(s.name, sp, sc[:sp].clone(), sc[sp:].clone(), sq[:sp].clone(),
-                       sq[sp:].clone(), kind, True)
+                       sq[sp:].clone(), kind, True, s.accumulation)
 
 
 def compute_importance(stats: CalibrationStats, kind: str = "l2", cob: bool = True,

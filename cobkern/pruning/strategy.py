@@ -53,6 +53,7 @@ __all__ = [
     "RelativeThreshold",
     "EnergyBudget",
     "RankTolerance",
+    "DEFAULT_RANK_TOL",
     "make_strategy",
     "parameter_target_ratio",
     "STRATEGIES",
@@ -318,27 +319,50 @@ class EnergyBudget(Strategy):
         return pruned
 
 
+#: Default relative rank tolerance per precision of the statistics' sums: comfortably
+#: above the eigenvalue noise floor of an unreachable direction (about 1e-14 of the largest
+#: eigenvalue for float64 sums of float32 activations; about 1e-8 for the GPU kernel's
+#: float32 per-batch sums) and as small as that allows, so that small but real directions
+#: stay. Measured on the quick CPU model: 1e-9 kept exactly the 2(d+1) reachable directions
+#: of the first classifier layer, while 1e-6 cut real ones (logits moved ~1e-3 relative).
+DEFAULT_RANK_TOL = {"float64": 1e-10, "float32": 1e-7}
+
+
 class RankTolerance(Strategy):
     """"Lossless" pruning (``method.md`` §5): drop directions with ``λ ≤ tol · λ_max``.
 
     With a small ``tol`` this removes exactly the directions the layer's input cannot
     reach (a saturated width: at most ``2(d + 1)`` directions carry energy), leaving the
-    function unchanged up to round-off. Default ``tol = 1e-6``: above the noise floor a
-    float32 Gram matrix leaves in an unreachable direction (about 1e-8 of the largest
-    eigenvalue from the GPU kernel's float32 per-batch sums; ~1e-14 on the float64
-    reference path), and small enough that a genuine direction dropped by it would change
-    the activations by at most ~1e-3 of their RMS.
+    function unchanged up to round-off. ``tol=None`` (default) picks, per layer, the
+    tolerance for the precision its statistics were accumulated in
+    (:data:`DEFAULT_RANK_TOL`: 1e-10 for float64 sums, 1e-7 for the float32 kernel's).
     """
 
     needs_energy = True
 
-    def __init__(self, value: Value = 1e-6) -> None:
-        super().__init__(value)
+    def __init__(self, value: Value | None = None) -> None:
+        self.auto = value is None
+        super().__init__(0.0 if value is None else value)
 
     def _check_value(self, v: Any) -> None:
         super()._check_value(v)
         if not 0.0 <= v < 1.0:
             raise ValueError(f"RankTolerance: tol must be in [0, 1), got {v!r}")
+
+    def select(self, s: LayerScores) -> KeepSet:
+        if self.auto:
+            return RankTolerance(DEFAULT_RANK_TOL[s.accumulation]).select(s)
+        return super().select(s)
+
+    def __repr__(self) -> str:
+        return "RankTolerance(auto)" if self.auto else super().__repr__()
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        if self.auto:
+            d["value"] = "auto"
+            d["tolerances"] = dict(DEFAULT_RANK_TOL)
+        return d
 
     def _prune_mask(self, scores, energy, value):
         e = energy.clamp_min(0.0)
@@ -360,7 +384,7 @@ STRATEGIES: dict[str, Any] = {
 }
 
 
-def make_strategy(name: str, value: Value) -> Strategy:
+def make_strategy(name: str, value: Value | None) -> Strategy:
     """Build a strategy by name (see the module table), e.g. ``make_strategy("ratio", (0.5,
     0.5))``."""
     if name not in STRATEGIES:
