@@ -117,7 +117,7 @@ def run(shapes, batch, dtypes, device, ops=("tsra", "rmsnorm_tsra")) -> list[dic
             split = shape[0] // 2
             elem = x.element_size()
             for op in ops:
-                for mode, passes in [("fwd", 1), ("fwd+bwd", 2.5)]:
+                for mode in ("fwd", "fwd+bwd"):
                     # minimum bytes: fwd = read x + write y; bwd = read x, dy + write dx
                     nbytes = x.numel() * elem * (2 if mode == "fwd" else 5)
                     ceil_ms, ceil_how = _copy_ceiling(x.numel(), dtype, device, timer,
@@ -129,7 +129,7 @@ def run(shapes, batch, dtypes, device, ops=("tsra", "rmsnorm_tsra")) -> list[dic
                     for name, fn in _variants(op, split).items():
                         if mode == "fwd":
                             with torch.no_grad():
-                                ms = timer(lambda fn=fn: fn(x))
+                                ms = timer(lambda fn=fn, x=x: fn(x))
                         else:
                             xg = x.detach().requires_grad_(True)
                             dy = torch.randn_like(x)

@@ -16,9 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from aot_tools import compile_specs  # noqa: E402
-from test_tsra_aot import _signature  # noqa: E402
-
 from cobkern.kernels.tsra import KERNELS, launch_config  # noqa: E402
+from test_tsra_aot import _signature  # noqa: E402
 
 SHAPES = [  # (label, C, P, channels_contig)
     ("conv 64×32×32 NCHW", 64, 1024, False), ("conv 128×16×16 NCHW", 128, 256, False),
