@@ -35,6 +35,7 @@ from torch import nn
 
 from cobkern.cob import find_cob_layers
 from cobkern.pruning import PruneReport, parameter_target_ratio
+from cobkern.pruning.strategy import DEFAULT_RANK_TOL
 
 from .context import Context, count_params
 from .speed import count_flops, measure_speed
@@ -153,7 +154,10 @@ def normalizer(ctx: Context, bar: Any = None) -> None:
 def lossless(ctx: Context, bar: Any = None) -> dict[str, Any]:
     """Experiment 3: CoB with the rank tolerance alone (normaliser ``original``, so only the
     directions the data never reaches are removed and nothing rescales)."""
-    tol = ctx.config.lossless_tol  # None: per layer, from the statistics' precision
+    tol = ctx.config.lossless_tol
+    if tol is None:  # the default for the precision the statistics were accumulated in
+        precisions = {s.accumulation for s in ctx.stats().layers.values()}
+        tol = max(DEFAULT_RANK_TOL[p] for p in precisions)
 
     def agreement(model: nn.Module, base: nn.Module) -> dict[str, Any]:
         a, b = ctx.logits(model), ctx.logits(base)
@@ -163,8 +167,7 @@ def lossless(ctx: Context, bar: Any = None) -> dict[str, Any]:
                 "saturation_bound": _saturation_bounds(base)}
 
     rec = _prune_eval(ctx, "lossless", method="cob", importance="l2", normalizer="original",
-                      strategy="lossless", value=None if tol is None else [tol, tol],
-                      extra=agreement)
+                      strategy="lossless", value=[tol, tol], extra=agreement)
     _tick(bar)
     return rec
 
