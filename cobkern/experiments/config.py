@@ -175,14 +175,15 @@ class ExperimentConfig:
 _PRESETS: dict[str, dict[str, Any]] = {
     # A 2-core CPU: the whole `cobkern run` in about ten minutes.
     "quick": dict(
-        preset="quick", calib_samples=2000, calib_batch_size=250, eval_subset=5000,
+        preset="quick", train_relu=True, calib_samples=10_000, calib_batch_size=500,
+        eval_subset=5000,
         eval_batch_size=500,
         fractions=[0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95], importances=["l2", "l1"],
         normalizer_fractions=[0.3, 0.5, 0.7, 0.9],
         thresholds=[["max", 0.1], ["zscore", -0.5], ["mean", 0.5]], threshold_baseline=True,
         finetune=FinetuneRecipe(steps=200, lr=3e-4, lr_relu=0.005, batch_size=128,
                                 warmup_steps=10, train_subset=0),
-        peer_archs=["tsra"], peer_fractions=[0.7, 0.9], peer_criteria=["l2"],
+        peer_archs=["tsra", "relu"], peer_fractions=[0.7, 0.9], peer_criteria=["l2"],
         peer_finetune=True, speed_fractions=[0.7, 0.9], speed_batches=[1, 1024],
         speed_repeats=5,
     ),
