@@ -135,6 +135,9 @@ def calibrate(
             h.remove()
         model.train(was_training)
         if bar is not None:
+            if bar.total is not None and bar.n < bar.total:  # the loader ran out first
+                bar.total = bar.n
+                bar.refresh()
             bar.close()
     total = seen
     if distributed:
