@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from aot_tools import compile_specs  # noqa: E402
-from cobkern.kernels.tsra import KERNELS, launch_config  # noqa: E402
+from cobkern.kernels.tsra import specialization  # noqa: E402
 from test_tsra_aot import _signature  # noqa: E402
 
 SHAPES = [  # (label, C, P, channels_contig)
@@ -33,31 +33,31 @@ def main() -> None:
     for label, c, p, cl in SHAPES:
         for direction in ["forward", "backward"]:
             for dtype in ["bf16", "fp32"]:
-                bc, bp, warps, chunked = launch_config(c, p, direction)
-                kernel = KERNELS[(direction, chunked)]
+                kernel, consts, warps, n_pblocks = specialization(c, p, cl, direction, True)
                 kernel = getattr(kernel, "fn", kernel).__name__
                 ints = {"C": c, "P": p, "stride_b": 0 if cl else c * p,
                         "stride_c": 1 if cl else p, "stride_p": c if cl else 1}
-                consts = {"BLOCK_C": bc, "BLOCK_P": bp, "CHANNELS_CONTIG": cl, "RMSNORM": True,
-                          "EVEN_C": c % bc == 0, **{k: 1 for k, v in ints.items() if v == 1}}
+                consts = {**consts, **{k: 1 for k, v in ints.items() if v == 1}}
                 sig = _signature(kernel, dtype)
                 sig.update({k: "constexpr" for k in consts})
                 divisible = [k for k, v in sig.items() if v.startswith("*")]
                 divisible += [k for k, v in ints.items() if v % 16 == 0]
                 specs.append(dict(module="cobkern.kernels.tsra", kernel=kernel, signature=sig,
                                   constexprs=consts, num_warps=warps, divisible=divisible))
-                grid = -(-p // bp) * (1 if cl else 1024)
-                labels.append((label, direction, dtype, f"{bc}×{bp}", warps, grid))
+                grid = n_pblocks * (1 if cl else 1024)
+                labels.append((label, direction, dtype,
+                               f"{consts['BLOCK_C']}×{consts['BLOCK_P']}", warps, grid))
     print("| shape (batch 1024) | pass | dtype | tile C×P | warps | programs | registers | "
-          "spill B | ld v4 / scalar | st v4 / scalar |")
+          "spill B | ld v4 / v2 / scalar | st v4 / v2 / scalar |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for lab, r in zip(labels, compile_specs(specs), strict=True):
         if "error" in r:
             print(f"| {' | '.join(map(str, lab))} | error: {r['error'][:60]} |")
             continue
+        ld = f"{r['ld_v4']} / {r['ld_v2']} / {r['ld_scalar']}"
+        st = f"{r['st_v4']} / {r['st_v2']} / {r['st_scalar']}"
         print(f"| {' | '.join(map(str, lab))} | {r['registers']} | "
-              f"{r['spill_stores'] + r['spill_loads']} | {r['ld_v4']} / {r['ld_scalar']} | "
-              f"{r['st_v4']} / {r['st_scalar']} |")
+              f"{r['spill_stores'] + r['spill_loads']} | {ld} | {st} |")
 
 
 if __name__ == "__main__":

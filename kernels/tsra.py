@@ -18,6 +18,8 @@ channel-major (NCHW: positions contiguous), ``True`` is channels-last (NHWC or `
 channels contiguous, all positions on one axis). Both are read in place; the compiler
 vectorises along whichever axis has unit stride. ``EVEN_C=True`` (``C`` a power of two)
 drops the channel mask, which the compiler needs to vectorise a unit-stride channel axis.
+``SMALL_P`` (NCHW with 2, 4 or 8 positions per channel row, e.g. a 2×2 feature map) makes the
+row length a compile-time constant so that those short rows still vectorise.
 ``RMSNORM=True`` prepends an unlearned RMSNorm with normaliser ``1 / inv_norm_size``.
 """
 
@@ -27,21 +29,27 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["tsra_forward", "tsra_backward", "launch_config", "KERNELS", "MAX_TILE_CHANNELS"]
+__all__ = ["tsra_forward", "tsra_backward", "launch_config", "specialization", "KERNELS",
+           "MAX_TILE_CHANNELS"]
 
 
 # ----------------------------------------------------------------------------- helpers
 @triton.jit
 def _offsets(pid_b, offs_c, offs_p, P, C, stride_b, stride_c, stride_p,
              BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, CHANNELS_CONTIG: tl.constexpr,
-             EVEN_C: tl.constexpr):
+             EVEN_C: tl.constexpr, SMALL_P: tl.constexpr):
     """Element offsets and mask of a ``[BLOCK_C, BLOCK_P]`` tile."""
     if CHANNELS_CONTIG:  # one position axis (B == 1): no batch term
         offs = offs_p.to(tl.int64)[None, :] * stride_p + offs_c[:, None]
+    elif SMALL_P > 0:  # NCHW with P = SMALL_P = BLOCK_P: rows of a known, small length
+        offs = (pid_b.to(tl.int64) * stride_b + offs_c.to(tl.int64)[:, None] * SMALL_P
+                + offs_p[None, :])
     else:
         offs = (pid_b.to(tl.int64) * stride_b + offs_c.to(tl.int64)[:, None] * stride_c
                 + offs_p[None, :])
-    if EVEN_C:  # no channel mask: keeps loads along a unit-stride channel axis vectorised
+    if SMALL_P > 0:  # every position is in the tile: only channels can be out of range
+        mask = tl.broadcast_to((offs_c < C)[:, None], [BLOCK_C, BLOCK_P])
+    elif EVEN_C:  # no channel mask: keeps loads along a unit-stride channel axis vectorised
         mask = tl.broadcast_to((offs_p < P)[None, :], [BLOCK_C, BLOCK_P])
     else:
         mask = (offs_c[:, None] < C) & (offs_p[None, :] < P)
@@ -115,12 +123,12 @@ def _tsra_fwd_kernel(
     X, Y, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
     a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, CHANNELS_CONTIG: tl.constexpr,
-    RMSNORM: tl.constexpr, EVEN_C: tl.constexpr,
+    RMSNORM: tl.constexpr, EVEN_C: tl.constexpr, SMALL_P: tl.constexpr,
 ):
     pid_b, offs_p = _program_coords(n_pblocks, BLOCK_P)
     offs_c = tl.arange(0, BLOCK_C)
     offs, mask = _offsets(pid_b, offs_c, offs_p, P, C, stride_b, stride_c, stride_p,
-                          BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C)
+                          BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C, SMALL_P)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     is_u = (offs_c < split)[:, None]
     sq = x * x
@@ -136,12 +144,12 @@ def _tsra_bwd_kernel(
     DY, X, DX, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
     a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, CHANNELS_CONTIG: tl.constexpr,
-    RMSNORM: tl.constexpr, EVEN_C: tl.constexpr,
+    RMSNORM: tl.constexpr, EVEN_C: tl.constexpr, SMALL_P: tl.constexpr,
 ):
     pid_b, offs_p = _program_coords(n_pblocks, BLOCK_P)
     offs_c = tl.arange(0, BLOCK_C)
     offs, mask = _offsets(pid_b, offs_c, offs_p, P, C, stride_b, stride_c, stride_p,
-                          BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C)
+                          BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C, SMALL_P)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
     is_u = (offs_c < split)[:, None]
@@ -164,7 +172,7 @@ def _tsra_fwd_chunked_kernel(
     X, Y, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
     a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, CHANNELS_CONTIG: tl.constexpr,
-    RMSNORM: tl.constexpr, EVEN_C: tl.constexpr,
+    RMSNORM: tl.constexpr, EVEN_C: tl.constexpr, SMALL_P: tl.constexpr,
 ):
     pid_b, offs_p = _program_coords(n_pblocks, BLOCK_P)
     s2u = tl.zeros([BLOCK_P], tl.float32)
@@ -172,7 +180,7 @@ def _tsra_fwd_chunked_kernel(
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         offs, mask = _offsets(pid_b, offs_c, offs_p, P, C, stride_b, stride_c, stride_p,
-                              BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C)
+                              BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C, SMALL_P)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         is_u = (offs_c < split)[:, None]
         sq = x * x
@@ -182,7 +190,7 @@ def _tsra_fwd_chunked_kernel(
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         offs, mask = _offsets(pid_b, offs_c, offs_p, P, C, stride_b, stride_c, stride_p,
-                              BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C)
+                              BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C, SMALL_P)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         y = x * tl.where((offs_c < split)[:, None], gu[None, :], gv[None, :])
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
@@ -193,7 +201,7 @@ def _tsra_bwd_chunked_kernel(
     DY, X, DX, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
     a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, CHANNELS_CONTIG: tl.constexpr,
-    RMSNORM: tl.constexpr, EVEN_C: tl.constexpr,
+    RMSNORM: tl.constexpr, EVEN_C: tl.constexpr, SMALL_P: tl.constexpr,
 ):
     pid_b, offs_p = _program_coords(n_pblocks, BLOCK_P)
     s2u = tl.zeros([BLOCK_P], tl.float32)
@@ -203,7 +211,7 @@ def _tsra_bwd_chunked_kernel(
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         offs, mask = _offsets(pid_b, offs_c, offs_p, P, C, stride_b, stride_c, stride_p,
-                              BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C)
+                              BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C, SMALL_P)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         is_u = (offs_c < split)[:, None]
@@ -218,7 +226,7 @@ def _tsra_bwd_chunked_kernel(
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         offs, mask = _offsets(pid_b, offs_c, offs_p, P, C, stride_b, stride_c, stride_p,
-                              BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C)
+                              BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C, SMALL_P)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         is_u = (offs_c < split)[:, None]
@@ -234,6 +242,8 @@ KERNELS = {
     ("backward", True): _tsra_bwd_chunked_kernel,
 }
 
+#: NCHW row lengths compiled as constants (shorter than the 16 the JIT's alignment needs).
+SMALL_P_VALUES = (2, 4, 8)
 #: Widest channel count held in one register tile; wider inputs use the chunked kernels.
 MAX_TILE_CHANNELS = 4096
 #: Elements per program tile (and channel chunk of the chunked kernels). Backward holds two
@@ -262,17 +272,27 @@ def launch_config(C: int, P: int, direction: str = "forward") -> tuple[int, int,
     return block_c, block_p, num_warps, chunked
 
 
+def specialization(C: int, P: int, channels_contig: bool, direction: str,
+                   rmsnorm: bool) -> tuple[object, dict, int, int]:
+    """What one launch compiles: ``(kernel, constexprs, num_warps, n_pblocks)``.
+
+    The single source of the launch decisions, shared by the launcher and by the
+    ahead-of-time compilation tests (which compile exactly these variants).
+    """
+    block_c, block_p, num_warps, chunked = launch_config(C, P, direction)
+    small_p = P if (not channels_contig and P in SMALL_P_VALUES and block_p == P) else 0
+    constexprs = {"BLOCK_C": block_c, "BLOCK_P": block_p, "CHANNELS_CONTIG": channels_contig,
+                  "RMSNORM": rmsnorm, "EVEN_C": C % block_c == 0, "SMALL_P": small_p}
+    return KERNELS[(direction, chunked)], constexprs, num_warps, triton.cdiv(P, block_p)
+
+
 def _launch(direction, tensors, geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps):
-    block_c, block_p, num_warps, chunked = launch_config(geo.C, geo.P, direction)
-    n_pblocks = triton.cdiv(geo.P, block_p)
-    grid = (n_pblocks * geo.B,)
+    kernel, constexprs, num_warps, n_pblocks = specialization(
+        geo.C, geo.P, geo.channels_contig, direction, norm_size > 0)
     inv_n = 1.0 / norm_size if norm_size > 0 else 0.0
-    even_c = geo.C % block_c == 0
-    KERNELS[(direction, chunked)][grid](
+    kernel[(n_pblocks * geo.B,)](
         *tensors, geo.C, geo.P, split, n_pblocks, geo.stride_b, geo.stride_c, geo.stride_p,
-        a_u, b_u, a_v, b_v, eps, inv_n, rms_eps,
-        BLOCK_C=block_c, BLOCK_P=block_p, CHANNELS_CONTIG=geo.channels_contig,
-        RMSNORM=norm_size > 0, EVEN_C=even_c, num_warps=num_warps,
+        a_u, b_u, a_v, b_v, eps, inv_n, rms_eps, num_warps=num_warps, **constexprs,
     )
 
 

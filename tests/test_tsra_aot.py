@@ -17,13 +17,14 @@ import pytest
 pytest.importorskip("triton")
 
 from aot_tools import compile_specs  # noqa: E402
-from cobkern.kernels.tsra import KERNELS, launch_config  # noqa: E402
+from cobkern.kernels.tsra import specialization  # noqa: E402
 
 DTYPES = {"fp32": 4, "bf16": 2, "fp16": 2}
 BATCH = 1024
 # (C, P, channels_contig): VGG-16 at batch 1024 in both layouts, the classifier, and edges.
 SHAPES = [
     *[(c, hw, False) for c, hw in [(64, 1024), (128, 256), (256, 64), (512, 16), (512, 4)]],
+    (300, 4, False), (100, 8, False), (64, 2, False),  # pruned widths at short rows
     *[(c, BATCH * hw, True) for c, hw in [(64, 1024), (128, 256), (256, 64), (512, 16),
                                           (512, 4)]],
     (4096, BATCH, True),  # classifier, widest single tile
@@ -44,7 +45,7 @@ def _signature(kernel: str, dtype: str) -> dict[str, str]:
     sig.update({k: "fp32" for k in ["a_u", "b_u", "a_v", "b_v", "eps", "inv_norm_size",
                                     "rms_eps"]})
     sig.update({k: "constexpr" for k in ["BLOCK_C", "BLOCK_P", "CHANNELS_CONTIG", "RMSNORM",
-                                         "EVEN_C"]})
+                                         "EVEN_C", "SMALL_P"]})
     return sig
 
 
@@ -55,27 +56,25 @@ def _variants():
         for dtype in DTYPES:
             for rms in [False, True]:
                 for c, p, cl in SHAPES:
-                    block_c, block_p, warps, chunked = launch_config(c, p, direction)
-                    kernel = KERNELS[(direction, chunked)].fn.__name__
-                    strides = {"stride_b": 0 if cl else c * p, "stride_c": 1 if cl else p,
-                               "stride_p": c if cl else 1}
-                    ints = {"C": c, "P": p, **strides}
-                    consts = {"BLOCK_C": block_c, "BLOCK_P": block_p, "CHANNELS_CONTIG": cl,
-                              "RMSNORM": rms, "EVEN_C": c % block_c == 0}
-                    consts.update({k: v for k, v in ints.items() if v == 1})
-                    ptrs = [k for k, v in _signature(kernel, dtype).items() if v.startswith("*")]
-                    # the JIT marks ints divisible by 16 (0 included) and specialises 1
-                    divisible = ptrs + [k for k, v in ints.items() if v % 16 == 0]
-                    key = (kernel, dtype, rms, block_c, block_p, warps, cl,
-                           tuple(sorted(divisible)), tuple(sorted(consts.items())))
-                    if key in seen:
-                        continue
+                    kernel, consts, warps, _ = specialization(c, p, cl, direction, rms)
+                    kernel = getattr(kernel, "fn", kernel).__name__
+                    ints = {"C": c, "P": p, "stride_b": 0 if cl else c * p,
+                            "stride_c": 1 if cl else p, "stride_p": c if cl else 1}
+                    consts = {**consts, **{k: v for k, v in ints.items() if v == 1}}
                     sig = _signature(kernel, dtype)
                     sig.update({k: "constexpr" for k in consts})
+                    # the JIT marks ints divisible by 16 (0 included) and specialises 1
+                    ptrs = [k for k, v in sig.items() if v.startswith("*")]
+                    divisible = ptrs + [k for k, v in ints.items() if v % 16 == 0]
+                    key = (kernel, dtype, warps, tuple(sorted(divisible)),
+                           tuple(sorted(consts.items())))
+                    if key in seen:
+                        continue
                     seen[key] = dict(
                         module="cobkern.kernels.tsra", kernel=kernel, signature=sig,
                         constexprs=consts, num_warps=warps, divisible=divisible,
-                        meta=dict(C=c, P=p, cl=cl, dtype=dtype, rms=rms, block_p=block_p),
+                        meta=dict(C=c, P=p, cl=cl, dtype=dtype, rms=rms,
+                                  block_p=consts["BLOCK_P"]),
                     )
     return list(seen.values())
 
@@ -114,10 +113,18 @@ def test_unit_stride_axis_is_vectorised():
     for s, r in _compiled():
         m = s["meta"]
         elem = DTYPES[m["dtype"]]
+        per_thread = (s["constexprs"]["BLOCK_C"] * s["constexprs"]["BLOCK_P"]
+                      // (32 * s["num_warps"]))  # a tile too small for vectors cannot vectorise
         if m["cl"]:
             eligible = s["constexprs"]["EVEN_C"] and m["C"] % 16 == 0
+        elif s["constexprs"]["SMALL_P"]:  # short NCHW rows: vectors of the whole row
+            eligible = m["P"] * elem >= 16 and per_thread * elem >= 16
         else:
             eligible = m["P"] % 16 == 0 and m["block_p"] * elem >= 16
+        if (s["constexprs"]["SMALL_P"] and m["P"] * elem == 8 and per_thread * elem >= 8
+                and "error" not in r):
+            if r["ld_scalar"] or r["ld_v2"] == 0:  # 8-byte rows: 64-bit vectors
+                bad.append(f"{_name(s)}: ld v2={r['ld_v2']} scalar={r['ld_scalar']}")
         if not eligible or "error" in r:
             continue
         checked += 1

@@ -34,6 +34,9 @@ CASES = [
     ((2, 12, 4, 4), 11, 1, "channels_last"),  # tiny V
     ((2, 300, 3, 3), 150, 1, "nchw"),  # C not a power of two, >256
     ((2, 64, 6, 6), 32, 1, "channels_last"),  # VGG-like power-of-two C (unmasked channels)
+    ((3, 10, 2, 2), 4, 1, "nchw"),  # 2×2 map: short rows compiled as constants, masked C
+    ((2, 16, 2, 4), 8, 1, "nchw"),  # 8-position rows, unmasked C
+    ((5, 6, 2), 3, 1, "nchw"),  # 2-position rows
     ((37, 64), 32, 1, "2d"),  # linear layer, rows not a multiple of the tile
     ((5, 1000), 600, 1, "2d"),  # unbalanced, large C
     ((6, 10), 4, 0, "2d"),  # channels on dim 0
