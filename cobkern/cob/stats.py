@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cobkern._atomic import atomic_path
+
 __all__ = ["LayerStats", "CalibrationStats", "Eigen"]
 
 _FORMAT = "cobkern.calibration_stats/1"
@@ -169,9 +171,10 @@ class CalibrationStats:
                     "the statistics come from another (or an already pruned) model")
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write to ``path`` (``torch.save`` of plain tensors and Python scalars)."""
-        torch.save({"format": _FORMAT, "num_images": self.num_images, "meta": self.meta,
-                    "layers": [s.to_dict() for s in self.layers.values()]}, path)
+        """Write to ``path`` atomically (``torch.save`` of plain tensors and Python scalars)."""
+        with atomic_path(path) as tmp:
+            torch.save({"format": _FORMAT, "num_images": self.num_images, "meta": self.meta,
+                        "layers": [s.to_dict() for s in self.layers.values()]}, tmp)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CalibrationStats:

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cobkern._atomic import atomic_path
+
 __all__ = [
     "ImageSet",
     "DataError",
@@ -264,24 +266,17 @@ def _read_cache(npz: Path, meta_path: Path) -> dict[str, object]:
 
 
 def _write_cache(npz: Path, meta_path: Path, arrays: dict[str, object], source: str) -> None:
-    npz.parent.mkdir(parents=True, exist_ok=True)
-    tmp = npz.with_name(f".{npz.name}.tmp-{os.getpid()}")
-    tmp_meta = meta_path.with_name(f".{meta_path.name}.tmp-{os.getpid()}")
-    try:
+    # The data file first: a sidecar never points at a missing or partial file.
+    with atomic_path(npz) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **{k: v for k, v in arrays.items() if k != "classes"})
-        meta = {"version": _CACHE_VERSION, "source": source, "sha256": _sha256_file(tmp),
-                "classes": arrays["classes"],
-                "n_train": int(len(arrays["train_labels"])),  # type: ignore[arg-type]
-                "n_test": int(len(arrays["test_labels"]))}  # type: ignore[arg-type]
+        digest = _sha256_file(tmp)
+    meta = {"version": _CACHE_VERSION, "source": source, "sha256": digest,
+            "classes": arrays["classes"],
+            "n_train": int(len(arrays["train_labels"])),  # type: ignore[arg-type]
+            "n_test": int(len(arrays["test_labels"]))}  # type: ignore[arg-type]
+    with atomic_path(meta_path) as tmp_meta:
         tmp_meta.write_text(json.dumps(meta, indent=1))
-        # The data file first: a sidecar never points at a missing or partial file.
-        os.replace(tmp, npz)
-        os.replace(tmp_meta, meta_path)
-    finally:
-        for t in (tmp, tmp_meta):
-            if t.exists():
-                t.unlink()
 
 
 def _cached(key: str, cache_dir: Path | None, source: str, decode, rebuild: bool):

@@ -42,17 +42,6 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _save_stats(stats: CalibrationStats, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        stats.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 class Context:
     """Settings, data and models of one experiment directory.
 
@@ -171,7 +160,7 @@ class Context:
                           progress=self.progress, device=self.device,
                           meta={"augment": self.config.calib_augment,
                                 "samples": self.config.calib_samples, "seed": self.config.seed})
-        _save_stats(stats, path)
+        stats.save(path)
         if self.layout.calibration_rotated.is_file():
             self.layout.calibration_rotated.unlink()  # stale now
         self._stats, self._rotated, self._rotated_l1 = stats, None, None
@@ -201,7 +190,7 @@ class Context:
                     model, self.calibration_loader(), max_samples=self.config.calib_samples,
                     progress=self.progress, device=self.device,
                     meta={"basis": "rotated", "augment": self.config.calib_augment})
-                _save_stats(self._rotated_l1, path)
+                self._rotated_l1.save(path)
         return self._rotated_l1
 
     def prune(self, strategy: Strategy | tuple[str, Any], *, importance: str = "l2",

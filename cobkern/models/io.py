@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cobkern._atomic import atomic_path
 from cobkern.nn import TSRA, RMSNorm, RMSNormTSRA
 
 from .vgg import VGG
@@ -231,11 +232,6 @@ def build_model(config: dict[str, Any]) -> VGG:
 
 
 # ----------------------------------------------------------------------------- files
-def _atomic_target(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def _cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
@@ -258,8 +254,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, extra: dict | None = N
     state = _cpu_state_dict(base)
     extra = dict(extra or {})
     json.dumps(extra)  # fail before writing anything if extra is not serialisable
-    tmp = _atomic_target(path)
-    try:
+    with atomic_path(path) as tmp:
         if path.suffix == ".safetensors":
             if not safetensors_available():
                 raise ModelFileError("saving *.safetensors needs the safetensors package "
@@ -271,10 +266,6 @@ def save_model(model: nn.Module, path: str | os.PathLike, extra: dict | None = N
         else:
             torch.save({"format": FORMAT, "config": config, "state_dict": state,
                         "extra": extra}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -35,6 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from cobkern._atomic import atomic_path
 from cobkern.data import DataError, DeviceLoader, ImageSet, load_cifar10, subset
 from cobkern.models import (
     default_model_filename,
@@ -207,13 +208,8 @@ def evaluate(
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _first_difference(a: Any, b: Any, where: str = "") -> str:
@@ -274,9 +270,8 @@ def _trim_metrics(path: Path, step: int) -> None:
                 keep.append(line)
         except ValueError:
             continue  # a torn last line from a killed run
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(x + "\n" for x in keep))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(x + "\n" for x in keep))
 
 
 def _prepare_data(config: TrainConfig, data: tuple[ImageSet, ImageSet] | None,
