@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "fine-tune, evaluate, sweep and report. Each step reads the previous "
                     "step's files from --out, so you can calibrate once and prune many times.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Start with: cobkern run --preset quick --out runs/quick   (about 10 min on a "
+        epilog="Start with: cobkern run --preset quick --out runs/quick   (about 5 min on a "
                "2-core CPU). Then `cobkern <command> --help` for each step.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
