@@ -65,6 +65,18 @@ def _program_coords(n_pblocks, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
+def _subspace_sums(v, is_u):
+    """Per-position sums of a ``[BLOCK_C, BLOCK_P]`` tile over U's and over V's channels."""
+    return tl.sum(tl.where(is_u, v, 0.0), axis=0), tl.sum(tl.where(is_u, 0.0, v), axis=0)
+
+
+@triton.jit
+def _per_channel(is_u, u, v):
+    """Broadcast per-position values of U and of V back onto the tile's channels."""
+    return tl.where(is_u, u[None, :], v[None, :])
+
+
+@triton.jit
 def _forward_gains(s2u, s2v, a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
                    RMSNORM: tl.constexpr):
     """Per-position output gains ``(q g_U, q g_V)`` from the raw squared subspace norms."""
@@ -132,10 +144,9 @@ def _tsra_fwd_kernel(
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     is_u = (offs_c < split)[:, None]
     sq = x * x
-    s2u = tl.sum(tl.where(is_u, sq, 0.0), axis=0)
-    s2v = tl.sum(tl.where(is_u, 0.0, sq), axis=0)
+    s2u, s2v = _subspace_sums(sq, is_u)
     gu, gv = _forward_gains(s2u, s2v, a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps, RMSNORM)
-    y = x * tl.where(is_u, gu[None, :], gv[None, :])
+    y = x * _per_channel(is_u, gu, gv)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -155,14 +166,11 @@ def _tsra_bwd_kernel(
     is_u = (offs_c < split)[:, None]
     sq = x * x
     pr = dy * x
-    s2u = tl.sum(tl.where(is_u, sq, 0.0), axis=0)
-    s2v = tl.sum(tl.where(is_u, 0.0, sq), axis=0)
-    du = tl.sum(tl.where(is_u, pr, 0.0), axis=0)
-    dv = tl.sum(tl.where(is_u, 0.0, pr), axis=0)
+    s2u, s2v = _subspace_sums(sq, is_u)
+    du, dv = _subspace_sums(pr, is_u)
     gu, gv, ku, kv = _backward_coefs(s2u, s2v, du, dv, a_u, b_u, a_v, b_v, eps, inv_norm_size,
                                      rms_eps, RMSNORM)
-    dx = (tl.where(is_u, gu[None, :], gv[None, :]) * dy
-          + tl.where(is_u, ku[None, :], kv[None, :]) * x)
+    dx = _per_channel(is_u, gu, gv) * dy + _per_channel(is_u, ku, kv) * x
     tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
@@ -184,15 +192,16 @@ def _tsra_fwd_chunked_kernel(
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         is_u = (offs_c < split)[:, None]
         sq = x * x
-        s2u += tl.sum(tl.where(is_u, sq, 0.0), axis=0)
-        s2v += tl.sum(tl.where(is_u, 0.0, sq), axis=0)
+        cu, cv = _subspace_sums(sq, is_u)
+        s2u += cu
+        s2v += cv
     gu, gv = _forward_gains(s2u, s2v, a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps, RMSNORM)
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         offs, mask = _offsets(pid_b, offs_c, offs_p, P, C, stride_b, stride_c, stride_p,
                               BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C, SMALL_P)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        y = x * tl.where((offs_c < split)[:, None], gu[None, :], gv[None, :])
+        y = x * _per_channel((offs_c < split)[:, None], gu, gv)
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -217,10 +226,12 @@ def _tsra_bwd_chunked_kernel(
         is_u = (offs_c < split)[:, None]
         sq = x * x
         pr = dy * x
-        s2u += tl.sum(tl.where(is_u, sq, 0.0), axis=0)
-        s2v += tl.sum(tl.where(is_u, 0.0, sq), axis=0)
-        du += tl.sum(tl.where(is_u, pr, 0.0), axis=0)
-        dv += tl.sum(tl.where(is_u, 0.0, pr), axis=0)
+        cu, cv = _subspace_sums(sq, is_u)
+        s2u += cu
+        s2v += cv
+        cu, cv = _subspace_sums(pr, is_u)
+        du += cu
+        dv += cv
     gu, gv, ku, kv = _backward_coefs(s2u, s2v, du, dv, a_u, b_u, a_v, b_v, eps, inv_norm_size,
                                      rms_eps, RMSNORM)
     for c0 in range(0, C, BLOCK_C):
@@ -230,8 +241,7 @@ def _tsra_bwd_chunked_kernel(
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         is_u = (offs_c < split)[:, None]
-        dx = (tl.where(is_u, gu[None, :], gv[None, :]) * dy
-              + tl.where(is_u, ku[None, :], kv[None, :]) * x)
+        dx = _per_channel(is_u, gu, gv) * dy + _per_channel(is_u, ku, kv) * x
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
