@@ -57,6 +57,17 @@ def _offsets(pid_b, offs_c, offs_p, P, C, stride_b, stride_c, stride_p,
 
 
 @triton.jit
+def _chunk(c0, pid_b, offs_p, P, C, split, stride_b, stride_c, stride_p,
+           BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, CHANNELS_CONTIG: tl.constexpr,
+           EVEN_C: tl.constexpr, SMALL_P: tl.constexpr):
+    """Offsets, mask and U-membership of the ``BLOCK_C`` channels starting at ``c0``."""
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    offs, mask = _offsets(pid_b, offs_c, offs_p, P, C, stride_b, stride_c, stride_p,
+                          BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C, SMALL_P)
+    return offs, mask, (offs_c < split)[:, None]
+
+
+@triton.jit
 def _program_coords(n_pblocks, BLOCK_P: tl.constexpr):
     pid = tl.program_id(0)
     pid_b = pid // n_pblocks
@@ -138,11 +149,9 @@ def _tsra_fwd_kernel(
     RMSNORM: tl.constexpr, EVEN_C: tl.constexpr, SMALL_P: tl.constexpr,
 ):
     pid_b, offs_p = _program_coords(n_pblocks, BLOCK_P)
-    offs_c = tl.arange(0, BLOCK_C)
-    offs, mask = _offsets(pid_b, offs_c, offs_p, P, C, stride_b, stride_c, stride_p,
-                          BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C, SMALL_P)
+    offs, mask, is_u = _chunk(0, pid_b, offs_p, P, C, split, stride_b, stride_c, stride_p,
+                              BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C, SMALL_P)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    is_u = (offs_c < split)[:, None]
     sq = x * x
     s2u, s2v = _subspace_sums(sq, is_u)
     gu, gv = _forward_gains(s2u, s2v, a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps, RMSNORM)
@@ -158,12 +167,10 @@ def _tsra_bwd_kernel(
     RMSNORM: tl.constexpr, EVEN_C: tl.constexpr, SMALL_P: tl.constexpr,
 ):
     pid_b, offs_p = _program_coords(n_pblocks, BLOCK_P)
-    offs_c = tl.arange(0, BLOCK_C)
-    offs, mask = _offsets(pid_b, offs_c, offs_p, P, C, stride_b, stride_c, stride_p,
-                          BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C, SMALL_P)
+    offs, mask, is_u = _chunk(0, pid_b, offs_p, P, C, split, stride_b, stride_c, stride_p,
+                              BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C, SMALL_P)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-    is_u = (offs_c < split)[:, None]
     sq = x * x
     pr = dy * x
     s2u, s2v = _subspace_sums(sq, is_u)
@@ -186,22 +193,19 @@ def _tsra_fwd_chunked_kernel(
     s2u = tl.zeros([BLOCK_P], tl.float32)
     s2v = tl.zeros([BLOCK_P], tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        offs, mask = _offsets(pid_b, offs_c, offs_p, P, C, stride_b, stride_c, stride_p,
-                              BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C, SMALL_P)
+        offs, mask, is_u = _chunk(c0, pid_b, offs_p, P, C, split, stride_b, stride_c,
+                                  stride_p, BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C, SMALL_P)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        is_u = (offs_c < split)[:, None]
         sq = x * x
         cu, cv = _subspace_sums(sq, is_u)
         s2u += cu
         s2v += cv
     gu, gv = _forward_gains(s2u, s2v, a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps, RMSNORM)
     for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        offs, mask = _offsets(pid_b, offs_c, offs_p, P, C, stride_b, stride_c, stride_p,
-                              BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C, SMALL_P)
+        offs, mask, is_u = _chunk(c0, pid_b, offs_p, P, C, split, stride_b, stride_c,
+                                  stride_p, BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C, SMALL_P)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        y = x * _per_channel((offs_c < split)[:, None], gu, gv)
+        y = x * _per_channel(is_u, gu, gv)
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -218,12 +222,10 @@ def _tsra_bwd_chunked_kernel(
     du = tl.zeros([BLOCK_P], tl.float32)
     dv = tl.zeros([BLOCK_P], tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        offs, mask = _offsets(pid_b, offs_c, offs_p, P, C, stride_b, stride_c, stride_p,
-                              BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C, SMALL_P)
+        offs, mask, is_u = _chunk(c0, pid_b, offs_p, P, C, split, stride_b, stride_c,
+                                  stride_p, BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C, SMALL_P)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-        is_u = (offs_c < split)[:, None]
         sq = x * x
         pr = dy * x
         cu, cv = _subspace_sums(sq, is_u)
@@ -235,12 +237,10 @@ def _tsra_bwd_chunked_kernel(
     gu, gv, ku, kv = _backward_coefs(s2u, s2v, du, dv, a_u, b_u, a_v, b_v, eps, inv_norm_size,
                                      rms_eps, RMSNORM)
     for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        offs, mask = _offsets(pid_b, offs_c, offs_p, P, C, stride_b, stride_c, stride_p,
-                              BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C, SMALL_P)
+        offs, mask, is_u = _chunk(c0, pid_b, offs_p, P, C, split, stride_b, stride_c,
+                                  stride_p, BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C, SMALL_P)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-        is_u = (offs_c < split)[:, None]
         dx = _per_channel(is_u, gu, gv) * dy + _per_channel(is_u, ku, kv) * x
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
