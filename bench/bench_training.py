@@ -168,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
 
-    rows = []
+    meta = {"device": torch.cuda.get_device_name(device) if gpu else platform.processor()
+            or "cpu", "torch": torch.__version__, "width": width, "batch": batch,
+            "steps": steps, "warmup": warmup, "bf16": bf16, "channels_last": channels_last}
+    rows: list[dict] = []
+    table = ""
     for v in variants:
         try:
             r = bench_one(v, width=width, batch=batch, steps=steps, warmup=warmup,
@@ -176,17 +180,23 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # e.g. no C++ compiler for Inductor on this machine
             r = {"variant": v, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
         rows.append(r)
-        print(json.dumps(r))
+        print(json.dumps(r), flush=True)
+        table = write_results(Path(args.out), meta, rows)  # after every variant: kept if killed
+    print(table)
+    return 0
+
+
+def write_results(out: Path, meta: dict, rows: list[dict]) -> str:
+    """Write ``out.json`` and ``out.md`` (atomically) and return the Markdown table."""
+    from cobkern._atomic import atomic_path
+
     base = next((r["images_per_s"] for r in rows if r["variant"] == "tsra-eager"
                  and "images_per_s" in r), None)
-    meta = {"device": torch.cuda.get_device_name(device) if gpu else platform.processor()
-            or "cpu", "torch": torch.__version__, "width": width, "batch": batch,
-            "steps": steps, "warmup": warmup, "bf16": bf16, "channels_last": channels_last}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
-    lines = [f"Training throughput — {meta['device']}, torch {meta['torch']}, width {width}, "
-             f"batch {batch}, bf16 {bf16}, channels_last {channels_last}", "",
+    with atomic_path(out.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    lines = [f"Training throughput — {meta['device']}, torch {meta['torch']}, "
+             f"width {meta['width']}, batch {meta['batch']}, bf16 {meta['bf16']}, "
+             f"channels_last {meta['channels_last']}", "",
              "| variant | images/s | ms/step | vs tsra-eager | warm-up s |",
              "|---|---:|---:|---:|---:|"]
     for r in rows:
@@ -196,9 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         rel = f"{r['images_per_s'] / base:.2f}×" if base else "—"
         lines.append(f"| {r['variant']} | {r['images_per_s']:.0f} | {r['ms_per_step']:.1f} | "
                      f"{rel} | {r['warmup_s']:.1f} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    table = "\n".join(lines) + "\n"
+    with atomic_path(out.with_suffix(".md")) as tmp:
+        tmp.write_text(table)
+    return table
 
 
 if __name__ == "__main__":

@@ -13,8 +13,13 @@ On a GPU it times, at the VGG-16 shapes at batch 1024 (NCHW conv activations and
 next to the bandwidth ceiling measured in the same run: the faster of ``torch``'s device
 copy and a simple Triton copy kernel moving the same bytes. Bytes are the minimum traffic:
 forward reads x and writes y; forward+backward additionally reads x and dy and writes dx.
-Timing: ``triton.testing.do_bench`` (median, after warm-up). Results go to
-``OUT/bench_tsra.json`` and ``OUT/bench_tsra.md``.
+Timing: ``triton.testing.do_bench`` (median, after warm-up). Each row also checks the fused
+result against the eager function evaluated in float64 on the same input
+(``‖out − ref‖ / ‖ref‖``, forward output and, for forward+backward, the input gradient), so a
+timing is never reported for a wrong kernel. Every ``torch.compile`` row starts from a reset
+Dynamo cache, so a recompile limit can never silently turn the ``compile`` column into eager.
+Results go to ``OUT/bench_tsra.json`` and ``OUT/bench_tsra.md``, rewritten after every row so an
+interrupted run keeps what it measured.
 
 On a CPU the script still runs (small shapes, wall-clock timing; the cobkern column then is
 the reference path), which checks the harness, not the kernels' speed.
@@ -105,7 +110,50 @@ def _variants(op: str, split: int):
     return {"eager": eager, "compile": compiled, "cobkern": ours}
 
 
-def run(shapes, batch, dtypes, device, ops=("tsra", "rmsnorm_tsra")) -> list[dict]:
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double(), ref.detach()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+def _accuracy(op: str, mode: str, x: torch.Tensor, split: int) -> float:
+    """Largest relative error of the fused op (output, and input gradient for fwd+bwd)
+    against the eager formula evaluated in float64 on the same input."""
+    eager = eager_tsra if op == "tsra" else eager_rmsnorm_tsra
+    ours = cobkern.tsra if op == "tsra" else cobkern.rmsnorm_tsra
+    x64 = x.detach().double().requires_grad_(mode != "fwd")
+    xg = x.detach().requires_grad_(mode != "fwd")
+    ref, out = eager(x64, split), ours(xg, split)
+    err = _rel_err(out, ref)
+    if mode != "fwd":
+        dy = torch.randn_like(x)
+        (g64,) = torch.autograd.grad(ref, x64, dy.double())
+        (g,) = torch.autograd.grad(out, xg, dy)
+        err = max(err, _rel_err(g, g64))
+    return err
+
+
+def _write(out_dir: str | None, env: dict, rows: list[dict]) -> None:
+    """(Re)write the JSON and Markdown results; called after every row."""
+    if out_dir is None:
+        return
+    from cobkern._atomic import atomic_path
+
+    os.makedirs(out_dir, exist_ok=True)
+    with atomic_path(os.path.join(out_dir, "bench_tsra.json")) as tmp, open(tmp, "w") as f:
+        json.dump({"environment": env, "results": rows}, f, indent=1)
+    with atomic_path(os.path.join(out_dir, "bench_tsra.md")) as tmp, open(tmp, "w") as f:
+        f.write(f"Environment: `{json.dumps(env)}`\n\n{HEADER}\n")
+        f.write("\n".join(_fmt_row(r) for r in rows) + "\n")
+
+
+def run(shapes, batch, dtypes, device, ops=("tsra", "rmsnorm_tsra"), out_dir=None,
+        env=None) -> list[dict]:
+    import torch._dynamo
+
+    # each row compiles its own graph; never let Dynamo's recompile limit fall back to eager
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 1024)
     timer = _timer(device)
     rows = []
     spec = next((v for k, v in SPEC_BANDWIDTH.items()
@@ -125,7 +173,9 @@ def run(shapes, batch, dtypes, device, ops=("tsra", "rmsnorm_tsra")) -> list[dic
                     if mode == "fwd+bwd":  # copy moved 3 × (r + w) = 6 units; we need 5
                         ceil_ms *= 5 / 6
                     row = dict(op=op, mode=mode, dtype=dname, shape=[batch, *shape],
-                               bytes=nbytes, ceiling_ms=ceil_ms, ceiling_kind=ceil_how)
+                               bytes=nbytes, ceiling_ms=ceil_ms, ceiling_kind=ceil_how,
+                               rel_err=_accuracy(op, mode, x, split))
+                    torch._dynamo.reset()
                     for name, fn in _variants(op, split).items():
                         if mode == "fwd":
                             with torch.no_grad():
@@ -144,6 +194,7 @@ def run(shapes, batch, dtypes, device, ops=("tsra", "rmsnorm_tsra")) -> list[dic
                     row["speedup_vs_compile"] = row["compile_ms"] / row["cobkern_ms"]
                     rows.append(row)
                     print(_fmt_row(row), flush=True)
+                    _write(out_dir, env or {}, rows)
             del x
     return rows
 
@@ -153,12 +204,13 @@ def _fmt_row(r: dict) -> str:
     return (f"| {r['op']} | {r['mode']} | {r['dtype']} | {'×'.join(map(str, r['shape']))} | "
             f"{r['eager_ms']:.3f} | {r['compile_ms']:.3f} | {r['cobkern_ms']:.3f} | "
             f"{r['ceiling_ms']:.3f} | {r['cobkern_GBps']:.0f} | {r['pct_of_ceiling']:.0f}% | "
-            f"{spec} | {r['speedup_vs_eager']:.2f}× | {r['speedup_vs_compile']:.2f}× |")
+            f"{spec} | {r['speedup_vs_eager']:.2f}× | {r['speedup_vs_compile']:.2f}× | "
+            f"{r['rel_err']:.1e} |")
 
 
 HEADER = ("| op | pass | dtype | shape | eager ms | compile ms | cobkern ms | ceiling ms | "
-          "cobkern GB/s | % ceiling | % spec | vs eager | vs compile |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "cobkern GB/s | % ceiling | % spec | vs eager | vs compile | rel. error |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def environment(device: torch.device) -> dict:
@@ -185,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: bf16,fp32 on GPU, fp32 on CPU)")
     p.add_argument("--batch", type=int, default=None, help="default 1024 on GPU, 8 on CPU")
     p.add_argument("--device", default="auto")
+    p.add_argument("--ops", default="tsra,rmsnorm_tsra", help="comma list of tsra,rmsnorm_tsra")
     args = p.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
@@ -198,13 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(device)
     print(json.dumps(env))
     print(HEADER)
-    rows = run(shapes, batch, dtypes, device)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_tsra.json"), "w") as f:
-        json.dump({"environment": env, "results": rows}, f, indent=1)
-    with open(os.path.join(args.out, "bench_tsra.md"), "w") as f:
-        f.write(f"Environment: `{json.dumps(env)}`\n\n{HEADER}\n")
-        f.write("\n".join(_fmt_row(r) for r in rows) + "\n")
+    ops = args.ops.split(",")
+    if set(ops) - {"tsra", "rmsnorm_tsra"}:
+        p.error(f"unknown op(s) {sorted(set(ops) - {'tsra', 'rmsnorm_tsra'})}")
+    run(shapes, batch, dtypes, device, ops=ops, out_dir=args.out, env=env)
     return 0
 
 

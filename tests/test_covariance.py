@@ -118,3 +118,19 @@ def test_errors():
         acc.update(torch.randn(4, 7))
     with pytest.raises(ValueError, match="split"):
         CovarianceAccumulator(6, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_kahan_accuracy_at_scale_cuda(channels_last):
+    """On hardware, at calibration scale: 4M samples (4096×64×32×32, the first VGG block at
+    batch 4096) with a positive mean, so every product in the first rows adds with one
+    sign and plain float32 summation would drift by ~(samples per program)·ulp. Each
+    program sums thousands of samples; the compensated sums must still be within the
+    same 2e-6 of the float64 reference as on small inputs (float32 IEEE products, no TF32)."""
+    x = _make((4096, 64, 32, 32), torch.float32, channels_last, "cuda").add_(1.5)
+    with use_backend("triton"):
+        got = subspace_moments(x, 24)
+    ref = subspace_moments_reference(x.double(), 24, accum_dtype=torch.float64)
+    _close(got, ref)
