@@ -6,6 +6,8 @@
 #   bash bench/gpu_session.sh                 # on the GPU machine, from the repo root
 #   GPU_SESSION_BUDGET=300 bash bench/gpu_session.sh   # a shorter run (seconds)
 #   GPU_SESSION_DRY_RUN=1 PATH=.venv/bin:$PATH bash bench/gpu_session.sh  # check it on a CPU
+#   GPU_SESSION_STEPS=tests,diag bash bench/gpu_session.sh  # some steps only (default: all
+#                                 but diag: tests,tsra,calibration,training)
 #
 # Results are written as they are produced into $OUT (the device tool's output folder, which
 # returns at most 8 files) or ./gpu-results:
@@ -29,6 +31,8 @@ cp -r "$REPO/kernels" "$SITE/cobkern/kernels"
 export PYTHONPATH="$SITE" PYTHONUNBUFFERED=1
 cd "$SITE"
 LOG="$FINAL/steps.log"
+STEPS=",${GPU_SESSION_STEPS:-tests,tsra,calibration,training},"
+want() { [[ $STEPS == *",$1,"* ]]; }
 
 step() { echo "== $1 (t=${SECONDS}s, $(date +%T))" | tee -a "$LOG"; }
 # cap CAP CMD...: run CMD with at most CAP seconds, never past the session's deadline
@@ -57,24 +61,34 @@ python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 
   || [[ ${GPU_SESSION_DRY_RUN:-0} == 1 ]] \
   || { echo "no CUDA device: stopping" | tee -a "$LOG"; exit 1; }
 
-step "tests on CUDA (kernels native; xdist if present)"
-XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-cap 150 python3 -m pytest -q -p no:cacheprovider $XDIST -rfEs \
-  tests/test_tsra_kernels.py tests/test_tsra_properties.py tests/test_tsra_compile.py \
-  tests/test_covariance.py > "$FINAL/tests.log"
-
-step "TSRA kernels vs eager / torch.compile / copy ceiling (bf16, then fp32)"
-cap 210 python3 bench/bench_tsra.py --out "$FINAL" --dtypes bf16,fp32
-
-step "calibration: forward pass vs streaming vs materialising"
-cap 45 python3 bench/bench_calibration.py --out "$FINAL"
-
-step "training throughput"
-cap 150 python3 bench/bench_training.py --out "$FINAL/bench_training" --steps 30 --warmup 5 \
-  --variants tsra-fused,tsra-eager,relu,tsra-reference-op,tsra-fused-compiled,relu-compiled,tsra-eager-compiled
+if want tests; then
+  step "tests on CUDA (kernels native; xdist if present)"
+  XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+  cap 150 python3 -m pytest -q -p no:cacheprovider $XDIST -rfEs \
+    tests/test_tsra_kernels.py tests/test_tsra_properties.py tests/test_tsra_compile.py \
+    tests/test_covariance.py tests/test_cob.py > "$FINAL/tests.log"
+fi
+if want diag; then
+  step "diagnostics: tile sweep, host overhead, calibration profile"
+  cap 200 python3 bench/gpu_diag.py --out "$FINAL"
+fi
+if want tsra; then
+  step "TSRA kernels vs eager / torch.compile / copy ceiling (bf16, then fp32)"
+  cap 210 python3 bench/bench_tsra.py --out "$FINAL" --dtypes bf16,fp32
+fi
+if want calibration; then
+  step "calibration: forward pass vs streaming vs materialising"
+  cap 45 python3 bench/bench_calibration.py --out "$FINAL"
+fi
+if want training; then
+  step "training throughput"
+  cap 150 python3 bench/bench_training.py --out "$FINAL/bench_training" --steps 30 \
+    --warmup 5 --variants tsra-fused,tsra-eager,relu,tsra-reference-op,tsra-fused-compiled,relu-compiled,tsra-eager-compiled
+fi
 
 step done
 ls -la "$FINAL" | tee -a "$LOG"
 # the reply shows the end of the output: finish with the summaries
-tail -4 "$FINAL/tests.log"; cat "$FINAL"/bench_calibration.md "$FINAL"/bench_training.md \
+tail -4 "$FINAL/tests.log" 2>/dev/null
+cat "$FINAL"/gpu_diag.md "$FINAL"/bench_calibration.md "$FINAL"/bench_training.md \
   "$FINAL"/bench_tsra.md 2>/dev/null

@@ -2,7 +2,7 @@
 
 One launch reads a batch ``x`` viewed as ``(B, C, P)`` (see
 :class:`cobkern.ops._checks.ChannelGeometry`; every ``(b, p)`` is a sample) and adds into
-float32 outputs:
+float32 outputs (one batch) or float64 outputs (running sums over batches):
 
 * the two Gram matrices ``G_U = A_Uᵀ A_U`` and ``G_V = A_Vᵀ A_V``, packed one after the
   other in one buffer (``G_U`` row-major ``split × split``, then ``G_V``);
@@ -33,14 +33,14 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["subspace_moments", "launch_config", "tile_table", "KERNELS"]
+__all__ = ["subspace_moments", "launch_config", "tile_table", "mirror_upper", "KERNELS"]
 
 
 @triton.jit
 def _moments_kernel(
     X, TILES, G, SABS, SSQ,
     C, P, split, n_samples, n_tiles, chunk, stride_b, stride_c, stride_p,
-    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, FLAT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, FLAT: tl.constexpr, F32_DOT: tl.constexpr,
     UPCAST: tl.constexpr, INDEX64: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -92,10 +92,10 @@ def _moments_kernel(
                      mask=qmask[:, None] & cmask[None, :], other=0.0)     # [BLOCK_K, BLOCK]
         if UPCAST:  # interpreter only: its bf16 tl.dot is wrong (triton 3.8); fp32 is exact
             step = tl.dot(a.to(tl.float32), bt.to(tl.float32), input_precision="ieee")
-        elif IEEE:
-            step = tl.dot(a, bt, input_precision="ieee")
-        else:
+        elif F32_DOT == "":  # 16-bit operands: tensor cores, exact products, fp32 sums
             step = tl.dot(a, bt)
+        else:
+            step = tl.dot(a, bt, input_precision=F32_DOT)
         # Kahan summation across steps: the tile's error stays ~eps instead of growing with
         # the chunk length (the lossless strategy reads eigenvalues near the noise floor).
         y = step - comp
@@ -106,10 +106,11 @@ def _moments_kernel(
         s_abs += tl.sum(tl.abs(af), axis=1)
         s_sq += tl.sum(af * af, axis=1)
     g_off = g_base + (rows - lo)[:, None] * size + (cols - lo)[None, :]
-    tl.atomic_add(G + g_off, acc, mask=rmask[:, None] & cmask[None, :])
+    # into the outputs' own dtype: float32 for one batch, float64 for running sums
+    tl.atomic_add(G + g_off, acc.to(G.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
     diag = rmask & (ti == tj)
-    tl.atomic_add(SABS + rows, s_abs, mask=diag)
-    tl.atomic_add(SSQ + rows, s_sq, mask=diag)
+    tl.atomic_add(SABS + rows, s_abs.to(SABS.dtype.element_ty), mask=diag)
+    tl.atomic_add(SSQ + rows, s_sq.to(SSQ.dtype.element_ty), mask=diag)
 
 
 KERNELS = {"moments": _moments_kernel}
@@ -140,20 +141,20 @@ def launch_config(subspace: int, dtype: torch.dtype) -> tuple[int, int, int, int
 
 
 @functools.lru_cache(maxsize=256)
-def _tile_table_cpu(su: int, sv: int, block: int) -> torch.Tensor:
+def tile_table(su: int, sv: int, block: int, device: torch.device) -> torch.Tensor:
+    """Flat int32 ``(n_tiles·3,)`` table of ``(subspace, tile_row, tile_col)``, block-upper.
+
+    Cached per device: a calibration calls the kernel once per layer and batch, and a
+    host-to-device copy each time would cost more than a small layer's kernel.
+    """
     rows = []
     for sub, size in ((0, su), (1, sv)):
         nb = triton.cdiv(size, block)
         rows += [(sub, i, j) for i in range(nb) for j in range(i, nb)]
-    return torch.tensor(rows, dtype=torch.int32).reshape(-1)
+    return torch.tensor(rows, dtype=torch.int32).reshape(-1).to(device)
 
 
-def tile_table(su: int, sv: int, block: int, device: torch.device) -> torch.Tensor:
-    """Flat int32 ``(n_tiles·3,)`` table of ``(subspace, tile_row, tile_col)``, block-upper."""
-    return _tile_table_cpu(su, sv, block).to(device)
-
-
-def _mirror_upper(g: torch.Tensor) -> None:
+def mirror_upper(g: torch.Tensor) -> None:
     """Make the square ``g`` exactly symmetric from its upper triangle, in place.
 
     The kernel computes the block-upper tiles, which contain the element-wise upper
@@ -163,19 +164,30 @@ def _mirror_upper(g: torch.Tensor) -> None:
     g.copy_(torch.triu(g) + torch.triu(g, 1).T)
 
 
+#: ``tl.dot`` precision for float32 activations: exact IEEE products (no TF32 rounding);
+#: ``"tf32x3"`` (three TF32 tensor-core products) is the faster alternative for sweeps.
+F32_DOT_DEFAULT = "ieee"
+
+
 def subspace_moments(x: torch.Tensor, geo, split: int, packed: torch.Tensor,
                      sum_abs: torch.Tensor, sum_sq: torch.Tensor,
-                     target_programs: int | None = None) -> None:
-    """Add the moments of ``x`` into the zero-initialised float32 outputs.
+                     target_programs: int | None = None, mirror: bool = True,
+                     f32_dot: str | None = None) -> None:
+    """Add the moments of ``x`` into the outputs (float32, or float64 running sums).
 
     Args:
         x: the batch, float32/bfloat16/float16, described by ``geo`` (a
             :class:`~cobkern.ops._checks.ChannelGeometry`).
         split: size of ``U``.
-        packed: float32 ``(split² + (C-split)²,)``: ``G_U`` then ``G_V``, row-major.
-        sum_abs, sum_sq: float32 ``(C,)``.
+        packed: float32 or float64 ``(split² + (C-split)²,)``: ``G_U`` then ``G_V``,
+            row-major. Only the block-upper tiles are added to.
+        sum_abs, sum_sq: ``(C,)``, the same dtype as ``packed``.
         target_programs: grid size to aim for (default: a few per H100 SM on CUDA, a handful
             under the interpreter).
+        mirror: make both Gram matrices symmetric from their upper triangles afterwards.
+            Running sums pass ``False`` and mirror once when read (:func:`mirror_upper`).
+        f32_dot: ``tl.dot`` input precision for float32 ``x`` (``"ieee"`` or ``"tf32x3"``);
+            default :data:`F32_DOT_DEFAULT`.
     """
     C, n = geo.C, geo.B * geo.P
     su, sv = split, C - split
@@ -193,10 +205,12 @@ def subspace_moments(x: torch.Tensor, geo, split: int, packed: torch.Tensor,
     _moments_kernel[grid](
         x, table, packed, sum_abs, sum_sq,
         C, geo.P, split, n, n_tiles, chunk, geo.stride_b, geo.stride_c, geo.stride_p,
-        BLOCK=block, BLOCK_K=block_k, FLAT=flat, IEEE=x.dtype == torch.float32,
+        BLOCK=block, BLOCK_K=block_k, FLAT=flat,
+        F32_DOT=(f32_dot or F32_DOT_DEFAULT) if x.dtype == torch.float32 else "",
         UPCAST=x.device.type != "cuda" and x.dtype == torch.bfloat16,
         INDEX64=x.numel() >= 2**31 - 1 or n >= 2**31 - 2 * block_k,
         num_warps=num_warps, num_stages=num_stages,
     )
-    _mirror_upper(packed[: su * su].view(su, su))
-    _mirror_upper(packed[su * su:].view(sv, sv))
+    if mirror:
+        mirror_upper(packed[: su * su].view(su, su))
+        mirror_upper(packed[su * su:].view(sv, sv))

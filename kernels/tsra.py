@@ -265,40 +265,45 @@ TILE_ELEMS = {"forward": 4096, "backward": 2048}
 ELEMS_PER_THREAD = {"forward": 16, "backward": 8}
 
 
-def launch_config(C: int, P: int, direction: str = "forward") -> tuple[int, int, int, bool]:
+def launch_config(C: int, P: int, direction: str = "forward", tile_elems: int | None = None,
+                  elems_per_thread: int | None = None) -> tuple[int, int, int, bool]:
     """``(BLOCK_C, BLOCK_P, num_warps, chunked)`` for a ``(C, P)`` problem.
 
     Up to :data:`MAX_TILE_CHANNELS` the tile spans every channel (``BLOCK_C =
     next_pow2(C)``) and as many positions as fit in :data:`TILE_ELEMS`; wider inputs loop over
     channel chunks of :data:`TILE_ELEMS`. Warps grow with the tile so that each thread
     holds :data:`ELEMS_PER_THREAD` values (verified spill-free by the AOT tests).
+    ``tile_elems`` / ``elems_per_thread`` override the defaults (tuning sweeps only).
     """
-    tile_elems = TILE_ELEMS[direction]
+    tile_elems = tile_elems or TILE_ELEMS[direction]
+    elems_per_thread = elems_per_thread or ELEMS_PER_THREAD[direction]
     chunked = C > MAX_TILE_CHANNELS
     block_c = tile_elems if chunked else triton.next_power_of_2(C)
     block_p = max(1, min(triton.next_power_of_2(P), tile_elems // block_c))
     tile = block_c * block_p
-    num_warps = min(32, max(4, tile // (32 * ELEMS_PER_THREAD[direction])))
+    num_warps = min(32, max(4, tile // (32 * elems_per_thread)))
     return block_c, block_p, num_warps, chunked
 
 
-def specialization(C: int, P: int, channels_contig: bool, direction: str,
-                   rmsnorm: bool) -> tuple[object, dict, int, int]:
+def specialization(C: int, P: int, channels_contig: bool, direction: str, rmsnorm: bool,
+                   **tuning: int | None) -> tuple[object, dict, int, int]:
     """What one launch compiles: ``(kernel, constexprs, num_warps, n_pblocks)``.
 
     The single source of the launch decisions, shared by the launcher and by the
-    ahead-of-time compilation tests (which compile exactly these variants).
+    ahead-of-time compilation tests (which compile exactly these variants). ``tuning``
+    (``tile_elems``, ``elems_per_thread``) is passed to :func:`launch_config`.
     """
-    block_c, block_p, num_warps, chunked = launch_config(C, P, direction)
+    block_c, block_p, num_warps, chunked = launch_config(C, P, direction, **tuning)
     small_p = P if (not channels_contig and P in SMALL_P_VALUES and block_p == P) else 0
     constexprs = {"BLOCK_C": block_c, "BLOCK_P": block_p, "CHANNELS_CONTIG": channels_contig,
                   "RMSNORM": rmsnorm, "EVEN_C": C % block_c == 0, "SMALL_P": small_p}
     return KERNELS[(direction, chunked)], constexprs, num_warps, triton.cdiv(P, block_p)
 
 
-def _launch(direction, tensors, geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps):
+def _launch(direction, tensors, geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps,
+            **tuning):
     kernel, constexprs, num_warps, n_pblocks = specialization(
-        geo.C, geo.P, geo.channels_contig, direction, norm_size > 0)
+        geo.C, geo.P, geo.channels_contig, direction, norm_size > 0, **tuning)
     inv_n = 1.0 / norm_size if norm_size > 0 else 0.0
     kernel[(n_pblocks * geo.B,)](
         *tensors, geo.C, geo.P, split, n_pblocks, geo.stride_b, geo.stride_c, geo.stride_p,

@@ -143,3 +143,19 @@ def test_module_rejects_wrong_channel_count():
 def test_bad_input_errors(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_eager_fast_path_matches_the_registered_op(fused, device):
+    """Eager calls skip the dispatcher (an autograd.Function around the same launchers);
+    outputs and gradients must be bit-identical to the registered custom op's."""
+    x = torch.randn(3, 20, 5, 4, device=device, requires_grad=True)
+    dy = torch.randn_like(x)
+    norm, rms_eps = (20, 1e-6) if fused else (0, 0.0)
+    y = (cobkern.rmsnorm_tsra if fused else cobkern.tsra)(x, 7)
+    assert type(y.grad_fn).__name__ == "_TSRAFunctionBackward"  # the fast path was taken
+    (dx,) = torch.autograd.grad(y, x, dy)
+    y_op = torch.ops.cobkern.tsra(x, 7, 1, 5.0, 0.5, 5.0, 0.7, 1e-12, norm, rms_eps)
+    (dx_op,) = torch.autograd.grad(y_op, x, dy)
+    assert torch.equal(y, y_op)
+    assert torch.equal(dx, dx_op)

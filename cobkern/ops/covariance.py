@@ -17,11 +17,13 @@ On CUDA (and on CPU under ``TRITON_INTERPRET=1``) the Triton kernel in
 channels_last or ``(N, C)``; float32/bfloat16/float16) and never builds the flattened
 ``(N·H·W, C)`` matrix; elsewhere a plain-PyTorch reference runs.
 
-:class:`CovarianceAccumulator` adds successive batches into float64 running sums (the
-kernel's float32 per-batch sums — Kahan-compensated inside each tile — are promoted before
-they are added, so the error does not grow with the number of batches; on the reference
-path the products themselves are summed in float64) and can all-reduce them across
-``torch.distributed`` ranks.
+:class:`CovarianceAccumulator` adds successive batches into float64 running sums and can
+all-reduce them across ``torch.distributed`` ranks. On the kernel path one launch per batch
+adds straight into those float64 sums: each program's float32 partial sums (Kahan-
+compensated inside its tile) are added with float64 atomics, so the error does not grow
+with the number of batches or sample chunks, and the Gram matrices are mirrored from their
+upper triangles once, when read. On the reference path the products themselves are summed
+in float64.
 
 Public API::
 
@@ -142,74 +144,122 @@ class CovarianceAccumulator:
     """Running per-subspace sums over many batches, for one layer.
 
     Attributes (all on ``device``, in ``dtype``, default float64):
-        gram_u: ``(split, split)``; gram_v: ``(C-split, C-split)``;
-        sum_abs, sum_sq: ``(C,)``; count: samples seen (Python int; a float64 tensor
-        internally so it can be all-reduced with the rest).
+        gram_u: ``(split, split)``; gram_v: ``(C-split, C-split)`` (symmetric views of one
+        packed buffer); sum_abs, sum_sq: ``(C,)``; count: samples seen (Python int).
 
-    Memory: ``O(C²)``, independent of the number of samples.
+    Memory: ``O(C²)``, independent of the number of samples. On the kernel path an update is
+    one kernel launch (no per-batch temporaries), which keeps calibration close to the cost
+    of the forward pass it rides on.
     """
 
     def __init__(self, num_channels: int, split: int, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float64) -> None:
         if not (1 <= split < num_channels):
             raise ValueError(f"split={split} is out of range for {num_channels} channels")
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"CovarianceAccumulator: dtype must be float32 or float64, "
+                            f"got {dtype}")
         self.num_channels = num_channels
         self.split = split
         kw = {"device": device, "dtype": dtype}
         sv = num_channels - split
-        self.gram_u = torch.zeros(split, split, **kw)
-        self.gram_v = torch.zeros(sv, sv, **kw)
+        self._packed = torch.zeros(split * split + sv * sv, **kw)  # G_U then G_V, row-major
         self.sum_abs = torch.zeros(num_channels, **kw)
         self.sum_sq = torch.zeros(num_channels, **kw)
-        self._count = torch.zeros((), **kw)
+        self._count = 0
+        self._symmetric = True  # False after kernel updates: only the upper triangles count
         #: ``"float32"`` once any batch went through the float32 kernel, else the
         #: accumulator's own dtype: how precise the sums are (sets the lossless tolerance).
         self.accumulation = "float64" if dtype == torch.float64 else "float32"
 
+    def _views(self) -> tuple[Tensor, Tensor]:
+        su, sv = self.split, self.num_channels - self.split
+        return (self._packed[: su * su].view(su, su), self._packed[su * su:].view(sv, sv))
+
+    def _symmetrize(self) -> None:
+        if not self._symmetric:
+            from cobkern.kernels.covariance import mirror_upper
+
+            for g in self._views():
+                mirror_upper(g)
+            self._symmetric = True
+
+    @property
+    def gram_u(self) -> Tensor:
+        """``(split, split)`` running ``Σ a_U a_Uᵀ``."""
+        self._symmetrize()
+        return self._views()[0]
+
+    @property
+    def gram_v(self) -> Tensor:
+        """``(C-split, C-split)`` running ``Σ a_V a_Vᵀ``."""
+        self._symmetrize()
+        return self._views()[1]
+
     @property
     def count(self) -> int:
         """Samples accumulated so far."""
-        return int(round(self._count.item()))
+        return self._count
 
     def update(self, x: Tensor, dim: int = 1) -> None:
         """Add one batch (shape ``(N, C, *)``, channels on ``dim``)."""
         if x.shape[dim] != self.num_channels:
             raise ValueError(f"CovarianceAccumulator: expected {self.num_channels} channels on "
                              f"dim {dim}, got shape {tuple(x.shape)}")
+        x = x.detach()
         if x.dtype in KERNEL_DTYPES and use_triton(x, op="cobkern.subspace_moments"):
-            m = subspace_moments(x, self.split, dim)
             self.accumulation = "float32"
+            if x.device == self._packed.device and x.numel():
+                self._kernel_update(x, dim)
+                self._count += num_samples(x, dim)
+                return
+            m = subspace_moments(x, self.split, dim)  # sums on another device: add them
         else:  # the reference path accumulates directly in the accumulator's dtype
-            m = subspace_moments_reference(x, self.split, dim, accum_dtype=self.gram_u.dtype)
-        dev = self.gram_u.device
-        self.gram_u += m.gram_u.to(dev, self.gram_u.dtype)
-        self.gram_v += m.gram_v.to(dev, self.gram_v.dtype)
-        self.sum_abs += m.sum_abs.to(dev, self.sum_abs.dtype)
-        self.sum_sq += m.sum_sq.to(dev, self.sum_sq.dtype)
+            m = subspace_moments_reference(x, self.split, dim, accum_dtype=self._packed.dtype)
+        dev, dt = self._packed.device, self._packed.dtype
+        gu, gv = self.gram_u, self.gram_v  # symmetric before full matrices are added
+        gu += m.gram_u.to(dev, dt)
+        gv += m.gram_v.to(dev, dt)
+        self.sum_abs += m.sum_abs.to(dev, dt)
+        self.sum_sq += m.sum_sq.to(dev, dt)
         self._count += num_samples(x, dim)
 
+    def _kernel_update(self, x: Tensor, dim: int) -> None:
+        from cobkern.kernels import covariance as kernels  # deferred: importing triton is slow
+
+        dim = check_activation_input("cobkern.CovarianceAccumulator", x, self.split, dim)
+        geo = channel_geometry(x, dim)
+        if geo is None:  # an odd layout (e.g. a permuted view): one contiguous copy
+            x = x.contiguous()
+            geo = channel_geometry(x, dim)
+        kernels.subspace_moments(x, geo, self.split, self._packed, self.sum_abs, self.sum_sq,
+                                 mirror=False)
+        self._symmetric = False
+
     def tensors(self) -> list[Tensor]:
-        """The running sums, in a fixed order (for all-reduce / serialisation)."""
-        return [self.gram_u, self.gram_v, self.sum_abs, self.sum_sq, self._count]
+        """The running sums, in a fixed order: ``[gram_u, gram_v, sum_abs, sum_sq]``."""
+        return [self.gram_u, self.gram_v, self.sum_abs, self.sum_sq]
 
     def all_reduce(self, group=None) -> None:
         """Sum the accumulators of all ranks in ``group`` (in place, every rank gets the sum).
 
-        A no-op unless ``torch.distributed`` is initialised. The sums travel as one flat
-        buffer (one collective per layer).
+        A no-op unless ``torch.distributed`` is initialised. The sums and the sample count
+        travel as one flat buffer (one collective per layer).
         """
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
             return
-        ts = self.tensors()
-        flat = torch.cat([t.reshape(-1) for t in ts])
+        self._symmetrize()
+        count = torch.tensor([float(self._count)], dtype=self._packed.dtype,
+                             device=self._packed.device)
+        flat = torch.cat([self._packed, self.sum_abs, self.sum_sq, count])
         if dist.get_backend(group) == "nccl" and flat.device.type != "cuda":
             flat = flat.cuda()
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        flat = flat.to(ts[0].device)
-        off = 0
-        for t in ts:
-            n = t.numel()
-            t.copy_(flat[off:off + n].view_as(t))
-            off += n
+        flat = flat.to(self._packed.device)
+        n, c = self._packed.numel(), self.num_channels
+        self._packed.copy_(flat[:n])
+        self.sum_abs.copy_(flat[n:n + c])
+        self.sum_sq.copy_(flat[n + c:n + 2 * c])
+        self._count = int(round(flat[-1].item()))

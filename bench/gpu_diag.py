@@ -1,0 +1,319 @@
+"""Diagnostics for a short GPU lease: where the time of the TSRA ops and of calibration goes.
+
+Run: ``python bench/gpu_diag.py --out DIR [--parts tiles,overhead,calibration]``. CUDA only.
+
+* ``tiles``       — the TSRA kernels alone (CUDA-graph replay, no host overhead) at the VGG-16
+  shapes, batch 1024, bf16 and fp32, forward and backward, for the shipped tile configuration
+  and alternatives (elements per program tile × elements per thread), as % of the device-copy
+  bandwidth measured in the same run. Variants are compiled in parallel worker processes
+  first (they share Triton's on-disk cache), so the sweep costs seconds, not minutes.
+* ``overhead``    — forward+backward per call through the eager fast path
+  (``autograd.Function``), through the registered custom op, and replayed from a CUDA graph:
+  the differences are host time.
+* ``calibration`` — a plain forward pass vs streaming calibration (float32 ``ieee`` and
+  ``tf32x3`` products, and a bf16 model) on 10,000 images of VGG-16, each Gram's error
+  against float64, and the profiler's top CUDA kernels of a streaming calibration.
+
+Writes ``DIR/gpu_diag.json`` and ``DIR/gpu_diag.md`` (rewritten after each part).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+
+import torch
+
+SHAPES = [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 2, 2), (4096,)]
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# (tile elements, elements per thread); the first of each list is the shipped default
+CONFIGS = {"forward": [(4096, 16), (8192, 16), (8192, 32), (16384, 32), (2048, 8), (4096, 8)],
+           "backward": [(2048, 8), (4096, 8), (4096, 16), (8192, 16), (1024, 4), (2048, 4)]}
+BATCH = int(os.environ.get("GPU_DIAG_BATCH", "1024"))
+#: ``GPU_DIAG_DEVICE=cpu`` (with ``TRITON_INTERPRET=1``) smoke-tests the script without a GPU
+DEVICE = os.environ.get("GPU_DIAG_DEVICE", "cuda")
+CONSTS = (5.0, 0.5, 5.0, 0.7, 1e-12, 0, 0.0)  # a_u, b_u, a_v, b_v, eps, norm_size, rms_eps
+
+
+def _tensors(shape, dtype, direction):
+    x = torch.randn((BATCH, *shape), device=DEVICE, dtype=dtype)
+    out = torch.empty_like(x)
+    return (x, out) if direction == "forward" else (torch.randn_like(x), x, out)
+
+
+def _launch(direction, tensors, tile, ept):
+    from cobkern.kernels import tsra as k
+
+    from cobkern.ops._checks import channel_geometry  # noqa: I001
+
+    geo = channel_geometry(tensors[0], 1)
+    split = tensors[0].shape[1] // 2
+    k._launch(direction, tensors, geo, split, *CONSTS, tile_elems=tile, elems_per_thread=ept)
+
+
+def _compile_job(jobs):
+    """Worker: run each variant once (compiles it into Triton's on-disk cache)."""
+    done = 0
+    for shape, dname, direction, tile, ept in jobs:
+        try:
+            _launch(direction, _tensors(shape, DTYPES[dname], direction), tile, ept)
+            done += 1
+        except Exception as e:  # reported by the timing pass
+            print(f"compile failed {shape} {dname} {direction} {tile}/{ept}: {e}", flush=True)
+    _sync()
+    return done
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        _sync()
+
+
+def _wall_ms(fn, n: int = 3) -> float:
+    fn()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t) / n * 1e3
+
+
+def _graph_ms(fn, rep_ms: float = 30.0) -> float:
+    """Median ms of ``fn`` replayed from a CUDA graph (no host overhead)."""
+    import triton.testing as tt
+
+    if DEVICE != "cuda":
+        return _wall_ms(fn)
+    fn()  # load the compiled kernel outside the capture
+    _sync()
+    try:
+        return float(tt.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
+    except TypeError:  # older signature
+        return float(tt.do_bench_cudagraph(fn, rep=rep_ms))
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a 2 GiB device-to-device copy (read + write counted)."""
+    src = torch.empty(2**29 if DEVICE == "cuda" else 2**20, device=DEVICE).normal_()
+    dst = torch.empty_like(src)
+    ms = _graph_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+def part_tiles(rec: dict) -> None:
+    jobs = [(s, d, dr, t, e) for s in SHAPES for d in DTYPES for dr in CONFIGS
+            for t, e in CONFIGS[dr]]
+    t0 = time.perf_counter()
+    n_workers = min(14, os.cpu_count() or 4)
+    ctx = mp.get_context("spawn")
+    with cf.ProcessPoolExecutor(n_workers, mp_context=ctx) as ex:
+        compiled = sum(ex.map(_compile_job, [jobs[i::n_workers] for i in range(n_workers)]))
+    rec["tiles_compile_s"] = time.perf_counter() - t0
+    print(f"compiled {compiled}/{len(jobs)} variants in {rec['tiles_compile_s']:.1f}s",
+          flush=True)
+    bw = copy_bandwidth()
+    rec["copy_GBps"] = bw / 1e9
+    rows = []
+    for shape in SHAPES:
+        for dname, dtype in DTYPES.items():
+            for direction, cfgs in CONFIGS.items():
+                tensors = _tensors(shape, dtype, direction)
+                nbytes = tensors[0].numel() * tensors[0].element_size() * (
+                    2 if direction == "forward" else 3)
+                for tile, ept in cfgs:
+                    try:
+                        ms = _graph_ms(lambda d=direction, ts=tensors, t=tile, e=ept:
+                                       _launch(d, ts, t, e))
+                    except Exception as e:
+                        rows.append(dict(shape=list(shape), dtype=dname, direction=direction,
+                                         tile=tile, ept=ept, error=str(e)[:200]))
+                        continue
+                    rows.append(dict(shape=list(shape), dtype=dname, direction=direction,
+                                     tile=tile, ept=ept, ms=ms,
+                                     pct_copy=100 * nbytes / (ms * 1e-3) / bw))
+    rec["tiles"] = rows
+
+
+def part_overhead(rec: dict) -> None:
+    import triton.testing as tt
+
+    import cobkern
+
+    rows = []
+    for shape in [(512, 2, 2), (64, 32, 32), (4096,)]:
+        x = torch.randn((BATCH, *shape), device=DEVICE, dtype=torch.bfloat16)
+        split = shape[0] // 2
+        xg = x.detach().requires_grad_(True)
+        dy = torch.randn_like(x)
+        def fast(xg=xg, dy=dy, split=split):
+            return torch.autograd.grad(cobkern.tsra(xg, split), xg, dy)
+
+        def op(xg=xg, dy=dy, split=split):
+            return torch.autograd.grad(torch.ops.cobkern.tsra(xg, split, 1, *CONSTS), xg, dy)
+
+        row = {"shape": [BATCH, *shape], "dtype": "bf16"}
+        for name, fn in (("fast_path", fast), ("custom_op", op)):
+            row[name + "_ms"] = (float(tt.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+                                 if DEVICE == "cuda" else _wall_ms(fn))
+        try:
+            row["graph_ms"] = _graph_ms(fast)
+        except Exception as e:
+            row["graph_error"] = str(e)[:200]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    rec["overhead"] = rows
+
+
+def part_calibration(rec: dict) -> None:
+    from cobkern.kernels import covariance as kcov
+
+    from cobkern.cob import calibrate, find_cob_layers
+    from cobkern.models import vgg16_tsra
+
+    images, batch = (10_000, 500) if DEVICE == "cuda" else (64, 16)
+    out = {}
+    for dname, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        model = vgg16_tsra(width=1.0 if DEVICE == "cuda" else 0.125).to(DEVICE).to(dtype).eval()
+        g = torch.Generator().manual_seed(0)
+        data = torch.randn(images, 3, 32, 32, generator=g)
+        loader = [data[i:i + batch].to(DEVICE).to(dtype) for i in range(0, images, batch)]
+        modes = ["ieee", "tf32x3"] if dtype == torch.float32 else ["bf16"]
+        with torch.no_grad():
+            model(loader[0])
+            for m in modes:  # compile every layer's kernel variant outside the timings
+                if m != "bf16":
+                    kcov.F32_DOT_DEFAULT = m
+                calibrate(model, loader[:1], max_samples=None, progress=False)
+        _sync()
+        t = time.perf_counter()
+        with torch.no_grad():
+            for xb in loader:
+                model(xb)
+        _sync()
+        fwd = time.perf_counter() - t
+        out[f"{dname}_forward_s"] = fwd
+        for m in modes:
+            if m != "bf16":
+                kcov.F32_DOT_DEFAULT = m
+            _sync()
+            t = time.perf_counter()
+            stats = calibrate(model, loader, max_samples=None, progress=False)
+            _sync()
+            s = time.perf_counter() - t
+            out[f"{dname}_{m}_calibrate_s"] = s
+            out[f"{dname}_{m}_x_forward"] = s / fwd
+            print(f"{dname} {m}: forward {fwd:.3f}s calibrate {s:.3f}s ({s / fwd:.2f}x)",
+                  flush=True)
+            if m in ("ieee", "tf32x3"):  # accuracy on the first layers vs float64
+                err = 0.0
+                acts = {}
+                layers = find_cob_layers(model)[:3]
+                hooks = [lay.activation.register_forward_hook(
+                    lambda mod, i, o, n=lay.name, acts=acts: acts.setdefault(n, []).append(
+                        o.double()))
+                    for lay in layers]
+                with torch.no_grad():
+                    for xb in loader[:4]:
+                        model(xb)
+                for h in hooks:
+                    h.remove()
+                st = calibrate(model, loader[:4], max_samples=None, progress=False)
+                for lay in layers:
+                    a = torch.cat(acts[lay.name]).movedim(1, -1).reshape(-1, lay.num_channels)
+                    gu = a[:, :lay.split].T @ a[:, :lay.split]
+                    e = ((st[lay.name].gram_u - gu.cpu()).abs().max() / gu.abs().max()).item()
+                    err = max(err, e)
+                out[f"{dname}_{m}_max_rel_err"] = err
+        kcov.F32_DOT_DEFAULT = "ieee"
+        del stats
+    # where the streaming time goes
+    model = vgg16_tsra(width=1.0 if DEVICE == "cuda" else 0.125).to(DEVICE).eval()
+    loader = [torch.randn(batch, 3, 32, 32, device=DEVICE) for _ in range(4)]
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with profile(activities=acts) as prof:
+        calibrate(model, loader, max_samples=None, progress=False)
+        _sync()
+    table = prof.key_averages().table(
+        sort_by="cuda_time_total" if DEVICE == "cuda" else "cpu_time_total", row_limit=15)
+    out["profile_top_cuda"] = table
+    print(table, flush=True)
+    rec["calibration"] = out
+
+
+def _markdown(rec: dict) -> str:
+    lines = [f"# GPU diagnostics — {rec.get('device')}, torch {rec.get('torch')}, "
+             f"triton {rec.get('triton')}, {rec.get('date')}", ""]
+    if "tiles" in rec:
+        lines += [f"Copy bandwidth (2 GiB, CUDA graph): {rec['copy_GBps']:.0f} GB/s. "
+                  "Kernel times from CUDA-graph replay (median).", "",
+                  "| shape | dtype | pass | tile/elems-per-thread | ms | % of copy BW |",
+                  "|---|---|---|---|---:|---:|"]
+        for r in rec["tiles"]:
+            shp = "×".join(map(str, [BATCH, *r["shape"]]))
+            if "error" in r:
+                lines.append(f"| {shp} | {r['dtype']} | {r['direction']} | {r['tile']}/"
+                             f"{r['ept']} | error | {r['error'][:60]} |")
+            else:
+                lines.append(f"| {shp} | {r['dtype']} | {r['direction']} | {r['tile']}/"
+                             f"{r['ept']} | {r['ms']:.4f} | {r['pct_copy']:.0f}% |")
+        lines.append("")
+    if "overhead" in rec:
+        lines += ["| shape (bf16, fwd+bwd) | fast path ms | custom op ms | CUDA graph ms |",
+                  "|---|---:|---:|---:|"]
+        for r in rec["overhead"]:
+            g = f"{r['graph_ms']:.4f}" if "graph_ms" in r else r.get("graph_error", "—")
+            lines.append(f"| {'×'.join(map(str, r['shape']))} | {r['fast_path_ms']:.4f} | "
+                         f"{r['custom_op_ms']:.4f} | {g} |")
+        lines.append("")
+    if "calibration" in rec:
+        c = {k: v for k, v in rec["calibration"].items() if k != "profile_top_cuda"}
+        lines += ["```", json.dumps(c, indent=1), "```", "", "```",
+                  rec["calibration"].get("profile_top_cuda", ""), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="bench-results")
+    p.add_argument("--parts", default="tiles,overhead,calibration")
+    args = p.parse_args(argv)
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        p.error("gpu_diag needs a CUDA device")
+    import datetime as dt
+
+    import triton
+
+    from cobkern._atomic import atomic_path
+
+    rec = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE,
+           "torch": torch.__version__, "triton": triton.__version__,
+           "date": dt.date.today().isoformat()}
+    os.makedirs(args.out, exist_ok=True)
+    parts = {"tiles": part_tiles, "overhead": part_overhead, "calibration": part_calibration}
+    for name in args.parts.split(","):
+        t = time.perf_counter()
+        try:
+            parts[name](rec)
+        except Exception as e:  # keep the other parts' results
+            import traceback
+
+            traceback.print_exc()
+            rec[f"{name}_error"] = f"{type(e).__name__}: {e}"[:500]
+        rec[f"{name}_s"] = time.perf_counter() - t
+        with atomic_path(os.path.join(args.out, "gpu_diag.json")) as tmp:
+            tmp.write_text(json.dumps(rec, indent=1))
+        with atomic_path(os.path.join(args.out, "gpu_diag.md")) as tmp:
+            tmp.write_text(_markdown(rec))
+        print(f"== part {name} done in {rec[f'{name}_s']:.1f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    raise SystemExit(main())
