@@ -71,7 +71,7 @@ def _compile_job(jobs):
 
 def _sync() -> None:
     if DEVICE == "cuda":
-        _sync()
+        torch.cuda.synchronize()
 
 
 def _wall_ms(fn, n: int = 3) -> float:

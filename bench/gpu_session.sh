@@ -72,13 +72,13 @@ if want diag; then
   step "diagnostics: tile sweep, host overhead, calibration profile"
   cap 200 python3 bench/gpu_diag.py --out "$FINAL"
 fi
-if want tsra; then
-  step "TSRA kernels vs eager / torch.compile / copy ceiling (bf16, then fp32)"
-  cap 210 python3 bench/bench_tsra.py --out "$FINAL" --dtypes bf16,fp32
-fi
 if want calibration; then
   step "calibration: forward pass vs streaming vs materialising"
   cap 45 python3 bench/bench_calibration.py --out "$FINAL"
+fi
+if want tsra; then
+  step "TSRA kernels vs eager / torch.compile / copy ceiling (bf16, then fp32)"
+  cap 210 python3 bench/bench_tsra.py --out "$FINAL" --dtypes bf16,fp32
 fi
 if want training; then
   step "training throughput"

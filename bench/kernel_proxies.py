@@ -33,7 +33,8 @@ def main() -> None:
     for label, c, p, cl in SHAPES:
         for direction in ["forward", "backward"]:
             for dtype in ["bf16", "fp32"]:
-                kernel, consts, warps, n_pblocks = specialization(c, p, cl, direction, True)
+                kernel, consts, warps, n_pblocks = specialization(
+                    c, p, cl, direction, True, 4 if dtype == "fp32" else 2)
                 kernel = getattr(kernel, "fn", kernel).__name__
                 ints = {"C": c, "P": p, "stride_b": 0 if cl else c * p,
                         "stride_c": 1 if cl else p, "stride_p": c if cl else 1}

@@ -256,28 +256,47 @@ KERNELS = {
 SMALL_P_VALUES = (2, 4, 8)
 #: Widest channel count held in one register tile; wider inputs use the chunked kernels.
 MAX_TILE_CHANNELS = 4096
-#: Elements per program tile (and channel chunk of the chunked kernels). Backward holds two
-#: tensors, so its tile is half as large: at 4096 it needs 16 warps, whose 128-register
-#: cap spills the half-precision RMSNorm variant.
-TILE_ELEMS = {"forward": 4096, "backward": 2048}
-#: Values of each loaded tensor per thread: more spills in backward (which holds x and dy
-#: plus the broadcast coefficients), fewer starves the memory system of loads in flight.
-ELEMS_PER_THREAD = {"forward": 16, "backward": 8}
+#: Bytes of each loaded tensor per program tile (and per channel chunk of the chunked
+#: kernels), and per thread, by direction. Measured on an H200 (bench/gpu_diag.py, CUDA-graph
+#: replay of the kernels alone at the VGG-16 shapes, batch 1024; BENCHMARKS.md): forward is
+#: best at 16 KiB tiles with 64 bytes per thread in both fp32 (4096 elements, 16 per thread)
+#: and bf16 (8192, 32): a bf16 tile of 4096 elements left the 512×4×4 layer at 0.017 ms
+#: against 0.011. Backward holds x and dy: 4096 elements with 16 per thread was fastest at
+#: most shapes in both dtypes (1024×128×16×16 bf16: 0.156 ms against 0.261 for 2048/8).
+TILE_BYTES = {"forward": 16384, "backward": {4: 16384, 2: 8192}}
+BYTES_PER_THREAD = {"forward": 64, "backward": {4: 64, 2: 32}}
+#: Chunked kernels (``C > MAX_TILE_CHANNELS``; not in the sweep) keep ``(elements per
+#: chunk, per thread)`` of 4096/16 forward and 2048/8 backward: the fp32 backward at
+#: 4096/16 spills (AOT test), and these were the spill-free shipped configuration.
+CHUNKED_TILE = {"forward": (4096, 16), "backward": (2048, 8)}
 
 
-def launch_config(C: int, P: int, direction: str = "forward", tile_elems: int | None = None,
+def _per_dtype(table: dict, direction: str, itemsize: int) -> int:
+    v = table[direction]
+    return v if isinstance(v, int) else v[min(itemsize, 4)]
+
+
+def launch_config(C: int, P: int, direction: str = "forward", itemsize: int = 4,
+                  tile_elems: int | None = None,
                   elems_per_thread: int | None = None) -> tuple[int, int, int, bool]:
     """``(BLOCK_C, BLOCK_P, num_warps, chunked)`` for a ``(C, P)`` problem.
 
     Up to :data:`MAX_TILE_CHANNELS` the tile spans every channel (``BLOCK_C =
-    next_pow2(C)``) and as many positions as fit in :data:`TILE_ELEMS`; wider inputs loop over
-    channel chunks of :data:`TILE_ELEMS`. Warps grow with the tile so that each thread
-    holds :data:`ELEMS_PER_THREAD` values (verified spill-free by the AOT tests).
-    ``tile_elems`` / ``elems_per_thread`` override the defaults (tuning sweeps only).
+    next_pow2(C)``) and as many positions as fit in the tile (:data:`TILE_BYTES` of
+    ``itemsize``-byte elements); wider inputs loop over channel chunks of that size. Warps
+    grow with the tile so that each thread holds :data:`BYTES_PER_THREAD` of each tensor
+    (verified spill-free by the AOT tests). ``tile_elems`` / ``elems_per_thread`` override
+    the defaults (tuning sweeps only).
     """
-    tile_elems = tile_elems or TILE_ELEMS[direction]
-    elems_per_thread = elems_per_thread or ELEMS_PER_THREAD[direction]
+    itemsize = min(max(itemsize, 2), 4)  # fp16/bf16: 2, fp32: 4 (float64 never launches)
     chunked = C > MAX_TILE_CHANNELS
+    if chunked:
+        default_tile, default_ept = CHUNKED_TILE[direction]
+    else:
+        default_tile = _per_dtype(TILE_BYTES, direction, itemsize) // itemsize
+        default_ept = _per_dtype(BYTES_PER_THREAD, direction, itemsize) // itemsize
+    tile_elems = tile_elems or default_tile
+    elems_per_thread = elems_per_thread or default_ept
     block_c = tile_elems if chunked else triton.next_power_of_2(C)
     block_p = max(1, min(triton.next_power_of_2(P), tile_elems // block_c))
     tile = block_c * block_p
@@ -286,14 +305,14 @@ def launch_config(C: int, P: int, direction: str = "forward", tile_elems: int | 
 
 
 def specialization(C: int, P: int, channels_contig: bool, direction: str, rmsnorm: bool,
-                   **tuning: int | None) -> tuple[object, dict, int, int]:
+                   itemsize: int = 4, **tuning: int | None) -> tuple[object, dict, int, int]:
     """What one launch compiles: ``(kernel, constexprs, num_warps, n_pblocks)``.
 
     The single source of the launch decisions, shared by the launcher and by the
     ahead-of-time compilation tests (which compile exactly these variants). ``tuning``
     (``tile_elems``, ``elems_per_thread``) is passed to :func:`launch_config`.
     """
-    block_c, block_p, num_warps, chunked = launch_config(C, P, direction, **tuning)
+    block_c, block_p, num_warps, chunked = launch_config(C, P, direction, itemsize, **tuning)
     small_p = P if (not channels_contig and P in SMALL_P_VALUES and block_p == P) else 0
     constexprs = {"BLOCK_C": block_c, "BLOCK_P": block_p, "CHANNELS_CONTIG": channels_contig,
                   "RMSNORM": rmsnorm, "EVEN_C": C % block_c == 0, "SMALL_P": small_p}
@@ -303,7 +322,8 @@ def specialization(C: int, P: int, channels_contig: bool, direction: str, rmsnor
 def _launch(direction, tensors, geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps,
             **tuning):
     kernel, constexprs, num_warps, n_pblocks = specialization(
-        geo.C, geo.P, geo.channels_contig, direction, norm_size > 0, **tuning)
+        geo.C, geo.P, geo.channels_contig, direction, norm_size > 0,
+        tensors[0].element_size(), **tuning)
     inv_n = 1.0 / norm_size if norm_size > 0 else 0.0
     kernel[(n_pblocks * geo.B,)](
         *tensors, geo.C, geo.P, split, n_pblocks, geo.stride_b, geo.stride_c, geo.stride_p,

@@ -183,12 +183,12 @@ def test_stats_eigh_save_load(tmp_path):
         CalibrationStats.load(bad)
 
 
-def test_statistics_record_the_kernel_precision():
+def test_statistics_record_the_kernel_precision(device):
     """float32 activations through the Triton kernel (natively or interpreted) give
     float32-accumulated sums; the lossless default tolerance depends on it."""
-    m = small_net().eval()
+    m = small_net().eval().to(device)
     with use_backend("triton"):
-        st = calibrate(m, batches(), progress=False)
+        st = calibrate(m, [(x.to(device), y) for x, y in batches()], progress=False)
     assert {s.accumulation for s in st.layers.values()} == {"float32"}
     assert st["0"].rotated().accumulation == "float32"
 

@@ -56,7 +56,8 @@ def _variants():
         for dtype in DTYPES:
             for rms in [False, True]:
                 for c, p, cl in SHAPES:
-                    kernel, consts, warps, _ = specialization(c, p, cl, direction, rms)
+                    kernel, consts, warps, _ = specialization(
+                        c, p, cl, direction, rms, DTYPES[dtype])
                     kernel = getattr(kernel, "fn", kernel).__name__
                     ints = {"C": c, "P": p, "stride_b": 0 if cl else c * p,
                             "stride_c": 1 if cl else p, "stride_p": c if cl else 1}
