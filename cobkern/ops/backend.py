@@ -34,6 +34,35 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
+def check_interpreter_compatible() -> None:
+    """Warn once if this Triton's interpreter cannot run cobkern's kernels on CPU tensors.
+
+    Triton 3.6's interpreter turns a kernel's integer arguments into one-element arrays and
+    calls ``int()`` on them for ``range`` bounds, which numpy >= 2.4 refuses ("only
+    0-dimensional arrays can be converted to Python scalars"); the chunked TSRA kernels
+    (C > 4096) and the covariance kernel loop over such bounds. Seen with triton 3.6.0 +
+    numpy 2.4.6; triton 3.8 works with numpy 2.4, and triton 3.6 with numpy 2.3. GPU runs
+    are unaffected.
+    """
+    import warnings
+
+    import numpy as np
+    import triton
+
+    def _ver(v: str) -> tuple[int, int]:
+        major, minor = (v.split(".") + ["0"])[:2]
+        return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+    if _ver(triton.__version__) < (3, 8) and _ver(np.__version__) >= (2, 4):
+        warnings.warn(
+            f"TRITON_INTERPRET=1 with triton {triton.__version__} and numpy {np.__version__}: "
+            "this interpreter fails on kernel loops with runtime bounds under numpy >= 2.4 "
+            "(cobkern's covariance kernel and TSRA kernels for C > 4096). Use numpy < 2.4, "
+            "triton >= 3.8, or cobkern.ops.use_backend('reference') on CPU.",
+            RuntimeWarning, stacklevel=3)
+
+
 def get_backend() -> str:
     """The current backend name: ``"auto"``, ``"triton"`` or ``"reference"``."""
     return _backend
@@ -75,9 +104,10 @@ def use_triton(x: torch.Tensor, *, op: str, supported: bool = True) -> bool:
     """
     if _backend == "reference":
         return False
-    runnable = triton_available() and (
-        x.device.type == "cuda" or (x.device.type == "cpu" and interpreter_enabled())
-    )
+    interpreted = x.device.type == "cpu" and interpreter_enabled()
+    runnable = triton_available() and (x.device.type == "cuda" or interpreted)
+    if runnable and interpreted:
+        check_interpreter_compatible()
     if _backend == "triton":
         if not runnable:
             raise RuntimeError(
