@@ -10,6 +10,9 @@ Run: ``python bench/gpu_diag.py --out DIR [--parts tiles,overhead,calibration]``
 * ``overhead``    — forward+backward per call through the eager fast path
   (``autograd.Function``), through the registered custom op, and replayed from a CUDA graph:
   the differences are host time.
+* ``covariance``  — the covariance kernel alone (CUDA-graph replay) at each VGG-16 layer's
+  activation shape, batch 500: Gram tile 32 vs 64, float32 products ``ieee`` vs ``tf32x3``,
+  and bf16, with achieved TFLOP/s of the products actually computed.
 * ``calibration`` — a plain forward pass vs streaming calibration (float32 ``ieee`` and
   ``tf32x3`` products, and a bf16 model) on 10,000 images of VGG-16, each Gram's error
   against float64, and the profiler's top CUDA kernels of a streaming calibration.
@@ -32,8 +35,16 @@ import torch
 SHAPES = [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 2, 2), (4096,)]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # (tile elements, elements per thread); the first of each list is the shipped default
-CONFIGS = {"forward": [(4096, 16), (8192, 16), (8192, 32), (16384, 32), (2048, 8), (4096, 8)],
-           "backward": [(2048, 8), (4096, 8), (4096, 16), (8192, 16), (1024, 4), (2048, 4)]}
+# (the shipped ones since the 2026-11-26 sweep: forward 16 KiB tiles with 64 B per thread —
+# 4096/16 fp32, 8192/32 bf16; backward 4096/16); 4-warp tiles (more channels per thread,
+# less cross-warp reduction) were added after that sweep and are not yet measured.
+CONFIGS = {"forward": [(4096, 16), (8192, 16), (8192, 32), (16384, 32), (2048, 8), (4096, 8),
+                       (4096, 32), (8192, 64), (2048, 16)],
+           "backward": [(2048, 8), (4096, 8), (4096, 16), (8192, 16), (1024, 4), (2048, 4),
+                        (2048, 16), (4096, 32)]}
+# VGG-16 CoB layer activations (C, H, W) at calibration batch 500, for the covariance sweep
+COV_SHAPES = [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 2, 2), (4096,)]
+COV_BATCH = int(os.environ.get("GPU_DIAG_COV_BATCH", "500"))
 BATCH = int(os.environ.get("GPU_DIAG_BATCH", "1024"))
 #: ``GPU_DIAG_DEVICE=cpu`` (with ``TRITON_INTERPRET=1``) smoke-tests the script without a GPU
 DEVICE = os.environ.get("GPU_DIAG_DEVICE", "cuda")
@@ -136,6 +147,70 @@ def part_tiles(rec: dict) -> None:
                                      tile=tile, ept=ept, ms=ms,
                                      pct_copy=100 * nbytes / (ms * 1e-3) / bw))
     rec["tiles"] = rows
+
+
+def _cov_jobs():
+    jobs = []
+    for shape in COV_SHAPES:
+        for dname in ("fp32", "bf16"):
+            for block in (64, 32):
+                for dot in (("ieee", "tf32x3") if dname == "fp32" else ("",)):
+                    jobs.append((shape, dname, block, dot))
+    return jobs
+
+
+def _cov_case(shape, dname, block, dot):
+    from cobkern.kernels import covariance as kcov
+
+    from cobkern.ops._checks import channel_geometry  # noqa: I001
+
+    x = torch.randn((COV_BATCH, *shape), device=DEVICE, dtype=DTYPES[dname])
+    c = shape[0]
+    su = sv = c // 2
+    packed = torch.zeros(su * su + sv * sv, device=DEVICE, dtype=torch.float64)
+    sa = torch.zeros(c, device=DEVICE, dtype=torch.float64)
+    sq = torch.zeros(c, device=DEVICE, dtype=torch.float64)
+    geo = channel_geometry(x, 1)
+
+    def fn():
+        kcov.subspace_moments(x, geo, su, packed, sa, sq, mirror=False, f32_dot=dot or None,
+                              block=block)
+
+    n = x.numel() // c
+    tiles = 2 * sum(1 for i in range(-(-su // block)) for _ in range(i, -(-su // block)))
+    return fn, 2.0 * n * tiles * block * block  # FLOPs of the products computed
+
+
+def _cov_compile_job(jobs):
+    done = 0
+    for job in jobs:
+        try:
+            _cov_case(*job)[0]()
+            done += 1
+        except Exception as e:
+            print(f"compile failed {job}: {e}", flush=True)
+    _sync()
+    return done
+
+
+def part_covariance(rec: dict) -> None:
+    jobs = _cov_jobs()
+    n_workers = min(14, os.cpu_count() or 4)
+    with cf.ProcessPoolExecutor(n_workers, mp_context=mp.get_context("spawn")) as ex:
+        sum(ex.map(_cov_compile_job, [jobs[i::n_workers] for i in range(n_workers)]))
+    rows = []
+    for job in jobs:
+        shape, dname, block, dot = job
+        row = dict(shape=list(shape), dtype=dname, block=block, f32_dot=dot or "-")
+        try:
+            fn, flops = _cov_case(*job)
+            ms = _graph_ms(fn)
+            row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
+        except Exception as e:
+            row["error"] = str(e)[:200]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    rec["covariance"] = rows
 
 
 def part_overhead(rec: dict) -> None:
@@ -271,6 +346,16 @@ def _markdown(rec: dict) -> str:
             lines.append(f"| {'×'.join(map(str, r['shape']))} | {r['fast_path_ms']:.4f} | "
                          f"{r['custom_op_ms']:.4f} | {g} |")
         lines.append("")
+    if "covariance" in rec:
+        lines += [f"Covariance kernel alone, batch {COV_BATCH} (CUDA-graph replay):", "",
+                  "| layer (C×H×W) | dtype | tile | fp32 products | ms | TFLOP/s computed |",
+                  "|---|---|---|---|---:|---:|"]
+        for r in rec["covariance"]:
+            v = (f"{r['ms']:.4f} | {r['tflops']:.1f}" if "ms" in r
+                 else f"error | {r['error'][:60]}")
+            lines.append(f"| {'×'.join(map(str, r['shape']))} | {r['dtype']} | {r['block']} | "
+                         f"{r['f32_dot']} | {v} |")
+        lines.append("")
     if "calibration" in rec:
         c = {k: v for k, v in rec["calibration"].items() if k != "profile_top_cuda"}
         lines += ["```", json.dumps(c, indent=1), "```", "", "```",
@@ -281,7 +366,7 @@ def _markdown(rec: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="bench-results")
-    p.add_argument("--parts", default="tiles,overhead,calibration")
+    p.add_argument("--parts", default="tiles,overhead,covariance,calibration")
     args = p.parse_args(argv)
     if DEVICE == "cuda" and not torch.cuda.is_available():
         p.error("gpu_diag needs a CUDA device")
@@ -295,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
            "torch": torch.__version__, "triton": triton.__version__,
            "date": dt.date.today().isoformat()}
     os.makedirs(args.out, exist_ok=True)
-    parts = {"tiles": part_tiles, "overhead": part_overhead, "calibration": part_calibration}
+    parts = {"tiles": part_tiles, "overhead": part_overhead, "covariance": part_covariance,
+             "calibration": part_calibration}
     for name in args.parts.split(","):
         t = time.perf_counter()
         try:

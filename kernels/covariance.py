@@ -121,7 +121,8 @@ TARGET_PROGRAMS_GPU = 4 * 132
 TARGET_PROGRAMS_INTERPRETER = 4
 
 
-def launch_config(subspace: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+def launch_config(subspace: int, dtype: torch.dtype,
+                  block: int | None = None) -> tuple[int, int, int, int]:
     """``(BLOCK, BLOCK_K, num_warps, num_stages)`` for a subspace of this size and dtype.
 
     64×64 tiles, 64 samples per step for 16-bit inputs (32 for float32, whose slabs are
@@ -131,11 +132,13 @@ def launch_config(subspace: int, dtype: torch.dtype) -> tuple[int, int, int, int
     bf16/fp16 use ~210 and float32 ~130 registers, no spills. Wider subspaces get more
     tiles rather than bigger ones. ``subspace`` is accepted for future tuning. These are the
     configurations compiled and checked for spills and ``wgmma`` in the test suite.
+    ``block=32`` (4 warps; tuning sweeps only, not yet measured) quarters the products of
+    subspaces of at most 32 channels, which 64×64 tiles mostly pad.
     """
     del subspace
-    block = 64
+    block = block or 64
     block_k = 32 if dtype == torch.float32 else 64
-    num_warps = 8
+    num_warps = 8 if block >= 64 else 4
     num_stages = 1 if dtype == torch.float32 else 2
     return block, block_k, num_warps, num_stages
 
@@ -172,7 +175,7 @@ F32_DOT_DEFAULT = "ieee"
 def subspace_moments(x: torch.Tensor, geo, split: int, packed: torch.Tensor,
                      sum_abs: torch.Tensor, sum_sq: torch.Tensor,
                      target_programs: int | None = None, mirror: bool = True,
-                     f32_dot: str | None = None) -> None:
+                     f32_dot: str | None = None, block: int | None = None) -> None:
     """Add the moments of ``x`` into the outputs (float32, or float64 running sums).
 
     Args:
@@ -188,10 +191,11 @@ def subspace_moments(x: torch.Tensor, geo, split: int, packed: torch.Tensor,
             Running sums pass ``False`` and mirror once when read (:func:`mirror_upper`).
         f32_dot: ``tl.dot`` input precision for float32 ``x`` (``"ieee"`` or ``"tf32x3"``);
             default :data:`F32_DOT_DEFAULT`.
+        block: Gram tile size override (tuning sweeps; see :func:`launch_config`).
     """
     C, n = geo.C, geo.B * geo.P
     su, sv = split, C - split
-    block, block_k, num_warps, num_stages = launch_config(max(su, sv), x.dtype)
+    block, block_k, num_warps, num_stages = launch_config(max(su, sv), x.dtype, block)
     table = tile_table(su, sv, block, x.device)
     n_tiles = table.numel() // 3
     if target_programs is None:
