@@ -7,7 +7,7 @@
 #   GPU_SESSION_BUDGET=300 bash bench/gpu_session.sh   # a shorter run (seconds)
 #   GPU_SESSION_DRY_RUN=1 PATH=.venv/bin:$PATH bash bench/gpu_session.sh  # check it on a CPU
 #   GPU_SESSION_STEPS=tests,diag bash bench/gpu_session.sh  # some steps only (default: all
-#                                 but diag: tests,tsra,calibration,training)
+#                                 but diag and ncu: tests,tsra,calibration,training)
 #
 # Results are written as they are produced into $OUT (the device tool's output folder, which
 # returns at most 8 files) or ./gpu-results:
@@ -16,6 +16,8 @@
 #   bench_tsra.{md,json}       TSRA / RMSNorm→TSRA vs eager / torch.compile / copy ceiling
 #   bench_calibration.{md,json}   streaming vs materialising calibration vs a forward pass
 #   bench_training.{md,json}   training throughput, fused vs eager vs ReLU
+#   gpu_diag.{md,json}         (step diag) tile sweeps, host overhead, calibration profile
+#   ncu_tsra.csv               (step ncu) Nsight Compute counters of the TSRA kernels
 #
 # The GPU image has torch/triton and the other dependencies but no network: instead of
 # installing, the package is laid out in a temporary folder (kernels/ mapped to
@@ -71,6 +73,17 @@ fi
 if want diag; then
   step "diagnostics: tile sweep, host overhead, calibration profile"
   cap 200 python3 bench/gpu_diag.py --out "$FINAL"
+fi
+if want ncu; then  # hardware counters of the bf16/fp32 NCHW kernels at 1024×64×32×32
+  step "ncu: TSRA kernels at 1024x64x32x32"
+  # 8 launches: per dtype a small warm-up forward/backward, then the real pair
+  left=$((BUDGET - SECONDS - 5)); ((left > 120)) && left=120
+  ((left >= 10)) && timeout --kill-after=5 "$left" ncu --clock-control none --set full \
+    -k regex:_tsra_ -c 8 --csv --page details python3 bench/ncu_tsra.py \
+    > "$FINAL/ncu_tsra.csv" 2>> "$LOG"
+  echo "-- ncu exit $? after ${SECONDS}s" | tee -a "$LOG"
+  grep -E "Memory Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|Duration" \
+    "$FINAL/ncu_tsra.csv" | head -40 | tee -a "$LOG"
 fi
 if want calibration; then
   step "calibration: forward pass vs streaming vs materialising"
