@@ -25,6 +25,8 @@ row length a compile-time constant so that those short rows still vectorise.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -271,6 +273,16 @@ BYTES_PER_THREAD = {"forward": 64, "backward": {4: 64, 2: 32}}
 CHUNKED_TILE = {"forward": (4096, 16), "backward": (2048, 8)}
 
 
+def _next_pow2(n: int) -> int:
+    """Host-side ``triton.next_power_of_2`` without its per-call dispatch cost (it is a
+    ``constexpr_function`` in recent Triton: microseconds per call, on every launch)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _per_dtype(table: dict, direction: str, itemsize: int) -> int:
     v = table[direction]
     return v if isinstance(v, int) else v[min(itemsize, 4)]
@@ -297,26 +309,29 @@ def launch_config(C: int, P: int, direction: str = "forward", itemsize: int = 4,
         default_ept = _per_dtype(BYTES_PER_THREAD, direction, itemsize) // itemsize
     tile_elems = tile_elems or default_tile
     elems_per_thread = elems_per_thread or default_ept
-    block_c = tile_elems if chunked else triton.next_power_of_2(C)
-    block_p = max(1, min(triton.next_power_of_2(P), tile_elems // block_c))
+    block_c = tile_elems if chunked else _next_pow2(C)
+    block_p = max(1, min(_next_pow2(P), tile_elems // block_c))
     tile = block_c * block_p
     num_warps = min(32, max(4, tile // (32 * elems_per_thread)))
     return block_c, block_p, num_warps, chunked
 
 
+@functools.lru_cache(maxsize=1024)
 def specialization(C: int, P: int, channels_contig: bool, direction: str, rmsnorm: bool,
                    itemsize: int = 4, **tuning: int | None) -> tuple[object, dict, int, int]:
     """What one launch compiles: ``(kernel, constexprs, num_warps, n_pblocks)``.
 
     The single source of the launch decisions, shared by the launcher and by the
     ahead-of-time compilation tests (which compile exactly these variants). ``tuning``
-    (``tile_elems``, ``elems_per_thread``) is passed to :func:`launch_config`.
+    (``tile_elems``, ``elems_per_thread``) is passed to :func:`launch_config`. Cached: it
+    runs on every launch, and host time is what limits the small layers. The returned
+    ``constexprs`` dict is shared between calls; do not mutate it.
     """
     block_c, block_p, num_warps, chunked = launch_config(C, P, direction, itemsize, **tuning)
     small_p = P if (not channels_contig and P in SMALL_P_VALUES and block_p == P) else 0
     constexprs = {"BLOCK_C": block_c, "BLOCK_P": block_p, "CHANNELS_CONTIG": channels_contig,
                   "RMSNORM": rmsnorm, "EVEN_C": C % block_c == 0, "SMALL_P": small_p}
-    return KERNELS[(direction, chunked)], constexprs, num_warps, triton.cdiv(P, block_p)
+    return KERNELS[(direction, chunked)], constexprs, num_warps, _cdiv(P, block_p)
 
 
 def _launch(direction, tensors, geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps,
