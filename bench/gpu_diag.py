@@ -69,17 +69,35 @@ def _launch(direction, tensors, tile, ept):
     k._launch(direction, tensors, geo, split, *CONSTS, tile_elems=tile, elems_per_thread=ept)
 
 
-def _compile_job(jobs):
-    """Worker: run each variant once (compiles it into Triton's on-disk cache)."""
+def _run_tile_job(job) -> None:
+    shape, dname, direction, tile, ept = job
+    _launch(direction, _tensors(shape, DTYPES[dname], direction), tile, ept)
+
+
+def _run_cov_job(job) -> None:
+    _cov_case(*job)[0]()
+
+
+def _compile_worker(run_job, jobs) -> int:
+    """Worker process: run each job once, which compiles its kernel variant into Triton's
+    on-disk cache (shared with the parent); failures are reported by the timing pass."""
     done = 0
-    for shape, dname, direction, tile, ept in jobs:
+    for job in jobs:
         try:
-            _launch(direction, _tensors(shape, DTYPES[dname], direction), tile, ept)
+            run_job(job)
             done += 1
-        except Exception as e:  # reported by the timing pass
-            print(f"compile failed {shape} {dname} {direction} {tile}/{ept}: {e}", flush=True)
+        except Exception as e:
+            print(f"compile failed {job}: {e}", flush=True)
     _sync()
     return done
+
+
+def precompile(run_job, jobs) -> int:
+    """Compile every variant in parallel worker processes; returns how many compiled."""
+    n_workers = min(14, os.cpu_count() or 4)
+    with cf.ProcessPoolExecutor(n_workers, mp_context=mp.get_context("spawn")) as ex:
+        chunks = [jobs[i::n_workers] for i in range(n_workers)]
+        return sum(ex.map(_compile_worker, [run_job] * n_workers, chunks))
 
 
 def _sync() -> None:
@@ -121,10 +139,7 @@ def part_tiles(rec: dict) -> None:
     jobs = [(s, d, dr, t, e) for s in SHAPES for d in DTYPES for dr in CONFIGS
             for t, e in CONFIGS[dr]]
     t0 = time.perf_counter()
-    n_workers = min(14, os.cpu_count() or 4)
-    ctx = mp.get_context("spawn")
-    with cf.ProcessPoolExecutor(n_workers, mp_context=ctx) as ex:
-        compiled = sum(ex.map(_compile_job, [jobs[i::n_workers] for i in range(n_workers)]))
+    compiled = precompile(_run_tile_job, jobs)
     rec["tiles_compile_s"] = time.perf_counter() - t0
     print(f"compiled {compiled}/{len(jobs)} variants in {rec['tiles_compile_s']:.1f}s",
           flush=True)
@@ -183,23 +198,9 @@ def _cov_case(shape, dname, block, dot):
     return fn, 2.0 * n * tiles * block * block  # FLOPs of the products computed
 
 
-def _cov_compile_job(jobs):
-    done = 0
-    for job in jobs:
-        try:
-            _cov_case(*job)[0]()
-            done += 1
-        except Exception as e:
-            print(f"compile failed {job}: {e}", flush=True)
-    _sync()
-    return done
-
-
 def part_covariance(rec: dict) -> None:
     jobs = _cov_jobs()
-    n_workers = min(14, os.cpu_count() or 4)
-    with cf.ProcessPoolExecutor(n_workers, mp_context=mp.get_context("spawn")) as ex:
-        sum(ex.map(_cov_compile_job, [jobs[i::n_workers] for i in range(n_workers)]))
+    precompile(_run_cov_job, jobs)
     rows = []
     for job in jobs:
         shape, dname, block, dot = job
