@@ -151,3 +151,24 @@ def test_accumulator_mixes_kernel_and_reference_updates(device):
     _close((acc.gram_u, acc.gram_v, acc.sum_abs, acc.sum_sq), ref)
     assert torch.equal(acc.gram_u, acc.gram_u.T) and torch.equal(acc.gram_v, acc.gram_v.T)
     assert acc.count == sum(num_samples(b) for b in batches)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block,f32_dot", [(32, "ieee"), (64, "tf32x3")])
+def test_launcher_tuning_options_compute_the_same_moments(device, dtype, block, f32_dot):
+    """The sweep options (32-wide Gram tiles, tf32x3 float32 products) add the same moments
+    into float64 sums, within the suite's 2e-6. tf32x3 (three TF32 products per float32
+    product) is not exact, but on an H200 its Grams were within 1.7e-7 of float64 on VGG-16
+    activations (BENCHMARKS.md), well inside that bound."""
+    from cobkern.kernels import covariance as k
+
+    x = _make((3, 70, 3, 5), dtype, False, device)
+    split, c = 30, 70
+    packed = torch.zeros(split**2 + (c - split) ** 2, device=device, dtype=torch.float64)
+    sa = torch.zeros(c, device=device, dtype=torch.float64)
+    sq = torch.zeros(c, device=device, dtype=torch.float64)
+    k.subspace_moments(x, channel_geometry(x, 1), split, packed, sa, sq, block=block,
+                       f32_dot=f32_dot)
+    got = (packed[: split**2].view(split, split), packed[split**2:].view(c - split, c - split),
+           sa, sq)
+    _close(got, subspace_moments_reference(x, split, accum_dtype=torch.float64))
