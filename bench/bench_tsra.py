@@ -16,8 +16,11 @@ forward reads x and writes y; forward+backward additionally reads x and dy and w
 Timing: ``triton.testing.do_bench`` (median, after warm-up). Each row also checks the fused
 result against the eager function evaluated in float64 on the same input
 (``‖out − ref‖ / ‖ref‖``, forward output and, for forward+backward, the input gradient), so a
-timing is never reported for a wrong kernel. Every ``torch.compile`` row starts from a reset
-Dynamo cache, so a recompile limit can never silently turn the ``compile`` column into eager.
+timing is never reported for a wrong kernel. On CUDA every variant is also replayed from a
+CUDA graph ("graph ms", ``triton.testing.do_bench_cudagraph``): the same work without host
+overhead, which dominates rows of a few tens of microseconds. Every ``torch.compile`` row
+starts from a reset Dynamo cache, so a recompile limit can never silently turn the
+``compile`` column into eager.
 Results go to ``OUT/bench_tsra.json`` and ``OUT/bench_tsra.md``, rewritten after every row so an
 interrupted run keeps what it measured.
 
@@ -82,6 +85,29 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
         return sorted(times)[len(times) // 2]
 
     return cpu_time
+
+
+def _graph_timer(device: torch.device) -> Callable[[Callable[[], object]], float | None] | None:
+    """On CUDA: median ms of a callable replayed from a CUDA graph (no host overhead), or
+    ``None`` where it cannot be captured. ``None`` on a CPU."""
+    if device.type != "cuda":
+        return None
+    import triton.testing
+
+    def graph_ms(fn):
+        try:
+            fn()  # compile / load outside the capture
+            torch.cuda.synchronize()
+            try:
+                return float(triton.testing.do_bench_cudagraph(fn, rep=30,
+                                                               return_mode="median"))
+            except TypeError:  # older triton: no return_mode
+                return float(triton.testing.do_bench_cudagraph(fn, rep=30))
+        except Exception:  # e.g. an op that cannot be captured
+            torch.cuda.synchronize()
+            return None
+
+    return graph_ms
 
 
 def _copy_ceiling(numel: int, dtype: torch.dtype, device: torch.device, timer, passes: int):
@@ -155,6 +181,7 @@ def run(shapes, batch, dtypes, device, ops=("tsra", "rmsnorm_tsra"), out_dir=Non
         if hasattr(torch._dynamo.config, knob):
             setattr(torch._dynamo.config, knob, 1024)
     timer = _timer(device)
+    graph = _graph_timer(device)
     rows = []
     spec = next((v for k, v in SPEC_BANDWIDTH.items()
                  if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
@@ -178,20 +205,28 @@ def run(shapes, batch, dtypes, device, ops=("tsra", "rmsnorm_tsra"), out_dir=Non
                     torch._dynamo.reset()
                     for name, fn in _variants(op, split).items():
                         if mode == "fwd":
-                            with torch.no_grad():
-                                ms = timer(lambda fn=fn, x=x: fn(x))
+                            def call(fn=fn, x=x):
+                                with torch.no_grad():
+                                    return fn(x)
                         else:
                             xg = x.detach().requires_grad_(True)
                             dy = torch.randn_like(x)
-                            ms = timer(lambda fn=fn, xg=xg, dy=dy: torch.autograd.grad(
-                                fn(xg), xg, dy))
+
+                            def call(fn=fn, xg=xg, dy=dy):
+                                return torch.autograd.grad(fn(xg), xg, dy)
+                        ms = timer(call)
                         row[f"{name}_ms"] = ms
                         row[f"{name}_GBps"] = nbytes / ms / 1e6
+                        if graph is not None:  # the same work without host overhead
+                            row[f"{name}_graph_ms"] = graph(call)
                     row["pct_of_ceiling"] = 100 * ceil_ms / row["cobkern_ms"]
                     row["pct_of_spec"] = (100 * nbytes / (row["cobkern_ms"] * 1e-3) / spec
                                           if spec else None)
                     row["speedup_vs_eager"] = row["eager_ms"] / row["cobkern_ms"]
                     row["speedup_vs_compile"] = row["compile_ms"] / row["cobkern_ms"]
+                    g_ours, g_comp = row.get("cobkern_graph_ms"), row.get("compile_graph_ms")
+                    row["graph_speedup_vs_compile"] = (g_comp / g_ours if g_ours and g_comp
+                                                       else None)
                     rows.append(row)
                     print(_fmt_row(row), flush=True)
                     _write(out_dir, env or {}, rows)
@@ -201,16 +236,20 @@ def run(shapes, batch, dtypes, device, ops=("tsra", "rmsnorm_tsra"), out_dir=Non
 
 def _fmt_row(r: dict) -> str:
     spec = f"{r['pct_of_spec']:.0f}%" if r["pct_of_spec"] is not None else "n/a"
+    g = r.get("cobkern_graph_ms")
+    gs = r.get("graph_speedup_vs_compile")
+    graph = (f"{g:.4f}" if g else "n/a") + " | " + (f"{gs:.2f}×" if gs else "n/a")
     return (f"| {r['op']} | {r['mode']} | {r['dtype']} | {'×'.join(map(str, r['shape']))} | "
             f"{r['eager_ms']:.3f} | {r['compile_ms']:.3f} | {r['cobkern_ms']:.3f} | "
             f"{r['ceiling_ms']:.3f} | {r['cobkern_GBps']:.0f} | {r['pct_of_ceiling']:.0f}% | "
             f"{spec} | {r['speedup_vs_eager']:.2f}× | {r['speedup_vs_compile']:.2f}× | "
-            f"{r['rel_err']:.1e} |")
+            f"{graph} | {r['rel_err']:.1e} |")
 
 
 HEADER = ("| op | pass | dtype | shape | eager ms | compile ms | cobkern ms | ceiling ms | "
-          "cobkern GB/s | % ceiling | % spec | vs eager | vs compile | rel. error |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "cobkern GB/s | % ceiling | % spec | vs eager | vs compile | cobkern graph ms | "
+          "vs compile (graphs) | rel. error |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def environment(device: torch.device) -> dict:
