@@ -92,17 +92,11 @@ def _graph_timer(device: torch.device) -> Callable[[Callable[[], object]], float
     ``None`` where it cannot be captured. ``None`` on a CPU."""
     if device.type != "cuda":
         return None
-    import triton.testing
+    from bench._timing import cudagraph_ms
 
     def graph_ms(fn):
         try:
-            fn()  # compile / load outside the capture
-            torch.cuda.synchronize()
-            try:
-                return float(triton.testing.do_bench_cudagraph(fn, rep=30,
-                                                               return_mode="median"))
-            except TypeError:  # older triton: no return_mode
-                return float(triton.testing.do_bench_cudagraph(fn, rep=30))
+            return cudagraph_ms(fn)
         except Exception:  # e.g. an op that cannot be captured
             torch.cuda.synchronize()
             return None

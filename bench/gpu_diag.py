@@ -114,17 +114,13 @@ def _wall_ms(fn, n: int = 3) -> float:
 
 
 def _graph_ms(fn, rep_ms: float = 30.0) -> float:
-    """Median ms of ``fn`` replayed from a CUDA graph (no host overhead)."""
-    import triton.testing as tt
-
+    """Median ms of ``fn`` replayed from a CUDA graph (no host overhead); wall time on a
+    CPU smoke run."""
     if DEVICE != "cuda":
         return _wall_ms(fn)
-    fn()  # load the compiled kernel outside the capture
-    _sync()
-    try:
-        return float(tt.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
-    except TypeError:  # older signature
-        return float(tt.do_bench_cudagraph(fn, rep=rep_ms))
+    from bench._timing import cudagraph_ms
+
+    return cudagraph_ms(fn, rep_ms)
 
 
 def copy_bandwidth() -> float:

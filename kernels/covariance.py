@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv
+
 __all__ = ["subspace_moments", "launch_config", "tile_table", "mirror_upper", "KERNELS"]
 
 
@@ -143,11 +145,6 @@ def launch_config(subspace: int, dtype: torch.dtype,
     return block, block_k, num_warps, num_stages
 
 
-def _cdiv(a: int, b: int) -> int:
-    """Host-side ceil division (``triton.cdiv`` costs microseconds of dispatch per call)."""
-    return -(-a // b)
-
-
 @functools.lru_cache(maxsize=256)
 def tile_table(su: int, sv: int, block: int, device: torch.device) -> torch.Tensor:
     """Flat int32 ``(n_tiles·3,)`` table of ``(subspace, tile_row, tile_col)``, block-upper.
@@ -157,7 +154,7 @@ def tile_table(su: int, sv: int, block: int, device: torch.device) -> torch.Tens
     """
     rows = []
     for sub, size in ((0, su), (1, sv)):
-        nb = _cdiv(size, block)
+        nb = cdiv(size, block)
         rows += [(sub, i, j) for i in range(nb) for j in range(i, nb)]
     return torch.tensor(rows, dtype=torch.int32).reshape(-1).to(device)
 
@@ -206,9 +203,9 @@ def subspace_moments(x: torch.Tensor, geo, split: int, packed: torch.Tensor,
     if target_programs is None:
         target_programs = (TARGET_PROGRAMS_GPU if x.device.type == "cuda"
                            else TARGET_PROGRAMS_INTERPRETER)
-    n_chunks = max(1, min(_cdiv(n, block_k), _cdiv(target_programs, n_tiles)))
-    chunk = _cdiv(_cdiv(n, n_chunks), block_k) * block_k
-    n_chunks = _cdiv(n, chunk)
+    n_chunks = max(1, min(cdiv(n, block_k), cdiv(target_programs, n_tiles)))
+    chunk = cdiv(cdiv(n, n_chunks), block_k) * block_k
+    n_chunks = cdiv(n, chunk)
     grid = (n_tiles * n_chunks,)
     flat = geo.B == 1
     _moments_kernel[grid](

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_pow2
+
 __all__ = ["tsra_forward", "tsra_backward", "launch_config", "specialization", "KERNELS",
            "MAX_TILE_CHANNELS"]
 
@@ -273,16 +275,6 @@ BYTES_PER_THREAD = {"forward": 64, "backward": {4: 64, 2: 32}}
 CHUNKED_TILE = {"forward": (4096, 16), "backward": (2048, 8)}
 
 
-def _next_pow2(n: int) -> int:
-    """Host-side ``triton.next_power_of_2`` without its per-call dispatch cost (it is a
-    ``constexpr_function`` in recent Triton: microseconds per call, on every launch)."""
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _per_dtype(table: dict, direction: str, itemsize: int) -> int:
     v = table[direction]
     return v if isinstance(v, int) else v[min(itemsize, 4)]
@@ -309,8 +301,8 @@ def launch_config(C: int, P: int, direction: str = "forward", itemsize: int = 4,
         default_ept = _per_dtype(BYTES_PER_THREAD, direction, itemsize) // itemsize
     tile_elems = tile_elems or default_tile
     elems_per_thread = elems_per_thread or default_ept
-    block_c = tile_elems if chunked else _next_pow2(C)
-    block_p = max(1, min(_next_pow2(P), tile_elems // block_c))
+    block_c = tile_elems if chunked else next_pow2(C)
+    block_p = max(1, min(next_pow2(P), tile_elems // block_c))
     tile = block_c * block_p
     num_warps = min(32, max(4, tile // (32 * elems_per_thread)))
     return block_c, block_p, num_warps, chunked
@@ -331,7 +323,7 @@ def specialization(C: int, P: int, channels_contig: bool, direction: str, rmsnor
     small_p = P if (not channels_contig and P in SMALL_P_VALUES and block_p == P) else 0
     constexprs = {"BLOCK_C": block_c, "BLOCK_P": block_p, "CHANNELS_CONTIG": channels_contig,
                   "RMSNORM": rmsnorm, "EVEN_C": C % block_c == 0, "SMALL_P": small_p}
-    return KERNELS[(direction, chunked)], constexprs, num_warps, _cdiv(P, block_p)
+    return KERNELS[(direction, chunked)], constexprs, num_warps, cdiv(P, block_p)
 
 
 def _launch(direction, tensors, geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps,

@@ -211,18 +211,20 @@ class CovarianceAccumulator:
             self.accumulation = "float32"
             if x.device == self._packed.device and x.numel():
                 self._kernel_update(x, dim)
-                self._count += num_samples(x, dim)
-                return
-            m = subspace_moments(x, self.split, dim)  # sums on another device: add them
+            else:  # sums computed elsewhere (another device), then added
+                self._add(subspace_moments(x, self.split, dim))
         else:  # the reference path accumulates directly in the accumulator's dtype
-            m = subspace_moments_reference(x, self.split, dim, accum_dtype=self._packed.dtype)
+            self._add(subspace_moments_reference(x, self.split, dim,
+                                                 accum_dtype=self._packed.dtype))
+        self._count += num_samples(x, dim)
+
+    def _add(self, m: Moments) -> None:
         dev, dt = self._packed.device, self._packed.dtype
         gu, gv = self.gram_u, self.gram_v  # symmetric before full matrices are added
         gu += m.gram_u.to(dev, dt)
         gv += m.gram_v.to(dev, dt)
         self.sum_abs += m.sum_abs.to(dev, dt)
         self.sum_sq += m.sum_sq.to(dev, dt)
-        self._count += num_samples(x, dim)
 
     def _kernel_update(self, x: Tensor, dim: int) -> None:
         from cobkern.kernels import covariance as kernels  # deferred: importing triton is slow
