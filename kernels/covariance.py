@@ -20,6 +20,15 @@ share are served from L2: ``x`` comes from HBM about once. Nothing of size
 ``samples × C`` is ever allocated. Diagonal tiles also reduce ``|a|`` and ``a²`` over
 the samples (each channel lies in exactly one diagonal tile).
 
+Loads: the sample index of an NCHW batch is split into ``(image, position)`` with a
+runtime division, and the subspaces start at a runtime ``split``, so the compiler cannot
+prove any run of addresses contiguous and issues one scalar load per element, which also
+keeps the software pipeliner from prefetching the next step. Where the geometry allows
+(every VGG-16 activation), the launcher passes ``ALIGN_Q`` / ``ALIGN_C`` and the kernel
+states the runs with ``tl.max_contiguous`` / ``tl.multiple_of`` / ``tl.max_constancy``;
+the slabs then arrive by ``cp.async`` one step ahead of the products (offline sm_90
+PTX, checked in the test suite).
+
 Interpreter caveat: triton 3.8's interpreter computes ``tl.dot`` of bfloat16 tiles wrongly,
 so on CPU tensors bfloat16 slabs are widened to float32 before the dot (exact: a product
 of two bfloat16 values is representable in float32). The GPU path keeps bf16 operands.
@@ -33,9 +42,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv
+from ._host import cdiv, pow2_divisor
 
-__all__ = ["subspace_moments", "launch_config", "tile_table", "mirror_upper", "KERNELS"]
+__all__ = ["subspace_moments", "launch_config", "specialization", "tile_table",
+           "mirror_upper", "KERNELS"]
 
 
 @triton.jit
@@ -43,7 +53,7 @@ def _moments_kernel(
     X, TILES, G, SABS, SSQ,
     C, P, split, n_samples, n_tiles, chunk, stride_b, stride_c, stride_p,
     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, FLAT: tl.constexpr, F32_DOT: tl.constexpr,
-    UPCAST: tl.constexpr, INDEX64: tl.constexpr,
+    UPCAST: tl.constexpr, INDEX64: tl.constexpr, ALIGN_C: tl.constexpr, ALIGN_Q: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tile = pid % n_tiles
@@ -60,6 +70,11 @@ def _moments_kernel(
     cols = lo + tj * BLOCK + offs
     rmask = rows < hi
     cmask = cols < hi
+    if ALIGN_C > 1:  # unit channel stride; split and C multiples of ALIGN_C (launcher)
+        rows = tl.max_contiguous(tl.multiple_of(rows, ALIGN_C), ALIGN_C)
+        cols = tl.max_contiguous(tl.multiple_of(cols, ALIGN_C), ALIGN_C)
+        rmask = tl.max_constancy(rmask, ALIGN_C)
+        cmask = tl.max_constancy(cmask, ALIGN_C)
     if INDEX64:  # only for tensors of 2^31 elements or more: 64-bit offsets cost registers
         row_off = rows.to(tl.int64) * stride_c
         col_off = cols.to(tl.int64) * stride_c
@@ -88,6 +103,9 @@ def _moments_kernel(
             else:
                 b = q // P
                 q_off = b * stride_b + (q - b * P) * stride_p
+        if ALIGN_Q > 1:  # unit sample stride; P, stride_b multiples of ALIGN_Q (launcher)
+            q_off = tl.max_contiguous(tl.multiple_of(q_off, ALIGN_Q), ALIGN_Q)
+            qmask = tl.max_constancy(qmask, ALIGN_Q)
         a = tl.load(X + row_off[:, None] + q_off[None, :],
                     mask=rmask[:, None] & qmask[None, :], other=0.0)      # [BLOCK, BLOCK_K]
         bt = tl.load(X + q_off[:, None] + col_off[None, :],
@@ -123,26 +141,67 @@ TARGET_PROGRAMS_GPU = 4 * 132
 TARGET_PROGRAMS_INTERPRETER = 4
 
 
+#: ``tl.dot`` precision for float32 activations: exact IEEE products (no TF32 rounding);
+#: ``"tf32x3"`` (three TF32 tensor-core products) is the faster alternative for sweeps.
+F32_DOT_DEFAULT = "ieee"
+
+
 def launch_config(subspace: int, dtype: torch.dtype,
                   block: int | None = None) -> tuple[int, int, int, int]:
     """``(BLOCK, BLOCK_K, num_warps, num_stages)`` for a subspace of this size and dtype.
 
-    64×64 tiles, 64 samples per step for 16-bit inputs (32 for float32, whose slabs are
-    twice the bytes), 8 warps. The fp32 tile accumulator, its Kahan compensation and each
-    step's product tile live in registers: with 4 warps ptxas needs more than 255 registers
-    per thread and spills (measured offline for sm_90: ~500 bytes for bf16); with 8 warps
-    bf16/fp16 use ~210 and float32 ~130 registers, no spills. Wider subspaces get more
-    tiles rather than bigger ones. ``subspace`` is accepted for future tuning. These are the
-    configurations compiled and checked for spills and ``wgmma`` in the test suite.
-    ``block=32`` (4 warps; tuning sweeps only, not yet measured) quarters the products of
-    subspaces of at most 32 channels, which 64×64 tiles mostly pad.
+    Tiles are 64×64 (8 warps), or 32×32 (4 warps) when the wider subspace has at most 32
+    channels — a 64×64 tile of a 32-channel subspace is three quarters padding (VGG-16's
+    first two layers; offline sm_90 SASS: 3.4× fewer instructions per sample for float32,
+    2.6× for bf16). Wider subspaces get more tiles rather than bigger ones. A step takes 64
+    samples for 16-bit inputs and 32 for float32 (twice the bytes per slab); two pipeline
+    stages (``cp.async`` on sm_90; :func:`specialization` keeps one where the loads cannot
+    be proven aligned). The fp32 tile accumulator, its Kahan compensation and each
+    step's product tile live in registers: with 4 warps a 64×64 tile needs more than 255
+    registers per thread and spills; with 8 warps float32 uses 128 registers (two programs
+    per SM) and bf16 ~100, no spills. These configurations are compiled and checked for
+    spills, tensor-core products and pipelined loads in the test suite. ``block`` overrides
+    the tile size (tuning sweeps).
     """
-    del subspace
-    block = block or 64
+    block = block or (32 if subspace <= 32 else 64)
     block_k = 32 if dtype == torch.float32 else 64
     num_warps = 8 if block >= 64 else 4
-    num_stages = 1 if dtype == torch.float32 else 2
-    return block, block_k, num_warps, num_stages
+    return block, block_k, num_warps, 2
+
+
+@functools.lru_cache(maxsize=1024)
+def specialization(geo, split: int, dtype: torch.dtype, numel: int, on_gpu: bool = True,
+                   f32_dot: str | None = None, block: int | None = None,
+                   hints: bool = True) -> tuple[dict, int, int]:
+    """``(constexprs, num_warps, num_stages)`` of one launch on a ``geo``-shaped input.
+
+    The single source of the launch decisions, shared by the launcher and the
+    ahead-of-time tests (which compile exactly these variants). Besides the tile sizes it
+    derives two alignment hints the compiler cannot see for itself: ``ALIGN_Q`` when
+    samples have unit stride (NCHW: a run of ``ALIGN_Q`` samples never crosses an image,
+    as ``ALIGN_Q`` divides ``P`` and the image stride) and ``ALIGN_C`` when channels have
+    unit stride (``(N, C)``, NHWC: both subspaces start at multiples of ``ALIGN_C``).
+    Without them every load of a slab is scalar and cannot be pipelined. Cached: it runs on
+    every calibration batch and layer. The returned dict is shared; do not mutate it.
+    ``hints=False`` drops the hints (and the second stage): A/B sweeps only.
+    """
+    n = geo.B * geo.P
+    block, block_k, num_warps, num_stages = launch_config(max(split, geo.C - split), dtype,
+                                                          block)
+    align_q = 1
+    if hints and geo.stride_p == 1:
+        align_q = pow2_divisor(block_k, geo.P, geo.stride_b if geo.B > 1 else 0)
+    align_c = pow2_divisor(block, split, geo.C) if hints and geo.stride_c == 1 else 1
+    if align_q == align_c == 1:  # scalar loads: a second stage only costs registers (fp32:
+        num_stages = 1           # 154 instead of 128, one program per SM instead of two)
+    constexprs = {
+        "BLOCK": block, "BLOCK_K": block_k, "FLAT": geo.B == 1,
+        "F32_DOT": (f32_dot or F32_DOT_DEFAULT) if dtype == torch.float32 else "",
+        "UPCAST": not on_gpu and dtype == torch.bfloat16,
+        "INDEX64": numel >= 2**31 - 1 or n >= 2**31 - 2 * block_k,
+        "ALIGN_C": align_c, "ALIGN_Q": align_q,
+    }
+    return constexprs, num_warps, num_stages
 
 
 @functools.lru_cache(maxsize=256)
@@ -169,15 +228,11 @@ def mirror_upper(g: torch.Tensor) -> None:
     g.copy_(torch.triu(g) + torch.triu(g, 1).T)
 
 
-#: ``tl.dot`` precision for float32 activations: exact IEEE products (no TF32 rounding);
-#: ``"tf32x3"`` (three TF32 tensor-core products) is the faster alternative for sweeps.
-F32_DOT_DEFAULT = "ieee"
-
-
 def subspace_moments(x: torch.Tensor, geo, split: int, packed: torch.Tensor,
                      sum_abs: torch.Tensor, sum_sq: torch.Tensor,
                      target_programs: int | None = None, mirror: bool = True,
-                     f32_dot: str | None = None, block: int | None = None) -> None:
+                     f32_dot: str | None = None, block: int | None = None,
+                     hints: bool = True) -> None:
     """Add the moments of ``x`` into the outputs (float32, or float64 running sums).
 
     Args:
@@ -194,28 +249,26 @@ def subspace_moments(x: torch.Tensor, geo, split: int, packed: torch.Tensor,
         f32_dot: ``tl.dot`` input precision for float32 ``x`` (``"ieee"`` or ``"tf32x3"``);
             default :data:`F32_DOT_DEFAULT`.
         block: Gram tile size override (tuning sweeps; see :func:`launch_config`).
+        hints: pass alignment hints where they hold (``False``: A/B sweeps only; see
+            :func:`specialization`).
     """
     C, n = geo.C, geo.B * geo.P
     su, sv = split, C - split
-    block, block_k, num_warps, num_stages = launch_config(max(su, sv), x.dtype, block)
-    table = tile_table(su, sv, block, x.device)
+    constexprs, num_warps, num_stages = specialization(
+        geo, split, x.dtype, x.numel(), x.device.type == "cuda", f32_dot, block, hints)
+    table = tile_table(su, sv, constexprs["BLOCK"], x.device)
     n_tiles = table.numel() // 3
     if target_programs is None:
         target_programs = (TARGET_PROGRAMS_GPU if x.device.type == "cuda"
                            else TARGET_PROGRAMS_INTERPRETER)
+    block_k = constexprs["BLOCK_K"]
     n_chunks = max(1, min(cdiv(n, block_k), cdiv(target_programs, n_tiles)))
     chunk = cdiv(cdiv(n, n_chunks), block_k) * block_k
     n_chunks = cdiv(n, chunk)
-    grid = (n_tiles * n_chunks,)
-    flat = geo.B == 1
-    _moments_kernel[grid](
+    _moments_kernel[(n_tiles * n_chunks,)](
         x, table, packed, sum_abs, sum_sq,
         C, geo.P, split, n, n_tiles, chunk, geo.stride_b, geo.stride_c, geo.stride_p,
-        BLOCK=block, BLOCK_K=block_k, FLAT=flat,
-        F32_DOT=(f32_dot or F32_DOT_DEFAULT) if x.dtype == torch.float32 else "",
-        UPCAST=x.device.type != "cuda" and x.dtype == torch.bfloat16,
-        INDEX64=x.numel() >= 2**31 - 1 or n >= 2**31 - 2 * block_k,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **constexprs,
     )
     if mirror:
         mirror_upper(packed[: su * su].view(su, su))

@@ -10,7 +10,8 @@ a subprocess with the interpreter off. Each spec names a kernel and one configur
      "divisible": ["X", "Y", "P"]}            # args JIT-specialised as multiples of 16
 
 and the result holds the PTX-level facts the suite checks: vectorised and scalar global
-loads/stores, ``wgmma`` instructions, and ptxas' register / spill report.
+loads/stores, asynchronous (pipelined) ``cp.async`` copies, ``wgmma`` / ``mma`` instructions,
+and ptxas' register / spill report.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def _compile_one(spec: dict[str, Any]) -> dict[str, Any]:
         **_memory_ops(ptx, "ld"),
         **_memory_ops(ptx, "st"),
         "wgmma": ptx.count("wgmma.mma_async"),
+        "cp_async": len(re.findall(r"\bcp\.async\.c[ag]\.", ptx)),
         "mma": len(re.findall(r"\bmma\.sync", ptx)),
     }
 

@@ -1,11 +1,14 @@
 """Ahead-of-time compilation of the covariance kernel for sm_90 (H100), without a GPU.
 
-Every shipped variant (input dtype × layout at the launcher's block configuration, adding into
-float64 running sums as the calibration accumulator does, or into float32 one-batch outputs;
-the ``tf32x3`` float32 product mode the launcher also accepts) must compile,
-assemble with ptxas with **0 bytes of spill**, and — for bf16/fp16 — run its products on
-the tensor cores (``wgmma.mma_async`` in the PTX). Compilation runs in a subprocess with
-the Triton interpreter off (``aot_tools``; the suite turns it on for CPU runs).
+Every shipped variant — the launch decisions of :func:`cobkern.kernels.covariance.
+specialization` for VGG-16's activation shapes in each dtype and layout, adding into float64
+running sums as the calibration accumulator does or into float32 one-batch outputs, the
+``tf32x3`` float32 product mode, 64-bit indexing, and an unaligned shape — must compile,
+assemble with ptxas with **0 bytes of spill**, and for bf16/fp16 run its products on the
+tensor cores (``wgmma`` for 64×64 tiles, ``mma`` for 32×32). Where the alignment hints apply
+(every VGG shape), the slab loads must be pipelined: ``cp.async`` copies, and no scalar
+global loads beyond the three of the tile table. Compilation runs in a subprocess with the
+Triton interpreter off (``aot_tools``; the suite turns it on for CPU runs).
 """
 
 from __future__ import annotations
@@ -17,63 +20,98 @@ triton = pytest.importorskip("triton")
 
 from aot_tools import compile_specs  # noqa: E402
 
+from cobkern.ops._checks import channel_geometry  # noqa: E402
+
 _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_INTS = ("C", "P", "split", "n_samples", "n_tiles", "chunk", "stride_b", "stride_c", "stride_p")
+#: scalar global loads the kernel makes outside the slab loads: the tile table's three ints
+TILE_TABLE_LOADS = 3
 
 
-def _spec(dtype: torch.dtype, flat: bool, index64: bool = False, out: str = "fp64",
-          f32_dot: str = "ieee") -> dict:
-    from cobkern.kernels.covariance import launch_config
+def _spec(shape: tuple[int, ...], channels_last: bool, dtype: torch.dtype, out: str = "fp64",
+          f32_dot: str | None = None, index64: bool = False) -> dict:
+    """What the JIT compiles for an activation of this shape (batch dimension included)."""
+    from cobkern.kernels.covariance import specialization
 
-    block, block_k, warps, stages = launch_config(256, dtype)
+    x = torch.empty(shape, device="meta")
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    geo = channel_geometry(x, 1)
+    split = geo.C // 2
+    cx, warps, stages = specialization(geo, split, dtype, x.numel(), True, f32_dot)
+    cx = dict(cx, INDEX64=index64 or cx["INDEX64"])
+    n = geo.B * geo.P
+    ints = {"C": geo.C, "P": geo.P, "split": split, "n_samples": n, "n_tiles": 1,
+            "chunk": 1024, "stride_b": geo.stride_b, "stride_c": geo.stride_c,
+            "stride_p": geo.stride_p}
     sig = {"X": f"*{_TYPES[dtype]}", "TILES": "*i32", "G": f"*{out}", "SABS": f"*{out}",
            "SSQ": f"*{out}"}
-    for n in ("C", "P", "split", "n_samples", "n_tiles", "chunk", "stride_b", "stride_c",
-              "stride_p"):
-        sig[n] = "i32"
-    cx = {"BLOCK": block, "BLOCK_K": block_k, "FLAT": flat,
-          "F32_DOT": f32_dot if dtype == torch.float32 else "",
-          "UPCAST": False, "INDEX64": index64}
-    for n in cx:
-        sig[n] = "constexpr"
-    # what the JIT sees at VGG shapes: 16-aligned pointers, C/strides multiples of 16, and
-    # the unit stride (channels for (N, C)/NHWC, positions for NCHW) specialised to 1
-    unit = "stride_c" if flat else "stride_p"
-    cx[unit] = 1
-    sig[unit] = "constexpr"
-    div = ["X", "TILES", "G", "SABS", "SSQ", "C", "P", "chunk", "stride_b",
-           "stride_p" if flat else "stride_c"]
+    sig.update({k: "i32" for k in _INTS})
+    # what the JIT specialises: ints equal to 1 become constants, multiples of 16 and the
+    # (16-byte aligned) pointers are marked divisible by 16
+    for k, v in ints.items():
+        if v == 1:
+            cx[k] = 1
+    sig.update({k: "constexpr" for k in cx})
+    div = ["X", "TILES", "G", "SABS", "SSQ"] + [k for k, v in ints.items()
+                                                if v % 16 == 0 and k not in cx]
     return {"module": "cobkern.kernels.covariance", "kernel": "_moments_kernel",
             "signature": sig, "constexprs": cx, "divisible": div, "num_warps": warps,
-            "num_stages": stages}
+            "num_stages": stages, "_aligned": cx["ALIGN_Q"] > 1 or cx["ALIGN_C"] > 1}
 
 
-# (dtype, flat, 64-bit indexing, output dtype, float32 product mode)
-VARIANTS = [(dt, flat, False, "fp64", "ieee")
-            for dt in (torch.bfloat16, torch.float16, torch.float32) for flat in (True, False)]
-VARIANTS += [(torch.bfloat16, False, True, "fp64", "ieee"),   # 64-bit indexing
-             (torch.bfloat16, False, False, "fp32", "ieee"),  # one batch: float32 outputs
-             (torch.float32, False, False, "fp32", "ieee"),
-             (torch.float32, False, False, "fp64", "tf32x3")]
-
-
-def _id(v) -> str:
-    d, f, i64, out, dot = v
-    return (f"{_TYPES[d]}-{'flat' if f else 'nchw'}{'-i64' if i64 else ''}-to-{out}"
-            f"{'-' + dot if dot != 'ieee' else ''}")
+# (id, shape, channels_last, dtype, output dtype, float32 product mode, 64-bit indexing)
+VARIANTS = []
+for _dt in (torch.bfloat16, torch.float16, torch.float32):
+    _t = _TYPES[_dt]
+    VARIANTS += [
+        (f"{_t}-nchw-256x8x8", (500, 256, 8, 8), False, _dt, "fp64", None, False),
+        (f"{_t}-nhwc-256x8x8", (500, 256, 8, 8), True, _dt, "fp64", None, False),
+        (f"{_t}-nchw-64x32x32-tile32", (500, 64, 32, 32), False, _dt, "fp64", None, False),
+        (f"{_t}-rows-4096", (500, 4096), False, _dt, "fp64", None, False),
+    ]
+VARIANTS += [
+    ("bf16-nchw-i64", (500, 256, 8, 8), False, torch.bfloat16, "fp64", None, True),
+    ("bf16-nchw-to-fp32", (500, 256, 8, 8), False, torch.bfloat16, "fp32", None, False),
+    ("fp32-nchw-to-fp32", (500, 256, 8, 8), False, torch.float32, "fp32", None, False),
+    ("fp32-nchw-tf32x3", (500, 256, 8, 8), False, torch.float32, "fp64", "tf32x3", False),
+    ("fp32-nchw-unaligned", (5, 67, 5, 7), False, torch.float32, "fp64", None, False),
+    ("bf16-rows-unaligned", (37, 67), False, torch.bfloat16, "fp64", None, False),
+]
 
 
 @pytest.fixture(scope="module")
 def compiled() -> list[dict]:
-    return compile_specs([_spec(*v) for v in VARIANTS])
+    specs = [_spec(shape, cl, dt, out, dot, i64) for _, shape, cl, dt, out, dot, i64 in VARIANTS]
+    results = compile_specs([{k: v for k, v in s.items() if k != "_aligned"} for s in specs])
+    return [dict(r, aligned=s["_aligned"], block=s["constexprs"]["BLOCK"])
+            for s, r in zip(specs, results, strict=True)]
 
 
-@pytest.mark.parametrize("i", range(len(VARIANTS)), ids=[_id(v) for v in VARIANTS])
+@pytest.mark.parametrize("i", range(len(VARIANTS)), ids=[v[0] for v in VARIANTS])
 def test_compiles_for_sm90_without_spills(compiled, i):
-    dtype = VARIANTS[i][0]
+    dtype = VARIANTS[i][3]
     r = compiled[i]
     assert "error" not in r, r.get("error")
     assert r["ptxas_ok"], r["ptxas_log"]
     spill = r["spill_stores"] + r["spill_loads"]
     assert spill == 0, f"{spill} bytes spilled ({r['registers']} registers)\n{r['ptxas_log']}"
     if dtype in (torch.bfloat16, torch.float16):
-        assert r["wgmma"] > 0, "16-bit tiles should run on the tensor cores (wgmma)"
+        if r["block"] >= 64:
+            assert r["wgmma"] > 0, "64×64 16-bit tiles should use Hopper tensor cores (wgmma)"
+        else:
+            assert r["mma"] + r["wgmma"] > 0, "32×32 16-bit tiles should use tensor cores"
+
+
+@pytest.mark.parametrize("i", range(len(VARIANTS)), ids=[v[0] for v in VARIANTS])
+def test_aligned_slab_loads_are_pipelined(compiled, i):
+    """With the alignment hints the slabs arrive by ``cp.async`` into shared memory, a step
+    ahead of the products; without them (odd shapes) the kernel still compiles (above)."""
+    r = compiled[i]
+    assert "error" not in r, r.get("error")
+    if not r["aligned"]:
+        assert "unaligned" in VARIANTS[i][0], "a VGG shape lost its alignment hints"
+        return
+    assert r["cp_async"] > 0, "slab loads are not pipelined (no cp.async)"
+    assert r["ld_scalar"] <= TILE_TABLE_LOADS, (
+        f"{r['ld_scalar']} scalar global loads: slab loads are not vectorised")
