@@ -1,10 +1,12 @@
 """Diagnostics for a short GPU lease: where the time of the TSRA ops and of calibration goes.
 
-Run: ``python bench/gpu_diag.py --out DIR [--parts tiles,overhead,calibration]``. CUDA only.
+Run: ``python bench/gpu_diag.py --out DIR [--parts covariance,tiles]``. CUDA only (a CPU
+smoke run: ``TRITON_INTERPRET=1 GPU_DIAG_DEVICE=cpu GPU_DIAG_BATCH=1 GPU_DIAG_COV_BATCH=1``).
 
 * ``tiles``       — the TSRA kernels alone (CUDA-graph replay, no host overhead) at the VGG-16
   shapes, batch 1024, bf16 and fp32, forward and backward, for the shipped tile configuration
-  and alternatives (elements per program tile × elements per thread), as % of the device-copy
+  and alternatives (elements per program tile × elements per thread, and 1-/2-/4-warp
+  programs), as % of the device-copy
   bandwidth measured in the same run. Variants are compiled in parallel worker processes
   first (they share Triton's on-disk cache), so the sweep costs seconds, not minutes.
 * ``lanes``       — the one-position-per-lane forward prototype (``bench/proto_lanes_p.py``)
@@ -13,8 +15,10 @@ Run: ``python bench/gpu_diag.py --out DIR [--parts tiles,overhead,calibration]``
   (``autograd.Function``), through the registered custom op, and replayed from a CUDA graph:
   the differences are host time.
 * ``covariance``  — the covariance kernel alone (CUDA-graph replay) at each VGG-16 layer's
-  activation shape, batch 500: Gram tile 32 vs 64, float32 products ``ieee`` vs ``tf32x3``,
-  and bf16, with achieved TFLOP/s of the products actually computed.
+  activation shape, batch 500, fp32 and bf16: the shipped launch against the same launch
+  without the alignment hints (scalar, unpipelined loads), with the other Gram tile size
+  (32 vs 64), and with ``tf32x3`` float32 products; achieved TFLOP/s of the products
+  actually computed.
 * ``calibration`` — a plain forward pass vs streaming calibration (float32 ``ieee`` and
   ``tf32x3`` products, and a bf16 model) on 10,000 images of VGG-16, each Gram's error
   against float64, and the profiler's top CUDA kernels of a streaming calibration.
@@ -36,14 +40,16 @@ import torch
 
 SHAPES = [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 2, 2), (4096,)]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-# (tile elements, elements per thread); the first of each list is the shipped default
-# (the shipped ones since the 2026-11-26 sweep: forward 16 KiB tiles with 64 B per thread —
-# 4096/16 fp32, 8192/32 bf16; backward 4096/16); 4-warp tiles (more channels per thread,
-# less cross-warp reduction) were added after that sweep and are not yet measured.
+# (tile elements, elements per thread[, warps]); the first of each list is the shipped
+# default (since the 2026-11-26 sweep: forward 16 KiB tiles with 64 B per thread — 4096/16
+# fp32, 8192/32 bf16; backward 4096/16). Not yet measured: 4-warp tiles (more channels per
+# thread, less cross-warp reduction), and 1-/2-warp tiles (every channel reduction inside
+# one warp: shuffles, no shared memory or barriers; many small programs per SM).
 CONFIGS = {"forward": [(4096, 16), (8192, 16), (8192, 32), (16384, 32), (2048, 8), (4096, 8),
-                       (4096, 32), (8192, 64), (2048, 16)],
+                       (4096, 32), (8192, 64), (2048, 16),
+                       (2048, 32, 2), (1024, 16, 2), (1024, 32, 1), (512, 16, 1)],
            "backward": [(2048, 8), (4096, 8), (4096, 16), (8192, 16), (1024, 4), (2048, 4),
-                        (2048, 16), (4096, 32)]}
+                        (2048, 16), (4096, 32), (1024, 16, 2), (512, 16, 1)]}
 # VGG-16 CoB layer activations (C, H, W) at calibration batch 500, for the covariance sweep
 COV_SHAPES = [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 2, 2), (4096,)]
 COV_BATCH = int(os.environ.get("GPU_DIAG_COV_BATCH", "500"))
@@ -59,19 +65,25 @@ def _tensors(shape, dtype, direction):
     return (x, out) if direction == "forward" else (torch.randn_like(x), x, out)
 
 
-def _launch(direction, tensors, tile, ept):
+def _tuning(cfg) -> dict:
+    """``launch_config`` overrides of a ``(tile, elems per thread[, warps])`` entry."""
+    tile, ept, *warps = cfg if cfg else (None, None)
+    return dict(tile_elems=tile, elems_per_thread=ept, num_warps=warps[0] if warps else None)
+
+
+def _launch(direction, tensors, cfg):
     from cobkern.kernels import tsra as k
 
     from cobkern.ops._checks import channel_geometry  # noqa: I001
 
     geo = channel_geometry(tensors[0], 1)
     split = tensors[0].shape[1] // 2
-    k._launch(direction, tensors, geo, split, *CONSTS, tile_elems=tile, elems_per_thread=ept)
+    k._launch(direction, tensors, geo, split, *CONSTS, **_tuning(cfg))
 
 
 def _run_tile_job(job) -> None:
-    shape, dname, direction, tile, ept = job
-    _launch(direction, _tensors(shape, DTYPES[dname], direction), tile, ept)
+    shape, dname, direction, cfg = job
+    _launch(direction, _tensors(shape, DTYPES[dname], direction), cfg)
 
 
 def _run_cov_job(job) -> None:
@@ -132,8 +144,12 @@ def copy_bandwidth() -> float:
 
 
 def part_tiles(rec: dict) -> None:
-    jobs = [(s, d, dr, t, e) for s in SHAPES for d in DTYPES for dr in CONFIGS
-            for t, e in CONFIGS[dr]]
+    from cobkern.kernels.tsra import launch_config
+
+    from cobkern.ops._checks import channel_geometry  # noqa: I001
+
+    jobs = [(s, d, dr, cfg) for s in SHAPES for d in DTYPES for dr in CONFIGS
+            for cfg in CONFIGS[dr]]
     t0 = time.perf_counter()
     compiled = precompile(_run_tile_job, jobs)
     rec["tiles_compile_s"] = time.perf_counter() - t0
@@ -148,17 +164,19 @@ def part_tiles(rec: dict) -> None:
                 tensors = _tensors(shape, dtype, direction)
                 nbytes = tensors[0].numel() * tensors[0].element_size() * (
                     2 if direction == "forward" else 3)
-                for tile, ept in cfgs:
+                for cfg in cfgs:
+                    geo = channel_geometry(tensors[0], 1)
+                    warps = launch_config(geo.C, geo.P, direction, dtype.itemsize,
+                                          **_tuning(cfg))[2]
+                    row = dict(shape=list(shape), dtype=dname, direction=direction,
+                               tile=cfg[0], ept=cfg[1], warps=warps)
                     try:
-                        ms = _graph_ms(lambda d=direction, ts=tensors, t=tile, e=ept:
-                                       _launch(d, ts, t, e))
+                        ms = _graph_ms(lambda d=direction, ts=tensors, cfg=cfg:
+                                       _launch(d, ts, cfg))
+                        row.update(ms=ms, pct_copy=100 * nbytes / (ms * 1e-3) / bw)
                     except Exception as e:
-                        rows.append(dict(shape=list(shape), dtype=dname, direction=direction,
-                                         tile=tile, ept=ept, error=str(e)[:200]))
-                        continue
-                    rows.append(dict(shape=list(shape), dtype=dname, direction=direction,
-                                     tile=tile, ept=ept, ms=ms,
-                                     pct_copy=100 * nbytes / (ms * 1e-3) / bw))
+                        row.update(error=str(e)[:200])
+                    rows.append(row)
     rec["tiles"] = rows
 
 
@@ -234,7 +252,7 @@ def part_lanes(rec: dict) -> None:
         x = torch.randn((BATCH, 64, 32, 32), device=DEVICE, dtype=dtype)
         y = torch.empty_like(x)
         nbytes = 2 * x.numel() * x.element_size()
-        shipped = _graph_ms(lambda x=x, y=y: _launch("forward", (x, y), None, None))
+        shipped = _graph_ms(lambda x=x, y=y: _launch("forward", (x, y), None))
         rows.append(dict(dtype=dname, variant="shipped", ms=shipped,
                          GBps=nbytes / (shipped * 1e-3) / 1e9))
         ref = _reference_forward(x)
@@ -373,16 +391,16 @@ def _markdown(rec: dict) -> str:
     if "tiles" in rec:
         lines += [f"Copy bandwidth (2 GiB, CUDA graph): {rec['copy_GBps']:.0f} GB/s. "
                   "Kernel times from CUDA-graph replay (median).", "",
-                  "| shape | dtype | pass | tile/elems-per-thread | ms | % of copy BW |",
+                  "| shape | dtype | pass | tile/elems-per-thread/warps | ms | % of copy BW |",
                   "|---|---|---|---|---:|---:|"]
         for r in rec["tiles"]:
             shp = "×".join(map(str, [BATCH, *r["shape"]]))
             if "error" in r:
                 lines.append(f"| {shp} | {r['dtype']} | {r['direction']} | {r['tile']}/"
-                             f"{r['ept']} | error | {r['error'][:60]} |")
+                             f"{r['ept']}/{r['warps']}w | error | {r['error'][:60]} |")
             else:
                 lines.append(f"| {shp} | {r['dtype']} | {r['direction']} | {r['tile']}/"
-                             f"{r['ept']} | {r['ms']:.4f} | {r['pct_copy']:.0f}% |")
+                             f"{r['ept']}/{r['warps']}w | {r['ms']:.4f} | {r['pct_copy']:.0f}% |")
         lines.append("")
     if "overhead" in rec:
         lines += ["| shape (bf16, fwd+bwd) | fast path ms | custom op ms | CUDA graph ms |",
@@ -424,7 +442,7 @@ def _markdown(rec: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="bench-results")
-    p.add_argument("--parts", default="lanes,tiles,overhead,covariance,calibration")
+    p.add_argument("--parts", default="covariance,calibration,lanes,overhead,tiles")
     args = p.parse_args(argv)
     if DEVICE == "cuda" and not torch.cuda.is_available():
         p.error("gpu_diag needs a CUDA device")

@@ -72,7 +72,7 @@ if want tests; then
 fi
 if want diag; then
   step "diagnostics: tile sweep, host overhead, calibration profile"
-  cap 200 python3 bench/gpu_diag.py --out "$FINAL"
+  cap 240 python3 bench/gpu_diag.py --out "$FINAL"
 fi
 if want ncu; then  # hardware counters of the bf16/fp32 NCHW kernels at 1024×64×32×32
   step "ncu: TSRA kernels at 1024x64x32x32"

@@ -281,16 +281,17 @@ def _per_dtype(table: dict, direction: str, itemsize: int) -> int:
 
 
 def launch_config(C: int, P: int, direction: str = "forward", itemsize: int = 4,
-                  tile_elems: int | None = None,
-                  elems_per_thread: int | None = None) -> tuple[int, int, int, bool]:
+                  tile_elems: int | None = None, elems_per_thread: int | None = None,
+                  num_warps: int | None = None) -> tuple[int, int, int, bool]:
     """``(BLOCK_C, BLOCK_P, num_warps, chunked)`` for a ``(C, P)`` problem.
 
     Up to :data:`MAX_TILE_CHANNELS` the tile spans every channel (``BLOCK_C =
     next_pow2(C)``) and as many positions as fit in the tile (:data:`TILE_BYTES` of
     ``itemsize``-byte elements); wider inputs loop over channel chunks of that size. Warps
     grow with the tile so that each thread holds :data:`BYTES_PER_THREAD` of each tensor
-    (verified spill-free by the AOT tests). ``tile_elems`` / ``elems_per_thread`` override
-    the defaults (tuning sweeps only).
+    (verified spill-free by the AOT tests), at least 4. ``tile_elems`` /
+    ``elems_per_thread`` / ``num_warps`` override the defaults (tuning sweeps only; an
+    explicit ``num_warps`` may be 1 or 2, which keeps every reduction inside a warp).
     """
     itemsize = min(max(itemsize, 2), 4)  # fp16/bf16: 2, fp32: 4 (float64 never launches)
     chunked = C > MAX_TILE_CHANNELS
@@ -304,7 +305,7 @@ def launch_config(C: int, P: int, direction: str = "forward", itemsize: int = 4,
     block_c = tile_elems if chunked else next_pow2(C)
     block_p = max(1, min(next_pow2(P), tile_elems // block_c))
     tile = block_c * block_p
-    num_warps = min(32, max(4, tile // (32 * elems_per_thread)))
+    num_warps = num_warps or min(32, max(4, tile // (32 * elems_per_thread)))
     return block_c, block_p, num_warps, chunked
 
 
@@ -315,7 +316,8 @@ def specialization(C: int, P: int, channels_contig: bool, direction: str, rmsnor
 
     The single source of the launch decisions, shared by the launcher and by the
     ahead-of-time compilation tests (which compile exactly these variants). ``tuning``
-    (``tile_elems``, ``elems_per_thread``) is passed to :func:`launch_config`. Cached: it
+    (``tile_elems``, ``elems_per_thread``, ``num_warps``) is passed to
+    :func:`launch_config`. Cached: it
     runs on every launch, and host time is what limits the small layers. The returned
     ``constexprs`` dict is shared between calls; do not mutate it.
     """
