@@ -7,7 +7,7 @@
 #   GPU_SESSION_BUDGET=300 bash bench/gpu_session.sh   # a shorter run (seconds)
 #   GPU_SESSION_DRY_RUN=1 PATH=.venv/bin:$PATH bash bench/gpu_session.sh  # check it on a CPU
 #   GPU_SESSION_STEPS=tests,diag bash bench/gpu_session.sh  # some steps only (default: all
-#                                 but diag and ncu: tests,tsra,calibration,training)
+#                                 but diag, ncu and fast: tests,tsra,calibration,training)
 #
 # Results are written as they are produced into $OUT (the device tool's output folder, which
 # returns at most 8 files) or ./gpu-results:
@@ -18,6 +18,8 @@
 #   bench_training.{md,json}   training throughput, fused vs eager vs ReLU
 #   gpu_diag.{md,json}         (step diag) tile sweeps, host overhead, calibration profile
 #   ncu_tsra.csv               (step ncu) Nsight Compute counters of the TSRA kernels
+#   fast_{tsra,relu}_metrics.jsonl  (step fast) `cobkern train --preset fast` to the end:
+#                              loss/accuracy/images-per-s lines and the final test accuracy
 #
 # The GPU image has torch/triton and the other dependencies but no network: instead of
 # installing, the package is laid out in a temporary folder (kernels/ mapped to
@@ -97,6 +99,17 @@ if want training; then
   step "training throughput"
   cap 150 python3 bench/bench_training.py --out "$FINAL/bench_training" --steps 30 \
     --warmup 5 --variants tsra-fused,tsra-eager,relu,tsra-reference-op,tsra-fused-compiled,relu-compiled,tsra-eager-compiled
+fi
+if want fast; then  # the `fast` preset trained to the end: accuracy and time for RESULTS.md
+  step "train --preset fast: TSRA, then the ReLU control"
+  export COBKERN_DATA="$REPO/data/cifar10-jpeg.tar.gz" COBKERN_CACHE="$SITE/.cache"
+  for arch in tsra relu; do
+    cap "${GPU_SESSION_FAST_CAP:-240}" python3 -m cobkern train --preset fast --arch "$arch" \
+      --out "$SITE/fast" --no-progress ${GPU_SESSION_FAST_SET:-}
+    d="$SITE/fast/train"; [[ $arch == tsra ]] || d="$SITE/fast/train-$arch"
+    cp "$d/metrics.jsonl" "$FINAL/fast_${arch}_metrics.jsonl" 2>/dev/null
+    cat "$d/final.json" 2>/dev/null | tee -a "$LOG"
+  done
 fi
 
 step done
