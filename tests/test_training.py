@@ -138,6 +138,58 @@ def test_resume_after_interruption_is_bit_identical(tmp_path) -> None:
     assert steps == list(range(2, 15, 2))  # the interrupted tail was trimmed, not duplicated
 
 
+#: Run in a fresh process (cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it starts): train a
+#: reference run, a run killed at step 10, its resume; print whether they are bit-identical.
+_RESUME_SCRIPT = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from test_training import _Stop, _tiny_config, _toy_data
+from cobkern.models import load_model
+from cobkern.training import train
+out, device = sys.argv[2], sys.argv[3]
+torch.use_deterministic_algorithms(True)
+torch.backends.cudnn.benchmark = False
+cfg = _tiny_config(steps=14, checkpoint_every=4, device=device, bf16=device != "cpu",
+                   channels_last=True)
+data = _toy_data()
+def stop(step):
+    if step == 10:
+        raise _Stop
+ref = train(cfg, out + "/a", data=data)
+try:
+    train(cfg, out + "/b", data=data, on_step=stop)
+except _Stop:
+    pass
+res = train(cfg, out + "/b", data=data, resume=True)
+a = load_model(ref["model_path"]).state_dict()
+b = load_model(res["model_path"]).state_dict()
+print(json.dumps({"identical": all(torch.equal(a[k], b[k]) for k in a),
+                  "acc": [ref["test_accuracy"], res["test_accuracy"]],
+                  "steps": [ref["steps"], res["steps"]]}))
+"""
+
+
+def _resume_in_subprocess(tmp_path, device: str) -> dict:
+    env = dict(os.environ, CUBLAS_WORKSPACE_CONFIG=":4096:8")
+    proc = subprocess.run([sys.executable, "-c", _RESUME_SCRIPT, str(Path(__file__).parent),
+                           str(tmp_path), device], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_resume_on_cuda_with_fused_kernels_is_bit_identical(tmp_path) -> None:
+    """The CUDA path of the trainer (fused Triton kernels, bf16 autocast, channels_last,
+    deterministic cuDNN/cuBLAS): a run killed at step 10 and resumed from its step-8
+    checkpoint ends with exactly the weights of an uninterrupted run."""
+    r = _resume_in_subprocess(tmp_path, "cuda")
+    assert r["steps"] == [14, 14]
+    assert r["identical"], r
+    assert r["acc"][0] == r["acc"][1]
+
+
 def test_resume_rejects_a_checkpoint_for_another_model(tmp_path) -> None:
     data = _toy_data()
     with cobkern.use_backend("reference"):
