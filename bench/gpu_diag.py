@@ -16,8 +16,8 @@ smoke run: ``TRITON_INTERPRET=1 GPU_DIAG_DEVICE=cpu GPU_DIAG_BATCH=1 GPU_DIAG_CO
   the differences are host time.
 * ``covariance``  — the covariance kernel alone (CUDA-graph replay) at each VGG-16 layer's
   activation shape, batch 500, fp32 and bf16: the shipped launch against the same launch
-  without the alignment hints (scalar, unpipelined loads), with the other Gram tile size
-  (32 vs 64), and with ``tf32x3`` float32 products; achieved TFLOP/s of the products
+  with one pipeline stage (float32's launch before 2026-11-26), with the other Gram tile
+  size (32 vs 64), and with ``tf32x3`` float32 products; achieved TFLOP/s of the products
   actually computed.
 * ``calibration`` — a plain forward pass vs streaming calibration (float32 ``ieee`` and
   ``tf32x3`` products, and a bf16 model) on 10,000 images of VGG-16, each Gram's error
@@ -188,15 +188,15 @@ def _cov_jobs():
     for shape in COV_SHAPES:
         for dname in ("fp32", "bf16"):
             shipped = launch_config(shape[0] // 2, DTYPES[dname])[0]
-            jobs += [(shape, dname, None, "", True),                       # shipped
-                     (shape, dname, None, "", False),                      # no align hints
-                     (shape, dname, 96 - shipped, "", True)]               # other tile size
+            jobs += [(shape, dname, None, "", None),                       # shipped
+                     (shape, dname, None, "", 1),                          # one stage
+                     (shape, dname, 96 - shipped, "", None)]               # other tile size
             if dname == "fp32":
-                jobs.append((shape, dname, None, "tf32x3", True))
+                jobs.append((shape, dname, None, "tf32x3", None))
     return jobs
 
 
-def _cov_case(shape, dname, block, dot, hints):
+def _cov_case(shape, dname, block, dot, stages):
     from cobkern.kernels import covariance as kcov
 
     from cobkern.ops._checks import channel_geometry  # noqa: I001
@@ -212,7 +212,7 @@ def _cov_case(shape, dname, block, dot, hints):
 
     def fn():
         kcov.subspace_moments(x, geo, su, packed, sa, sq, mirror=False, f32_dot=dot or None,
-                              block=block, hints=hints)
+                              block=block, num_stages=stages)
 
     n = x.numel() // c
     tiles = 2 * sum(1 for i in range(-(-su // block)) for _ in range(i, -(-su // block)))
@@ -226,12 +226,12 @@ def part_covariance(rec: dict) -> None:
     precompile(_run_cov_job, jobs)
     rows = []
     for job in jobs:
-        shape, dname, block, dot, hints = job
+        shape, dname, block, dot, stages = job
         tile = block or launch_config(shape[0] // 2, DTYPES[dname])[0]
-        variant = ("shipped" if (block, dot, hints) == (None, "", True) else
-                   "no alignment hints" if not hints else dot or f"{tile}×{tile} tiles")
+        variant = ("shipped" if (block, dot, stages) == (None, "", None) else
+                   "1 stage" if stages else dot or f"{tile}×{tile} tiles")
         row = dict(shape=list(shape), dtype=dname, variant=variant, block=tile,
-                   f32_dot=dot or "-", hints=hints)
+                   f32_dot=dot or "-", stages=stages or "shipped")
         try:
             fn, flops = _cov_case(*job)
             ms = _graph_ms(fn)

@@ -4,7 +4,8 @@ Compiles each configuration the launcher picks for sm_90 and prints a Markdown t
 registers, spills and vector widths of global loads/stores (see
 ``shared/docs/kernel-checks-without-gpu.md``), plus the launch grid per shape.
 
-Run: ``python bench/kernel_proxies.py``.
+Run: ``python bench/kernel_proxies.py`` (TSRA) or ``python bench/kernel_proxies.py
+--covariance`` (the covariance kernel per layer, with SASS instruction counts).
 """
 
 from __future__ import annotations
@@ -61,5 +62,49 @@ def main() -> None:
               f"{r['spill_stores'] + r['spill_loads']} | {ld} | {st} |")
 
 
+COV_LAYERS = [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 2, 2), (4096,)]
+
+
+def covariance() -> None:
+    """The covariance kernel per VGG-16 layer (batch 500, NCHW / (N, C), split C/2): the
+    shipped launch against the same launch with one pipeline stage (the launch before
+    2026-11-26 for float32) and with the other tile size. "SASS per sample" = loop body ×
+    threads / samples per step × Gram tiles of the layer: the instructions the whole layer
+    issues per sample (lower is better)."""
+    import torch
+    from cobkern.kernels.covariance import launch_config, tile_table
+    from test_covariance_aot import _spec
+
+    rows, specs = [], []
+    for shape in COV_LAYERS:
+        s = shape[0] // 2
+        for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+            shipped = launch_config(s, dt)[0]
+            for label, block, stages in (("shipped", None, None), ("1 stage", None, 1),
+                                         (f"{96 - shipped}×{96 - shipped} tiles",
+                                          96 - shipped, None)):
+                spec = _spec((500, *shape), False, dt, block=block, num_stages=stages)
+                spec["sass"] = True
+                specs.append(spec)
+                cx = spec["constexprs"]
+                n_tiles = tile_table(s, s, cx["BLOCK"], torch.device("cpu")).numel() // 3
+                rows.append(("×".join(map(str, shape)), name, label, cx["BLOCK"],
+                             spec["num_warps"], spec["num_stages"], cx["BLOCK_K"], n_tiles))
+    print("| layer | dtype | variant | tile | warps | stages | registers | cp.async | "
+          "scalar ld | SASS loop | SASS per sample |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for (layer, dt, label, block, warps, stages, bk, n_tiles), r in zip(
+            rows, compile_specs(specs), strict=True):
+        if "error" in r:
+            print(f"| {layer} | {dt} | {label} | error: {r['error'][:60]} |")
+            continue
+        per_sample = r["sass_loop"] * 32 * warps / bk * n_tiles
+        print(f"| {layer} | {dt} | {label} | {block} | {warps} | {stages} | {r['registers']} | "
+              f"{r['cp_async']} | {r['ld_scalar']} | {r['sass_loop']} | {per_sample:,.0f} |")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--covariance"]:
+        covariance()
+    else:
+        main()

@@ -17,14 +17,3 @@ def next_pow2(n: int) -> int:
     """The smallest power of two ``>= n`` (1 for ``n <= 1``)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
-
-def pow2_divisor(cap: int, *values: int) -> int:
-    """The largest power of two ``<= cap`` that divides every one of ``values``.
-
-    Launchers turn it into alignment hints: a run of that many consecutive indices starts at
-    a multiple of it, so the compiler may vectorise (and pipeline) loads along the run.
-    """
-    d = cap
-    for v in values:
-        d = min(d, v & -v if v else cap)  # lowest set bit of v; 0 is divisible by anything
-    return max(d, 1)

@@ -20,14 +20,13 @@ share are served from L2: ``x`` comes from HBM about once. Nothing of size
 ``samples × C`` is ever allocated. Diagonal tiles also reduce ``|a|`` and ``a²`` over
 the samples (each channel lies in exactly one diagonal tile).
 
-Loads: the sample index of an NCHW batch is split into ``(image, position)`` with a
-runtime division, and the subspaces start at a runtime ``split``, so the compiler cannot
-prove any run of addresses contiguous and issues one scalar load per element, which also
-keeps the software pipeliner from prefetching the next step. Where the geometry allows
-(every VGG-16 activation), the launcher passes ``ALIGN_Q`` / ``ALIGN_C`` and the kernel
-states the runs with ``tl.max_contiguous`` / ``tl.multiple_of`` / ``tl.max_constancy``;
-the slabs then arrive by ``cp.async`` one step ahead of the products (offline sm_90
-PTX, checked in the test suite).
+Loads: the slab loads vectorise, and the software pipeliner copies them (``cp.async``)
+one step ahead of the products, when the JIT can see that the unit-stride axis comes in
+multiples of 16 (it specialises integer arguments divisible by 16): ``P`` and the image
+stride for NCHW, ``split`` and ``C`` for ``(N, C)`` / NHWC — every VGG-16 activation but the
+2×2 maps. Otherwise every slab element is a scalar load and a second stage would only
+cost registers, so :func:`specialization` keeps one (offline sm_90 PTX/SASS, checked in
+the test suite; ``bench/kernel_proxies.py --covariance``).
 
 Interpreter caveat: triton 3.8's interpreter computes ``tl.dot`` of bfloat16 tiles wrongly,
 so on CPU tensors bfloat16 slabs are widened to float32 before the dot (exact: a product
@@ -42,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, pow2_divisor
+from ._host import cdiv
 
 __all__ = ["subspace_moments", "launch_config", "specialization", "tile_table",
            "mirror_upper", "KERNELS"]
@@ -53,7 +52,7 @@ def _moments_kernel(
     X, TILES, G, SABS, SSQ,
     C, P, split, n_samples, n_tiles, chunk, stride_b, stride_c, stride_p,
     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, FLAT: tl.constexpr, F32_DOT: tl.constexpr,
-    UPCAST: tl.constexpr, INDEX64: tl.constexpr, ALIGN_C: tl.constexpr, ALIGN_Q: tl.constexpr,
+    UPCAST: tl.constexpr, INDEX64: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tile = pid % n_tiles
@@ -70,11 +69,6 @@ def _moments_kernel(
     cols = lo + tj * BLOCK + offs
     rmask = rows < hi
     cmask = cols < hi
-    if ALIGN_C > 1:  # unit channel stride; split and C multiples of ALIGN_C (launcher)
-        rows = tl.max_contiguous(tl.multiple_of(rows, ALIGN_C), ALIGN_C)
-        cols = tl.max_contiguous(tl.multiple_of(cols, ALIGN_C), ALIGN_C)
-        rmask = tl.max_constancy(rmask, ALIGN_C)
-        cmask = tl.max_constancy(cmask, ALIGN_C)
     if INDEX64:  # only for tensors of 2^31 elements or more: 64-bit offsets cost registers
         row_off = rows.to(tl.int64) * stride_c
         col_off = cols.to(tl.int64) * stride_c
@@ -103,9 +97,6 @@ def _moments_kernel(
             else:
                 b = q // P
                 q_off = b * stride_b + (q - b * P) * stride_p
-        if ALIGN_Q > 1:  # unit sample stride; P, stride_b multiples of ALIGN_Q (launcher)
-            q_off = tl.max_contiguous(tl.multiple_of(q_off, ALIGN_Q), ALIGN_Q)
-            qmask = tl.max_constancy(qmask, ALIGN_Q)
         a = tl.load(X + row_off[:, None] + q_off[None, :],
                     mask=rmask[:, None] & qmask[None, :], other=0.0)      # [BLOCK, BLOCK_K]
         bt = tl.load(X + q_off[:, None] + col_off[None, :],
@@ -155,8 +146,8 @@ def launch_config(subspace: int, dtype: torch.dtype,
     first two layers; offline sm_90 SASS: 3.4× fewer instructions per sample for float32,
     2.6× for bf16). Wider subspaces get more tiles rather than bigger ones. A step takes 64
     samples for 16-bit inputs and 32 for float32 (twice the bytes per slab); two pipeline
-    stages (``cp.async`` on sm_90; :func:`specialization` keeps one where the loads cannot
-    be proven aligned). The fp32 tile accumulator, its Kahan compensation and each
+    stages (``cp.async`` on sm_90; :func:`specialization` keeps one where the loads are
+    scalar). The fp32 tile accumulator, its Kahan compensation and each
     step's product tile live in registers: with 4 warps a 64×64 tile needs more than 255
     registers per thread and spills; with 8 warps float32 uses 128 registers (two programs
     per SM) and bf16 ~100, no spills. These configurations are compiled and checked for
@@ -172,34 +163,28 @@ def launch_config(subspace: int, dtype: torch.dtype,
 @functools.lru_cache(maxsize=1024)
 def specialization(geo, split: int, dtype: torch.dtype, numel: int, on_gpu: bool = True,
                    f32_dot: str | None = None, block: int | None = None,
-                   hints: bool = True) -> tuple[dict, int, int]:
+                   num_stages: int | None = None) -> tuple[dict, int, int]:
     """``(constexprs, num_warps, num_stages)`` of one launch on a ``geo``-shaped input.
 
     The single source of the launch decisions, shared by the launcher and the
-    ahead-of-time tests (which compile exactly these variants). Besides the tile sizes it
-    derives two alignment hints the compiler cannot see for itself: ``ALIGN_Q`` when
-    samples have unit stride (NCHW: a run of ``ALIGN_Q`` samples never crosses an image,
-    as ``ALIGN_Q`` divides ``P`` and the image stride) and ``ALIGN_C`` when channels have
-    unit stride (``(N, C)``, NHWC: both subspaces start at multiples of ``ALIGN_C``).
-    Without them every load of a slab is scalar and cannot be pipelined. Cached: it runs on
-    every calibration batch and layer. The returned dict is shared; do not mutate it.
-    ``hints=False`` drops the hints (and the second stage): A/B sweeps only.
+    ahead-of-time tests (which compile exactly these variants). Two pipeline stages only
+    where the slab loads vectorise (see the module docstring): with scalar loads the
+    second stage adds registers (float32: 154 instead of 128 at 8 warps, one program per SM
+    instead of two) and no prefetch. Cached: it runs on every calibration batch and layer.
+    The returned dict is shared; do not mutate it. ``block`` / ``num_stages`` override the
+    defaults (tuning sweeps).
     """
     n = geo.B * geo.P
-    block, block_k, num_warps, num_stages = launch_config(max(split, geo.C - split), dtype,
-                                                          block)
-    align_q = 1
-    if hints and geo.stride_p == 1:
-        align_q = pow2_divisor(block_k, geo.P, geo.stride_b if geo.B > 1 else 0)
-    align_c = pow2_divisor(block, split, geo.C) if hints and geo.stride_c == 1 else 1
-    if align_q == align_c == 1:  # scalar loads: a second stage only costs registers (fp32:
-        num_stages = 1           # 154 instead of 128, one program per SM instead of two)
+    block, block_k, num_warps, stages = launch_config(max(split, geo.C - split), dtype, block)
+    vector_q = geo.stride_p == 1 and geo.P % 16 == 0 and (geo.B == 1 or geo.stride_b % 16 == 0)
+    vector_c = geo.stride_c == 1 and split % 16 == 0 and geo.C % 16 == 0
+    if num_stages is None:
+        num_stages = stages if vector_q or vector_c else 1
     constexprs = {
         "BLOCK": block, "BLOCK_K": block_k, "FLAT": geo.B == 1,
         "F32_DOT": (f32_dot or F32_DOT_DEFAULT) if dtype == torch.float32 else "",
         "UPCAST": not on_gpu and dtype == torch.bfloat16,
         "INDEX64": numel >= 2**31 - 1 or n >= 2**31 - 2 * block_k,
-        "ALIGN_C": align_c, "ALIGN_Q": align_q,
     }
     return constexprs, num_warps, num_stages
 
@@ -232,7 +217,7 @@ def subspace_moments(x: torch.Tensor, geo, split: int, packed: torch.Tensor,
                      sum_abs: torch.Tensor, sum_sq: torch.Tensor,
                      target_programs: int | None = None, mirror: bool = True,
                      f32_dot: str | None = None, block: int | None = None,
-                     hints: bool = True) -> None:
+                     num_stages: int | None = None) -> None:
     """Add the moments of ``x`` into the outputs (float32, or float64 running sums).
 
     Args:
@@ -249,13 +234,12 @@ def subspace_moments(x: torch.Tensor, geo, split: int, packed: torch.Tensor,
         f32_dot: ``tl.dot`` input precision for float32 ``x`` (``"ieee"`` or ``"tf32x3"``);
             default :data:`F32_DOT_DEFAULT`.
         block: Gram tile size override (tuning sweeps; see :func:`launch_config`).
-        hints: pass alignment hints where they hold (``False``: A/B sweeps only; see
-            :func:`specialization`).
+        num_stages: pipeline stages override (tuning sweeps; see :func:`specialization`).
     """
     C, n = geo.C, geo.B * geo.P
     su, sv = split, C - split
     constexprs, num_warps, num_stages = specialization(
-        geo, split, x.dtype, x.numel(), x.device.type == "cuda", f32_dot, block, hints)
+        geo, split, x.dtype, x.numel(), x.device.type == "cuda", f32_dot, block, num_stages)
     table = tile_table(su, sv, constexprs["BLOCK"], x.device)
     n_tiles = table.numel() // 3
     if target_programs is None:

@@ -7,11 +7,13 @@ a subprocess with the interpreter off. Each spec names a kernel and one configur
     {"module": "cobkern.kernels.tsra", "kernel": "_tsra_fwd_kernel",
      "signature": {"X": "*bf16", ..., "BLOCK_C": "constexpr"},
      "constexprs": {"BLOCK_C": 64, ...}, "num_warps": 8,
-     "divisible": ["X", "Y", "P"]}            # args JIT-specialised as multiples of 16
+     "divisible": ["X", "Y", "P"],            # args JIT-specialised as multiples of 16
+     "sass": True}                            # optional: SASS instruction counts
 
 and the result holds the PTX-level facts the suite checks: vectorised and scalar global
 loads/stores, asynchronous (pipelined) ``cp.async`` copies, ``wgmma`` / ``mma`` instructions,
-and ptxas' register / spill report.
+and ptxas' register / spill report; with ``"sass"``, also SASS instruction counts (whole
+kernel, longest loop body) for the offline proxies of ``bench/kernel_proxies.py``.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def _compile_one(spec: dict[str, Any]) -> dict[str, Any]:
     finally:
         os.unlink(f.name)
     info = proc.stdout + proc.stderr
+    sass = _sass_stats(compiled.asm["cubin"]) if spec.get("sass") else {}
     spill_stores = [int(m) for m in re.findall(r"(\d+) bytes spill stores", info)]
     spill_loads = [int(m) for m in re.findall(r"(\d+) bytes spill loads", info)]
     regs = [int(m) for m in re.findall(r"Used (\d+) registers", info)]
@@ -66,7 +69,34 @@ def _compile_one(spec: dict[str, Any]) -> dict[str, Any]:
         "wgmma": ptx.count("wgmma.mma_async"),
         "cp_async": len(re.findall(r"\bcp\.async\.c[ag]\.", ptx)),
         "mma": len(re.findall(r"\bmma\.sync", ptx)),
+        **sass,
     }
+
+
+def _sass_stats(cubin: bytes) -> dict[str, int]:
+    """SASS instruction counts (``cuobjdump`` bundled with triton): the whole kernel, and
+    the body of its longest loop (the instructions between a backward branch and its
+    target), which is what a streaming kernel executes per step."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        out = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    finally:
+        os.unlink(f.name)
+    ins = [(int(a, 16), op, rest) for a, op, rest in re.findall(
+        r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;\n]*)", out)]
+    loop = 0
+    for addr, op, rest in ins:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if target and int(target.group(1), 16) < addr:
+            lo = int(target.group(1), 16)
+            loop = max(loop, sum(1 for a, _, _ in ins if lo <= a <= addr))
+    return {"sass_total": len(ins), "sass_loop": loop}
 
 
 def _memory_ops(ptx: str, kind: str) -> dict[str, int]:
