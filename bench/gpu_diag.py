@@ -42,9 +42,9 @@ SHAPES = [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 2, 2), (4
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # (tile elements, elements per thread[, warps]); the first of each list is the shipped
 # default (since the 2026-11-26 sweep: forward 16 KiB tiles with 64 B per thread — 4096/16
-# fp32, 8192/32 bf16; backward 4096/16). Not yet measured: 4-warp tiles (more channels per
-# thread, less cross-warp reduction), and 1-/2-warp tiles (every channel reduction inside
-# one warp: shuffles, no shared memory or barriers; many small programs per SM).
+# fp32, 8192/32 bf16; backward 4096/16). Not yet measured: 4- and 2-warp tiles (7
+# barriers per bf16 forward program at 64×32×32 instead of 15), and 1-warp tiles (channel
+# reductions all warp shuffles, no shared memory or barrier; many small programs per SM).
 CONFIGS = {"forward": [(4096, 16), (8192, 16), (8192, 32), (16384, 32), (2048, 8), (4096, 8),
                        (4096, 32), (8192, 64), (2048, 16),
                        (2048, 32, 2), (1024, 16, 2), (1024, 32, 1), (512, 16, 1)],

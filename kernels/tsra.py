@@ -291,7 +291,8 @@ def launch_config(C: int, P: int, direction: str = "forward", itemsize: int = 4,
     grow with the tile so that each thread holds :data:`BYTES_PER_THREAD` of each tensor
     (verified spill-free by the AOT tests), at least 4. ``tile_elems`` /
     ``elems_per_thread`` / ``num_warps`` override the defaults (tuning sweeps only; an
-    explicit ``num_warps`` may be 1 or 2, which keeps every reduction inside a warp).
+    explicit ``num_warps`` may be below 4: with 1 every channel reduction is warp shuffles,
+    no shared memory or barrier — offline sm_90 SASS).
     """
     itemsize = min(max(itemsize, 2), 4)  # fp16/bf16: 2, fp32: 4 (float64 never launches)
     chunked = C > MAX_TILE_CHANNELS
