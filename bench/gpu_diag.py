@@ -40,16 +40,19 @@ import torch
 
 SHAPES = [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 2, 2), (4096,)]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-# (tile elements, elements per thread[, warps]); the first of each list is the shipped
-# default (since the 2026-11-26 sweep: forward 16 KiB tiles with 64 B per thread — 4096/16
-# fp32, 8192/32 bf16; backward 4096/16). Not yet measured: 4- and 2-warp tiles (7
-# barriers per bf16 forward program at 64×32×32 instead of 15), and 1-warp tiles (channel
-# reductions all warp shuffles, no shared memory or barrier; many small programs per SM).
+# (tile elements, elements per thread[, warps[, VEC_P]]); the first of each list is the
+# shipped default (since the 2026-11-26 sweep: forward 16 KiB tiles with 64 B per thread —
+# 4096/16 fp32, 8192/32 bf16; backward 4096/16). Not yet measured: 4- and 2-warp tiles (7
+# barriers per bf16 forward program at 64×32×32 instead of 15), 1-warp tiles (channel
+# reductions all warp shuffles, no shared memory or barrier), and 1-warp tiles with a capped
+# position vector (VEC_P: far fewer repeated per-position ops — `kernel_proxies.py --vec`).
 CONFIGS = {"forward": [(4096, 16), (8192, 16), (8192, 32), (16384, 32), (2048, 8), (4096, 8),
                        (4096, 32), (8192, 64), (2048, 16),
-                       (2048, 32, 2), (1024, 16, 2), (1024, 32, 1), (512, 16, 1)],
+                       (2048, 32, 2), (1024, 16, 2), (1024, 32, 1), (512, 16, 1),
+                       (1024, 32, 1, 2), (2048, 64, 1, 4), (2048, 64, 1, 2)],
            "backward": [(2048, 8), (4096, 8), (4096, 16), (8192, 16), (1024, 4), (2048, 4),
-                        (2048, 16), (4096, 32), (1024, 16, 2), (512, 16, 1)]}
+                        (2048, 16), (4096, 32), (1024, 16, 2), (512, 16, 1),
+                        (1024, 32, 1, 2), (1024, 32, 1, 4), (512, 16, 1, 2)]}
 # VGG-16 CoB layer activations (C, H, W) at calibration batch 500, for the covariance sweep
 COV_SHAPES = [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 2, 2), (4096,)]
 COV_BATCH = int(os.environ.get("GPU_DIAG_COV_BATCH", "500"))
@@ -66,9 +69,9 @@ def _tensors(shape, dtype, direction):
 
 
 def _tuning(cfg) -> dict:
-    """``launch_config`` overrides of a ``(tile, elems per thread[, warps])`` entry."""
-    tile, ept, *warps = cfg if cfg else (None, None)
-    return dict(tile_elems=tile, elems_per_thread=ept, num_warps=warps[0] if warps else None)
+    """Launch overrides of a ``(tile, elems per thread[, warps[, VEC_P]])`` entry."""
+    tile, ept, warps, vec_p = (*cfg, None, None)[:4] if cfg else (None,) * 4
+    return dict(tile_elems=tile, elems_per_thread=ept, num_warps=warps, vec_p=vec_p)
 
 
 def _launch(direction, tensors, cfg):
@@ -144,7 +147,7 @@ def copy_bandwidth() -> float:
 
 
 def part_tiles(rec: dict) -> None:
-    from cobkern.kernels.tsra import launch_config
+    from cobkern.kernels.tsra import specialization
 
     from cobkern.ops._checks import channel_geometry  # noqa: I001
 
@@ -166,10 +169,11 @@ def part_tiles(rec: dict) -> None:
                     2 if direction == "forward" else 3)
                 for cfg in cfgs:
                     geo = channel_geometry(tensors[0], 1)
-                    warps = launch_config(geo.C, geo.P, direction, dtype.itemsize,
-                                          **_tuning(cfg))[2]
+                    _, consts, warps, _ = specialization(
+                        geo.C, geo.P, geo.channels_contig, direction, False, dtype.itemsize,
+                        **_tuning(cfg))
                     row = dict(shape=list(shape), dtype=dname, direction=direction,
-                               tile=cfg[0], ept=cfg[1], warps=warps)
+                               tile=cfg[0], ept=cfg[1], warps=warps, vec_p=consts["VEC_P"])
                     try:
                         ms = _graph_ms(lambda d=direction, ts=tensors, cfg=cfg:
                                        _launch(d, ts, cfg))
@@ -395,12 +399,11 @@ def _markdown(rec: dict) -> str:
                   "|---|---|---|---|---:|---:|"]
         for r in rec["tiles"]:
             shp = "×".join(map(str, [BATCH, *r["shape"]]))
-            if "error" in r:
-                lines.append(f"| {shp} | {r['dtype']} | {r['direction']} | {r['tile']}/"
-                             f"{r['ept']}/{r['warps']}w | error | {r['error'][:60]} |")
-            else:
-                lines.append(f"| {shp} | {r['dtype']} | {r['direction']} | {r['tile']}/"
-                             f"{r['ept']}/{r['warps']}w | {r['ms']:.4f} | {r['pct_copy']:.0f}% |")
+            cfg = f"{r['tile']}/{r['ept']}/{r['warps']}w" + (
+                f" VEC_P={r['vec_p']}" if r.get("vec_p") else "")
+            v = ("error | " + r["error"][:60] if "error" in r
+                 else f"{r['ms']:.4f} | {r['pct_copy']:.0f}%")
+            lines.append(f"| {shp} | {r['dtype']} | {r['direction']} | {cfg} | {v} |")
         lines.append("")
     if "overhead" in rec:
         lines += ["| shape (bf16, fwd+bwd) | fast path ms | custom op ms | CUDA graph ms |",

@@ -4,8 +4,10 @@ Compiles each configuration the launcher picks for sm_90 and prints a Markdown t
 registers, spills and vector widths of global loads/stores (see
 ``shared/docs/kernel-checks-without-gpu.md``), plus the launch grid per shape.
 
-Run: ``python bench/kernel_proxies.py`` (TSRA) or ``python bench/kernel_proxies.py
---covariance`` (the covariance kernel per layer, with SASS instruction counts).
+Run: ``python bench/kernel_proxies.py`` (TSRA), ``python bench/kernel_proxies.py --vec``
+(SASS per element of the shipped NCHW TSRA launches against the 1-warp ``VEC_P`` sweep
+candidates) or ``python bench/kernel_proxies.py --covariance`` (the covariance kernel per
+layer, with SASS instruction counts).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, ROOT)
 
 from aot_tools import compile_specs  # noqa: E402
 from cobkern.kernels.tsra import specialization  # noqa: E402
@@ -29,24 +32,31 @@ SHAPES = [  # (label, C, P, channels_contig)
 ]
 
 
+def _tsra_spec(c: int, p: int, cl: bool, direction: str, dtype: str, **tuning) -> tuple:
+    """The AOT spec of the launch the launcher makes for a ``(C, P)`` batch-1024 problem
+    (with ``tuning`` overrides), and ``(constexprs, num_warps, programs)``."""
+    kernel, consts, warps, n_pblocks = specialization(
+        c, p, cl, direction, True, 4 if dtype == "fp32" else 2, **tuning)
+    kernel = getattr(kernel, "fn", kernel).__name__
+    ints = {"C": c, "P": p, "stride_b": 0 if cl else c * p,
+            "stride_c": 1 if cl else p, "stride_p": c if cl else 1}
+    consts = {**consts, **{k: 1 for k, v in ints.items() if v == 1}}
+    sig = _signature(kernel, dtype)
+    sig.update({k: "constexpr" for k in consts})
+    divisible = [k for k, v in sig.items() if v.startswith("*")]
+    divisible += [k for k, v in ints.items() if v % 16 == 0]
+    spec = dict(module="cobkern.kernels.tsra", kernel=kernel, signature=sig,
+                constexprs=consts, num_warps=warps, divisible=divisible)
+    return spec, consts, warps, n_pblocks * (1 if cl else 1024)
+
+
 def main() -> None:
     specs, labels = [], []
     for label, c, p, cl in SHAPES:
         for direction in ["forward", "backward"]:
             for dtype in ["bf16", "fp32"]:
-                kernel, consts, warps, n_pblocks = specialization(
-                    c, p, cl, direction, True, 4 if dtype == "fp32" else 2)
-                kernel = getattr(kernel, "fn", kernel).__name__
-                ints = {"C": c, "P": p, "stride_b": 0 if cl else c * p,
-                        "stride_c": 1 if cl else p, "stride_p": c if cl else 1}
-                consts = {**consts, **{k: 1 for k, v in ints.items() if v == 1}}
-                sig = _signature(kernel, dtype)
-                sig.update({k: "constexpr" for k in consts})
-                divisible = [k for k, v in sig.items() if v.startswith("*")]
-                divisible += [k for k, v in ints.items() if v % 16 == 0]
-                specs.append(dict(module="cobkern.kernels.tsra", kernel=kernel, signature=sig,
-                                  constexprs=consts, num_warps=warps, divisible=divisible))
-                grid = n_pblocks * (1 if cl else 1024)
+                spec, consts, warps, grid = _tsra_spec(c, p, cl, direction, dtype)
+                specs.append(spec)
                 labels.append((label, direction, dtype,
                                f"{consts['BLOCK_C']}×{consts['BLOCK_P']}", warps, grid))
     print("| shape (batch 1024) | pass | dtype | tile C×P | warps | programs | registers | "
@@ -60,6 +70,44 @@ def main() -> None:
         st = f"{r['st_v4']} / {r['st_v2']} / {r['st_scalar']}"
         print(f"| {' | '.join(map(str, lab))} | {r['registers']} | "
               f"{r['spill_stores'] + r['spill_loads']} | {ld} | {st} |")
+
+
+def vec() -> None:
+    """SASS per element of the shipped NCHW launches against the ``VEC_P`` candidates:
+    instructions and special-function ops per element (all threads of a program / the
+    tile's elements), barriers per program, registers, spills. The candidates are the tile
+    sweep's (``bench/gpu_diag.py``: ``(tile, elements per thread, warps, VEC_P)``)."""
+    from bench.gpu_diag import CONFIGS
+
+    rows, specs = [], []
+    for label, c, p, cl in SHAPES:
+        if cl:
+            continue
+        for direction in ["forward", "backward"]:
+            for dtype in ["bf16", "fp32"]:
+                for cand in [None, *(c for c in CONFIGS[direction] if len(c) == 4)]:
+                    tuning = {} if cand is None else dict(
+                        tile_elems=cand[0], elems_per_thread=cand[1], num_warps=cand[2],
+                        vec_p=cand[3])
+                    spec, consts, warps, _ = _tsra_spec(c, p, cl, direction, dtype, **tuning)
+                    spec["sass"] = True
+                    specs.append(spec)
+                    rows.append((label, direction, dtype, "shipped" if cand is None else
+                                 f"{cand[0]}/{cand[1]}/{cand[2]}w VEC_P={cand[3]}",
+                                 f"{consts['BLOCK_C']}×{consts['BLOCK_P']}", warps,
+                                 consts["BLOCK_C"] * consts["BLOCK_P"]))
+    print("| shape (batch 1024) | pass | dtype | variant | tile C×P | warps | registers | "
+          "spill B | SASS / element | MUFU / element | barriers |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for (label, direction, dtype, variant, tile, warps, n), r in zip(
+            rows, compile_specs(specs), strict=True):
+        if "error" in r:
+            print(f"| {label} | {direction} | {dtype} | {variant} | error: {r['error'][:60]} |")
+            continue
+        per = 32 * warps / n
+        print(f"| {label} | {direction} | {dtype} | {variant} | {tile} | {warps} | "
+              f"{r['registers']} | {r['spill_stores'] + r['spill_loads']} | "
+              f"{r['sass_total'] * per:.1f} | {r['sass_mufu'] * per:.2f} | {r['sass_bar']} |")
 
 
 COV_LAYERS = [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 2, 2), (4096,)]
@@ -104,7 +152,4 @@ def covariance() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--covariance"]:
-        covariance()
-    else:
-        main()
+    {"--covariance": covariance, "--vec": vec}.get(" ".join(sys.argv[1:]), main)()

@@ -21,6 +21,16 @@ drops the channel mask, which the compiler needs to vectorise a unit-stride chan
 ``SMALL_P`` (NCHW with 2, 4 or 8 positions per channel row, e.g. a 2×2 feature map) makes the
 row length a compile-time constant so that those short rows still vectorise.
 ``RMSNORM=True`` prepends an unlearned RMSNorm with normaliser ``1 / inv_norm_size``.
+
+``VEC_P > 0`` (tuning sweeps; 0 in the shipped launches) caps the vector width along
+positions. The compiler gives each thread as many consecutive positions as one 16-byte
+access holds (8 in bf16), so few lanes span the positions and many span the channels, and
+every lane holding a position repeats that position's gain arithmetic (square roots,
+reciprocals, two sigmoids). Narrower vectors put more lanes on positions and fewer on the
+channels. Offline sm_90 SASS of the bf16 RMSNorm→TSRA backward at 1024×64×32×32: the
+shipped 8-warp tile issues 104 instructions and 5.6 special-function ops per element and
+31 barriers per program; a 1-warp ``64×16`` tile with ``VEC_P=2`` issues 40 and 0.7, with
+no barrier (``python bench/kernel_proxies.py --vec``). Not yet timed on a GPU.
 """
 
 from __future__ import annotations
@@ -72,10 +82,12 @@ def _chunk(c0, pid_b, offs_p, P, C, split, stride_b, stride_c, stride_p,
 
 
 @triton.jit
-def _program_coords(n_pblocks, BLOCK_P: tl.constexpr):
+def _program_coords(n_pblocks, BLOCK_P: tl.constexpr, VEC_P: tl.constexpr):
     pid = tl.program_id(0)
     pid_b = pid // n_pblocks
     offs_p = (pid % n_pblocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    if VEC_P > 0:  # cap the vector width along positions (see the module docstring)
+        offs_p = tl.max_contiguous(offs_p, VEC_P)
     return pid_b, offs_p
 
 
@@ -150,9 +162,9 @@ def _tsra_fwd_kernel(
     X, Y, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
     a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, CHANNELS_CONTIG: tl.constexpr,
-    RMSNORM: tl.constexpr, EVEN_C: tl.constexpr, SMALL_P: tl.constexpr,
+    RMSNORM: tl.constexpr, EVEN_C: tl.constexpr, SMALL_P: tl.constexpr, VEC_P: tl.constexpr,
 ):
-    pid_b, offs_p = _program_coords(n_pblocks, BLOCK_P)
+    pid_b, offs_p = _program_coords(n_pblocks, BLOCK_P, VEC_P)
     offs, mask, is_u = _chunk(0, pid_b, offs_p, P, C, split, stride_b, stride_c, stride_p,
                               BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C, SMALL_P)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
@@ -168,9 +180,9 @@ def _tsra_bwd_kernel(
     DY, X, DX, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
     a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, CHANNELS_CONTIG: tl.constexpr,
-    RMSNORM: tl.constexpr, EVEN_C: tl.constexpr, SMALL_P: tl.constexpr,
+    RMSNORM: tl.constexpr, EVEN_C: tl.constexpr, SMALL_P: tl.constexpr, VEC_P: tl.constexpr,
 ):
-    pid_b, offs_p = _program_coords(n_pblocks, BLOCK_P)
+    pid_b, offs_p = _program_coords(n_pblocks, BLOCK_P, VEC_P)
     offs, mask, is_u = _chunk(0, pid_b, offs_p, P, C, split, stride_b, stride_c, stride_p,
                               BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C, SMALL_P)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
@@ -191,9 +203,9 @@ def _tsra_fwd_chunked_kernel(
     X, Y, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
     a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, CHANNELS_CONTIG: tl.constexpr,
-    RMSNORM: tl.constexpr, EVEN_C: tl.constexpr, SMALL_P: tl.constexpr,
+    RMSNORM: tl.constexpr, EVEN_C: tl.constexpr, SMALL_P: tl.constexpr, VEC_P: tl.constexpr,
 ):
-    pid_b, offs_p = _program_coords(n_pblocks, BLOCK_P)
+    pid_b, offs_p = _program_coords(n_pblocks, BLOCK_P, VEC_P)
     s2u = tl.zeros([BLOCK_P], tl.float32)
     s2v = tl.zeros([BLOCK_P], tl.float32)
     for c0 in range(0, C, BLOCK_C):
@@ -218,9 +230,9 @@ def _tsra_bwd_chunked_kernel(
     DY, X, DX, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
     a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, CHANNELS_CONTIG: tl.constexpr,
-    RMSNORM: tl.constexpr, EVEN_C: tl.constexpr, SMALL_P: tl.constexpr,
+    RMSNORM: tl.constexpr, EVEN_C: tl.constexpr, SMALL_P: tl.constexpr, VEC_P: tl.constexpr,
 ):
-    pid_b, offs_p = _program_coords(n_pblocks, BLOCK_P)
+    pid_b, offs_p = _program_coords(n_pblocks, BLOCK_P, VEC_P)
     s2u = tl.zeros([BLOCK_P], tl.float32)
     s2v = tl.zeros([BLOCK_P], tl.float32)
     du = tl.zeros([BLOCK_P], tl.float32)
@@ -312,20 +324,23 @@ def launch_config(C: int, P: int, direction: str = "forward", itemsize: int = 4,
 
 @functools.lru_cache(maxsize=1024)
 def specialization(C: int, P: int, channels_contig: bool, direction: str, rmsnorm: bool,
-                   itemsize: int = 4, **tuning: int | None) -> tuple[object, dict, int, int]:
+                   itemsize: int = 4, vec_p: int | None = None,
+                   **tuning: int | None) -> tuple[object, dict, int, int]:
     """What one launch compiles: ``(kernel, constexprs, num_warps, n_pblocks)``.
 
     The single source of the launch decisions, shared by the launcher and by the
     ahead-of-time compilation tests (which compile exactly these variants). ``tuning``
     (``tile_elems``, ``elems_per_thread``, ``num_warps``) is passed to
-    :func:`launch_config`. Cached: it
+    :func:`launch_config`; ``vec_p`` caps the vector width along NCHW positions (``VEC_P``,
+    module docstring; tuning sweeps). Cached: it
     runs on every launch, and host time is what limits the small layers. The returned
     ``constexprs`` dict is shared between calls; do not mutate it.
     """
     block_c, block_p, num_warps, chunked = launch_config(C, P, direction, itemsize, **tuning)
     small_p = P if (not channels_contig and P in SMALL_P_VALUES and block_p == P) else 0
     constexprs = {"BLOCK_C": block_c, "BLOCK_P": block_p, "CHANNELS_CONTIG": channels_contig,
-                  "RMSNORM": rmsnorm, "EVEN_C": C % block_c == 0, "SMALL_P": small_p}
+                  "RMSNORM": rmsnorm, "EVEN_C": C % block_c == 0, "SMALL_P": small_p,
+                  "VEC_P": 0 if channels_contig else min(vec_p or 0, block_p)}
     return KERNELS[(direction, chunked)], constexprs, num_warps, cdiv(P, block_p)
 
 

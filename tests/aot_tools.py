@@ -74,9 +74,9 @@ def _compile_one(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _sass_stats(cubin: bytes) -> dict[str, int]:
-    """SASS instruction counts (``cuobjdump`` bundled with triton): the whole kernel, and
-    the body of its longest loop (the instructions between a backward branch and its
-    target), which is what a streaming kernel executes per step."""
+    """SASS instruction counts (``cuobjdump`` bundled with triton): the whole kernel, the
+    body of its longest loop (the instructions between a backward branch and its target,
+    what a streaming kernel executes per step), barriers and special-function (MUFU) ops."""
     import triton
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
@@ -96,7 +96,9 @@ def _sass_stats(cubin: bytes) -> dict[str, int]:
         if target and int(target.group(1), 16) < addr:
             lo = int(target.group(1), 16)
             loop = max(loop, sum(1 for a, _, _ in ins if lo <= a <= addr))
-    return {"sass_total": len(ins), "sass_loop": loop}
+    return {"sass_total": len(ins), "sass_loop": loop,
+            "sass_bar": sum(op.startswith("BAR") for _, op, _ in ins),
+            "sass_mufu": sum(op.startswith("MUFU") for _, op, _ in ins)}
 
 
 def _memory_ops(ptx: str, kind: str) -> dict[str, int]:

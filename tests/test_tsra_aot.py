@@ -11,6 +11,8 @@ would see 16-divisible sizes.
 from __future__ import annotations
 
 import functools
+import os
+import sys
 
 import pytest
 
@@ -49,34 +51,37 @@ def _signature(kernel: str, dtype: str) -> dict[str, str]:
     return sig
 
 
+def _spec(c: int, p: int, cl: bool, direction: str, dtype: str, rms: bool,
+          **tuning: int | None) -> dict:
+    """The launcher's variant for a ``(C, P)`` problem, with the facts the JIT would
+    specialise on: pointers and ints divisible by 16 (0 included) marked, ints equal to 1
+    turned into constants."""
+    kernel, consts, warps, _ = specialization(c, p, cl, direction, rms, DTYPES[dtype], **tuning)
+    kernel = getattr(kernel, "fn", kernel).__name__
+    ints = {"C": c, "P": p, "stride_b": 0 if cl else c * p,
+            "stride_c": 1 if cl else p, "stride_p": c if cl else 1}
+    consts = {**consts, **{k: v for k, v in ints.items() if v == 1}}
+    sig = _signature(kernel, dtype)
+    sig.update({k: "constexpr" for k in consts})
+    ptrs = [k for k, v in sig.items() if v.startswith("*")]
+    divisible = ptrs + [k for k, v in ints.items() if v % 16 == 0]
+    return dict(module="cobkern.kernels.tsra", kernel=kernel, signature=sig,
+                constexprs=consts, num_warps=warps, divisible=divisible,
+                meta=dict(C=c, P=p, cl=cl, dtype=dtype, rms=rms, block_p=consts["BLOCK_P"]))
+
+
 def _variants():
-    """One spec per distinct compiled variant, with the facts the JIT would specialise on."""
+    """One spec per distinct compiled variant."""
     seen = {}
     for direction in ["forward", "backward"]:
         for dtype in DTYPES:
             for rms in [False, True]:
                 for c, p, cl in SHAPES:
-                    kernel, consts, warps, _ = specialization(
-                        c, p, cl, direction, rms, DTYPES[dtype])
-                    kernel = getattr(kernel, "fn", kernel).__name__
-                    ints = {"C": c, "P": p, "stride_b": 0 if cl else c * p,
-                            "stride_c": 1 if cl else p, "stride_p": c if cl else 1}
-                    consts = {**consts, **{k: v for k, v in ints.items() if v == 1}}
-                    sig = _signature(kernel, dtype)
-                    sig.update({k: "constexpr" for k in consts})
-                    # the JIT marks ints divisible by 16 (0 included) and specialises 1
-                    ptrs = [k for k, v in sig.items() if v.startswith("*")]
-                    divisible = ptrs + [k for k, v in ints.items() if v % 16 == 0]
-                    key = (kernel, dtype, warps, tuple(sorted(divisible)),
-                           tuple(sorted(consts.items())))
-                    if key in seen:
-                        continue
-                    seen[key] = dict(
-                        module="cobkern.kernels.tsra", kernel=kernel, signature=sig,
-                        constexprs=consts, num_warps=warps, divisible=divisible,
-                        meta=dict(C=c, P=p, cl=cl, dtype=dtype, rms=rms,
-                                  block_p=consts["BLOCK_P"]),
-                    )
+                    spec = _spec(c, p, cl, direction, dtype, rms)
+                    key = (spec["kernel"], dtype, spec["num_warps"],
+                           tuple(sorted(spec["divisible"])),
+                           tuple(sorted(spec["constexprs"].items())))
+                    seen.setdefault(key, spec)
     return list(seen.values())
 
 
@@ -133,4 +138,25 @@ def test_unit_stride_axis_is_vectorised():
             bad.append(f"{_name(s)}: ld v4={r['ld_v4']} v2={r['ld_v2']} "
                        f"scalar={r['ld_scalar']}; st v4={r['st_v4']} scalar={r['st_scalar']}")
     assert checked >= 40
+    assert not bad, "\n".join(bad)
+
+
+def test_sweep_vec_candidates_compile_without_spills():
+    """The tile sweep (``bench/gpu_diag.py``) times its capped-vector (``VEC_P``) 1-warp
+    configurations on a GPU; here they must compile for sm_90 at the NCHW VGG shapes,
+    assemble, and hold their tiles in registers (a spilling candidate is timed for nothing)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench.gpu_diag import CONFIGS
+
+    specs = [_spec(c, p, cl, direction, dtype, True, tile_elems=tile, elems_per_thread=ept,
+                   num_warps=warps, vec_p=vec_p)
+             for direction, cfgs in CONFIGS.items()
+             for tile, ept, warps, vec_p in (cfg for cfg in cfgs if len(cfg) == 4)
+             for dtype in ("bf16", "fp32") for c, p, cl in SHAPES[:5]]
+    assert len(specs) >= 20 and all(s["constexprs"]["VEC_P"] for s in specs)
+    results = compile_specs([{k: v for k, v in s.items() if k != "meta"} for s in specs])
+    bad = [f"{_name(s)} VEC_P={s['constexprs']['VEC_P']}: "
+           f"{r.get('error') or r['ptxas_log'][-300:]}"
+           for s, r in zip(specs, results, strict=True)
+           if "error" in r or not r["ptxas_ok"] or r["spill_stores"] or r["spill_loads"]]
     assert not bad, "\n".join(bad)

@@ -152,3 +152,39 @@ def test_non_contiguous_input_and_mixed_layout_grad(backend, device):
 def test_empty_input(device):
     x = torch.randn(0, 8, 3, 3, device=device)
     assert tsra(x, 4).shape == x.shape
+
+
+#: the tile sweep's override kinds (``bench/gpu_diag.py``): (tile elements, elements per
+#: thread, warps, VEC_P) — a 1-warp tile, capped position vectors, a 2-warp tile
+TUNINGS = [(1024, 32, 1, 2), (2048, 64, 1, 4), (512, 16, 1, 2), (1024, 16, 2, 0)]
+
+
+@pytest.mark.parametrize("tuning", TUNINGS, ids=lambda t: "-".join(map(str, t)))
+@pytest.mark.parametrize("shape, split, layout", [((2, 64, 6, 6), 32, "nchw"),
+                                                  ((2, 40, 5, 3), 13, "nchw"),
+                                                  ((2, 64, 4, 4), 32, "channels_last")],
+                         ids=["nchw-64", "nchw-odd", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sweep_overrides_compute_the_same_function(tuning, shape, split, layout, dtype,
+                                                   device):
+    """Tile, warp and vector-width overrides change how a program covers the tensor (and on
+    a GPU the compiled layout), never the result: RMSNorm→TSRA forward and backward against
+    float64, with the same tolerances as the shipped launch."""
+    from cobkern.kernels import tsra as k
+
+    from cobkern.ops._checks import channel_geometry
+
+    x = _make(shape, layout, dtype, device)
+    dy = torch.randn(shape).to(device=device, dtype=dtype)
+    if layout == "channels_last":
+        dy = dy.to(memory_format=torch.channels_last)
+    y64, dx64 = tsra64_grad(x.cpu(), dy.cpu(), split, 1, norm_size=None, rms_eps=1e-6)
+    tile, ept, warps, vec_p = tuning
+    over = dict(tile_elems=tile, elems_per_thread=ept, num_warps=warps, vec_p=vec_p)
+    geo = channel_geometry(x, 1)
+    consts = (5.0, 0.5, 5.0, 0.7, 1e-12, shape[1], 1e-6)
+    y, dx = torch.empty_like(x), torch.empty_like(x)
+    k._launch("forward", (x, y), geo, split, *consts, **over)
+    k._launch("backward", (dy, x, dx), geo, split, *consts, **over)
+    torch.testing.assert_close(y.cpu().double(), y64, **TOL[dtype])
+    torch.testing.assert_close(dx.cpu().double(), dx64, **TOL[dtype])
