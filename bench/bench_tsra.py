@@ -246,6 +246,21 @@ HEADER = ("| op | pass | dtype | shape | eager ms | compile ms | cobkern ms | ce
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
+def route_through(table: dict[tuple, dict]) -> None:
+    """Make every TSRA launch use ``table``'s overrides for its problem (see
+    ``gpu_diag.best_tuning``); problems not in the table keep the shipped launch."""
+    from cobkern.kernels import tsra as k
+
+    shipped = k.specialization
+
+    def tuned(C, P, channels_contig, direction, rmsnorm, itemsize=4, **tuning):
+        over = table.get((C, P, channels_contig, direction, itemsize), {})
+        return shipped(C, P, channels_contig, direction, rmsnorm, itemsize,
+                       **{**over, **tuning})
+
+    k.specialization = tuned
+
+
 def environment(device: torch.device) -> dict:
     env = {"date": _dt.date.today().isoformat(), "python": platform.python_version(),
            "torch": torch.__version__, "device": str(device), "cobkern": cobkern.__version__}
@@ -271,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=None, help="default 1024 on GPU, 8 on CPU")
     p.add_argument("--device", default="auto")
     p.add_argument("--ops", default="tsra,rmsnorm_tsra", help="comma list of tsra,rmsnorm_tsra")
+    p.add_argument("--tuning", default=None, metavar="GPU_DIAG_JSON",
+                   help="launch each shape with the fastest configuration of this tile sweep "
+                        "(bench/gpu_diag.py output) instead of the shipped one")
     args = p.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
@@ -282,6 +300,18 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.batch or (1024 if gpu else 8)
     shapes = VGG_SHAPES if gpu else CPU_SHAPES
     env = environment(device)
+    if args.tuning:
+        from bench.gpu_diag import best_tuning
+
+        with open(args.tuning) as f:
+            table = best_tuning(json.load(f).get("tiles", []), batch)
+        if not table:
+            p.error(f"{args.tuning} holds no tile-sweep timings")
+        route_through(table)
+        env["tuning"] = {"from": args.tuning, "launches": {
+            "{}x{} {} {} {}B".format(*k[:2], "NHWC" if k[2] else "NCHW", *k[3:]):
+            "{tile_elems}/{elems_per_thread}/{num_warps}w VEC_P={vec_p}".format(**v)
+            for k, v in sorted(table.items())}}
     print(json.dumps(env))
     print(HEADER)
     ops = args.ops.split(",")

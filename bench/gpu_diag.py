@@ -184,6 +184,30 @@ def part_tiles(rec: dict) -> None:
     rec["tiles"] = rows
 
 
+def best_tuning(rows: list[dict], batch: int = BATCH) -> dict[tuple, dict]:
+    """The fastest measured launch of each tile-sweep problem, as launcher overrides.
+
+    ``rows`` are ``gpu_diag.json``'s ``"tiles"``. Keys are what
+    :func:`cobkern.kernels.tsra.specialization` is called with: ``(C, P, channels_contig,
+    direction, itemsize)``; values its tuning keywords. ``bench_tsra.py --tuning`` routes
+    its launches through them, so the goals can be measured with the sweep's winners in the
+    same GPU call, before any default changes.
+    """
+    best: dict[tuple, tuple[float, dict]] = {}
+    for r in rows:
+        if "ms" not in r:
+            continue
+        shape = r["shape"]
+        c, p, cl = (shape[0], batch, True) if len(shape) == 1 else (
+            shape[0], shape[1] * shape[2], False)
+        key = (c, p, cl, r["direction"], DTYPES[r["dtype"]].itemsize)
+        tuning = dict(tile_elems=r["tile"], elems_per_thread=r["ept"], num_warps=r["warps"],
+                      vec_p=r.get("vec_p") or None)
+        if key not in best or r["ms"] < best[key][0]:
+            best[key] = (r["ms"], tuning)
+    return {k: v[1] for k, v in best.items()}
+
+
 def _cov_jobs():
     """Per layer and dtype: the shipped launch, then one change at a time against it."""
     from cobkern.kernels.covariance import launch_config

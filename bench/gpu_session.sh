@@ -7,7 +7,7 @@
 #   GPU_SESSION_BUDGET=300 bash bench/gpu_session.sh   # a shorter run (seconds)
 #   GPU_SESSION_DRY_RUN=1 PATH=.venv/bin:$PATH bash bench/gpu_session.sh  # check it on a CPU
 #   GPU_SESSION_STEPS=tests,diag bash bench/gpu_session.sh  # some steps only (default: all
-#                                 but diag, ncu and fast: tests,tsra,calibration,training)
+#                                 but diag, tuned, ncu and fast: tests,tsra,calibration,training)
 #
 # Results are written as they are produced into $OUT (the device tool's output folder, which
 # returns at most 8 files) or ./gpu-results:
@@ -17,6 +17,8 @@
 #   bench_calibration.{md,json}   streaming vs materialising calibration vs a forward pass
 #   bench_training.{md,json}   training throughput, fused vs eager vs ReLU
 #   gpu_diag.{md,json}         (step diag) tile sweeps, host overhead, calibration profile
+#   tuned/bench_tsra.{md,json} (step tuned, after diag) bench_tsra with each shape launched
+#                              with the sweep's fastest configuration
 #   ncu_tsra.csv               (step ncu) Nsight Compute counters of the TSRA kernels
 #   fast_{tsra,relu}_metrics.jsonl  (step fast) `cobkern train --preset fast` to the end:
 #                              loss/accuracy/images-per-s lines and the final test accuracy
@@ -78,6 +80,15 @@ if want diag; then
   step "diagnostics: tile sweep, host overhead, calibration profile"
   cap 240 python3 bench/gpu_diag.py --out "$FINAL"
 fi
+if want tuned; then  # the goals again, every shape launched with the sweep's fastest config
+  step "TSRA benchmark with the tile sweep's winners (bench_tsra.py --tuning)"
+  if [[ -f $FINAL/gpu_diag.json ]]; then
+    cap 210 python3 bench/bench_tsra.py --out "$FINAL/tuned" --dtypes bf16,fp32 \
+      --tuning "$FINAL/gpu_diag.json"
+  else
+    echo "skipped: no gpu_diag.json (run the diag step first)" | tee -a "$LOG"
+  fi
+fi
 if want ncu; then  # hardware counters of the bf16/fp32 NCHW kernels at 1024×64×32×32
   step "ncu: TSRA kernels at 1024x64x32x32"
   # 8 launches: per dtype a small warm-up forward/backward, then the real pair
@@ -119,4 +130,4 @@ ls -la "$FINAL" | tee -a "$LOG"
 # the reply shows the end of the output: finish with the summaries
 tail -4 "$FINAL/tests.log" 2>/dev/null
 cat "$FINAL"/gpu_diag.md "$FINAL"/bench_calibration.md "$FINAL"/bench_training.md \
-  "$FINAL"/bench_tsra.md 2>/dev/null
+  "$FINAL"/bench_tsra.md "$FINAL"/tuned/bench_tsra.md 2>/dev/null
