@@ -17,8 +17,9 @@ smoke run: ``TRITON_INTERPRET=1 GPU_DIAG_DEVICE=cpu GPU_DIAG_BATCH=1 GPU_DIAG_CO
 * ``covariance``  — the covariance kernel alone (CUDA-graph replay) at each VGG-16 layer's
   activation shape, batch 500, fp32 and bf16: the shipped launch against the same launch
   with one pipeline stage (float32's launch before 2026-11-26), with the other Gram tile
-  size (32 vs 64), and with ``tf32x3`` float32 products; achieved TFLOP/s of the products
-  actually computed.
+  size (32 vs 64), with a quarter / four times the programs (each program ends with one
+  tile of float64 atomic adds), and with ``tf32x3`` float32 products; achieved TFLOP/s of
+  the products actually computed.
 * ``calibration`` — a plain forward pass vs streaming calibration (float32 ``ieee`` and
   ``tf32x3`` products, and a bf16 model) on 10,000 images of VGG-16, each Gram's error
   against float64, and the profiler's top CUDA kernels of a streaming calibration.
@@ -209,26 +210,38 @@ def best_tuning(rows: list[dict], batch: int = BATCH) -> dict[tuple, dict]:
 
 
 def _cov_jobs():
-    """Per layer and dtype: the shipped launch, then one change at a time against it."""
-    from cobkern.kernels.covariance import launch_config
+    """Per layer and dtype: the shipped launch, then one change at a time against it:
+    ``(shape, dtype, label, overrides)`` with the overrides as sorted ``(key, value)`` pairs
+    of :func:`cobkern.kernels.covariance.subspace_moments` keywords (picklable for the
+    compile pool)."""
+    from cobkern.kernels.covariance import TARGET_PROGRAMS_GPU, launch_config
 
     jobs = []
     for shape in COV_SHAPES:
         for dname in ("fp32", "bf16"):
-            shipped = launch_config(shape[0] // 2, DTYPES[dname])[0]
-            jobs += [(shape, dname, None, "", None),                       # shipped
-                     (shape, dname, None, "", 1),                          # one stage
-                     (shape, dname, 96 - shipped, "", None)]               # other tile size
+            other = 96 - launch_config(shape[0] // 2, DTYPES[dname])[0]   # 64 <-> 32
+            variants = {"shipped": {}, "1 stage": {"num_stages": 1},
+                        f"{other}×{other} tiles": {"block": other},
+                        # fewer programs: fewer float64 atomic tile adds (one tile of
+                        # atomics per program); more: more parallelism
+                        f"{TARGET_PROGRAMS_GPU // 4} programs":
+                            {"target_programs": TARGET_PROGRAMS_GPU // 4},
+                        f"{TARGET_PROGRAMS_GPU * 4} programs":
+                            {"target_programs": TARGET_PROGRAMS_GPU * 4}}
             if dname == "fp32":
-                jobs.append((shape, dname, None, "tf32x3", None))
+                variants["tf32x3"] = {"f32_dot": "tf32x3"}
+            jobs += [(shape, dname, label, tuple(sorted(over.items())))
+                     for label, over in variants.items()]
     return jobs
 
 
-def _cov_case(shape, dname, block, dot, stages):
+def _cov_case(shape, dname, label, over):
     from cobkern.kernels import covariance as kcov
 
     from cobkern.ops._checks import channel_geometry  # noqa: I001
 
+    del label
+    over = dict(over)
     x = torch.randn((COV_BATCH, *shape), device=DEVICE, dtype=DTYPES[dname])
     c = shape[0]
     su = sv = c // 2
@@ -236,34 +249,27 @@ def _cov_case(shape, dname, block, dot, stages):
     sa = torch.zeros(c, device=DEVICE, dtype=torch.float64)
     sq = torch.zeros(c, device=DEVICE, dtype=torch.float64)
     geo = channel_geometry(x, 1)
-    block = block or kcov.launch_config(su, x.dtype)[0]
+    block = over.get("block") or kcov.launch_config(su, x.dtype)[0]
 
     def fn():
-        kcov.subspace_moments(x, geo, su, packed, sa, sq, mirror=False, f32_dot=dot or None,
-                              block=block, num_stages=stages)
+        kcov.subspace_moments(x, geo, su, packed, sa, sq, mirror=False, **over)
 
     n = x.numel() // c
     tiles = 2 * sum(1 for i in range(-(-su // block)) for _ in range(i, -(-su // block)))
-    return fn, 2.0 * n * tiles * block * block  # FLOPs of the products computed
+    return fn, 2.0 * n * tiles * block * block, block  # FLOPs of the products computed
 
 
 def part_covariance(rec: dict) -> None:
-    from cobkern.kernels.covariance import launch_config
-
     jobs = _cov_jobs()
     precompile(_run_cov_job, jobs)
     rows = []
     for job in jobs:
-        shape, dname, block, dot, stages = job
-        tile = block or launch_config(shape[0] // 2, DTYPES[dname])[0]
-        variant = ("shipped" if (block, dot, stages) == (None, "", None) else
-                   "1 stage" if stages else dot or f"{tile}×{tile} tiles")
-        row = dict(shape=list(shape), dtype=dname, variant=variant, block=tile,
-                   f32_dot=dot or "-", stages=stages or "shipped")
+        shape, dname, label, over = job
+        row = dict(shape=list(shape), dtype=dname, variant=label, overrides=dict(over))
         try:
-            fn, flops = _cov_case(*job)
+            fn, flops, block = _cov_case(*job)
             ms = _graph_ms(fn)
-            row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
+            row.update(block=block, ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
         except Exception as e:
             row["error"] = str(e)[:200]
         rows.append(row)
@@ -457,7 +463,7 @@ def _markdown(rec: dict) -> str:
             v = (f"{r['ms']:.4f} | {r['tflops']:.1f}" if "ms" in r
                  else f"error | {r['error'][:60]}")
             lines.append(f"| {'×'.join(map(str, r['shape']))} | {r['dtype']} | "
-                         f"{r['variant']} | {r['block']} | {v} |")
+                         f"{r['variant']} | {r.get('block', '')} | {v} |")
         lines.append("")
     if "calibration" in rec:
         c = {k: v for k, v in rec["calibration"].items() if k != "profile_top_cuda"}
