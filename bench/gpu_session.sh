@@ -7,7 +7,8 @@
 #   GPU_SESSION_BUDGET=300 bash bench/gpu_session.sh   # a shorter run (seconds)
 #   GPU_SESSION_DRY_RUN=1 PATH=.venv/bin:$PATH bash bench/gpu_session.sh  # check it on a CPU
 #   GPU_SESSION_STEPS=tests,diag bash bench/gpu_session.sh  # some steps only (default: all
-#                                 but diag, tuned, ncu and fast: tests,tsra,calibration,training)
+#                                 but diag, tuned, ncu, pruned and fast:
+#                                 tests,tsra,calibration,training)
 #
 # Results are written as they are produced into $OUT (the device tool's output folder, which
 # returns at most 8 files) or ./gpu-results:
@@ -20,8 +21,10 @@
 #   tuned/bench_tsra.{md,json} (step tuned, after diag) bench_tsra with each shape launched
 #                              with the sweep's fastest configuration
 #   ncu_tsra.csv               (step ncu) Nsight Compute counters of the TSRA kernels
-#   fast_{tsra,relu}_metrics.jsonl  (step fast) `cobkern train --preset fast` to the end:
-#                              loss/accuracy/images-per-s lines and the final test accuracy
+#   bench_pruned_speed.{md,json}  (step pruned) pruned vs unpruned VGG-16 latency/throughput
+#   fast_metrics.jsonl         (step fast) `cobkern train --preset fast` to the end, TSRA
+#                              then ReLU (each after an {"arch": ...} line): loss, accuracy
+#                              and images/s lines; the final test accuracy is in steps.log
 #
 # The GPU image has torch/triton and the other dependencies but no network: instead of
 # installing, the package is laid out in a temporary folder (kernels/ mapped to
@@ -113,6 +116,10 @@ if want training; then
   cap 150 python3 bench/bench_training.py --out "$FINAL/bench_training" --steps 30 \
     --warmup 5 --variants tsra-fused,tsra-eager,relu,tsra-reference-op,tsra-fused-compiled,relu-compiled,tsra-eager-compiled
 fi
+if want pruned; then  # what CoB pruning buys on a GPU: latency / throughput of pruned VGG-16
+  step "pruned-model speed (bf16, channels_last)"
+  cap 120 python3 bench/bench_pruned_speed.py --out "$FINAL" --bf16 --channels-last
+fi
 if want fast; then  # the `fast` preset trained to the end: accuracy and time for RESULTS.md
   step "train --preset fast: TSRA, then the ReLU control"
   export COBKERN_DATA="$REPO/data/cifar10-jpeg.tar.gz" COBKERN_CACHE="$SITE/.cache"
@@ -120,7 +127,9 @@ if want fast; then  # the `fast` preset trained to the end: accuracy and time fo
     cap "${GPU_SESSION_FAST_CAP:-240}" python3 -m cobkern train --preset fast --arch "$arch" \
       --out "$SITE/fast" --no-progress ${GPU_SESSION_FAST_SET:-}
     d="$SITE/fast/train"; [[ $arch == tsra ]] || d="$SITE/fast/train-$arch"
-    cp "$d/metrics.jsonl" "$FINAL/fast_${arch}_metrics.jsonl" 2>/dev/null
+    # one file for both runs (the device returns at most 8): a header line per arch
+    { echo "{\"arch\": \"$arch\"}"; cat "$d/metrics.jsonl" 2>/dev/null; } \
+      >> "$FINAL/fast_metrics.jsonl"
     cat "$d/final.json" 2>/dev/null | tee -a "$LOG"
   done
 fi
