@@ -141,13 +141,15 @@ def test_resume_after_interruption_is_bit_identical(tmp_path) -> None:
 #: Run in a fresh process (cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it starts): train a
 #: reference run, a run killed at step 10, its resume; print whether they are bit-identical.
 _RESUME_SCRIPT = """
-import json, sys, torch
+import json, sys, warnings, torch
 sys.path.insert(0, sys.argv[1])
 from test_training import _Stop, _tiny_config, _toy_data
 from cobkern.models import load_model
 from cobkern.training import train
 out, device = sys.argv[2], sys.argv[3]
-torch.use_deterministic_algorithms(True)
+# warn_only: an op without a deterministic CUDA kernel (PyTorch lists NLLLoss) is reported,
+# not fatal; if the runs then differ, the report names it
+torch.use_deterministic_algorithms(True, warn_only=True)
 torch.backends.cudnn.benchmark = False
 cfg = _tiny_config(steps=14, checkpoint_every=4, device=device, bf16=device != "cpu",
                    channels_last=True)
@@ -155,22 +157,27 @@ data = _toy_data()
 def stop(step):
     if step == 10:
         raise _Stop
-ref = train(cfg, out + "/a", data=data)
-try:
-    train(cfg, out + "/b", data=data, on_step=stop)
-except _Stop:
-    pass
-res = train(cfg, out + "/b", data=data, resume=True)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    ref = train(cfg, out + "/a", data=data)
+    try:
+        train(cfg, out + "/b", data=data, on_step=stop)
+    except _Stop:
+        pass
+    res = train(cfg, out + "/b", data=data, resume=True)
 a = load_model(ref["model_path"]).state_dict()
 b = load_model(res["model_path"]).state_dict()
 print(json.dumps({"identical": all(torch.equal(a[k], b[k]) for k in a),
                   "acc": [ref["test_accuracy"], res["test_accuracy"]],
-                  "steps": [ref["steps"], res["steps"]]}))
+                  "steps": [ref["steps"], res["steps"]],
+                  "nondeterministic_ops": sorted({str(w.message)[:120] for w in caught
+                                                  if "deterministic" in str(w.message)})}))
 """
 
 
 def _resume_in_subprocess(tmp_path, device: str) -> dict:
     env = dict(os.environ, CUBLAS_WORKSPACE_CONFIG=":4096:8")
+    env.pop("TRITON_INTERPRET", None)  # CPU: the reference path, as in the in-process test
     proc = subprocess.run([sys.executable, "-c", _RESUME_SCRIPT, str(Path(__file__).parent),
                            str(tmp_path), device], env=env, capture_output=True, text=True,
                           timeout=600)
@@ -178,13 +185,17 @@ def _resume_in_subprocess(tmp_path, device: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_resume_on_cuda_with_fused_kernels_is_bit_identical(tmp_path) -> None:
-    """The CUDA path of the trainer (fused Triton kernels, bf16 autocast, channels_last,
-    deterministic cuDNN/cuBLAS): a run killed at step 10 and resumed from its step-8
-    checkpoint ends with exactly the weights of an uninterrupted run."""
-    r = _resume_in_subprocess(tmp_path, "cuda")
+@pytest.mark.parametrize("device", [
+    "cpu",  # the same script on the reference path: keeps it runnable where CI is
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_resume_in_a_fresh_process_is_bit_identical(tmp_path, device) -> None:
+    """On CUDA, the trainer's GPU path (fused Triton kernels, bf16 autocast, channels_last,
+    deterministic algorithms where PyTorch has them): a run killed at step 10 and resumed
+    from its step-8 checkpoint ends with exactly the weights of an uninterrupted run. (The
+    fused kernels use no atomics; any op PyTorch flags as nondeterministic is listed in the
+    failure message.)"""
+    r = _resume_in_subprocess(tmp_path, device)
     assert r["steps"] == [14, 14]
     assert r["identical"], r
     assert r["acc"][0] == r["acc"][1]
