@@ -11,6 +11,13 @@ Data: ``loader`` is any iterable of batches ``x`` or ``(x, y, ...)``. By default
 project's data module that is the un-augmented training set; pass the augmenting training
 loader to do what the authors did (random crop + flip applied to the calibration images).
 
+Overlap (``overlap=True``, CUDA only; off by default until timed, see ``BENCHMARKS.md``): the
+covariance kernels run on a side stream while the forward pass goes on to the next layers,
+so the Gram products (FMA / tensor-core work of their own) can hide under the convolutions
+instead of following them. Each activation is kept alive by the caching allocator until
+its kernel has read it (``record_stream``), and a batch's forward starts only when the
+previous batch's kernels are done, so at most one batch of activations is in flight.
+
 Distributed: when ``torch.distributed`` is initialised each rank should iterate over its own
 shard (e.g. a ``DistributedSampler``) and takes ``max_samples / world_size`` images (the
 remainder going to the lowest ranks); the sums are then all-reduced, so every rank ends with
@@ -64,6 +71,7 @@ def calibrate(
     device: torch.device | str | None = None,
     distributed: bool | None = None,
     meta: dict[str, Any] | None = None,
+    overlap: bool = False,
 ) -> CalibrationStats:
     """Collect per-subspace second moments of the CoB layers' activations.
 
@@ -79,6 +87,8 @@ def calibrate(
         distributed: all-reduce across ranks; default: when ``torch.distributed`` is
             initialised.
         meta: extra provenance stored with the statistics.
+        overlap: on CUDA, run the covariance kernels on a side stream, overlapping the
+            forward pass (see the module docstring); ignored on other devices.
 
     Returns:
         :class:`CalibrationStats` with one float64 :class:`LayerStats` per layer (on CPU).
@@ -102,10 +112,18 @@ def calibrate(
     accs = {lay.name: CovarianceAccumulator(lay.num_channels, lay.split, device=device)
             for lay in chosen}
     handles = []
+    side = torch.cuda.Stream(device) if overlap and device.type == "cuda" else None
 
     def make_hook(acc: CovarianceAccumulator):
         def hook(_module, _inputs, output):
-            acc.update(output.detach())
+            out = output.detach()
+            if side is None:
+                acc.update(out)
+                return
+            side.wait_stream(torch.cuda.current_stream(out.device))  # out is written
+            with torch.cuda.stream(side):
+                acc.update(out)
+            out.record_stream(side)  # not reused by the forward until the kernel read it
         return hook
 
     for lay in chosen:
@@ -126,6 +144,8 @@ def calibrate(
                 x = batch_inputs(batch)
                 if quota is not None and seen + x.shape[0] > quota:
                     x = x[: quota - seen]
+                if side is not None:  # back-pressure: one batch of activations in flight
+                    torch.cuda.current_stream(device).wait_stream(side)
                 model(x.to(device, non_blocking=True))
                 seen += x.shape[0]
                 if bar is not None:
@@ -133,6 +153,8 @@ def calibrate(
     finally:
         for h in handles:
             h.remove()
+        if side is not None:  # the sums are complete once the side stream has drained
+            torch.cuda.current_stream(device).wait_stream(side)
         model.train(was_training)
         if bar is not None:
             if bar.total is not None and bar.n < bar.total:  # the loader ran out first
