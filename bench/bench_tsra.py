@@ -253,9 +253,9 @@ def route_through(table: dict[tuple, dict]) -> None:
 
     shipped = k.specialization
 
-    def tuned(C, P, channels_contig, direction, rmsnorm, itemsize=4, **tuning):
+    def tuned(C, P, split, channels_contig, direction, rmsnorm, itemsize=4, **tuning):
         over = table.get((C, P, channels_contig, direction, itemsize), {})
-        return shipped(C, P, channels_contig, direction, rmsnorm, itemsize,
+        return shipped(C, P, split, channels_contig, direction, rmsnorm, itemsize,
                        **{**over, **tuning})
 
     k.specialization = tuned

@@ -171,8 +171,8 @@ def part_tiles(rec: dict) -> None:
                 for cfg in cfgs:
                     geo = channel_geometry(tensors[0], 1)
                     _, consts, warps, _ = specialization(
-                        geo.C, geo.P, geo.channels_contig, direction, False, dtype.itemsize,
-                        **_tuning(cfg))
+                        geo.C, geo.P, geo.C // 2, geo.channels_contig, direction, False,
+                        dtype.itemsize, **_tuning(cfg))
                     row = dict(shape=list(shape), dtype=dname, direction=direction,
                                tile=cfg[0], ept=cfg[1], warps=warps, vec_p=consts["VEC_P"])
                     try:

@@ -20,8 +20,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, ROOT)
 
 from aot_tools import compile_specs  # noqa: E402
-from cobkern.kernels.tsra import specialization  # noqa: E402
-from test_tsra_aot import _signature  # noqa: E402
+from test_tsra_aot import _rows, _spec  # noqa: E402
 
 SHAPES = [  # (label, C, P, channels_contig)
     ("conv 64×32×32 NCHW", 64, 1024, False), ("conv 128×16×16 NCHW", 128, 256, False),
@@ -34,20 +33,13 @@ SHAPES = [  # (label, C, P, channels_contig)
 
 def _tsra_spec(c: int, p: int, cl: bool, direction: str, dtype: str, **tuning) -> tuple:
     """The AOT spec of the launch the launcher makes for a ``(C, P)`` batch-1024 problem
-    (with ``tuning`` overrides), and ``(constexprs, num_warps, programs)``."""
-    kernel, consts, warps, n_pblocks = specialization(
-        c, p, cl, direction, True, 4 if dtype == "fp32" else 2, **tuning)
-    kernel = getattr(kernel, "fn", kernel).__name__
-    ints = {"C": c, "P": p, "stride_b": 0 if cl else c * p,
-            "stride_c": 1 if cl else p, "stride_p": c if cl else 1}
-    consts = {**consts, **{k: 1 for k, v in ints.items() if v == 1}}
-    sig = _signature(kernel, dtype)
-    sig.update({k: "constexpr" for k in consts})
-    divisible = [k for k, v in sig.items() if v.startswith("*")]
-    divisible += [k for k, v in ints.items() if v % 16 == 0]
-    spec = dict(module="cobkern.kernels.tsra", kernel=kernel, signature=sig,
-                constexprs=consts, num_warps=warps, divisible=divisible)
-    return spec, consts, warps, n_pblocks * (1 if cl else 1024)
+    (split ``C // 2``, with ``tuning`` overrides; built by the AOT tests' ``_spec``), and
+    ``(constexprs, num_warps, programs, tile rows)``."""
+    spec = _spec(c, p, cl, direction, dtype, True, **tuning)
+    spec.pop("meta")
+    consts = spec["constexprs"]
+    grid = -(-p // consts["BLOCK_P"]) * (1 if cl else 1024)
+    return spec, consts, spec["num_warps"], grid, _rows(consts)
 
 
 def main() -> None:
@@ -55,10 +47,10 @@ def main() -> None:
     for label, c, p, cl in SHAPES:
         for direction in ["forward", "backward"]:
             for dtype in ["bf16", "fp32"]:
-                spec, consts, warps, grid = _tsra_spec(c, p, cl, direction, dtype)
+                spec, consts, warps, grid, rows = _tsra_spec(c, p, cl, direction, dtype)
                 specs.append(spec)
                 labels.append((label, direction, dtype,
-                               f"{consts['BLOCK_C']}×{consts['BLOCK_P']}", warps, grid))
+                               f"{rows}×{consts['BLOCK_P']}", warps, grid))
     print("| shape (batch 1024) | pass | dtype | tile C×P | warps | programs | registers | "
           "spill B | ld v4 / v2 / scalar | st v4 / v2 / scalar |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -89,13 +81,14 @@ def vec() -> None:
                     tuning = {} if cand is None else dict(
                         tile_elems=cand[0], elems_per_thread=cand[1], num_warps=cand[2],
                         vec_p=cand[3])
-                    spec, consts, warps, _ = _tsra_spec(c, p, cl, direction, dtype, **tuning)
+                    spec, consts, warps, _, n_rows = _tsra_spec(c, p, cl, direction, dtype,
+                                                                **tuning)
                     spec["sass"] = True
                     specs.append(spec)
                     rows.append((label, direction, dtype, "shipped" if cand is None else
                                  f"{cand[0]}/{cand[1]}/{cand[2]}w VEC_P={cand[3]}",
-                                 f"{consts['BLOCK_C']}×{consts['BLOCK_P']}", warps,
-                                 consts["BLOCK_C"] * consts["BLOCK_P"]))
+                                 f"{n_rows}×{consts['BLOCK_P']}", warps,
+                                 n_rows * consts["BLOCK_P"]))
     print("| shape (batch 1024) | pass | dtype | variant | tile C×P | warps | registers | "
           "spill B | SASS / element | MUFU / element | barriers |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

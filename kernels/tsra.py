@@ -1,11 +1,18 @@
 """Triton kernels for TSRA and fused RMSNorm→TSRA, forward and backward.
 
-Single-tile kernels (``C <= MAX_TILE_CHANNELS``): each program owns a ``[BLOCK_C, BLOCK_P]``
-tile holding *all* channels of ``BLOCK_P`` positions, so the per-position reductions (the
-two subspace norms, and in backward the two dots ``<dy_U, x_U>``, ``<dy_V, x_V>``) happen in
-registers and every element of ``x`` (and ``dy``) is read exactly once and every output
-element written once. Nothing but ``x`` is saved for backward: the norms are recomputed
-from the ``x`` tile that the backward loads anyway.
+Tile kernels (``C <= MAX_TILE_CHANNELS``): each program owns *all* channels of ``BLOCK_P``
+positions, so the per-position reductions (the two subspace norms, and in backward the two
+dots ``<dy_U, x_U>``, ``<dy_V, x_V>``) happen in registers and every element of ``x`` (and
+``dy``) is read exactly once and every output element written once. Channels-last inputs
+use one ``[BLOCK_C, BLOCK_P]`` tile and tell U from V per element; channel-major (NCHW)
+inputs use the *split* kernels, whose U and V are row blocks of their own (``BLOCK_U =
+next_pow2(split)``, ``BLOCK_V = next_pow2(C - split)``), so no element needs a subspace
+select — fewer instructions per element, and fewer registers (offline sm_90 SASS, bf16
+RMSNorm→TSRA at 1024×64×32×32: backward 94.5 instead of 104, forward 25.8 instead of 30.2;
+fp32 backward 49 instead of 60.5 with 77 registers instead of 117). For channels-last
+inputs that split would start V's vectors at ``split``, unaligned after pruning. Nothing
+but ``x`` is saved for backward: the norms are recomputed from the ``x`` tile that the
+backward loads anyway.
 
 Chunked kernels (wider ``C``, e.g. a 16,384-wide linear layer): a register tile cannot hold
 a whole row of ``x`` and ``dy`` without spilling, so the program loops over channel chunks
@@ -27,10 +34,10 @@ positions. The compiler gives each thread as many consecutive positions as one 1
 access holds (8 in bf16), so few lanes span the positions and many span the channels, and
 every lane holding a position repeats that position's gain arithmetic (square roots,
 reciprocals, two sigmoids). Narrower vectors put more lanes on positions and fewer on the
-channels. Offline sm_90 SASS of the bf16 RMSNorm→TSRA backward at 1024×64×32×32: the
-shipped 8-warp tile issues 104 instructions and 5.6 special-function ops per element and
-31 barriers per program; a 1-warp ``64×16`` tile with ``VEC_P=2`` issues 40 and 0.7, with
-no barrier (``python bench/kernel_proxies.py --vec``). Not yet timed on a GPU.
+channels. Offline sm_90 SASS of the bf16 RMSNorm→TSRA backward at 1024×64×32×32 (split
+kernels): the shipped 8-warp tile issues 94.5 instructions and 5.6 special-function ops per
+element and 31 barriers per program; a 1-warp ``64×16`` tile with ``VEC_P=2`` issues 26 and
+0.8, with no barrier (``python bench/kernel_proxies.py --vec``). Not yet timed on a GPU.
 """
 
 from __future__ import annotations
@@ -79,6 +86,24 @@ def _chunk(c0, pid_b, offs_p, P, C, split, stride_b, stride_c, stride_p,
     offs, mask = _offsets(pid_b, offs_c, offs_p, P, C, stride_b, stride_c, stride_p,
                           BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C, SMALL_P)
     return offs, mask, (offs_c < split)[:, None]
+
+
+@triton.jit
+def _rows(pid_b, c0, hi, offs_p, P, stride_b, stride_c, BLOCK: tl.constexpr,
+          BLOCK_P: tl.constexpr, EVEN: tl.constexpr, SMALL_P: tl.constexpr):
+    """Offsets and mask of the ``[BLOCK, BLOCK_P]`` channel-major (NCHW) tile of channels
+    ``c0 ≤ c < hi`` (one subspace); ``EVEN``: ``hi - c0 == BLOCK``, no channel mask."""
+    offs_c = c0 + tl.arange(0, BLOCK)
+    row_len = SMALL_P if SMALL_P > 0 else stride_c
+    offs = (pid_b.to(tl.int64) * stride_b + offs_c.to(tl.int64)[:, None] * row_len
+            + offs_p[None, :])
+    if SMALL_P > 0:  # every position is in the tile: only channels can be out of range
+        mask = tl.broadcast_to((offs_c < hi)[:, None], [BLOCK, BLOCK_P])
+    elif EVEN:
+        mask = tl.broadcast_to((offs_p < P)[None, :], [BLOCK, BLOCK_P])
+    else:
+        mask = (offs_c[:, None] < hi) & (offs_p[None, :] < P)
+    return offs, mask
 
 
 @triton.jit
@@ -197,6 +222,57 @@ def _tsra_bwd_kernel(
     tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
+# ----------------------------------------------------------------------------- split tile
+# Channel-major (NCHW) inputs: U and V are two row blocks of their own, so the norms, dots
+# and gains need no per-element subspace select (``tl.where``) and each block is exactly
+# one subspace wide when the split is a power of two (VGG-16: every layer).
+@triton.jit
+def _tsra_fwd_split_kernel(
+    X, Y, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
+    a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
+    BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_P: tl.constexpr,
+    RMSNORM: tl.constexpr, EVEN_U: tl.constexpr, EVEN_V: tl.constexpr, SMALL_P: tl.constexpr,
+    VEC_P: tl.constexpr,
+):
+    pid_b, offs_p = _program_coords(n_pblocks, BLOCK_P, VEC_P)
+    offs_u, mask_u = _rows(pid_b, 0, split, offs_p, P, stride_b, stride_c, BLOCK_U, BLOCK_P,
+                           EVEN_U, SMALL_P)
+    offs_v, mask_v = _rows(pid_b, split, C, offs_p, P, stride_b, stride_c, BLOCK_V, BLOCK_P,
+                           EVEN_V, SMALL_P)
+    xu = tl.load(X + offs_u, mask=mask_u, other=0.0).to(tl.float32)
+    xv = tl.load(X + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+    gu, gv = _forward_gains(tl.sum(xu * xu, axis=0), tl.sum(xv * xv, axis=0),
+                            a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps, RMSNORM)
+    tl.store(Y + offs_u, (xu * gu[None, :]).to(Y.dtype.element_ty), mask=mask_u)
+    tl.store(Y + offs_v, (xv * gv[None, :]).to(Y.dtype.element_ty), mask=mask_v)
+
+
+@triton.jit
+def _tsra_bwd_split_kernel(
+    DY, X, DX, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
+    a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
+    BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_P: tl.constexpr,
+    RMSNORM: tl.constexpr, EVEN_U: tl.constexpr, EVEN_V: tl.constexpr, SMALL_P: tl.constexpr,
+    VEC_P: tl.constexpr,
+):
+    pid_b, offs_p = _program_coords(n_pblocks, BLOCK_P, VEC_P)
+    offs_u, mask_u = _rows(pid_b, 0, split, offs_p, P, stride_b, stride_c, BLOCK_U, BLOCK_P,
+                           EVEN_U, SMALL_P)
+    offs_v, mask_v = _rows(pid_b, split, C, offs_p, P, stride_b, stride_c, BLOCK_V, BLOCK_P,
+                           EVEN_V, SMALL_P)
+    xu = tl.load(X + offs_u, mask=mask_u, other=0.0).to(tl.float32)
+    xv = tl.load(X + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+    dyu = tl.load(DY + offs_u, mask=mask_u, other=0.0).to(tl.float32)
+    dyv = tl.load(DY + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+    gu, gv, ku, kv = _backward_coefs(
+        tl.sum(xu * xu, axis=0), tl.sum(xv * xv, axis=0), tl.sum(dyu * xu, axis=0),
+        tl.sum(dyv * xv, axis=0), a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps, RMSNORM)
+    tl.store(DX + offs_u, (gu[None, :] * dyu + ku[None, :] * xu).to(DX.dtype.element_ty),
+             mask=mask_u)
+    tl.store(DX + offs_v, (gv[None, :] * dyv + kv[None, :] * xv).to(DX.dtype.element_ty),
+             mask=mask_v)
+
+
 # ----------------------------------------------------------------------------- chunked
 @triton.jit
 def _tsra_fwd_chunked_kernel(
@@ -261,11 +337,16 @@ def _tsra_bwd_chunked_kernel(
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
+#: ``(direction, kind)`` → kernel; kind ``"tile"`` (channels-last, all channels in one
+#: tile), ``"split"`` (channel-major, U and V tiles) or ``"chunked"`` (``C`` above
+#: :data:`MAX_TILE_CHANNELS`, any layout).
 KERNELS = {
-    ("forward", False): _tsra_fwd_kernel,
-    ("backward", False): _tsra_bwd_kernel,
-    ("forward", True): _tsra_fwd_chunked_kernel,
-    ("backward", True): _tsra_bwd_chunked_kernel,
+    ("forward", "tile"): _tsra_fwd_kernel,
+    ("backward", "tile"): _tsra_bwd_kernel,
+    ("forward", "split"): _tsra_fwd_split_kernel,
+    ("backward", "split"): _tsra_bwd_split_kernel,
+    ("forward", "chunked"): _tsra_fwd_chunked_kernel,
+    ("backward", "chunked"): _tsra_bwd_chunked_kernel,
 }
 
 #: NCHW row lengths compiled as constants (shorter than the 16 the JIT's alignment needs).
@@ -294,11 +375,13 @@ def _per_dtype(table: dict, direction: str, itemsize: int) -> int:
 
 def launch_config(C: int, P: int, direction: str = "forward", itemsize: int = 4,
                   tile_elems: int | None = None, elems_per_thread: int | None = None,
-                  num_warps: int | None = None) -> tuple[int, int, int, bool]:
+                  num_warps: int | None = None,
+                  rows: int | None = None) -> tuple[int, int, int, bool]:
     """``(BLOCK_C, BLOCK_P, num_warps, chunked)`` for a ``(C, P)`` problem.
 
     Up to :data:`MAX_TILE_CHANNELS` the tile spans every channel (``BLOCK_C =
-    next_pow2(C)``) and as many positions as fit in the tile (:data:`TILE_BYTES` of
+    next_pow2(C)``, or ``rows`` when given: the split kernels' U and V blocks together)
+    and as many positions as fit in the tile (:data:`TILE_BYTES` of
     ``itemsize``-byte elements); wider inputs loop over channel chunks of that size. Warps
     grow with the tile so that each thread holds :data:`BYTES_PER_THREAD` of each tensor
     (verified spill-free by the AOT tests), at least 4. ``tile_elems`` /
@@ -315,39 +398,55 @@ def launch_config(C: int, P: int, direction: str = "forward", itemsize: int = 4,
         default_ept = _per_dtype(BYTES_PER_THREAD, direction, itemsize) // itemsize
     tile_elems = tile_elems or default_tile
     elems_per_thread = elems_per_thread or default_ept
-    block_c = tile_elems if chunked else next_pow2(C)
-    block_p = max(1, min(next_pow2(P), tile_elems // block_c))
+    block_c = tile_elems if chunked else (rows or next_pow2(C))
+    fit = tile_elems // block_c  # positions that fit, rounded down to a power of two
+    block_p = max(1, min(next_pow2(P), 1 << (fit.bit_length() - 1) if fit else 1))
     tile = block_c * block_p
-    num_warps = num_warps or min(32, max(4, tile // (32 * elems_per_thread)))
+    # rounded down to a power of two: a tile of U + V rows need not be one
+    warps = max(4, tile // (32 * elems_per_thread))
+    num_warps = num_warps or min(32, 1 << (warps.bit_length() - 1))
     return block_c, block_p, num_warps, chunked
 
 
 @functools.lru_cache(maxsize=1024)
-def specialization(C: int, P: int, channels_contig: bool, direction: str, rmsnorm: bool,
-                   itemsize: int = 4, vec_p: int | None = None,
+def specialization(C: int, P: int, split: int, channels_contig: bool, direction: str,
+                   rmsnorm: bool, itemsize: int = 4, vec_p: int | None = None,
                    **tuning: int | None) -> tuple[object, dict, int, int]:
     """What one launch compiles: ``(kernel, constexprs, num_warps, n_pblocks)``.
 
     The single source of the launch decisions, shared by the launcher and by the
-    ahead-of-time compilation tests (which compile exactly these variants). ``tuning``
+    ahead-of-time compilation tests (which compile exactly these variants). Channel-major
+    inputs up to :data:`MAX_TILE_CHANNELS` take the split kernels (U and V in row blocks of
+    ``next_pow2(split)`` and ``next_pow2(C - split)``; see the module docstring),
+    channels-last ones the single tile, wider ones the chunked kernels. ``tuning``
     (``tile_elems``, ``elems_per_thread``, ``num_warps``) is passed to
     :func:`launch_config`; ``vec_p`` caps the vector width along NCHW positions (``VEC_P``,
-    module docstring; tuning sweeps). Cached: it
-    runs on every launch, and host time is what limits the small layers. The returned
-    ``constexprs`` dict is shared between calls; do not mutate it.
+    module docstring; tuning sweeps). Cached: it runs on every
+    launch, and host time is what limits the small layers. The returned ``constexprs`` dict
+    is shared between calls; do not mutate it.
     """
-    block_c, block_p, num_warps, chunked = launch_config(C, P, direction, itemsize, **tuning)
+    kind = ("chunked" if C > MAX_TILE_CHANNELS else "tile" if channels_contig else "split")
+    block_u, block_v = next_pow2(split), next_pow2(C - split)
+    rows = block_u + block_v if kind == "split" else None
+    block_c, block_p, num_warps, _ = launch_config(C, P, direction, itemsize, rows=rows,
+                                                   **tuning)
     small_p = P if (not channels_contig and P in SMALL_P_VALUES and block_p == P) else 0
-    constexprs = {"BLOCK_C": block_c, "BLOCK_P": block_p, "CHANNELS_CONTIG": channels_contig,
-                  "RMSNORM": rmsnorm, "EVEN_C": C % block_c == 0, "SMALL_P": small_p,
-                  "VEC_P": 0 if channels_contig else min(vec_p or 0, block_p)}
-    return KERNELS[(direction, chunked)], constexprs, num_warps, cdiv(P, block_p)
+    vec = 0 if channels_contig else min(vec_p or 0, block_p)
+    if kind == "split":
+        constexprs = {"BLOCK_U": block_u, "BLOCK_V": block_v, "BLOCK_P": block_p,
+                      "RMSNORM": rmsnorm, "EVEN_U": split == block_u,
+                      "EVEN_V": C - split == block_v, "SMALL_P": small_p, "VEC_P": vec}
+    else:
+        constexprs = {"BLOCK_C": block_c, "BLOCK_P": block_p,
+                      "CHANNELS_CONTIG": channels_contig, "RMSNORM": rmsnorm,
+                      "EVEN_C": C % block_c == 0, "SMALL_P": small_p, "VEC_P": vec}
+    return KERNELS[(direction, kind)], constexprs, num_warps, cdiv(P, block_p)
 
 
 def _launch(direction, tensors, geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps,
             **tuning):
     kernel, constexprs, num_warps, n_pblocks = specialization(
-        geo.C, geo.P, geo.channels_contig, direction, norm_size > 0,
+        geo.C, geo.P, split, geo.channels_contig, direction, norm_size > 0,
         tensors[0].element_size(), **tuning)
     inv_n = 1.0 / norm_size if norm_size > 0 else 0.0
     kernel[(n_pblocks * geo.B,)](

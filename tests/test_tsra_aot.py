@@ -23,7 +23,8 @@ from cobkern.kernels.tsra import specialization  # noqa: E402
 
 DTYPES = {"fp32": 4, "bf16": 2, "fp16": 2}
 BATCH = 1024
-# (C, P, channels_contig): VGG-16 at batch 1024 in both layouts, the classifier, and edges.
+# (C, P, channels_contig[, split]): VGG-16 at batch 1024 in both layouts, the classifier, and
+# edges; the split is C // 2 unless given.
 SHAPES = [
     *[(c, hw, False) for c, hw in [(64, 1024), (128, 256), (256, 64), (512, 16), (512, 4)]],
     (300, 4, False), (100, 8, False), (64, 2, False),  # pruned widths at short rows
@@ -34,31 +35,44 @@ SHAPES = [
     (5000, 6, False),  # chunked, channel-major, ragged chunk
     (2, 1000, True),  # narrowest
     (300, 64, False),  # pruned widths: not a power of two
+    (100, 64, False, 37), (256, 16, False, 200),  # pruned: unbalanced subspaces
     (300, 4096, True),
     (7, 15, False),
 ]
 
 
 def _signature(kernel: str, dtype: str) -> dict[str, str]:
+    """The runtime arguments' types; the constexprs are added from the specialisation."""
     ptrs = ["X", "Y"] if "_fwd_" in kernel else ["DY", "X", "DX"]
     sig = {p: f"*{dtype}" for p in ptrs}
     sig.update({k: "i32" for k in ["C", "P", "split", "n_pblocks", "stride_b", "stride_c",
                                    "stride_p"]})
     sig.update({k: "fp32" for k in ["a_u", "b_u", "a_v", "b_v", "eps", "inv_norm_size",
                                     "rms_eps"]})
-    sig.update({k: "constexpr" for k in ["BLOCK_C", "BLOCK_P", "CHANNELS_CONTIG", "RMSNORM",
-                                         "EVEN_C", "SMALL_P"]})
     return sig
 
 
+def _rows(consts: dict) -> int:
+    """Channel rows of a program's tile: all channels, or the split kernels' two blocks."""
+    return consts.get("BLOCK_C") or consts["BLOCK_U"] + consts["BLOCK_V"]
+
+
+def _block_rows(consts: dict) -> int:
+    """Rows of the smallest block a load covers (its elements per thread bound the vector
+    width): the whole tile, or the split kernels' smaller subspace block."""
+    return consts.get("BLOCK_C") or min(consts["BLOCK_U"], consts["BLOCK_V"])
+
+
 def _spec(c: int, p: int, cl: bool, direction: str, dtype: str, rms: bool,
-          **tuning: int | None) -> dict:
+          split: int | None = None, **tuning: int | None) -> dict:
     """The launcher's variant for a ``(C, P)`` problem, with the facts the JIT would
     specialise on: pointers and ints divisible by 16 (0 included) marked, ints equal to 1
     turned into constants."""
-    kernel, consts, warps, _ = specialization(c, p, cl, direction, rms, DTYPES[dtype], **tuning)
+    split = c // 2 if split is None else split
+    kernel, consts, warps, _ = specialization(c, p, split, cl, direction, rms, DTYPES[dtype],
+                                              **tuning)
     kernel = getattr(kernel, "fn", kernel).__name__
-    ints = {"C": c, "P": p, "stride_b": 0 if cl else c * p,
+    ints = {"C": c, "P": p, "split": split, "stride_b": 0 if cl else c * p,
             "stride_c": 1 if cl else p, "stride_p": c if cl else 1}
     consts = {**consts, **{k: v for k, v in ints.items() if v == 1}}
     sig = _signature(kernel, dtype)
@@ -67,7 +81,8 @@ def _spec(c: int, p: int, cl: bool, direction: str, dtype: str, rms: bool,
     divisible = ptrs + [k for k, v in ints.items() if v % 16 == 0]
     return dict(module="cobkern.kernels.tsra", kernel=kernel, signature=sig,
                 constexprs=consts, num_warps=warps, divisible=divisible,
-                meta=dict(C=c, P=p, cl=cl, dtype=dtype, rms=rms, block_p=consts["BLOCK_P"]))
+                meta=dict(C=c, P=p, cl=cl, dtype=dtype, rms=rms, split=split,
+                          block_p=consts["BLOCK_P"]))
 
 
 def _variants():
@@ -76,8 +91,8 @@ def _variants():
     for direction in ["forward", "backward"]:
         for dtype in DTYPES:
             for rms in [False, True]:
-                for c, p, cl in SHAPES:
-                    spec = _spec(c, p, cl, direction, dtype, rms)
+                for c, p, cl, *split in SHAPES:
+                    spec = _spec(c, p, cl, direction, dtype, rms, *split)
                     key = (spec["kernel"], dtype, spec["num_warps"],
                            tuple(sorted(spec["divisible"])),
                            tuple(sorted(spec["constexprs"].items())))
@@ -94,7 +109,7 @@ def _compiled():
 
 def _name(spec):
     m = spec["meta"]
-    return (f"{spec['kernel']}[{m['dtype']}, C={m['C']}, P={m['P']}, "
+    return (f"{spec['kernel']}[{m['dtype']}, C={m['C']}, split={m['split']}, P={m['P']}, "
             f"{'NHWC' if m['cl'] else 'NCHW'}, rms={m['rms']}]")
 
 
@@ -119,8 +134,8 @@ def test_unit_stride_axis_is_vectorised():
     for s, r in _compiled():
         m = s["meta"]
         elem = DTYPES[m["dtype"]]
-        per_thread = (s["constexprs"]["BLOCK_C"] * s["constexprs"]["BLOCK_P"]
-                      // (32 * s["num_warps"]))  # a tile too small for vectors cannot vectorise
+        per_thread = (_block_rows(s["constexprs"]) * s["constexprs"]["BLOCK_P"]
+                      // (32 * s["num_warps"]))  # a block too small for vectors cannot vectorise
         if m["cl"]:
             eligible = s["constexprs"]["EVEN_C"] and m["C"] % 16 == 0
         elif s["constexprs"]["SMALL_P"]:  # short NCHW rows: vectors of the whole row
