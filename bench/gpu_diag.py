@@ -45,15 +45,19 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # shipped default (since the 2026-11-26 sweep: forward 16 KiB tiles with 64 B per thread —
 # 4096/16 fp32, 8192/32 bf16; backward 4096/16). Not yet measured: 4- and 2-warp tiles (7
 # barriers per bf16 forward program at 64×32×32 instead of 15), 1-warp tiles (channel
-# reductions all warp shuffles, no shared memory or barrier), and 1-warp tiles with a capped
-# position vector (VEC_P: far fewer repeated per-position ops — `kernel_proxies.py --vec`).
+# reductions all warp shuffles, no shared memory or barrier), and 1- and 2-warp tiles with a
+# capped position vector (VEC_P: far fewer repeated per-position ops — `kernel_proxies.py
+# --vec`; a 1-warp program of 1,024 elements is small, so launch and block scheduling may
+# weigh: the 2-warp and 2,048-element candidates hedge that).
 CONFIGS = {"forward": [(4096, 16), (8192, 16), (8192, 32), (16384, 32), (2048, 8), (4096, 8),
                        (4096, 32), (8192, 64), (2048, 16),
                        (2048, 32, 2), (1024, 16, 2), (1024, 32, 1), (512, 16, 1),
-                       (1024, 32, 1, 2), (2048, 64, 1, 4), (2048, 64, 1, 2)],
+                       (1024, 32, 1, 2), (2048, 64, 1, 4), (2048, 64, 1, 2),
+                       (2048, 32, 2, 2)],
            "backward": [(2048, 8), (4096, 8), (4096, 16), (8192, 16), (1024, 4), (2048, 4),
                         (2048, 16), (4096, 32), (1024, 16, 2), (512, 16, 1),
-                        (1024, 32, 1, 2), (1024, 32, 1, 4), (512, 16, 1, 2)]}
+                        (1024, 32, 1, 2), (1024, 32, 1, 4), (512, 16, 1, 2),
+                        (2048, 32, 2, 2)]}
 # VGG-16 CoB layer activations (C, H, W) at calibration batch 500, for the covariance sweep
 COV_SHAPES = [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 2, 2), (4096,)]
 COV_BATCH = int(os.environ.get("GPU_DIAG_COV_BATCH", "500"))
