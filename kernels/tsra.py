@@ -227,6 +227,20 @@ def _tsra_bwd_kernel(
 # and gains need no per-element subspace select (``tl.where``) and each block is exactly
 # one subspace wide when the split is a power of two (VGG-16: every layer).
 @triton.jit
+def _split_blocks(n_pblocks, C, P, split, stride_b, stride_c, BLOCK_U: tl.constexpr,
+                  BLOCK_V: tl.constexpr, BLOCK_P: tl.constexpr, EVEN_U: tl.constexpr,
+                  EVEN_V: tl.constexpr, SMALL_P: tl.constexpr, VEC_P: tl.constexpr):
+    """This program's U block (channels ``[0, split)``) and V block (``[split, C)``):
+    ``(offs_u, mask_u, offs_v, mask_v)``."""
+    pid_b, offs_p = _program_coords(n_pblocks, BLOCK_P, VEC_P)
+    offs_u, mask_u = _rows(pid_b, 0, split, offs_p, P, stride_b, stride_c, BLOCK_U, BLOCK_P,
+                           EVEN_U, SMALL_P)
+    offs_v, mask_v = _rows(pid_b, split, C, offs_p, P, stride_b, stride_c, BLOCK_V, BLOCK_P,
+                           EVEN_V, SMALL_P)
+    return offs_u, mask_u, offs_v, mask_v
+
+
+@triton.jit
 def _tsra_fwd_split_kernel(
     X, Y, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
     a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
@@ -234,11 +248,9 @@ def _tsra_fwd_split_kernel(
     RMSNORM: tl.constexpr, EVEN_U: tl.constexpr, EVEN_V: tl.constexpr, SMALL_P: tl.constexpr,
     VEC_P: tl.constexpr,
 ):
-    pid_b, offs_p = _program_coords(n_pblocks, BLOCK_P, VEC_P)
-    offs_u, mask_u = _rows(pid_b, 0, split, offs_p, P, stride_b, stride_c, BLOCK_U, BLOCK_P,
-                           EVEN_U, SMALL_P)
-    offs_v, mask_v = _rows(pid_b, split, C, offs_p, P, stride_b, stride_c, BLOCK_V, BLOCK_P,
-                           EVEN_V, SMALL_P)
+    offs_u, mask_u, offs_v, mask_v = _split_blocks(
+        n_pblocks, C, P, split, stride_b, stride_c, BLOCK_U, BLOCK_V, BLOCK_P, EVEN_U, EVEN_V,
+        SMALL_P, VEC_P)
     xu = tl.load(X + offs_u, mask=mask_u, other=0.0).to(tl.float32)
     xv = tl.load(X + offs_v, mask=mask_v, other=0.0).to(tl.float32)
     gu, gv = _forward_gains(tl.sum(xu * xu, axis=0), tl.sum(xv * xv, axis=0),
@@ -255,11 +267,9 @@ def _tsra_bwd_split_kernel(
     RMSNORM: tl.constexpr, EVEN_U: tl.constexpr, EVEN_V: tl.constexpr, SMALL_P: tl.constexpr,
     VEC_P: tl.constexpr,
 ):
-    pid_b, offs_p = _program_coords(n_pblocks, BLOCK_P, VEC_P)
-    offs_u, mask_u = _rows(pid_b, 0, split, offs_p, P, stride_b, stride_c, BLOCK_U, BLOCK_P,
-                           EVEN_U, SMALL_P)
-    offs_v, mask_v = _rows(pid_b, split, C, offs_p, P, stride_b, stride_c, BLOCK_V, BLOCK_P,
-                           EVEN_V, SMALL_P)
+    offs_u, mask_u, offs_v, mask_v = _split_blocks(
+        n_pblocks, C, P, split, stride_b, stride_c, BLOCK_U, BLOCK_V, BLOCK_P, EVEN_U, EVEN_V,
+        SMALL_P, VEC_P)
     xu = tl.load(X + offs_u, mask=mask_u, other=0.0).to(tl.float32)
     xv = tl.load(X + offs_v, mask=mask_v, other=0.0).to(tl.float32)
     dyu = tl.load(DY + offs_u, mask=mask_u, other=0.0).to(tl.float32)
