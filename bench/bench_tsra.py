@@ -246,21 +246,6 @@ HEADER = ("| op | pass | dtype | shape | eager ms | compile ms | cobkern ms | ce
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
-def route_through(table: dict[tuple, dict]) -> None:
-    """Make every TSRA launch use ``table``'s overrides for its problem (see
-    ``gpu_diag.best_tuning``); problems not in the table keep the shipped launch."""
-    from cobkern.kernels import tsra as k
-
-    shipped = k.specialization
-
-    def tuned(C, P, split, channels_contig, direction, rmsnorm, itemsize=4, **tuning):
-        over = table.get((C, P, channels_contig, direction, itemsize), {})
-        return shipped(C, P, split, channels_contig, direction, rmsnorm, itemsize,
-                       **{**over, **tuning})
-
-    k.specialization = tuned
-
-
 def environment(device: torch.device) -> dict:
     env = {"date": _dt.date.today().isoformat(), "python": platform.python_version(),
            "torch": torch.__version__, "device": str(device), "cobkern": cobkern.__version__}
@@ -286,9 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=None, help="default 1024 on GPU, 8 on CPU")
     p.add_argument("--device", default="auto")
     p.add_argument("--ops", default="tsra,rmsnorm_tsra", help="comma list of tsra,rmsnorm_tsra")
-    p.add_argument("--tuning", default=None, metavar="GPU_DIAG_JSON",
-                   help="launch each shape with the fastest configuration of this tile sweep "
-                        "(bench/gpu_diag.py output) instead of the shipped one")
+    p.add_argument("--tuning", default=None, metavar="TABLE_JSON",
+                   help="launch through this TSRA tuning table (bench/gpu_diag.py's "
+                        "tsra_tuning.json) instead of the device's shipped one or the "
+                        "heuristic; the same as COBKERN_TSRA_TUNING=TABLE_JSON")
     args = p.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
@@ -301,17 +287,18 @@ def main(argv: list[str] | None = None) -> int:
     shapes = VGG_SHAPES if gpu else CPU_SHAPES
     env = environment(device)
     if args.tuning:
-        from bench.gpu_diag import best_tuning
+        from cobkern.ops.tuning import ENV_VAR, load_table
 
-        with open(args.tuning) as f:
-            table = best_tuning(json.load(f).get("tiles", []), batch)
-        if not table:
-            p.error(f"{args.tuning} holds no tile-sweep timings")
-        route_through(table)
-        env["tuning"] = {"from": args.tuning, "launches": {
-            "{}x{} {} {} {}B".format(*k[:2], "NHWC" if k[2] else "NCHW", *k[3:]):
-            "{tile_elems}/{elems_per_thread}/{num_warps}w VEC_P={vec_p}".format(**v)
-            for k, v in sorted(table.items())}}
+        try:
+            table = load_table(args.tuning)
+        except (OSError, ValueError) as e:
+            p.error(f"--tuning: {e}")
+        os.environ[ENV_VAR] = args.tuning  # every launch in this process uses the table
+        env["tuning"] = {"from": args.tuning, "device": table.device, "launches": {
+            "{} {}x{} {} {}B".format(e.direction, e.C, e.P,
+                                     "NHWC" if e.channels_last else "NCHW", e.itemsize):
+            "{tile_elems}/{elems_per_thread}/{num_warps}w VEC_P={vec_p}".format(**e.tuning)
+            for e in table.entries}}
     print(json.dumps(env))
     print(HEADER)
     ops = args.ops.split(",")

@@ -18,8 +18,10 @@
 #   bench_calibration.{md,json}   streaming vs materialising calibration vs a forward pass
 #   bench_training.{md,json}   training throughput, fused vs eager vs ReLU
 #   gpu_diag.{md,json}         (step diag) tile sweeps, host overhead, calibration profile
-#   tuned/bench_tsra.{md,json} (step tuned, after diag) bench_tsra with each shape launched
-#                              with the sweep's fastest configuration
+#   tsra_tuning.json           (step diag) the tile sweep as a cobkern.ops.tuning table: ship
+#                              it as cobkern/ops/tuning_tables/<device>.json
+#   tuned/bench_tsra.{md,json} (step tuned, after diag) bench_tsra launched through that
+#                              table (what the shipped code does once the table is committed)
 #   ncu_tsra.csv               (step ncu) Nsight Compute counters of the TSRA kernels
 #   bench_pruned_speed.{md,json}  (step pruned) pruned vs unpruned VGG-16 latency/throughput
 #   fast_metrics.jsonl         (step fast) `cobkern train --preset fast` to the end, TSRA
@@ -85,11 +87,11 @@ if want diag; then
 fi
 if want tuned; then  # the goals again, every shape launched with the sweep's fastest config
   step "TSRA benchmark with the tile sweep's winners (bench_tsra.py --tuning)"
-  if [[ -f $FINAL/gpu_diag.json ]]; then
+  if [[ -f $FINAL/tsra_tuning.json ]]; then
     cap 210 python3 bench/bench_tsra.py --out "$FINAL/tuned" --dtypes bf16,fp32 \
-      --tuning "$FINAL/gpu_diag.json"
+      --tuning "$FINAL/tsra_tuning.json"
   else
-    echo "skipped: no gpu_diag.json (run the diag step first)" | tee -a "$LOG"
+    echo "skipped: no tsra_tuning.json (run the diag step first)" | tee -a "$LOG"
   fi
 fi
 if want ncu; then  # hardware counters of the bf16/fp32 NCHW kernels at 1024×64×32×32

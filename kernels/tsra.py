@@ -43,6 +43,7 @@ element and 31 barriers per program; a 1-warp ``64×16`` tile with ``VEC_P=2`` i
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 
 import torch
 import triton
@@ -466,13 +467,21 @@ def _launch(direction, tensors, geo, split, a_u, b_u, a_v, b_v, eps, norm_size, 
 
 
 def tsra_forward(x: torch.Tensor, y: torch.Tensor, geo, split: int, a_u: float, b_u: float,
-                 a_v: float, b_v: float, eps: float, norm_size: int, rms_eps: float) -> None:
-    """Write TSRA(x) (RMSNorm→TSRA when ``norm_size > 0``) into ``y``; same geometry."""
-    _launch("forward", (x, y), geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps)
+                 a_v: float, b_v: float, eps: float, norm_size: int, rms_eps: float,
+                 tuning: Mapping[str, int] | None = None) -> None:
+    """Write TSRA(x) (RMSNorm→TSRA when ``norm_size > 0``) into ``y``; same geometry.
+
+    ``tuning``: launch overrides (``tile_elems``, ``elems_per_thread``, ``num_warps``,
+    ``vec_p``; ``cobkern.ops.tuning``), ``None`` for the heuristic.
+    """
+    _launch("forward", (x, y), geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps,
+            **(tuning or {}))
 
 
 def tsra_backward(dy: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, geo, split: int,
                   a_u: float, b_u: float, a_v: float, b_v: float, eps: float, norm_size: int,
-                  rms_eps: float) -> None:
-    """Write the input gradient into ``dx`` given ``dy``; all three share ``geo``."""
-    _launch("backward", (dy, x, dx), geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps)
+                  rms_eps: float, tuning: Mapping[str, int] | None = None) -> None:
+    """Write the input gradient into ``dx`` given ``dy``; all three share ``geo``.
+    ``tuning`` as in :func:`tsra_forward`."""
+    _launch("backward", (dy, x, dx), geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps,
+            **(tuning or {}))

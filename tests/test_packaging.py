@@ -32,3 +32,18 @@ def test_kernels_folder_maps_into_the_package_not_top_level():
     assert package_dir["cobkern.kernels"] == "kernels"
     assert "kernels" not in _config()["packages"]  # PyPI's unrelated `kernels` stays free
     assert (ROOT / "kernels" / "__init__.py").is_file()
+
+
+def test_tuning_tables_ship_as_package_data():
+    """The per-GPU TSRA tables (``cobkern.ops.tuning``) are data files, not modules: the
+    wheel carries them only through ``package-data``, matched against the folder the
+    loader reads."""
+    import fnmatch
+
+    from cobkern.ops.tuning import TABLE_DIR
+
+    globs = _config()["package-data"]["cobkern.ops"]
+    rel = TABLE_DIR.relative_to(ROOT / "cobkern" / "ops").as_posix()
+    assert any(fnmatch.fnmatch(f"{rel}/NVIDIA_H200.json", g) for g in globs), globs
+    # the README beside them is documentation; only tables belong in the wheel
+    assert not any(fnmatch.fnmatch(f"{rel}/README.md", g) for g in globs), globs

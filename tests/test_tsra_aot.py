@@ -175,3 +175,38 @@ def test_sweep_vec_candidates_compile_without_spills():
            for s, r in zip(specs, results, strict=True)
            if "error" in r or not r["ptxas_ok"] or r["spill_stores"] or r["spill_loads"]]
     assert not bad, "\n".join(bad)
+
+
+def _shipped_table_specs() -> list[dict]:
+    """Each shipped tuning table's entries, at the measured problem and at the corners of the
+    factor-of-two neighbourhood it also serves (halved / doubled C, odd C after pruning),
+    both RMSNorm settings: what those launches would compile."""
+    from cobkern.kernels.tsra import MAX_TILE_CHANNELS
+
+    from cobkern.ops.tuning import TABLE_DIR, load_table
+
+    dtype_of = {4: "fp32", 2: "bf16"}
+    specs = []
+    for path in sorted(TABLE_DIR.glob("*.json")):
+        for e in load_table(path).entries:
+            for c in sorted({e.C, max(2, e.C // 2), min(2 * e.C, MAX_TILE_CHANNELS),
+                             max(3, (3 * e.C) // 4) | 1}):
+                for p in sorted({e.P, max(1, e.P // 2), 2 * e.P}):
+                    for rms in (False, True):
+                        specs.append(_spec(c, p, e.channels_last, e.direction,
+                                           dtype_of[e.itemsize], rms, **e.tuning))
+    return specs
+
+
+def test_shipped_tuning_tables_compile_without_spills():
+    """A shipped table (``cobkern/ops/tuning_tables``) replaces the heuristic's launch on its
+    device; every launch it can select must compile for sm_90 and hold its tile in
+    registers, like the heuristic's."""
+    specs = _shipped_table_specs()
+    if not specs:
+        pytest.skip("no tuning table is shipped yet (they come from GPU measurements)")
+    results = compile_specs([{k: v for k, v in s.items() if k != "meta"} for s in specs])
+    bad = [f"{_name(s)} {s['num_warps']}w: {r.get('error') or r['ptxas_log'][-300:]}"
+           for s, r in zip(specs, results, strict=True)
+           if "error" in r or not r["ptxas_ok"] or r["spill_stores"] or r["spill_loads"]]
+    assert not bad, "\n".join(bad)

@@ -32,6 +32,7 @@ from ._checks import (
     check_same_shape,
 )
 from .backend import use_triton
+from .tuning import launch_tuning
 
 __all__ = ["tsra", "rmsnorm_tsra", "tsra_backward", "rmsnorm_tsra_backward"]
 
@@ -76,11 +77,14 @@ def _launch_or_reference(fwd: bool, x: Tensor, grad: Tensor | None, args: tuple)
 
 
 def _run(kernels, fwd, x, grad, out, geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps):
+    tuning = launch_tuning(x.device, "forward" if fwd else "backward", x.element_size(),
+                           geo.channels_contig, geo.C, geo.P)
     if fwd:
-        kernels.tsra_forward(x, out, geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps)
+        kernels.tsra_forward(x, out, geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps,
+                             tuning)
     else:
         kernels.tsra_backward(grad, x, out, geo, split, a_u, b_u, a_v, b_v, eps, norm_size,
-                              rms_eps)
+                              rms_eps, tuning)
 
 
 # ----------------------------------------------------------------------------- custom ops

@@ -1,0 +1,267 @@
+"""Per-device TSRA tuning tables (``cobkern.ops.tuning``): file validation, the lookup rule,
+the ops launching through a table, and ``bench/gpu_diag.py`` writing tables this reads.
+
+Numerical tolerances are those of ``test_tsra_kernels.py`` (float64 reference at the same
+rounded input): a table only changes which tile computes the function.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from reference64 import tsra64_grad
+
+from cobkern.ops import rmsnorm_tsra
+from cobkern.ops.tuning import (
+    ENV_VAR,
+    FORMAT,
+    TABLE_DIR,
+    launch_tuning,
+    load_table,
+    table_for_device,
+    table_name,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _entry(**kw) -> dict:
+    e = dict(direction="forward", itemsize=4, channels_last=False, C=64, P=1024,
+             tile_elems=1024, elems_per_thread=32, num_warps=1, vec_p=2)
+    e.update(kw)
+    return e
+
+
+def _write(tmp_path: Path, entries: list[dict], name: str = "table.json", **top) -> Path:
+    path = tmp_path / name
+    path.write_text(json.dumps({"format": FORMAT, "device": "Test GPU", "entries": entries,
+                                **top}))
+    return path
+
+
+def test_table_name_matches_torch_device_names():
+    assert table_name("NVIDIA H200") == "NVIDIA_H200"
+    assert table_name("NVIDIA H100 80GB HBM3") == "NVIDIA_H100_80GB_HBM3"
+    assert table_name(" NVIDIA  A100-SXM4-40GB ") == "NVIDIA_A100_SXM4_40GB"
+
+
+def test_shipped_tables_are_valid_and_named_after_their_device():
+    """Every table in the package loads, and its file name is its recorded device's."""
+    for path in sorted(TABLE_DIR.glob("*.json")):
+        table = load_table(path)
+        assert path.stem == table_name(table.device), path
+        assert table.entries, f"{path}: an empty table should not be shipped"
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not a JSON tuning table"),
+    (json.dumps({"format": "other/1", "entries": []}), "expected a tuning table"),
+    (json.dumps({"format": FORMAT, "entries": {}}), '"entries" must be a list'),
+    (json.dumps({"format": FORMAT, "entries": [3]}), "entry 0: expected an object"),
+    (json.dumps({"format": FORMAT, "entries": [{"direction": "forward"}]}),
+     "entry 0: missing field(s)"),
+    (json.dumps({"format": FORMAT, "entries": [_entry(direction="sideways")]}),
+     "entry 0: direction must be one of"),
+    (json.dumps({"format": FORMAT, "entries": [_entry(num_warps=3)]}),
+     "entry 0: num_warps must be one of"),
+    (json.dumps({"format": FORMAT, "entries": [_entry(), _entry(tile_elems=48)]}),
+     "entry 1: tile_elems must be a power of two"),
+    (json.dumps({"format": FORMAT, "entries": [_entry(vec_p=32)]}),
+     "entry 0: vec_p must be 0 or a power of two"),
+    (json.dumps({"format": FORMAT, "entries": [_entry(itemsize=8)]}),
+     "entry 0: itemsize must be 2 or 4"),
+    (json.dumps({"format": FORMAT, "entries": [_entry(C=True)]}), "entry 0: C must be"),
+    (json.dumps({"format": FORMAT, "entries": [_entry(channels_last="no")]}),
+     "entry 0: channels_last must be true or false"),
+    (json.dumps({"format": FORMAT, "entries": [_entry(), _entry(num_warps=2)]}),
+     "entries 0 and 1 both describe"),
+])
+def test_bad_tables_are_refused_naming_file_and_entry(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(ValueError) as err:
+        load_table(path)
+    assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_missing_table_file_raises(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_table(tmp_path / "nope.json")
+
+
+def test_lookup_exact_nearest_and_out_of_range(tmp_path):
+    table = load_table(_write(tmp_path, [
+        _entry(C=64, P=1024, num_warps=1),
+        _entry(C=128, P=256, num_warps=2),
+        _entry(C=64, P=1024, num_warps=4, direction="backward"),
+        _entry(C=64, P=1024, num_warps=8, itemsize=2),
+        _entry(C=4096, P=1024, num_warps=16, channels_last=True),
+    ]))
+
+    def warps(*args):
+        return table.lookup(*args).get("num_warps")
+
+    assert warps("forward", 4, False, 64, 1024) == 1            # exact
+    assert warps("forward", 4, False, 40, 1024) == 1            # pruned layer: nearest C
+    assert warps("forward", 4, False, 100, 300) == 2            # nearest in both axes
+    assert warps("forward", 4, False, 64, 2048) == 1            # a factor of two: still in
+    assert warps("forward", 4, False, 64, 4096) is None         # beyond a factor of two
+    assert warps("forward", 4, False, 16, 1024) is None
+    assert warps("backward", 4, False, 64, 1024) == 4           # direction must match
+    assert warps("forward", 2, False, 64, 1024) == 8            # element size must match
+    assert warps("forward", 4, True, 64, 1024) is None          # layout must match
+    assert warps("forward", 4, True, 4096, 600) == 16           # linear at another batch
+    assert warps("forward", 4, True, 8192, 1024) is None        # chunked kernels: never
+
+
+def test_lookup_ties_go_to_the_smaller_problem(tmp_path):
+    table = load_table(_write(tmp_path, [_entry(C=128, P=64, num_warps=2),
+                                         _entry(C=64, P=128, num_warps=1)]))
+    # (C, P) = (90.5, 90.5) is equidistant in log2 from both: the smaller C wins
+    assert table.lookup("forward", 4, False, 91, 91)["num_warps"] == 1
+
+
+def test_environment_selects_or_disables_the_table(tmp_path, monkeypatch):
+    path = _write(tmp_path, [_entry(C=64, P=16, num_warps=2)])
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert table_for_device(cpu) is None                       # no CUDA: no shipped table
+    assert launch_tuning(cpu, "forward", 4, False, 64, 16) == {}
+    monkeypatch.setenv(ENV_VAR, str(path))
+    assert table_for_device(cpu).source == str(path)
+    assert launch_tuning(cpu, "forward", 4, False, 64, 16)["num_warps"] == 2
+    monkeypatch.setenv(ENV_VAR, "off")
+    assert table_for_device(cpu) is None
+    assert launch_tuning(cpu, "forward", 4, False, 64, 16) == {}
+
+
+def test_environment_pointing_at_a_bad_table_fails_loudly(tmp_path, monkeypatch):
+    bad = tmp_path / "bad.json"
+    bad.write_text("[]")
+    monkeypatch.setenv(ENV_VAR, str(bad))
+    with pytest.raises(ValueError, match="expected a tuning table"):
+        launch_tuning(torch.device("cpu"), "forward", 4, False, 64, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_ops_launch_through_the_table_and_compute_the_same_function(tmp_path, monkeypatch,
+                                                                      dtype, device):
+    """RMSNorm→TSRA forward and backward through the public op with a table whose entries
+    (measured at a neighbouring problem) change warps, tile and vector width: the launch
+    receives the overrides, and the result still matches float64."""
+    from cobkern.kernels import tsra as k
+
+    if device.type == "cpu":
+        import os
+
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("needs the Triton interpreter on a CPU")
+    shape, split = (2, 48, 5, 6), 20          # C=48, P=30: nearest entries are C=64, P=32
+    size = torch.tensor([], dtype=dtype).element_size()
+    path = _write(tmp_path, [
+        _entry(C=64, P=32, itemsize=size, tile_elems=1024, elems_per_thread=16, num_warps=1,
+               vec_p=2),
+        _entry(C=64, P=32, itemsize=size, direction="backward", tile_elems=512,
+               elems_per_thread=16, num_warps=2, vec_p=0),
+    ])
+    seen = []
+    shipped = k.specialization
+
+    def spy(*args, **tuning):
+        seen.append((args[4], tuning))
+        return shipped(*args, **tuning)
+
+    monkeypatch.setattr(k, "specialization", spy)
+    monkeypatch.setenv(ENV_VAR, str(path))
+    x = torch.randn(shape).to(device=device, dtype=dtype)
+    dy = torch.randn(shape).to(device=device, dtype=dtype)
+    xg = x.clone().requires_grad_(True)
+    y = rmsnorm_tsra(xg, split)
+    (dx,) = torch.autograd.grad(y, xg, dy)
+    assert seen == [
+        ("forward", dict(tile_elems=1024, elems_per_thread=16, num_warps=1, vec_p=2)),
+        ("backward", dict(tile_elems=512, elems_per_thread=16, num_warps=2, vec_p=0)),
+    ]
+    y64, dx64 = tsra64_grad(x.cpu(), dy.cpu(), split, 1, norm_size=None, rms_eps=1e-6)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-2)
+    torch.testing.assert_close(y.detach().cpu().double(), y64, **tol)
+    torch.testing.assert_close(dx.cpu().double(), dx64, **tol)
+
+    seen.clear()
+    monkeypatch.setenv(ENV_VAR, "off")
+    rmsnorm_tsra(x, split)
+    assert seen == [("forward", {})]
+
+
+# --------------------------------------------------------------- bench/gpu_diag.py writes it
+def _diag_rows(times: dict[tuple, float], default: tuple) -> list[dict]:
+    rows = []
+    for cfg, ms in times.items():
+        tile, ept, warps, vec_p = cfg
+        rows.append(dict(shape=[64, 32, 32], dtype="bf16", direction="backward", tile=tile,
+                         ept=ept, warps=warps, vec_p=vec_p, C=64, P=1024,
+                         channels_last=False, itemsize=2, default=cfg == default, ms=ms))
+    return rows
+
+
+@pytest.fixture
+def gpu_diag():
+    sys.path.insert(0, str(ROOT))
+    try:
+        from bench import gpu_diag
+        yield gpu_diag
+    finally:
+        sys.path.remove(str(ROOT))
+
+
+def test_gpu_diag_table_keeps_only_clear_winners(gpu_diag, tmp_path):
+    default = (4096, 16, 8, 0)
+    rec = {"device": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "date": "d",
+           "tiles": _diag_rows({default: 0.400, (1024, 32, 1, 2): 0.100,
+                                (512, 16, 1, 2): 0.150}, default)
+                    # another problem where the best candidate is within noise of the default
+                    + [dict(r, direction="forward") for r in _diag_rows(
+                        {default: 0.100, (1024, 32, 1, 2): 0.099}, default)]
+                    + [dict(shape=[64, 32, 32], dtype="bf16", direction="forward",
+                            error="compile failed")]}
+    table = gpu_diag.write_tuning_table(rec, str(tmp_path / "tsra_tuning.json"))
+    assert [(e["direction"], e["num_warps"], e["vec_p"]) for e in table["entries"]] == [
+        ("backward", 1, 2)]
+    loaded = load_table(tmp_path / "tsra_tuning.json")   # the writer's output is readable
+    assert loaded.device == "NVIDIA H200"
+    assert loaded.lookup("backward", 2, False, 64, 1024) == dict(
+        tile_elems=1024, elems_per_thread=32, num_warps=1, vec_p=2)
+    assert loaded.lookup("forward", 2, False, 64, 1024) == {}
+
+
+def test_every_sweep_candidate_is_a_valid_table_entry(gpu_diag, tmp_path):
+    """Whatever candidate wins, its entry passes the table's validation: the warps and
+    VEC_P the sweep records are those the launcher resolved."""
+    from cobkern.kernels.tsra import specialization
+
+    for direction, cfgs in gpu_diag.CONFIGS.items():
+        for cfg in cfgs:
+            over = gpu_diag._tuning(cfg)
+            _, consts, warps, _ = specialization(64, 1024, 32, False, direction, False, 2,
+                                                 **over)
+            row = dict(tile=cfg[0], ept=cfg[1], warps=warps, vec_p=consts["VEC_P"], C=64,
+                       P=1024, channels_last=False, itemsize=2, direction=direction,
+                       default=False, ms=0.1)
+            table = gpu_diag.write_tuning_table({"tiles": [row]}, str(tmp_path / "t.json"))
+            assert len(load_table(tmp_path / "t.json").entries) == 1, (direction, cfg, table)
+
+
+def test_gpu_diag_table_from_an_earlier_run(gpu_diag, tmp_path):
+    default = (4096, 16, 8, 0)
+    src = tmp_path / "gpu_diag.json"
+    src.write_text(json.dumps({"device": "NVIDIA H200", "tiles": _diag_rows(
+        {default: 0.4, (1024, 32, 1, 2): 0.1}, default)}))
+    assert gpu_diag.main(["--table-from", str(src), "--out", str(tmp_path / "o")]) == 0
+    assert len(load_table(tmp_path / "o" / "tsra_tuning.json").entries) == 1
+    src.write_text(json.dumps({"device": "x", "tiles": []}))
+    with pytest.raises(SystemExit):
+        gpu_diag.main(["--table-from", str(src), "--out", str(tmp_path / "o")])
