@@ -26,7 +26,9 @@ they were not swept), and the measured ``(C, P)`` nearest to the launch's in
 tile measured on its neighbour; anything further away keeps the heuristic. Ties go to the
 smaller ``(C, P)``.
 
-Lookups are cached per (device, table setting, problem): a launch pays one cache hit. A
+Lookups are cached per (device, table setting, problem): a launch pays one cache hit, and
+a table file is read once per process and setting (a bad one fails the first launch with an
+error naming the file and entry). A
 table changes only which tile computes the same function; results agree with the heuristic
 launch to float32 rounding (the order of the channel reductions differs), and a given table
 is deterministic.
