@@ -519,7 +519,8 @@ def _markdown(rec: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="bench-results")
-    p.add_argument("--parts", default="covariance,calibration,lanes,overhead,tiles")
+    # tiles first: its tuning table feeds the session's next step (bench_tsra --tuning)
+    p.add_argument("--parts", default="tiles,covariance,overhead,calibration,lanes")
     p.add_argument("--table-from", default=None, metavar="GPU_DIAG_JSON",
                    help="only (re)write OUT/tsra_tuning.json from an earlier run's "
                         "gpu_diag.json (no GPU needed)")
