@@ -77,7 +77,7 @@ if want tests; then
   XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
   cap 150 python3 -m pytest -q -p no:cacheprovider $XDIST -rfEs \
     tests/test_tsra_kernels.py tests/test_tsra_properties.py tests/test_tsra_compile.py \
-    tests/test_covariance.py tests/test_cob.py \
+    tests/test_covariance.py tests/test_cob.py tests/test_tuning.py \
     "tests/test_training.py::test_resume_in_a_fresh_process_is_bit_identical[cuda]" \
     > "$FINAL/tests.log"
 fi
