@@ -185,7 +185,7 @@ def _shipped_table_specs() -> list[dict]:
 
     from cobkern.ops.tuning import TABLE_DIR, load_table
 
-    dtype_of = {4: "fp32", 2: "bf16"}
+    dtypes_of = {4: ("fp32",), 2: ("bf16", "fp16")}  # fp16 launches read the 2-byte entries
     specs = []
     for path in sorted(TABLE_DIR.glob("*.json")):
         for e in load_table(path).entries:
@@ -193,8 +193,8 @@ def _shipped_table_specs() -> list[dict]:
                              max(3, (3 * e.C) // 4) | 1}):
                 for p in sorted({e.P, max(1, e.P // 2), 2 * e.P}):
                     for rms in (False, True):
-                        specs.append(_spec(c, p, e.channels_last, e.direction,
-                                           dtype_of[e.itemsize], rms, **e.tuning))
+                        specs += [_spec(c, p, e.channels_last, e.direction, dtype, rms,
+                                        **e.tuning) for dtype in dtypes_of[e.itemsize]]
     return specs
 
 
