@@ -18,11 +18,13 @@ smoke run: ``TRITON_INTERPRET=1 GPU_DIAG_DEVICE=cpu GPU_DIAG_BATCH=1 GPU_DIAG_CO
   activation shape, batch 500, fp32 and bf16: the shipped launch against the same launch
   with one pipeline stage (float32's launch before 2026-11-26), with the other Gram tile
   size (32 vs 64), with a quarter / four times the programs (each program ends with one
-  tile of float64 atomic adds), and with ``tf32x3`` float32 products; achieved TFLOP/s of
+  tile of float64 atomic adds), and with ``tf32x3`` / ``bf16x6`` float32 products (three
+  TF32 / six bf16 tensor-core products per float32 product); achieved TFLOP/s of
   the products actually computed.
-* ``calibration`` — a plain forward pass vs streaming calibration (float32 ``ieee`` and
-  ``tf32x3`` products, and a bf16 model) on 10,000 images of VGG-16, each Gram's error
-  against float64, and the profiler's top CUDA kernels of a streaming calibration.
+* ``calibration`` — a plain forward pass vs streaming calibration (float32 ``ieee``,
+  ``tf32x3`` and ``bf16x6`` products, and a bf16 model) on 10,000 images of VGG-16, each
+  Gram's error against float64, and the profiler's top CUDA kernels of a streaming
+  calibration.
 
 Writes ``DIR/gpu_diag.json`` and ``DIR/gpu_diag.md`` (rewritten after each part), and after
 the ``tiles`` part ``DIR/tsra_tuning.json``: the sweep as a ``cobkern.ops.tuning`` table
@@ -273,6 +275,7 @@ def _cov_jobs():
                             {"target_programs": TARGET_PROGRAMS_GPU * 4}}
             if dname == "fp32":
                 variants["tf32x3"] = {"f32_dot": "tf32x3"}
+                variants["bf16x6"] = {"f32_dot": "bf16x6"}
             jobs += [(shape, dname, label, tuple(sorted(over.items())))
                      for label, over in variants.items()]
     return jobs
@@ -397,7 +400,7 @@ def part_calibration(rec: dict) -> None:
         g = torch.Generator().manual_seed(0)
         data = torch.randn(images, 3, 32, 32, generator=g)
         loader = [data[i:i + batch].to(DEVICE).to(dtype) for i in range(0, images, batch)]
-        modes = ["ieee", "tf32x3"] if dtype == torch.float32 else ["bf16"]
+        modes = ["ieee", "tf32x3", "bf16x6"] if dtype == torch.float32 else ["bf16"]
         with torch.no_grad():
             model(loader[0])
             for m in modes:  # compile every layer's kernel variant outside the timings
@@ -424,7 +427,7 @@ def part_calibration(rec: dict) -> None:
             out[f"{dname}_{m}_x_forward"] = s / fwd
             print(f"{dname} {m}: forward {fwd:.3f}s calibrate {s:.3f}s ({s / fwd:.2f}x)",
                   flush=True)
-            if m in ("ieee", "tf32x3"):  # accuracy on the first layers vs float64
+            if m in ("ieee", "tf32x3", "bf16x6"):  # accuracy on the first layers vs float64
                 err = 0.0
                 acts = {}
                 layers = find_cob_layers(model)[:3]
