@@ -188,7 +188,8 @@ def part_tiles(rec: dict) -> None:
                     _, consts, warps, _ = spec
                     row = dict(shape=list(shape), dtype=dname, direction=direction,
                                tile=cfg[0], ept=cfg[1], warps=warps, vec_p=consts["VEC_P"],
-                               C=geo.C, P=geo.P, channels_last=geo.channels_contig,
+                               C=geo.C, split=geo.C // 2, P=geo.P,
+                               channels_last=geo.channels_contig,
                                itemsize=dtype.itemsize,
                                # the same launch as without overrides (the heuristic's)
                                default=spec[1:] == heuristic[1:])
@@ -212,7 +213,7 @@ def tuning_table(rec: dict, min_gain: float = MIN_GAIN) -> dict:
     """The tile sweep as a ``cobkern.ops.tuning`` table (JSON-ready dict).
 
     ``rec`` is ``gpu_diag.json``'s content (``"tiles"`` rows plus device and versions). For
-    each problem (direction, element size, layout, C, P) the fastest candidate becomes an
+    each problem (direction, element size, layout, C, split, P) the fastest candidate becomes an
     entry when it beats the heuristic's launch (the row marked ``default``) by more than
     ``min_gain``; problems where the heuristic is as good get no entry. The sweep times
     plain TSRA; the table serves RMSNorm→TSRA too (same loads and stores, a few more
@@ -223,10 +224,11 @@ def tuning_table(rec: dict, min_gain: float = MIN_GAIN) -> dict:
     by_problem: dict[tuple, list[dict]] = {}
     for r in rec.get("tiles", []):
         if "ms" in r and "C" in r:
-            key = (r["direction"], r["itemsize"], r["channels_last"], r["C"], r["P"])
+            key = (r["direction"], r["itemsize"], r["channels_last"], r["C"],
+                   r.get("split", r["C"] // 2), r["P"])
             by_problem.setdefault(key, []).append(r)
     entries = []
-    for (direction, itemsize, cl, c, p), rows in sorted(by_problem.items()):
+    for (direction, itemsize, cl, c, split, p), rows in sorted(by_problem.items()):
         best = min(rows, key=lambda r: r["ms"])
         # several candidates can resolve to the heuristic's launch: credit it the best
         default = min((r for r in rows if r.get("default")), key=lambda r: r["ms"],
@@ -234,7 +236,7 @@ def tuning_table(rec: dict, min_gain: float = MIN_GAIN) -> dict:
         if default is not None and best["ms"] >= default["ms"] * (1 - min_gain):
             continue
         entries.append(dict(direction=direction, itemsize=itemsize, channels_last=cl, C=c,
-                            P=p, tile_elems=best["tile"], elems_per_thread=best["ept"],
+                            split=split, P=p, tile_elems=best["tile"], elems_per_thread=best["ept"],
                             num_warps=best["warps"], vec_p=best.get("vec_p") or 0,
                             ms=round(best["ms"], 5),
                             default_ms=None if default is None else round(default["ms"], 5)))

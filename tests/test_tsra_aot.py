@@ -178,23 +178,28 @@ def test_sweep_vec_candidates_compile_without_spills():
 
 
 def _shipped_table_specs() -> list[dict]:
-    """Each shipped tuning table's entries, at the measured problem and at the corners of the
-    factor-of-two neighbourhood it also serves (halved / doubled C, odd C after pruning),
-    both RMSNorm settings: what those launches would compile."""
-    from cobkern.kernels.tsra import MAX_TILE_CHANNELS
+    """Each shipped tuning table's entries at the measured problem and at the batch sizes
+    it also serves (``P`` halved and doubled; ``C`` and the split must match exactly), both
+    RMSNorm settings: what those launches would compile. Duplicates (the same compiled
+    variant) once."""
+    import json
 
     from cobkern.ops.tuning import TABLE_DIR, load_table
 
     dtypes_of = {4: ("fp32",), 2: ("bf16", "fp16")}  # fp16 launches read the 2-byte entries
-    specs = []
+    specs, seen = [], set()
     for path in sorted(TABLE_DIR.glob("*.json")):
         for e in load_table(path).entries:
-            for c in sorted({e.C, max(2, e.C // 2), min(2 * e.C, MAX_TILE_CHANNELS),
-                             max(3, (3 * e.C) // 4) | 1}):
-                for p in sorted({e.P, max(1, e.P // 2), 2 * e.P}):
-                    for rms in (False, True):
-                        specs += [_spec(c, p, e.channels_last, e.direction, dtype, rms,
-                                        **e.tuning) for dtype in dtypes_of[e.itemsize]]
+            for p in sorted({e.P, max(1, e.P // 2), 2 * e.P}):
+                for rms in (False, True):
+                    for dtype in dtypes_of[e.itemsize]:
+                        s = _spec(e.C, p, e.channels_last, e.direction, dtype, rms, e.split,
+                                  **e.tuning)
+                        key = json.dumps({k: v for k, v in s.items() if k != "meta"},
+                                         sort_keys=True)
+                        if key not in seen:
+                            seen.add(key)
+                            specs.append(s)
     return specs
 
 

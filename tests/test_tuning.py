@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _entry(**kw) -> dict:
-    e = dict(direction="forward", itemsize=4, channels_last=False, C=64, P=1024,
+    e = dict(direction="forward", itemsize=4, channels_last=False, C=64, split=32, P=1024,
              tile_elems=1024, elems_per_thread=32, num_warps=1, vec_p=2)
     e.update(kw)
     return e
@@ -75,6 +75,8 @@ def test_shipped_tables_are_valid_and_named_after_their_device():
     (json.dumps({"format": FORMAT, "entries": [_entry(itemsize=8)]}),
      "entry 0: itemsize must be 2 or 4"),
     (json.dumps({"format": FORMAT, "entries": [_entry(C=True)]}), "entry 0: C must be"),
+    (json.dumps({"format": FORMAT, "entries": [_entry(split=64)]}),
+     "entry 0: split must be in [1, C)"),
     (json.dumps({"format": FORMAT, "entries": [_entry(channels_last="no")]}),
      "entry 0: channels_last must be true or false"),
     (json.dumps({"format": FORMAT, "entries": [_entry(), _entry(num_warps=2)]}),
@@ -93,50 +95,52 @@ def test_missing_table_file_raises(tmp_path):
         load_table(tmp_path / "nope.json")
 
 
-def test_lookup_exact_nearest_and_out_of_range(tmp_path):
+def test_lookup_matches_geometry_exactly_and_positions_within_a_factor_of_two(tmp_path):
     table = load_table(_write(tmp_path, [
         _entry(C=64, P=1024, num_warps=1),
-        _entry(C=128, P=256, num_warps=2),
+        _entry(C=64, P=256, num_warps=2),
         _entry(C=64, P=1024, num_warps=4, direction="backward"),
         _entry(C=64, P=1024, num_warps=8, itemsize=2),
-        _entry(C=4096, P=1024, num_warps=16, channels_last=True),
+        _entry(C=4096, split=2048, P=1024, num_warps=16, channels_last=True),
+        _entry(C=8192, split=4096, P=1024, num_warps=16, channels_last=True),
     ]))
 
-    def warps(*args):
-        return table.lookup(*args).get("num_warps")
+    def warps(direction="forward", itemsize=4, cl=False, c=64, split=32, p=1024):
+        return table.lookup(direction, itemsize, cl, c, split, p).get("num_warps")
 
-    assert warps("forward", 4, False, 64, 1024) == 1            # exact
-    assert warps("forward", 4, False, 40, 1024) == 1            # pruned layer: nearest C
-    assert warps("forward", 4, False, 100, 300) == 2            # nearest in both axes
-    assert warps("forward", 4, False, 64, 2048) == 1            # a factor of two: still in
-    assert warps("forward", 4, False, 64, 4096) is None         # beyond a factor of two
-    assert warps("forward", 4, False, 16, 1024) is None
-    assert warps("backward", 4, False, 64, 1024) == 4           # direction must match
-    assert warps("forward", 2, False, 64, 1024) == 8            # element size must match
-    assert warps("forward", 4, True, 64, 1024) is None          # layout must match
-    assert warps("forward", 4, True, 4096, 600) == 16           # linear at another batch
-    assert warps("forward", 4, True, 8192, 1024) is None        # chunked kernels: never
+    assert warps() == 1                                 # exact
+    assert warps(p=2048) == 1                           # a factor of two: still in
+    assert warps(p=600) == 1                            # nearest P (log2 0.77 vs 1.23)
+    assert warps(p=400) == 2
+    assert warps(p=4096) is None                        # beyond a factor of two
+    assert warps(p=100) is None
+    assert warps(c=63) is None                          # a pruned width: the heuristic
+    assert warps(split=20) is None                      # another split: the heuristic
+    assert warps("backward") == 4                       # direction must match
+    assert warps(itemsize=2) == 8                       # element size must match
+    assert warps(cl=True) is None                       # layout must match
+    assert warps(cl=True, c=4096, split=2048, p=600) == 16   # linear at another batch
+    assert warps(cl=True, c=8192, split=4096) is None   # chunked kernels: never
 
 
-def test_lookup_ties_go_to_the_smaller_problem(tmp_path):
-    table = load_table(_write(tmp_path, [_entry(C=128, P=64, num_warps=2),
-                                         _entry(C=64, P=128, num_warps=1)]))
-    # (C, P) = (90.5, 90.5) is equidistant in log2 from both: the smaller C wins
-    assert table.lookup("forward", 4, False, 91, 91)["num_warps"] == 1
+def test_lookup_ties_go_to_the_smaller_batch(tmp_path):
+    table = load_table(_write(tmp_path, [_entry(P=2048, num_warps=2),
+                                         _entry(P=512, num_warps=1)]))
+    assert table.lookup("forward", 4, False, 64, 32, 1024)["num_warps"] == 1
 
 
 def test_environment_selects_or_disables_the_table(tmp_path, monkeypatch):
-    path = _write(tmp_path, [_entry(C=64, P=16, num_warps=2)])
+    path = _write(tmp_path, [_entry(C=64, split=32, P=16, num_warps=2)])
     cpu = torch.device("cpu")
     monkeypatch.delenv(ENV_VAR, raising=False)
     assert table_for_device(cpu) is None                       # no CUDA: no shipped table
-    assert launch_tuning(cpu, "forward", 4, False, 64, 16) == {}
+    assert launch_tuning(cpu, "forward", 4, False, 64, 32, 16) == {}
     monkeypatch.setenv(ENV_VAR, str(path))
     assert table_for_device(cpu).source == str(path)
-    assert launch_tuning(cpu, "forward", 4, False, 64, 16)["num_warps"] == 2
+    assert launch_tuning(cpu, "forward", 4, False, 64, 32, 16)["num_warps"] == 2
     monkeypatch.setenv(ENV_VAR, "off")
     assert table_for_device(cpu) is None
-    assert launch_tuning(cpu, "forward", 4, False, 64, 16) == {}
+    assert launch_tuning(cpu, "forward", 4, False, 64, 32, 16) == {}
 
 
 def test_environment_pointing_at_a_bad_table_fails_loudly(tmp_path, monkeypatch):
@@ -144,14 +148,14 @@ def test_environment_pointing_at_a_bad_table_fails_loudly(tmp_path, monkeypatch)
     bad.write_text("[]")
     monkeypatch.setenv(ENV_VAR, str(bad))
     with pytest.raises(ValueError, match="expected a tuning table"):
-        launch_tuning(torch.device("cpu"), "forward", 4, False, 64, 16)
+        launch_tuning(torch.device("cpu"), "forward", 4, False, 64, 32, 16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_ops_launch_through_the_table_and_compute_the_same_function(tmp_path, monkeypatch,
                                                                       dtype, device):
     """RMSNorm→TSRA forward and backward through the public op with a table whose entries
-    (measured at a neighbouring problem) change warps, tile and vector width: the launch
+    (measured at another batch size) change warps, tile and vector width: the launch
     receives the overrides, and the result still matches float64."""
     from cobkern.kernels import tsra as k
 
@@ -160,12 +164,12 @@ def test_ops_launch_through_the_table_and_compute_the_same_function(tmp_path, mo
 
         if os.environ.get("TRITON_INTERPRET") != "1":
             pytest.skip("needs the Triton interpreter on a CPU")
-    shape, split = (2, 48, 5, 6), 20          # C=48, P=30: nearest entries are C=64, P=32
+    shape, split = (2, 48, 5, 6), 20          # C=48, P=30: the entries were measured at P=32
     size = torch.tensor([], dtype=dtype).element_size()
     path = _write(tmp_path, [
-        _entry(C=64, P=32, itemsize=size, tile_elems=1024, elems_per_thread=16, num_warps=1,
-               vec_p=2),
-        _entry(C=64, P=32, itemsize=size, direction="backward", tile_elems=512,
+        _entry(C=48, split=20, P=32, itemsize=size, tile_elems=1024, elems_per_thread=16,
+               num_warps=1, vec_p=2),
+        _entry(C=48, split=20, P=32, itemsize=size, direction="backward", tile_elems=512,
                elems_per_thread=16, num_warps=2, vec_p=0),
     ])
     seen = []
@@ -203,7 +207,7 @@ def _diag_rows(times: dict[tuple, float], default: tuple) -> list[dict]:
     for cfg, ms in times.items():
         tile, ept, warps, vec_p = cfg
         rows.append(dict(shape=[64, 32, 32], dtype="bf16", direction="backward", tile=tile,
-                         ept=ept, warps=warps, vec_p=vec_p, C=64, P=1024,
+                         ept=ept, warps=warps, vec_p=vec_p, C=64, split=32, P=1024,
                          channels_last=False, itemsize=2, default=cfg == default, ms=ms))
     return rows
 
@@ -233,9 +237,9 @@ def test_gpu_diag_table_keeps_only_clear_winners(gpu_diag, tmp_path):
         ("backward", 1, 2)]
     loaded = load_table(tmp_path / "tsra_tuning.json")   # the writer's output is readable
     assert loaded.device == "NVIDIA H200"
-    assert loaded.lookup("backward", 2, False, 64, 1024) == dict(
+    assert loaded.lookup("backward", 2, False, 64, 32, 1024) == dict(
         tile_elems=1024, elems_per_thread=32, num_warps=1, vec_p=2)
-    assert loaded.lookup("forward", 2, False, 64, 1024) == {}
+    assert loaded.lookup("forward", 2, False, 64, 32, 1024) == {}
 
 
 def test_every_sweep_candidate_is_a_valid_table_entry(gpu_diag, tmp_path):
@@ -249,7 +253,7 @@ def test_every_sweep_candidate_is_a_valid_table_entry(gpu_diag, tmp_path):
             _, consts, warps, _ = specialization(64, 1024, 32, False, direction, False, 2,
                                                  **over)
             row = dict(tile=cfg[0], ept=cfg[1], warps=warps, vec_p=consts["VEC_P"], C=64,
-                       P=1024, channels_last=False, itemsize=2, direction=direction,
+                       split=32, P=1024, channels_last=False, itemsize=2, direction=direction,
                        default=False, ms=0.1)
             table = gpu_diag.write_tuning_table({"tiles": [row]}, str(tmp_path / "t.json"))
             assert len(load_table(tmp_path / "t.json").entries) == 1, (direction, cfg, table)

@@ -78,7 +78,7 @@ def _launch_or_reference(fwd: bool, x: Tensor, grad: Tensor | None, args: tuple)
 
 def _run(kernels, fwd, x, grad, out, geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps):
     tuning = launch_tuning(x.device, "forward" if fwd else "backward", x.element_size(),
-                           geo.channels_contig, geo.C, geo.P)
+                           geo.channels_contig, geo.C, split, geo.P)
     if fwd:
         kernels.tsra_forward(x, out, geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps,
                              tuning)

@@ -17,14 +17,16 @@ Which table applies (first match):
    with ``<name>`` = :func:`table_name` of ``torch.cuda.get_device_name`` (for example
    ``NVIDIA_H200.json``), if there is one.
 
-Which entry applies: the same direction, element size (2 for bf16/fp16, 4 for fp32) and
-layout (channel-major or channels-last) as the launch, a channel count up to
-:data:`~cobkern.kernels.tsra.MAX_TILE_CHANNELS` (the chunked kernels are never overridden:
-they were not swept), and the measured ``(C, P)`` nearest to the launch's in
-``|log2 C/C'| + |log2 P/P'|`` among those within a factor of two in each. A pruned layer
-(fewer channels) or another batch size (another ``P`` for linear layers) thus takes the
-tile measured on its neighbour; anything further away keeps the heuristic. Ties go to the
-smaller ``(C, P)``.
+Which entry applies: the same direction, element size (2 for bf16/fp16, 4 for fp32),
+layout (channel-major or channels-last), channel count ``C`` and ``split`` as the launch —
+the row geometry of a program's tile and its channel masks, which decide its registers —
+and the measured ``P`` nearest to the launch's within a factor of two (another batch size
+of a linear layer, ``P`` = batch; ties go to the smaller). Anything else keeps the
+heuristic, which the AOT suite checks at pruned widths and unbalanced splits: a tile
+measured spill-free at C = 512 can spill at a pruned C = 385, whose masked rows cost
+registers (sm_90 AOT: a 1-warp fp32 forward of 64 elements per thread, 255 registers and a
+16-byte spill). The chunked kernels (``C`` above
+:data:`~cobkern.kernels.tsra.MAX_TILE_CHANNELS`) are never overridden.
 
 Lookups are cached per (device, table setting, problem): a launch pays one cache hit, and
 a table file is read once per process and setting (a bad one fails the first launch with an
@@ -38,7 +40,7 @@ File format (JSON)::
     {"format": "cobkern-tsra-tuning/1",
      "device": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "date": "2026-11-26",
      "entries": [{"direction": "backward", "itemsize": 2, "channels_last": false,
-                  "C": 64, "P": 1024,
+                  "C": 64, "split": 32, "P": 1024,
                   "tile_elems": 1024, "elems_per_thread": 32, "num_warps": 1, "vec_p": 2,
                   "ms": 0.05, "default_ms": 0.40}]}
 
@@ -99,6 +101,7 @@ class TuningEntry:
             contiguous), ``False`` for channel-major (NCHW).
         C, P: channels and positions per row of the kernels' ``(B, C, P)`` view
             (``cobkern.ops._checks.ChannelGeometry``).
+        split: size of the first subspace.
         tuning: the launcher overrides: ``tile_elems``, ``elems_per_thread``, ``num_warps``
             and ``vec_p`` (``0``: uncapped position vectors).
     """
@@ -107,6 +110,7 @@ class TuningEntry:
     itemsize: int
     channels_last: bool
     C: int
+    split: int
     P: int
     tuning: Mapping[str, int]
 
@@ -119,7 +123,7 @@ class TuningTable:
     device: str
     entries: tuple[TuningEntry, ...]
 
-    def lookup(self, direction: str, itemsize: int, channels_last: bool, C: int,
+    def lookup(self, direction: str, itemsize: int, channels_last: bool, C: int, split: int,
                P: int) -> Mapping[str, int]:
         """The overrides for one launch, or an empty mapping (keep the heuristic)."""
         from cobkern.kernels.tsra import MAX_TILE_CHANNELS
@@ -128,14 +132,12 @@ class TuningTable:
             return _EMPTY
         best, best_key = _EMPTY, None
         for e in self.entries:
-            if (e.direction, e.itemsize, e.channels_last) != (direction, itemsize, channels_last):
+            if (e.direction, e.itemsize, e.channels_last, e.C, e.split) != (
+                    direction, itemsize, channels_last, C, split):
                 continue
-            dc, dp = abs(math.log2(C / e.C)), abs(math.log2(P / e.P))
-            if dc > 1 or dp > 1:
-                continue
-            key = (dc + dp, e.C, e.P)
-            if best_key is None or key < best_key:
-                best, best_key = e.tuning, key
+            dp = abs(math.log2(P / e.P))
+            if dp <= 1 and (best_key is None or (dp, e.P) < best_key):
+                best, best_key = e.tuning, (dp, e.P)
         return best
 
 
@@ -143,7 +145,8 @@ def _entry(source: str, i: int, raw: object) -> TuningEntry:
     where = f"{source}: entry {i}"
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: expected an object, got {type(raw).__name__}")
-    missing = [k for k in ("direction", "itemsize", "channels_last", "C", "P", "tile_elems",
+    missing = [k for k in ("direction", "itemsize", "channels_last", "C", "split", "P",
+                           "tile_elems",
                            "elems_per_thread", "num_warps", "vec_p") if k not in raw]
     if missing:
         raise ValueError(f"{where}: missing field(s) {missing}")
@@ -173,6 +176,7 @@ def _entry(source: str, i: int, raw: object) -> TuningEntry:
         itemsize=integer("itemsize", lambda v: v in (2, 4), "2 or 4"),
         channels_last=raw["channels_last"],
         C=integer("C", lambda v: v >= 2, "an int >= 2"),
+        split=integer("split", lambda v: 1 <= v < raw["C"], "in [1, C)"),
         P=integer("P", lambda v: v >= 1, "an int >= 1"),
         tuning=MappingProxyType(tuning),
     )
@@ -201,7 +205,7 @@ def load_table(path: str | os.PathLike) -> TuningTable:
     entries = tuple(_entry(source, i, e) for i, e in enumerate(raw["entries"]))
     seen: dict[tuple, int] = {}
     for i, e in enumerate(entries):
-        key = (e.direction, e.itemsize, e.channels_last, e.C, e.P)
+        key = (e.direction, e.itemsize, e.channels_last, e.C, e.split, e.P)
         if key in seen:
             raise ValueError(f"{source}: entries {seen[key]} and {i} both describe {key}")
         seen[key] = i
@@ -228,13 +232,14 @@ def table_for_device(device: torch.device | str) -> TuningTable | None:
 
 @functools.lru_cache(maxsize=4096)
 def _lookup(device_type: str, device_index: int | None, setting: str | None, direction: str,
-            itemsize: int, channels_last: bool, C: int, P: int) -> Mapping[str, int]:
+            itemsize: int, channels_last: bool, C: int, split: int,
+            P: int) -> Mapping[str, int]:
     table = _table(device_type, device_index, setting)
-    return table.lookup(direction, itemsize, channels_last, C, P) if table else _EMPTY
+    return table.lookup(direction, itemsize, channels_last, C, split, P) if table else _EMPTY
 
 
 def launch_tuning(device: torch.device, direction: str, itemsize: int, channels_last: bool,
-                  C: int, P: int) -> Mapping[str, int]:
+                  C: int, split: int, P: int) -> Mapping[str, int]:
     """Launcher overrides for one TSRA launch on ``device`` (empty: the heuristic).
 
     Args:
@@ -242,11 +247,11 @@ def launch_tuning(device: torch.device, direction: str, itemsize: int, channels_
         direction: ``"forward"`` or ``"backward"``.
         itemsize: bytes per activation element.
         channels_last: the geometry's ``channels_contig``.
-        C, P: the geometry's channels and positions per row.
+        C, split, P: the geometry's channels, the split, and positions per row.
 
     Returns:
         A read-only mapping of ``tile_elems``, ``elems_per_thread``, ``num_warps``,
         ``vec_p`` — or an empty one. Cached; do not mutate.
     """
     return _lookup(device.type, device.index, os.environ.get(ENV_VAR), direction,
-                   min(max(itemsize, 2), 4), channels_last, C, P)
+                   min(max(itemsize, 2), 4), channels_last, C, split, P)
