@@ -56,12 +56,15 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # capped position vector (VEC_P: far fewer repeated per-position ops — `kernel_proxies.py
 # --vec`; a 1-warp program of 1,024 elements is small, so launch and block scheduling may
 # weigh: the 2-warp and 2,048-element candidates hedge that).
-CONFIGS = {"forward": [(4096, 16), (8192, 16), (8192, 32), (16384, 32), (2048, 8), (4096, 8),
+# Dropped after an offline sm_90 check of every candidate at every timed shape
+# (tests/test_tsra_aot.py): forward 16384/32 and backward 8192/16 spill in bf16 (16-warp
+# programs, which the 2026-11-26 sweep had already found 1.7-2.1x slower than 8-warp ones).
+CONFIGS = {"forward": [(4096, 16), (8192, 16), (8192, 32), (2048, 8), (4096, 8),
                        (4096, 32), (8192, 64), (2048, 16),
                        (2048, 32, 2), (1024, 16, 2), (1024, 32, 1), (512, 16, 1),
                        (1024, 32, 1, 2), (2048, 64, 1, 4), (2048, 64, 1, 2),
                        (2048, 32, 2, 2)],
-           "backward": [(2048, 8), (4096, 8), (4096, 16), (8192, 16), (1024, 4), (2048, 4),
+           "backward": [(2048, 8), (4096, 8), (4096, 16), (1024, 4), (2048, 4),
                         (2048, 16), (4096, 32), (1024, 16, 2), (512, 16, 1),
                         (1024, 32, 1, 2), (1024, 32, 1, 4), (512, 16, 1, 2),
                         (2048, 32, 2, 2)]}
@@ -72,6 +75,31 @@ BATCH = int(os.environ.get("GPU_DIAG_BATCH", "1024"))
 #: ``GPU_DIAG_DEVICE=cpu`` (with ``TRITON_INTERPRET=1``) smoke-tests the script without a GPU
 DEVICE = os.environ.get("GPU_DIAG_DEVICE", "cuda")
 CONSTS = (5.0, 0.5, 5.0, 0.7, 1e-12, 0, 0.0)  # a_u, b_u, a_v, b_v, eps, norm_size, rms_eps
+
+
+def problem(shape) -> tuple[int, int, bool]:
+    """``(C, P, channels_contig)`` of the kernels' view of a ``(BATCH, *shape)`` activation
+    (NCHW for conv shapes, ``(N, C)`` rows for the linear one)."""
+    return (shape[0], BATCH, True) if len(shape) == 1 else (
+        shape[0], shape[1] * shape[2], False)
+
+
+def fits(shape, itemsize: int, direction: str, cfg) -> bool:
+    """Whether a candidate's tile, at this shape, stays within the elements it asks for.
+
+    A tile always spans every channel of a position, so a candidate smaller than one
+    position's channels (a 1,024-element tile of the 4096-wide linear layer) is silently
+    enlarged, and each thread then holds many times its intended elements: offline sm_90
+    compiles of the 1-warp backward candidates there spill 0.3-8 KB per thread. Such
+    launches are not timed (and so never enter a tuning table).
+    """
+    from cobkern.kernels.tsra import specialization
+
+    c, p, cl = problem(shape)
+    _, consts, _, _ = specialization(c, p, c // 2, cl, direction, False, itemsize,
+                                     **_tuning(cfg))
+    rows = consts.get("BLOCK_C") or consts["BLOCK_U"] + consts["BLOCK_V"]
+    return rows * consts["BLOCK_P"] <= cfg[0]
 
 
 def _tensors(shape, dtype, direction):
@@ -164,7 +192,7 @@ def part_tiles(rec: dict) -> None:
     from cobkern.ops._checks import channel_geometry  # noqa: I001
 
     jobs = [(s, d, dr, cfg) for s in SHAPES for d in DTYPES for dr in CONFIGS
-            for cfg in CONFIGS[dr]]
+            for cfg in CONFIGS[dr] if fits(s, DTYPES[d].itemsize, dr, cfg)]
     t0 = time.perf_counter()
     compiled = precompile(_run_tile_job, jobs)
     rec["tiles_compile_s"] = time.perf_counter() - t0
@@ -184,6 +212,8 @@ def part_tiles(rec: dict) -> None:
                         dtype.itemsize)
                 heuristic = specialization(*args)
                 for cfg in cfgs:
+                    if not fits(shape, dtype.itemsize, direction, cfg):
+                        continue
                     spec = specialization(*args, **_tuning(cfg))
                     _, consts, warps, _ = spec
                     row = dict(shape=list(shape), dtype=dname, direction=direction,

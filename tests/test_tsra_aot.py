@@ -156,21 +156,23 @@ def test_unit_stride_axis_is_vectorised():
     assert not bad, "\n".join(bad)
 
 
-def test_sweep_vec_candidates_compile_without_spills():
-    """The tile sweep (``bench/gpu_diag.py``) times its capped-vector (``VEC_P``) 1-warp
-    configurations on a GPU; here they must compile for sm_90 at the NCHW VGG shapes,
-    assemble, and hold their tiles in registers (a spilling candidate is timed for nothing)."""
+def test_sweep_candidates_compile_without_spills():
+    """The tile sweep (``bench/gpu_diag.py``) times every candidate at every VGG-16 shape it
+    fits (:func:`bench.gpu_diag.fits`), and its winners become tuning-table entries: each
+    such launch must compile for sm_90, assemble, and hold its tile in registers (a
+    spilling candidate would be timed for nothing, or shipped). RMSNorm→TSRA, the variant
+    with more arithmetic (where plain TSRA spilled, RMSNorm→TSRA spilled at least as much in
+    the offline check that pruned the list)."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from bench.gpu_diag import CONFIGS
+    from bench.gpu_diag import CONFIGS, SHAPES, _tuning, fits, problem
 
-    specs = [_spec(c, p, cl, direction, dtype, True, tile_elems=tile, elems_per_thread=ept,
-                   num_warps=warps, vec_p=vec_p)
-             for direction, cfgs in CONFIGS.items()
-             for tile, ept, warps, vec_p in (cfg for cfg in cfgs if len(cfg) == 4)
-             for dtype in ("bf16", "fp32") for c, p, cl in SHAPES[:5]]
-    assert len(specs) >= 20 and all(s["constexprs"]["VEC_P"] for s in specs)
+    specs = [_spec(*problem(shape), direction, dtype, True, **_tuning(cfg))
+             for direction, cfgs in CONFIGS.items() for cfg in cfgs
+             for dtype in ("bf16", "fp32") for shape in SHAPES
+             if fits(shape, DTYPES[dtype], direction, cfg)]
+    assert len(specs) >= 300 and any(s["constexprs"]["VEC_P"] for s in specs)
     results = compile_specs([{k: v for k, v in s.items() if k != "meta"} for s in specs])
-    bad = [f"{_name(s)} VEC_P={s['constexprs']['VEC_P']}: "
+    bad = [f"{_name(s)} {s['num_warps']}w VEC_P={s['constexprs']['VEC_P']}: "
            f"{r.get('error') or r['ptxas_log'][-300:]}"
            for s, r in zip(specs, results, strict=True)
            if "error" in r or not r["ptxas_ok"] or r["spill_stores"] or r["spill_loads"]]
