@@ -30,19 +30,18 @@ registers (sm_90 AOT: a 1-warp fp32 forward of 64 elements per thread, 255 regis
 
 Lookups are cached per (device, table setting, problem): a launch pays one cache hit, and
 a table file is read once per process and setting (a bad one fails the first launch with an
-error naming the file and entry). A
-table changes only which tile computes the same function; results agree with the heuristic
-launch to float32 rounding (the order of the channel reductions differs), and a given table
-is deterministic.
+error naming the file and entry). A table changes only which tile computes the same
+function; results agree with the heuristic launch to float32 rounding (the order of the
+channel reductions differs), and a given table is deterministic.
 
-File format (JSON)::
+File format (JSON; ``…`` stands for the measured values)::
 
     {"format": "cobkern-tsra-tuning/1",
-     "device": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "date": "2026-11-26",
+     "device": "NVIDIA H200", "torch": …, "triton": …, "date": …,
      "entries": [{"direction": "backward", "itemsize": 2, "channels_last": false,
                   "C": 64, "split": 32, "P": 1024,
                   "tile_elems": 1024, "elems_per_thread": 32, "num_warps": 1, "vec_p": 2,
-                  "ms": 0.05, "default_ms": 0.40}]}
+                  "ms": …, "default_ms": …}]}
 
 ``ms`` / ``default_ms`` (the winner's and the heuristic's kernel time) are a record and are
 not used for the lookup; the other entry fields are required.
