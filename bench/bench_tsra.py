@@ -295,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--tuning: {e}")
         os.environ[ENV_VAR] = args.tuning  # every launch in this process uses the table
         env["tuning"] = {"from": args.tuning, "device": table.device, "launches": {
-            "{} {}x{} {} {}B".format(e.direction, e.C, e.P,
-                                     "NHWC" if e.channels_last else "NCHW", e.itemsize):
+            "{} C={} split={} P={} {} {}B".format(e.direction, e.C, e.split, e.P,
+                                                  "NHWC" if e.channels_last else "NCHW",
+                                                  e.itemsize):
             "{tile_elems}/{elems_per_thread}/{num_warps}w VEC_P={vec_p}".format(**e.tuning)
             for e in table.entries}}
     print(json.dumps(env))
