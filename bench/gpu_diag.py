@@ -96,8 +96,13 @@ def fits(shape, itemsize: int, direction: str, cfg) -> bool:
     from cobkern.kernels.tsra import specialization
 
     c, p, cl = problem(shape)
-    _, consts, _, _ = specialization(c, p, c // 2, cl, direction, False, itemsize,
-                                     **_tuning(cfg))
+    spec = specialization(c, p, c // 2, cl, direction, False, itemsize, **_tuning(cfg))
+    return _tile_fits(spec, cfg)
+
+
+def _tile_fits(spec, cfg) -> bool:
+    """:func:`fits` for an already resolved launch ``spec`` (``specialization``'s result)."""
+    consts = spec[1]
     rows = consts.get("BLOCK_C") or consts["BLOCK_U"] + consts["BLOCK_V"]
     return rows * consts["BLOCK_P"] <= cfg[0]
 
@@ -212,9 +217,9 @@ def part_tiles(rec: dict) -> None:
                         dtype.itemsize)
                 heuristic = specialization(*args)
                 for cfg in cfgs:
-                    if not fits(shape, dtype.itemsize, direction, cfg):
-                        continue
                     spec = specialization(*args, **_tuning(cfg))
+                    if not _tile_fits(spec, cfg):  # not timed (see fits)
+                        continue
                     _, consts, warps, _ = spec
                     row = dict(shape=list(shape), dtype=dname, direction=direction,
                                tile=cfg[0], ept=cfg[1], warps=warps, vec_p=consts["VEC_P"],
@@ -253,9 +258,9 @@ def tuning_table(rec: dict, min_gain: float = MIN_GAIN) -> dict:
 
     by_problem: dict[tuple, list[dict]] = {}
     for r in rec.get("tiles", []):
-        if "ms" in r and "C" in r:
-            key = (r["direction"], r["itemsize"], r["channels_last"], r["C"],
-                   r.get("split", r["C"] // 2), r["P"])
+        if "ms" in r and "split" in r:  # timed, with its problem recorded (since 2026-11-26)
+            key = (r["direction"], r["itemsize"], r["channels_last"], r["C"], r["split"],
+                   r["P"])
             by_problem.setdefault(key, []).append(r)
     entries = []
     for (direction, itemsize, cl, c, split, p), rows in sorted(by_problem.items()):
@@ -563,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.table_from:
         with open(args.table_from) as f:
             rec = json.load(f)
-        if not any("ms" in r and "C" in r for r in rec.get("tiles", [])):
+        if not any("ms" in r and "split" in r for r in rec.get("tiles", [])):
             p.error(f"{args.table_from} holds no tile-sweep timings with problem sizes")
         os.makedirs(args.out, exist_ok=True)
         table = write_tuning_table(rec, os.path.join(args.out, "tsra_tuning.json"))
