@@ -18,6 +18,7 @@ from cobkern.cob import (
     find_cob_layers,
     rotate_model,
 )
+from cobkern.cob.discovery import select_layers
 from cobkern.nn import TSRA, RMSNorm, RMSNormTSRA
 from cobkern.ops import use_backend
 from cobkern.ops.covariance import subspace_moments_reference
@@ -275,3 +276,104 @@ def test_rotation_errors():
             rotate_model(m, st, layers=["0", "nope"])
         with pytest.raises(ValueError, match="un-rotated"):
             rotate_model(m, st.rotated())
+
+
+# ------------------------------------------------------- what discovery and calibration refuse
+def test_discovery_skips_a_relu_head_after_a_tsra_trunk():
+    """A chain with no TSRA is not a CoB layer, whatever lies in it: a ReLU MLP head must
+    not make the TSRA trunk unusable."""
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), RMSNormTSRA(8), nn.AvgPool2d(2),
+                      nn.Flatten(), nn.Linear(8 * 16, 12), nn.ReLU(), nn.Linear(12, 5)).eval()
+    assert [lay.name for lay in find_cob_layers(m)] == ["0"]
+    with use_backend("reference"):
+        st = calibrate(m, batches(), progress=False)
+        x = batches(1, seed=7)[0][0]
+        y0 = m(x)
+        rotate_model(m, st)
+        assert rel_err(m(x), y0) <= LOGIT_RTOL
+
+
+def test_discovery_refuses_a_partial_flatten():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), RMSNormTSRA(4), nn.Flatten(2),
+                      nn.Linear(64, 5))
+    with pytest.raises(ValueError, match=r"Flatten '2' has start_dim=2"):
+        find_cob_layers(m)
+
+
+@pytest.mark.parametrize("where", ["producer", "consumer"])
+@pytest.mark.parametrize("how", ["parametrization", "legacy"])
+def test_discovery_refuses_parametrized_weights(where, how):
+    """A weight_norm'd weight is recomputed on every access: a rotation written into it
+    would be lost silently (the function would change)."""
+    m = nn.Sequential(nn.Linear(4, 6), TSRA(6), nn.Linear(6, 2))
+    idx = 0 if where == "producer" else 2
+    if how == "parametrization":
+        m[idx] = torch.nn.utils.parametrizations.weight_norm(m[idx])
+        expected = "a parametrization"
+    else:
+        with pytest.warns(FutureWarning):
+            m[idx] = torch.nn.utils.weight_norm(m[idx])
+        expected = "WeightNorm"
+    with pytest.raises(ValueError, match=rf"'{idx}'.*computed by {expected}"):
+        find_cob_layers(m)
+
+
+def test_calibrate_refuses_a_linear_consumer_on_another_axis():
+    """Conv→TSRA→Linear without a flatten: the linear acts on the width axis of the NCHW
+    map, not on the channels, so no rotation of the channels can be merged into it."""
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), RMSNormTSRA(4), nn.Linear(8, 5))
+    with use_backend("reference"), pytest.raises(ValueError, match=r"'2'.*4-D input"):
+        calibrate(m, batches(), progress=False)
+    assert not m[2]._forward_pre_hooks and not m[1]._forward_hooks  # hooks removed
+
+
+def test_calibrate_refuses_layers_the_forward_never_runs():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Sequential(nn.Linear(4, 6), TSRA(6), nn.Linear(6, 2))
+            self.unused = nn.Sequential(nn.Linear(2, 6), TSRA(6), nn.Linear(6, 2))
+
+        def forward(self, x):
+            return self.used(x)
+
+    with use_backend("reference"), pytest.raises(ValueError, match=r"\['unused.0'\] never ran"):
+        calibrate(Branchy(), [torch.randn(8, 4)], progress=False)
+
+
+def test_select_layers_refuses_repeated_names():
+    m = small_net()
+    with pytest.raises(ValueError, match=r"\['0'\] are listed more than once"):
+        select_layers(m, ["0", "3", "0"])
+
+
+def test_rotation_refuses_statistics_of_a_partly_matching_model():
+    """Statistics of another model whose layer names only partly overlap are refused, not
+    applied to the overlap."""
+    a = nn.Sequential(nn.Linear(4, 6), TSRA(6), nn.Linear(6, 6), TSRA(6), nn.Linear(6, 2))
+    b = nn.Sequential(nn.Linear(4, 6), TSRA(6), nn.Dropout(), nn.Linear(6, 6), TSRA(6),
+                      nn.Linear(6, 2))
+    with use_backend("reference"):
+        st = calibrate(a, [torch.randn(16, 4)], progress=False)
+    with pytest.raises(ValueError, match=r"layers \['2'\] that are not CoB layers"):
+        rotate_model(b, st)
+
+
+def test_stats_save_converts_or_refuses_metadata(tmp_path):
+    """Every file ``save`` writes must load (``weights_only=True``): paths and numpy scalars
+    become plain values; anything else is refused before a file is written."""
+    np = pytest.importorskip("numpy")
+    m = small_net().eval()
+    with use_backend("reference"):
+        st = calibrate(m, batches(1), progress=False,
+                       meta={"root": tmp_path, "t": np.float64(0.5), "pair": (1, 2),
+                             "device": torch.device("cpu")})
+    st.save(tmp_path / "s.pt")
+    back = CalibrationStats.load(tmp_path / "s.pt")
+    assert back.meta == {"root": str(tmp_path), "t": 0.5, "pair": (1, 2),
+                         "device": torch.device("cpu")}
+    assert type(back.meta["t"]) is float
+    st.meta["bad"] = object()
+    with pytest.raises(TypeError, match=r"meta\['bad'\] is a object"):
+        st.save(tmp_path / "bad.pt")
+    assert not (tmp_path / "bad.pt").exists()

@@ -128,6 +128,8 @@ def calibrate(
 
     for lay in chosen:
         handles.append(lay.activation.register_forward_hook(make_hook(accs[lay.name])))
+        if isinstance(lay.consumer, nn.Linear):
+            handles.append(lay.consumer.register_forward_pre_hook(_flat_input_check(lay)))
     was_training = model.training
     model.eval()
     bar = None
@@ -173,6 +175,11 @@ def calibrate(
         total = int(t.item())
     if total == 0:
         raise ValueError("calibrate: the loader yielded no samples")
+    idle = [name for name, a in accs.items() if a.count == 0]
+    if idle:  # all-zero statistics would let lossless / energy pruning cut such a layer away
+        raise ValueError(f"calibrate: the activations of CoB layers {idle} never ran in the "
+                         "model's forward; calibrate only the layers the forward pass uses "
+                         "(layers=...)")
     meta = dict(meta or {})
     basis = meta.pop("basis", "original")
     out = {}
@@ -184,6 +191,21 @@ def calibrate(
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the pinned copies below were queued asynchronously
     return CalibrationStats(out, total, meta)
+
+
+def _flat_input_check(lay):
+    """A pre-hook asserting that a linear consumer sees ``(N, features)``: otherwise it acts
+    on another axis than the channels (e.g. the width of an NCHW map, or what a partial
+    flatten left), and a rotation of the channels could not be merged into its columns."""
+    def hook(_module, inputs):
+        x = inputs[0] if inputs else None
+        if isinstance(x, Tensor) and x.dim() != 2:
+            raise ValueError(
+                f"calibrate: the linear consumer {lay.consumer_name!r} of CoB layer "
+                f"{lay.name!r} gets a {x.dim()}-D input of shape {tuple(x.shape)}; CoB needs it "
+                "flattened to (N, features) so that its columns are the channels (times "
+                "positions) of the layer's activation")
+    return hook
 
 
 def _to_cpu(tensors: list[Tensor]) -> list[Tensor]:

@@ -8,12 +8,17 @@ A *CoB layer* is a chain ``producer → ops → consumer`` in the model's leaf m
   modules that commute with a block-diagonal rotation ``diag(R_U, R_V)`` of the channels:
   :class:`cobkern.nn.RMSNorm`, ``AvgPool1d/2d/3d``, ``AdaptiveAvgPool1d/2d/3d``,
   ``Dropout*`` (identity in eval mode), ``Flatten`` (only after the last TSRA, from a
-  conv into a linear), ``Identity``.
+  conv into a linear, and only of every axis after the batch), ``Identity``;
+* the weights of producer and consumer are plain parameters (no ``weight_norm`` /
+  parametrization, which would recompute them and lose the merged rotation).
 
 The CoB activation (what calibration records) is the output of the last TSRA module of
 the chain. A producer with no consumer (the logits) is never a CoB layer. A module that
 does not commute with such a rotation (``ReLU``, ``MaxPool2d``, ``BatchNorm2d``, ...)
-between a producer and its consumer is refused with an error naming it.
+between a producer and its consumer is refused with an error naming it; a chain without a
+TSRA is simply not a CoB layer, whatever lies in it (a ReLU head may follow a TSRA trunk).
+A linear consumer must see its input as ``(N, features)``; :func:`~cobkern.cob.calibrate`
+checks this on the data (a functional ``torch.flatten`` in ``forward`` is invisible here).
 
 Leaf order: containers are walked in registration order (``named_children``), which is the
 execution order of ``nn.Sequential`` and of models built from Sequentials (the project's
@@ -26,6 +31,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from cobkern.nn import TSRA, RMSNorm, RMSNormTSRA
 
@@ -111,10 +119,21 @@ def _in_channels(m: nn.Module) -> int:
     return m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
 
 
-def _check_groups(name: str, m: nn.Module) -> None:
+def _check_weights(name: str, m: nn.Module) -> None:
+    """Refuse producers/consumers whose weight the rotation merge cannot rewrite."""
     if isinstance(m, nn.Conv2d) and m.groups != 1:
         raise ValueError(f"find_cob_layers: {name} ({m}) is a grouped convolution "
                          f"(groups={m.groups}); only groups=1 can be rotated")
+    # a parametrized weight (weight_norm, spectral_norm, ...) is recomputed on every
+    # access, so an in-place rotation of it would be silently lost
+    legacy = [type(h).__name__ for h in m._forward_pre_hooks.values()
+              if isinstance(h, (WeightNorm, SpectralNorm))]
+    if parametrize.is_parametrized(m) or legacy:
+        how = legacy[0] if legacy else "a parametrization"
+        raise ValueError(f"find_cob_layers: {name!r} ({type(m).__name__}) has its weight "
+                         f"computed by {how}; the rotation merge rewrites weights in place — "
+                         "remove it first (e.g. torch.nn.utils.parametrize."
+                         "remove_parametrizations)")
 
 
 def find_cob_layers(model: nn.Module) -> list[CoBLayer]:
@@ -125,8 +144,9 @@ def find_cob_layers(model: nn.Module) -> list[CoBLayer]:
 
     Raises:
         ValueError: a non-commuting module between a producer and its consumer (named), a
-            Flatten before a TSRA, TSRA modules of different widths/splits in one chain, or
-            widths that do not match.
+            Flatten before a TSRA or of only some axes, TSRA modules of different
+            widths/splits in one chain, widths that do not match, a grouped convolution, or
+            a parametrized weight.
     """
     leaves = leaf_modules(model)
     weighted = [i for i, (_, m) in enumerate(leaves) if isinstance(m, _WEIGHTED)]
@@ -137,16 +157,22 @@ def find_cob_layers(model: nn.Module) -> list[CoBLayer]:
         cname, cons = leaves[j]
         between = leaves[i + 1:j]
         acts = [(n, m) for n, m in between if isinstance(m, _ACTIVATIONS)]
+        if not acts:
+            continue  # no TSRA (e.g. a ReLU head): not a CoB layer, whatever lies between
         for n, m in between:
             if not isinstance(m, ROTATION_COMPATIBLE):
                 raise ValueError(
                     f"find_cob_layers: module {n!r} ({type(m).__name__}) between {pname!r} and "
                     f"{cname!r} does not commute with a rotation of the channels; CoB needs "
                     f"only {sorted({t.__name__ for t in ROTATION_COMPATIBLE})} there")
-        if not acts:
-            continue  # a purely linear chain: nothing to calibrate, not a CoB layer
-        _check_groups(pname, prod)
-        _check_groups(cname, cons)
+            if isinstance(m, nn.Flatten) and (m.start_dim != 1 or m.end_dim not in (-1, 3)):
+                raise ValueError(
+                    f"find_cob_layers: Flatten {n!r} has start_dim={m.start_dim}, "
+                    f"end_dim={m.end_dim}; between {pname!r} and {cname!r} only a Flatten of "
+                    "every axis after the batch (start_dim=1, end_dim=-1) keeps the channels "
+                    "on the linear's input axis")
+        _check_weights(pname, prod)
+        _check_weights(cname, cons)
         c = _out_channels(prod)
         for n, m in acts:
             if m.num_channels != c or m.split != acts[0][1].split:
@@ -194,6 +220,9 @@ def select_layers(model: nn.Module, layers: list[str] | None) -> list[CoBLayer]:
     if layers is None:
         return found
     by_name = {lay.name: lay for lay in found}
+    repeated = sorted({n for n in layers if layers.count(n) > 1})
+    if repeated:
+        raise ValueError(f"layers {repeated} are listed more than once")
     unknown = [n for n in layers if n not in by_name]
     if unknown:
         raise ValueError(f"layers {unknown} are not CoB layers of this model; its CoB layers "

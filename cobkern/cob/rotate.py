@@ -87,13 +87,10 @@ def rotate_model(model: nn.Module, stats: CalibrationStats,
     if stats.basis != "original":
         raise ValueError(f"rotate_model needs statistics of the un-rotated model, got basis "
                          f"{stats.basis!r}")
+    found = select_layers(model, None)
+    stats.check_model(found)
     if layers is None:
-        names = [lay.name for lay in select_layers(model, None) if lay.name in stats]
-        if not names:
-            raise ValueError("rotate_model: none of the model's CoB layers are in the statistics "
-                             f"(they hold {list(stats.layers)}); were they computed for another "
-                             "model?")
-        layers = names
+        layers = [lay.name for lay in found if lay.name in stats]
     chosen: list[CoBLayer] = select_layers(model, layers)
     stats.check_matches(chosen)
     rotations = {lay.name: stats[lay.name].eigh().rotation() for lay in chosen}

@@ -119,6 +119,33 @@ class LayerStats:
                    d.get("accumulation", "float64"))
 
 
+def _plain(v: Any, where: str) -> Any:
+    """``v`` as plain Python data that ``torch.load(weights_only=True)`` accepts."""
+    if v is None or isinstance(v, (torch.device, torch.dtype)):
+        return v
+    for plain in (bool, int, float, str):  # subclasses too (numpy.float64 is a float)
+        if isinstance(v, plain):
+            return plain(v)
+    if isinstance(v, os.PathLike):
+        return os.fspath(v)
+    if isinstance(v, (list, tuple)):
+        return type(v)(_plain(x, f"{where}[{i}]") for i, x in enumerate(v))
+    if isinstance(v, dict):
+        out = {}
+        for k, x in v.items():
+            if not isinstance(k, str):
+                raise TypeError(f"CalibrationStats.save: {where} has a key {k!r} of type "
+                                f"{type(k).__name__}; keys must be str")
+            out[k] = _plain(x, f"{where}[{k!r}]")
+        return out
+    item = getattr(v, "item", None)  # numpy / torch scalars
+    if callable(item) and getattr(v, "ndim", None) == 0:
+        return _plain(item(), where)
+    raise TypeError(f"CalibrationStats.save: {where} is a {type(v).__name__}; statistics "
+                    "metadata must be str, int, float, bool, None, torch.device/dtype, or "
+                    "lists, tuples and dicts of them")
+
+
 @dataclass
 class CalibrationStats:
     """Statistics of every calibrated CoB layer of one model.
@@ -170,10 +197,30 @@ class CalibrationStats:
                     f"{s.split}, but the model's layer has {lay.num_channels} / {lay.split}; "
                     "the statistics come from another (or an already pruned) model")
 
+    def check_model(self, layers) -> None:
+        """Raise ``ValueError`` if the statistics hold a layer that is not among ``layers``
+        (every CoB layer of a model): they were computed for another model, whose layers
+        only partly share names with this one."""
+        names = {lay.name for lay in layers}
+        foreign = [n for n in self.layers if n not in names]
+        if foreign:
+            raise ValueError(f"the statistics hold layers {foreign} that are not CoB layers of "
+                             f"this model (it has {sorted(names)}); were they computed for "
+                             "another model?")
+
     def save(self, path: str | os.PathLike) -> None:
-        """Write to ``path`` atomically (``torch.save`` of plain tensors and Python scalars)."""
+        """Write to ``path`` atomically (``torch.save`` of plain tensors and Python scalars).
+
+        Raises:
+            TypeError: ``meta`` holds something other than ``str``/``int``/``float``/
+                ``bool``/``None``/``torch.device``/``torch.dtype`` and lists, tuples and
+                dicts of them (paths and numpy scalars are converted); checked before
+                anything is written, so that every file written can be loaded (:meth:`load`
+                reads with ``weights_only=True``).
+        """
+        meta = _plain(self.meta, "meta")
         with atomic_path(path) as tmp:
-            torch.save({"format": _FORMAT, "num_images": self.num_images, "meta": self.meta,
+            torch.save({"format": _FORMAT, "num_images": self.num_images, "meta": meta,
                         "layers": [s.to_dict() for s in self.layers.values()]}, tmp)
 
     @classmethod
