@@ -7,6 +7,7 @@ counts are exact integers.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -29,6 +30,7 @@ from cobkern.pruning import (
     ZScore,
     apply_keep_sets,
     compute_importance,
+    default_normalizer,
     make_strategy,
     parameter_target_ratio,
     prune,
@@ -89,6 +91,9 @@ def test_parameter_target_map_and_counts_and_thresholds():
     assert RelativeThreshold((1.0, 1.0), "mean").select(s).u.tolist() == [0, 2]
     assert RelativeThreshold((1.0, 1.0), "median").select(s).v.tolist() == [0, 1]
     assert make_strategy("median", 1.0).select(s).num_kept == 4  # median of all 7 is 2.0
+    # an even count: the median is the midpoint of the two middle scores (2.5 for U), not
+    # the lower one (2.0), so 2.0 is below it and goes
+    assert RelativeThreshold((1.0, 1.0), "median").select(s).u.tolist() == [0, 2]
 
 
 def test_energy_and_rank_tolerance():
@@ -318,3 +323,51 @@ def test_prune_vgg_and_config_roundtrip():
         rebuilt.load_state_dict(vgg.state_dict())
         with use_backend("reference"):
             assert rel_err(rebuilt.eval()(x), y) <= 1e-6
+
+
+def test_a_failed_prune_leaves_the_model_as_it_was():
+    """prune() rotates before it plans; when planning fails the rotation is undone, so a
+    retry on the same model prunes in the right basis (and gives what a fresh model does)."""
+    torch.manual_seed(0)
+    m = net().eval()
+    with use_backend("reference"):
+        st = calibrate(m, data(), progress=False)
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        with pytest.raises(ValueError, match="at most"):
+            prune(m, st, ExactParameterTarget(0.999))
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, before[k]), k
+        with pytest.raises(ValueError, match="loader"):  # refused before any rotation
+            prune(m, st, FixedRatio(0.5), importance="l1")
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, before[k]), k
+        fresh = net().eval()
+        fresh.load_state_dict(before)
+        m, _ = prune(m, st, FixedRatio((0.5, 0.5)))
+        fresh, _ = prune(fresh, st, FixedRatio((0.5, 0.5)))
+    for (k, v), w in zip(m.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(v, w), k
+
+
+def test_lossless_keeps_the_normaliser_by_default():
+    """Lossless pruning drops zero-energy directions; with the kept width as RMSNorm's
+    normaliser every activation would be rescaled by sqrt(kept / C), so its default is the
+    original width. A conv from 3×3×3 inputs (+ bias) to 64 channels reaches at most
+    2·(27 + 1) = 56 directions."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 64, 3), RMSNormTSRA(64), nn.AvgPool2d(2), nn.Flatten(),
+                      nn.Linear(64 * 9, 10)).eval()
+    xs = [torch.randn(64, 3, 8, 8) for _ in range(2)]
+    x = torch.randn(16, 3, 8, 8)
+    with use_backend("reference"):
+        st = calibrate(m, xs, progress=False)
+        y0 = m(x)
+        kept_model = copy.deepcopy(m)
+        m, report = prune(m, st, RankTolerance())
+        assert report.meta["normalizer"] == "original"
+        assert report.layers[0].channels_after == 56
+        assert rel_err(m(x), y0) <= LOGIT_RTOL
+        kept_model, _ = prune(kept_model, st, RankTolerance(), normalizer="kept")
+        assert rel_err(kept_model(x), y0) > 1e-3  # why the default differs
+    assert default_normalizer(FixedRatio(0.5)) == "kept"
+

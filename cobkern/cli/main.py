@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prune without the rotation (the TSRA baseline)")
     s.add_argument("--normalizer", default=None, choices=["kept", "original"],
                    help="RMSNorm normaliser after pruning: kept width (the authors') or the "
-                        "original width (default: the config's, normally kept)")
+                        "original width (default: the config's, normally kept; original for "
+                        "lossless, which is only lossless that way)")
     s.add_argument("--name", default=None,
                    help="name of the pruned model under OUT/pruned/ (default: from the options)")
     s.add_argument("--no-eval", action="store_true", help="do not evaluate the pruned model")
@@ -337,9 +338,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     cfg = _experiment_config(args)
     ctx = _context(args, cfg)
     name = args.name or _default_name(args)
-    normalizer = args.normalizer or cfg.normalizer
     model, report = ctx.prune((args.strategy, _value(args)), importance=args.importance,
-                              cob=not args.baseline, normalizer=normalizer)
+                              cob=not args.baseline, normalizer=args.normalizer)
+    normalizer = report.meta["normalizer"]
     d = ctx.layout.pruned_dir(name)
     info: dict[str, Any] = {"name": name, "strategy": args.strategy, "value": _value(args),
                             "importance": args.importance, "cob": not args.baseline,

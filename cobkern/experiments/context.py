@@ -18,7 +18,7 @@ from torch import nn
 from cobkern.cob import CalibrationStats, calibrate, rotate_model
 from cobkern.data import DeviceLoader, ImageSet, calibration_set, load_cifar10, subset
 from cobkern.models import load_model
-from cobkern.pruning import PruneReport, Strategy, make_strategy, prune
+from cobkern.pruning import PruneReport, RankTolerance, Strategy, make_strategy, prune
 from cobkern.training import TrainConfig, apply_overrides, evaluate, get_preset
 
 from .config import ExperimentConfig, get_experiment_preset, load_experiment_config
@@ -198,7 +198,9 @@ class Context:
         """A pruned copy of the trained model (CoB: of the rotated model)."""
         if not isinstance(strategy, Strategy):
             strategy = make_strategy(*strategy)
-        normalizer = normalizer or self.config.normalizer
+        if normalizer is None:  # lossless pruning is only lossless with "original"
+            normalizer = ("original" if isinstance(strategy, RankTolerance)
+                          else self.config.normalizer)
         if cob:
             base, _ = self.rotated()
             stats = self.rotated_stats(importance)

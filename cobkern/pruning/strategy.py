@@ -283,7 +283,10 @@ class RelativeThreshold(Strategy):
             raise ValueError(f"RelativeThreshold: t must be >= 0, got {v!r}")
 
     def _prune_mask(self, scores, energy, value):
-        ref = {"mean": scores.mean, "median": scores.median, "max": scores.max}[self.ref]()
+        # the median of an even count is the mean of the two middle scores (quantile 0.5);
+        # torch's median() would return the lower one
+        ref = {"mean": scores.mean, "median": lambda: scores.quantile(0.5),
+               "max": scores.max}[self.ref]()
         return scores < value * ref
 
     def __repr__(self) -> str:
