@@ -2,7 +2,9 @@
 
 Every file cobkern writes (model files, checkpoints, calibration statistics, caches, metrics,
 reports) goes through :func:`atomic_path`: the content is written to a temporary file in the
-same folder, then renamed over the target with ``os.replace`` (atomic on POSIX and Windows).
+same folder, flushed to disk (``fsync``), then renamed over the target with ``os.replace``
+(atomic on POSIX and Windows), and the folder is synced where the platform allows it, so
+neither a killed process nor a power loss leaves an empty or partial file under the name.
 """
 
 from __future__ import annotations
@@ -15,12 +17,37 @@ from pathlib import Path
 __all__ = ["atomic_path"]
 
 
+def _fsync_file(path: Path) -> None:
+    """Flush ``path``'s data to disk (the writer may already have closed it)."""
+    fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Persist a rename in folder ``path``; a no-op where folders cannot be opened or synced
+    (Windows, some network file systems)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` if the block succeeds.
 
-    The parent folder is created. If the block raises, the temporary file is removed and
-    ``path`` is left as it was.
+    The parent folder is created. The temporary file is fsynced before the rename and the
+    folder after it. If the block raises, the temporary file is removed and ``path`` is
+    left as it was.
 
     Example::
 
@@ -32,7 +59,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        if tmp.exists():
+            _fsync_file(tmp)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -240,3 +240,58 @@ def test_loader_rejects_bad_input() -> None:
         DeviceLoader.from_imageset(_toy(4), 8, augment=False, shuffle=False, drop_last=True)
 
 
+
+
+def _cache_files(cache: Path) -> tuple[Path, Path]:
+    (npz,) = cache.glob("*.npz")
+    return npz, npz.with_suffix(".json")
+
+
+def test_corrupt_cache_message_names_the_files_to_delete(tmp_path) -> None:
+    _make_folder(tmp_path / "tree")
+    cache = tmp_path / "cache"
+    load_cifar10("imagefolder", tmp_path / "tree", cache_dir=cache)
+    npz, meta = _cache_files(cache)
+    raw = bytearray(npz.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    npz.write_bytes(bytes(raw))
+    with pytest.raises(CacheError, match="corrupt") as e:
+        load_cifar10("imagefolder", tmp_path / "tree", cache_dir=cache)
+    # no command defines --rebuild-cache: the message says which files to delete
+    assert "--rebuild-cache" not in str(e.value)
+    assert f"delete {npz} and {meta}" in str(e.value)
+    npz.unlink()
+    meta.unlink()  # what the message says: the next load decodes the source again
+    assert len(load_cifar10("imagefolder", tmp_path / "tree", cache_dir=cache)[0]) == 12
+
+
+@pytest.mark.parametrize(("edit", "why"), [
+    (lambda m: {k: v for k, v in m.items() if k != "classes"}, "classes"),
+    (lambda m: [m], "JSON list"),
+    (lambda m: {**m, "classes": "cat dog frog"}, "classes"),
+    (lambda m: {**m, "classes": ["cat", "dog"]}, "does not match"),  # labels 0..2
+    (lambda m: {**m, "classes": ["cat", 1, "frog"]}, "classes"),
+    (lambda m: {**m, "version": 99}, "version 99"),
+    (lambda m: {k: v for k, v in m.items() if k != "version"}, "version None"),
+    (lambda m: {k: v for k, v in m.items() if k != "sha256"}, "sha256"),
+    (lambda m: {**m, "sha256": 5}, "sha256"),
+    (lambda m: {**m, "n_train": "12"}, "n_train"),
+    (lambda m: {**m, "n_test": 11}, "does not match"),
+    (lambda m: None, "NoneType"),
+])
+def test_damaged_cache_sidecar_is_a_cache_error(tmp_path, edit, why) -> None:
+    import json
+
+    _make_folder(tmp_path / "tree")
+    cache = tmp_path / "cache"
+    load_cifar10("imagefolder", tmp_path / "tree", cache_dir=cache)
+    _, meta = _cache_files(cache)
+    meta.write_text(json.dumps(edit(json.loads(meta.read_text()))))
+    with pytest.raises(CacheError, match=why):
+        load_cifar10("imagefolder", tmp_path / "tree", cache_dir=cache)
+    meta.write_text("{not json")
+    with pytest.raises(CacheError, match="damaged cache metadata"):
+        load_cifar10("imagefolder", tmp_path / "tree", cache_dir=cache)
+    # rebuild_cache=True decodes again and rewrites a valid sidecar
+    load_cifar10("imagefolder", tmp_path / "tree", cache_dir=cache, rebuild_cache=True)
+    assert len(load_cifar10("imagefolder", tmp_path / "tree", cache_dir=cache)[1]) == 12

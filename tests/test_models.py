@@ -224,3 +224,34 @@ def test_bad_model_files_give_clear_errors(tmp_path) -> None:
     with pytest.raises(ModelFileError, match="unknown layer type"):
         build_model({"format": "cobkern.vgg", "version": 1, "features": [{"type": "Foo"}],
                      "classifier": []})
+
+
+def test_malformed_model_configs_are_model_file_errors() -> None:
+    import pytest
+
+    good = model_config(vgg16_tsra(width=0.0625))
+    tsra = dict(good["classifier"][2], gain=3)
+    cases = {
+        "version": dict(good, version="1"),
+        "version ": dict(good, version=True),
+        "newer": dict(good, version=2),
+        "no 'features'": {k: v for k, v in good.items() if k != "features"},
+        "'classifier' must be a list": dict(good, classifier={"type": "Linear"}),
+        r"classifier\[0\] is not a layer spec": dict(good, classifier=["Linear"]),
+        r"features\[1\] is not a layer spec": dict(good, features=[good["features"][0], {}]),
+        "invalid TSRA": dict(good, classifier=[*good["classifier"][:2], tsra,
+                                               *good["classifier"][3:]]),
+        "invalid Linear": dict(good, classifier=[{"type": "Linear", "in_features": -1,
+                                                  "out_features": 2, "bias": True}]),
+        "invalid Conv2d": dict(good, features=[dict(good["features"][0], in_channels="3")]),
+        "no Linear layer": dict(good, classifier=[{"type": "Flatten", "start_dim": 1,
+                                                   "end_dim": -1}]),
+    }
+    for msg, cfg in cases.items():
+        with pytest.raises(ModelFileError, match=msg):
+            build_model(cfg)
+    with pytest.raises(ModelFileError, match="must be a dict"):
+        from cobkern.models.io import build_layer
+
+        build_layer(["Linear"])  # type: ignore[arg-type]
+    assert model_config(build_model(good)) == good  # valid configs are unchanged

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -271,17 +272,44 @@ def test_cli_trains_on_an_imagefolder(tmp_path) -> None:
     assert json.loads((tmp_path / "run" / "final.json").read_text())["steps"] == 3
 
 
+#: Under torchrun: the training CLI's settings (argv[3:]), run through train() with a hook
+#: that stops the run after step argv[1] (0: never); argv[2] == "resume" continues it.
+_DDP_WORKER = """
+import sys
+from cobkern.training import train
+from cobkern.training.cli import build_parser, resolve_config
+class Stop(Exception):
+    pass
+def stop(step):
+    if step == int(sys.argv[1]):
+        raise Stop
+args = build_parser().parse_args(sys.argv[3:])
+try:
+    train(resolve_config(args), args.out, resume=sys.argv[2] == "resume", on_step=stop)
+except Stop:
+    print("stopped", flush=True)
+"""
+
+
+def _metric_lines(path: Path) -> list[dict]:
+    """metrics.jsonl records without the timing fields (which differ from run to run)."""
+    recs = [json.loads(x) for x in path.read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("images_per_s", "elapsed_s")}
+            for r in recs]
+
+
 def test_ddp_two_gloo_processes_stay_in_sync(tmp_path) -> None:
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     if not Path(torchrun).exists():
         pytest.skip("torchrun not available")
     _write_folder(tmp_path / "tree")
     env = dict(os.environ, OMP_NUM_THREADS="1", COBKERN_CACHE=str(tmp_path / "cache"))
+    settings = ["--preset", "quick", "--data-root", str(tmp_path / "tree"), "--width",
+                "0.0625", "--num-classes", "4", "--steps", "4", "--batch-size", "8",
+                "--train-subset", "0", "--checkpoint-every", "2", "--log-every", "3",
+                "--no-progress", "--device", "cpu"]
     cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "cobkern.training",
-           "--preset", "quick", "--data-root", str(tmp_path / "tree"), "--width", "0.0625",
-           "--num-classes", "4", "--steps", "4", "--batch-size", "8", "--train-subset", "0",
-           "--checkpoint-every", "2", "--no-progress", "--device", "cpu", "--out",
-           str(tmp_path / "run")]
+           *settings, "--out", str(tmp_path / "run")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = json.loads((tmp_path / "run" / "final.json").read_text())
@@ -290,3 +318,278 @@ def test_ddp_two_gloo_processes_stay_in_sync(tmp_path) -> None:
     assert final["steps"] == 4 and 0 <= final["test_accuracy"] <= 1
     # 32 training images, global batch 8 → 4 steps per epoch.
     assert final["epochs"] == 1
+
+    # Killed after step 3 (after the step-2 checkpoint, inside a metrics window) and
+    # resumed: each rank gets its own RNG state (dropout masks) and metrics window back,
+    # so the weights and the metrics lines equal the uninterrupted run's exactly.
+    worker = tmp_path / "ddp_worker.py"
+    worker.write_text(_DDP_WORKER)
+    for stop, mode in ((3, "fresh"), (0, "resume")):
+        cmd = [torchrun, "--standalone", "--nproc_per_node=2", str(worker), str(stop), mode,
+               *settings, "--out", str(tmp_path / "killed")]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        if mode == "fresh":
+            assert proc.stdout.count("stopped") == 2
+            ckpt = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
+            assert ckpt["step"] == 2 and len(ckpt["rank_state"]) == 2
+            # a fresh run seeds its ranks differently; the checkpoint keeps both states
+            assert not torch.equal(ckpt["rank_state"][0]["rng"]["torch"],
+                                   ckpt["rank_state"][1]["rng"]["torch"])
+    resumed = json.loads((tmp_path / "killed" / "final.json").read_text())
+    assert resumed["steps"] == 4 and resumed["ranks_in_sync"] is True
+    a = load_model(final["model_path"]).state_dict()
+    b = load_model(resumed["model_path"]).state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed["test_accuracy"] == final["test_accuracy"]
+    assert _metric_lines(tmp_path / "killed" / "metrics.jsonl") == \
+        _metric_lines(tmp_path / "run" / "metrics.jsonl")
+
+
+def _stop_at(k: int):
+    def hook(step: int) -> None:
+        if step == k:
+            raise _Stop
+    return hook
+
+
+def test_resume_restores_the_metrics_window_and_epoch_end_eval(tmp_path) -> None:
+    """Killed at step 7, resumed from the step-4 checkpoint: step 4 is the last batch of
+    epoch 0 (64 images, batch 16) and the middle of a 3-step metrics window. Every metrics
+    line of the resumed run (up to the timing fields) equals the uninterrupted run's: the
+    window's running loss/accuracy come from the checkpoint, and the end-of-epoch eval at
+    step 4 is logged once, with the epoch of the train lines (0-based epoch of the step)."""
+    data = _toy_data()
+    cfg = _tiny_config(steps=9, log_every=3, checkpoint_every=4)
+    with cobkern.use_backend("reference"):
+        ref = train(cfg, tmp_path / "a", data=data)
+        with pytest.raises(_Stop):
+            train(cfg, tmp_path / "b", data=data, on_step=_stop_at(7))
+        res = train(cfg, tmp_path / "b", data=data, resume=True)
+    a = _metric_lines(tmp_path / "a" / "metrics.jsonl")
+    b = _metric_lines(tmp_path / "b" / "metrics.jsonl")
+    assert [(r["event"], r["step"], r["epoch"]) for r in a] == [
+        ("train", 3, 0), ("eval", 4, 0), ("train", 6, 1), ("eval", 8, 1), ("train", 9, 2),
+        ("eval", 9, 2)]
+    assert b == a  # exact floats: the same sums in the same order
+    assert res["train_loss"] == ref["train_loss"] and res["test_loss"] == ref["test_loss"]
+    # Resuming the finished run again logs nothing new (its final eval is in the checkpoint).
+    with cobkern.use_backend("reference"):
+        again = train(cfg, tmp_path / "b", data=data, resume=True)
+    assert _metric_lines(tmp_path / "b" / "metrics.jsonl") == a
+    assert again["train_loss"] == ref["train_loss"]
+    assert again["test_accuracy"] == ref["test_accuracy"]
+
+
+def test_fresh_run_starts_a_new_metrics_file_and_writes_atomically(tmp_path, monkeypatch) \
+        -> None:
+    """A run killed before its first checkpoint, then started again (not resumed) in the
+    same folder, must not append to the dead run's metrics.jsonl; config.json and
+    final.json go through the atomic writer."""
+    import cobkern.training.trainer as trainer
+
+    written: list[str] = []
+    real = trainer.atomic_path
+
+    def spy(path):
+        written.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(trainer, "atomic_path", spy)
+    data = _toy_data()
+    cfg = _tiny_config(steps=6, checkpoint_every=0)
+    with cobkern.use_backend("reference"):
+        with pytest.raises(_Stop):
+            train(cfg, tmp_path / "c", data=data, on_step=_stop_at(5))
+        assert not (tmp_path / "c" / "checkpoint.pt").exists()
+        train(cfg, tmp_path / "c", data=data)
+    lines = _metric_lines(tmp_path / "c" / "metrics.jsonl")
+    assert [(r["event"], r["step"]) for r in lines] == [
+        ("train", 2), ("train", 4), ("eval", 4), ("train", 6), ("eval", 6)]
+    assert {"config.json", "final.json", "metrics.jsonl", "checkpoint.pt"} <= set(written)
+
+
+def test_resume_with_other_settings_is_an_error(tmp_path) -> None:
+    data = _toy_data()
+    cfg = _tiny_config(steps=8)
+    with cobkern.use_backend("reference"):
+        with pytest.raises(_Stop):
+            train(cfg, tmp_path / "r", data=data, on_step=_stop_at(6))
+        saved = (tmp_path / "r" / "config.json").read_text()
+        # the optimizer state would keep the old lr/wd/betas: refused, naming the field
+        with pytest.raises(CheckpointError, match=r"lr was 0\.003, this run has 0\.01"):
+            train(_tiny_config(steps=8, lr=1e-2, weight_decay=0.1), tmp_path / "r",
+                  data=data, resume=True)
+        with pytest.raises(CheckpointError, match="beta1 was 0.9, this run has 0.5"):
+            train(_tiny_config(steps=8, beta1=0.5), tmp_path / "r", data=data, resume=True)
+        # another optimizer: a clean error instead of KeyError('momentum') in SGD.step
+        with pytest.raises(CheckpointError, match="optimizer was 'adamw', this run has 'sgd'"):
+            train(_tiny_config(steps=8, optimizer="sgd", lr=0.05), tmp_path / "r", data=data,
+                  resume=True)
+        with pytest.raises(CheckpointError, match="steps was 8, this run has 12"):
+            train(_tiny_config(steps=12), tmp_path / "r", data=data, resume=True)
+        assert (tmp_path / "r" / "config.json").read_text() == saved  # not overwritten
+        # Display, logging/eval/checkpoint intervals and threads may change.
+        res = train(_tiny_config(steps=8, progress=True, log_every=1, eval_every=3,
+                                 checkpoint_every=2, num_threads=1, eval_batch_size=8),
+                    tmp_path / "r", data=data, resume=True)
+    assert res["steps"] == 8
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["log_every"] == 1
+
+
+def test_checkpoint_rng_state_is_loaded_on_the_cpu(tmp_path) -> None:
+    """torch.set_rng_state and the CUDA generator need CPU byte tensors: a checkpoint is
+    read with map_location="cpu" whatever the device ("meta" stands in for "cuda" here;
+    load_state_dict moves model and optimizer state to the parameters' device)."""
+    from cobkern.training.trainer import _load_checkpoint, _set_rng_state
+
+    data = _toy_data()
+    with cobkern.use_backend("reference"):
+        train(_tiny_config(steps=2), tmp_path / "r", data=data)
+    model = vgg16_tsra(num_classes=4, width=0.0625)
+    ckpt = _load_checkpoint(tmp_path / "r" / "checkpoint.pt", model, torch.device("meta"))
+    assert ckpt["rng"]["torch"].device.type == "cpu"
+    assert ckpt["rank_state"][0]["rng"]["torch"].device.type == "cpu"
+    assert ckpt["model"]["features.0.weight"].device.type == "cpu"
+    state = torch.get_rng_state()
+    _set_rng_state({"torch": ckpt["rng"]["torch"]}, torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), ckpt["rng"]["torch"])
+    torch.set_rng_state(state)
+    with pytest.raises(CheckpointError, match="map_location='cpu'"):
+        _set_rng_state({"torch": ckpt["rng"]["torch"].to("meta")}, torch.device("cpu"))
+
+
+def test_rank_state_fallbacks() -> None:
+    """A one-process checkpoint resumed on 2 ranks: rank 0 gets its state and window back,
+    rank 1 a fresh seed of its own (never rank 0's state)."""
+    from types import SimpleNamespace
+
+    from cobkern.training.trainer import _restore_rank_state
+
+    cfg = _tiny_config()
+    saved = torch.manual_seed(123).get_state()
+    window = {"loss_sum": 1.5, "correct": 3, "n": 4, "seconds": 0.5}
+    ckpt = {"step": 8, "rng": {"torch": saved},
+            "rank_state": [{"rng": {"torch": saved}, "log_window": window}]}
+    cpu = torch.device("cpu")
+    one = SimpleNamespace(rank=0, world=1, main=True)
+    assert _restore_rank_state(ckpt, cfg, one, cpu) == window
+    assert torch.equal(torch.get_rng_state(), saved)
+    r0 = SimpleNamespace(rank=0, world=2, main=True)
+    assert _restore_rank_state(ckpt, cfg, r0, cpu) == window
+    r1 = SimpleNamespace(rank=1, world=2, main=False)
+    assert _restore_rank_state(ckpt, cfg, r1, cpu) is None
+    assert not torch.equal(torch.get_rng_state(), saved)
+    # a version-1 checkpoint (no per-rank list) still restores its one state
+    assert _restore_rank_state({"step": 8, "rng": {"torch": saved}}, cfg, one, cpu) is None
+    assert torch.equal(torch.get_rng_state(), saved)
+
+
+@pytest.mark.parametrize(("overrides", "field"), [
+    ({"seed": -1}, "seed"), ({"beta1": 1.5}, "beta1"), ({"beta2": 1.0}, "beta2"),
+    ({"beta1": -0.1}, "beta1"), ({"momentum": -0.5}, "momentum"),
+    ({"label_smoothing": 1.5}, "label_smoothing"), ({"label_smoothing": 1.0}, "label_smoothing"),
+    ({"width": float("inf")}, "width"), ({"width": float("nan")}, "width"),
+    ({"lr": float("inf")}, "lr"), ({"weight_decay": float("inf")}, "weight_decay"),
+    ({"grad_clip": float("nan")}, "grad_clip")])
+def test_config_validation_names_the_field(overrides, field) -> None:
+    from cobkern.training import ConfigError, apply_overrides
+
+    with pytest.raises(ConfigError, match=rf"^{field} must be"):
+        apply_overrides(_tiny_config(), overrides)
+
+
+def test_cli_rejects_bad_values_before_writing(tmp_path, capsys) -> None:
+    for flags, field in ((["--seed", "-1"], "seed"), (["--beta1", "1.5"], "beta1"),
+                         (["--width", "inf"], "width"),
+                         (["--momentum", "-0.5", "--arch", "relu"], "momentum")):
+        out = tmp_path / field
+        assert main(["--preset", "quick", *flags, "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {field} must be") and "Traceback" not in err
+        assert not out.exists()
+
+
+def test_config_values_are_not_coerced_silently() -> None:
+    from cobkern.training import ConfigError, apply_overrides
+
+    cfg = _tiny_config()
+    for bad in ({"augment": 2}, {"fused": 7}, {"augment": "maybe"}, {"augment": 1.0},
+                {"cache_dir": False}, {"data_root": 5}, {"device": 0},
+                {"optimizer": ["adamw"]}, {"lr": True}, {"steps": False}, {"steps": 2.5},
+                {"lr": "fast"}, {"lr": None}, {"steps": [3]}, {"seed": {"a": 1}}):
+        (name,) = bad
+        with pytest.raises(ConfigError, match=f"bad value for {name}"):
+            apply_overrides(cfg, bad)
+    ok = apply_overrides(cfg, {"augment": False, "fused": 0, "bf16": "off", "download": 1,
+                               "cache_dir": None, "data_root": "/data", "lr": "3e-4",
+                               "steps": 1e3, "batch_size": "32", "width": 1})
+    assert (ok.augment, ok.fused, ok.bf16, ok.download) == (False, False, False, True)
+    assert (ok.cache_dir, ok.data_root, ok.lr, ok.steps, ok.batch_size) == \
+        (None, "/data", 3e-4, 1000, 32)
+    assert ok.width == 1.0 and isinstance(ok.width, float)
+
+
+def test_non_finite_metrics_are_written_as_null(tmp_path) -> None:
+    """A diverged run (NaN weights) still writes strict JSON: NaN/inf become null."""
+    from cobkern.training.trainer import _json_line, _trim_metrics
+
+    assert _json_line({"loss": float("nan"), "x": [float("inf"), 1.0]}) == \
+        '{"loss": null, "x": [null, 1.0]}'
+    data = _toy_data()
+    torch.manual_seed(0)
+    model = vgg16_tsra(num_classes=4, width=0.0625)
+    with torch.no_grad():
+        model.classifier[-1].bias.fill_(float("nan"))
+    with cobkern.use_backend("reference"):
+        res = train(_tiny_config(steps=2), tmp_path / "nan", model=model, data=data)
+    assert math.isnan(res["train_loss"])
+
+    def strict(text: str):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+
+    lines = [strict(x) for x in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in lines if r["event"] == "train"] == [None]
+    assert [r["test_loss"] for r in lines if r["event"] == "eval"] == [None]
+    final = strict((tmp_path / "nan" / "final.json").read_text())
+    assert final["train_loss"] is None and final["test_loss"] is None
+    # the resume-time trimming reads such lines (and skips torn or foreign ones)
+    m = tmp_path / "m.jsonl"
+    m.write_text('{"step": 2, "loss": null}\n[1, 2]\n{"step": null}\n{"step": 5}\n{"st')
+    _trim_metrics(m, 4)
+    assert m.read_text() == '{"step": 2, "loss": null}\n'
+
+
+def test_atomic_path_syncs_before_the_rename(tmp_path, monkeypatch) -> None:
+    import stat
+
+    import cobkern._atomic as atomic
+
+    events: list[tuple] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        events.append(("fsync", "dir" if stat.S_ISDIR(st.st_mode) else st.st_size))
+        real_fsync(fd)
+
+    def replace(a, b) -> None:
+        events.append(("replace",))
+        real_replace(a, b)
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    target = tmp_path / "sub" / "f.txt"
+    with atomic.atomic_path(target) as tmp:
+        tmp.write_text("hello")
+    assert target.read_text() == "hello"
+    assert events[:2] == [("fsync", 5), ("replace",)]  # the data is on disk before the rename
+    if os.name == "posix":
+        assert events[2:] == [("fsync", "dir")]
+    events.clear()
+    with pytest.raises(RuntimeError), atomic.atomic_path(target) as tmp:
+        tmp.write_text("partial")
+        raise RuntimeError
+    assert target.read_text() == "hello" and events == []
+    assert sorted(p.name for p in target.parent.iterdir()) == ["f.txt"]

@@ -244,24 +244,69 @@ def _to_sets(arrays: dict[str, object]) -> tuple[ImageSet, ImageSet]:
     return sets[0], sets[1]
 
 
-def _read_cache(npz: Path, meta_path: Path) -> dict[str, object]:
+_CACHE_ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
+
+
+def _rebuild_hint(npz: Path, meta_path: Path) -> str:
+    return (f"delete {npz} and {meta_path} to decode the source again (from Python: "
+            "load_cifar10(..., rebuild_cache=True))")
+
+
+def _read_meta(npz: Path, meta_path: Path) -> dict[str, object]:
+    """The cache sidecar, checked: version, sha256, class names and split sizes."""
+    def bad(why: str) -> CacheError:
+        return CacheError(f"damaged cache metadata {meta_path} ({why}); "
+                          + _rebuild_hint(npz, meta_path))
+
     try:
         meta = json.loads(meta_path.read_text())
-        expected = meta["sha256"]
-    except (OSError, ValueError, KeyError) as e:
-        raise CacheError(f"unreadable cache metadata {meta_path} ({e}); delete "
-                         f"{npz.parent} or pass rebuild_cache=True") from None
+    except (OSError, ValueError) as e:
+        raise bad(f"{type(e).__name__}: {e}") from None
+    if not isinstance(meta, dict):
+        raise bad(f"a JSON {type(meta).__name__}, not an object")
+    if meta.get("version") != _CACHE_VERSION:
+        raise bad(f"version {meta.get('version')!r}, expected {_CACHE_VERSION}")
+    sha = meta.get("sha256")
+    if not isinstance(sha, str) or len(sha) != 64:
+        raise bad(f"sha256 {sha!r} is not a hex digest")
+    classes = meta.get("classes")
+    if not isinstance(classes, list) or not classes or \
+            not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):
+        raise bad(f"classes {classes!r} is not a list of distinct names")
+    for k in ("n_train", "n_test"):
+        v = meta.get(k)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise bad(f"{k} {v!r} is not a positive integer")
+    return meta
+
+
+def _read_cache(npz: Path, meta_path: Path) -> dict[str, object]:
+    meta = _read_meta(npz, meta_path)
+    expected = str(meta["sha256"])
     actual = _sha256_file(npz)
     if actual != expected:
         raise CacheError(f"cache file {npz} is corrupt (sha256 {actual[:16]}… != recorded "
-                         f"{expected[:16]}…); delete it or pass rebuild_cache=True "
-                         "(--rebuild-cache) to decode the source again")
+                         f"{expected[:16]}…); " + _rebuild_hint(npz, meta_path))
     try:
         with np.load(npz, allow_pickle=False) as z:
             arrays: dict[str, object] = {k: z[k] for k in z.files}
     except Exception as e:
-        raise CacheError(f"cannot read cache file {npz}: {e}") from None
-    arrays["classes"] = meta["classes"]
+        raise CacheError(f"cannot read cache file {npz}: {e}; "
+                         + _rebuild_hint(npz, meta_path)) from None
+    missing = [k for k in _CACHE_ARRAYS if k not in arrays]
+    if missing:
+        raise CacheError(f"cache file {npz} lacks {missing}; " + _rebuild_hint(npz, meta_path))
+    classes = list(meta["classes"])  # type: ignore[call-overload]
+    for split in ("train", "test"):
+        labels = np.asarray(arrays[f"{split}_labels"])
+        images = np.asarray(arrays[f"{split}_images"])
+        n = meta[f"n_{split}"]
+        if labels.ndim != 1 or len(labels) != n or images.shape[:1] != (n,) or \
+                (len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < len(classes)):
+            raise CacheError(f"cache file {npz} does not match its metadata {meta_path} "
+                             f"({split}: {len(labels)} labels for {n} images of "
+                             f"{len(classes)} classes); " + _rebuild_hint(npz, meta_path))
+    arrays["classes"] = classes
     return arrays
 
 

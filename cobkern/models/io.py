@@ -136,7 +136,14 @@ def _tuple(v: Any) -> Any:
 
 
 def build_layer(spec: dict[str, Any]) -> nn.Module:
-    """Inverse of :func:`layer_spec`: a freshly initialised layer of that shape."""
+    """Inverse of :func:`layer_spec`: a freshly initialised layer of that shape.
+
+    Raises:
+        ModelFileError: ``spec`` is not a dict, names an unknown type or has missing,
+            unknown or invalid arguments.
+    """
+    if not isinstance(spec, dict):
+        raise ModelFileError(f"a layer spec must be a dict, got {spec!r}")
     s = dict(spec)
     kind = s.pop("type", None)
     try:
@@ -173,7 +180,8 @@ def build_layer(spec: dict[str, Any]) -> nn.Module:
             return nn.Dropout(s["p"])
         if kind == "Identity":
             return nn.Identity()
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as e:
+        # RuntimeError: e.g. a negative size; OverflowError: a size beyond int64
         raise ModelFileError(f"invalid {kind} layer spec {spec!r}: {e}") from None
     raise ModelFileError(f"unknown layer type {kind!r} in model config")
 
@@ -219,16 +227,34 @@ def build_model(config: dict[str, Any]) -> VGG:
     The weights are freshly initialised; load a state dict to restore a trained model.
 
     Raises:
-        ModelFileError: the config is not a cobkern VGG config or a layer spec is invalid.
+        ModelFileError: the config is not a cobkern VGG config (wrong format, a version
+            that is not a positive integer or is newer than this code, ``features`` or
+            ``classifier`` not a list of layer specs) or a layer spec is invalid.
     """
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ModelFileError(f"not a cobkern model config (expected format {FORMAT!r})")
-    if config.get("version", 0) > VERSION:
-        raise ModelFileError(f"model config version {config['version']} is newer than this "
+    version = config.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise ModelFileError(f"model config version {version!r} is not a non-negative integer")
+    if version > VERSION:
+        raise ModelFileError(f"model config version {version} is newer than this "
                              f"cobkern understands ({VERSION})")
-    features = nn.Sequential(*[build_layer(s) for s in config["features"]])
-    classifier = nn.Sequential(*[build_layer(s) for s in config["classifier"]])
-    return VGG(features, classifier)
+    parts = {}
+    for part in ("features", "classifier"):
+        if part not in config:
+            raise ModelFileError(f"model config has no {part!r} list of layer specs")
+        specs = config[part]
+        if not isinstance(specs, list):
+            raise ModelFileError(f"model config {part!r} must be a list of layer specs, got "
+                                 f"{type(specs).__name__}")
+        for i, spec in enumerate(specs):
+            if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+                raise ModelFileError(f"model config {part}[{i}] is not a layer spec (a dict "
+                                     f"with a 'type'): {spec!r}")
+        parts[part] = nn.Sequential(*[build_layer(s) for s in specs])
+    if not any(isinstance(m, nn.Linear) for m in parts["classifier"]):
+        raise ModelFileError("model config 'classifier' has no Linear layer (the logits)")
+    return VGG(parts["features"], parts["classifier"])
 
 
 # ----------------------------------------------------------------------------- files

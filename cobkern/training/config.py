@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -105,11 +106,23 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> TrainConfig:
-        """Check every value; raises :class:`ConfigError` naming the bad setting."""
+        """Check every value; raises :class:`ConfigError` naming the bad setting.
+
+        Besides the choices and ranges below, every float setting must be finite. The
+        ranges follow what PyTorch accepts, narrowed where a value would train nothing:
+        ``0 <= beta1, beta2 < 1`` and ``momentum >= 0`` (as ``torch.optim`` checks);
+        ``0 <= label_smoothing < 1`` (PyTorch also takes 1.0, which makes every target the
+        uniform distribution, so the labels would be ignored); ``seed >= 0`` (PyTorch
+        and the data loader's seeding need a non-negative seed).
+        """
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ConfigError(msg)
 
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float):
+                need(math.isfinite(value), f"{f.name} must be a finite number, got {value}")
         need(self.arch in ("tsra", "relu"), f"arch must be 'tsra' or 'relu', got {self.arch!r}")
         need(self.width > 0, f"width must be > 0, got {self.width}")
         need(self.num_classes >= 2, f"num_classes must be >= 2, got {self.num_classes}")
@@ -120,8 +133,13 @@ class TrainConfig:
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         for name in ("weight_decay", "min_lr", "grad_clip", "label_smoothing", "warmup_steps",
                      "eval_every", "checkpoint_every", "train_subset", "test_subset",
-                     "num_threads"):
+                     "num_threads", "momentum", "seed"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            need(0 <= getattr(self, name) < 1,
+                 f"{name} must be in [0, 1), got {getattr(self, name)}")
+        need(self.label_smoothing < 1,
+             f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         for name in ("batch_size", "steps", "eval_batch_size", "log_every"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.data_source in ("auto", "shipped", "torchvision", "imagefolder"),
@@ -181,7 +199,22 @@ def get_preset(name: str, arch: str = "tsra") -> TrainConfig:
     return TrainConfig(arch=arch, **PRESETS[name][arch]).validate()
 
 
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
 def _coerce(name: str, value: Any) -> Any:
+    """``value`` as the type of setting ``name``, strictly (:class:`ConfigError` otherwise).
+
+    * text settings: a string (``null`` only where the setting may be ``None``, i.e.
+      ``data_root`` and ``cache_dir``); numbers, booleans, lists... are errors, not text;
+    * booleans: ``true``/``false``, the integers ``0``/``1`` (unambiguous; any other
+      number is an error), or — for values typed as text, e.g. ``--set augment=off`` —
+      ``true|false|yes|no|on|off|1|0`` (any case);
+    * integers: an integer, a float with an integral value (``1e3`` in JSON) or a string
+      of an integer (command-line flags arrive as text); never a boolean;
+    * floats: an integer, float or numeric string; never a boolean.
+    """
     f = _FIELDS[name]
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     try:
@@ -190,25 +223,30 @@ def _coerce(name: str, value: Any) -> Any:
                 return None
             raise TypeError("null is not allowed")
         if kind.startswith("bool"):
+            if isinstance(value, bool):
+                return value
             if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
+                if value.strip().lower() in _TRUE:
                     return True
-                if value.lower() in ("0", "false", "no", "off"):
+                if value.strip().lower() in _FALSE:
                     return False
-                raise ValueError(value)
-            if not isinstance(value, (bool, int)):
-                raise TypeError(type(value).__name__)
-            return bool(value)
+                raise ValueError("expected true or false")
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise TypeError("expected true or false")
         if kind.startswith("int"):
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise TypeError(repr(value))
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)) or \
+                    (isinstance(value, float) and not value.is_integer()):
+                raise TypeError("expected an integer")
             return int(value)
         if kind.startswith("float"):
-            if isinstance(value, bool):
-                raise TypeError(repr(value))
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise TypeError("expected a number")
             return float(value)
-        return str(value)
-    except (TypeError, ValueError) as e:
+        if not isinstance(value, str):
+            raise TypeError("expected a string" + (" or null" if "None" in kind else ""))
+        return value
+    except (TypeError, ValueError, OverflowError) as e:
         raise ConfigError(f"bad value for {name}: {value!r} ({kind} expected; {e})") from None
 
 

@@ -5,17 +5,27 @@ NCCL on GPUs, gloo on CPUs; each rank takes its slice of every global batch). Ou
 ``out_dir``:
 
 * ``config.json`` — the resolved :class:`TrainConfig`;
-* ``metrics.jsonl`` — one JSON object per line: ``{"event": "train", "step", "epoch",
-  "loss", "accuracy", "lr", "images_per_s", "elapsed_s"}`` every ``log_every`` steps and
-  ``{"event": "eval", "step", "epoch", "test_loss", "test_accuracy"}`` per evaluation;
-* ``checkpoint.pt`` — model, optimizer, scheduler, loader position and RNG state, written
-  atomically every ``checkpoint_every`` steps and at the end;
+* ``metrics.jsonl`` — one strict JSON object per line: ``{"event": "train", "step",
+  "epoch", "loss", "accuracy", "lr", "images_per_s", "elapsed_s"}`` every ``log_every``
+  steps and ``{"event": "eval", "step", "epoch", "test_loss", "test_accuracy"}`` per
+  evaluation. ``epoch`` is the 0-based index of the epoch the step belongs to; a
+  non-finite number (a diverged loss) is written as ``null``. A fresh run starts a new
+  file; a resumed one drops the lines logged after its checkpoint and appends;
+* ``checkpoint.pt`` — model, optimizer, scheduler, loader position, every rank's RNG state
+  and metrics window, the last evaluation and the settings, written atomically every
+  ``checkpoint_every`` steps and at the end;
+* ``final.json`` — the final metrics (:func:`train`'s result);
 * ``model.safetensors`` (``model.pt`` without safetensors) — weights + architecture config
   (:func:`cobkern.models.save_model`).
 
+Every file is written through :func:`cobkern._atomic.atomic_path` (``metrics.jsonl`` is
+appended to line by line, and replaced atomically when started or trimmed).
+
 ``resume=True`` continues from ``checkpoint.pt``; the data order and augmentation are a
-pure function of ``(seed, epoch, batch)`` and the dropout RNG is restored, so on a given
-device a resumed run reproduces the uninterrupted run's weights exactly.
+pure function of ``(seed, epoch, batch)`` and each rank's dropout RNG is restored, so on a
+given device and number of ranks a resumed run reproduces the uninterrupted run's weights
+and ``metrics.jsonl`` lines (up to the timing fields) exactly. The settings must be those
+of the checkpoint, except the fields in :data:`RESUME_MAY_CHANGE`.
 """
 
 from __future__ import annotations
@@ -49,11 +59,26 @@ from cobkern.models import (
 from .config import ConfigError, TrainConfig
 
 __all__ = ["train", "finetune", "evaluate", "CheckpointError", "build_optimizer",
-           "build_scheduler", "lr_factor"]
+           "build_scheduler", "lr_factor", "RESUME_MAY_CHANGE"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 CKPT_FORMAT = "cobkern.checkpoint"
+CKPT_VERSION = 2  # 2: per-rank RNG state and metrics window, last evaluation
+
+#: The :class:`TrainConfig` fields a resumed run may set differently from its checkpoint.
+#: They decide how the run is shown (``progress``), how often it records (``log_every``,
+#: ``eval_every``, ``checkpoint_every``), where and how fast it executes (``device``,
+#: ``num_threads``, ``compile``, ``channels_last``, ``eval_batch_size``) and where the
+#: decoded data is cached (``cache_dir``, ``download``) — not the optimisation itself.
+#: (``compile``, ``channels_last``, ``eval_batch_size`` and another device may change
+#: float rounding, so such a resume is no longer bit-identical to an uninterrupted run.)
+#: Every other field (model, optimizer and its hyper-parameters, schedule, steps, batch,
+#: data, augmentation, seed, bf16) must match: the optimizer and scheduler state restored
+#: from the checkpoint would otherwise silently keep the old values.
+RESUME_MAY_CHANGE = frozenset({
+    "progress", "log_every", "eval_every", "checkpoint_every", "eval_batch_size",
+    "num_threads", "device", "compile", "channels_last", "cache_dir", "download"})
 
 
 class CheckpointError(ValueError):
@@ -102,6 +127,14 @@ class _Dist:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.tolist()
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """``[obj of rank 0, obj of rank 1, ...]`` (``[obj]`` in a one-process run)."""
+        if not self.active:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
@@ -228,6 +261,28 @@ def _first_difference(a: Any, b: Any, where: str = "") -> str:
     return f"{where}: {a!r} != {b!r}"
 
 
+def _json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, ±inf) replaced by ``None`` (JSON ``null``)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    """One strict-JSON metrics line (non-finite numbers as ``null``)."""
+    return json.dumps(_json_safe(record), allow_nan=False)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented strict JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(_json_safe(obj), indent=1, allow_nan=False) + "\n")
+
+
 def _rng_state(device: torch.device) -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -235,25 +290,113 @@ def _rng_state(device: torch.device) -> dict[str, Any]:
     return state
 
 
+def _byte_state(t: Any, what: str) -> torch.Tensor:
+    """A saved RNG state as the CPU ``uint8`` tensor the generators require."""
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
+        raise CheckpointError(f"checkpoint has an invalid {what} RNG state")
+    if t.device.type != "cpu":
+        if t.device.type == "meta":
+            raise CheckpointError(f"checkpoint's {what} RNG state was loaded without its data "
+                                  "(meta device); load checkpoints with map_location='cpu'")
+        t = t.cpu()
+    return t
+
+
 def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
+    """Restore :func:`_rng_state`'s output. The tensors may sit on any device with data (a
+    checkpoint loaded with a GPU ``map_location``); the generators get CPU copies."""
+    if not isinstance(state, dict) or "torch" not in state:
+        raise CheckpointError("checkpoint has no valid RNG state")
+    torch.set_rng_state(_byte_state(state["torch"], "CPU"))
     if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+        torch.cuda.set_rng_state(_byte_state(state["cuda"], "CUDA"), device)
+
+
+def _rank_seed(seed: int, rank: int, step: int) -> int:
+    """A fresh, rank-specific RNG seed for a rank whose saved state a checkpoint lacks."""
+    import numpy as np
+
+    words = np.random.SeedSequence([seed, rank, step, 0x5EED]).generate_state(2, np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
+def _restore_rank_state(ckpt: dict[str, Any], config: TrainConfig, d: _Dist,
+                        device: torch.device) -> dict[str, Any] | None:
+    """Restore this rank's RNG state from ``ckpt``; returns its saved metrics window.
+
+    A checkpoint of the same number of ranks holds one entry per rank, and each rank gets
+    its own state back. A single-process checkpoint (or one from before per-rank states)
+    gives rank 0 its ``"rng"``; when the number of ranks changed, ranks without a saved
+    state get a fresh rank-specific seed (so no two ranks share dropout masks) and the
+    saved windows are summed into rank 0's.
+    """
+    ranks = ckpt.get("rank_state")
+    if not isinstance(ranks, list) or not ranks:
+        ranks = [{"rng": ckpt.get("rng"), "log_window": None}]
+    if not all(isinstance(r, dict) for r in ranks):
+        raise CheckpointError("checkpoint has an invalid per-rank state")
+    if d.rank < len(ranks):
+        _set_rng_state(ranks[d.rank].get("rng"), device)
+    else:
+        torch.manual_seed(_rank_seed(config.seed, d.rank, int(ckpt["step"])))
+        return None
+    if device.type == "cuda" and "cuda" not in ranks[d.rank]["rng"]:
+        torch.cuda.manual_seed(_rank_seed(config.seed, d.rank, int(ckpt["step"])))
+    if len(ranks) == d.world:
+        return ranks[d.rank].get("log_window")
+    if not d.main:
+        return None
+    windows = [r.get("log_window") for r in ranks if isinstance(r.get("log_window"), dict)]
+    if not windows:
+        return None
+    return {"loss_sum": math.fsum(float(w["loss_sum"]) for w in windows),
+            "correct": sum(int(w["correct"]) for w in windows),
+            "n": sum(int(w["n"]) for w in windows),
+            "seconds": max(float(w.get("seconds", 0.0)) for w in windows)}
+
+
+_MISSING = object()
+
+
+def _check_resume_config(saved: Any, config: TrainConfig, path: Path) -> None:
+    """Raise :class:`CheckpointError` if ``config`` differs from the checkpoint's settings
+    in a field outside :data:`RESUME_MAY_CHANGE` (naming the first one, old and new)."""
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"checkpoint {path} does not record its training settings; "
+                              "cannot check that this run continues it")
+    for name, new in asdict(config).items():
+        if name in RESUME_MAY_CHANGE:
+            continue
+        old = saved.get(name, _MISSING)
+        if old is _MISSING or old != new or isinstance(old, bool) != isinstance(new, bool):
+            old_txt = "(not recorded)" if old is _MISSING else repr(old)
+            raise CheckpointError(
+                f"checkpoint {path} was written with different settings: {name} was "
+                f"{old_txt}, this run has {new!r}. Resume with the checkpoint's settings "
+                f"(only {', '.join(sorted(RESUME_MAY_CHANGE))} may change) or start a new "
+                "run in another output directory")
 
 
 def _load_checkpoint(path: Path, model: nn.Module, device: torch.device) -> dict[str, Any]:
+    """Read and check ``path``. Everything is loaded onto the CPU: the RNG states must be
+    CPU byte tensors, and ``load_state_dict`` moves the model's and the optimizer's state to
+    the parameters' device (``device`` is accepted for the callers' convenience only)."""
+    del device
     if not path.is_file():
         raise CheckpointError(f"cannot resume: no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}: {e})") \
             from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{path} is not a cobkern training checkpoint")
+    if not isinstance(ckpt.get("version"), int) or ckpt["version"] > CKPT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has version {ckpt.get('version')!r}; this "
+                              f"cobkern reads versions up to {CKPT_VERSION}")
     mine = model_config(model)
-    if ckpt["model_config"] != mine:
-        diff = _first_difference(ckpt["model_config"], mine)
+    if ckpt.get("model_config") != mine:
+        diff = _first_difference(ckpt.get("model_config"), mine)
         raise CheckpointError(f"checkpoint {path} was written for a different model "
                               f"(first difference: {diff})")
     return ckpt
@@ -266,12 +409,26 @@ def _trim_metrics(path: Path, step: int) -> None:
     keep = []
     for line in path.read_text().splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
+            rec = json.loads(line)
         except ValueError:
             continue  # a torn last line from a killed run
+        s = rec.get("step", 0) if isinstance(rec, dict) else None
+        if isinstance(s, int) and not isinstance(s, bool) and s <= step:
+            keep.append(line)
     with atomic_path(path) as tmp:
         tmp.write_text("".join(x + "\n" for x in keep))
+
+
+def _start_metrics(path: Path) -> None:
+    """Begin an empty metrics file (a fresh run never appends to an old run's lines)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text("")
+
+
+def _step_epoch(loader: DeviceLoader) -> int:
+    """0-based epoch of the last batch the loader yielded (after the epoch's last batch the
+    loader has already moved on to the next epoch)."""
+    return loader.epoch if loader.batch > 0 else max(0, loader.epoch - 1)
 
 
 def _prepare_data(config: TrainConfig, data: tuple[ImageSet, ImageSet] | None,
@@ -312,8 +469,10 @@ def train(
     Args:
         config: all settings (see :class:`TrainConfig`; e.g. ``get_preset("quick")``).
         out_dir: run directory (created once the data and model are ready).
-        resume: continue from ``out_dir/checkpoint.pt``. Without it, an existing checkpoint
-            in ``out_dir`` is an error (nothing is overwritten).
+        resume: continue from ``out_dir/checkpoint.pt``, with the checkpoint's settings
+            (only the fields in :data:`RESUME_MAY_CHANGE` may differ). Without it, an
+            existing checkpoint in ``out_dir`` is an error (nothing is overwritten), and a
+            ``metrics.jsonl`` left by a run killed before its first checkpoint is replaced.
         model: train this model (e.g. a pruned one) instead of building ``config.arch``;
             it is trained in place and keeps its architecture.
         data: ``(train, test)`` image sets instead of loading ``config.data_source``.
@@ -324,6 +483,11 @@ def train(
         Final metrics: ``{"test_accuracy", "test_loss", "train_loss", "train_accuracy",
         "steps", "epochs", "elapsed_s", "images_per_s", "model_path", "world_size",
         "ranks_in_sync"}`` (the last one only under data parallelism).
+
+    Raises:
+        ConfigError: an invalid setting. CheckpointError: ``resume`` without a readable
+        checkpoint of this model, or with settings that differ from the checkpoint's;
+        a checkpoint in ``out_dir`` without ``resume``. DataError: missing or bad data.
     """
     config = TrainConfig(**asdict(config)).validate()
     out = Path(out_dir)
@@ -387,17 +551,27 @@ def _train(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
     sched = build_scheduler(opt, config)
 
     step, elapsed_before = 0, 0.0
+    window: dict[str, Any] | None = None
+    last_train: dict[str, Any] = {}
+    last_eval: dict[str, Any] | None = None
     if resume:
         ckpt = _load_checkpoint(ckpt_path, base, device)
+        _check_resume_config(ckpt.get("config"), config, ckpt_path)
         try:
             base.load_state_dict(ckpt["model"])
+            # The checkpoint is read onto the CPU; load_state_dict casts the optimizer state
+            # to the device (and dtype) of the parameters it belongs to.
             opt.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
             loader.load_state_dict(ckpt["loader"])
-        except (RuntimeError, ValueError, KeyError) as e:
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"checkpoint {ckpt_path} does not fit this run: {e}") from None
         step, elapsed_before = int(ckpt["step"]), float(ckpt.get("elapsed_s", 0.0))
-        _set_rng_state(ckpt["rng"], device)
+        window = _restore_rank_state(ckpt, config, d, device)
+        if isinstance(ckpt.get("last_train"), dict):
+            last_train = dict(ckpt["last_train"])
+        if isinstance(ckpt.get("last_eval"), dict):
+            last_eval = dict(ckpt["last_eval"])
         if d.main:
             _trim_metrics(out / METRICS_NAME, step)
     else:
@@ -412,32 +586,45 @@ def _train(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
 
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(config), indent=1) + "\n")
+        _write_json(out / "config.json", asdict(config))
+        if not resume:
+            _start_metrics(out / METRICS_NAME)
     metrics_file = open(out / METRICS_NAME, "a") if d.main else None  # noqa: SIM115
 
     def log(record: dict[str, Any]) -> None:
         if metrics_file is not None:
-            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.write(_json_line(record) + "\n")
             metrics_file.flush()
 
     def save_checkpoint() -> None:
+        # Every rank's own RNG state and metrics window (ranks draw different dropout masks
+        # and see different images); gathered by all ranks, written by rank 0.
+        ranks = d.all_gather_object({
+            "rng": _rng_state(device),
+            "log_window": {"loss_sum": win_loss.item(), "correct": int(win_correct.item()),
+                           "n": n_window, "seconds": time.perf_counter() - t_window}})
         if d.main:
             _atomic_torch_save({
-                "format": CKPT_FORMAT, "version": 1, "step": step,
+                "format": CKPT_FORMAT, "version": CKPT_VERSION, "step": step,
                 "model": base.state_dict(), "model_config": model_config(base),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "loader": loader.state_dict(), "rng": _rng_state(device),
+                "loader": loader.state_dict(),
+                "rng": ranks[0]["rng"],  # rank 0's, as in a one-process checkpoint
+                "rank_state": ranks, "last_train": last_train, "last_eval": last_eval,
                 "config": asdict(config),
                 "elapsed_s": elapsed_before + time.perf_counter() - t_start,
             }, ckpt_path)
         d.barrier()
 
-    def run_eval() -> dict[str, float]:
+    def run_eval() -> dict[str, Any]:
         res = evaluate(base, test_loader, device, bf16=config.bf16)
-        rec = {"event": "eval", "step": step, "epoch": loader.epoch,
+        rec = {"event": "eval", "step": step, "epoch": _step_epoch(loader),
                "test_loss": res["loss"], "test_accuracy": res["accuracy"]}
         log(rec)
         return rec
+
+    def evaluated_now() -> bool:
+        return last_eval is not None and last_eval.get("step") == step
 
     pbar = tqdm(total=config.steps, initial=step, disable=not (config.progress and d.main),
                 unit="step", dynamic_ncols=True, leave=True)
@@ -445,8 +632,11 @@ def _train(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
     t_window, n_window = time.perf_counter(), 0
     win_loss = torch.zeros((), dtype=torch.float64, device=device)
     win_correct = torch.zeros((), dtype=torch.int64, device=device)
-    last_train: dict[str, Any] = {}
-    last_eval: dict[str, Any] | None = None
+    if window is not None:  # the metrics window the checkpoint interrupted
+        win_loss.fill_(float(window["loss_sum"]))
+        win_correct.fill_(int(window["correct"]))
+        n_window = int(window["n"])
+        t_window -= float(window.get("seconds", 0.0))
     base.train()
     try:
         while step < config.steps:
@@ -485,16 +675,25 @@ def _train(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
                     win_loss.zero_()
                     win_correct.zero_()
                     t_window, n_window = time.perf_counter(), 0
+                # Evaluate before checkpointing, so that a checkpoint records the evaluation
+                # at its step and a resumed run neither repeats nor loses it. Without
+                # eval_every, the end of every epoch is evaluated (the final step always is,
+                # below).
+                epoch_done = loader.batch == len(loader)
+                if (config.eval_every and step % config.eval_every == 0) or \
+                        (not config.eval_every and epoch_done and step < config.steps):
+                    last_eval = run_eval()
                 if config.checkpoint_every and step % config.checkpoint_every == 0:
                     save_checkpoint()
-                if config.eval_every and step % config.eval_every == 0:
-                    last_eval = run_eval()
                 if on_step is not None:
                     on_step(step)
                 if step >= config.steps:
                     break
             else:
-                if not config.eval_every and step < config.steps:
+                # The epoch's end was evaluated at its last batch (above); this evaluates
+                # only when a version-1 checkpoint taken on an epoch's last batch (which
+                # does not record that evaluation) is resumed.
+                if not config.eval_every and step < config.steps and not evaluated_now():
                     last_eval = run_eval()  # end of an epoch
                 continue
             break
@@ -504,12 +703,13 @@ def _train(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
             metrics_file.close()
     metrics_file = open(out / METRICS_NAME, "a") if d.main else None  # noqa: SIM115
     try:
-        if last_eval is None or last_eval["step"] != step:
+        if not evaluated_now():
             last_eval = run_eval()
         save_checkpoint()
     finally:
         if metrics_file is not None:
             metrics_file.close()
+    assert last_eval is not None
     elapsed = elapsed_before + time.perf_counter() - t_start
     result: dict[str, Any] = {
         "test_accuracy": last_eval["test_accuracy"], "test_loss": last_eval["test_loss"],
@@ -521,10 +721,9 @@ def _train(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
         result["ranks_in_sync"] = _ranks_in_sync(base, d)
     model_path = out / default_model_filename()
     if d.main:
-        save_model(base, model_path, extra={k: v for k, v in result.items()
+        save_model(base, model_path, extra={k: v for k, v in _json_safe(result).items()
                                             if isinstance(v, (int, float, bool, str))})
-        (out / "final.json").write_text(json.dumps({**result, "model_path": str(model_path)},
-                                                   indent=1) + "\n")
+        _write_json(out / "final.json", {**result, "model_path": str(model_path)})
     d.barrier()
     result["model_path"] = str(model_path)
     return result
