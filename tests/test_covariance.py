@@ -181,3 +181,37 @@ def test_launcher_tuning_options_compute_the_same_moments(device, dtype, block, 
     got = (packed[: split**2].view(split, split), packed[split**2:].view(c - split, c - split),
            sa, sq)
     _close(got, subspace_moments_reference(x, split, accum_dtype=torch.float64))
+
+
+def test_update_rejects_out_of_range_dim():
+    """update(x, dim=3) on a 2-D x raised a bare IndexError from x.shape[dim]."""
+    acc = CovarianceAccumulator(6, 3)
+    with pytest.raises(IndexError, match=r"dim=3 is out of range for a 2-D input"):
+        acc.update(torch.randn(4, 6), dim=3)
+    acc.update(torch.randn(4, 6, 2), dim=-2)  # a negative dim is normalised
+    assert acc.count == 8
+
+
+def test_all_reduce_keeps_counts_above_2_pow_24(tmp_path):
+    """The sample count travels as int64, not inside the float32 buffer (exact to 2**24
+    only: 2**24 + 3 came back as 2**24 + 4). gloo, world size 1: all_reduce must leave
+    every sum and the count exactly as they were."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed, not already initialised")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        for dtype in (torch.float32, torch.float64):
+            acc = CovarianceAccumulator(4, 2, dtype=dtype)
+            with use_backend("reference"):
+                acc.update(torch.randn(3, 4))
+            acc._count = 2**24 + 3  # e.g. 20,000 images × 32×32 positions is 2**24 + 3.7 M
+            before = [t.clone() for t in acc.tensors()]
+            acc.all_reduce()
+            assert acc.count == 2**24 + 3
+            for a, b in zip(acc.tensors(), before, strict=True):
+                assert torch.equal(a, b)
+    finally:
+        dist.destroy_process_group()

@@ -114,3 +114,28 @@ def test_cuda_graph_capture_replays_forward_and_backward():
     eager = [loss.detach()] + [p.grad for p in model.parameters()]
     for r, e in zip(replayed, eager, strict=True):
         torch.testing.assert_close(r, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm_size", [0, 11])
+def test_opcheck_backward_op_is_differentiable(norm_size, device):
+    """cobkern::tsra_backward has an autograd formula (double backward through the custom
+    op): opcheck's autograd-registration and AOT tests run it with inputs that require
+    grad. Without the formula, test_autograd_registration fails."""
+    x = torch.randn(2, 8, 3, 3, device=device, requires_grad=True)
+    dy = torch.randn(2, 8, 3, 3, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.cobkern.tsra_backward.default, (dy,) + _op_args(x, norm_size))
+
+
+def test_torch_compile_dynamic_shapes_and_symbolic_split(device):
+    """dynamic=True: the argument checks (in the wrappers and in the ops' fake
+    implementations) must trace with symbolic sizes and constants, without graph breaks."""
+    torch._dynamo.reset()
+    m = torch.nn.Sequential(RMSNormTSRA(8, split=3), TSRA(8, split=5, eps=1e-9)).to(device)
+    g = torch.compile(m, dynamic=True, fullgraph=True)
+    f = torch.compile(lambda x: cobkern.tsra(x, x.shape[1] // 2), dynamic=True, fullgraph=True)
+    for shape in ((2, 8, 3, 3), (5, 8, 4, 2)):
+        x = torch.randn(shape, device=device)
+        torch.testing.assert_close(g(x), m(x), rtol=1e-6, atol=1e-6)
+    for c in (6, 8):
+        x = torch.randn(3, c, 2, 2, device=device)
+        torch.testing.assert_close(f(x), cobkern.tsra(x, c // 2), rtol=1e-6, atol=1e-6)

@@ -188,3 +188,44 @@ def test_sweep_overrides_compute_the_same_function(tuning, shape, split, layout,
     k._launch("backward", (dy, x, dx), geo, split, *consts, **over)
     torch.testing.assert_close(y.cpu().double(), y64, **TOL[dtype])
     torch.testing.assert_close(dx.cpu().double(), dx64, **TOL[dtype])
+
+
+def _double_backward_case(fn, x0, split, as_parameter):
+    """``d/dx [sum(y) + ||d(sum y²)/dx||²]``: a gradient penalty, i.e. second order."""
+    x = torch.nn.Parameter(x0.clone()) if as_parameter else x0.clone().requires_grad_(True)
+    y = fn(x, split)
+    (dx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    (g,) = torch.autograd.grad(y.sum() + dx.square().sum(), x)
+    return y, dx, g
+
+
+@pytest.mark.parametrize("route", ["fast", "op"])
+@pytest.mark.parametrize("shape, split", [((2, 6, 3, 3), 2), ((5, 9), 4)], ids=["nchw", "2d"])
+@pytest.mark.parametrize("fused", [False, True], ids=["tsra", "rmsnorm_tsra"])
+def test_double_backward_on_kernel_path_matches_float64(fused, shape, split, route, device):
+    """create_graph=True through the Triton path keeps every second-order term.
+
+    route "fast" is the eager autograd.Function, "op" the registered custom op (an
+    nn.Parameter input takes it). Before the fix the kernel's dx had no graph and the
+    penalty's gradient was off by ~20 (the first-order part only). Tolerance rtol/atol 1e-4:
+    float32 first-order kernel output and a float32 reference second-order formula against
+    float64 autograd, a few float32 ulps of entries up to ~20, accumulated over C channels.
+    """
+    kw64 = dict(norm_size=None, rms_eps=1e-6) if fused else {}
+    fn = rmsnorm_tsra if fused else tsra
+    x0 = (torch.randn(shape) * 1.5).to(device)
+    with cobkern.use_backend("triton"):
+        y, dx, g = _double_backward_case(fn, x0, split, route == "op")
+        # the first-order value is the kernel's, bit for bit, with or without create_graph
+        x1 = x0.clone().requires_grad_(True)
+        (dx1,) = torch.autograd.grad(fn(x1, split).square().sum(), x1)
+    assert dx.grad_fn is not None and not dx1.requires_grad
+    assert torch.equal(dx.detach(), dx1)
+    from reference64 import tsra64
+
+    x64 = x0.cpu().double().requires_grad_(True)
+    y64 = tsra64(x64, split, **kw64)
+    (dx64,) = torch.autograd.grad(y64.square().sum(), x64, create_graph=True)
+    (g64,) = torch.autograd.grad(y64.sum() + dx64.square().sum(), x64)
+    torch.testing.assert_close(dx.detach().cpu().double(), dx64.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g.cpu().double(), g64, rtol=1e-4, atol=1e-4)

@@ -159,3 +159,225 @@ def test_eager_fast_path_matches_the_registered_op(fused, device):
     (dx_op,) = torch.autograd.grad(y_op, x, dy)
     assert torch.equal(y, y_op)
     assert torch.equal(dx, dx_op)
+
+
+# ----------------------------------------------------------------------------- double backward
+def _as_route(x: torch.Tensor, route: str) -> torch.Tensor:
+    """"fast": a plain tensor takes the eager autograd.Function; "op": an nn.Parameter (a
+    Tensor subclass) takes the registered custom op and its autograd formulas."""
+    return torch.nn.Parameter(x.detach().clone()) if route == "op" else x
+
+
+@pytest.mark.parametrize("route", ["fast", "op"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_gradgradcheck_reference(fused, route):
+    """Second derivatives vs finite differences of the first, float64 (reference path). The
+    custom-op route used to raise "no autograd formula registered for cobkern.tsra_backward"."""
+    x = _as_route(torch.randn(3, 7, 2, 2, dtype=torch.float64, requires_grad=True), route)
+    if fused:
+        assert torch.autograd.gradgradcheck(lambda t: rmsnorm_tsra(t, 3, norm_size=9), (x,))
+    else:
+        assert torch.autograd.gradgradcheck(lambda t: tsra(t, 3, a_u=2.0, b_v=0.3), (x,))
+
+
+@pytest.mark.parametrize("route", ["fast", "op"])
+def test_third_order_gradcheck_reference(route):
+    """The double backward is itself differentiable (create_graph=True inside it)."""
+    x = _as_route(torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True), route)
+
+    def grad_of_penalty(t: torch.Tensor) -> torch.Tensor:
+        (d,) = torch.autograd.grad(rmsnorm_tsra(t, 2).square().sum(), t, create_graph=True)
+        return d
+
+    assert torch.autograd.gradgradcheck(grad_of_penalty, (x,))
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_double_backward_is_finite_where_a_subspace_is_zero(backend, fused, device):
+    """Where x = 0 or x_U = 0 the first-order backward uses 1/0 := 0 (finite, method.md §1);
+    the second-order terms follow the same convention instead of sqrt'(0) = inf -> NaN,
+    which would poison a whole gradient penalty. Kernel vs reference path: rtol/atol 1e-4, as
+    in the float64 test (only the float32 first-order parts differ, in summation order)."""
+    x0 = torch.randn(4, 8, device=device)
+    x0[0] = 0.0
+    x0[1, :3] = 0.0
+    fn = rmsnorm_tsra if fused else tsra
+    grads = {}
+    for be in (backend, "reference"):
+        x = x0.clone().requires_grad_(True)
+        with cobkern.use_backend(be):
+            y = fn(x, 3)
+            (dx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+            (grads[be],) = torch.autograd.grad(y.sum() + dx.square().sum(), x)
+    assert torch.isfinite(grads[backend]).all()
+    torch.testing.assert_close(grads[backend], grads["reference"], rtol=1e-4, atol=1e-4)
+
+
+def test_explicit_backward_is_differentiable():
+    """tsra_backward(grad, x) has a gradient in both grad and x (float64 gradcheck)."""
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda gg, xx: tsra_backward(gg, xx, 2), (g, x))
+
+
+# ----------------------------------------------------------------------------- raw-op arguments
+_C5 = (5.0, 0.5, 5.0, 0.7, 1e-12)
+_BAD_OP_CALLS = {
+    "tsra-split>C": (lambda x, g: torch.ops.cobkern.tsra(x, 7, 1, *_C5, 0, 0.0),
+                     ValueError, "split=7 is out of range for 3 channels"),
+    "tsra-split0": (lambda x, g: torch.ops.cobkern.tsra(x, 0, 1, *_C5, 0, 0.0),
+                    ValueError, "split=0 is out of range"),
+    "tsra-dim3": (lambda x, g: torch.ops.cobkern.tsra(x, 2, 3, *_C5, 0, 0.0),
+                  IndexError, "dim=3 is out of range"),
+    "tsra-dim-4": (lambda x, g: torch.ops.cobkern.tsra(x, 2, -4, *_C5, 0, 0.0),
+                   IndexError, "dim=-4 is out of range"),
+    "tsra-norm_size<0": (lambda x, g: torch.ops.cobkern.tsra(x, 2, 1, *_C5, -1, 1e-6),
+                         ValueError, "norm_size must be an int >= 0"),
+    "tsra-eps0": (lambda x, g: torch.ops.cobkern.tsra(x, 2, 1, 5.0, 0.5, 5.0, 0.7, 0.0, 0, 0.0),
+                  ValueError, "must be a finite number > 0"),
+    "tsra-rms_eps<0": (lambda x, g: torch.ops.cobkern.tsra(x, 2, 1, *_C5, 3, -1.0),
+                       ValueError, "rms_eps must be >= 0"),
+    "bwd-split>C": (lambda x, g: torch.ops.cobkern.tsra_backward(g, x, 9, 1, *_C5, 0, 0.0),
+                    ValueError, "split=9 is out of range"),
+    "bwd-dim-5": (lambda x, g: torch.ops.cobkern.tsra_backward(g, x, 2, -5, *_C5, 0, 0.0),
+                  IndexError, "dim=-5 is out of range"),
+    "bwd-grad-shape": (lambda x, g: torch.ops.cobkern.tsra_backward(g[..., :5], x, 2, 1, *_C5,
+                                                                    0, 0.0),
+                       ValueError, "grad has shape"),
+    "bwd-grad-dtype": (lambda x, g: torch.ops.cobkern.tsra_backward(g.half(), x, 2, 1, *_C5,
+                                                                    0, 0.0),
+                       TypeError, "grad has dtype"),
+    "moments-split>C": (lambda x, g: torch.ops.cobkern.subspace_moments(x, 3, 1),
+                        ValueError, "split=3 is out of range"),
+    "moments-dim3": (lambda x, g: torch.ops.cobkern.subspace_moments(x, 2, 3),
+                     IndexError, "dim=3 is out of range"),
+}
+
+
+@pytest.mark.parametrize("where", ["reference", "meta"])
+@pytest.mark.parametrize("case", list(_BAD_OP_CALLS))
+def test_registered_ops_reject_bad_arguments(case, where):
+    """torch.ops.cobkern.* validate their own arguments, in the real implementation (here
+    on the reference backend; the kernel path is checked in a child process below) and in
+    the fake/meta one (meta tensors), instead of indexing out of range."""
+    call, exc, match = _BAD_OP_CALLS[case]
+    dev = "meta" if where == "meta" else "cpu"
+    x = torch.randn(4, 3, 6, device=dev)
+    g = torch.randn(4, 3, 6, device=dev)
+    with cobkern.use_backend("reference"), pytest.raises(exc, match=match):
+        call(x, g)
+
+
+_KERNEL_OP_SCRIPT = r"""
+import sys, torch, warnings
+warnings.filterwarnings("ignore")
+sys.path.insert(0, {tests!r})
+import cobkern
+from test_tsra_properties import _BAD_OP_CALLS
+dev = torch.device({device!r})
+x, g = torch.randn(4, 3, 6, device=dev), torch.randn(4, 3, 6, device=dev)
+c = (5.0, 0.5, 5.0, 0.7, 1e-12, 0, 0.0)
+with cobkern.use_backend("triton"):
+    for name, (call, exc, match) in _BAD_OP_CALLS.items():
+        try:
+            call(x, g)
+            print("NO-ERROR", name)
+        except exc as e:
+            print("OK" if match in str(e) else "WRONG-MESSAGE", name, str(e)[:200])
+    # a negative dim is normalised: the same result as the positive one, not a wrong geometry
+    checks = [
+        (torch.ops.cobkern.tsra(x, 2, -1, *c), torch.ops.cobkern.tsra(x, 2, 2, *c)),
+        (torch.ops.cobkern.tsra_backward(g, x, 2, -1, *c),
+         torch.ops.cobkern.tsra_backward(g, x, 2, 2, *c)),
+    ] + list(zip(torch.ops.cobkern.subspace_moments(x, 2, -1),
+                 torch.ops.cobkern.subspace_moments(x, 2, 2)))
+    for i, (a, b) in enumerate(checks):
+        print("OK" if torch.equal(a, b) else "MISMATCH", "negative-dim", i)
+"""
+
+
+def test_registered_ops_on_the_kernel_path_normalise_dim_and_reject_bad_arguments(device):
+    """On the Triton path a bad split or a negative dim used to reach the kernel with a wrong
+    geometry: out-of-bounds reads and writes, NaN results or a segfault of the interpreter.
+    Run in a child process so that a regression cannot take the test session down."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = _KERNEL_OP_SCRIPT.format(tests=str(Path(__file__).parent), device=str(device))
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ), cwd=str(Path(__file__).parent))
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == len(_BAD_OP_CALLS) + 6, r.stdout + r.stderr
+    bad = [ln for ln in lines if not ln.startswith("OK")]
+    assert not bad, "\n".join(bad)
+
+
+# ----------------------------------------------------------------------------- eps and modules
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: tsra(torch.zeros(2, 4), 2, eps=0.0),
+        lambda: tsra(torch.zeros(2, 4), 2, eps=-1.0),
+        lambda: tsra(torch.zeros(2, 4), 2, eps=float("nan")),
+        lambda: tsra(torch.zeros(2, 4), 2, eps=float("inf")),
+        lambda: rmsnorm_tsra(torch.zeros(2, 4), 2, tsra_eps=0.0),
+        lambda: tsra_backward(torch.ones(2, 4), torch.zeros(2, 4), 2, eps=0.0),
+        lambda: cobkern.ops.rmsnorm_tsra_backward(torch.ones(2, 4), torch.zeros(2, 4), 2,
+                                                  tsra_eps=-1e-12),
+        lambda: TSRA(4, eps=0.0),
+        lambda: RMSNormTSRA(4, tsra_eps=-1.0),
+    ],
+)
+def test_tsra_eps_must_be_positive(call):
+    """eps = 0 turned x = 0 into 0/0 = NaN (method.md §1: output 0 there); eps < 0 was
+    accepted silently."""
+    with pytest.raises(ValueError, match=r"must be a finite number > 0"):
+        call()
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # padded tile lanes, as
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # in the scale test above
+def test_rmsnorm_eps_zero_is_still_allowed():
+    """Only TSRA's eps must be > 0; RMSNorm's eps >= 0 is unchanged."""
+    y = rmsnorm_tsra(torch.randn(3, 8), 4, eps=0.0)
+    assert torch.isfinite(y).all()
+
+
+def test_module_eps_attribute_and_repr():
+    """TSRA's constructor argument eps is the attribute eps (tsra_eps stays as an alias, as
+    model configs read it); non-default epsilons show in the repr; defaults keep the old
+    repr."""
+    from cobkern.models.io import build_layer, layer_spec
+
+    x = torch.full((1, 8), 1e-3)
+    a = TSRA(8)
+    assert repr(a) == "TSRA(8, split=4, dim=1, a_u=5.0, b_u=0.5, a_v=5.0, b_v=0.7)"
+    b = TSRA(8, eps=1e-3)
+    assert b.eps == b.tsra_eps == 1e-3 and "eps=0.001" in repr(b)
+    a.eps = 1e-3  # used to create an unused attribute and leave TSRA's epsilon alone
+    assert a.tsra_eps == 1e-3 and repr(a) == repr(b) and torch.equal(a(x), b(x))
+    torch.testing.assert_close(a(x), tsra(x, 4, eps=1e-3), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="> 0"):
+        a.eps = 0.0
+    rebuilt = build_layer(layer_spec(b))
+    assert isinstance(rebuilt, TSRA) and rebuilt.eps == 1e-3 and repr(rebuilt) == repr(b)
+    assert a.state_dict() == {}
+
+    c = RMSNormTSRA(8)
+    d = RMSNormTSRA(8, eps=1e-5, tsra_eps=1.0)
+    assert "tsra_eps" not in repr(c) and "eps=1e-06" in repr(c)
+    assert "tsra_eps=1.0" in repr(d) and "eps=1e-05" in repr(d)
+    assert (d.eps, d.tsra_eps) == (1e-5, 1.0)
+    rebuilt = build_layer(layer_spec(d))
+    assert (rebuilt.eps, rebuilt.tsra_eps) == (1e-5, 1.0) and repr(rebuilt) == repr(d)
+
+
+@pytest.mark.parametrize("norm_size", [True, 2.5, 0])
+def test_rmsnorm_rejects_non_int_norm_size(norm_size):
+    """norm_size=True was taken as 1 and 2.5 as a float normaliser; 0 was rejected before."""
+    with pytest.raises(ValueError, match="norm_size must be"):
+        cobkern.ops.rmsnorm(torch.randn(2, 4), norm_size=norm_size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from cobkern.ops import rmsnorm_tsra, tsra
+from cobkern.ops._checks import check_tsra_eps
 from cobkern.ops.tsra import (
     DEFAULT_A_U,
     DEFAULT_A_V,
@@ -28,22 +29,32 @@ def _default_split(num_channels: int, split: int | None) -> int:
 
 
 class _TSRABase(nn.Module):
+    """Shared state of :class:`TSRA` and :class:`RMSNormTSRA`.
+
+    TSRA's epsilon is stored as ``tsra_eps`` on both classes (the name model configs and
+    saved modules use); :class:`TSRA` also exposes it as ``eps``, its constructor argument.
+    """
+
     def __init__(self, num_channels: int, split: int | None, dim: int, a_u: float, b_u: float,
-                 a_v: float, b_v: float, tsra_eps: float) -> None:
+                 a_v: float, b_v: float, tsra_eps: float, eps_arg: str) -> None:
         super().__init__()
         self.num_channels = num_channels
         self.split = _default_split(num_channels, split)
         self.dim = dim
         self.a_u, self.b_u, self.a_v, self.b_v = a_u, b_u, a_v, b_v
-        self.tsra_eps = tsra_eps
+        self.tsra_eps = check_tsra_eps(type(self).__name__, tsra_eps, eps_arg)
 
     def _check(self, x: Tensor) -> None:
         if x.dim() > self.dim and x.shape[self.dim] != self.num_channels:
             raise ValueError(f"{type(self).__name__}: expected {self.num_channels} channels on "
                              f"dim {self.dim}, got input of shape {tuple(x.shape)}")
 
-    def _gain_repr(self) -> str:
-        return (f"a_u={self.a_u}, b_u={self.b_u}, a_v={self.a_v}, b_v={self.b_v}")
+    def _gain_repr(self, eps_name: str) -> str:
+        """The gain constants, and TSRA's epsilon as ``eps_name=...`` when not the default."""
+        s = f"a_u={self.a_u}, b_u={self.b_u}, a_v={self.a_v}, b_v={self.b_v}"
+        if self.tsra_eps != DEFAULT_EPS:
+            s += f", {eps_name}={self.tsra_eps}"
+        return s
 
 
 class TSRA(_TSRABase):
@@ -58,7 +69,9 @@ class TSRA(_TSRABase):
         split: size of ``U``; default ``C // 2``. After pruning the two subspaces differ.
         dim: the channel axis (default 1).
         a_u, b_u, a_v, b_v: logistic constants (defaults 5, 0.5, 5, 0.7).
-        eps: added to ``||x||`` in ``r`` (default 1e-12).
+        eps: added to ``||x||`` in ``r`` (default 1e-12); a finite number ``> 0``. Readable
+            and settable as the attribute ``eps`` (also available as ``tsra_eps``, the name
+            :class:`RMSNormTSRA` uses); shown in the repr when not the default.
 
     Shape:
         - Input: ``(N, C)``, ``(N, C, H, W)`` (NCHW or channels_last), ...
@@ -73,7 +86,16 @@ class TSRA(_TSRABase):
     def __init__(self, num_channels: int, split: int | None = None, dim: int = 1,
                  a_u: float = DEFAULT_A_U, b_u: float = DEFAULT_B_U, a_v: float = DEFAULT_A_V,
                  b_v: float = DEFAULT_B_V, eps: float = DEFAULT_EPS) -> None:
-        super().__init__(num_channels, split, dim, a_u, b_u, a_v, b_v, eps)
+        super().__init__(num_channels, split, dim, a_u, b_u, a_v, b_v, eps, "eps")
+
+    @property
+    def eps(self) -> float:
+        """TSRA's epsilon (the constructor's ``eps``); the same value as ``tsra_eps``."""
+        return self.tsra_eps
+
+    @eps.setter
+    def eps(self, value: float) -> None:
+        self.tsra_eps = check_tsra_eps("TSRA", value, "eps")
 
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
@@ -81,7 +103,8 @@ class TSRA(_TSRABase):
                     b_v=self.b_v, eps=self.tsra_eps)
 
     def extra_repr(self) -> str:
-        return f"{self.num_channels}, split={self.split}, dim={self.dim}, {self._gain_repr()}"
+        return (f"{self.num_channels}, split={self.split}, dim={self.dim}, "
+                f"{self._gain_repr('eps')}")
 
 
 class RMSNormTSRA(_TSRABase):
@@ -96,7 +119,10 @@ class RMSNormTSRA(_TSRABase):
         dim: the channel axis (default 1).
         eps: RMSNorm's epsilon (default 1e-6).
         norm_size: RMSNorm's normaliser; ``None`` (default) means ``num_channels``.
-        a_u, b_u, a_v, b_v, tsra_eps: TSRA's constants.
+        a_u, b_u, a_v, b_v, tsra_eps: TSRA's constants (``tsra_eps``, TSRA's epsilon, must
+            be ``> 0``; shown in the repr when not the default 1e-12).
+
+    Attributes ``eps`` (RMSNorm's) and ``tsra_eps`` (TSRA's) match the constructor.
 
     Shape:
         - Input: ``(N, C, *)``
@@ -107,7 +133,7 @@ class RMSNormTSRA(_TSRABase):
                  eps: float = DEFAULT_RMS_EPS, norm_size: int | None = None,
                  a_u: float = DEFAULT_A_U, b_u: float = DEFAULT_B_U, a_v: float = DEFAULT_A_V,
                  b_v: float = DEFAULT_B_V, tsra_eps: float = DEFAULT_EPS) -> None:
-        super().__init__(num_channels, split, dim, a_u, b_u, a_v, b_v, tsra_eps)
+        super().__init__(num_channels, split, dim, a_u, b_u, a_v, b_v, tsra_eps, "tsra_eps")
         self.eps = eps
         self.norm_size = norm_size
 
@@ -121,4 +147,4 @@ class RMSNormTSRA(_TSRABase):
         s = f"{self.num_channels}, split={self.split}, dim={self.dim}, eps={self.eps}"
         if self.norm_size is not None:
             s += f", norm_size={self.norm_size}"
-        return s + ", " + self._gain_repr()
+        return s + ", " + self._gain_repr("tsra_eps")

@@ -10,6 +10,7 @@ A tensor is viewed, without copying, as ``(B, C, P)`` with three strides:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,11 @@ class ChannelGeometry:
     channels_contig: bool
 
 
+def is_int(v: object) -> bool:
+    """``True`` for a Python ``int`` (or a ``torch.SymInt`` while tracing), never a ``bool``."""
+    return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
+
+
 def check_activation_input(
     name: str, x: torch.Tensor, split: int, dim: int, *, min_rank: int = 2, max_rank: int = 5
 ) -> int:
@@ -55,7 +61,7 @@ def check_activation_input(
             f"{name}: expected a {min_rank}-D to {max_rank}-D tensor such as (N, C) or "
             f"(N, C, H, W), got shape {tuple(x.shape)} ({x.dim()}-D)"
         )
-    if isinstance(dim, bool) or not isinstance(dim, int):
+    if not is_int(dim):
         raise TypeError(f"{name}: dim must be an int, got {type(dim).__name__}")
     if not (-x.dim() <= dim < x.dim()):
         raise IndexError(
@@ -69,7 +75,7 @@ def check_activation_input(
             f"{name}: the channel axis (dim={dim}) has size {c}; TSRA needs at least 2 channels "
             "(one in each subspace)"
         )
-    if isinstance(split, bool) or not isinstance(split, int):
+    if not is_int(split):
         raise TypeError(f"{name}: split must be an int, got {type(split).__name__}")
     if not (1 <= split < c):
         raise ValueError(
@@ -77,6 +83,22 @@ def check_activation_input(
             "so that both subspaces are non-empty)"
         )
     return dim
+
+
+def check_tsra_eps(name: str, eps: float, arg: str = "eps") -> float:
+    """Validate TSRA's ``eps`` (added to ``||x||`` in ``r``): a finite number ``> 0``.
+
+    ``eps = 0`` would turn ``x = 0`` into ``0 / 0 = NaN`` (``method.md`` §1 requires output 0
+    there), and a negative ``eps`` can make ``||x|| + eps`` vanish. Returns ``float(eps)``.
+    """
+    try:
+        value = float(eps)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: {arg} must be a float, got {type(eps).__name__}") from None
+    if not (0 < value < math.inf):  # also rejects NaN; comparisons trace under dynamo
+        raise ValueError(f"{name}: {arg} (TSRA's epsilon in r = ||x_U|| / (||x|| + {arg})) "
+                         f"must be a finite number > 0, got {eps!r}")
+    return value
 
 
 def check_same_device(name: str, **tensors: torch.Tensor) -> None:

@@ -40,7 +40,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._checks import KERNEL_DTYPES, channel_geometry, check_activation_input
+from ._checks import KERNEL_DTYPES, channel_geometry, check_activation_input, is_int
 from .backend import use_triton
 from .reference import compute_dtype
 
@@ -86,6 +86,9 @@ def subspace_moments_reference(
 
 @torch.library.custom_op("cobkern::subspace_moments", mutates_args=())
 def _moments_op(x: Tensor, split: int, dim: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    # the op is public as torch.ops.cobkern.subspace_moments and the kernel trusts split and
+    # dim: validate (and normalise a negative dim) here, not only in the Python wrapper
+    dim = check_activation_input("cobkern.subspace_moments", x, split, dim)
     c = x.shape[dim]
     supported = x.dtype in KERNEL_DTYPES
     if x.numel() == 0 or not use_triton(x, op="cobkern.subspace_moments", supported=supported):
@@ -107,6 +110,7 @@ def _moments_op(x: Tensor, split: int, dim: int) -> tuple[Tensor, Tensor, Tensor
 
 @_moments_op.register_fake
 def _(x, split, dim):
+    dim = check_activation_input("cobkern.subspace_moments", x, split, dim)
     c = x.shape[dim]
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     sv = c - split
@@ -202,10 +206,27 @@ class CovarianceAccumulator:
         return self._count
 
     def update(self, x: Tensor, dim: int = 1) -> None:
-        """Add one batch (shape ``(N, C, *)``, channels on ``dim``)."""
+        """Add one batch (shape ``(N, C, *)``, channels on ``dim``).
+
+        Raises:
+            TypeError: ``x`` is not a floating-point tensor or ``dim`` not an int.
+            IndexError: ``dim`` is out of range for ``x``.
+            ValueError: ``x`` does not have ``num_channels`` channels on ``dim``, or is not
+                2-D to 5-D.
+        """
+        name = "cobkern.CovarianceAccumulator.update"
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+        if not is_int(dim):
+            raise TypeError(f"{name}: dim must be an int, got {type(dim).__name__}")
+        if not -x.dim() <= dim < x.dim():
+            raise IndexError(f"{name}: dim={dim} is out of range for a {x.dim()}-D input of "
+                             f"shape {tuple(x.shape)} (expected -{x.dim()} <= dim < {x.dim()})")
+        dim %= x.dim()
         if x.shape[dim] != self.num_channels:
             raise ValueError(f"CovarianceAccumulator: expected {self.num_channels} channels on "
                              f"dim {dim}, got shape {tuple(x.shape)}")
+        dim = check_activation_input(name, x, self.split, dim)
         x = x.detach()
         if x.dtype in KERNEL_DTYPES and use_triton(x, op="cobkern.subspace_moments"):
             self.accumulation = "float32"
@@ -229,8 +250,7 @@ class CovarianceAccumulator:
     def _kernel_update(self, x: Tensor, dim: int) -> None:
         from cobkern.kernels import covariance as kernels  # deferred: importing triton is slow
 
-        dim = check_activation_input("cobkern.CovarianceAccumulator", x, self.split, dim)
-        geo = channel_geometry(x, dim)
+        geo = channel_geometry(x, dim)  # dim validated and normalised by update()
         if geo is None:  # an odd layout (e.g. a permuted view): one contiguous copy
             x = x.contiguous()
             geo = channel_geometry(x, dim)
@@ -245,23 +265,25 @@ class CovarianceAccumulator:
     def all_reduce(self, group=None) -> None:
         """Sum the accumulators of all ranks in ``group`` (in place, every rank gets the sum).
 
-        A no-op unless ``torch.distributed`` is initialised. The sums and the sample count
-        travel as one flat buffer (one collective per layer).
+        A no-op unless ``torch.distributed`` is initialised. The sums travel as one flat
+        buffer in the accumulator's dtype and the sample count as a separate int64 tensor
+        (two collectives per layer): a float32 buffer holds integers exactly only up to
+        ``2**24`` (16.8 M samples, e.g. 20,000 images × 32×32 positions exceed it).
         """
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
             return
         self._symmetrize()
-        count = torch.tensor([float(self._count)], dtype=self._packed.dtype,
-                             device=self._packed.device)
-        flat = torch.cat([self._packed, self.sum_abs, self.sum_sq, count])
+        flat = torch.cat([self._packed, self.sum_abs, self.sum_sq])
         if dist.get_backend(group) == "nccl" and flat.device.type != "cuda":
             flat = flat.cuda()
+        count = torch.tensor([self._count], dtype=torch.int64, device=flat.device)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
         flat = flat.to(self._packed.device)
         n, c = self._packed.numel(), self.num_channels
         self._packed.copy_(flat[:n])
         self.sum_abs.copy_(flat[n:n + c])
         self.sum_sq.copy_(flat[n + c:n + 2 * c])
-        self._count = int(round(flat[-1].item()))
+        self._count = int(count.item())

@@ -27,6 +27,8 @@ where ``s_U'``, ``s_V'`` are the raw (un-normalised) norms.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 __all__ = ["tsra_forward", "tsra_backward", "rmsnorm", "compute_dtype"]
@@ -53,6 +55,18 @@ def _per_subspace(dim: int, c: int, split: int, u: torch.Tensor, v: torch.Tensor
     return torch.cat([u.expand(shape_u), v.expand(shape_v)], dim)
 
 
+def _safe_sqrt(sumsq: torch.Tensor) -> torch.Tensor:
+    """``sqrt(sumsq)`` with a zero (not infinite) derivative at ``sumsq = 0``.
+
+    The value is exactly ``sqrt``'s. Only autograd through :func:`tsra_backward` (the
+    double backward) differentiates it: where a subspace is exactly zero the first-order
+    formula's ``1/0 := 0`` guards hold, and a plain ``sqrt`` would still send ``inf · 0 = NaN``
+    into every second-order term of that position.
+    """
+    nz = sumsq != 0  # not ``> 0``: a NaN sum stays NaN
+    return torch.where(nz, torch.where(nz, sumsq, 1.0).sqrt(), 0.0)
+
+
 def _gains(
     s2u: torch.Tensor,
     s2v: torch.Tensor,
@@ -62,9 +76,10 @@ def _gains(
     a_v: float,
     b_v: float,
     eps: float,
+    sqrt: Callable[[torch.Tensor], torch.Tensor] = torch.sqrt,
 ):
-    su = s2u.sqrt() * q
-    s = (s2u + s2v).sqrt() * q
+    su = sqrt(s2u) * q
+    s = sqrt(s2u + s2v) * q
     den = s + eps
     r = su / den
     gu = torch.sigmoid(a_u * (r - b_u))
@@ -118,8 +133,15 @@ def tsra_backward(
     eps: float,
     norm_size: int = 0,
     rms_eps: float = 0.0,
+    *,
+    differentiable: bool = False,
 ) -> torch.Tensor:
-    """Gradient of :func:`tsra_forward` with respect to ``x`` (shapes as ``x``)."""
+    """Gradient of :func:`tsra_forward` with respect to ``x`` (shapes as ``x``).
+
+    ``differentiable=True`` (the double backward's use) computes the norms with a square root
+    whose derivative at 0 is 0, so that autograd through this function stays finite where a
+    subspace is exactly zero; the values are the same either way.
+    """
     c = x.shape[dim]
     cd = compute_dtype(x.dtype)
     xf = x.to(cd)
@@ -130,7 +152,8 @@ def tsra_backward(
     dv = prod.narrow(dim, split, c - split).sum(dim, keepdim=True)
     rms = norm_size > 0
     q = _rms_scale(s2u, s2v, norm_size, rms_eps) if rms else torch.ones_like(s2u)
-    su, s, den, r, gu, gv = _gains(s2u, s2v, q, a_u, b_u, a_v, b_v, eps)
+    su, s, den, r, gu, gv = _gains(s2u, s2v, q, a_u, b_u, a_v, b_v, eps,
+                                   _safe_sqrt if differentiable else torch.sqrt)
     cc = q * (a_u * gu * (1 - gu) * du + a_v * gv * (1 - gv) * dv)
     t = cc / den
     inv_su = torch.where(su > 0, 1.0 / torch.where(su > 0, su, 1.0), 0.0)

@@ -17,7 +17,7 @@ def rmsnorm(x: Tensor, dim: int = 1, *, eps: float = 1e-6, norm_size: int | None
         x: ``(N, C, ...)`` floating tensor (accumulated in float32 for half types).
         dim: the channel axis.
         eps: added inside the square root.
-        norm_size: normaliser; ``None`` means ``x.shape[dim]``.
+        norm_size: normaliser, a positive int; ``None`` means ``x.shape[dim]``.
 
     Returns:
         Tensor of ``x``'s shape and dtype.
@@ -26,7 +26,9 @@ def rmsnorm(x: Tensor, dim: int = 1, *, eps: float = 1e-6, norm_size: int | None
         raise TypeError(f"cobkern.rmsnorm: expected a floating-point tensor, got dtype {x.dtype}")
     if not (-x.dim() <= dim < x.dim()):
         raise IndexError(f"cobkern.rmsnorm: dim={dim} is out of range for a {x.dim()}-D tensor")
+    if norm_size is not None and (isinstance(norm_size, bool) or not isinstance(norm_size, int)
+                                  or norm_size < 1):
+        raise ValueError(f"cobkern.rmsnorm: norm_size must be a positive int or None, got "
+                         f"{norm_size!r}")
     n = x.shape[dim] if norm_size is None else norm_size
-    if n < 1:
-        raise ValueError(f"cobkern.rmsnorm: norm_size must be >= 1, got {n}")
     return reference.rmsnorm(x, dim, n, eps)

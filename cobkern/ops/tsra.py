@@ -10,6 +10,24 @@ They have fake (meta) implementations and an autograd formula, so they trace und
 Only ``x`` is saved for backward; the per-position norms are recomputed there from ``x``,
 which the backward must read anyway.
 
+Higher-order gradients: the backward is itself differentiable. ``cobkern::tsra_backward``
+has an autograd formula (autograd through the plain-PyTorch
+:func:`cobkern.ops.reference.tsra_backward`, the same closed form), and the eager fast path
+wraps its backward launch the same way when ``create_graph=True``, so gradient penalties
+and Hessian-vector products get every second-order term on every backend. The first-order
+backward (``create_graph=False``) launches the kernel and nothing else.
+
+The registered ops validate their arguments themselves (``split``, ``dim``, ``norm_size``,
+the epsilons and, for the backward, ``grad``'s shape, dtype and device), so a direct
+``torch.ops.cobkern.*`` call with bad arguments raises instead of reading or writing out of
+bounds; the eager fast path, whose public wrappers already validated, does not check twice.
+
+Value range: the per-position sums of squares are accumulated in float32 (float64 for
+float64 input), so ``||x||`` over the channel axis must stay below about ``1.8e19``
+(``sqrt`` of float32's largest value); beyond that the sum overflows and the output is NaN,
+although TSRA itself is scale-invariant. float16 inputs cannot get there; float32 and
+bfloat16 inputs can. Rescale such activations first.
+
 Eager fast path: outside ``torch.compile`` tracing, on plain tensors, the public functions
 run the same launchers through a ``torch.autograd.Function`` instead of the dispatcher's
 custom-op round trip. Both paths call :func:`_launch_or_reference`, so they compute the
@@ -30,6 +48,8 @@ from ._checks import (
     check_activation_input,
     check_same_device,
     check_same_shape,
+    check_tsra_eps,
+    is_int,
 )
 from .backend import use_triton
 from .tuning import launch_tuning
@@ -87,6 +107,36 @@ def _run(kernels, fwd, x, grad, out, geo, split, a_u, b_u, a_v, b_v, eps, norm_s
                               rms_eps, tuning)
 
 
+def _check_grad(name: str, grad: Tensor, x: Tensor) -> None:
+    """``grad`` must be a tensor of ``x``'s shape, dtype and device."""
+    if not isinstance(grad, Tensor):
+        raise TypeError(f"{name}: grad must be a torch.Tensor, got {type(grad).__name__}")
+    check_same_device(name, grad=grad, x=x)
+    check_same_shape(name, "grad", grad, "x", x)
+    if grad.dtype != x.dtype:
+        raise TypeError(f"{name}: grad has dtype {grad.dtype} but x has dtype {x.dtype}")
+
+
+def _check_op_args(name: str, x: Tensor, split: int, dim: int, eps: float, norm_size: int,
+                   rms_eps: float, grad: Tensor | None = None) -> int:
+    """Validate a registered op's raw arguments; return ``dim`` normalised to ``[0, x.dim())``.
+
+    The ops are public through ``torch.ops.cobkern``, and the kernels trust ``split``,
+    ``dim`` and the shapes, so the op implementations (real and fake) check them here; it
+    reads only shapes and Python scalars, never data.
+    """
+    dim = check_activation_input(name, x, split, dim)
+    if not is_int(norm_size) or norm_size < 0:
+        raise ValueError(f"{name}: norm_size must be an int >= 0 (0: plain TSRA, n > 0: "
+                         f"RMSNorm over n then TSRA), got {norm_size!r}")
+    check_tsra_eps(name, eps)
+    if not rms_eps >= 0:
+        raise ValueError(f"{name}: rms_eps must be >= 0, got {rms_eps!r}")
+    if grad is not None:
+        _check_grad(name, grad, x)
+    return dim
+
+
 # ----------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("cobkern::tsra", mutates_args=())
 def _tsra_op(
@@ -101,12 +151,14 @@ def _tsra_op(
     norm_size: int,
     rms_eps: float,
 ) -> Tensor:
+    dim = _check_op_args("cobkern.tsra", x, split, dim, eps, norm_size, rms_eps)
     return _launch_or_reference(True, x, None, (split, dim, a_u, b_u, a_v, b_v, eps, norm_size,
                                                 rms_eps))
 
 
 @_tsra_op.register_fake
 def _(x, split, dim, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps):
+    _check_op_args("cobkern.tsra", x, split, dim, eps, norm_size, rms_eps)
     return torch.empty_like(x)
 
 
@@ -124,13 +176,56 @@ def _tsra_backward_op(
     norm_size: int,
     rms_eps: float,
 ) -> Tensor:
+    dim = _check_op_args("cobkern.tsra_backward", x, split, dim, eps, norm_size, rms_eps, grad)
     return _launch_or_reference(False, x, grad, (split, dim, a_u, b_u, a_v, b_v, eps, norm_size,
                                                  rms_eps))
 
 
 @_tsra_backward_op.register_fake
 def _(grad, x, split, dim, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps):
+    _check_op_args("cobkern.tsra_backward", x, split, dim, eps, norm_size, rms_eps, grad)
     return torch.empty_like(x)
+
+
+def _double_backward(
+    v: Tensor, grad: Tensor, x: Tensor, params: tuple, need_grad: bool, need_x: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """Vector-Jacobian product of ``dx = tsra_backward(grad, x)`` with ``v = dL/d(dx)``.
+
+    Returns the partial derivatives ``(dL/dgrad, dL/dx)`` (``None`` where not needed), by
+    ``torch.func.vjp`` through the plain-PyTorch :func:`reference.tsra_backward` (the
+    kernels' closed form, differentiable op by op). ``torch.func.vjp`` differentiates with
+    respect to ``grad`` and ``x`` only (``grad`` usually depends on ``x`` as well; the
+    caller's autograd adds that path), and its results stay differentiable for the outer
+    autograd, so with ``create_graph=True`` third and higher orders are right too.
+    """
+    if not (need_grad or need_x):
+        return None, None
+
+    def dx_of(g: Tensor, xx: Tensor) -> Tensor:
+        return reference.tsra_backward(g, xx, *params, differentiable=True)
+
+    _, vjp_fn = torch.func.vjp(dx_of, grad, x)
+    dgrad, dx = vjp_fn(v)
+    return (dgrad if need_grad else None), (dx if need_x else None)
+
+
+def _setup_backward_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple,
+                            output: Tensor) -> None:
+    grad, x, *params = inputs
+    ctx.save_for_backward(grad, x)
+    ctx.params = tuple(params)
+
+
+def _backward_backward(ctx: torch.autograd.function.FunctionCtx, v: Tensor) -> tuple:
+    """Autograd formula of ``cobkern::tsra_backward`` (double backward of ``cobkern::tsra``)."""
+    grad, x = ctx.saved_tensors
+    dgrad, dx = _double_backward(v, grad, x, ctx.params, *ctx.needs_input_grad[:2])
+    return (dgrad, dx) + (None,) * len(ctx.params)
+
+
+torch.library.register_autograd("cobkern::tsra_backward", _backward_backward,
+                                setup_context=_setup_backward_context)
 
 
 def _setup_context(ctx, inputs, output):
@@ -160,8 +255,28 @@ class _TSRAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         (x,) = ctx.saved_tensors
-        dx = _launch_or_reference(False, x, grad, ctx.params)
+        if torch.is_grad_enabled():  # create_graph=True: dx must carry its own graph
+            dx = _TSRABackwardFunction.apply(grad, x, *ctx.params)
+        else:
+            dx = _launch_or_reference(False, x, grad, ctx.params)
         return (dx,) + (None,) * len(ctx.params)
+
+
+class _TSRABackwardFunction(torch.autograd.Function):
+    """``dx`` of the eager fast path when ``create_graph=True``: the same launch as the
+    first-order backward (same bits), differentiable through :func:`_double_backward`."""
+
+    @staticmethod
+    def forward(ctx, grad: Tensor, x: Tensor, *params) -> Tensor:
+        ctx.save_for_backward(grad, x)
+        ctx.params = params
+        return _launch_or_reference(False, x, grad, params)
+
+    @staticmethod
+    def backward(ctx, v: Tensor):
+        grad, x = ctx.saved_tensors
+        dgrad, dx = _double_backward(v, grad, x, ctx.params, *ctx.needs_input_grad[:2])
+        return (dgrad, dx) + (None,) * len(ctx.params)
 
 
 def _apply(x: Tensor, *params) -> Tensor:
@@ -196,18 +311,30 @@ def tsra(
         split: size of the first subspace, ``1 <= split < C``.
         dim: the channel axis (default 1).
         a_u, b_u, a_v, b_v: logistic gain constants; defaults 5, 0.5, 5, 0.7.
-        eps: added to ``||x||`` in the ratio; default 1e-12.
+        eps: added to ``||x||`` in the ratio; default 1e-12. Must be a finite number
+            ``> 0`` (with ``eps = 0`` the output at ``x = 0`` would be NaN).
 
     Returns:
-        Tensor of ``x``'s shape, dtype and memory format.
+        Tensor of ``x``'s shape, dtype and memory format. Differentiable to any order
+        (the second-order terms go through the plain-PyTorch reference formula).
+
+    Raises:
+        TypeError, ValueError, IndexError: for a bad ``x``, ``split``, ``dim`` or ``eps``.
+
+    Range:
+        The per-position sums of squares accumulate in float32 (float64 for float64
+        input): ``||x||`` over the channel axis must stay below about ``1.8e19`` (the square
+        root of float32's largest value), otherwise they overflow and the output is NaN
+        even though TSRA is scale-invariant. float16 cannot reach that; for float32 or
+        bfloat16 activations that large, rescale first (``tsra(c * x) = c * tsra(x)``).
 
     Example::
 
         >>> y = tsra(torch.randn(8, 64, 32, 32), split=32)
     """
     dim = check_activation_input("cobkern.tsra", x, split, dim)
-    return _apply(x, split, dim, float(a_u), float(b_u), float(a_v), float(b_v), float(eps),
-                    0, 0.0)
+    eps = check_tsra_eps("cobkern.tsra", eps)
+    return _apply(x, split, dim, float(a_u), float(b_u), float(a_v), float(b_v), eps, 0, 0.0)
 
 
 def _check_norm_size(name: str, norm_size: int | None, c: int) -> int:
@@ -249,26 +376,28 @@ def rmsnorm_tsra(
         eps: RMSNorm's epsilon inside the square root (default 1e-6).
         norm_size: the normaliser ``n`` in ``sum(x²)/n``; ``None`` means ``C``. A pruned
             model may keep its original width here so that the scale does not shift.
-        a_u, b_u, a_v, b_v, tsra_eps: TSRA's constants, as in :func:`tsra`.
+        a_u, b_u, a_v, b_v, tsra_eps: TSRA's constants, as in :func:`tsra`
+            (``tsra_eps`` must be ``> 0``).
 
     Returns:
-        Tensor of ``x``'s shape, dtype and memory format.
+        Tensor of ``x``'s shape, dtype and memory format. Differentiable to any order.
+
+    Range:
+        As for :func:`tsra`: the sums of squares accumulate in float32, so ``||x||`` over
+        the channel axis must stay below about ``1.8e19`` (float32 / bfloat16 input);
+        beyond that the RMS overflows and the output is NaN.
     """
     name = "cobkern.rmsnorm_tsra"
     dim = check_activation_input(name, x, split, dim)
     n = _check_norm_size(name, norm_size, x.shape[dim])
+    tsra_eps = check_tsra_eps(name, tsra_eps, "tsra_eps")
     return _apply(x, split, dim, float(a_u), float(b_u), float(a_v), float(b_v),
-                  float(tsra_eps), n, _check_rms_eps(name, eps))
+                  tsra_eps, n, _check_rms_eps(name, eps))
 
 
 def _check_backward_inputs(name: str, grad: Tensor, x: Tensor, split: int, dim: int) -> int:
     dim = check_activation_input(name, x, split, dim)
-    if not isinstance(grad, Tensor):
-        raise TypeError(f"{name}: grad must be a torch.Tensor, got {type(grad).__name__}")
-    check_same_device(name, grad=grad, x=x)
-    check_same_shape(name, "grad", grad, "x", x)
-    if grad.dtype != x.dtype:
-        raise TypeError(f"{name}: grad has dtype {grad.dtype} but x has dtype {x.dtype}")
+    _check_grad(name, grad, x)
     return dim
 
 
@@ -286,11 +415,14 @@ def tsra_backward(
 ) -> Tensor:
     """Explicit vector-Jacobian product of :func:`tsra`: ``dL/dx`` given ``grad = dL/dy``.
 
-    Reads ``x`` and ``grad`` once and writes ``dx`` once. Shapes and dtypes as ``x``.
+    Reads ``x`` and ``grad`` once and writes ``dx`` once. Shapes and dtypes as ``x``;
+    differentiable in ``grad`` and ``x`` (the formula of :func:`_double_backward`).
     """
-    dim = _check_backward_inputs("cobkern.tsra_backward", grad, x, split, dim)
+    name = "cobkern.tsra_backward"
+    dim = _check_backward_inputs(name, grad, x, split, dim)
+    eps = check_tsra_eps(name, eps)
     return _tsra_backward_op(grad, x, split, dim, float(a_u), float(b_u), float(a_v), float(b_v),
-                             float(eps), 0, 0.0)
+                             eps, 0, 0.0)
 
 
 def rmsnorm_tsra_backward(
@@ -311,5 +443,6 @@ def rmsnorm_tsra_backward(
     name = "cobkern.rmsnorm_tsra_backward"
     dim = _check_backward_inputs(name, grad, x, split, dim)
     n = _check_norm_size(name, norm_size, x.shape[dim])
+    tsra_eps = check_tsra_eps(name, tsra_eps, "tsra_eps")
     return _tsra_backward_op(grad, x, split, dim, float(a_u), float(b_u), float(a_v), float(b_v),
-                             float(tsra_eps), n, _check_rms_eps(name, eps))
+                             tsra_eps, n, _check_rms_eps(name, eps))
