@@ -377,3 +377,21 @@ def test_stats_save_converts_or_refuses_metadata(tmp_path):
     with pytest.raises(TypeError, match=r"meta\['bad'\] is a object"):
         st.save(tmp_path / "bad.pt")
     assert not (tmp_path / "bad.pt").exists()
+
+
+def test_stats_load_names_a_damaged_file(tmp_path):
+    m = small_net().eval()
+    with use_backend("reference"):
+        st = calibrate(m, batches(1), progress=False)
+    path = tmp_path / "s.pt"
+    st.save(path)
+    data = path.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cut\.pt: cannot read calibration statistics"):
+        CalibrationStats.load(tmp_path / "cut.pt")
+    torch.save({"format": "cobkern.calibration_stats/1", "layers": [{"name": "0"}]},
+               tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"bad\.pt: malformed calibration statistics"):
+        CalibrationStats.load(tmp_path / "bad.pt")
+    with pytest.raises(FileNotFoundError, match="no calibration statistics"):
+        CalibrationStats.load(tmp_path / "missing.pt")

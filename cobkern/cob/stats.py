@@ -225,9 +225,27 @@ class CalibrationStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CalibrationStats:
-        """Read a file written by :meth:`save`."""
-        d = torch.load(path, map_location="cpu", weights_only=True)
+        """Read a file written by :meth:`save`.
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: the file is not readable statistics (truncated, damaged, or another
+                kind of file); the message names it.
+        """
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no calibration statistics at {path}")
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated zip, a pickle of other objects, ...
+            raise ValueError(f"{path}: cannot read calibration statistics ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); the file is "
+                             "damaged or incomplete — calibrate again") from None
         if not isinstance(d, dict) or d.get("format") != _FORMAT:
             raise ValueError(f"{path}: not a cobkern calibration-statistics file")
-        layers = [LayerStats.from_dict(x) for x in d["layers"]]
-        return cls({s.name: s for s in layers}, int(d["num_images"]), dict(d.get("meta", {})))
+        try:
+            layers = [LayerStats.from_dict(x) for x in d["layers"]]
+            return cls({s.name: s for s in layers}, int(d["num_images"]),
+                       dict(d.get("meta", {})))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: malformed calibration statistics ({type(e).__name__}: "
+                             f"{e})") from None
