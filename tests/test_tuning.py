@@ -95,17 +95,17 @@ def test_missing_table_file_raises(tmp_path):
         load_table(tmp_path / "nope.json")
 
 
-def test_lookup_matches_geometry_exactly_and_positions_within_a_factor_of_two(tmp_path):
+def test_lookup_matches_geometry_exactly_and_batch_positions_within_a_factor_of_two(tmp_path):
     table = load_table(_write(tmp_path, [
-        _entry(C=64, P=1024, num_warps=1),
-        _entry(C=64, P=256, num_warps=2),
-        _entry(C=64, P=1024, num_warps=4, direction="backward"),
-        _entry(C=64, P=1024, num_warps=8, itemsize=2),
+        _entry(C=64, P=1024, num_warps=1, channels_last=True),
+        _entry(C=64, P=256, num_warps=2, channels_last=True),
+        _entry(C=64, P=1024, num_warps=4, direction="backward", channels_last=True),
+        _entry(C=64, P=1024, num_warps=8, itemsize=2, channels_last=True),
         _entry(C=4096, split=2048, P=1024, num_warps=16, channels_last=True),
         _entry(C=8192, split=4096, P=1024, num_warps=16, channels_last=True),
     ]))
 
-    def warps(direction="forward", itemsize=4, cl=False, c=64, split=32, p=1024):
+    def warps(direction="forward", itemsize=4, cl=True, c=64, split=32, p=1024):
         return table.lookup(direction, itemsize, cl, c, split, p).get("num_warps")
 
     assert warps() == 1                                 # exact
@@ -118,15 +118,28 @@ def test_lookup_matches_geometry_exactly_and_positions_within_a_factor_of_two(tm
     assert warps(split=20) is None                      # another split: the heuristic
     assert warps("backward") == 4                       # direction must match
     assert warps(itemsize=2) == 8                       # element size must match
-    assert warps(cl=True) is None                       # layout must match
-    assert warps(cl=True, c=4096, split=2048, p=600) == 16   # linear at another batch
-    assert warps(cl=True, c=8192, split=4096) is None   # chunked kernels: never
+    assert warps(cl=False) is None                      # layout must match
+    assert warps(c=4096, split=2048, p=600) == 16       # linear at another batch
+    assert warps(c=8192, split=4096) is None            # chunked kernels: never
+
+
+def test_channel_major_lookup_needs_the_exact_map_size(tmp_path):
+    """NCHW: P is one image's H·W whatever the batch, so a neighbouring P is another layer
+    shape (and 2, 4, 8 positions compile SMALL_P variants): no factor-of-two matching."""
+    table = load_table(_write(tmp_path, [_entry(C=512, split=256, P=16, num_warps=2),
+                                         _entry(C=512, split=256, P=4, num_warps=1)]))
+
+    def warps(p):
+        return table.lookup("forward", 4, False, 512, 256, p).get("num_warps")
+
+    assert (warps(16), warps(4)) == (2, 1)
+    assert warps(8) is None and warps(32) is None and warps(5) is None
 
 
 def test_lookup_ties_go_to_the_smaller_batch(tmp_path):
-    table = load_table(_write(tmp_path, [_entry(P=2048, num_warps=2),
-                                         _entry(P=512, num_warps=1)]))
-    assert table.lookup("forward", 4, False, 64, 32, 1024)["num_warps"] == 1
+    table = load_table(_write(tmp_path, [_entry(P=2048, num_warps=2, channels_last=True),
+                                         _entry(P=512, num_warps=1, channels_last=True)]))
+    assert table.lookup("forward", 4, True, 64, 32, 1024)["num_warps"] == 1
 
 
 def test_environment_selects_or_disables_the_table(tmp_path, monkeypatch):
@@ -155,7 +168,7 @@ def test_environment_pointing_at_a_bad_table_fails_loudly(tmp_path, monkeypatch)
 def test_ops_launch_through_the_table_and_compute_the_same_function(tmp_path, monkeypatch,
                                                                       dtype, device):
     """RMSNorm→TSRA forward and backward through the public op with a table whose entries
-    (measured at another batch size) change warps, tile and vector width: the launch
+    change warps, tile and vector width: the launch
     receives the overrides, and the result still matches float64."""
     from cobkern.kernels import tsra as k
 
@@ -164,12 +177,12 @@ def test_ops_launch_through_the_table_and_compute_the_same_function(tmp_path, mo
 
         if os.environ.get("TRITON_INTERPRET") != "1":
             pytest.skip("needs the Triton interpreter on a CPU")
-    shape, split = (2, 48, 5, 6), 20          # C=48, P=30: the entries were measured at P=32
+    shape, split = (2, 48, 5, 6), 20          # NCHW, C=48, P=30 (a 5×6 map, any batch)
     size = torch.tensor([], dtype=dtype).element_size()
     path = _write(tmp_path, [
-        _entry(C=48, split=20, P=32, itemsize=size, tile_elems=1024, elems_per_thread=16,
+        _entry(C=48, split=20, P=30, itemsize=size, tile_elems=1024, elems_per_thread=16,
                num_warps=1, vec_p=2),
-        _entry(C=48, split=20, P=32, itemsize=size, direction="backward", tile_elems=512,
+        _entry(C=48, split=20, P=30, itemsize=size, direction="backward", tile_elems=512,
                elems_per_thread=16, num_warps=2, vec_p=0),
     ])
     seen = []

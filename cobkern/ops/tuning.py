@@ -20,8 +20,11 @@ Which table applies (first match):
 Which entry applies: the same direction, element size (2 for bf16/fp16, 4 for fp32),
 layout (channel-major or channels-last), channel count ``C`` and ``split`` as the launch —
 the row geometry of a program's tile and its channel masks, which decide its registers —
-and the measured ``P`` nearest to the launch's within a factor of two (another batch size
-of a linear layer, ``P`` = batch; ties go to the smaller). Anything else keeps the
+and, for channels-last and 2-D inputs, the measured ``P`` nearest to the launch's within a
+factor of two (``P`` counts every position of the batch, so this is another batch size of
+the same layer; ties go to the smaller). Channel-major (NCHW) inputs need the exact ``P``:
+there ``P`` is one image's ``H·W`` whatever the batch, so another ``P`` is another layer
+shape (and small maps compile a ``SMALL_P`` specialisation of their own). Anything else keeps the
 heuristic, which the AOT suite checks at pruned widths and unbalanced splits: a tile
 measured spill-free at C = 512 can spill at a pruned C = 385, whose masked rows cost
 registers (sm_90 AOT: a 1-warp fp32 forward of 64 elements per thread, 255 registers and a
@@ -134,8 +137,11 @@ class TuningTable:
             if (e.direction, e.itemsize, e.channels_last, e.C, e.split) != (
                     direction, itemsize, channels_last, C, split):
                 continue
+            # channel-major: P is one image's map (the batch is B), so another P is another
+            # layer shape — and possibly another SMALL_P specialisation: exact match only
             dp = abs(math.log2(P / e.P))
-            if dp <= 1 and (best_key is None or (dp, e.P) < best_key):
+            serves = dp <= 1 if channels_last else P == e.P
+            if serves and (best_key is None or (dp, e.P) < best_key):
                 best, best_key = e.tuning, (dp, e.P)
         return best
 
