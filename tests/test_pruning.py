@@ -119,6 +119,11 @@ def test_rank_tolerance_default_follows_the_statistics_precision():
     assert RankTolerance().select(s).v.tolist() == [0]
     assert RankTolerance().describe()["value"] == "auto"
     assert make_strategy("lossless", None).select(s).u.tolist() == [0]
+    # per subspace: a weak V (energies 1e-12, 9e-14) is measured against its own largest
+    # eigenvalue, not against U's 1 (which would cut it to a single direction)
+    weak_v = scores([1.0, 1e-4], [1e-6, 3e-7])
+    assert RankTolerance().select(weak_v).v.tolist() == [0, 1]
+    assert RankTolerance(1e-10).select(weak_v).v.tolist() == [0]  # whole layer, on request
 
 
 @pytest.mark.parametrize("bad", [

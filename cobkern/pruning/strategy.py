@@ -338,7 +338,9 @@ class RankTolerance(Strategy):
     reach (a saturated width: at most ``2(d + 1)`` directions carry energy), leaving the
     function unchanged up to round-off. ``tol=None`` (default) picks, per layer, the
     tolerance for the precision its statistics were accumulated in
-    (:data:`DEFAULT_RANK_TOL`: 1e-10 for float64 sums, 1e-7 for the float32 kernel's).
+    (:data:`DEFAULT_RANK_TOL`: 1e-10 for float64 sums, 1e-7 for the float32 kernel's),
+    applied per subspace (each subspace's directions against its own largest eigenvalue,
+    so a weak but real subspace is not cut for being small next to the other).
     """
 
     needs_energy = True
@@ -353,8 +355,9 @@ class RankTolerance(Strategy):
             raise ValueError(f"RankTolerance: tol must be in [0, 1), got {v!r}")
 
     def select(self, s: LayerScores) -> KeepSet:
-        if self.auto:
-            return RankTolerance(DEFAULT_RANK_TOL[s.accumulation]).select(s)
+        if self.auto:  # per subspace, as the lossless experiment of the sweeps does
+            tol = DEFAULT_RANK_TOL[s.accumulation]
+            return RankTolerance((tol, tol)).select(s)
         return super().select(s)
 
     def __repr__(self) -> str:
