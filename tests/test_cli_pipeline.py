@@ -282,3 +282,244 @@ def test_bad_values_are_user_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "unknown experiment" in capsys.readouterr().err
     assert main(["run", "--out", str(tmp_path / "x"), "--fractions", "0,1.5"]) == 2
     assert "[0, 1)" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- regressions
+def _copy(run_dir: Path, tmp_path: Path, name: str = "copy") -> Path:
+    import shutil
+
+    out = tmp_path / name
+    shutil.copytree(run_dir, out)
+    return out
+
+
+def _fixed_csv(out: Path) -> list[dict]:
+    with open(out / "tables" / "fixed_ratio.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_report_after_a_single_param_target_prune(run_dir: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    out = _copy(run_dir, tmp_path)
+    n_rows = len(_fixed_csv(out))
+    assert main(["prune", "--out", str(out), "--strategy", "param_target", "--value", "0.5",
+                 "--no-progress"]) == 0
+    assert main(["report", "--out", str(out)]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    assert len(_fixed_csv(out)) == n_rows  # a single prune is not a point of the sweep
+
+
+def test_finetune_steps_merge_into_the_set_recipe(run_dir: Path) -> None:
+    cfg = json.loads((run_dir / "config.json").read_text())["experiment"]["finetune"]
+    # --set finetune={"steps": 2, "batch_size": 40, "warmup_steps": 1, ...} --finetune-steps 2
+    assert cfg["steps"] == 2 and cfg["batch_size"] == 40 and cfg["warmup_steps"] == 1
+
+
+def test_set_help_says_which_key_shrinks_the_relu_control(
+        capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--help"])
+    assert "train_relu_overrides" in capsys.readouterr().out
+
+
+def test_changed_calibration_settings_recalibrate(run_dir: Path, tmp_path: Path) -> None:
+    from cobkern.cob import CalibrationStats
+
+    out = _copy(run_dir, tmp_path)
+    n = len(_records(out))
+    assert main(["run", "--preset", "quick", "--out", str(out), "--no-progress",
+                 "--calib-samples", "100", "--experiments", "fixed"]) == 0
+    stats = CalibrationStats.load(out / "calibration.pt")
+    assert stats.num_images == 100 and stats.meta["samples"] == 100
+    new = _records(out)[n:]
+    # the pruned models depend on the statistics: measured again; the reference does not
+    assert len(new) == 12 and {r["experiment"] for r in new} == {"fixed"}
+    assert len({r["inputs"]["calibration"] for r in _records(out)
+                if r.get("experiment") == "fixed"}) == 2
+    # the report shows only the points of the current statistics
+    assert len(_fixed_csv(out)) == 12
+
+
+def test_statistics_of_another_model_are_refused_then_recalibrated(
+        run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from cobkern.cob import CalibrationStats
+
+    out = _copy(run_dir, tmp_path)
+    stats = CalibrationStats.load(out / "calibration.pt")
+    stats.meta["model"] = "0123456789abcdef"
+    stats.save(out / "calibration.pt")
+    assert main(["prune", "--out", str(out), "--strategy", "ratio", "--value", "0.5"]) == 2
+    assert "cobkern calibrate" in capsys.readouterr().err
+    assert main(["run", "--preset", "quick", "--out", str(out), "--no-progress",
+                 "--experiments", "lossless"]) == 0
+    ctx = Context(out, progress=False)
+    assert CalibrationStats.load(out / "calibration.pt").meta["model"] == \
+        ctx.model_fingerprint()
+
+
+def test_sweep_with_another_eval_subset_does_not_mix_curves(run_dir: Path,
+                                                            tmp_path: Path) -> None:
+    out = _copy(run_dir, tmp_path)
+    n = len(_records(out))
+    assert main(["sweep", "--out", str(out), "--no-progress", "--eval-subset", "60",
+                 "--experiments", "fixed"]) == 0
+    new = _records(out)[n:]
+    assert len(new) == 13 and all(r["n_eval"] == 60 for r in new)  # reference + 12 points
+    assert main(["report", "--out", str(out)]) == 0
+    rows = _fixed_csv(out)
+    assert len(rows) == 12 and {r["n_eval"] for r in rows} == {"60"}
+    assert json.loads((out / "summary.json").read_text())["eval_images"] == 60
+
+
+def test_stale_records_are_neither_reused_nor_reported(run_dir: Path, tmp_path: Path) -> None:
+    out = _copy(run_dir, tmp_path)
+    recs = _records(out)
+    for r in recs:
+        if "inputs" in r:
+            r["inputs"]["model"] = "another-model"
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert main(["report", "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["unpruned_accuracy"] is None
+    assert _fixed_csv(out) == []
+    assert main(["sweep", "--out", str(out), "--no-progress", "--experiments", "fixed"]) == 0
+    assert len(_records(out)) == len(recs) + 13
+    assert main(["report", "--out", str(out)]) == 0
+    assert len(_fixed_csv(out)) == 12
+
+
+def test_run_refuses_other_training_settings(run_dir: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    out = _copy(run_dir, tmp_path)
+    config = (out / "config.json").read_text()
+    train = json.loads(config)["experiment"]["train"]
+    argv = ["run", "--preset", "quick", "--out", str(out), "--no-progress",
+            "--set", "train=" + json.dumps({**train, "steps": 5})]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "steps=4" in err and "steps=5" in err and "--force" in err
+    assert (out / "config.json").read_text() == config  # nothing claims the new settings
+    assert main(["train", "--out", str(out), "--set", "steps=5", "--no-progress"]) == 2
+    assert (out / "config.json").read_text() == config
+
+
+def test_train_force_drops_the_statistics_of_the_old_model(run_dir: Path,
+                                                           tmp_path: Path) -> None:
+    out = _copy(run_dir, tmp_path)
+    assert main(["train", "--out", str(out), "--force", "--set", "steps=3",
+                 "--no-progress"]) == 0
+    assert not (out / "calibration.pt").exists()
+    assert not (out / "calibration-rotated.pt").exists()
+    assert json.loads((out / "config.json").read_text())["training"]["steps"] == 3
+
+
+def test_unreadable_final_json_finishes_from_the_checkpoint(run_dir: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture
+                                                            ) -> None:
+    out = _copy(run_dir, tmp_path)
+    n = len(_records(out))
+    (out / "train" / "final.json").write_text('{"test_accuracy": 0.1 "steps"')
+    argv = ["run", "--preset", "quick", "--out", str(out), "--no-progress",
+            "--experiments", "fixed"]
+    assert main(argv) == 0
+    assert json.loads((out / "train" / "final.json").read_text())["steps"] == 4
+    assert len(_records(out)) == n  # the same weights: every result is reused
+    (out / "train" / "final.json").write_text("{")
+    (out / "train" / "checkpoint.pt").unlink()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "final.json" in err and "--force" in err and "Traceback" not in err
+
+
+def test_reprune_drops_the_old_finetune_and_names_differ(run_dir: Path, tmp_path: Path) -> None:
+    out = _copy(run_dir, tmp_path)
+    o = str(out)
+    assert main(["prune", "--out", o, "--strategy", "ratio", "--value", "0.3", "--name", "p",
+                 "--no-eval", "--no-progress"]) == 0
+    assert main(["finetune", "--out", o, "--name", "p", "--steps", "1", "--no-progress"]) == 0
+    assert (out / "pruned" / "p" / "finetune").is_dir()
+    assert main(["prune", "--out", o, "--strategy", "ratio", "--value", "0.6", "--name", "p",
+                 "--no-eval", "--no-progress"]) == 0
+    assert not (out / "pruned" / "p" / "finetune").exists()
+    before = set((out / "pruned").iterdir())
+    for extra in ([], ["--normalizer", "original"], ["--whole-layer"]):
+        assert main(["prune", "--out", o, "--strategy", "ratio", "--value", "0.5",
+                     "--no-eval", "--no-progress", *extra]) == 0
+    names = {p.name for p in set((out / "pruned").iterdir()) - before}
+    assert names == {"cob-l2-ratio-0.5-0.5-kept", "cob-l2-ratio-0.5-0.5-original",
+                     "cob-l2-ratio-0.5-whole-kept"}
+
+
+def test_finetune_never_resumes_another_models_checkpoint(run_dir: Path,
+                                                         tmp_path: Path) -> None:
+    import copy
+
+    from cobkern.experiments import ExperimentConfig
+
+    cfg = ExperimentConfig.from_dict(
+        json.loads((run_dir / "config.json").read_text())["experiment"]).with_overrides(
+        {"finetune": {"steps": 1}})
+    ctx = Context(run_dir, cfg, progress=False)
+    run = tmp_path / "ft"
+    a = ctx.prune(("ratio", [0.3, 0.3]))[0]
+    ctx.finetune(a, "a", out=run)
+    b = ctx.prune(("ratio", [0.6, 0.6]))[0]
+    b0 = copy.deepcopy(b)
+    ctx.finetune(b, "b", out=run)  # the same folder: must start over from b
+    assert count_params(b) == count_params(b0) < count_params(a)
+    assert not all(torch.equal(x, y) for x, y in zip(b.state_dict().values(),
+                                                     a.state_dict().values(), strict=False)
+                   if x.shape == y.shape)
+    from cobkern.experiments.identity import state_fingerprint
+
+    assert json.loads((run / "start.json").read_text())["model"] == state_fingerprint(b0)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--set", "fractions=0.5"], "fractions"),
+    (["--set", 'importances="l2"'], "importances"),
+    (["--set", 'calib_samples="abc"'], "calib_samples"),
+    (["--set", 'finetune={"stepz": 1}'], "stepz"),
+    (["--set", "finetune=3"], "finetune"),
+    (["--device", "tpu"], "tpu"),
+    (["--set", 'peer_criteria=["l3"]'], "peer_criteria"),
+    (["--set", 'thresholds=[["max", "x"]]'], "thresholds"),
+    (["--set", 'finetune={"steps": 0}'], "finetune.steps"),
+    (["--set", 'finetune={"lr": -1}'], "finetune.lr"),
+    (["--set", "normalizer_fractions=[1.5]"], "normalizer_fractions"),
+    (["--set", 'lossless_tol="x"'], "lossless_tol"),
+    (["--set", "speed_batches=[0]"], "speed_batches"),
+    (["--set", "speed_repeats=0"], "speed_repeats"),
+    (["--set", 'train={"stepz": 1}'], "stepz"),
+])
+def test_bad_settings_are_one_line_errors_before_anything_is_written(
+        argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "x"
+    assert main(["run", "--out", str(out), "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_out_that_is_a_file_is_a_user_error(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture) -> None:
+    f = tmp_path / "file"
+    f.write_text("")
+    assert main(["run", "--out", str(f)]) == 2
+    assert "not a directory" in capsys.readouterr().err
+
+
+def test_prune_rejects_fractional_counts_and_escaping_names(run_dir: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture
+                                                            ) -> None:
+    out = _copy(run_dir, tmp_path)
+    o = str(out)
+    assert main(["prune", "--out", o, "--strategy", "count", "--value", "2.7"]) == 2
+    assert "whole number" in capsys.readouterr().err
+    for name in ("../../escape", "a/b", "..", "x\\y"):
+        assert main(["prune", "--out", o, "--strategy", "ratio", "--value", "0.5", "--name",
+                     name, "--no-eval"]) == 2
+        assert "--name" in capsys.readouterr().err
+    assert not (tmp_path / "escape").exists()
+    assert main(["prune", "--out", o, "--strategy", "count", "--value", "2", "--no-eval",
+                 "--no-progress"]) == 0
+    assert (out / "pruned" / "cob-l2-count-2-2-kept").is_dir()

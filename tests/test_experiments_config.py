@@ -49,3 +49,29 @@ def test_measure_speed_reports_positive_times() -> None:
     assert s["batch"] == 4 and s["repeats"] == 3
     assert 0 < s["latency_ms_min"] <= s["latency_ms"] <= s["latency_ms_p90"]
     assert s["throughput"] == pytest.approx(4 / (s["latency_ms"] / 1e3))
+
+
+def test_wrong_types_and_values_are_value_errors() -> None:
+    quick = get_experiment_preset("quick")
+    for bad in ({"fractions": 0.5}, {"importances": "l2"}, {"calib_samples": "abc"},
+                {"calib_samples": True}, {"finetune": {"stepz": 1}}, {"finetune": 3},
+                {"finetune": {"steps": 0}}, {"finetune": {"lr": 0}},
+                {"finetune": {"warmup_steps": -1}}, {"finetune": {"batch_size": 1.5}},
+                {"device": "tpu"}, {"device": 3}, {"peer_criteria": ["l3"]},
+                {"peer_criteria": "l2"}, {"thresholds": [["max", "x"]]},
+                {"thresholds": [["max", -0.1]]}, {"normalizer_fractions": [1.0]},
+                {"normalizer_fractions": 0.5}, {"lossless_tol": "x"}, {"lossless_tol": 2.0},
+                {"speed_batches": [0]}, {"speed_batches": [1.5]}, {"speed_repeats": 0},
+                {"train": 3}, {"train": {"steps": -1}}, {"train_relu_overrides": {"x": 1}},
+                {"eval_subset": -1}, {"train_relu": "yes"}):
+        with pytest.raises(ValueError):
+            quick.with_overrides(bad)
+    ok = quick.with_overrides({"peer_criteria": ["l2", "l1-first"], "lossless_tol": 1e-9,
+                               "thresholds": [["zscore", -0.5]], "device": "cpu"})
+    assert ok.peer_criteria == ["l2", "l1-first"]
+
+
+def test_recipe_description_states_the_warmup_actually_used() -> None:
+    r = get_experiment_preset("quick").with_overrides({"finetune": {"steps": 4}}).finetune
+    assert r.warmup_steps == 10
+    assert "4 linear warm-up steps" in r.describe()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -102,3 +103,75 @@ def test_jsonl_skips_torn_lines(tmp_path: Path) -> None:
         f.write('{"b": 2')  # a line torn by a crash
     assert read_jsonl(p) == [{"a": 1, "nan": None}]
     assert main(["report", "--out", str(tmp_path / "none")]) == 2
+
+
+def test_append_after_a_torn_line_keeps_the_new_record(tmp_path: Path) -> None:
+    p = tmp_path / "m.jsonl"
+    append_jsonl(p, {"a": 1})
+    with open(p, "a") as f:
+        f.write('{"b": 2')  # a line torn by a crash
+    append_jsonl(p, {"c": 3})
+    append_jsonl(p, {"d": 4})
+    assert read_jsonl(p) == [{"a": 1}, {"c": 3}, {"d": 4}]
+
+
+def _threshold(method: str, steps: int, acc: float) -> dict:
+    return {"experiment": "threshold", "key": f"{method}|tsra|l2|kept|max:0.1,0.1|ft{steps}",
+            "method": method, "arch": "tsra", "importance": "l2", "normalizer": "kept",
+            "strategy": "max", "value": [0.1, 0.1], "target": None, "finetuned": True,
+            "fraction_pruned": 0.5, "params_after": 500, "accuracy_before_ft": 0.5,
+            "accuracy": acc, "loss": 1.0, "finetune_steps": steps}
+
+
+def test_threshold_and_peer_tables_show_the_current_recipe_only(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cfg = ExperimentConfig(fractions=[0.0, 0.3, 0.5, 0.7, 0.9]).with_overrides(
+        {"finetune": {"steps": 3}})
+    atomic_write_json(out / "config.json", {"experiment": cfg.to_dict()})
+    recs = _records() + [_threshold("cob", 2, 0.61), _threshold("cob", 3, 0.83),
+                         _threshold("baseline", 3, 0.7)]
+    recs += [{"experiment": "peers", "key": f"tp-l2|tsra|l2|kept|tp_ratio:0.5|ft{s}",
+              "method": "tp-l2", "arch": "tsra", "importance": "l2", "strategy": "tp_ratio",
+              "target": 0.5, "finetuned": True, "finetune_steps": s, "fraction_pruned": 0.5,
+              "accuracy_before_ft": 0.3, "accuracy": a} for s, a in ((2, 0.41), (3, 0.42))]
+    for r in recs:
+        append_jsonl(out / "metrics.jsonl", r)
+    text = build_report(out).read_text()
+    s = json.loads((out / "summary.json").read_text())
+    assert [(r["method"], r["finetune_steps"]) for r in s["threshold"]] == \
+        [("cob", 3), ("baseline", 3)]
+    assert [r["finetune_steps"] for r in s["peers"]] == [3]
+    assert "61.00" not in text and "83.00" in text and "41.00" not in text
+    with open(out / "tables" / "threshold_finetune.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], r["finetune_steps"]) for r in rows] == [("cob", "3"),
+                                                                  ("baseline", "3")]
+    with open(out / "tables" / "peers.csv") as f:
+        assert [r["finetune_steps"] for r in csv.DictReader(f)] == ["3"]
+    assert "after 3 fine-tuning steps" in text
+
+
+def test_side_by_side_says_not_run_without_the_fixed_sweep(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    atomic_write_json(out / "config.json", {"experiment": ExperimentConfig().to_dict()})
+    for r in _records()[:1] + [_threshold("cob", 2000, 0.8)]:
+        append_jsonl(out / "metrics.jsonl", r)
+    text = build_report(out).read_text()
+    assert "0 of 0" not in text
+    row = next(line for line in text.splitlines() if "TSRA baseline at every ratio" in line)
+    assert row.rstrip(" |").endswith("not run")
+
+
+def test_records_of_other_inputs_are_not_reported(tmp_path: Path) -> None:
+    from cobkern.experiments.identity import record_is_current
+
+    cur = {"model": {"tsra": "m1", "relu": None}, "calibration": "c1",
+           "eval": {"subset": 0, "seed": 0}, "finetune": {"steps": 2}}
+    ok = {"key": "k", "arch": "tsra",
+          "inputs": {"model": "m1", "calibration": "c1", "eval": {"subset": 0, "seed": 0}}}
+    assert record_is_current(ok, cur)
+    for field, value in (("model", "m2"), ("calibration", "c2"),
+                         ("eval", {"subset": 60, "seed": 0}), ("finetune", {"steps": 3})):
+        assert not record_is_current({**ok, "inputs": {**ok["inputs"], field: value}}, cur)
+    assert not record_is_current({**ok, "arch": "relu"}, cur)  # no ReLU model now
+    assert record_is_current({"experiment": "evaluate"}, cur)  # a one-off line

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -89,8 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", formatter_class=fmt,
                        help="everything end to end from a preset",
                        description="Train, calibrate, rotate, run the sweeps and write the "
-                                   "report. Steps whose files exist are skipped, so re-running "
-                                   "continues an interrupted run.")
+                                   "report. Work already done from the same inputs is skipped, "
+                                   "so re-running continues an interrupted run. Results are "
+                                   "tied to the trained model's weights, the calibration, the "
+                                   "test images and the fine-tuning recipe: what changed is "
+                                   "measured again (other --calib-samples: recalibrated). "
+                                   "Training settings other than those OUT/train was made "
+                                   "with are refused (use another --out, or `cobkern train "
+                                   "--force`).")
     s.add_argument("--preset", default="quick", choices=["quick", "fast", "paper"],
                    help="quick: width-1/8 model, minutes on a CPU; fast / paper: the full "
                         "model on a GPU (paper = the authors' 120k-step training)")
@@ -107,7 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="KEY=VALUE",
                    help="override a training setting (a TrainConfig field, e.g. steps=200, "
                         "width=0.25, lr=1e-3); repeatable")
-    s.add_argument("--force", action="store_true", help="train again even if a model exists")
+    s.add_argument("--force", action="store_true",
+                   help="train again even if a model exists (also with other settings); the "
+                        "calibration statistics of the old model are removed, and its "
+                        "results in metrics.jsonl are no longer reused or reported")
     _common(s)
 
     s = sub.add_parser("calibrate", formatter_class=fmt,
@@ -146,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "original width (default: the config's, normally kept; original for "
                         "lossless, which is only lossless that way)")
     s.add_argument("--name", default=None,
-                   help="name of the pruned model under OUT/pruned/ (default: from the options)")
+                   help="name of the pruned model under OUT/pruned/ (default: from the "
+                        "options, e.g. cob-l2-ratio-0.5-0.5-kept); re-pruning a name replaces "
+                        "it and drops its fine-tuning run")
     s.add_argument("--no-eval", action="store_true", help="do not evaluate the pruned model")
     _common(s)
 
@@ -178,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run the experiments → OUT/metrics.jsonl",
                        description="Fixed-ratio sweep (CoB vs baseline, L2/L1), normaliser, "
                                    "lossless, threshold + fine-tuning, Torch-Pruning peers, "
-                                   "speed. Already measured points are skipped.")
+                                   "speed. Points already measured from the same model, "
+                                   "calibration, test images and fine-tuning recipe are "
+                                   "skipped.")
     _experiment_options(s)
     _common(s)
 
@@ -207,7 +221,10 @@ def _experiment_options(s: argparse.ArgumentParser) -> None:
     g.add_argument("--set", dest="overrides", action="append", type=_kv, default=[],
                    metavar="KEY=VALUE",
                    help="any ExperimentConfig setting as JSON, e.g. "
-                        "'thresholds=[[\"max\",0.1]]' or 'train={\"steps\":100}'; repeatable")
+                        "'thresholds=[[\"max\",0.1]]' or 'train={\"steps\":100}'; repeatable. "
+                        "'train=' sets the TSRA model's training only: the ReLU control shares "
+                        "its data settings and width but takes its own schedule from "
+                        "'train_relu_overrides={\"steps\":100}'")
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -239,7 +256,9 @@ def _experiment_config(args: argparse.Namespace, preset: str | None = None) -> A
     if getattr(args, "calib_samples", None) is not None:
         over["calib_samples"] = args.calib_samples
     if getattr(args, "finetune_steps", None) is not None:
-        over["finetune"] = {"steps": args.finetune_steps}
+        ft = over.get("finetune", {})
+        # merged into a --set finetune={...} (a non-object there is reported by validate)
+        over["finetune"] = {**ft, "steps": args.finetune_steps} if isinstance(ft, dict) else ft
     if args.seed is not None:
         over["seed"] = args.seed
     if args.device is not None:
@@ -250,7 +269,19 @@ def _experiment_config(args: argparse.Namespace, preset: str | None = None) -> A
 def _context(args: argparse.Namespace, cfg: Any) -> Any:
     from cobkern.experiments import Context
 
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} exists and is not a directory; choose another --out")
     return Context(args.out, cfg, device=args.device, progress=not args.no_progress)
+
+
+def _check_name(name: str) -> str:
+    """A pruned model's name: one path component (no separators, not '.' or '..')."""
+    bad = (not name or name in (".", "..") or "/" in name or "\\" in name or ".." in name
+           or name != name.strip() or "\0" in name)
+    if bad:
+        raise ValueError(f"--name {name!r}: expected a plain name (no '/', '\\' or '..'), "
+                         "e.g. cob-l2-p50")
+    return name
 
 
 def _value(args: argparse.Namespace) -> Any:
@@ -261,18 +292,25 @@ def _value(args: argparse.Namespace) -> Any:
         raise ValueError(f"--value is required for --strategy {args.strategy}")
     vv = args.value_v if args.value_v is not None else v
     if args.strategy == "count":
+        for x in (v, vv):
+            if x != int(x) or x < 0:
+                raise ValueError(f"--strategy count prunes a whole number of channels; got "
+                                 f"{x:g} (use a non-negative integer)")
         v, vv = int(v), int(vv)
     return v if args.whole_layer else [v, vv]
 
 
-def _default_name(args: argparse.Namespace) -> str:
+def _default_name(args: argparse.Namespace, normalizer: str) -> str:
+    """E.g. ``cob-l2-ratio-0.5-0.5-kept`` (``-whole`` for --whole-layer): every option that
+    changes the pruned model is in the name, so different prunes never share a directory."""
     v = _value(args)
     if v is None:
         vs = "auto"
     else:
         vs = "-".join(f"{x:g}" for x in v) if isinstance(v, list) else f"{v:g}"
     method = "baseline" if args.baseline else "cob"
-    return f"{method}-{args.importance}-{args.strategy}-{vs}"
+    whole = "-whole" if args.whole_layer else ""
+    return f"{method}-{args.importance}-{args.strategy}-{vs}{whole}-{normalizer}"
 
 
 def _model_file(d: Path) -> Path | None:
@@ -294,6 +332,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cobkern.experiments import train_step
+    from cobkern.experiments.pipeline import check_trained_settings
 
     cfg = _experiment_config(args)
     if args.preset is not None:
@@ -302,6 +341,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         key = "train" if args.arch == "tsra" else "train_relu_overrides"
         cfg = cfg.with_overrides({key: {**getattr(cfg, key), **dict(args.overrides)}})
     ctx = _context(args, cfg)
+    if not args.force:  # before config.json claims settings the model was not trained with
+        check_trained_settings(ctx, args.arch)
     if args.arch == "tsra" or not ctx.layout.config.is_file():
         ctx.save_config()
     res = train_step(ctx, args.arch, force=args.force)
@@ -337,11 +378,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     cfg = _experiment_config(args)
     ctx = _context(args, cfg)
-    name = args.name or _default_name(args)
-    model, report = ctx.prune((args.strategy, _value(args)), importance=args.importance,
+    if args.name is not None:
+        _check_name(args.name)
+    value = _value(args)
+    model, report = ctx.prune((args.strategy, value), importance=args.importance,
                               cob=not args.baseline, normalizer=args.normalizer)
     normalizer = report.meta["normalizer"]
+    name = args.name or _default_name(args, normalizer)
     d = ctx.layout.pruned_dir(name)
+    if (d / "finetune").exists():
+        # a fine-tuning run of the model this prune replaces: never resume or report it
+        shutil.rmtree(d / "finetune")
     info: dict[str, Any] = {"name": name, "strategy": args.strategy, "value": _value(args),
                             "importance": args.importance, "cob": not args.baseline,
                             "normalizer": normalizer, **report.to_dict(),
@@ -361,7 +408,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             "arch": "tsra", "importance": args.importance, "normalizer": normalizer,
             "strategy": args.strategy, "value": _value(args), "finetuned": False,
             "fraction_pruned": report.fraction_pruned, "params_after": report.total_after,
-            "accuracy": info["accuracy"], "loss": info["loss"], "n_eval": info["n_eval"]})
+            "accuracy": info["accuracy"], "loss": info["loss"], "n_eval": info["n_eval"],
+            "inputs": ctx.inputs(calibration=True)})
     print(msg)
     return 0
 
@@ -376,7 +424,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if over:
         cfg = cfg.with_overrides({"finetune": over})
     ctx = _context(args, cfg)
-    d = ctx.layout.pruned_dir(args.name)
+    d = ctx.layout.pruned_dir(_check_name(args.name))
     src = _model_file(d)
     if src is None:
         raise MissingStepError(f"pruned model not found in {d} — make it with `cobkern prune "
@@ -407,7 +455,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise MissingStepError(f"model file not found: {path}")
     elif args.name is not None:
-        d = ctx.layout.pruned_dir(args.name)
+        d = ctx.layout.pruned_dir(_check_name(args.name))
         path = None if args.no_finetuned else _model_file(d / "finetune")
         path = path or _model_file(d)
         if path is None:
@@ -428,13 +476,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from cobkern.experiments import sweep_step
+    from cobkern.experiments import calibrate_step, sweep_step
+    from cobkern.experiments.pipeline import check_trained_settings
 
     cfg = _experiment_config(args)
     ctx = _context(args, cfg)
     ctx.layout.require_model("tsra")
     ctx.layout.require_calibration()
+    check_trained_settings(ctx, "tsra")
+    if "peers" in cfg.experiments and "relu" in cfg.peer_archs:
+        check_trained_settings(ctx, "relu")
     ctx.save_config()
+    calibrate_step(ctx)  # again only if made from another model or with other settings
     recs = sweep_step(ctx, cfg.experiments)
     print(f"{len(recs)} records in {ctx.layout.metrics}; now `cobkern report --out "
           f"{ctx.layout.root}`")
@@ -462,7 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     from cobkern.models import ModelFileError
     from cobkern.training import CheckpointError, ConfigError
 
-    user_errors = (FileNotFoundError, ValueError, DataError, ModelFileError, CheckpointError,
+    # OSError: e.g. --out under a file, a full disk, no permission — the message names it
+    user_errors = (OSError, ValueError, DataError, ModelFileError, CheckpointError,
                    ConfigError)
     try:
         return COMMANDS[args.command](args)

@@ -12,16 +12,51 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 __all__ = ["ExperimentConfig", "EXPERIMENTS", "get_experiment_preset", "load_experiment_config",
-           "FinetuneRecipe"]
+           "FinetuneRecipe", "check_device", "PEER_CRITERIA"]
 
 #: Experiment names, in the order ``sweep`` runs them.
 EXPERIMENTS = ("fixed", "normalizer", "lossless", "threshold", "peers", "speed")
+
+
+def _check_number(name: str, v: Any) -> float:
+    """``v`` if it is a finite real number (not a bool), else ``ValueError``."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{name}: expected a finite number, got {v!r}")
+    return float(v)
+
+
+def _check_int(name: str, v: Any, minimum: int | None = None) -> int:
+    """``v`` if it is an integer (not a bool) >= ``minimum``, else ``ValueError``."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{name}: expected an integer, got {v!r}")
+    if minimum is not None and v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    return v
+
+
+def _check_list(name: str, v: Any, allow_empty: bool = True) -> list[Any]:
+    if not isinstance(v, (list, tuple)):
+        raise ValueError(f"{name}: expected a JSON list, e.g. {name}=[...], got {v!r}")
+    if not allow_empty and not v:
+        raise ValueError(f"{name}: expected a non-empty list")
+    return list(v)
+
+
+def _check_fractions(name: str, v: Any) -> None:
+    for p in _check_list(name, v):
+        if not 0.0 <= _check_number(name, p) < 1.0:
+            raise ValueError(f"{name}: parameter fractions must be in [0, 1), got {p}")
+
+
+#: Torch-Pruning importances (:func:`cobkern.integrations.torch_pruning.make_importance`).
+PEER_CRITERIA = ("l2", "l1", "l2-first", "l1-first", "random")
 
 
 @dataclass
@@ -41,12 +76,31 @@ class FinetuneRecipe:
     weight_decay: float = 5e-4
     train_subset: int = 0
 
+    @property
+    def effective_warmup_steps(self) -> int:
+        """The warm-up actually used: never more than the run's steps."""
+        return min(self.warmup_steps, self.steps)
+
+    def validate(self) -> FinetuneRecipe:
+        """Check the values; raises ``ValueError`` naming the bad field."""
+        for name in ("steps", "batch_size"):
+            _check_int(f"finetune.{name}", getattr(self, name), minimum=1)
+        for name in ("warmup_steps", "train_subset"):
+            _check_int(f"finetune.{name}", getattr(self, name), minimum=0)
+        for name in ("lr", "lr_relu"):
+            v = _check_number(f"finetune.{name}", getattr(self, name))
+            if v <= 0:
+                raise ValueError(f"finetune.{name} must be > 0, got {v!r}")
+        if _check_number("finetune.weight_decay", self.weight_decay) < 0:
+            raise ValueError(f"finetune.weight_decay must be >= 0, got {self.weight_decay!r}")
+        return self
+
     def describe(self) -> str:
         """One sentence for the report."""
         sub = f" on {self.train_subset:,} training images" if self.train_subset else ""
         return (f"{self.steps} steps{sub} at batch {self.batch_size}; AdamW with peak lr "
                 f"{self.lr:g} (TSRA) / SGD-Nesterov with peak lr {self.lr_relu:g} (ReLU); "
-                f"{self.warmup_steps} linear warm-up steps, "
+                f"{self.effective_warmup_steps} linear warm-up steps, "
                 f"cosine decay to 0, weight decay {self.weight_decay:g}, grad-norm clip 1.0 "
                 f"(TSRA), random crop + flip")
 
@@ -120,29 +174,69 @@ class ExperimentConfig:
     experiments: list[str] = field(default_factory=lambda: list(EXPERIMENTS))
 
     def validate(self) -> ExperimentConfig:
-        """Check the values; raises ``ValueError`` naming the bad setting."""
-        bad = [e for e in self.experiments if e not in EXPERIMENTS]
+        """Check the types and values; raises ``ValueError`` naming the bad setting (before
+        anything is written, so a bad ``--set`` never reaches ``config.json``)."""
+        if not isinstance(self.preset, str):
+            raise ValueError(f"preset: expected a name, got {self.preset!r}")
+        _check_int("seed", self.seed)
+        if not isinstance(self.device, str):
+            raise ValueError(f"device: expected a string such as auto, cpu or cuda:0, got "
+                             f"{self.device!r}")
+        check_device(self.device)
+        for name in ("train", "train_relu_overrides"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name}: expected a JSON object of TrainConfig settings, "
+                                 f"e.g. {name}={{\"steps\": 100}}, got {getattr(self, name)!r}")
+        _check_train_settings(self)
+        for name in ("train_relu", "calib_augment", "threshold_baseline", "peer_finetune"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
+        _check_int("calib_samples", self.calib_samples, minimum=1)
+        _check_int("calib_batch_size", self.calib_batch_size, minimum=1)
+        _check_int("eval_subset", self.eval_subset, minimum=0)
+        _check_int("eval_batch_size", self.eval_batch_size, minimum=1)
+        bad = [e for e in _check_list("experiments", self.experiments) if e not in EXPERIMENTS]
         if bad:
             raise ValueError(f"unknown experiment(s) {bad}; expected some of {list(EXPERIMENTS)}")
         for name in ("fractions", "peer_fractions", "speed_fractions"):
-            for p in getattr(self, name):
-                if not 0.0 <= float(p) < 1.0:
-                    raise ValueError(f"{name}: parameter fractions must be in [0, 1), got {p}")
-        for imp in self.importances + [self.normalizer_importance]:
+            _check_fractions(name, getattr(self, name))
+        if self.normalizer_fractions is not None:
+            _check_fractions("normalizer_fractions", self.normalizer_fractions)
+        for imp in _check_list("importances", self.importances) + [self.normalizer_importance]:
             if imp not in ("l2", "l1"):
                 raise ValueError(f"importance must be 'l2' or 'l1', got {imp!r}")
         if self.normalizer not in ("kept", "original"):
             raise ValueError(f"normalizer must be 'kept' or 'original', got {self.normalizer!r}")
-        for arch in self.peer_archs:
-            if arch not in ("tsra", "relu"):
-                raise ValueError(f"peer_archs: expected 'tsra' or 'relu', got {arch!r}")
-        for item in self.thresholds:
+        if self.lossless_tol is not None:
+            tol = _check_number("lossless_tol", self.lossless_tol)
+            if not 0 <= tol < 1:
+                raise ValueError(f"lossless_tol must be in [0, 1) (a fraction of the largest "
+                                 f"eigenvalue) or null, got {tol}")
+        for item in _check_list("thresholds", self.thresholds):
             if not (isinstance(item, (list, tuple)) and len(item) == 2
                     and item[0] in ("max", "zscore", "mean", "median")):
                 raise ValueError(f"thresholds: expected [max|zscore|mean|median, t], got {item!r}")
-        if self.calib_samples < 1 or self.eval_subset < 0:
-            raise ValueError("calib_samples must be >= 1 and eval_subset >= 0")
-        if not 0 < self.frontier_tolerance < 1:
+            t = _check_number(f"thresholds {item!r}: t", item[1])
+            if item[0] != "zscore" and t < 0:
+                raise ValueError(f"thresholds {item!r}: t must be >= 0 for {item[0]}")
+        if isinstance(self.finetune, dict):
+            self.finetune = _recipe(self.finetune)
+        if not isinstance(self.finetune, FinetuneRecipe):
+            raise ValueError(f"finetune: expected a JSON object of recipe fields, got "
+                             f"{self.finetune!r}")
+        self.finetune.validate()
+        for arch in _check_list("peer_archs", self.peer_archs):
+            if arch not in ("tsra", "relu"):
+                raise ValueError(f"peer_archs: expected 'tsra' or 'relu', got {arch!r}")
+        for crit in _check_list("peer_criteria", self.peer_criteria):
+            if crit not in PEER_CRITERIA:
+                raise ValueError(f"peer_criteria: expected some of {list(PEER_CRITERIA)}, got "
+                                 f"{crit!r}")
+        for b in _check_list("speed_batches", self.speed_batches):
+            _check_int("speed_batches", b, minimum=1)
+        _check_int("speed_repeats", self.speed_repeats, minimum=1)
+        tol = _check_number("frontier_tolerance", self.frontier_tolerance)
+        if not 0 < tol < 1:
             raise ValueError(f"frontier_tolerance must be in (0, 1), got {self.frontier_tolerance}")
         return self
 
@@ -158,18 +252,54 @@ class ExperimentConfig:
             raise ValueError(f"unknown experiment setting(s) {unknown}; valid: {sorted(names)}")
         d = dict(d)
         if isinstance(d.get("finetune"), dict):
-            d["finetune"] = FinetuneRecipe(**d["finetune"])
+            d["finetune"] = _recipe(d["finetune"])
         return cls(**d).validate()
 
     def with_overrides(self, overrides: dict[str, Any]) -> ExperimentConfig:
         """A copy with top-level settings replaced (``finetune`` may be a partial dict)."""
+        if not isinstance(overrides, dict):
+            raise ValueError(f"expected a dict of settings, got {overrides!r}")
         d = self.to_dict()
         for k, v in overrides.items():
-            if k == "finetune" and isinstance(v, dict):
+            if k == "finetune" and isinstance(v, dict) and isinstance(d.get("finetune"), dict):
                 d["finetune"] = {**d["finetune"], **v}
             else:
                 d[k] = v
         return ExperimentConfig.from_dict(d)
+
+
+def _recipe(d: dict[str, Any]) -> FinetuneRecipe:
+    """A :class:`FinetuneRecipe` from a dict; unknown fields are a ``ValueError``."""
+    names = {f.name for f in dataclasses.fields(FinetuneRecipe)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"finetune: unknown field(s) {unknown}; valid: {sorted(names)}")
+    return FinetuneRecipe(**d).validate()
+
+
+def _check_train_settings(cfg: ExperimentConfig) -> None:
+    """The ``train`` / ``train_relu_overrides`` settings must make valid TrainConfigs."""
+    from cobkern.training import apply_overrides, get_preset
+
+    for arch, key in (("tsra", "train"), ("relu", "train_relu_overrides")):
+        try:
+            apply_overrides(get_preset(cfg.preset, arch), getattr(cfg, key))
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from None
+
+
+def check_device(device: str) -> str:
+    """``device`` if torch understands it (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ...), else
+    ``ValueError``; whether CUDA is available is checked when the device is used."""
+    if device == "auto":
+        return device
+    import torch
+
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    return device
 
 
 _PRESETS: dict[str, dict[str, Any]] = {

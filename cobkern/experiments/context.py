@@ -7,7 +7,9 @@ data, loads the model and rotates it once, however many models the sweeps measur
 from __future__ import annotations
 
 import copy
+import json
 import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,14 @@ from cobkern.training import TrainConfig, apply_overrides, evaluate, get_preset
 
 from .config import ExperimentConfig, get_experiment_preset, load_experiment_config
 from .files import Layout, MissingStepError, append_jsonl, atomic_write_json, read_jsonl
+from .identity import (
+    calibration_meta_id,
+    eval_inputs,
+    finetune_inputs,
+    model_fingerprint,
+    plain,
+    state_fingerprint,
+)
 
 __all__ = ["Context", "resolve_device", "count_params"]
 
@@ -31,7 +41,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"`` → CUDA when available, else CPU; anything else as given."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available")
     return dev
@@ -70,7 +83,8 @@ class Context:
         self._stats: CalibrationStats | None = None
         self._rotated: tuple[nn.Module, CalibrationStats] | None = None
         self._rotated_l1: CalibrationStats | None = None
-        self._done: dict[str, dict[str, Any]] | None = None
+        self._done: dict[str, list[dict[str, Any]]] | None = None
+        self._fingerprints: dict[str, str] = {}
 
     # ------------------------------------------------------------------ settings
     def train_config(self, arch: str = "tsra") -> TrainConfig:
@@ -135,11 +149,75 @@ class Context:
             self._models[arch] = load_model(path, self.device).eval()
         return self._models[arch]
 
+    def model_fingerprint(self, arch: str = "tsra") -> str:
+        """The fingerprint of the trained model's weights (see :mod:`.identity`)."""
+        if arch not in self._fingerprints:
+            self._fingerprints[arch] = model_fingerprint(self.layout.require_model(arch))
+        return self._fingerprints[arch]
+
+    def forget_model(self, arch: str = "tsra") -> None:
+        """Drop what was cached about the trained ``arch`` model (it was just (re)trained)."""
+        self._models.pop(arch, None)
+        self._fingerprints.pop(arch, None)
+        if arch == "tsra":
+            self._stats, self._rotated, self._rotated_l1 = None, None, None
+
     def stats(self) -> CalibrationStats:
-        """Calibration statistics of the trained model (``OUT/calibration.pt``)."""
+        """Calibration statistics of the trained model (``OUT/calibration.pt``).
+
+        Raises:
+            ValueError: the statistics were collected from another model (or by a cobkern
+                that did not record which one).
+        """
         if self._stats is None:
-            self._stats = CalibrationStats.load(self.layout.require_calibration())
+            path = self.layout.require_calibration()
+            stats = CalibrationStats.load(path)
+            if stats.meta.get("model") != self.model_fingerprint("tsra"):
+                raise ValueError(
+                    f"{path} was not collected from the model now in "
+                    f"{self.layout.train_dir('tsra')} (it was retrained, or the statistics "
+                    f"predate this check); recalibrate with `cobkern calibrate --out "
+                    f"{self.layout.root}`")
+            self._stats = stats
         return self._stats
+
+    def calibration_settings(self) -> dict[str, Any]:
+        """What ``calibration.pt`` must have been made with: this model and these settings."""
+        cfg = self.config
+        return {"model": self.model_fingerprint("tsra"), "samples": cfg.calib_samples,
+                "augment": cfg.calib_augment, "seed": cfg.seed}
+
+    def calibration_is_current(self) -> bool:
+        """Whether ``OUT/calibration.pt`` exists and was made from the current model with the
+        current ``calib_samples`` / ``calib_augment`` / ``seed``."""
+        path = self.layout.calibration
+        if not path.is_file():
+            return False
+        try:
+            meta = CalibrationStats.load(path).meta
+        except Exception:  # noqa: BLE001 - unreadable: not current, recalibrate
+            return False
+        want = self.calibration_settings()
+        return all(meta.get(k) == v for k, v in want.items())
+
+    def calibration_id(self) -> str:
+        """The identity of the statistics in use (see :mod:`.identity`)."""
+        stats = self.stats()
+        cid = calibration_meta_id(stats.meta, stats.num_images)
+        assert cid is not None  # stats() checked the model fingerprint
+        return cid
+
+    def inputs(self, *, arch: str = "tsra", calibration: bool = False,
+               finetune: bool = False, evaluation: bool = True) -> dict[str, Any]:
+        """The ``inputs`` of a record measured now (see :mod:`.identity`)."""
+        out: dict[str, Any] = {"model": self.model_fingerprint(arch)}
+        if calibration:
+            out["calibration"] = self.calibration_id()
+        if evaluation:
+            out["eval"] = eval_inputs(self.config)
+        if finetune:
+            out["finetune"] = finetune_inputs(self.config)
+        return plain(out)
 
     def calibration_loader(self) -> DeviceLoader:
         """The calibration images: ``calib_samples`` training images, augmented or not."""
@@ -158,8 +236,7 @@ class Context:
         model = self.model()
         stats = calibrate(model, self.calibration_loader(), max_samples=self.config.calib_samples,
                           progress=self.progress, device=self.device,
-                          meta={"augment": self.config.calib_augment,
-                                "samples": self.config.calib_samples, "seed": self.config.seed})
+                          meta=self.calibration_settings())
         stats.save(path)
         if self.layout.calibration_rotated.is_file():
             self.layout.calibration_rotated.unlink()  # stale now
@@ -183,14 +260,23 @@ class Context:
             return stats
         if self._rotated_l1 is None:
             path = self.layout.calibration_rotated
+            cid = self.calibration_id()
+            cached = None
             if path.is_file():
-                self._rotated_l1 = CalibrationStats.load(path)
-            else:
-                self._rotated_l1 = calibrate(
+                try:
+                    cached = CalibrationStats.load(path)
+                except Exception:  # noqa: BLE001 - unreadable cache: recompute it
+                    cached = None
+                if cached is not None and cached.meta.get("calibration") != cid:
+                    cached = None  # made from other statistics (or another model)
+            if cached is None:
+                cached = calibrate(
                     model, self.calibration_loader(), max_samples=self.config.calib_samples,
                     progress=self.progress, device=self.device,
-                    meta={"basis": "rotated", "augment": self.config.calib_augment})
-                self._rotated_l1.save(path)
+                    meta={"basis": "rotated", **self.calibration_settings(),
+                          "calibration": cid})
+                cached.save(path)
+            self._rotated_l1 = cached
         return self._rotated_l1
 
     def prune(self, strategy: Strategy | tuple[str, Any], *, importance: str = "l2",
@@ -235,9 +321,24 @@ class Context:
             overrides.update(optimizer="sgd", lr=r.lr_relu, grad_clip=0.0)
         config = apply_overrides(self.train_config(arch), overrides)
         out = out if out is not None else self.layout.runs / run_name
-        from cobkern.training.trainer import CHECKPOINT_NAME, finetune
+        from cobkern.training.trainer import CHECKPOINT_NAME, RESUME_MAY_CHANGE, finetune
 
+        # A checkpoint in `out` is resumed only if that run started from this very model with
+        # this recipe; anything else (another pruned model, another recipe) starts over.
+        start = plain({"model": state_fingerprint(model),
+                       "config": {k: v for k, v in asdict(config).items()
+                                  if k not in RESUME_MAY_CHANGE}})
+        start_file = out / "start.json"
         resume = (out / CHECKPOINT_NAME).is_file()
+        if resume:
+            try:
+                resume = json.loads(start_file.read_text()) == start
+            except (OSError, ValueError):
+                resume = False
+        if not resume and out.exists():
+            shutil.rmtree(out)
+        if not resume:
+            atomic_write_json(start_file, start)
         res = finetune(model, (train, self.eval_set()), config, out, resume=resume)
         model.eval()
         return res
@@ -247,17 +348,26 @@ class Context:
         """Every record in ``OUT/metrics.jsonl``."""
         return read_jsonl(self.layout.metrics)
 
-    def done(self, key: str) -> dict[str, Any] | None:
-        """The record with this key, if already measured (sweeps resume by key)."""
+    def done(self, key: str, inputs: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """The latest record with this key — and, when given, these ``inputs`` (the model,
+        calibration, test images and fine-tuning it was measured with) — if already measured.
+        Sweeps resume by key; a record made from other inputs is not reused."""
         if self._done is None:
-            self._done = {r["key"]: r for r in self.records() if "key" in r}
-        return self._done.get(key)
+            self._done = {}
+            for r in self.records():
+                if "key" in r:
+                    self._done.setdefault(r["key"], []).append(r)
+        want = None if inputs is None else plain(inputs)
+        for r in reversed(self._done.get(key, [])):
+            if want is None or r.get("inputs") == want:
+                return r
+        return None
 
     def log(self, record: dict[str, Any]) -> dict[str, Any]:
         """Append a record to ``OUT/metrics.jsonl``."""
         append_jsonl(self.layout.metrics, record)
         if self._done is not None and "key" in record:
-            self._done[record["key"]] = record
+            self._done.setdefault(record["key"], []).append(record)
         return record
 
 

@@ -9,7 +9,10 @@ once, calibrate once and prune many times::
     OUT/calibration.pt           calibration statistics of the trained model (original basis)
     OUT/calibration-rotated.pt   statistics of the rotated model (for L1 importance with CoB)
     OUT/pruned/<name>/           a model pruned by `cobkern prune` (+ prune.json, finetune/)
-    OUT/metrics.jsonl            one JSON line per measured model (sweeps, evaluations)
+    OUT/runs/<name>/             the sweeps' fine-tuning runs (start.json: the model and recipe
+                                 a run started from; another start is never resumed)
+    OUT/metrics.jsonl            one JSON line per measured model (sweeps, evaluations), each
+                                 with the ``inputs`` it was measured from (see identity.py)
     OUT/summary.json, OUT/tables/*.csv, OUT/figures/*.png, OUT/report.md   (`cobkern report`)
 
 All writes go to a temporary file in the same folder and are renamed into place, so an
@@ -83,12 +86,15 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
-    """Append one JSON line and flush it to disk (a crash loses at most that line)."""
+    """Append one JSON line and flush it to disk (a crash loses at most that line; a line
+    torn by an earlier crash is ended first, so it never swallows this one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(_clean(record), default=json_default)
-    with open(path, "a") as f:
-        f.write(line + "\n")
+    with open(path, "ab+") as f:
+        # a torn last line (a crash mid-write) must not swallow this record: end it first
+        torn = f.seek(0, os.SEEK_END) > 0 and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n"
+        f.write((("\n" if torn else "") + line + "\n").encode())
         f.flush()
         os.fsync(f.fileno())
 

@@ -1,25 +1,31 @@
 """The steps of an experiment (train → calibrate → sweep → report) and ``run`` (all of them).
 
 Each step reads the files of the previous one from ``OUT/`` (see
-:mod:`cobkern.experiments.files`) and skips work whose output already exists, so re-running
-a command continues an interrupted experiment rather than starting again.
+:mod:`cobkern.experiments.files`) and skips work whose output already exists *and was made
+from the current inputs* (:mod:`cobkern.experiments.identity`), so re-running a command
+continues an interrupted experiment rather than starting again, while changed inputs are
+measured again: other calibration settings recalibrate, other training settings than
+``OUT/train`` was made with are refused (:func:`check_trained_settings`; retrain with
+``cobkern train --force`` or use another ``--out``).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from cobkern.training import train
-from cobkern.training.trainer import CHECKPOINT_NAME
+from cobkern.training.trainer import CHECKPOINT_NAME, RESUME_MAY_CHANGE
 
 from .context import Context
 from .files import atomic_write_json
 from .sweeps import run_experiments
 
-__all__ = ["train_step", "calibrate_step", "sweep_step", "report_step", "run_pipeline"]
+__all__ = ["train_step", "calibrate_step", "sweep_step", "report_step", "run_pipeline",
+           "check_trained_settings"]
 
 
 def _say(ctx: Context, msg: str) -> None:
@@ -27,34 +33,105 @@ def _say(ctx: Context, msg: str) -> None:
         print(f"[cobkern] {msg}", flush=True)
 
 
+def _read_final(path: Path) -> dict[str, Any] | None:
+    """``final.json`` as a dict, or ``None`` if it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def check_trained_settings(ctx: Context, arch: str = "tsra") -> None:
+    """Raise ``ValueError`` if ``OUT/train[-arch]/`` holds a model (or an interrupted run)
+    made with other training settings than ``ctx``'s (fields that may change on resume,
+    such as ``device`` or ``progress``, do not count). Nothing is retrained silently: the
+    message says to use another ``--out`` or to retrain with ``--force``."""
+    d = ctx.layout.train_dir(arch)
+    saved_path = d / "config.json"
+    if not saved_path.is_file():
+        return
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, ValueError):
+        return  # the trainer's own resume check still compares the checkpoint's settings
+    if not isinstance(saved, dict):
+        return
+    new = asdict(ctx.train_config(arch))
+    for name, value in new.items():
+        if name in RESUME_MAY_CHANGE or name not in saved:
+            continue
+        if saved[name] != value or isinstance(saved[name], bool) != isinstance(value, bool):
+            flag = "" if arch == "tsra" else " --arch relu"
+            raise ValueError(
+                f"{d} holds a {arch} model trained with {name}={saved[name]!r}, but these "
+                f"settings ask for {name}={value!r}. Use another --out for the new settings, or "
+                f"retrain (which invalidates everything derived from that model) with "
+                f"`cobkern train --out {ctx.layout.root}{flag} --force --set "
+                f"{name}={json.dumps(value)}`")
+
+
+def _remove_derived(ctx: Context) -> None:
+    """After retraining the TSRA model: its calibration statistics are stale."""
+    for p in (ctx.layout.calibration, ctx.layout.calibration_rotated):
+        if p.exists():
+            p.unlink()
+
+
 def train_step(ctx: Context, arch: str = "tsra", force: bool = False) -> dict[str, Any]:
     """Train the ``arch`` model into ``OUT/train[-arch]/`` (skipped when its model file and
-    ``final.json`` exist; resumed when a checkpoint exists)."""
+    ``final.json`` exist; resumed when a checkpoint exists).
+
+    Without ``force`` the settings must be those the existing run was made with
+    (:func:`check_trained_settings`). With ``force`` the model is trained again and, for the
+    TSRA model, the calibration statistics derived from the old one are removed (records of
+    the old model in ``metrics.jsonl`` stay, but no longer match its fingerprint).
+    An unreadable ``final.json`` counts as an unfinished run: it is resumed from the
+    checkpoint (which finishes at once), or, without one, a ``ValueError`` names the file.
+    """
     d = ctx.layout.train_dir(arch)
     final = d / "final.json"
-    if not force and final.is_file() and ctx.layout.model_file(arch).is_file():
-        _say(ctx, f"{arch} model already trained: {ctx.layout.model_file(arch)}")
-        return json.loads(final.read_text())
+    if not force:
+        check_trained_settings(ctx, arch)
+        if final.is_file() and ctx.layout.model_file(arch).is_file():
+            result = _read_final(final)
+            if result is not None:
+                _say(ctx, f"{arch} model already trained: {ctx.layout.model_file(arch)}")
+                return result
+            if not (d / CHECKPOINT_NAME).is_file():
+                flag = "" if arch == "tsra" else " --arch relu"
+                raise ValueError(
+                    f"{final} is unreadable and there is no checkpoint in {d} to finish the "
+                    f"run from; retrain with `cobkern train --out {ctx.layout.root}{flag} "
+                    "--force` (or restore the file)")
+            _say(ctx, f"{final} is unreadable; finishing the run from its checkpoint")
     config = ctx.train_config(arch)
     resume = (d / CHECKPOINT_NAME).is_file() and not force
     if force and d.exists():
         for name in (CHECKPOINT_NAME, "final.json", "metrics.jsonl"):
             if (d / name).exists():
                 (d / name).unlink()
+    if force and arch == "tsra":
+        _remove_derived(ctx)
     _say(ctx, f"training the {arch} model ({config.steps} steps, width {config.width:g}, "
               f"batch {config.batch_size}) into {d}")
     data = ctx._data  # injected data (tests); None → the trainer loads config.data_source
     result = train(config, d, resume=resume, data=data)
-    ctx._models.pop(arch, None)
+    ctx.forget_model(arch)
     return result
 
 
 def calibrate_step(ctx: Context, force: bool = False) -> Path:
-    """Calibrate the trained model into ``OUT/calibration.pt``."""
-    if ctx.layout.calibration.is_file() and not force:
+    """Calibrate the trained model into ``OUT/calibration.pt`` — skipped when the file
+    exists and was made from the current model with the current ``calib_samples``,
+    ``calib_augment`` and ``seed``; otherwise (re)calibrated."""
+    if not force and ctx.calibration_is_current():
         _say(ctx, f"calibration statistics already exist: {ctx.layout.calibration}")
         return ctx.layout.calibration
     ctx.layout.require_model("tsra")
+    if ctx.layout.calibration.is_file() and not force:
+        _say(ctx, f"{ctx.layout.calibration} was made from another model or with other "
+                  "settings; calibrating again")
     _say(ctx, f"calibrating on {ctx.config.calib_samples:,} training images")
     ctx.calibrate(force=True)
     return ctx.layout.calibration
@@ -78,8 +155,13 @@ def run_pipeline(ctx: Context, experiments: list[str] | None = None) -> dict[str
     """Everything end to end: train, calibrate, sweep, report. Returns the stage timings
     (also written to ``OUT/run.json``)."""
     t_all = time.perf_counter()
-    ctx.save_config()
     names = list(experiments or ctx.config.experiments)
+    relu = ctx.config.train_relu or ("peers" in names and "relu" in ctx.config.peer_archs)
+    # refuse before config.json claims settings the trained models were not made with
+    check_trained_settings(ctx, "tsra")
+    if relu:
+        check_trained_settings(ctx, "relu")
+    ctx.save_config()
     timings: dict[str, float] = {}
 
     def stage(name: str, fn: Any, *args: Any) -> Any:
@@ -89,7 +171,7 @@ def run_pipeline(ctx: Context, experiments: list[str] | None = None) -> dict[str
         return out
 
     stage("train", train_step, ctx, "tsra")
-    if ctx.config.train_relu or ("peers" in names and "relu" in ctx.config.peer_archs):
+    if relu:
         stage("train_relu", train_step, ctx, "relu")
     stage("calibrate", calibrate_step, ctx)
     stage("sweep", sweep_step, ctx, names)

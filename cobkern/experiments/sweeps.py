@@ -19,8 +19,12 @@ experiment     what it measures
                models vs the unpruned one
 =============  ===============================================================================
 
-Every record has a ``key``; a sweep skips keys already in the file, so an interrupted
-``cobkern sweep`` continues where it stopped, and ``cobkern report`` only reads the file.
+Every record has a ``key`` and ``inputs`` (the fingerprint of the trained model, the
+identity of the calibration statistics, the test images and the whole fine-tuning recipe it
+was measured with; see :mod:`.identity`). A sweep skips a key already in the file with the
+same inputs, so an interrupted ``cobkern sweep`` continues where it stopped, while a record
+made from another model, calibration, ``eval_subset`` or recipe is measured again;
+``cobkern report`` only reads the file (and shows only records of the current inputs).
 """
 
 from __future__ import annotations
@@ -75,13 +79,14 @@ def _report_fields(report: PruneReport) -> dict[str, Any]:
 def reference(ctx: Context) -> dict[str, Any]:
     """The unpruned model's accuracy on the evaluation set (key ``reference``)."""
     key = "reference|tsra"
-    rec = ctx.done(key)
+    inputs = ctx.inputs()
+    rec = ctx.done(key, inputs)
     if rec is None:
         model = ctx.model()
         n = count_params(model)
         rec = ctx.log(_base_record("reference", key, method="unpruned", arch="tsra",
                                    finetuned=False, target=0.0, **_measure(ctx, model, n),
-                                   widths=layer_widths(model)))
+                                   widths=layer_widths(model), inputs=inputs))
     return rec
 
 
@@ -95,7 +100,8 @@ def _prune_eval(ctx: Context, experiment: str, *, method: str, importance: str,
     vkey = json_value(value)
     key = (f"{method}|tsra|{importance}|{normalizer}|{strategy}:{vkey}"
            f"|ft{ft.steps if finetune else 0}")
-    rec = ctx.done(key)
+    inputs = ctx.inputs(calibration=True, finetune=finetune)
+    rec = ctx.done(key, inputs)
     if rec is not None:
         return rec
     base = ctx.model()
@@ -105,7 +111,8 @@ def _prune_eval(ctx: Context, experiment: str, *, method: str, importance: str,
     fields: dict[str, Any] = {"method": method, "arch": "tsra", "importance": importance,
                               "normalizer": normalizer, "strategy": strategy, "value": value,
                               "target": target, "finetuned": finetune,
-                              **_measure(ctx, model, n0), **_report_fields(report)}
+                              **_measure(ctx, model, n0), **_report_fields(report),
+                              "inputs": inputs}
     if extra is not None:
         fields.update(extra(model, base))
     if finetune:
@@ -215,7 +222,8 @@ def peers(ctx: Context, bar: Any = None) -> None:
         for arch in cfg.peer_archs:
             for crit in cfg.peer_criteria:
                 key = f"tp-{crit}|{arch}|{crit}|{cfg.normalizer}|tp_ratio:{P:g}|ft{steps}"
-                if ctx.done(key) is None:
+                inputs = ctx.inputs(arch=arch, finetune=bool(steps))
+                if ctx.done(key, inputs) is None:
                     base = ctx.model(arch)
                     n0 = count_params(base)
                     model = copy.deepcopy(base)
@@ -226,7 +234,8 @@ def peers(ctx: Context, bar: Any = None) -> None:
                         "method": f"tp-{crit}", "arch": arch, "importance": crit,
                         "normalizer": cfg.normalizer, "strategy": "tp_ratio",
                         "value": parameter_target_ratio(P), "target": P,
-                        "finetuned": bool(steps), **_measure(ctx, model, n0)}
+                        "finetuned": bool(steps), **_measure(ctx, model, n0),
+                        "inputs": inputs}
                     if arch == "tsra":
                         fields["widths"] = layer_widths(model)
                     if steps:
@@ -239,11 +248,12 @@ def peers(ctx: Context, bar: Any = None) -> None:
                 _tick(bar)
         if "relu" in cfg.peer_archs:
             key = "reference|relu"
-            if ctx.done(key) is None:
+            inputs = ctx.inputs(arch="relu")
+            if ctx.done(key, inputs) is None:
                 m = ctx.model("relu")
                 ctx.log(_base_record("reference", key, method="unpruned", arch="relu",
                                      finetuned=False, target=0.0,
-                                     **_measure(ctx, m, count_params(m))))
+                                     **_measure(ctx, m, count_params(m)), inputs=inputs))
 
 
 def speed(ctx: Context, bar: Any = None) -> None:
@@ -258,8 +268,9 @@ def speed(ctx: Context, bar: Any = None) -> None:
     dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else \
         f"CPU ({torch.get_num_threads()} threads)"
     for method, P, make in models:
+        inputs = ctx.inputs(calibration=method == "cob", evaluation=False)
         todo = [b for b in cfg.speed_batches
-                if ctx.done(f"speed|{method}|{P:g}|b{b}|{dev.type}") is None]
+                if ctx.done(f"speed|{method}|{P:g}|b{b}|{dev.type}", inputs) is None]
         if not todo:
             _tick(bar, len(cfg.speed_batches))
             continue
@@ -269,7 +280,8 @@ def speed(ctx: Context, bar: Any = None) -> None:
             key = f"speed|{method}|{P:g}|b{b}|{dev.type}"
             s = measure_speed(model, b, dev, repeats=cfg.speed_repeats)
             ctx.log(_base_record("speed", key, method=method, arch="tsra", target=P,
-                                 params=params, flops=flops, device=dev_name, **s))
+                                 params=params, flops=flops, device=dev_name, **s,
+                                 inputs=inputs))
             _tick(bar)
 
 

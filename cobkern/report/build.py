@@ -14,6 +14,7 @@ from typing import Any
 
 from cobkern.experiments.config import ExperimentConfig, load_experiment_config
 from cobkern.experiments.files import Layout, atomic_write_json, atomic_write_text, read_jsonl
+from cobkern.experiments.identity import current_inputs, record_is_current
 
 from . import figures as F
 from .analysis import curve, dedupe, latest, reliable_frontier, select
@@ -63,12 +64,41 @@ def _spectra(layout: Layout) -> list[dict[str, Any]]:
     return out
 
 
+#: The experiments whose records make the fixed-ratio curves and table.
+FIXED_EXPERIMENTS = ("fixed", "normalizer")
+
+
+def _expected_steps(r: dict[str, Any], cfg: ExperimentConfig) -> int:
+    if r.get("experiment") == "peers" and not cfg.peer_finetune:
+        return 0
+    return cfg.finetune.steps
+
+
+def matches_recipe(r: dict[str, Any], cfg: ExperimentConfig) -> bool:
+    """Whether a threshold / peer record was fine-tuned as the current config says (records
+    of an earlier recipe stay in ``metrics.jsonl`` but are not reported as this run's)."""
+    if r.get("experiment") not in ("threshold", "peers"):
+        return True
+    steps = r.get("finetune_steps", 0) if r.get("finetuned") else 0
+    return steps == _expected_steps(r, cfg)
+
+
+def fixed_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of the fixed-ratio table: the fixed and normaliser sweeps, no fine-tuning
+    (single ``cobkern prune`` records and fine-tuned peers are not part of it)."""
+    rows = [r for r in records if r.get("experiment") in FIXED_EXPERIMENTS
+            and r.get("strategy") == "param_target" and not r.get("finetuned")
+            and r.get("target") is not None]
+    return sorted(rows, key=lambda r: (str(r.get("importance")), str(r.get("normalizer")),
+                                       str(r.get("method")), r["target"]))
+
+
 # ---------------------------------------------------------------------------- summary
 def summarize(records: list[dict[str, Any]], cfg: ExperimentConfig,
               train_final: dict[str, Any] | None = None,
               relu_final: dict[str, Any] | None = None) -> dict[str, Any]:
     """The numbers the report states (also written to ``summary.json``)."""
-    records = dedupe(records)
+    records = [r for r in dedupe(records) if matches_recipe(r, cfg)]
     tol = cfg.frontier_tolerance
     ref = latest(records, key="reference|tsra")
     ref_acc = ref["accuracy"] if ref else None
@@ -89,8 +119,9 @@ def summarize(records: list[dict[str, Any]], cfg: ExperimentConfig,
     for imp in cfg.importances:
         by_method = {}
         for method in ("cob", "baseline"):
-            pts = curve(records, method=method, importance=imp, normalizer=cfg.normalizer,
-                        finetuned=False)
+            pts = [p for p in curve(records, method=method, importance=imp,
+                                    normalizer=cfg.normalizer, finetuned=False)
+                   if p.get("experiment", "fixed") in FIXED_EXPERIMENTS]
             by_method[method] = pts
             s["fixed"][f"{imp}/{method}"] = [
                 {"target": p["target"], "fraction_pruned": p["fraction_pruned"],
@@ -120,6 +151,7 @@ def summarize(records: list[dict[str, Any]], cfg: ExperimentConfig,
     if th:
         s["threshold"] = [{"method": r["method"], "strategy": r["strategy"],
                            "t": r["value"][0], "fraction_pruned": r["fraction_pruned"],
+                           "finetune_steps": r.get("finetune_steps"),
                            "accuracy_before_ft": r.get("accuracy_before_ft"),
                            "accuracy": r["accuracy"],
                            "drop_points": None if ref_acc is None
@@ -129,7 +161,9 @@ def summarize(records: list[dict[str, Any]], cfg: ExperimentConfig,
         s["peers"] = [{"method": r["method"], "arch": r["arch"], "target": r["target"],
                        "fraction_pruned": r["fraction_pruned"],
                        "accuracy_before_ft": r.get("accuracy_before_ft"),
-                       "accuracy": r["accuracy"], "finetuned": r.get("finetuned")} for r in pe]
+                       "accuracy": r["accuracy"], "finetuned": r.get("finetuned"),
+                       "finetune_steps": r.get("finetune_steps", 0) if r.get("finetuned")
+                       else 0} for r in pe]
     s["speed"] = _speed_rows(records)
     return s
 
@@ -173,7 +207,11 @@ def build_report(out: str | Path) -> Path:
     layout.require(layout.metrics, f"cobkern sweep --out {layout.root}", "sweep results")
     cfg = (load_experiment_config(layout.config) if layout.config.is_file()
            else ExperimentConfig())
-    records = dedupe(read_jsonl(layout.metrics))
+    # only what was measured from the files and settings now in OUT (the trained model,
+    # calibration.pt, eval_subset, the fine-tuning recipe); see cobkern.experiments.identity
+    current = current_inputs(layout, cfg)
+    records = dedupe(r for r in read_jsonl(layout.metrics) if record_is_current(r, current))
+    records = [r for r in records if matches_recipe(r, cfg)]
     train_final = _read_json(layout.train_dir("tsra") / "final.json")
     relu_final = _read_json(layout.train_dir("relu") / "final.json")
     s = summarize(records, cfg, train_final, relu_final)
@@ -186,23 +224,21 @@ def build_report(out: str | Path) -> Path:
         return p.relative_to(layout.root).as_posix()
 
     # ---- tables
-    fixed_rows = [r for r in records if r.get("strategy") == "param_target"
-                  and not r.get("finetuned")]
-    fixed_rows.sort(key=lambda r: (r["importance"], r["normalizer"], r["method"], r["target"]))
+    fixed = fixed_rows(records)
     cols = ["method", "importance", "normalizer", "target", "fraction_pruned", "params_before",
             "params_after", "accuracy", "loss", "n_eval"]
-    _write_csv(tab_dir / "fixed_ratio.csv", fixed_rows, cols)
+    _write_csv(tab_dir / "fixed_ratio.csv", fixed, cols)
     _write_csv(tab_dir / "frontier.csv", [
         {"curve": k, **(v or {"target": None})} for k, v in s["frontiers"].items()],
         ["curve", "target", "achieved", "accuracy", "next_target"])
     if "threshold" in s:
         _write_csv(tab_dir / "threshold_finetune.csv", s["threshold"],
-                   ["method", "strategy", "t", "fraction_pruned", "accuracy_before_ft",
-                    "accuracy", "drop_points"])
+                   ["method", "strategy", "t", "finetune_steps", "fraction_pruned",
+                    "accuracy_before_ft", "accuracy", "drop_points"])
     if "peers" in s:
         _write_csv(tab_dir / "peers.csv", s["peers"],
                    ["method", "arch", "target", "fraction_pruned", "accuracy_before_ft",
-                    "accuracy", "finetuned"])
+                    "accuracy", "finetuned", "finetune_steps"])
     if "lossless" in s:
         bounds = s["lossless"]["saturation_bound"] or {}
         _write_csv(tab_dir / "lossless_layers.csv",
@@ -221,7 +257,7 @@ def build_report(out: str | Path) -> Path:
                 "accuracy_before_ft", "loss"])
 
     # ---- figures
-    if fixed_rows:
+    if fixed:
         figs["fixed"] = rel(F.fig_accuracy_vs_pruned(
             records, cfg.importances, cfg.normalizer, ref, tol, s["frontiers"],
             fig_dir / "accuracy_vs_pruned.png"))
@@ -239,7 +275,7 @@ def build_report(out: str | Path) -> Path:
     for r in select(records, experiment="threshold", method="cob")[:3]:
         kept_cfgs.append({"label": f"CoB {r['strategy']} {r['value'][0]:g}",
                           "layers": r.get("layers", [])})
-    big = [r for r in fixed_rows if r["method"] == "cob" and r.get("layers")]
+    big = [r for r in fixed if r["method"] == "cob" and r.get("layers")]
     if big and not kept_cfgs:
         r = max(big, key=lambda r: r["target"])
         kept_cfgs.append({"label": f"CoB fixed {100 * r['target']:.0f}%", "layers": r["layers"]})
@@ -304,7 +340,7 @@ def _markdown(s: dict[str, Any], cfg: ExperimentConfig, records: list[dict[str, 
         fc, fb = s["frontiers"].get(f"{imp}/cob"), s["frontiers"].get(f"{imp}/baseline")
         w = s["cob_wins"].get(imp, {})
         rows.append([imp.upper(), _frontier_text(fb), _frontier_text(fc),
-                     f"{w.get('cob_better', 0)} of {w.get('ratios', 0)}"])
+                     f"{w['cob_better']} of {w['ratios']}" if w.get("ratios") else "not run"])
     L += [_md_table(["importance", "baseline frontier", "CoB frontier", "ratios where CoB > "
                      "baseline"], rows), ""]
     for imp in cfg.importances:
@@ -369,9 +405,10 @@ def _markdown(s: dict[str, Any], cfg: ExperimentConfig, records: list[dict[str, 
               "`s < t·median`; then fine-tuning. Recipe: " + cfg.finetune.describe() + ".", ""]
         if "threshold" in figs:
             L += [f"![threshold pruning]({figs['threshold']})", ""]
-        L += [_md_table(["method", "rule", "t", "% pruned", "acc. before FT", "acc. after FT",
-                         "drop (points)"],
-                        [[r["method"], r["strategy"], f"{r['t']:g}", _pct(r["fraction_pruned"]),
+        L += [_md_table(["method", "rule", "t", "FT steps", "% pruned", "acc. before FT",
+                         "acc. after FT", "drop (points)"],
+                        [[r["method"], r["strategy"], f"{r['t']:g}",
+                          r.get("finetune_steps", "–"), _pct(r["fraction_pruned"]),
                           _pct(r["accuracy_before_ft"], 2), _pct(r["accuracy"], 2),
                           "–" if r["drop_points"] is None else f"{r['drop_points']:.2f}"]
                          for r in s["threshold"]]), ""]
@@ -387,10 +424,11 @@ def _markdown(s: dict[str, Any], cfg: ExperimentConfig, records: list[dict[str, 
               "fine-tuning as CoB.", ""]
         if "peers" in figs:
             L += [f"![peers]({figs['peers']})", ""]
-        L += [_md_table(["method", "model", "target P", "% pruned", "acc. before FT",
-                         "acc. after FT"],
+        L += [_md_table(["method", "model", "target P", "FT steps", "% pruned",
+                         "acc. before FT", "acc. after FT"],
                         [[r["method"], r["arch"], f"{100 * r['target']:g}%",
-                          _pct(r["fraction_pruned"]), _pct(r["accuracy_before_ft"], 2),
+                          r.get("finetune_steps", 0), _pct(r["fraction_pruned"]),
+                          _pct(r["accuracy_before_ft"], 2),
                           _pct(r["accuracy"], 2)] for r in sorted(
                               s["peers"], key=lambda r: (r["target"], r["arch"], r["method"]))]),
               ""]
@@ -470,7 +508,7 @@ def _side_by_side(s: dict[str, Any], cfg: ExperimentConfig) -> list[list[str]]:
                  else f"TSRA {_pct(s['unpruned_accuracy'], 2)}% vs ReLU "
                       f"{_pct(s['relu_accuracy'], 2)}%: {-gap:.2f} points below"])
     wins = "; ".join(f"{imp.upper()}: CoB better at {w['cob_better']} of {w['ratios']} ratios"
-                     for imp, w in s["cob_wins"].items())
+                     for imp, w in s["cob_wins"].items() if w.get("ratios"))
     rows.append([PAPER_CLAIMS["fixed"], wins or "not run"])
     fr = []
     for imp in cfg.importances:
@@ -484,8 +522,12 @@ def _side_by_side(s: dict[str, Any], cfg: ExperimentConfig) -> list[list[str]]:
         pruned = ", ".join(_pct(r["fraction_pruned"]) + "%" for r in th)
         rows.append([PAPER_CLAIMS["threshold"],
                      f"CoB {pruned} pruned; "
-                     f"at {_pct(best['fraction_pruned'])}%: {best['drop_points']:.2f} point drop "
-                     f"after {cfg.finetune.steps} fine-tuning steps"])
+                     f"at {_pct(best['fraction_pruned'])}%: "
+                     + ("no reference accuracy" if best["drop_points"] is None
+                        else f"{best['drop_points']:.2f} point drop")
+                     + " "
+                     f"after {best.get('finetune_steps') or cfg.finetune.steps} fine-tuning "
+                     "steps"])
     else:
         rows.append([PAPER_CLAIMS["threshold"], "not run"])
     ll = s.get("lossless")
