@@ -376,3 +376,18 @@ def test_lossless_keeps_the_normaliser_by_default():
         assert rel_err(kept_model(x), y0) > 1e-3  # why the default differs
     assert default_normalizer(FixedRatio(0.5)) == "kept"
 
+
+
+def test_surgery_keeps_a_channels_last_model_channels_last():
+    """A pruned conv of a channels_last model must stay channels_last: otherwise every call
+    re-lays out its weight (13 extra copies per VGG-16 forward)."""
+    torch.manual_seed(0)
+    m = net().eval().to(memory_format=torch.channels_last)
+    with use_backend("reference"):
+        st = calibrate(m, data(), progress=False)
+        m, _ = prune(m, st, FixedRatio((0.5, 0.5)))
+    convs = [mod for mod in m.modules() if isinstance(mod, nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last)
+                         and not c.weight.is_contiguous() for c in convs)
+    plain, _ = prune(net().eval(), st, FixedRatio((0.5, 0.5)))
+    assert all(c.weight.is_contiguous() for c in plain.modules() if isinstance(c, nn.Conv2d))

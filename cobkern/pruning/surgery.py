@@ -180,6 +180,10 @@ def _shrunk(m: nn.Module, out_idx: Tensor | None, in_idx: Tensor | None) -> nn.M
                         padding_mode=m.padding_mode, **kw)
     else:
         new = nn.Linear(w.shape[1], w.shape[0], **kw)
+    cl = torch.channels_last
+    if (isinstance(m, nn.Conv2d) and not m.weight.is_contiguous()
+            and m.weight.is_contiguous(memory_format=cl)):
+        new = new.to(memory_format=cl)  # keep a channels_last model channels_last
     with torch.no_grad():
         new.weight.copy_(w)
         if b is not None:
