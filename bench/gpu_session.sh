@@ -115,11 +115,6 @@ if want tsra; then
   step "TSRA kernels vs eager / torch.compile / copy ceiling (bf16, then fp32)"
   cap 210 python3 bench/bench_tsra.py --out "$FINAL" --dtypes bf16,fp32
 fi
-if want training; then
-  step "training throughput"
-  cap 150 python3 bench/bench_training.py --out "$FINAL/bench_training" --steps 30 \
-    --warmup 5 --variants tsra-fused,tsra-eager,relu,tsra-reference-op,tsra-fused-compiled,relu-compiled,tsra-eager-compiled
-fi
 if want pruned; then  # what CoB pruning buys on a GPU: latency / throughput of pruned VGG-16
   step "pruned-model speed (bf16, channels_last)"
   cap 120 python3 bench/bench_pruned_speed.py --out "$FINAL" --bf16 --channels-last
@@ -143,6 +138,12 @@ if want fast; then  # the `fast` preset trained to the end: accuracy and time fo
     snapshot
     cat "$d/final.json" 2>/dev/null | tee -a "$LOG"
   done
+fi
+
+if want training; then
+  step "training throughput"
+  cap 150 python3 bench/bench_training.py --out "$FINAL/bench_training" --steps 30 \
+    --warmup 5 --variants tsra-fused,tsra-eager,relu,tsra-reference-op,tsra-fused-compiled,relu-compiled,tsra-eager-compiled
 fi
 
 step done
