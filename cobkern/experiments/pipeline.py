@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from cobkern.training import train
-from cobkern.training.trainer import CHECKPOINT_NAME, RESUME_MAY_CHANGE
+from cobkern.training.trainer import CHECKPOINT_NAME, setting_change
 
 from .context import Context
 from .files import atomic_write_json
@@ -57,18 +56,16 @@ def check_trained_settings(ctx: Context, arch: str = "tsra") -> None:
         return  # the trainer's own resume check still compares the checkpoint's settings
     if not isinstance(saved, dict):
         return
-    new = asdict(ctx.train_config(arch))
-    for name, value in new.items():
-        if name in RESUME_MAY_CHANGE or name not in saved:
-            continue
-        if saved[name] != value or isinstance(saved[name], bool) != isinstance(value, bool):
-            flag = "" if arch == "tsra" else " --arch relu"
-            raise ValueError(
-                f"{d} holds a {arch} model trained with {name}={saved[name]!r}, but these "
-                f"settings ask for {name}={value!r}. Use another --out for the new settings, or "
-                f"retrain (which invalidates everything derived from that model) with "
-                f"`cobkern train --out {ctx.layout.root}{flag} --force --set "
-                f"{name}={json.dumps(value)}`")
+    change = setting_change(saved, ctx.train_config(arch), missing_ok=True)
+    if change is not None:
+        name, old, value = change
+        flag = "" if arch == "tsra" else " --arch relu"
+        raise ValueError(
+            f"{d} holds a {arch} model trained with {name}={old!r}, but these "
+            f"settings ask for {name}={value!r}. Use another --out for the new settings, or "
+            f"retrain (which invalidates everything derived from that model) with "
+            f"`cobkern train --out {ctx.layout.root}{flag} --force --set "
+            f"{name}={json.dumps(value)}`")
 
 
 def _remove_derived(ctx: Context) -> None:

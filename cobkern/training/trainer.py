@@ -59,7 +59,7 @@ from cobkern.models import (
 from .config import ConfigError, TrainConfig
 
 __all__ = ["train", "finetune", "evaluate", "CheckpointError", "build_optimizer",
-           "build_scheduler", "lr_factor", "RESUME_MAY_CHANGE"]
+           "build_scheduler", "lr_factor", "RESUME_MAY_CHANGE", "setting_change"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -358,23 +358,38 @@ def _restore_rank_state(ckpt: dict[str, Any], config: TrainConfig, d: _Dist,
 _MISSING = object()
 
 
+def setting_change(saved: dict[str, Any], config: TrainConfig, *,
+                   missing_ok: bool = False) -> tuple[str, Any, Any] | None:
+    """The first field outside :data:`RESUME_MAY_CHANGE` in which ``config`` differs from
+    ``saved`` (a recorded ``asdict(TrainConfig)``), as ``(name, old, new)``; ``None`` if
+    there is none. A field missing from ``saved`` counts as a change (``old`` is a private
+    sentinel) unless ``missing_ok``; ``True`` and ``1`` differ."""
+    for name, new in asdict(config).items():
+        if name in RESUME_MAY_CHANGE:
+            continue
+        old = saved.get(name, _MISSING)
+        if old is _MISSING and missing_ok:
+            continue
+        if old is _MISSING or old != new or isinstance(old, bool) != isinstance(new, bool):
+            return name, old, new
+    return None
+
+
 def _check_resume_config(saved: Any, config: TrainConfig, path: Path) -> None:
     """Raise :class:`CheckpointError` if ``config`` differs from the checkpoint's settings
     in a field outside :data:`RESUME_MAY_CHANGE` (naming the first one, old and new)."""
     if not isinstance(saved, dict):
         raise CheckpointError(f"checkpoint {path} does not record its training settings; "
                               "cannot check that this run continues it")
-    for name, new in asdict(config).items():
-        if name in RESUME_MAY_CHANGE:
-            continue
-        old = saved.get(name, _MISSING)
-        if old is _MISSING or old != new or isinstance(old, bool) != isinstance(new, bool):
-            old_txt = "(not recorded)" if old is _MISSING else repr(old)
-            raise CheckpointError(
-                f"checkpoint {path} was written with different settings: {name} was "
-                f"{old_txt}, this run has {new!r}. Resume with the checkpoint's settings "
-                f"(only {', '.join(sorted(RESUME_MAY_CHANGE))} may change) or start a new "
-                "run in another output directory")
+    change = setting_change(saved, config)
+    if change is not None:
+        name, old, new = change
+        old_txt = "(not recorded)" if old is _MISSING else repr(old)
+        raise CheckpointError(
+            f"checkpoint {path} was written with different settings: {name} was "
+            f"{old_txt}, this run has {new!r}. Resume with the checkpoint's settings "
+            f"(only {', '.join(sorted(RESUME_MAY_CHANGE))} may change) or start a new "
+            "run in another output directory")
 
 
 def _load_checkpoint(path: Path, model: nn.Module, device: torch.device) -> dict[str, Any]:
