@@ -20,7 +20,7 @@ from torch import nn
 from cobkern.cob import CalibrationStats, calibrate, rotate_model
 from cobkern.data import DeviceLoader, ImageSet, calibration_set, load_cifar10, subset
 from cobkern.models import load_model
-from cobkern.pruning import PruneReport, RankTolerance, Strategy, make_strategy, prune
+from cobkern.pruning import PruneReport, Strategy, default_normalizer, make_strategy, prune
 from cobkern.training import TrainConfig, apply_overrides, evaluate, get_preset
 
 from .config import ExperimentConfig, get_experiment_preset, load_experiment_config
@@ -194,11 +194,14 @@ class Context:
         if not path.is_file():
             return False
         try:
-            meta = CalibrationStats.load(path).meta
+            stats = CalibrationStats.load(path)
         except Exception:  # noqa: BLE001 - unreadable: not current, recalibrate
             return False
         want = self.calibration_settings()
-        return all(meta.get(k) == v for k, v in want.items())
+        if not all(stats.meta.get(k) == v for k, v in want.items()):
+            return False
+        self._stats = stats  # what stats() would load and check (the model is in `want`)
+        return True
 
     def calibration_id(self) -> str:
         """The identity of the statistics in use (see :mod:`.identity`)."""
@@ -284,9 +287,8 @@ class Context:
         """A pruned copy of the trained model (CoB: of the rotated model)."""
         if not isinstance(strategy, Strategy):
             strategy = make_strategy(*strategy)
-        if normalizer is None:  # lossless pruning is only lossless with "original"
-            normalizer = ("original" if isinstance(strategy, RankTolerance)
-                          else self.config.normalizer)
+        if normalizer is None and default_normalizer(strategy) == "kept":
+            normalizer = self.config.normalizer  # else prune()'s own default (lossless)
         if cob:
             base, _ = self.rotated()
             stats = self.rotated_stats(importance)
