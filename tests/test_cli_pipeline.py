@@ -207,10 +207,15 @@ def test_report_rebuilds_without_recomputing(run_dir: Path) -> None:
     assert (run_dir / "metrics.jsonl").stat().st_mtime_ns == mtime
 
 
-def test_rerunning_run_skips_done_work(run_dir: Path) -> None:
+def test_rerunning_run_skips_done_work(run_dir: Path, capsys: pytest.CaptureFixture) -> None:
     n = len(_records(run_dir))
     assert main(["run", "--preset", "quick", "--out", str(run_dir), "--no-progress"]) == 0
     assert len(_records(run_dir)) == n
+    # --no-progress hides the bars, not the stage lines: a log still says what was reused
+    # and where the report is
+    out = capsys.readouterr().out
+    assert "[cobkern] tsra model already trained" in out
+    assert f"[cobkern] report: {run_dir / 'report.md'}" in out
 
 
 def test_prune_finetune_evaluate_commands(run_dir: Path, capsys: pytest.CaptureFixture) -> None:

@@ -27,9 +27,10 @@ __all__ = ["train_step", "calibrate_step", "sweep_step", "report_step", "run_pip
            "check_trained_settings"]
 
 
-def _say(ctx: Context, msg: str) -> None:
-    if ctx.progress:
-        print(f"[cobkern] {msg}", flush=True)
+def _say(msg: str) -> None:
+    """One line per stage, on stdout. Printed with or without progress bars: ``--no-progress``
+    (logs, CI) hides the bars, not which stage runs and where the report went."""
+    print(f"[cobkern] {msg}", flush=True)
 
 
 def _read_final(path: Path) -> dict[str, Any] | None:
@@ -93,7 +94,7 @@ def train_step(ctx: Context, arch: str = "tsra", force: bool = False) -> dict[st
         if final.is_file() and ctx.layout.model_file(arch).is_file():
             result = _read_final(final)
             if result is not None:
-                _say(ctx, f"{arch} model already trained: {ctx.layout.model_file(arch)}")
+                _say(f"{arch} model already trained: {ctx.layout.model_file(arch)}")
                 return result
             if not (d / CHECKPOINT_NAME).is_file():
                 flag = "" if arch == "tsra" else " --arch relu"
@@ -101,7 +102,7 @@ def train_step(ctx: Context, arch: str = "tsra", force: bool = False) -> dict[st
                     f"{final} is unreadable and there is no checkpoint in {d} to finish the "
                     f"run from; retrain with `cobkern train --out {ctx.layout.root}{flag} "
                     "--force` (or restore the file)")
-            _say(ctx, f"{final} is unreadable; finishing the run from its checkpoint")
+            _say(f"{final} is unreadable; finishing the run from its checkpoint")
     config = ctx.train_config(arch)
     resume = (d / CHECKPOINT_NAME).is_file() and not force
     if force and d.exists():
@@ -110,7 +111,7 @@ def train_step(ctx: Context, arch: str = "tsra", force: bool = False) -> dict[st
                 (d / name).unlink()
     if force and arch == "tsra":
         _remove_derived(ctx)
-    _say(ctx, f"training the {arch} model ({config.steps} steps, width {config.width:g}, "
+    _say(f"training the {arch} model ({config.steps} steps, width {config.width:g}, "
               f"batch {config.batch_size}) into {d}")
     data = ctx._data  # injected data (tests); None → the trainer loads config.data_source
     result = train(config, d, resume=resume, data=data)
@@ -123,13 +124,13 @@ def calibrate_step(ctx: Context, force: bool = False) -> Path:
     exists and was made from the current model with the current ``calib_samples``,
     ``calib_augment`` and ``seed``; otherwise (re)calibrated."""
     if not force and ctx.calibration_is_current():
-        _say(ctx, f"calibration statistics already exist: {ctx.layout.calibration}")
+        _say(f"calibration statistics already exist: {ctx.layout.calibration}")
         return ctx.layout.calibration
     ctx.layout.require_model("tsra")
     if ctx.layout.calibration.is_file() and not force:
-        _say(ctx, f"{ctx.layout.calibration} was made from another model or with other "
+        _say(f"{ctx.layout.calibration} was made from another model or with other "
                   "settings; calibrating again")
-    _say(ctx, f"calibrating on {ctx.config.calib_samples:,} training images")
+    _say(f"calibrating on {ctx.config.calib_samples:,} training images")
     ctx.calibrate(force=True)
     return ctx.layout.calibration
 
@@ -137,7 +138,7 @@ def calibrate_step(ctx: Context, force: bool = False) -> Path:
 def sweep_step(ctx: Context, experiments: list[str] | None = None) -> list[dict[str, Any]]:
     """Run the experiments; records go to ``OUT/metrics.jsonl``."""
     names = experiments or ctx.config.experiments
-    _say(ctx, f"sweep: {', '.join(names)}")
+    _say(f"sweep: {', '.join(names)}")
     return run_experiments(ctx, names)
 
 
@@ -177,6 +178,6 @@ def run_pipeline(ctx: Context, experiments: list[str] | None = None) -> dict[str
     atomic_write_json(ctx.layout.root / "run.json", {"timings_s": timings,
                                                     "device": str(ctx.device),
                                                     "experiments": names})
-    _say(ctx, "done in " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
-    _say(ctx, f"report: {report}")
+    _say("done in " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    _say(f"report: {report}")
     return timings
