@@ -282,6 +282,36 @@ def test_help_explains_every_option(command: str | None,
                 assert action.help, f"{command} {action.option_strings} has no help"
 
 
+@pytest.mark.parametrize("command", ["run", "train", "calibrate", "prune", "finetune",
+                                     "evaluate", "sweep", "report", "python -m cobkern.training"])
+def test_help_names_each_default_once(command: str, capsys: pytest.CaptureFixture) -> None:
+    """An option whose help says its default ("the experiment config's, normally 0") must not
+    also get argparse's "(default: None)" — None there means "the config's"."""
+    import re
+
+    from cobkern.training.cli import build_parser as training_parser
+
+    with pytest.raises(SystemExit):
+        if command.startswith("python"):
+            training_parser().parse_args(["--help"])
+        else:
+            build_parser().parse_args([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # undo the line wrapping
+    assert "(default: None)" not in text
+    # one "default" per option at most
+    for chunk in re.split(r"\s(?=-{1,2}[a-z])", text):
+        assert chunk.count("default:") <= 1, chunk
+
+
+def test_value_v_with_whole_layer_is_refused(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    """--whole-layer ranks U and V with the single --value: a --value-v would be ignored."""
+    assert main(["prune", "--out", str(tmp_path / "x"), "--strategy", "ratio", "--value", "0.5",
+                 "--value-v", "0.3", "--whole-layer", "--no-eval", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--value-v" in err and "--whole-layer" in err
+
+
 def test_bad_values_are_user_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["run", "--out", str(tmp_path / "x"), "--experiments", "nonsense"]) == 2
     assert "unknown experiment" in capsys.readouterr().err

@@ -26,7 +26,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "DefaultsHelpFormatter"]
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to an option's help only where that says something: not
+    when the help already names its default, and not for ``None`` (which means "the
+    config's" / "the preset's" here, never a literal None)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
 
 _STRATEGY_HELP = (
     "ratio: prune the fraction p of each subspace; param_target: the fraction P of parameters "
@@ -85,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Start with: cobkern run --preset quick --out runs/quick   (about 5 min on a "
                "2-core CPU). Then `cobkern <command> --help` for each step.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = DefaultsHelpFormatter
 
     s = sub.add_parser("run", formatter_class=fmt,
                        help="everything end to end from a preset",
@@ -290,6 +302,9 @@ def _value(args: argparse.Namespace) -> Any:
         if args.strategy == "lossless" and args.value_v is None:
             return None  # RankTolerance picks the tolerance from the statistics' precision
         raise ValueError(f"--value is required for --strategy {args.strategy}")
+    if args.whole_layer and args.value_v is not None:
+        raise ValueError("--value-v sets V's own value, but --whole-layer ranks U and V "
+                         "together with the single --value; drop one of the two")
     vv = args.value_v if args.value_v is not None else v
     if args.strategy == "count":
         for x in (v, vv):

@@ -17,6 +17,7 @@ import json
 import sys
 from dataclasses import asdict, fields
 
+from cobkern.cli.main import DefaultsHelpFormatter
 from cobkern.data import DataError
 from cobkern.models import ModelFileError
 
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m cobkern.training",
         description="Train VGG-16 (TSRA or ReLU) on CIFAR-10.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     p.add_argument("--preset", default=None,
                    help="paper | fast | quick (default: quick, or the config file's preset)")
     p.add_argument("--arch", default=None, choices=["tsra", "relu"],
