@@ -228,8 +228,9 @@ def build_model(config: dict[str, Any]) -> VGG:
 
     Raises:
         ModelFileError: the config is not a cobkern VGG config (wrong format, a version
-            that is not a positive integer or is newer than this code, ``features`` or
-            ``classifier`` not a list of layer specs) or a layer spec is invalid.
+            that is not a non-negative integer — a config without one reads as version 0 —
+            or is newer than this code, ``features`` or ``classifier`` not a list of layer
+            specs) or a layer spec is invalid.
     """
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ModelFileError(f"not a cobkern model config (expected format {FORMAT!r})")
