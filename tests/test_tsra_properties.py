@@ -381,3 +381,14 @@ def test_rmsnorm_rejects_non_int_norm_size(norm_size):
     """norm_size=True was taken as 1 and 2.5 as a float normaliser; 0 was rejected before."""
     with pytest.raises(ValueError, match="norm_size must be"):
         cobkern.ops.rmsnorm(torch.randn(2, 4), norm_size=norm_size)
+
+
+@pytest.mark.parametrize("eps", [-1.0, float("nan")])
+def test_rmsnorm_rejects_a_negative_eps_like_the_fused_op(eps):
+    """rmsnorm returned all-NaN for eps=-1 where rmsnorm_tsra raised: one rule for both."""
+    x = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        cobkern.ops.rmsnorm(x, eps=eps)
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        cobkern.rmsnorm_tsra(x, 2, eps=eps)
+    assert torch.isfinite(cobkern.ops.rmsnorm(x, eps=0.0)).all()

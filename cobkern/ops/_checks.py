@@ -101,6 +101,24 @@ def check_tsra_eps(name: str, eps: float, arg: str = "eps") -> float:
     return value
 
 
+def check_norm_size(name: str, norm_size: int | None, c: int) -> int:
+    """RMSNorm's normaliser ``n`` in ``sum(x²) / n``: a positive int, or ``None`` for ``c``
+    (the channel count). Returns ``n``."""
+    if norm_size is None:
+        return c
+    if isinstance(norm_size, bool) or not isinstance(norm_size, int) or norm_size < 1:
+        raise ValueError(f"{name}: norm_size must be a positive int or None, got {norm_size!r}")
+    return norm_size
+
+
+def check_rms_eps(name: str, rms_eps: float) -> float:
+    """RMSNorm's ``eps`` inside the square root: ``>= 0`` (a negative one can make the
+    mean square plus ``eps`` negative, and the output NaN). Returns ``float(eps)``."""
+    if not rms_eps >= 0:
+        raise ValueError(f"{name}: eps must be >= 0, got {rms_eps!r}")
+    return float(rms_eps)
+
+
 def check_same_device(name: str, **tensors: torch.Tensor) -> None:
     """Raise if the given tensors are not all on one device."""
     devices = {k: t.device for k, t in tensors.items()}

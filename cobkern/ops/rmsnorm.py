@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import reference
-from ._checks import FLOAT_DTYPES
+from ._checks import FLOAT_DTYPES, check_norm_size, check_rms_eps
 
 __all__ = ["rmsnorm"]
 
@@ -16,7 +16,7 @@ def rmsnorm(x: Tensor, dim: int = 1, *, eps: float = 1e-6, norm_size: int | None
     Args:
         x: ``(N, C, ...)`` floating tensor (accumulated in float32 for half types).
         dim: the channel axis.
-        eps: added inside the square root.
+        eps: added inside the square root, ``>= 0``.
         norm_size: normaliser, a positive int; ``None`` means ``x.shape[dim]``.
 
     Returns:
@@ -26,9 +26,5 @@ def rmsnorm(x: Tensor, dim: int = 1, *, eps: float = 1e-6, norm_size: int | None
         raise TypeError(f"cobkern.rmsnorm: expected a floating-point tensor, got dtype {x.dtype}")
     if not (-x.dim() <= dim < x.dim()):
         raise IndexError(f"cobkern.rmsnorm: dim={dim} is out of range for a {x.dim()}-D tensor")
-    if norm_size is not None and (isinstance(norm_size, bool) or not isinstance(norm_size, int)
-                                  or norm_size < 1):
-        raise ValueError(f"cobkern.rmsnorm: norm_size must be a positive int or None, got "
-                         f"{norm_size!r}")
-    n = x.shape[dim] if norm_size is None else norm_size
-    return reference.rmsnorm(x, dim, n, eps)
+    n = check_norm_size("cobkern.rmsnorm", norm_size, x.shape[dim])
+    return reference.rmsnorm(x, dim, n, check_rms_eps("cobkern.rmsnorm", eps))

@@ -46,6 +46,8 @@ from ._checks import (
     KERNEL_DTYPES,
     channel_geometry,
     check_activation_input,
+    check_norm_size,
+    check_rms_eps,
     check_same_device,
     check_same_shape,
     check_tsra_eps,
@@ -337,20 +339,6 @@ def tsra(
     return _apply(x, split, dim, float(a_u), float(b_u), float(a_v), float(b_v), eps, 0, 0.0)
 
 
-def _check_norm_size(name: str, norm_size: int | None, c: int) -> int:
-    if norm_size is None:
-        return c
-    if isinstance(norm_size, bool) or not isinstance(norm_size, int) or norm_size < 1:
-        raise ValueError(f"{name}: norm_size must be a positive int or None, got {norm_size!r}")
-    return norm_size
-
-
-def _check_rms_eps(name: str, rms_eps: float) -> float:
-    if not rms_eps >= 0:
-        raise ValueError(f"{name}: eps must be >= 0, got {rms_eps!r}")
-    return float(rms_eps)
-
-
 def rmsnorm_tsra(
     x: Tensor,
     split: int,
@@ -389,10 +377,10 @@ def rmsnorm_tsra(
     """
     name = "cobkern.rmsnorm_tsra"
     dim = check_activation_input(name, x, split, dim)
-    n = _check_norm_size(name, norm_size, x.shape[dim])
+    n = check_norm_size(name, norm_size, x.shape[dim])
     tsra_eps = check_tsra_eps(name, tsra_eps, "tsra_eps")
     return _apply(x, split, dim, float(a_u), float(b_u), float(a_v), float(b_v),
-                  tsra_eps, n, _check_rms_eps(name, eps))
+                  tsra_eps, n, check_rms_eps(name, eps))
 
 
 def _check_backward_inputs(name: str, grad: Tensor, x: Tensor, split: int, dim: int) -> int:
@@ -442,7 +430,7 @@ def rmsnorm_tsra_backward(
     """Explicit vector-Jacobian product of :func:`rmsnorm_tsra`."""
     name = "cobkern.rmsnorm_tsra_backward"
     dim = _check_backward_inputs(name, grad, x, split, dim)
-    n = _check_norm_size(name, norm_size, x.shape[dim])
+    n = check_norm_size(name, norm_size, x.shape[dim])
     tsra_eps = check_tsra_eps(name, tsra_eps, "tsra_eps")
     return _tsra_backward_op(grad, x, split, dim, float(a_u), float(b_u), float(a_v), float(b_v),
-                             tsra_eps, n, _check_rms_eps(name, eps))
+                             tsra_eps, n, check_rms_eps(name, eps))
