@@ -112,7 +112,7 @@ def train_step(ctx: Context, arch: str = "tsra", force: bool = False) -> dict[st
     if force and arch == "tsra":
         _remove_derived(ctx)
     _say(f"training the {arch} model ({config.steps} steps, width {config.width:g}, "
-              f"batch {config.batch_size}) into {d}")
+         f"batch {config.batch_size}) into {d}")
     data = ctx._data  # injected data (tests); None → the trainer loads config.data_source
     result = train(config, d, resume=resume, data=data)
     ctx.forget_model(arch)
@@ -129,7 +129,7 @@ def calibrate_step(ctx: Context, force: bool = False) -> Path:
     ctx.layout.require_model("tsra")
     if ctx.layout.calibration.is_file() and not force:
         _say(f"{ctx.layout.calibration} was made from another model or with other "
-                  "settings; calibrating again")
+             "settings; calibrating again")
     _say(f"calibrating on {ctx.config.calib_samples:,} training images")
     ctx.calibrate(force=True)
     return ctx.layout.calibration
