@@ -36,7 +36,7 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if "default" in text or action.default is None or action.default is argparse.SUPPRESS:
+        if "default" in text or action.default is None:  # (SUPPRESS: the base class)
             return action.help
         return super()._get_help_string(action)
 
