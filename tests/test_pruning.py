@@ -256,7 +256,7 @@ def test_prune_l1_rotated_needs_second_pass():
     with use_backend("reference"):
         st = calibrate(m, xs, progress=False)
         with pytest.raises(ValueError, match="loader"):
-            prune(net().eval(), st, FixedRatio((0.5, 0.5)), importance="l1")
+            prune(copy.deepcopy(m), st, FixedRatio((0.5, 0.5)), importance="l1")
         ref = net().eval()
         ref.load_state_dict(m.state_dict())
         rotate_model(ref, st)
@@ -290,7 +290,7 @@ def test_exact_parameter_target():
             _, r2 = prune(mm2, st, lower)
         assert r2.fraction_pruned < target or r2.total_after == report.total_after
     with pytest.raises(ValueError, match="at most"):
-        prune(net().eval(), st, ExactParameterTarget(0.999))
+        prune(copy.deepcopy(m), st, ExactParameterTarget(0.999))
 
 
 def test_prune_errors():
@@ -382,12 +382,32 @@ def test_surgery_keeps_a_channels_last_model_channels_last():
     """A pruned conv of a channels_last model must stay channels_last: otherwise every call
     re-lays out its weight (13 extra copies per VGG-16 forward)."""
     torch.manual_seed(0)
-    m = net().eval().to(memory_format=torch.channels_last)
+    plain = net().eval()
+    m = copy.deepcopy(plain).to(memory_format=torch.channels_last)
     with use_backend("reference"):
         st = calibrate(m, data(), progress=False)
         m, _ = prune(m, st, FixedRatio((0.5, 0.5)))
     convs = [mod for mod in m.modules() if isinstance(mod, nn.Conv2d)]
     assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last)
                          and not c.weight.is_contiguous() for c in convs)
-    plain, _ = prune(net().eval(), st, FixedRatio((0.5, 0.5)))
+    plain, _ = prune(plain, st, FixedRatio((0.5, 0.5)))
     assert all(c.weight.is_contiguous() for c in plain.modules() if isinstance(c, nn.Conv2d))
+
+
+@pytest.mark.parametrize("target, ratio", [(0.19, 0.1), (0.36, 0.2), (0.96, 0.8)])
+def test_param_target_counts_exact_ratios_exactly(target, ratio):
+    """1 − sqrt(1 − 0.19) is 0.09999999999999998 in binary floating point: a bare floor of
+    p·size pruned one channel fewer than the rule (and than ``ratio`` 0.1) at 10 channels."""
+    scores = torch.arange(10, dtype=torch.float64)
+    for strategy in (ParameterTarget((target, target)), FixedRatio((ratio, ratio))):
+        pruned = strategy._prune_mask(scores, None, strategy.values[0])
+        assert int(pruned.sum()) == round(ratio * 10)
+
+
+def test_ratio_floor_is_exact_at_decimal_boundaries_and_floors_otherwise():
+    scores = torch.arange(100, dtype=torch.float64)
+    mask = FixedRatio(0.29)._prune_mask  # 0.29 · 100 = 28.999999999999996 in floats
+    assert int(mask(scores, None, 0.29).sum()) == 29
+    assert int(mask(scores, None, 0.295).sum()) == 29  # a real fraction still floors
+    assert int(mask(scores, None, 0.2899999).sum()) == 28
+    assert int(mask(scores[:7], None, 0.5).sum()) == 3

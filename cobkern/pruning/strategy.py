@@ -73,6 +73,20 @@ def parameter_target_ratio(P: float) -> float:
     return 1.0 - math.sqrt(1.0 - P)
 
 
+def _ratio_count(p: float, n: int) -> int:
+    """``floor(p·n)``, exact where ``p·n`` is a whole number up to float round-off.
+
+    ``p`` is a binary float: ``0.29 · 100`` evaluates to ``28.999999999999996`` and
+    ``parameter_target_ratio(0.19)`` to ``0.09999999999999998`` instead of ``0.1``, and a
+    plain floor would prune one channel fewer than the rule says. A product within a few
+    ulps of an integer (relative ``1e-12``, far above float64 round-off of one product,
+    far below one channel's ``1/n``) counts as that integer.
+    """
+    x = p * n
+    k = round(x)
+    return k if abs(x - k) <= 1e-12 * max(1.0, abs(x)) else math.floor(x)
+
+
 def _lowest(scores: Tensor, k: int) -> Tensor:
     """Boolean mask of the ``k`` lowest scores (ties: lower index first)."""
     mask = torch.zeros(scores.numel(), dtype=torch.bool)
@@ -158,7 +172,7 @@ class FixedRatio(Strategy):
             raise ValueError(f"{type(self).__name__}: ratio must be in [0, 1), got {v!r}")
 
     def _prune_mask(self, scores, energy, value):
-        return _lowest(scores, math.floor(value * scores.numel()))
+        return _lowest(scores, _ratio_count(value, scores.numel()))
 
 
 class ParameterTarget(FixedRatio):
