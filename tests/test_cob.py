@@ -8,6 +8,8 @@ the logits, as the issue states. In float64, 1e-10.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -395,3 +397,89 @@ def test_stats_load_names_a_damaged_file(tmp_path):
         CalibrationStats.load(tmp_path / "bad.pt")
     with pytest.raises(FileNotFoundError, match="no calibration statistics"):
         CalibrationStats.load(tmp_path / "missing.pt")
+
+
+# ------------------------------------------------------- statistics belong to their weights
+def test_statistics_refuse_other_weights_of_the_same_shape(tmp_path):
+    """Width and split alone cannot tell another model of the same architecture, or the
+    model after rotate_model, from the calibrated one; each would select the wrong channels
+    (or rotate twice) without a word. The weight fingerprint refuses them, and accepts the
+    same weights after a save/load of the statistics or a cast to bfloat16."""
+    torch.manual_seed(0)
+    m = small_net().eval()
+    with use_backend("reference"):
+        st = calibrate(m, batches(), progress=False)
+        other = small_net().eval()  # same shapes, other random weights
+        with pytest.raises(ValueError, match="other weights"):
+            rotate_model(other, st)
+        st.save(tmp_path / "s.pt")
+        loaded = CalibrationStats.load(tmp_path / "s.pt")
+        assert loaded["0"].fingerprint is not None
+        torch.testing.assert_close(loaded["0"].fingerprint, st["0"].fingerprint)
+        rotate_model(copy.deepcopy(m).to(torch.bfloat16), loaded)  # same weights, rounded
+        rotated = copy.deepcopy(m)
+        res = rotate_model(rotated, loaded)
+        with pytest.raises(ValueError, match="already rotated"):
+            rotate_model(rotated, st)  # a second rotation with the original statistics
+        # the rotated statistics belong to the rotated weights, and only to them
+        res.stats.check_matches(find_cob_layers(rotated))
+        with pytest.raises(ValueError, match="other weights"):
+            res.stats.check_matches(find_cob_layers(m))
+        # statistics without a fingerprint (files from before it existed) are not checked
+        for s in loaded:
+            s.fingerprint = None
+        rotate_model(other, loaded)
+
+
+def test_fingerprint_ignores_rotations_of_the_input_channels():
+    """Rotating layer l rewrites the next producer's input columns (W_next Rᵀ) without
+    changing layer l+1's activations: its statistics must still be accepted."""
+    torch.manual_seed(0)
+    m = small_net().eval()
+    with use_backend("reference"):
+        st = calibrate(m, batches(), progress=False)
+        x = batches(1, seed=7)[0][0]
+        y0 = m(x)
+        rotate_model(m, st, layers=["0"])
+        rotate_model(m, st, layers=["3"])  # '3' consumes '0': its input side was rotated
+        assert rel_err(m(x), y0) <= LOGIT_RTOL
+
+
+# ------------------------------------------------------- modules registered at two places
+def test_discovery_refuses_a_tsra_module_used_twice():
+    """One TSRA object at two places: calibration would sum both places' activations into
+    the first layer's statistics and pruning would change both; the second place used to
+    be invisible (named_children lists a module once)."""
+    act = TSRA(6)
+    m = nn.Sequential(nn.Linear(4, 6), act, nn.Linear(6, 6), act, nn.Linear(6, 2))
+    with pytest.raises(ValueError, match=r"\['1', '3'\] are the same TSRA module"):
+        find_cob_layers(m)
+    # a shared stateless module is fine, and is seen at every place it runs
+    pool = nn.AvgPool2d(2)
+    ok = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), RMSNormTSRA(4), pool,
+                       nn.Conv2d(4, 4, 3, padding=1), RMSNormTSRA(4), pool,
+                       nn.Flatten(), nn.Linear(16, 5))
+    assert [lay.name for lay in find_cob_layers(ok)] == ["0", "3"]
+    relu = nn.ReLU()  # used once outside any chain, then again inside one
+    bad = nn.Sequential(nn.Linear(4, 6), relu, nn.Linear(6, 6), TSRA(6), relu, nn.Linear(6, 2))
+    with pytest.raises(ValueError, match=r"module '4' \(ReLU\)"):
+        find_cob_layers(bad)
+
+
+def test_select_layers_refuses_an_empty_list_and_a_string():
+    m = small_net()
+    with pytest.raises(ValueError, match=r"layers=\[\] selects none"):
+        select_layers(m, [])
+    with pytest.raises(TypeError, match="the string '0'"):
+        select_layers(m, "0")
+    with pytest.raises(ValueError, match="selects none"):
+        calibrate(m, batches(), layers=[], progress=False)
+
+
+def test_calibrate_restores_every_module_training_flag():
+    m = small_net().train()
+    m[6].eval()  # a dropout frozen on purpose during fine-tuning
+    with use_backend("reference"):
+        calibrate(m, batches(1), progress=False)
+    assert m.training and not m[6].training
+    assert all(mod.training for i, mod in enumerate(m) if i != 6)

@@ -11,7 +11,7 @@ Public API::
 from .calibrate import batch_inputs, calibrate
 from .discovery import ROTATION_COMPATIBLE, CoBLayer, find_cob_layers, leaf_modules, select_layers
 from .rotate import RotationResult, rotate_input, rotate_model, rotate_output
-from .stats import CalibrationStats, Eigen, LayerStats
+from .stats import CalibrationStats, Eigen, LayerStats, weight_fingerprint
 
 __all__ = [
     "CoBLayer",
@@ -24,6 +24,7 @@ __all__ = [
     "CalibrationStats",
     "LayerStats",
     "Eigen",
+    "weight_fingerprint",
     "rotate_model",
     "rotate_output",
     "rotate_input",

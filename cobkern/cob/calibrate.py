@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from cobkern.ops.covariance import CovarianceAccumulator
 
 from .discovery import select_layers
-from .stats import CalibrationStats, LayerStats
+from .stats import CalibrationStats, LayerStats, weight_fingerprint
 
 __all__ = ["calibrate", "batch_inputs"]
 
@@ -130,7 +130,7 @@ def calibrate(
         handles.append(lay.activation.register_forward_hook(make_hook(accs[lay.name])))
         if isinstance(lay.consumer, nn.Linear):
             handles.append(lay.consumer.register_forward_pre_hook(_flat_input_check(lay)))
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each submodule's own flag
     model.eval()
     bar = None
     if progress and rank == 0:
@@ -157,7 +157,8 @@ def calibrate(
             h.remove()
         if side is not None:  # the sums are complete once the side stream has drained
             torch.cuda.current_stream(device).wait_stream(side)
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
         if bar is not None:
             if bar.total is not None and bar.n < bar.total:  # the loader ran out first
                 bar.total = bar.n
@@ -187,7 +188,8 @@ def calibrate(
         a = accs[lay.name]
         gu, gv, sa, sq = _to_cpu(a.tensors())
         out[lay.name] = LayerStats(lay.name, lay.num_channels, lay.split, gu, gv, sa, sq,
-                                   a.count, basis, a.accumulation)
+                                   a.count, basis, a.accumulation,
+                                   weight_fingerprint(lay.producer))
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the pinned copies below were queued asynchronously
     return CalibrationStats(out, total, meta)

@@ -95,12 +95,14 @@ class CoBLayer:
 def leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Leaf modules in registration order, with qualified names.
 
-    cobkern's own modules (TSRA, RMSNorm, RMSNormTSRA) count as leaves.
+    cobkern's own modules (TSRA, RMSNorm, RMSNormTSRA) count as leaves. A module registered
+    at several places (``nn.Sequential(lin, act, lin2, act, ...)``) is listed at each of
+    them, as the forward pass runs it (``named_children`` would list it once).
     """
     out: list[tuple[str, nn.Module]] = []
 
     def walk(prefix: str, m: nn.Module) -> None:
-        children = list(m.named_children())
+        children = [(n, c) for n, c in m._modules.items() if c is not None]
         if not children or isinstance(m, ROTATION_COMPATIBLE + _WEIGHTED):
             out.append((prefix, m))
             return
@@ -109,6 +111,22 @@ def leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
     walk("", model)
     return out
+
+
+def _check_not_shared(lay: CoBLayer, places: dict[int, list[str]]) -> None:
+    """Refuse a CoB layer whose producer, consumer, TSRA or RMSNorm is registered at another
+    place too (``places``: module id → leaf names): rotating or pruning it for this layer
+    would change it at the other place, and calibration would mix the two places'
+    activations in one set of statistics. Stateless modules (pooling, dropout) may be
+    shared."""
+    mods = [lay.producer, lay.consumer] + [m for _, m in lay.tsra + lay.norms]
+    for m in mods:
+        names = places[id(m)]
+        if len(names) > 1:
+            raise ValueError(
+                f"find_cob_layers: {names} are the same {type(m).__name__} module, part of CoB "
+                f"layer {lay.name!r}; CoB rotates and prunes each place's channels separately, "
+                "so give every place a module of its own (e.g. copy.deepcopy)")
 
 
 def _out_channels(m: nn.Module) -> int:
@@ -146,9 +164,13 @@ def find_cob_layers(model: nn.Module) -> list[CoBLayer]:
         ValueError: a non-commuting module between a producer and its consumer (named), a
             Flatten before a TSRA or of only some axes, TSRA modules of different
             widths/splits in one chain, widths that do not match, a grouped convolution, or
-            a parametrized weight.
+            a parametrized weight, or a layer's Conv2d / Linear / TSRA / RMSNorm module
+            registered at another place too.
     """
     leaves = leaf_modules(model)
+    places: dict[int, list[str]] = {}
+    for n, m in leaves:
+        places.setdefault(id(m), []).append(n)
     weighted = [i for i, (_, m) in enumerate(leaves) if isinstance(m, _WEIGHTED)]
     layers: list[CoBLayer] = []
     for k, i in enumerate(weighted[:-1]):
@@ -202,9 +224,11 @@ def find_cob_layers(model: nn.Module) -> list[CoBLayer]:
             raise ValueError(f"find_cob_layers: {cname!r} takes {cin} input channels but "
                              f"{pname!r} outputs {c}")
         aname, act = acts[-1]
-        layers.append(CoBLayer(name=pname, producer=prod, consumer_name=cname, consumer=cons,
-                               activation_name=aname, activation=act, tsra=acts, norms=norms,
-                               spatial=spatial))
+        lay = CoBLayer(name=pname, producer=prod, consumer_name=cname, consumer=cons,
+                       activation_name=aname, activation=act, tsra=acts, norms=norms,
+                       spatial=spatial)
+        _check_not_shared(lay, places)
+        layers.append(lay)
     return layers
 
 
@@ -212,13 +236,21 @@ def select_layers(model: nn.Module, layers: list[str] | None) -> list[CoBLayer]:
     """The CoB layers of ``model`` restricted to the names in ``layers`` (all when ``None``).
 
     Raises:
-        ValueError: no CoB layers, or a name that is not a CoB layer of this model.
+        ValueError: no CoB layers, an empty list, or a name that is not a CoB layer of this
+            model.
+        TypeError: ``layers`` is a string (a list of names is needed).
     """
     found = find_cob_layers(model)
     if not found:
         raise ValueError("the model has no CoB layers (Conv2d/Linear → TSRA → Conv2d/Linear)")
     if layers is None:
         return found
+    if isinstance(layers, str):
+        raise TypeError(f"layers must be a list of layer names, got the string {layers!r}")
+    layers = list(layers)
+    if not layers:
+        raise ValueError(f"layers=[] selects none of the model's CoB layers "
+                         f"{[lay.name for lay in found]}; pass None for all of them")
     by_name = {lay.name: lay for lay in found}
     repeated = sorted({n for n in layers if layers.count(n) > 1})
     if repeated:

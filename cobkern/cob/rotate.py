@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .discovery import CoBLayer, select_layers
-from .stats import CalibrationStats
+from .stats import CalibrationStats, weight_fingerprint
 
 __all__ = ["rotate_model", "RotationResult", "rotate_output", "rotate_input"]
 
@@ -82,7 +82,8 @@ def rotate_model(model: nn.Module, stats: CalibrationStats,
         :class:`RotationResult` (rotations and the rotated statistics).
 
     Raises:
-        ValueError: statistics already in the rotated basis, or not matching the model.
+        ValueError: statistics already in the rotated basis, or not matching the model (in
+            width, split or weights: e.g. a model this function already rotated).
     """
     if stats.basis != "original":
         raise ValueError(f"rotate_model needs statistics of the un-rotated model, got basis "
@@ -101,4 +102,6 @@ def rotate_model(model: nn.Module, stats: CalibrationStats,
             rotate_input(lay.consumer, r, lay.spatial)
     rotated = CalibrationStats({lay.name: stats[lay.name].rotated() for lay in chosen},
                                stats.num_images, dict(stats.meta))
+    for lay in chosen:  # the rotated statistics belong to the rotated weights
+        rotated[lay.name].fingerprint = weight_fingerprint(lay.producer)
     return RotationResult(rotations, rotated)

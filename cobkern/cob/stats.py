@@ -10,22 +10,65 @@
 ``basis`` records in which basis the sums were taken: ``"original"`` (a pass through the
 un-rotated model) or ``"rotated"`` (a pass through the model after :func:`rotate_model`;
 needed for L1 importance in the rotated basis).
+
+``fingerprint`` ties each layer's statistics to the weights they were taken with
+(:func:`weight_fingerprint`), so that statistics of another model of the same shape, or of
+the model before it was rotated or trained further, are refused instead of silently
+selecting the wrong channels. It is invariant to rotations of the producer's *input*
+channels (what rotating the layer before does, without changing this layer's activations)
+and changes with a rotation of its output channels.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from cobkern._atomic import atomic_path
 
-__all__ = ["LayerStats", "CalibrationStats", "Eigen"]
+__all__ = ["LayerStats", "CalibrationStats", "Eigen", "weight_fingerprint",
+           "FINGERPRINT_RTOL"]
 
 _FORMAT = "cobkern.calibration_stats/1"
+
+#: Relative difference of a :func:`weight_fingerprint` row above which the weights count as
+#: others: far above what storing the weights in bfloat16 changes (about 2e-3), far below
+#: what a rotation of the output channels or another model's weights change (order 1).
+FINGERPRINT_RTOL = 1e-2
+
+
+def weight_fingerprint(producer: nn.Module) -> Tensor:
+    """A cheap signature of a CoB layer's producer weights, ``(1 or 2, C)`` float64, CPU.
+
+    Row 0 is ``W Wᵀ u`` (``W`` viewed as ``(C, fan_in)``, ``u`` a fixed pseudo-random
+    ``C``-vector), which a rotation of ``W``'s input channels leaves unchanged and a rotation
+    ``R W`` of its output channels turns into ``R W Wᵀ Rᵀ u``; row 1 is the bias, if any.
+    """
+    w = producer.weight.detach().to(torch.float64).reshape(producer.weight.shape[0], -1)
+    u = torch.randn(w.shape[0], dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(0)).to(w.device)
+    rows = [w @ (w.T @ u)]
+    if getattr(producer, "bias", None) is not None:
+        rows.append(producer.bias.detach().to(torch.float64))
+    return torch.stack(rows).cpu()
+
+
+def _fingerprint_difference(saved: Tensor, now: Tensor) -> float:
+    """The largest relative difference between the rows of two fingerprints (inf if their
+    shapes differ)."""
+    if saved.shape != now.shape:
+        return math.inf
+    diff = 0.0
+    for a, b in zip(saved, now, strict=True):
+        scale = float(a.norm())
+        d = float((a - b).norm())
+        diff = max(diff, d / scale if scale > 0 else (0.0 if d == 0 else math.inf))
+    return diff
 
 
 @dataclass
@@ -73,6 +116,8 @@ class LayerStats:
         basis: ``"original"`` or ``"rotated"``.
         accumulation: ``"float64"`` (reference path) or ``"float32"`` (the GPU kernel's
             per-batch sums): the precision of the sums, hence of the small eigenvalues.
+        fingerprint: :func:`weight_fingerprint` of the producer the sums were taken with;
+            ``None`` skips the check (statistics written before it existed, or made by hand).
     """
 
     name: str
@@ -85,6 +130,7 @@ class LayerStats:
     count: int
     basis: str = "original"
     accumulation: str = "float64"
+    fingerprint: Tensor | None = None
     _eigen: Eigen | None = field(default=None, repr=False, compare=False)
 
     def eigh(self) -> Eigen:
@@ -99,7 +145,8 @@ class LayerStats:
         """The statistics the rotated layer would produce, from the eigen-decomposition.
 
         ``G' = R G Rᵀ = diag(λ)`` and ``Σa'² = λ``; ``Σ|a'|`` is not a function of ``G`` and
-        is set to NaN (take a second pass through the rotated model for it).
+        is set to NaN (take a second pass through the rotated model for it). The fingerprint
+        is left unset: :func:`~cobkern.cob.rotate_model` records the rotated weights'.
         """
         e = self.eigh()
         return LayerStats(self.name, self.num_channels, self.split, torch.diag(e.values_u),
@@ -110,13 +157,13 @@ class LayerStats:
         return {"name": self.name, "num_channels": self.num_channels, "split": self.split,
                 "gram_u": self.gram_u, "gram_v": self.gram_v, "sum_abs": self.sum_abs,
                 "sum_sq": self.sum_sq, "count": self.count, "basis": self.basis,
-                "accumulation": self.accumulation}
+                "accumulation": self.accumulation, "fingerprint": self.fingerprint}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LayerStats:
         return cls(d["name"], int(d["num_channels"]), int(d["split"]), d["gram_u"], d["gram_v"],
                    d["sum_abs"], d["sum_sq"], int(d["count"]), d.get("basis", "original"),
-                   d.get("accumulation", "float64"))
+                   d.get("accumulation", "float64"), d.get("fingerprint"))
 
 
 def _plain(v: Any, where: str) -> Any:
@@ -185,7 +232,10 @@ class CalibrationStats:
 
     def check_matches(self, layers) -> None:
         """Raise ``ValueError`` unless every given :class:`~cobkern.cob.CoBLayer` has stats of
-        the same width and split (statistics from another model, or a pruned one)."""
+        the same width and split (statistics from another model, or a pruned one), taken with
+        the same producer weights (:func:`weight_fingerprint`, where the stats record one:
+        another model of the same shape, the model before :func:`~cobkern.cob.rotate_model`
+        or before further training)."""
         for lay in layers:
             if lay.name not in self.layers:
                 raise ValueError(f"the statistics have no layer {lay.name!r} (they hold "
@@ -196,6 +246,15 @@ class CalibrationStats:
                     f"statistics for {lay.name!r} have {s.num_channels} channels / split "
                     f"{s.split}, but the model's layer has {lay.num_channels} / {lay.split}; "
                     "the statistics come from another (or an already pruned) model")
+            if s.fingerprint is not None:
+                diff = _fingerprint_difference(s.fingerprint, weight_fingerprint(lay.producer))
+                if diff > FINGERPRINT_RTOL:
+                    raise ValueError(
+                        f"statistics for {lay.name!r} were taken with other weights (their "
+                        f"fingerprint differs by {diff:.2g} relative, more than "
+                        f"{FINGERPRINT_RTOL:g}): another model of the same shape, a model "
+                        f"already rotated (use the statistics rotate_model returned, basis "
+                        f"'rotated'), or one trained since; calibrate this model again")
 
     def check_model(self, layers) -> None:
         """Raise ``ValueError`` if the statistics hold a layer that is not among ``layers``
