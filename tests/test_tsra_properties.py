@@ -392,3 +392,73 @@ def test_rmsnorm_rejects_a_negative_eps_like_the_fused_op(eps):
     with pytest.raises(ValueError, match="eps must be >= 0"):
         cobkern.rmsnorm_tsra(x, 2, eps=eps)
     assert torch.isfinite(cobkern.ops.rmsnorm(x, eps=0.0)).all()
+
+
+# ------------------------------------------------------- torch.func and forward-mode AD
+@pytest.mark.parametrize("fused", [False, True])
+def test_torch_func_transforms_and_forward_ad_match_autograd(fused):
+    """``torch.func.jvp`` / ``jacfwd`` returned an all-zero tangent without a word, and
+    ``grad`` / ``jacrev`` raised PyTorch's "must override setup_context": a formula registered
+    with ``register_autograd`` has neither. Under those transforms (and forward-mode AD) the
+    ops now run the plain-PyTorch formula. Reference: the Jacobian by reverse-mode autograd
+    through the ops themselves (the fused backward), float64, so 1e-10 is round-off."""
+    from torch.autograd import forward_ad as fwad
+
+    x = torch.randn(3, 7, dtype=torch.float64)
+    v = torch.randn_like(x)
+    fn = (lambda t: rmsnorm_tsra(t, 3, norm_size=9)) if fused else (lambda t: tsra(t, 3))
+    jac = torch.autograd.functional.jacobian(fn, x)
+    jv = torch.einsum("ijkl,kl->ij", jac, v)
+    tol = {"rtol": 1e-10, "atol": 1e-10}
+    _, tangent = torch.func.jvp(fn, (x,), (v,))
+    torch.testing.assert_close(tangent, jv, **tol)
+    torch.testing.assert_close(torch.func.jacfwd(fn)(x), jac, **tol)
+    torch.testing.assert_close(torch.func.jacrev(fn)(x), jac, **tol)
+    g = torch.func.grad(lambda t: fn(t).square().sum())(x)
+    torch.testing.assert_close(g, torch.einsum("ij,ijkl->kl", 2 * fn(x), jac), **tol)
+    with fwad.dual_level():
+        out = fn(fwad.make_dual(x, v))
+        torch.testing.assert_close(fwad.unpack_dual(out).tangent, jv, **tol)
+    # at x = 0 the tangent is the gain times v (the kernels' 1/0 := 0), finite
+    z = torch.zeros_like(x)
+    _, tz = torch.func.jvp(fn, (z,), (v,))
+    z.requires_grad_()
+    (gz,) = torch.autograd.grad(fn(z), z, v)  # the op's backward: a diagonal gain at 0
+    assert torch.isfinite(tz).all()
+    torch.testing.assert_close(tz, gz, **tol)
+
+
+# ------------------------------------------------------- module errors name the problem
+@pytest.mark.parametrize("make, call, exc, match", [
+    (lambda: RMSNorm(6), lambda m: m(torch.randn(6)), IndexError, "dim=1 is out of range"),
+    (lambda: RMSNorm(6, dim=2), lambda m: m(torch.randn(3, 6)), IndexError, "dim=2 is out"),
+    (lambda: TSRA(6, dim=-3), lambda m: m(torch.randn(3, 6)), IndexError, "dim=-3 is out"),
+    (lambda: RMSNormTSRA(6, dim=-4), lambda m: m(torch.randn(3, 6)), IndexError, "dim=-4"),
+    (lambda: RMSNormTSRA(6, eps=-1.0), None, ValueError, "eps must be >= 0"),
+    (lambda: RMSNormTSRA(6, norm_size=0), None, ValueError, "norm_size must be"),
+    (lambda: RMSNorm(6, eps=-1.0), None, ValueError, "eps must be >= 0"),
+    (lambda: RMSNorm(6, eps=None), None, TypeError, "eps must be a float, got NoneType"),
+    (lambda: RMSNorm(6, norm_size=2.5), None, ValueError, "norm_size must be"),
+    (lambda: TSRA(6, split=2.0), None, TypeError, "split must be an int, got float"),
+    (lambda: TSRA(6.0), None, TypeError, "num_channels must be an int"),
+])
+def test_module_errors_name_the_problem(make, call, exc, match):
+    """A wrong rank or negative dim gave a bare ``IndexError: tuple index out of range``
+    from the module's own channel check; a bad eps, norm_size or split was accepted by the
+    constructor and failed at the first forward (or never showed in the repr)."""
+    with pytest.raises(exc, match=match):
+        m = make()
+        if call is not None:
+            call(m)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda x: cobkern.ops.rmsnorm(x, 1.0), "dim must be an int, got float"),
+    (lambda x: cobkern.ops.rmsnorm(x, True), "dim must be an int, got bool"),
+    (lambda x: cobkern.ops.rmsnorm(x, eps="1e-6"), "eps must be a float, got str"),
+    (lambda x: rmsnorm_tsra(x, 2, eps=None), "eps must be a float, got NoneType"),
+    (lambda x: tsra(x, 2, eps=True), "eps must be a float, got bool"),
+])
+def test_rmsnorm_dim_and_eps_types_are_named(call, match):
+    with pytest.raises(TypeError, match=match):
+        call(torch.randn(3, 6))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from cobkern.ops import rmsnorm_tsra, tsra
-from cobkern.ops._checks import check_tsra_eps
+from cobkern.ops._checks import check_norm_size, check_rms_eps, check_tsra_eps, is_int
 from cobkern.ops.tsra import (
     DEFAULT_A_U,
     DEFAULT_A_V,
@@ -19,6 +19,9 @@ __all__ = ["TSRA", "RMSNormTSRA"]
 
 
 def _default_split(num_channels: int, split: int | None) -> int:
+    for arg, v in (("num_channels", num_channels), ("split", split)):
+        if v is not None and not is_int(v):  # a float or numpy split failed only at forward
+            raise TypeError(f"{arg} must be an int, got {type(v).__name__} {v!r}")
     if num_channels < 2:
         raise ValueError(f"TSRA needs at least 2 channels, got num_channels={num_channels}")
     split = num_channels // 2 if split is None else split
@@ -45,7 +48,8 @@ class _TSRABase(nn.Module):
         self.tsra_eps = check_tsra_eps(type(self).__name__, tsra_eps, eps_arg)
 
     def _check(self, x: Tensor) -> None:
-        if x.dim() > self.dim and x.shape[self.dim] != self.num_channels:
+        # an out-of-range dim is left to the op, whose error names it
+        if -x.dim() <= self.dim < x.dim() and x.shape[self.dim] != self.num_channels:
             raise ValueError(f"{type(self).__name__}: expected {self.num_channels} channels on "
                              f"dim {self.dim}, got input of shape {tuple(x.shape)}")
 
@@ -134,7 +138,8 @@ class RMSNormTSRA(_TSRABase):
                  a_u: float = DEFAULT_A_U, b_u: float = DEFAULT_B_U, a_v: float = DEFAULT_A_V,
                  b_v: float = DEFAULT_B_V, tsra_eps: float = DEFAULT_EPS) -> None:
         super().__init__(num_channels, split, dim, a_u, b_u, a_v, b_v, tsra_eps, "tsra_eps")
-        self.eps = eps
+        self.eps = check_rms_eps(type(self).__name__, eps)
+        check_norm_size(type(self).__name__, norm_size, num_channels)
         self.norm_size = norm_size
 
     def forward(self, x: Tensor) -> Tensor:

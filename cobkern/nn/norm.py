@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from cobkern.ops import rmsnorm
+from cobkern.ops._checks import check_norm_size, check_rms_eps, is_int
 from cobkern.ops.tsra import DEFAULT_RMS_EPS
 
 __all__ = ["RMSNorm"]
@@ -35,13 +36,17 @@ class RMSNorm(nn.Module):
         norm_size: int | None = None,
     ) -> None:
         super().__init__()
+        if not is_int(num_channels) or num_channels < 1:
+            raise ValueError(f"RMSNorm: num_channels must be a positive int, got {num_channels!r}")
         self.num_channels = num_channels
         self.dim = dim
-        self.eps = eps
+        self.eps = check_rms_eps("RMSNorm", eps)
+        check_norm_size("RMSNorm", norm_size, num_channels)
         self.norm_size = norm_size
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[self.dim] != self.num_channels:
+        # an out-of-range dim is left to rmsnorm, whose error names it
+        if -x.dim() <= self.dim < x.dim() and x.shape[self.dim] != self.num_channels:
             raise ValueError(f"RMSNorm: expected {self.num_channels} channels on dim {self.dim}, "
                              f"got input of shape {tuple(x.shape)}")
         return rmsnorm(x, self.dim, eps=self.eps, norm_size=self.norm_size)

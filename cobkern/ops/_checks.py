@@ -85,16 +85,24 @@ def check_activation_input(
     return dim
 
 
+def _as_float(name: str, arg: str, v: object) -> float:
+    """``float(v)`` for a number (numpy and 0-d tensor scalars included); a ``TypeError``
+    naming ``arg`` for anything else — strings and bools too, which ``float`` would take."""
+    if isinstance(v, (str, bytes, bool)):
+        raise TypeError(f"{name}: {arg} must be a float, got {type(v).__name__}")
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: {arg} must be a float, got {type(v).__name__}") from None
+
+
 def check_tsra_eps(name: str, eps: float, arg: str = "eps") -> float:
     """Validate TSRA's ``eps`` (added to ``||x||`` in ``r``): a finite number ``> 0``.
 
     ``eps = 0`` would turn ``x = 0`` into ``0 / 0 = NaN`` (``method.md`` §1 requires output 0
     there), and a negative ``eps`` can make ``||x|| + eps`` vanish. Returns ``float(eps)``.
     """
-    try:
-        value = float(eps)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name}: {arg} must be a float, got {type(eps).__name__}") from None
+    value = _as_float(name, arg, eps)
     if not (0 < value < math.inf):  # also rejects NaN; comparisons trace under dynamo
         raise ValueError(f"{name}: {arg} (TSRA's epsilon in r = ||x_U|| / (||x|| + {arg})) "
                          f"must be a finite number > 0, got {eps!r}")
@@ -112,11 +120,14 @@ def check_norm_size(name: str, norm_size: int | None, c: int) -> int:
 
 
 def check_rms_eps(name: str, rms_eps: float) -> float:
-    """RMSNorm's ``eps`` inside the square root: ``>= 0`` (a negative one can make the
-    mean square plus ``eps`` negative, and the output NaN). Returns ``float(eps)``."""
-    if not rms_eps >= 0:
+    """RMSNorm's ``eps`` inside the square root: a number ``>= 0`` (a negative one can make
+    the mean square plus ``eps`` negative, and the output NaN). ``eps = 0`` is allowed — the
+    normalisation is then exactly scale-invariant — but divides ``0 / 0`` at ``x = 0``: the
+    output and gradient there are NaN. Returns ``float(eps)``."""
+    value = _as_float(name, "eps", rms_eps)
+    if not value >= 0:
         raise ValueError(f"{name}: eps must be >= 0, got {rms_eps!r}")
-    return float(rms_eps)
+    return value
 
 
 def check_same_device(name: str, **tensors: torch.Tensor) -> None:

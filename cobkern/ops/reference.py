@@ -102,11 +102,17 @@ def tsra_forward(
     eps: float,
     norm_size: int = 0,
     rms_eps: float = 0.0,
+    *,
+    differentiable: bool = False,
 ) -> torch.Tensor:
     """TSRA (``norm_size == 0``) or RMSNorm→TSRA (``norm_size > 0``) forward.
 
     Args:
         x: ``(..., C, ...)`` floating tensor; channels along ``dim``.
+        differentiable: for autograd and ``torch.func`` through this function itself (the
+            public ops' route under ``torch.func`` transforms and forward-mode AD): out of
+            place, and norms whose derivative at 0 is 0 — the kernels' ``1/0 := 0``
+            convention, so the derivative stays finite where a subspace is zero. Same values.
     Returns:
         Tensor of ``x``'s shape, dtype and memory format.
     """
@@ -114,8 +120,11 @@ def tsra_forward(
     xf = x.to(compute_dtype(x.dtype))
     s2u, s2v = _sumsq_split(xf, split, dim)
     q = _rms_scale(s2u, s2v, norm_size, rms_eps) if norm_size > 0 else 1.0
-    _, _, _, _, gu, gv = _gains(s2u, s2v, q, a_u, b_u, a_v, b_v, eps)
+    _, _, _, _, gu, gv = _gains(s2u, s2v, q, a_u, b_u, a_v, b_v, eps,
+                                _safe_sqrt if differentiable else torch.sqrt)
     gain = _per_subspace(dim, c, split, gu * q, gv * q)
+    if differentiable:
+        return (xf * gain).to(x.dtype)
     out = torch.empty_like(x)
     out.copy_(xf * gain)
     return out

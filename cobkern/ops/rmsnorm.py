@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import reference
-from ._checks import FLOAT_DTYPES, check_norm_size, check_rms_eps
+from ._checks import FLOAT_DTYPES, check_norm_size, check_rms_eps, is_int
 
 __all__ = ["rmsnorm"]
 
@@ -16,7 +16,7 @@ def rmsnorm(x: Tensor, dim: int = 1, *, eps: float = 1e-6, norm_size: int | None
     Args:
         x: ``(N, C, ...)`` floating tensor (accumulated in float32 for half types).
         dim: the channel axis.
-        eps: added inside the square root, ``>= 0``.
+        eps: added inside the square root, ``>= 0`` (``0``: NaN at ``x = 0``).
         norm_size: normaliser, a positive int; ``None`` means ``x.shape[dim]``.
 
     Returns:
@@ -24,6 +24,8 @@ def rmsnorm(x: Tensor, dim: int = 1, *, eps: float = 1e-6, norm_size: int | None
     """
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"cobkern.rmsnorm: expected a floating-point tensor, got dtype {x.dtype}")
+    if not is_int(dim):
+        raise TypeError(f"cobkern.rmsnorm: dim must be an int, got {type(dim).__name__}")
     if not (-x.dim() <= dim < x.dim()):
         raise IndexError(f"cobkern.rmsnorm: dim={dim} is out of range for a {x.dim()}-D tensor")
     n = check_norm_size("cobkern.rmsnorm", norm_size, x.shape[dim])

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from . import reference
 from ._checks import (
@@ -282,9 +283,19 @@ class _TSRABackwardFunction(torch.autograd.Function):
 
 
 def _apply(x: Tensor, *params) -> Tensor:
-    """Run TSRA through the eager fast path when that is safe, else through the custom op."""
-    if (type(x) is Tensor and not torch.compiler.is_compiling()
-            and not torch._C._are_functorch_transforms_active()):
+    """Run TSRA through the eager fast path when that is safe, else through the custom op.
+
+    Under ``torch.func`` transforms (``grad``, ``jvp``, ``jacrev``, ``vmap``, ...) and
+    forward-mode AD, outside ``torch.compile``, the plain-PyTorch formula runs instead: an
+    autograd formula registered with ``torch.library.register_autograd`` has no forward-mode
+    rule and no ``torch.func`` support, so the custom op raised there, or — ``jvp`` — returned
+    a zero tangent without a word.
+    """
+    if torch.compiler.is_compiling():
+        return _tsra_op(x, *params)
+    if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
+        return reference.tsra_forward(x, *params, differentiable=True)
+    if type(x) is Tensor:
         return _TSRAFunction.apply(x, *params)
     return _tsra_op(x, *params)
 
@@ -361,7 +372,8 @@ def rmsnorm_tsra(
         x: as in :func:`tsra`.
         split: size of the first subspace, ``1 <= split < C``.
         dim: the channel axis (default 1).
-        eps: RMSNorm's epsilon inside the square root (default 1e-6).
+        eps: RMSNorm's epsilon inside the square root (default 1e-6), ``>= 0``; with
+            ``eps = 0`` the output and gradient at ``x = 0`` are NaN (``0 / 0``).
         norm_size: the normaliser ``n`` in ``sum(x²)/n``; ``None`` means ``C``. A pruned
             model may keep its original width here so that the scale does not shift.
         a_u, b_u, a_v, b_v, tsra_eps: TSRA's constants, as in :func:`tsra`
