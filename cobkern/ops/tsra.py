@@ -33,7 +33,13 @@ run the same launchers through a ``torch.autograd.Function`` instead of the disp
 custom-op round trip. Both paths call :func:`_launch_or_reference`, so they compute the
 same bits; the fast one costs a fraction of the host time per call, which is what limits
 small layers (a 1024×512×2×2 activation takes microseconds on the GPU). Tensor subclasses
-(fake tensors, functorch wrappers) and compiled code always take the registered ops.
+(fake tensors, ...) and compiled code always take the registered ops.
+
+``torch.func`` transforms (``grad``, ``jvp``, ``jacrev``, ``jacfwd``, ``vmap``) and
+forward-mode AD in eager mode run the plain-PyTorch formula
+(:func:`reference.tsra_forward` with ``differentiable=True``): an autograd formula
+registered with ``torch.library.register_autograd`` has no forward-mode rule and no
+``torch.func`` support.
 """
 
 from __future__ import annotations
