@@ -17,8 +17,9 @@ for bf16/fp16: ``wgmma`` on sm_90; IEEE fp32 FMA for float32 input, so no TF32 r
 enters the statistics). At the end it adds its tile into the output with ``atomic_add``.
 Programs on the same sample chunk have neighbouring ids, so the slabs a chunk's tiles
 share are served from L2: ``x`` comes from HBM about once. Nothing of size
-``samples × C`` is ever allocated. Diagonal tiles also reduce ``|a|`` and ``a²`` over
-the samples (each channel lies in exactly one diagonal tile).
+``samples × C`` is ever allocated. Diagonal tiles (each channel lies in exactly one) also
+reduce ``|a|`` over the samples, with the same Kahan compensation across steps, and add
+their tile's diagonal as ``Σa²``, which is therefore exactly the Gram diagonal.
 
 Loads: the slab loads vectorise, and the software pipeliner copies them (``cp.async``)
 one step ahead of the products, when the JIT can see that the unit-stride axis comes in
@@ -77,8 +78,9 @@ def _moments_kernel(
         col_off = cols * stride_c
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     comp = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    is_diag = ti == tj
     s_abs = tl.zeros((BLOCK,), dtype=tl.float32)
-    s_sq = tl.zeros((BLOCK,), dtype=tl.float32)
+    c_abs = tl.zeros((BLOCK,), dtype=tl.float32)  # its Kahan compensation
     start = pid_k * chunk
     end = tl.minimum(start + chunk, n_samples)
     for k0 in range(start, end, BLOCK_K):
@@ -113,15 +115,18 @@ def _moments_kernel(
         t = acc + y
         comp = (t - acc) - y
         acc = t
-        af = a.to(tl.float32)
-        s_abs += tl.sum(tl.abs(af), axis=1)
-        s_sq += tl.sum(af * af, axis=1)
+        if is_diag:  # Σ|a| (compensated too: the l1 importance reads it directly)
+            ya = tl.sum(tl.abs(a.to(tl.float32)), axis=1) - c_abs
+            ta = s_abs + ya
+            c_abs = (ta - s_abs) - ya
+            s_abs = ta
     g_off = g_base + (rows - lo)[:, None] * size + (cols - lo)[None, :]
     # into the outputs' own dtype: float32 for one batch, float64 for running sums
     tl.atomic_add(G + g_off, acc.to(G.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
-    diag = rmask & (ti == tj)
-    tl.atomic_add(SABS + rows, s_abs.to(SABS.dtype.element_ty), mask=diag)
-    tl.atomic_add(SSQ + rows, s_sq.to(SSQ.dtype.element_ty), mask=diag)
+    if is_diag:  # Σa² is the Gram diagonal: taken from the compensated tile, not re-summed
+        s_sq = tl.sum(tl.where(offs[:, None] == offs[None, :], acc, 0.0), axis=1)
+        tl.atomic_add(SABS + rows, s_abs.to(SABS.dtype.element_ty), mask=rmask)
+        tl.atomic_add(SSQ + rows, s_sq.to(SSQ.dtype.element_ty), mask=rmask)
 
 
 KERNELS = {"moments": _moments_kernel}
