@@ -5,6 +5,8 @@ reports) goes through :func:`atomic_path`: the content is written to a temporary
 same folder, flushed to disk (``fsync``), then renamed over the target with ``os.replace``
 (atomic on POSIX and Windows), and the folder is synced where the platform allows it, so
 neither a killed process nor a power loss leaves an empty or partial file under the name.
+The file gets the permissions of a plain ``open(path, "w")`` (``0o666`` less the umask),
+whatever the writer created the temporary file with (safetensors creates ``0o600`` files).
 """
 
 from __future__ import annotations
@@ -41,13 +43,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` if the block succeeds.
 
-    The parent folder is created. The temporary file is fsynced before the rename and the
-    folder after it. If the block raises, the temporary file is removed and ``path`` is
-    left as it was.
+    The parent folder is created. The temporary file is given the mode ``0o666`` less the
+    umask (as every other output; some writers create ``0o600`` files), fsynced before the
+    rename and the folder after it. If the block raises, the temporary file is removed and
+    ``path`` is left as it was.
 
     Example::
 
@@ -60,6 +70,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         if tmp.exists():
+            os.chmod(tmp, 0o666 & ~_umask())
             _fsync_file(tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)

@@ -558,3 +558,108 @@ def test_prune_rejects_fractional_counts_and_escaping_names(run_dir: Path, tmp_p
     assert main(["prune", "--out", o, "--strategy", "count", "--value", "2", "--no-eval",
                  "--no-progress"]) == 0
     assert (out / "pruned" / "cob-l2-count-2-2-kept").is_dir()
+
+
+# ---------------------------------------------------------------------------- audit-cli fixes
+def test_evaluate_refuses_a_model_with_another_class_count(run_dir: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture
+                                                          ) -> None:
+    from cobkern.models import save_model, vgg16_tsra
+
+    out = _copy(run_dir, tmp_path)
+    n = len(_records(out))
+    model = save_model(vgg16_tsra(num_classes=3, width=0.0625), tmp_path / "three.pt")
+    assert main(["evaluate", "--out", str(out), "--model", str(model), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: the model has 3 outputs but the test data has 10 classes\n"
+    assert len(_records(out)) == n
+
+
+def test_evaluate_of_a_file_that_is_not_a_model_is_one_line(run_dir: Path,
+                                                           capsys: pytest.CaptureFixture
+                                                           ) -> None:
+    path = run_dir / "config.json"
+    assert main(["evaluate", "--out", str(run_dir), "--model", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {path}: cannot read model file: not a cobkern model file (not a " \
+                  "torch file)\n"
+
+
+def test_evaluate_refuses_name_with_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--out", str(tmp_path), "--name", "x", "--model", "m.safetensors"])
+    assert e.value.code == 2
+    assert "not allowed with argument --name" in capsys.readouterr().err
+
+
+def test_a_failed_command_leaves_no_settings_behind(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    """A command refused for bad input (here a missing data root) must not save its --set
+    values in OUT/config.json: a retry without them would fail on them again."""
+    missing = str(tmp_path / "missing")
+    out = tmp_path / "e5"
+    assert main(["train", "--out", str(out), "--set", f"data_root={missing}", "--set",
+                 "steps=2", "--no-progress"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["run", "--out", str(out), "--no-progress", "--set",
+                 "train=" + json.dumps({"data_root": missing})]) == 2
+    assert not out.exists()
+    # an existing config.json is put back as it was
+    out.mkdir()
+    (out / "config.json").write_text('{"experiment": {"preset": "quick"}}\n')
+    assert main(["train", "--out", str(out), "--set", f"data_root={missing}",
+                 "--no-progress"]) == 2
+    assert (out / "config.json").read_text() == '{"experiment": {"preset": "quick"}}\n'
+    assert [p.name for p in out.iterdir()] == ["config.json"]
+
+
+def test_a_failed_calibration_leaves_the_settings_as_they_were(run_dir: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture
+                                                               ) -> None:
+    out = _copy(run_dir, tmp_path)
+    config = (out / "config.json").read_text()
+    model = out / "train" / "model.safetensors"
+    if not model.is_file():
+        model = out / "train" / "model.pt"
+    model.write_bytes(model.read_bytes()[:100])  # truncated
+    assert main(["calibrate", "--out", str(out), "--samples", "100", "--no-progress"]) == 2
+    assert str(model) in capsys.readouterr().err
+    assert (out / "config.json").read_text() == config
+
+
+def test_train_with_another_preset_is_refused_like_run(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    from cobkern.experiments import get_experiment_preset
+
+    out = tmp_path / "q"
+    cfg = get_experiment_preset("quick").with_overrides(
+        {"train": {"data_root": str(tmp_path / "missing")}})
+    Context(out, cfg, device="cpu", progress=False).save_config()
+    config = (out / "config.json").read_text()
+    assert main(["train", "--preset", "fast", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "made with preset 'quick', not 'fast'" in err
+    assert (out / "config.json").read_text() == config
+    assert main(["run", "--preset", "fast", "--out", str(out), "--no-progress"]) == 2
+    assert capsys.readouterr().err == err
+
+
+def test_calibration_says_how_many_images_it_uses(run_dir: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    out = _copy(run_dir, tmp_path)
+    assert main(["calibrate", "--out", str(out), "--samples", "100000", "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    n = 10 * N_TRAIN
+    assert lines[0] == f"[cobkern] calibrating on {n:,} training images (100,000 requested, " \
+                       f"{n:,} available)"
+    assert lines[-1].startswith(f"calibrated 15 layers on {n:,} images")
+
+
+def test_report_with_an_out_that_is_a_file_is_a_user_error(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture
+                                                          ) -> None:
+    f = tmp_path / "file"
+    f.write_text("")
+    assert main(["report", "--out", str(f)]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err

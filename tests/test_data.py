@@ -295,3 +295,16 @@ def test_damaged_cache_sidecar_is_a_cache_error(tmp_path, edit, why) -> None:
     # rebuild_cache=True decodes again and rewrites a valid sidecar
     load_cifar10("imagefolder", tmp_path / "tree", cache_dir=cache, rebuild_cache=True)
     assert len(load_cifar10("imagefolder", tmp_path / "tree", cache_dir=cache)[1]) == 12
+
+
+def test_imagefolder_without_a_root_names_the_option() -> None:
+    with pytest.raises(DataError, match=r"'imagefolder' needs a root folder \(--data-root\)"):
+        load_cifar10("imagefolder")
+
+
+def test_an_empty_class_folder_is_named_in_a_warning(tmp_path) -> None:
+    _make_folder(tmp_path / "tree")
+    (tmp_path / "tree" / "train" / "bee").mkdir()  # sorts first: every label shifts
+    with pytest.warns(UserWarning, match=r"train/bee holds no images"):
+        train, _ = load_cifar10("imagefolder", tmp_path / "tree", cache_dir=tmp_path / "c")
+    assert train.classes == CLASSES

@@ -75,3 +75,18 @@ def test_recipe_description_states_the_warmup_actually_used() -> None:
     r = get_experiment_preset("quick").with_overrides({"finetune": {"steps": 4}}).finetune
     assert r.warmup_steps == 10
     assert "4 linear warm-up steps" in r.describe()
+
+
+def test_relu_control_shares_the_data_settings_of_the_tsra_model(tmp_path) -> None:
+    """The class count is the data's and the test images are the TSRA model's: the ReLU
+    control takes them from ``train``, its own schedule from ``train_relu_overrides``."""
+    from cobkern.experiments import Context
+
+    cfg = get_experiment_preset("quick").with_overrides({
+        "train": {"num_classes": 3, "test_subset": 50, "width": 0.0625, "steps": 7},
+        "train_relu_overrides": {"steps": 5}})
+    relu = Context(tmp_path / "x", cfg, device="cpu", progress=False).train_config("relu")
+    assert (relu.num_classes, relu.test_subset, relu.width, relu.steps) == (3, 50, 0.0625, 5)
+    cfg = cfg.with_overrides({"train_relu_overrides": {"num_classes": 4}})
+    relu = Context(tmp_path / "x", cfg, device="cpu", progress=False).train_config("relu")
+    assert relu.num_classes == 4  # an explicit override still wins

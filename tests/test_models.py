@@ -255,3 +255,36 @@ def test_malformed_model_configs_are_model_file_errors() -> None:
 
         build_layer(["Linear"])  # type: ignore[arg-type]
     assert model_config(build_model(good)) == good  # valid configs are unchanged
+
+
+def test_a_file_that_is_not_a_model_is_a_one_line_error(tmp_path) -> None:
+    import pytest
+
+    bad = tmp_path / "config.json"
+    bad.write_text('{"experiment": {}}')
+    with pytest.raises(ModelFileError) as e:
+        load_model(bad)
+    msg = str(e.value)
+    assert str(bad) in msg and "not a cobkern model file (not a torch file)" in msg
+    assert "weights_only" not in msg and "\n" not in msg
+
+
+def test_model_files_get_the_permissions_of_other_outputs(tmp_path) -> None:
+    """0o666 less the umask, like any file opened for writing (safetensors makes 0o600)."""
+    import os
+
+    import pytest
+
+    if os.name == "nt":
+        pytest.skip("POSIX permissions")
+    names = ["m.pt"] + (["m.safetensors"] if safetensors_available() else [])
+    old = os.umask(0o022)
+    try:
+        for name in names:
+            save_model(vgg16_tsra(width=0.0625), tmp_path / name)
+            assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+        os.umask(0o027)
+        save_model(vgg16_tsra(width=0.0625), tmp_path / names[-1])
+        assert (tmp_path / names[-1]).stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)

@@ -216,6 +216,18 @@ def test_resume_rejects_a_checkpoint_for_another_model(tmp_path) -> None:
         train(_tiny_config(), tmp_path / "junk", data=data, resume=True)
 
 
+def test_a_file_that_is_not_a_checkpoint_is_a_one_line_error(tmp_path) -> None:
+    """Not torch's advice to load with weights_only=False: the file is just not ours."""
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "checkpoint.pt").write_text(json.dumps({"steps": 3}))
+    with pytest.raises(CheckpointError) as e:
+        train(_tiny_config(), tmp_path / "r", data=_toy_data(), resume=True)
+    msg = str(e.value)
+    assert "not a cobkern training checkpoint (not a torch file)" in msg
+    assert str(tmp_path / "r" / "checkpoint.pt") in msg
+    assert "weights_only" not in msg and "\n" not in msg
+
+
 def test_finetune_keeps_a_pruned_architecture(tmp_path) -> None:
     data = _toy_data()
     torch.manual_seed(0)

@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train the TSRA model (or the ReLU control, --arch relu) "
                                    "with a training preset; resumes from a checkpoint.")
     s.add_argument("--preset", default=None, choices=["quick", "fast", "paper"],
-                   help="training preset (default: the experiment config's, else quick)")
+                   help="training preset (default: the experiment config's, else quick); "
+                        "another preset than the one OUT/config.json was made with is refused")
     s.add_argument("--arch", default="tsra", choices=["tsra", "relu"], help="model family")
     s.add_argument("--set", dest="overrides", action="append", type=_kv, default=[],
                    metavar="KEY=VALUE",
@@ -189,11 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate the trained model, a pruned one (--name) or any "
                                    "model file (--model); the result is printed and appended to "
                                    "OUT/metrics.jsonl.")
-    s.add_argument("--name", default=None, help="a pruned model under OUT/pruned/ (its "
-                   "fine-tuned version when it exists, unless --no-finetuned)")
+    which = s.add_mutually_exclusive_group()
+    which.add_argument("--name", default=None, help="a pruned model under OUT/pruned/ (its "
+                       "fine-tuned version when it exists, unless --no-finetuned)")
     s.add_argument("--no-finetuned", action="store_true",
                    help="with --name: the pruned model before fine-tuning")
-    s.add_argument("--model", type=Path, default=None, help="a model file")
+    which.add_argument("--model", type=Path, default=None, help="a model file")
     s.add_argument("--test-subset", type=int, default=None,
                    help="test images (0 = all 10000; default: the config's eval_subset)")
     _common(s)
@@ -278,11 +280,17 @@ def _experiment_config(args: argparse.Namespace, preset: str | None = None) -> A
     return cfg.with_overrides(over) if over else cfg
 
 
+def _check_out(out: Path) -> Path:
+    """``out`` unless it exists and is not a directory."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory; choose another --out")
+    return out
+
+
 def _context(args: argparse.Namespace, cfg: Any) -> Any:
     from cobkern.experiments import Context
 
-    if args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"--out {args.out} exists and is not a directory; choose another --out")
+    _check_out(args.out)
     return Context(args.out, cfg, device=args.device, progress=not args.no_progress)
 
 
@@ -347,11 +355,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cobkern.experiments import train_step
-    from cobkern.experiments.pipeline import check_trained_settings
+    from cobkern.experiments.pipeline import check_trained_settings, saved_config, trained_with
 
-    cfg = _experiment_config(args)
-    if args.preset is not None:
-        cfg = cfg.with_overrides({"preset": args.preset})
+    cfg = _experiment_config(args, preset=args.preset)  # another preset than OUT's: refused
     if args.overrides:
         key = "train" if args.arch == "tsra" else "train_relu_overrides"
         cfg = cfg.with_overrides({key: {**getattr(cfg, key), **dict(args.overrides)}})
@@ -359,8 +365,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.force:  # before config.json claims settings the model was not trained with
         check_trained_settings(ctx, args.arch)
     if args.arch == "tsra" or not ctx.layout.config.is_file():
-        ctx.save_config()
-    res = train_step(ctx, args.arch, force=args.force)
+        # kept on failure only once a run was started with these settings
+        with saved_config(ctx, keep=lambda: trained_with(ctx, args.arch)):
+            res = train_step(ctx, args.arch, force=args.force)
+    else:
+        res = train_step(ctx, args.arch, force=args.force)
     print(f"{args.arch} model: test accuracy {100 * res['test_accuracy']:.2f}% after "
           f"{res['steps']} steps → {ctx.layout.model_file(args.arch)}")
     return 0
@@ -368,6 +377,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from cobkern.experiments import calibrate_step
+    from cobkern.experiments.pipeline import saved_config
 
     cfg = _experiment_config(args)
     over: dict[str, Any] = {}
@@ -379,8 +389,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         cfg = cfg.with_overrides(over)
     ctx = _context(args, cfg)
     ctx.layout.require_model("tsra")
-    ctx.save_config()
-    path = calibrate_step(ctx, force=True)
+    with saved_config(ctx):  # put back if the calibration fails
+        path = calibrate_step(ctx, force=True)
     stats = ctx.stats()
     print(f"calibrated {len(stats)} layers on {stats.num_images:,} images → {path}")
     return 0
@@ -492,7 +502,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from cobkern.experiments import calibrate_step, sweep_step
-    from cobkern.experiments.pipeline import check_trained_settings
+    from cobkern.experiments.pipeline import check_trained_settings, saved_config
 
     cfg = _experiment_config(args)
     ctx = _context(args, cfg)
@@ -501,9 +511,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     check_trained_settings(ctx, "tsra")
     if "peers" in cfg.experiments and "relu" in cfg.peer_archs:
         check_trained_settings(ctx, "relu")
-    ctx.save_config()
-    calibrate_step(ctx)  # again only if made from another model or with other settings
-    recs = sweep_step(ctx, cfg.experiments)
+    with saved_config(ctx):  # put back if the sweep fails (its records name their inputs)
+        calibrate_step(ctx)  # again only if made from another model or with other settings
+        recs = sweep_step(ctx, cfg.experiments)
     print(f"{len(recs)} records in {ctx.layout.metrics}; now `cobkern report --out "
           f"{ctx.layout.root}`")
     return 0
@@ -512,7 +522,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from cobkern.experiments import report_step
 
-    path = report_step(args.out)
+    path = report_step(_check_out(args.out))
     print(f"report: {path}")
     return 0
 

@@ -25,6 +25,7 @@ import json
 import os
 import pickle
 import tarfile
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,14 +209,26 @@ def _decode_archive(path: Path) -> dict[str, object]:
 
 
 def _image_files(root: Path) -> Iterator[tuple[str, str, Path]]:
+    """``(split, class, file)`` of every image under ``root/<split>/<class>/``.
+
+    A class folder without images is not a class (the classes are the folders with
+    images, numbered in sorted order); a warning names it, since the labels of the classes
+    after it shift by one (torchvision's ``ImageFolder`` refuses such a tree).
+    """
     for split_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         split = {"train": "train", "test": "test", "val": "test"}.get(split_dir.name)
         if split is None:
             continue
         for cls_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+            empty = True
             for f in sorted(cls_dir.iterdir()):
                 if f.is_file() and f.suffix.lower() in _IMAGE_EXTS:
+                    empty = False
                     yield split, cls_dir.name, f
+            if empty:
+                warnings.warn(f"ImageFolder class folder {cls_dir} holds no images: it is left "
+                              "out of the classes (the labels of the classes after it shift)",
+                              stacklevel=3)
 
 
 def _decode_folder(root: Path, files: Iterable[tuple[str, str, Path]]) -> dict[str, object]:
@@ -334,8 +347,6 @@ def _cached(key: str, cache_dir: Path | None, source: str, decode, rebuild: bool
     try:
         _write_cache(npz, meta, arrays, source)
     except OSError as e:  # a read-only cache location must not stop training
-        import warnings
-
         warnings.warn(f"could not write the data cache in {cache_dir}: {e}", stacklevel=3)
     return arrays
 
@@ -455,7 +466,9 @@ def load_cifar10(
         arrays = _cached(key, cache_dir, f"archive:{archive}",
                          lambda: _decode_archive(archive), rebuild_cache)
     elif source == "imagefolder":
-        if rootp is None or not rootp.is_dir():
+        if rootp is None:
+            raise DataError("data source 'imagefolder' needs a root folder (--data-root)")
+        if not rootp.is_dir():
             raise DataError(f"ImageFolder root not found: {rootp}")
         files = list(_image_files(rootp))
         if not files:

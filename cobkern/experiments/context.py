@@ -22,6 +22,7 @@ from cobkern.data import DeviceLoader, ImageSet, calibration_set, load_cifar10, 
 from cobkern.models import load_model
 from cobkern.pruning import PruneReport, Strategy, default_normalizer, make_strategy, prune
 from cobkern.training import TrainConfig, apply_overrides, evaluate, get_preset
+from cobkern.training.trainer import check_num_classes
 
 from .config import ExperimentConfig, get_experiment_preset, load_experiment_config
 from .files import Layout, MissingStepError, append_jsonl, atomic_write_json, read_jsonl
@@ -92,8 +93,9 @@ class Context:
         cfg = self.config
         overrides = dict(cfg.train if arch == "tsra" else cfg.train_relu_overrides)
         if arch != "tsra":
-            # the data settings are shared with the main model
-            for k in ("data_source", "data_root", "cache_dir", "train_subset", "width"):
+            # the data settings (the class count is the data's) are shared with the main model
+            for k in ("data_source", "data_root", "cache_dir", "train_subset", "test_subset",
+                      "num_classes", "width"):
                 if k in cfg.train and k not in overrides:
                     overrides[k] = cfg.train[k]
         overrides.setdefault("seed", cfg.seed)
@@ -125,7 +127,13 @@ class Context:
         return self._eval_set
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Accuracy and loss of ``model`` on :meth:`eval_set`."""
+        """Accuracy and loss of ``model`` on :meth:`eval_set`.
+
+        Raises:
+            ConfigError: the model has another number of outputs than the test data has
+                classes (e.g. a model file trained on other data).
+        """
+        check_num_classes(model, len(self.eval_set().classes), "test data")
         return evaluate(model, self.eval_set(), self.device,
                         batch_size=self.config.eval_batch_size)
 

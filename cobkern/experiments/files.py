@@ -33,6 +33,7 @@ __all__ = [
     "MissingStepError",
     "Layout",
     "atomic_write_text",
+    "atomic_write_bytes",
     "atomic_write_json",
     "append_jsonl",
     "read_jsonl",

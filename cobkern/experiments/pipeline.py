@@ -11,8 +11,10 @@ measured again: other calibration settings recalibrate, other training settings 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +22,11 @@ from cobkern.training import train
 from cobkern.training.trainer import CHECKPOINT_NAME, setting_change
 
 from .context import Context
-from .files import atomic_write_json
+from .files import atomic_write_bytes, atomic_write_json
 from .sweeps import run_experiments
 
 __all__ = ["train_step", "calibrate_step", "sweep_step", "report_step", "run_pipeline",
-           "check_trained_settings"]
+           "check_trained_settings", "trained_with", "saved_config"]
 
 
 def _say(msg: str) -> None:
@@ -67,6 +69,45 @@ def check_trained_settings(ctx: Context, arch: str = "tsra") -> None:
             f"retrain (which invalidates everything derived from that model) with "
             f"`cobkern train --out {ctx.layout.root}{flag} --force --set "
             f"{name}={json.dumps(value)}`")
+
+
+def trained_with(ctx: Context, arch: str = "tsra") -> bool:
+    """Whether ``OUT/train[-arch]/`` holds a run (finished or interrupted) that the trainer
+    started with ``ctx``'s training settings (fields that may change on resume aside)."""
+    try:
+        saved = json.loads((ctx.layout.train_dir(arch) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and \
+        setting_change(saved, ctx.train_config(arch)) is None
+
+
+@contextlib.contextmanager
+def saved_config(ctx: Context, keep: Callable[[], bool] | None = None) -> Iterator[None]:
+    """Write ``OUT/config.json`` for the block; if the block fails (an exception, not an
+    interrupt, which the same command continues) and ``keep()`` is false, the previous file
+    is put back (or removed, with ``OUT`` itself if the command created it and it is still
+    empty), so a command refused for bad input never leaves its settings behind.
+
+    ``keep``: whether outputs made with the new settings exist despite the failure (e.g.
+    :func:`trained_with`), so that ``config.json`` must describe them; default: never.
+    """
+    path = ctx.layout.config
+    root_existed = ctx.layout.root.exists()
+    before = path.read_bytes() if path.is_file() else None
+    ctx.save_config()
+    try:
+        yield
+    except Exception:
+        if keep is None or not keep():
+            if before is not None:
+                atomic_write_bytes(path, before)
+            else:
+                path.unlink(missing_ok=True)
+                if not root_existed:
+                    with contextlib.suppress(OSError):  # not empty: leave it
+                        ctx.layout.root.rmdir()
+        raise
 
 
 def _remove_derived(ctx: Context) -> None:
@@ -130,7 +171,13 @@ def calibrate_step(ctx: Context, force: bool = False) -> Path:
     if ctx.layout.calibration.is_file() and not force:
         _say(f"{ctx.layout.calibration} was made from another model or with other "
              "settings; calibrating again")
-    _say(f"calibrating on {ctx.config.calib_samples:,} training images")
+    wanted = ctx.config.calib_samples
+    available = len(ctx.data()[0])
+    if wanted > available:  # calibration_set takes them all
+        _say(f"calibrating on {available:,} training images ({wanted:,} requested, "
+             f"{available:,} available)")
+    else:
+        _say(f"calibrating on {wanted:,} training images")
     ctx.calibrate(force=True)
     return ctx.layout.calibration
 
@@ -159,7 +206,6 @@ def run_pipeline(ctx: Context, experiments: list[str] | None = None) -> dict[str
     check_trained_settings(ctx, "tsra")
     if relu:
         check_trained_settings(ctx, "relu")
-    ctx.save_config()
     timings: dict[str, float] = {}
 
     def stage(name: str, fn: Any, *args: Any) -> Any:
@@ -168,12 +214,14 @@ def run_pipeline(ctx: Context, experiments: list[str] | None = None) -> dict[str
         timings[name] = time.perf_counter() - t0
         return out
 
-    stage("train", train_step, ctx, "tsra")
-    if relu:
-        stage("train_relu", train_step, ctx, "relu")
-    stage("calibrate", calibrate_step, ctx)
-    stage("sweep", sweep_step, ctx, names)
-    report = stage("report", report_step, ctx.layout.root)
+    # config.json stays once the TSRA model was trained (or started) with its settings
+    with saved_config(ctx, keep=lambda: trained_with(ctx, "tsra")):
+        stage("train", train_step, ctx, "tsra")
+        if relu:
+            stage("train_relu", train_step, ctx, "relu")
+        stage("calibrate", calibrate_step, ctx)
+        stage("sweep", sweep_step, ctx, names)
+        report = stage("report", report_step, ctx.layout.root)
     timings["total"] = time.perf_counter() - t_all
     atomic_write_json(ctx.layout.root / "run.json", {"timings_s": timings,
                                                     "device": str(ctx.device),

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,18 @@ def safetensors_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def torch_file_kind(path: str | os.PathLike) -> str:
+    """Why ``torch.load(path, weights_only=True)`` refused to unpickle ``path``, in words:
+    ``"not a torch file"``, or a torch file holding more than tensors and plain data (which
+    no cobkern file does)."""
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except OSError:
+        is_zip = False
+    return ("a torch file holding objects other than tensors and plain data" if is_zip
+            else "not a torch file")
 
 
 def default_model_filename() -> str:
@@ -326,6 +340,10 @@ def read_model_file(
             config, state, extra = blob["config"], blob["state_dict"], blob.get("extra", {})
     except ModelFileError:
         raise
+    except pickle.UnpicklingError:
+        # torch's message advises weights_only=False: wrong for a file that is not ours
+        raise ModelFileError(f"{path}: cannot read model file: not a cobkern model file "
+                             f"({torch_file_kind(path)})") from None
     except Exception as e:  # corrupt/truncated files surface as many exception types
         kind = "safetensors" if is_safetensors else "torch"
         raise ModelFileError(f"{path}: cannot read {kind} model file ({type(e).__name__}: {e}; "

@@ -34,6 +34,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -55,11 +56,13 @@ from cobkern.models import (
     vgg16_relu,
     vgg16_tsra,
 )
+from cobkern.models.io import torch_file_kind
 
 from .config import ConfigError, TrainConfig
 
 __all__ = ["train", "finetune", "evaluate", "CheckpointError", "build_optimizer",
-           "build_scheduler", "lr_factor", "RESUME_MAY_CHANGE", "setting_change"]
+           "build_scheduler", "lr_factor", "RESUME_MAY_CHANGE", "setting_change",
+           "check_num_classes"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -240,6 +243,16 @@ def evaluate(
     return {"accuracy": correct_total / n_total, "loss": loss_total / n_total, "n": int(n_total)}
 
 
+def check_num_classes(model: nn.Module, num_classes: int, data: str = "data") -> None:
+    """Raise :class:`ConfigError` if ``model`` has another number of outputs than the
+    ``num_classes`` classes of the ``data`` it is to be trained or evaluated on (a model
+    without a ``num_classes`` attribute is not checked)."""
+    outputs = getattr(unwrap_model(model), "num_classes", None)
+    if outputs is not None and outputs != num_classes:
+        raise ConfigError(f"the model has {outputs} outputs but the {data} has {num_classes} "
+                          "classes")
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -401,6 +414,10 @@ def _load_checkpoint(path: Path, model: nn.Module, device: torch.device) -> dict
         raise CheckpointError(f"cannot resume: no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's message advises weights_only=False: wrong for a file that is not ours
+        raise CheckpointError(f"cannot read checkpoint {path}: not a cobkern training "
+                              f"checkpoint ({torch_file_kind(path)})") from None
     except Exception as e:
         raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}: {e})") \
             from None
@@ -546,9 +563,8 @@ def _train(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
     if model is None:
         model = _build_model(config)
     base = unwrap_model(model)
-    if base.num_classes != len(train_set.classes) and data is None:
-        raise ConfigError(f"the model has {base.num_classes} outputs but the data has "
-                          f"{len(train_set.classes)} classes")
+    if data is None:
+        check_num_classes(base, len(train_set.classes))
     device = d.device
     fmt = torch.channels_last if config.channels_last else torch.contiguous_format
     base.to(device=device, memory_format=fmt)
