@@ -397,6 +397,12 @@ def test_stats_load_names_a_damaged_file(tmp_path):
         CalibrationStats.load(tmp_path / "bad.pt")
     with pytest.raises(FileNotFoundError, match="no calibration statistics"):
         CalibrationStats.load(tmp_path / "missing.pt")
+    # a file that is no torch file at all: one line, not torch's weights_only=False advice
+    (tmp_path / "notes.pt").write_text('{"not": "a torch file"}')
+    with pytest.raises(ValueError, match=r"notes\.pt: not a cobkern calibration-statistics "
+                                         r"file \(not a torch file") as err:
+        CalibrationStats.load(tmp_path / "notes.pt")
+    assert "weights_only" not in str(err.value)
 
 
 # ------------------------------------------------------- statistics belong to their weights

@@ -240,6 +240,23 @@ def test_loader_rejects_bad_input() -> None:
         DeviceLoader.from_imageset(_toy(4), 8, augment=False, shuffle=False, drop_last=True)
 
 
+def test_loader_names_an_empty_set_a_negative_seed_and_a_negative_position() -> None:
+    """An empty set blamed drop_last=True even with drop_last=False; a negative seed (which
+    calibration_set and torch accept) and a negative resumed batch were accepted and failed
+    at the first batch with numpy's bare 'expected non-negative integer'."""
+    empty = ImageSet(torch.zeros(0, 32, 32, 3, dtype=torch.uint8),
+                     torch.zeros(0, dtype=torch.long))
+    with pytest.raises(DataError, match="no images to load"):
+        DeviceLoader.from_imageset(empty, 8, augment=False, shuffle=False, drop_last=False)
+    with pytest.raises(DataError, match="seed must be an int >= 0"):
+        DeviceLoader.from_imageset(_toy(8), 4, augment=True, shuffle=True, drop_last=False,
+                                   seed=-1)
+    loader = DeviceLoader.from_imageset(_toy(8), 4, augment=True, shuffle=True,
+                                        drop_last=False)
+    with pytest.raises(DataError, match="batch=-3; both must be >= 0"):
+        loader.load_state_dict({**loader.state_dict(), "batch": -3})
+
+
 
 
 def _cache_files(cache: Path) -> tuple[Path, Path]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -288,3 +289,29 @@ def test_model_files_get_the_permissions_of_other_outputs(tmp_path) -> None:
         assert (tmp_path / names[-1]).stat().st_mode & 0o777 == 0o640
     finally:
         os.umask(old)
+
+
+@pytest.mark.parametrize("key", ["split", "norm_size", "num_channels", "tsra_eps", "a_v"])
+def test_a_layer_spec_without_a_key_is_refused_not_defaulted(tmp_path, key):
+    """cobkern's modules have no parameters: their split, normaliser and constants live only
+    in the config. A spec without ``split`` loaded with ``C // 2`` and one without
+    ``norm_size`` with ``C`` — another function, silently, exactly for pruned layers."""
+    from cobkern.models.io import ModelFileError, build_layer, layer_spec
+
+    spec = layer_spec(RMSNormTSRA(8, split=6, norm_size=16))
+    assert repr(build_layer(spec)) == repr(RMSNormTSRA(8, split=6, norm_size=16))
+    del spec[key]
+    with pytest.raises(ModelFileError, match=rf"missing \['{key}'\]"):
+        build_layer(spec)
+
+
+def test_weights_that_are_not_a_dict_are_a_model_file_error(tmp_path):
+    from cobkern.models.io import ModelFileError
+
+    path = tmp_path / "m.pt"
+    save_model(vgg16_tsra(width=1 / 16), path)
+    blob = torch.load(path, weights_only=True)
+    blob["state_dict"] = "x"
+    torch.save(blob, path)
+    with pytest.raises(ModelFileError, match="the weights must be a dict of tensors, got str"):
+        load_model(path)

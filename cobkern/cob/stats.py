@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -295,7 +296,11 @@ class CalibrationStats:
             raise FileNotFoundError(f"no calibration statistics at {path}")
         try:
             d = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a truncated zip, a pickle of other objects, ...
+        except pickle.UnpicklingError:  # torch's message would advise weights_only=False
+            raise ValueError(f"{path}: not a cobkern calibration-statistics file (not a torch "
+                             "file, or one holding objects other than tensors and plain "
+                             "data)") from None
+        except Exception as e:  # a truncated zip, ...
             raise ValueError(f"{path}: cannot read calibration statistics ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}); the file is "
                              "damaged or incomplete — calibrate again") from None

@@ -100,19 +100,23 @@ class DeviceLoader:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
         if not (0 <= rank < world_size):
             raise DataError(f"rank {rank} is out of range for world_size {world_size}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise DataError(f"seed must be an int >= 0 (numpy's SeedSequence takes no "
+                            f"negative seed), got {seed!r}")
         self.device = torch.device(device)
         self.images = images.to(self.device).contiguous()
         self.labels = labels.to(self.device, torch.int64)
         self.batch_size = batch_size
         self.augment, self.shuffle, self.drop_last = augment, shuffle, drop_last
-        self.seed = int(seed)
+        self.seed = seed
         self.rank, self.world_size = rank, world_size
         self.channels_last = channels_last
         self.epoch = 0
         self.batch = 0
         self._mean_std()
         if len(self) == 0:
-            raise DataError(f"{len(self.labels)} images make no full batch of "
+            raise DataError("no images to load" if not len(self.labels) else
+                            f"{len(self.labels)} images make no full batch of "
                             f"{self.global_batch_size} (drop_last=True)")
 
     @classmethod
@@ -201,4 +205,7 @@ class DeviceLoader:
             if k in state and state[k] != getattr(self, k):
                 raise DataError(f"loader state has {k}={state[k]} but this loader has "
                                 f"{getattr(self, k)}; the data or batch size changed")
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        epoch, batch = int(state["epoch"]), int(state["batch"])
+        if epoch < 0 or batch < 0:
+            raise DataError(f"loader state has epoch={epoch}, batch={batch}; both must be >= 0")
+        self.epoch, self.batch = epoch, batch

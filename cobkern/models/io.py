@@ -149,6 +149,17 @@ def _tuple(v: Any) -> Any:
     return tuple(v) if isinstance(v, list) else v
 
 
+#: Every key :func:`layer_spec` writes for cobkern's modules. None is in the state dict (they
+#: have no parameters), and each constructor has a default for it — a spec without ``split``
+#: or ``norm_size`` (a pruned layer's) would load into another function — so all are required.
+_GAIN_KEYS = ("a_u", "b_u", "a_v", "b_v")
+_ACTIVATION_KEYS: dict[str, tuple[str, ...]] = {
+    "RMSNormTSRA": ("num_channels", "split", "dim", "eps", "norm_size", *_GAIN_KEYS, "tsra_eps"),
+    "TSRA": ("num_channels", "split", "dim", *_GAIN_KEYS, "eps"),
+    "RMSNorm": ("num_channels", "dim", "eps", "norm_size"),
+}
+
+
 def build_layer(spec: dict[str, Any]) -> nn.Module:
     """Inverse of :func:`layer_spec`: a freshly initialised layer of that shape.
 
@@ -160,6 +171,9 @@ def build_layer(spec: dict[str, Any]) -> nn.Module:
         raise ModelFileError(f"a layer spec must be a dict, got {spec!r}")
     s = dict(spec)
     kind = s.pop("type", None)
+    missing = [k for k in _ACTIVATION_KEYS.get(kind, ()) if k not in s]
+    if missing:  # the constructors' defaults would build another function without a word
+        raise ModelFileError(f"invalid {kind} layer spec {spec!r}: missing {missing}")
     try:
         if kind == "Conv2d":
             return nn.Conv2d(s["in_channels"], s["out_channels"], _tuple(s["kernel_size"]),
@@ -362,6 +376,9 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         ModelFileError: unreadable file or weights that do not fit the stored config.
     """
     config, state, _ = read_model_file(path, map_location)
+    if not isinstance(state, dict):
+        raise ModelFileError(f"{path}: the weights must be a dict of tensors, got "
+                             f"{type(state).__name__}")
     model = build_model(config).to(map_location)
     try:
         model.load_state_dict(state, strict=True)
