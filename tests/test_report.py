@@ -65,6 +65,7 @@ def test_summary_numbers() -> None:
     assert s["frontiers"]["l2/cob"]["target"] == 0.7
     assert s["frontiers"]["l2/baseline"]["target"] == 0.3
     assert s["frontiers"]["l2/baseline"]["next_target"] == 0.5
+    assert s["frontiers"]["l2/baseline"]["next_achieved"] == pytest.approx(0.49)
     assert s["cob_wins"]["l1"] == {"ratios": 4, "cob_better": 4, "ties": 0}
     (row,) = [r for r in s["speed"] if r["method"] == "cob"]
     assert row["flops_ratio"] == 4.0 and row["speedup_b1"] == 2.0
@@ -80,7 +81,9 @@ def test_report_from_records_alone(tmp_path: Path) -> None:
     path = build_report(out)
     text = path.read_text()
     assert "figures/accuracy_vs_pruned.png" in text and "figures/speed.png" in text
-    assert "29.4% (fails at 50%)" in text  # the baseline frontier, L2: 0.3 * 0.98
+    # the baseline frontier, L2: 0.3 * 0.98 removed; the failing target 0.5 removed 0.49
+    # (both achieved fractions: "fails at 50%" mixed in the next point's *target*)
+    assert "29.4% (fails at 49.0%)" in text
     assert "68.6%" in text  # the CoB frontier: 0.7 * 0.98
     assert "15 M" in text and "HRank" in text and "CHIP" in text
     s = json.loads((out / "summary.json").read_text())
@@ -175,3 +178,32 @@ def test_records_of_other_inputs_are_not_reported(tmp_path: Path) -> None:
         assert not record_is_current({**ok, "inputs": {**ok["inputs"], field: value}}, cur)
     assert not record_is_current({**ok, "arch": "relu"}, cur)  # no ReLU model now
     assert record_is_current({"experiment": "evaluate"}, cur)  # a one-off line
+
+
+def test_report_wording_follows_the_measurements(tmp_path: Path) -> None:
+    """The ReLU gap row said "-4.00 points below" when TSRA was above; the normaliser text
+    had the rescaling factor upside down; the speed section claimed that large batches
+    approach the FLOPs ratio whatever was measured, and printed 1.00 for a speed-up that
+    was not measured."""
+    out = tmp_path / "out"
+    atomic_write_json(out / "config.json", {"experiment": ExperimentConfig(
+        fractions=[0.0, 0.3, 0.5, 0.7, 0.9]).to_dict()})
+    recs = _records()
+    recs.append({**recs[0], "key": "reference|relu", "arch": "relu", "accuracy": 0.86})
+    recs.append({"experiment": "speed", "key": "speed|unpruned|0|b64|cpu",
+                 "method": "unpruned", "target": 0.0, "params": 1000, "flops": 8000,
+                 "batch": 64, "latency_ms": 20.0, "throughput": 3200.0, "device": "CPU"})
+    recs.append({"experiment": "speed", "key": "speed|cob|0.7|b64|cpu", "method": "cob",
+                 "target": 0.7, "params": 300, "flops": 2000, "batch": 64, "latency_ms": 12.0,
+                 "throughput": 5000.0, "device": "CPU"})
+    for r in recs:
+        append_jsonl(out / "metrics.jsonl", r)
+    text = build_report(out).read_text()
+    assert "TSRA 90.00% vs ReLU 86.00%: 4.00 points above" in text
+    assert "approaches the FLOPs ratio" not in text
+    assert ("the most pruned model (CoB 70%) has 4.00× fewer FLOPs and 1.56× the throughput "
+            "at batch 64") in text
+    from cobkern.report import build as report_build
+
+    assert report_build._ratio(None) == "–" and report_build._ratio(2.0) == "2.00"
+    assert "sqrt(C / C_kept)" not in Path(report_build.__file__).read_text()

@@ -109,9 +109,10 @@ def summarize(records: list[dict[str, Any]], cfg: ExperimentConfig,
         "relu_accuracy": relu_ref["accuracy"] if relu_ref else None,
         "train": train_final, "train_relu": relu_final,
         "frontier_definition": (
-            f"the largest swept parameter fraction P such that the accuracy at P and at every "
-            f"smaller swept fraction stays within {100 * tol:g} point(s) of the unpruned "
-            f"model's accuracy (fixed ratio, no fine-tuning)"),
+            f"the largest swept target fraction P such that the accuracy at P and at every "
+            f"smaller swept target stays within {100 * tol:g} point(s) of the unpruned "
+            f"model's accuracy (fixed ratio, no fine-tuning); shown as the fraction of "
+            f"parameters actually removed there, and at the first target that fails"),
         "frontier_tolerance": tol, "fixed": {}, "frontiers": {}, "cob_wins": {},
     }
     if ref_acc is not None and s["relu_accuracy"] is not None:
@@ -128,10 +129,12 @@ def summarize(records: list[dict[str, Any]], cfg: ExperimentConfig,
                  "accuracy": p["accuracy"]} for p in pts]
             if ref_acc is not None and pts:
                 f = reliable_frontier(pts, ref_acc, tol)
-                nxt = [p["target"] for p in pts if f is not None and p["target"] > f["frontier"]]
+                nxt = min((p for p in pts if f is not None and p["target"] > f["frontier"]),
+                          key=lambda p: p["target"], default=None)
                 s["frontiers"][f"{imp}/{method}"] = None if f is None else {
                     "target": f["frontier"], "achieved": f["achieved"], "accuracy": f["accuracy"],
-                    "next_target": min(nxt) if nxt else None}
+                    "next_target": None if nxt is None else nxt["target"],
+                    "next_achieved": None if nxt is None else nxt["fraction_pruned"]}
         cob = {round(p["target"], 6): p["accuracy"] for p in by_method["cob"]}
         base = {round(p["target"], 6): p["accuracy"] for p in by_method["baseline"]}
         common = sorted(set(cob) & set(base) - {0.0})
@@ -364,7 +367,7 @@ def _markdown(s: dict[str, Any], cfg: ExperimentConfig, records: list[dict[str, 
     if "normalizer" in figs:
         L += ["## Normaliser: kept vs original width", "",
               "After pruning, the authors' RMSNorm averages over the kept channels, which "
-              "rescales the activations by sqrt(C / C_kept); `original` keeps dividing by the "
+              "rescales the activations by sqrt(C_kept / C); `original` keeps dividing by the "
               "unpruned width.", "", f"![normaliser]({figs['normalizer']})", ""]
         nr = []
         for method in ("cob", "baseline"):
@@ -450,8 +453,8 @@ def _markdown(s: dict[str, Any], cfg: ExperimentConfig, records: list[dict[str, 
               f"{r['params']:,}", f"{r['flops'] / 1e9:.4f}",
               f"{r['latency_ms_b1']:.2f}" if r["latency_ms_b1"] else "–",
               f"{r['throughput_bmax']:.0f}" if r["throughput_bmax"] else "–",
-              f"{r.get('flops_ratio', 1):.2f}", f"{r.get('speedup_b1') or 1:.2f}",
-              f"{r.get('speedup_bmax') or 1:.2f}"] for r in sp]), "",
+              f"{r.get('flops_ratio', 1):.2f}", _ratio(r.get("speedup_b1")),
+              _ratio(r.get("speedup_bmax"))] for r in sp]), "",
               "Where the speed-up comes from: CoB pruning is structured — it deletes whole "
               "channels and rebuilds every `Conv2d` / `Linear` as a smaller dense layer (no "
               "masks, no sparse formats), so each convolution's work falls with the product of "
@@ -460,8 +463,7 @@ def _markdown(s: dict[str, Any], cfg: ExperimentConfig, records: list[dict[str, 
               "dense shapes, which is why their users often see no speed-up. The measured "
               "speed-up trails the FLOPs reduction where a run is bound by fixed costs rather "
               "than arithmetic: at batch 1 (kernel launches and per-layer overheads dominate, "
-              "most of all on a GPU) and for the thin late layers; at large batch it "
-              "approaches the FLOPs ratio.", ""]
+              "most of all on a GPU) and for the thin late layers." + _speed_summary(sp), ""]
 
     # spectra & kept channels
     if "spectra" in figs:
@@ -492,12 +494,32 @@ def _markdown(s: dict[str, Any], cfg: ExperimentConfig, records: list[dict[str, 
     return "\n".join(L)
 
 
+def _ratio(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
+def _speed_summary(sp: list[dict[str, Any]]) -> str:
+    """One sentence on what this run measured at large batch (most-pruned model)."""
+    pruned = [r for r in sp if r["method"] != "unpruned" and r.get("speedup_bmax")]
+    if not pruned:
+        return ""
+    r = max(pruned, key=lambda r: r.get("flops_ratio", 1))
+    return (f" In this run the most pruned model (CoB {100 * r['target']:g}%) has "
+            f"{r.get('flops_ratio', 1):.2f}× fewer FLOPs and {r['speedup_bmax']:.2f}× the "
+            f"throughput at batch {r['batch_large']}.")
+
+
 def _frontier_text(f: dict[str, Any] | None) -> str:
+    """``"28.6% (fails at 48.4%)"``: parameters removed at the frontier and at the first
+    target that fails — one unit (summaries written before ``next_achieved`` existed name
+    that target instead)."""
     if f is None:
         return "none"
     text = f"{_pct(f['achieved'])}%"
-    if f.get("next_target") is not None:
-        text += f" (fails at {100 * f['next_target']:g}%)"
+    if f.get("next_achieved") is not None:
+        text += f" (fails at {_pct(f['next_achieved'])}%)"
+    elif f.get("next_target") is not None:
+        text += f" (fails at target P = {100 * f['next_target']:g}%)"
     return text
 
 
@@ -506,7 +528,8 @@ def _side_by_side(s: dict[str, Any], cfg: ExperimentConfig) -> list[list[str]]:
     gap = s.get("tsra_minus_relu_points")
     rows.append([PAPER_CLAIMS["gap"], "not measured" if gap is None
                  else f"TSRA {_pct(s['unpruned_accuracy'], 2)}% vs ReLU "
-                      f"{_pct(s['relu_accuracy'], 2)}%: {-gap:.2f} points below"])
+                      f"{_pct(s['relu_accuracy'], 2)}%: {abs(gap):.2f} points "
+                      f"{'below' if gap < 0 else 'above'}"])
     wins = "; ".join(f"{imp.upper()}: CoB better at {w['cob_better']} of {w['ratios']} ratios"
                      for imp, w in s["cob_wins"].items() if w.get("ratios"))
     rows.append([PAPER_CLAIMS["fixed"], wins or "not run"])
