@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import cobkern
-from cobkern.data import ImageSet
+from cobkern.data import ImageSet, load_cifar10
 from cobkern.models import load_model, model_config, vgg16_tsra
 from cobkern.training import (
     CheckpointError,
@@ -605,3 +605,45 @@ def test_atomic_path_syncs_before_the_rename(tmp_path, monkeypatch) -> None:
         raise RuntimeError
     assert target.read_text() == "hello" and events == []
     assert sorted(p.name for p in target.parent.iterdir()) == ["f.txt"]
+
+
+def test_ddp_relu_model_is_evaluated_with_the_saved_batchnorm_statistics(tmp_path) -> None:
+    """After a DDP step every rank holds the BatchNorm running statistics of its own shard
+    (DDP broadcasts rank 0's only at the next forward): the reported test metrics mixed
+    each rank's statistics, so re-evaluating the saved model gave another loss (2.2477
+    reported vs 2.2158 measured in an audit), and ranks_in_sync compared parameters only.
+    Both evaluations run the same float32 code on the same 16 images: 1e-6 covers the order
+    of the per-rank partial sums."""
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    if not Path(torchrun).exists():
+        pytest.skip("torchrun not available")
+    _write_folder(tmp_path / "tree")
+    env = dict(os.environ, OMP_NUM_THREADS="1", COBKERN_CACHE=str(tmp_path / "cache"))
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "cobkern.training",
+           "--preset", "quick", "--arch", "relu", "--data-root", str(tmp_path / "tree"),
+           "--width", "0.0625", "--num-classes", "4", "--steps", "3", "--batch-size", "8",
+           "--train-subset", "0", "--no-progress", "--device", "cpu", "--out",
+           str(tmp_path / "run")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = json.loads((tmp_path / "run" / "final.json").read_text())
+    assert final["ranks_in_sync"] is True
+    _, test = load_cifar10("imagefolder", tmp_path / "tree", tmp_path / "cache")
+    again = evaluate(load_model(final["model_path"]), test, batch_size=8)
+    assert again["loss"] == pytest.approx(final["test_loss"], rel=1e-6, abs=1e-6)
+    assert again["accuracy"] == final["test_accuracy"]
+
+
+@pytest.mark.parametrize("under", [False, True])
+def test_out_that_is_a_file_is_one_error_line_before_any_data(tmp_path, capsys, under) -> None:
+    """--out naming a file (or a folder under one) ended in a FileExistsError /
+    NotADirectoryError traceback, after the data had been loaded for nothing."""
+    f = tmp_path / "afile"
+    f.write_text("")
+    out = f / "run" if under else f
+    argv = ["--preset", "quick", "--data-root", str(tmp_path / "no-data-needed"),
+            "--steps", "1", "--no-progress", "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: run directory {out}: {f} exists and is not a directory; " \
+                  "choose another --out\n"

@@ -5,7 +5,9 @@ Presets (``get_preset(name, arch)``):
 * ``paper`` — the authors' settings (``method.md`` §3). TSRA: AdamW, lr 1e-3, weight decay
   5e-4, 1000 linear warm-up steps, cosine to 0, grad-norm clip 1.0, batch 1024, 120,000
   steps. ReLU control: SGD (momentum 0.9, Nesterov), lr 0.1, weight decay 5e-4, no warm-up,
-  cosine, no clipping, same batch and steps.
+  cosine, same batch and steps; ``method.md`` lists grad-norm clipping for the TSRA model
+  only, so the control is not clipped (``--set grad_clip=1.0`` / ``--grad-clip 1`` clips it
+  too).
 * ``fast`` — the same recipe on a much shorter GPU schedule: 8,000 steps at batch 1024
   (about 164 epochs), warm-up scaled to 400 steps, bf16 autocast, ``torch.compile`` and
   channels_last. **Not measured in this project** (no GPU was available while writing it):

@@ -523,6 +523,7 @@ def train(
     """
     config = TrainConfig(**asdict(config)).validate()
     out = Path(out_dir)
+    _check_out_dir(out)
     ckpt_path = out / CHECKPOINT_NAME
     if not resume and ckpt_path.exists():
         raise CheckpointError(f"{ckpt_path} already exists; pass resume=True (--resume) to "
@@ -648,6 +649,8 @@ def _train(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
         d.barrier()
 
     def run_eval() -> dict[str, Any]:
+        if d.active:  # every rank scores its test shard with rank 0's BatchNorm statistics
+            _broadcast_buffers(base)
         res = evaluate(base, test_loader, device, bf16=config.bf16)
         rec = {"event": "eval", "step": step, "epoch": _step_epoch(loader),
                "test_loss": res["loss"], "test_accuracy": res["accuracy"]}
@@ -760,10 +763,35 @@ def _train(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
     return result
 
 
+def _check_out_dir(out: Path) -> None:
+    """Refuse, before any data is loaded, a run directory that is a file or lies under one
+    (``mkdir`` would raise ``FileExistsError`` / ``NotADirectoryError`` after the data)."""
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"run directory {out}: {p} exists and is not a directory; "
+                                  "choose another --out")
+            return
+
+
+@torch.no_grad()
+def _broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank.
+
+    DDP broadcasts them at the start of each forward pass, so after a step every rank holds
+    the statistics of its own shard: evaluating then would score each test shard with other
+    statistics than the model rank 0 saves. Training is unaffected (the next forward
+    broadcasts the same values)."""
+    for b in model.buffers():
+        dist.broadcast(b, 0)
+
+
 @torch.no_grad()
 def _ranks_in_sync(model: nn.Module, d: _Dist) -> bool:
-    """Whether every rank holds bit-identical parameters (compared by all-gathered sums)."""
-    flat = torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
+    """Whether every rank holds bit-identical parameters and floating-point buffers
+    (compared by all-gathered sums)."""
+    tensors = list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
+    flat = torch.cat([t.detach().float().reshape(-1) for t in tensors])
     probe = torch.stack([flat.sum(), flat.abs().sum(), (flat * torch.arange(
         flat.numel(), device=flat.device, dtype=flat.dtype).remainder(97)).sum()]).double()
     gathered = [torch.empty_like(probe) for _ in range(d.world)]
