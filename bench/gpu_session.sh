@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Everything a lent GPU should check, in one run that ends by itself within GPU_SESSION_BUDGET
-# (default 570 s; a later call of the same lease must pass what `status` leaves, minus the
-# machine start, e.g. GPU_SESSION_BUDGET=$((budget_left_s - 150))):
+# (default 570 s, at most 590: the device stops a command at 600 s; a later call of the same
+# lease passes what `status` leaves, minus 60 s if the machine is still warm — call again at
+# once rather than give it back, a fresh start costs 1–2 minutes and none starts under 4):
 # the kernel-facing tests natively on CUDA, then every benchmark. Each step has a time cap
 # and the whole run a deadline, so the results come back even when a step overruns.
 #
 #   bash bench/gpu_session.sh                 # on the GPU machine, from the repo root
 #   GPU_SESSION_BUDGET=300 bash bench/gpu_session.sh   # a shorter run (seconds)
-#   GPU_SESSION_DRY_RUN=1 PATH=.venv/bin:$PATH bash bench/gpu_session.sh  # check it on a CPU
+#   GPU_SESSION_DRY_RUN=1 PATH=$PWD/.venv/bin:$PATH bash bench/gpu_session.sh  # on a CPU
+#                                 (an absolute PATH: the script runs from a temporary folder)
 #   GPU_SESSION_STEPS=tests,diag bash bench/gpu_session.sh  # some steps only (default: all
 #                                 but diag, tuned, ncu, pruned and fast:
 #                                 tests,tsra,calibration,training)
@@ -38,14 +40,33 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 FINAL=${OUT:-$REPO/gpu-results}
 mkdir -p "$FINAL"
 BUDGET=${GPU_SESSION_BUDGET:-570}
+# the device kills a command at 600 s: the script's own deadline must come first, or the
+# step in progress loses what it measured
+((BUDGET > 590)) && { echo "GPU_SESSION_BUDGET=$BUDGET is above the device's 600 s per command: using 590"; BUDGET=590; }
+ALL_STEPS=" tests diag tuned ncu calibration tsra pruned fast training "
+REQ=${GPU_SESSION_STEPS:-tests,tsra,calibration,training}
+REQ=${REQ// /}  # "tests, diag" is "tests,diag"
+for s in ${REQ//,/ }; do  # a typo would silently run nothing of a rare lease
+  [[ $ALL_STEPS == *" $s "* ]] || { echo "unknown step '$s' in GPU_SESSION_STEPS; the steps are:$ALL_STEPS"; exit 2; }
+done
+if [[ ${GPU_SESSION_DRY_RUN:-0} == 1 ]]; then  # gpu_diag's CPU settings, unless given
+  export TRITON_INTERPRET=${TRITON_INTERPRET:-1} GPU_DIAG_DEVICE=${GPU_DIAG_DEVICE:-cpu} \
+    GPU_DIAG_BATCH=${GPU_DIAG_BATCH:-1} GPU_DIAG_COV_BATCH=${GPU_DIAG_COV_BATCH:-1}
+fi
 SITE=$(mktemp -d)
 cp -r "$REPO/cobkern" "$REPO/bench" "$REPO/tests" "$REPO/pyproject.toml" "$REPO/README.md" "$SITE/"
 cp -r "$REPO/kernels" "$SITE/cobkern/kernels"
 export PYTHONPATH="$SITE" PYTHONUNBUFFERED=1
 cd "$SITE"
 LOG="$FINAL/steps.log"
-STEPS=",${GPU_SESSION_STEPS:-tests,tsra,calibration,training},"
+STEPS=",$REQ,"
 want() { [[ $STEPS == *",$1,"* ]]; }
+# files each step returns (the device returns at most 8 from $OUT, steps.log included)
+declare -A NFILES=([tests]=1 [diag]=3 [tuned]=2 [ncu]=1 [calibration]=2 [tsra]=2 [pruned]=2
+                   [fast]=1 [training]=2)
+n=1; for s in ${REQ//,/ }; do n=$((n + NFILES[$s])); done
+((n > 8)) && echo "warning: steps '$REQ' write $n files; the device returns at most 8 — \
+split them over two calls" | tee -a "$FINAL/steps.log"
 
 step() { echo "== $1 (t=${SECONDS}s, $(date +%T))" | tee -a "$LOG"; }
 # cap CAP CMD...: run CMD with at most CAP seconds, never past the session's deadline
@@ -148,7 +169,16 @@ if want training; then
 fi
 
 step done
+# a step killed mid-write leaves its atomic writer's temporary file: not a result, and it
+# would take one of the 8 files the device returns
+find "$FINAL" -name '.*.tmp-*' -delete
 ls -la "$FINAL" | tee -a "$LOG"
+if [[ -f $FINAL/tsra_tuning.json ]]; then  # the name tests/test_tuning.py expects
+  python3 -c "import torch; from cobkern.ops.tuning import table_name; \
+name = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'; \
+print('commit tsra_tuning.json as cobkern/ops/tuning_tables/' + table_name(name) + '.json')" \
+    2>&1 | tee -a "$LOG"
+fi
 # the reply shows the end of the output: finish with the summaries
 tail -4 "$FINAL/tests.log" 2>/dev/null
 cat "$FINAL"/gpu_diag.md "$FINAL"/bench_calibration.md "$FINAL"/bench_training.md \
