@@ -147,9 +147,10 @@ def tsra_backward(
 ) -> torch.Tensor:
     """Gradient of :func:`tsra_forward` with respect to ``x`` (shapes as ``x``).
 
-    ``differentiable=True`` (the double backward's use) computes the norms with a square root
-    whose derivative at 0 is 0, so that autograd through this function stays finite where a
-    subspace is exactly zero; the values are the same either way.
+    ``differentiable=True`` (the double backward's use, and ``torch.func``'s) computes the
+    norms with a square root whose derivative at 0 is 0, so that autograd through this
+    function stays finite where a subspace is exactly zero, and returns a new tensor (out of
+    place); the values are the same either way.
     """
     c = x.shape[dim]
     cd = compute_dtype(x.dtype)
@@ -179,6 +180,8 @@ def tsra_backward(
     else:
         gain = _per_subspace(dim, c, split, gu, gv)
         coef = _per_subspace(dim, c, split, ku, kv)
+    if differentiable:  # out of place: also under torch.func transforms
+        return (gain * gf + coef * xf).to(x.dtype)
     out = torch.empty_like(x)
     out.copy_(gain * gf + coef * xf)
     return out

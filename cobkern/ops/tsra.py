@@ -36,10 +36,13 @@ small layers (a 1024×512×2×2 activation takes microseconds on the GPU). Tenso
 (fake tensors, ...) and compiled code always take the registered ops.
 
 ``torch.func`` transforms (``grad``, ``jvp``, ``jacrev``, ``jacfwd``, ``vmap``) and
-forward-mode AD in eager mode run the plain-PyTorch formula
-(:func:`reference.tsra_forward` with ``differentiable=True``): an autograd formula
-registered with ``torch.library.register_autograd`` has no forward-mode rule and no
-``torch.func`` support.
+forward-mode AD in eager mode run the plain-PyTorch formula in the public functions
+(:func:`tsra`, :func:`rmsnorm_tsra` and the explicit backwards; :mod:`.reference` with
+``differentiable=True``): an autograd formula registered with
+``torch.library.register_autograd`` has no forward-mode rule and no ``torch.func`` support.
+The raw ``torch.ops.cobkern.*`` ops therefore support reverse-mode autograd and
+``torch.compile`` only (under ``torch.func.grad`` PyTorch raises; under ``jvp`` it returns a
+zero tangent): call the public functions under ``torch.func``.
 """
 
 from __future__ import annotations
@@ -288,6 +291,20 @@ class _TSRABackwardFunction(torch.autograd.Function):
         return (dgrad, dx) + (None,) * len(ctx.params)
 
 
+def _func_transform_active() -> bool:
+    """Whether a ``torch.func`` transform or forward-mode AD is active (outside compile)."""
+    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
+
+
+def _backward_apply(grad: Tensor, x: Tensor, *params) -> Tensor:
+    """The explicit VJP through the op, or — under ``torch.func`` / forward-mode AD, which
+    the registered formula does not support (a ``jvp`` got a zero tangent) — through the
+    plain-PyTorch formula."""
+    if not torch.compiler.is_compiling() and _func_transform_active():
+        return reference.tsra_backward(grad, x, *params, differentiable=True)
+    return _tsra_backward_op(grad, x, *params)
+
+
 def _apply(x: Tensor, *params) -> Tensor:
     """Run TSRA through the eager fast path when that is safe, else through the custom op.
 
@@ -299,7 +316,7 @@ def _apply(x: Tensor, *params) -> Tensor:
     """
     if torch.compiler.is_compiling():
         return _tsra_op(x, *params)
-    if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
+    if _func_transform_active():
         return reference.tsra_forward(x, *params, differentiable=True)
     if type(x) is Tensor:
         return _TSRAFunction.apply(x, *params)
@@ -422,13 +439,14 @@ def tsra_backward(
     """Explicit vector-Jacobian product of :func:`tsra`: ``dL/dx`` given ``grad = dL/dy``.
 
     Reads ``x`` and ``grad`` once and writes ``dx`` once. Shapes and dtypes as ``x``;
-    differentiable in ``grad`` and ``x`` (the formula of :func:`_double_backward`).
+    differentiable in ``grad`` and ``x`` (the formula of :func:`_double_backward`), under
+    ``torch.func`` transforms and forward-mode AD too (through the plain-PyTorch formula).
     """
     name = "cobkern.tsra_backward"
     dim = _check_backward_inputs(name, grad, x, split, dim)
     eps = check_tsra_eps(name, eps)
-    return _tsra_backward_op(grad, x, split, dim, float(a_u), float(b_u), float(a_v), float(b_v),
-                             eps, 0, 0.0)
+    return _backward_apply(grad, x, split, dim, float(a_u), float(b_u), float(a_v), float(b_v),
+                           eps, 0, 0.0)
 
 
 def rmsnorm_tsra_backward(
@@ -450,5 +468,5 @@ def rmsnorm_tsra_backward(
     dim = _check_backward_inputs(name, grad, x, split, dim)
     n = check_norm_size(name, norm_size, x.shape[dim])
     tsra_eps = check_tsra_eps(name, tsra_eps, "tsra_eps")
-    return _tsra_backward_op(grad, x, split, dim, float(a_u), float(b_u), float(a_v), float(b_v),
-                             tsra_eps, n, check_rms_eps(name, eps))
+    return _backward_apply(grad, x, split, dim, float(a_u), float(b_u), float(a_v), float(b_v),
+                           tsra_eps, n, check_rms_eps(name, eps))
