@@ -272,7 +272,10 @@ def test_help_explains_every_option(command: str | None,
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert "usage: cobkern" in text
-    if command is not None:
+    if command == "report":  # only reads files: --device, --seed, --no-progress did nothing
+        assert "--out" in text and "--debug" in text
+        assert "--device" not in text and "--seed" not in text and "--no-progress" not in text
+    elif command is not None:
         assert "--out" in text and "--device" in text and "--seed" in text
         # every option has a help text
         parser = build_parser()
@@ -298,6 +301,7 @@ def test_help_names_each_default_once(command: str, capsys: pytest.CaptureFixtur
             build_parser().parse_args([command, "--help"])
     text = " ".join(capsys.readouterr().out.split())  # undo the line wrapping
     assert "(default: None)" not in text
+    assert "(default: [])" not in text  # a repeatable option's empty list says nothing
     # one "default" per option at most
     for chunk in re.split(r"\s(?=-{1,2}[a-z])", text):
         assert chunk.count("default:") <= 1, chunk

@@ -31,18 +31,21 @@ __all__ = ["main", "build_parser", "DefaultsHelpFormatter"]
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends ``(default: X)`` to an option's help only where that says something: not
-    when the help already names its default, and not for ``None`` (which means "the
-    config's" / "the preset's" here, never a literal None)."""
+    when the help already names its default, not for ``None`` (which means "the config's" /
+    "the preset's" here, never a literal None), and not for the empty list of a repeatable
+    option."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if "default" in text or action.default is None:  # (SUPPRESS: the base class)
-            return action.help
+        if "default" in text or action.default is None or action.default == []:
+            return action.help  # (SUPPRESS: the base class's own check)
         return super()._get_help_string(action)
+
 
 _STRATEGY_HELP = (
     "ratio: prune the fraction p of each subspace; param_target: the fraction P of parameters "
-    "via p = 1 - sqrt(1 - P); param_exact: exactly P of all parameters (bisection); count: "
+    "via p = 1 - sqrt(1 - P); param_exact: the smallest achievable fraction >= P of all "
+    "parameters (bisection); count: "
     "prune n channels; zscore: z-score below t; mean / median / max: below t times the "
     "subspace's mean / median / max importance; energy: keep the leading directions holding "
     "a fraction e of the energy (CoB only); lossless: rank tolerance, drop directions with "
@@ -72,10 +75,16 @@ def _kv(text: str) -> tuple[str, Any]:
     return k.strip().replace("-", "_"), val
 
 
-def _common(p: argparse.ArgumentParser, *, out_required: bool = True) -> None:
+def _common(p: argparse.ArgumentParser, *, out_required: bool = True,
+            computes: bool = True) -> None:
+    """``--out`` and ``--debug``; with ``computes`` (every command but ``report``, which only
+    reads files) also ``--device``, ``--seed`` and ``--no-progress``."""
     g = p.add_argument_group("common options")
     g.add_argument("--out", required=out_required, type=Path, metavar="DIR",
                    help="experiment directory: every step reads and writes its files here")
+    g.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    if not computes:
+        return
     g.add_argument("--device", default=None, metavar="DEV",
                    help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N "
                         "(default: the experiment config's, normally auto)")
@@ -83,7 +92,6 @@ def _common(p: argparse.ArgumentParser, *, out_required: bool = True) -> None:
                    help="seed for training, data subsets and calibration images "
                         "(default: the experiment config's, normally 0)")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    g.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write OUT/report.md with figures and tables",
                        description="Rebuild summary.json, tables/*.csv, figures/*.png and "
                                    "report.md from the files in OUT (nothing is recomputed).")
-    _common(s)
+    _common(s, computes=False)
     return p
 
 

@@ -13,7 +13,8 @@ needed for L1 importance in the rotated basis).
 
 ``fingerprint`` ties each layer's statistics to the weights they were taken with
 (:func:`weight_fingerprint`), so that statistics of another model of the same shape, or of
-the model before it was rotated or trained further, are refused instead of silently
+the model before it was rotated or trained further (once the fingerprint moves by more than
+:data:`FINGERPRINT_RTOL`, 1 %), are refused instead of silently
 selecting the wrong channels. It is invariant to rotations of the producer's *input*
 channels (what rotating the layer before does, without changing this layer's activations)
 and changes with a rotation of its output channels.
@@ -115,8 +116,9 @@ class LayerStats:
         sum_abs ``(C,)``: ``Σ|a|``; sum_sq ``(C,)``: ``Σa²``.
         count: samples (positions) summed.
         basis: ``"original"`` or ``"rotated"``.
-        accumulation: ``"float64"`` (reference path) or ``"float32"`` (the GPU kernel's
-            per-batch sums): the precision of the sums, hence of the small eigenvalues.
+        accumulation: ``"float64"`` (reference path) or ``"float32"`` (the Triton kernel's
+            partial sums, Kahan-compensated per tile and added into float64): the precision of
+            the sums, hence of the small eigenvalues.
         fingerprint: :func:`weight_fingerprint` of the producer the sums were taken with;
             ``None`` skips the check (statistics written before it existed, or made by hand).
     """

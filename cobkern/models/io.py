@@ -13,9 +13,11 @@ Config format (a JSON-serialisable dict)::
      "features":   [{"type": "Conv2d", "in_channels": 3, ...}, {"type": "RMSNormTSRA", ...}, ...],
      "classifier": [{"type": "Flatten", ...}, {"type": "Linear", ...}, ...]}
 
-File formats: ``*.safetensors`` (weights as safetensors, config and ``extra`` as JSON in the
-header metadata) when the ``safetensors`` package is installed, otherwise a ``torch.save``
-pickle ``{"format", "config", "state_dict", "extra"}`` (any other suffix). Writes are atomic.
+File formats, chosen by the suffix: ``*.safetensors`` (weights as safetensors, config and
+``extra`` as JSON in the header metadata; needs the ``safetensors`` package, else
+:class:`ModelFileError` and nothing is written); any other suffix is a ``torch.save`` pickle
+``{"format", "config", "state_dict", "extra"}``. :func:`default_model_filename` picks
+``model.safetensors`` when the package is installed, else ``model.pt``. Writes are atomic.
 """
 
 from __future__ import annotations

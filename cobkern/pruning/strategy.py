@@ -10,8 +10,9 @@ name (make_strategy)   class                   prunes, per subspace (or whole la
 =====================  ======================  =============================================
 ``"ratio"``            :class:`FixedRatio`     the ``floor(p·size)`` lowest scores, p ∈ [0,1)
 ``"param_target"``     :class:`ParameterTarget` fixed ratio ``p = 1 − sqrt(1 − P)``
-``"param_exact"``      :class:`ExactParameterTarget`  the one ratio whose pruned model loses
-                                               the fraction P of all parameters (bisection)
+``"param_exact"``      :class:`ExactParameterTarget`  the one ratio (bisection on the exact
+                                               count) pruning the smallest achievable
+                                               fraction ≥ P of all parameters
 ``"count"``            :class:`AbsoluteCount`  the ``n`` lowest scores
 ``"zscore"``           :class:`ZScore`         ``(s − mean)/std < t``
 ``"mean"``             :class:`RelativeThreshold`  ``s < t·mean``
@@ -338,10 +339,11 @@ class EnergyBudget(Strategy):
 
 #: Default relative rank tolerance per precision of the statistics' sums: comfortably
 #: above the eigenvalue noise floor of an unreachable direction (about 1e-14 of the largest
-#: eigenvalue for float64 sums of float32 activations; about 1e-8 for the GPU kernel's
-#: float32 per-batch sums) and as small as that allows, so that small but real directions
-#: stay. Measured on the quick CPU model: 1e-9 kept exactly the 2(d+1) reachable directions
-#: of the first classifier layer, while 1e-6 cut real ones (logits moved ~1e-3 relative).
+#: eigenvalue for float64 sums of float32 activations; about 1e-8 for the kernel's float32
+#: partial sums, Kahan-compensated per tile and added into float64) and as small as that
+#: allows, so that small but real directions stay. Measured on the quick CPU model: 1e-9
+#: kept exactly the 2(d+1) reachable directions of the first classifier layer, while 1e-6
+#: cut real ones (logits moved ~1e-3 relative).
 DEFAULT_RANK_TOL = {"float64": 1e-10, "float32": 1e-7}
 
 
@@ -350,7 +352,8 @@ class RankTolerance(Strategy):
 
     With a small ``tol`` this removes exactly the directions the layer's input cannot
     reach (a saturated width: at most ``2(d + 1)`` directions carry energy), leaving the
-    function unchanged up to round-off. ``tol=None`` (default) picks, per layer, the
+    function unchanged up to round-off. ``value`` is ``tol``; ``None`` (default) picks, per
+    layer, the
     tolerance for the precision its statistics were accumulated in
     (:data:`DEFAULT_RANK_TOL`: 1e-10 for float64 sums, 1e-7 for the float32 kernel's),
     applied per subspace (each subspace's directions against its own largest eigenvalue,

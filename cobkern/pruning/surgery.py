@@ -11,7 +11,8 @@ channels are ``idx = K_U ∪ (split + K_V)`` (in order). Then
   ``split = len(K_U)``; every RMSNorm gets ``num_channels = len(idx)``;
 * the RMSNorm normaliser (``norm_size`` of RMSNorm and RMSNormTSRA): ``"kept"`` (default,
   the authors' behaviour) sets ``norm_size = None`` so it averages over the kept channels —
-  the activations' scale shifts by ``sqrt(C / C_kept)``; ``"original"`` keeps the
+  the activations are scaled by ``sqrt(C_kept / C)`` (the RMS divisor grows by
+  ``sqrt(C / C_kept)``); ``"original"`` keeps the
   pre-pruning width (``norm_size = C`` unless it was already set), so the scale is kept.
 
 The model is edited in place (modules replaced by ``setattr`` on their parents). Input RGB
@@ -84,7 +85,9 @@ class PruneReport:
         modules: per Conv2d/Linear whose shape changed or not, in model order.
         layers: per pruned CoB layer.
         total_before, total_after: every parameter of the model (biases included).
-        meta: strategy, importance, basis, normaliser.
+        meta: ``normalizer``, ``importance``, ``cob`` and the strategy's
+            ``describe()`` (``strategy``, ``value``, ``per_subspace``, and e.g. ``target``,
+            ``ratio`` / ``achieved`` for the parameter strategies).
     """
 
     modules: list[ModuleReport]

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None,
                    help="paper | fast | quick (default: quick, or the config file's preset)")
     p.add_argument("--arch", default=None, choices=["tsra", "relu"],
-                   help="model family (default: tsra)")
+                   help="model family (default: the --config file's arch, else tsra)")
     p.add_argument("--config", default=None, help="JSON file of settings")
     p.add_argument("--out", default=None, help="run directory (default: runs/<preset>-<arch>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
