@@ -81,9 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         models.append(("cob", P, m.eval()))
     for method, P, m in models:
         params, flops = count_params(m), count_flops(m)
-        run = torch.compile(m) if args.compile else m
         row = {"method": method, "target": P, "params": params, "flops": flops}
         for b in args.batches:
+            # every model shares VGG.forward: without a reset, the (model, batch) compiles
+            # passed dynamo's recompile limit (8) and the last models ran uncompiled, and
+            # from the second batch on automatic dynamic shapes gave a symbolic batch
+            if args.compile:
+                torch._dynamo.reset()
+            run = torch.compile(m, dynamic=False) if args.compile else m
             ctx = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else \
                 torch.autocast(device.type, enabled=False)
             with ctx:

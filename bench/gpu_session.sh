@@ -165,7 +165,7 @@ fi
 if want training; then
   step "training throughput"
   cap 150 python3 bench/bench_training.py --out "$FINAL/bench_training" --steps 30 \
-    --warmup 5 --variants tsra-fused,tsra-eager,relu,tsra-reference-op,tsra-fused-compiled,relu-compiled,tsra-eager-compiled
+    --warmup 5 --variants tsra-fused,tsra-eager,relu,relu-adamw,tsra-reference-op,tsra-fused-compiled,relu-compiled,tsra-eager-compiled
 fi
 
 step done

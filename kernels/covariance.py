@@ -204,8 +204,7 @@ def specialization(geo, split: int, dtype: torch.dtype, numel: int, on_gpu: bool
         num_stages = stages if vector_q or vector_c else 1
     constexprs = {
         "BLOCK": block, "BLOCK_K": block_k, "FLAT": geo.B == 1,
-        "F32_DOT": _f32_dot(f32_dot or F32_DOT_DEFAULT, on_gpu) if dtype == torch.float32
-                   else "",
+        "F32_DOT": _f32_dot(f32_dot or "ieee", on_gpu) if dtype == torch.float32 else "",
         "UPCAST": not on_gpu and dtype == torch.bfloat16,
         "INDEX64": numel >= 2**31 - 1 or n >= 2**31 - 2 * block_k,
     }
@@ -261,6 +260,9 @@ def subspace_moments(x: torch.Tensor, geo, split: int, packed: torch.Tensor,
     """
     C, n = geo.C, geo.B * geo.P
     su, sv = split, C - split
+    # the module default is read here, not inside the cached specialization: a change of
+    # F32_DOT_DEFAULT (the diag's mode switch) must reach the next launch
+    f32_dot = f32_dot or F32_DOT_DEFAULT
     constexprs, num_warps, num_stages = specialization(
         geo, split, x.dtype, x.numel(), x.device.type == "cuda", f32_dot, block, num_stages)
     table = tile_table(su, sv, constexprs["BLOCK"], x.device)

@@ -228,3 +228,26 @@ def test_all_reduce_keeps_counts_above_2_pow_24(tmp_path):
                 assert torch.equal(a, b)
     finally:
         dist.destroy_process_group()
+
+
+def test_module_default_precision_reaches_every_launch(monkeypatch):
+    """gpu_diag switches float32 modes by setting ``F32_DOT_DEFAULT``; the cached
+    ``specialization`` read it inside, keyed on ``f32_dot=None``, so after the first launch
+    every later "tf32x3" / "bf16x6" row ran (and was labelled over) the IEEE kernel."""
+    from cobkern.kernels import covariance as kcov
+
+    seen = []
+    original = kcov.specialization
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen.append(out[0]["F32_DOT"])
+        return out
+
+    monkeypatch.setattr(kcov, "specialization", spy)
+    x = torch.randn(64, 8)
+    with use_backend("triton"):
+        subspace_moments(x, 4)
+        monkeypatch.setattr(kcov, "F32_DOT_DEFAULT", "tf32x3")
+        subspace_moments(x, 4)
+    assert seen == ["ieee", "tf32x3"]

@@ -207,3 +207,19 @@ def test_report_wording_follows_the_measurements(tmp_path: Path) -> None:
 
     assert report_build._ratio(None) == "–" and report_build._ratio(2.0) == "2.00"
     assert "sqrt(C / C_kept)" not in Path(report_build.__file__).read_text()
+
+
+def test_speed_ratios_never_mix_devices() -> None:
+    """A CPU run followed by a GPU run of the unpruned model only: the speed-up divided the
+    GPU's time by the CPU's (0.53× and 0.03× in an audit). Rows come from one device, the
+    one measured last."""
+    recs = [r for r in _records() if r["experiment"] != "speed"]
+    cpu = [r for r in _records() if r["experiment"] == "speed"]
+    gpu = {**cpu[0], "key": "speed|unpruned|0|b1|NVIDIA H100", "latency_ms": 0.1,
+           "device": "NVIDIA H100"}
+    s = summarize(recs + cpu + [gpu], ExperimentConfig())
+    assert {r["device"] for r in s["speed"]} == {"NVIDIA H100"}
+    assert [r["method"] for r in s["speed"]] == ["unpruned"]
+    s = summarize(recs + [gpu] + cpu, ExperimentConfig())  # the CPU measured last
+    (row,) = [r for r in s["speed"] if r["method"] == "cob"]
+    assert row["device"] == "CPU" and row["speedup_b1"] == 2.0

@@ -269,15 +269,17 @@ def speed(ctx: Context, bar: Any = None) -> None:
         f"CPU ({torch.get_num_threads()} threads)"
     for method, P, make in models:
         inputs = ctx.inputs(calibration=method == "cob", evaluation=False)
+        # the device's name in the key: another GPU (or CPU) measures everything again, so a
+        # speed-up never divides one machine's time by another's
         todo = [b for b in cfg.speed_batches
-                if ctx.done(f"speed|{method}|{P:g}|b{b}|{dev.type}", inputs) is None]
+                if ctx.done(f"speed|{method}|{P:g}|b{b}|{dev_name}", inputs) is None]
         if not todo:
             _tick(bar, len(cfg.speed_batches))
             continue
         model = make().eval()
         params, flops = count_params(model), count_flops(model)
         for b in todo:
-            key = f"speed|{method}|{P:g}|b{b}|{dev.type}"
+            key = f"speed|{method}|{P:g}|b{b}|{dev_name}"
             s = measure_speed(model, b, dev, repeats=cfg.speed_repeats)
             ctx.log(_base_record("speed", key, method=method, arch="tsra", target=P,
                                  params=params, flops=flops, device=dev_name, **s,

@@ -172,9 +172,12 @@ def summarize(records: list[dict[str, Any]], cfg: ExperimentConfig,
 
 
 def _speed_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The speed table of the device measured last: ratios never mix machines."""
     sp = select(records, experiment="speed")
     if not sp:
         return []
+    device = sp[-1].get("device")
+    sp = [r for r in sp if r.get("device") == device]
     batches = sorted({r["batch"] for r in sp})
     b1, bmax = batches[0], batches[-1]
     base = {r["batch"]: r for r in sp if r["method"] == "unpruned"}
