@@ -667,3 +667,34 @@ def test_report_with_an_out_that_is_a_file_is_a_user_error(tmp_path: Path,
     f.write_text("")
     assert main(["report", "--out", str(f)]) == 2
     assert "exists and is not a directory" in capsys.readouterr().err
+
+
+def test_run_and_sweep_take_a_config_file(tmp_path: Path) -> None:
+    """Settings from a file (the issue: 'overridable from the command line or a config
+    file'); the options on the command line win over it."""
+    from cobkern.cli.main import _experiment_config
+
+    f = tmp_path / "settings.json"
+    f.write_text(json.dumps({"fractions": [0.0, 0.5], "train": {"steps": 7}, "seed": 3}))
+    out = str(tmp_path / "o")
+    cfg = _experiment_config(build_parser().parse_args(["run", "--out", out, "--config", str(f)]))
+    assert cfg.fractions == [0.0, 0.5] and cfg.train["steps"] == 7 and cfg.seed == 3
+    cfg = _experiment_config(build_parser().parse_args(
+        ["sweep", "--out", out, "--config", str(f), "--set", "fractions=[0.3]", "--seed", "4"]))
+    assert cfg.fractions == [0.3] and cfg.seed == 4 and cfg.train["steps"] == 7
+    # an OUT/config.json of the same preset is a config file too; another preset is refused
+    g = tmp_path / "config.json"
+    g.write_text(json.dumps({"experiment": {**cfg.to_dict(), "fractions": [0.9]}}))
+    assert _experiment_config(build_parser().parse_args(
+        ["run", "--out", out, "--config", str(g)])).fractions == [0.9]
+    g.write_text(json.dumps({"experiment": {"preset": "fast"}}))
+    with pytest.raises(ValueError, match="is for preset 'fast'.*pass --preset fast"):
+        _experiment_config(build_parser().parse_args(["run", "--out", out, "--config", str(g)]))
+    for bad, match in (("[1, 2]", "expected a JSON object"), ("{oops", "cannot read it as JSON")):
+        f.write_text(bad)
+        with pytest.raises(ValueError, match=match):
+            _experiment_config(build_parser().parse_args(["run", "--out", out, "--config",
+                                                          str(f)]))
+    f.write_text('{"fractoins": [0.5]}')
+    with pytest.raises(ValueError, match="fractoins"):
+        _experiment_config(build_parser().parse_args(["run", "--out", out, "--config", str(f)]))

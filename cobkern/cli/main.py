@@ -240,6 +240,10 @@ def _experiment_options(s: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-samples", type=int, default=None, help="calibration images")
     g.add_argument("--finetune-steps", type=int, default=None,
                    help="fine-tuning steps after threshold / peer pruning")
+    g.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="a JSON object of experiment settings (the keys --set takes, e.g. "
+                        "{\"fractions\": [0, 0.5], \"train\": {\"steps\": 100}}; an "
+                        "OUT/config.json works too); --set and the options above win over it")
     g.add_argument("--set", dest="overrides", action="append", type=_kv, default=[],
                    metavar="KEY=VALUE",
                    help="any ExperimentConfig setting as JSON, e.g. "
@@ -265,6 +269,12 @@ def _experiment_config(args: argparse.Namespace, preset: str | None = None) -> A
     else:
         cfg = get_experiment_preset(getattr(args, "preset", None) or "quick")
     over: dict[str, Any] = {}
+    if getattr(args, "config", None) is not None:
+        over.update(_settings_file(args.config))
+        named = over.pop("preset", None)  # the preset is chosen above (--preset / OUT's)
+        if named is not None and named != cfg.preset:
+            raise ValueError(f"--config {args.config} is for preset {named!r}, but this run's "
+                             f"preset is {cfg.preset!r}; pass --preset {named}")
     for k, v in getattr(args, "overrides", []) if args.command in ("run", "sweep") else []:
         over[k] = v
     if getattr(args, "experiments", None):
@@ -286,6 +296,21 @@ def _experiment_config(args: argparse.Namespace, preset: str | None = None) -> A
     if args.device is not None:
         over["device"] = args.device
     return cfg.with_overrides(over) if over else cfg
+
+
+def _settings_file(path: Path) -> dict[str, Any]:
+    """The settings of a ``--config`` file: a JSON object, or an ``OUT/config.json`` (its
+    ``experiment`` section)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--config {path}: cannot read it as JSON ({e})") from None
+    if isinstance(data, dict) and isinstance(data.get("experiment"), dict):
+        data = data["experiment"]
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a JSON object of settings, got "
+                         f"{type(data).__name__}")
+    return dict(data)
 
 
 def _check_out(out: Path) -> Path:
