@@ -19,6 +19,7 @@ line naming the fix and exit with status 2; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -397,11 +398,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     ctx = _context(args, cfg)
     if not args.force:  # before config.json claims settings the model was not trained with
         check_trained_settings(ctx, args.arch)
-    if args.arch == "tsra" or not ctx.layout.config.is_file():
-        # kept on failure only once a run was started with these settings
-        with saved_config(ctx, keep=lambda: trained_with(ctx, args.arch)):
-            res = train_step(ctx, args.arch, force=args.force)
-    else:
+    # config.json: written for the TSRA model (or when missing), kept on failure only once a
+    # run was started with these settings
+    saves = args.arch == "tsra" or not ctx.layout.config.is_file()
+    with (saved_config(ctx, keep=lambda: trained_with(ctx, args.arch)) if saves
+          else contextlib.nullcontext()):
         res = train_step(ctx, args.arch, force=args.force)
     print(f"{args.arch} model: test accuracy {100 * res['test_accuracy']:.2f}% after "
           f"{res['steps']} steps → {ctx.layout.model_file(args.arch)}")

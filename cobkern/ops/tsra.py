@@ -291,16 +291,18 @@ class _TSRABackwardFunction(torch.autograd.Function):
         return (dgrad, dx) + (None,) * len(ctx.params)
 
 
-def _func_transform_active() -> bool:
-    """Whether a ``torch.func`` transform or forward-mode AD is active (outside compile)."""
-    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
+def _plain_formula() -> bool:
+    """Whether to run the plain-PyTorch formula: a ``torch.func`` transform or forward-mode
+    AD is active, outside ``torch.compile`` tracing (which keeps the registered ops)."""
+    return not torch.compiler.is_compiling() and (
+        torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0)
 
 
 def _backward_apply(grad: Tensor, x: Tensor, *params) -> Tensor:
     """The explicit VJP through the op, or — under ``torch.func`` / forward-mode AD, which
     the registered formula does not support (a ``jvp`` got a zero tangent) — through the
     plain-PyTorch formula."""
-    if not torch.compiler.is_compiling() and _func_transform_active():
+    if _plain_formula():
         return reference.tsra_backward(grad, x, *params, differentiable=True)
     return _tsra_backward_op(grad, x, *params)
 
@@ -314,11 +316,9 @@ def _apply(x: Tensor, *params) -> Tensor:
     rule and no ``torch.func`` support, so the custom op raised there, or — ``jvp`` — returned
     a zero tangent without a word.
     """
-    if torch.compiler.is_compiling():
-        return _tsra_op(x, *params)
-    if _func_transform_active():
+    if _plain_formula():
         return reference.tsra_forward(x, *params, differentiable=True)
-    if type(x) is Tensor:
+    if type(x) is Tensor and not torch.compiler.is_compiling():
         return _TSRAFunction.apply(x, *params)
     return _tsra_op(x, *params)
 
