@@ -399,16 +399,19 @@ def test_fresh_run_starts_a_new_metrics_file_and_writes_atomically(tmp_path, mon
     """A run killed before its first checkpoint, then started again (not resumed) in the
     same folder, must not append to the dead run's metrics.jsonl; config.json and
     final.json go through the atomic writer."""
-    import cobkern.training.trainer as trainer
+    import cobkern._atomic
+    import cobkern.training.checkpoint as checkpoint
+    import cobkern.training.metrics as metrics
 
     written: list[str] = []
-    real = trainer.atomic_path
+    real = cobkern._atomic.atomic_path
 
     def spy(path):
         written.append(Path(path).name)
         return real(path)
 
-    monkeypatch.setattr(trainer, "atomic_path", spy)
+    for module in (checkpoint, metrics):  # every file the trainer writes goes through these
+        monkeypatch.setattr(module, "atomic_path", spy)
     data = _toy_data()
     cfg = _tiny_config(steps=6, checkpoint_every=0)
     with cobkern.use_backend("reference"):
@@ -454,22 +457,22 @@ def test_checkpoint_rng_state_is_loaded_on_the_cpu(tmp_path) -> None:
     """torch.set_rng_state and the CUDA generator need CPU byte tensors: a checkpoint is
     read with map_location="cpu" whatever the device ("meta" stands in for "cuda" here;
     load_state_dict moves model and optimizer state to the parameters' device)."""
-    from cobkern.training.trainer import _load_checkpoint, _set_rng_state
+    from cobkern.training.checkpoint import load_checkpoint, set_rng_state
 
     data = _toy_data()
     with cobkern.use_backend("reference"):
         train(_tiny_config(steps=2), tmp_path / "r", data=data)
     model = vgg16_tsra(num_classes=4, width=0.0625)
-    ckpt = _load_checkpoint(tmp_path / "r" / "checkpoint.pt", model, torch.device("meta"))
+    ckpt = load_checkpoint(tmp_path / "r" / "checkpoint.pt", model, torch.device("meta"))
     assert ckpt["rng"]["torch"].device.type == "cpu"
     assert ckpt["rank_state"][0]["rng"]["torch"].device.type == "cpu"
     assert ckpt["model"]["features.0.weight"].device.type == "cpu"
     state = torch.get_rng_state()
-    _set_rng_state({"torch": ckpt["rng"]["torch"]}, torch.device("cpu"))
+    set_rng_state({"torch": ckpt["rng"]["torch"]}, torch.device("cpu"))
     assert torch.equal(torch.get_rng_state(), ckpt["rng"]["torch"])
     torch.set_rng_state(state)
     with pytest.raises(CheckpointError, match="map_location='cpu'"):
-        _set_rng_state({"torch": ckpt["rng"]["torch"].to("meta")}, torch.device("cpu"))
+        set_rng_state({"torch": ckpt["rng"]["torch"].to("meta")}, torch.device("cpu"))
 
 
 def test_rank_state_fallbacks() -> None:
@@ -477,7 +480,7 @@ def test_rank_state_fallbacks() -> None:
     rank 1 a fresh seed of its own (never rank 0's state)."""
     from types import SimpleNamespace
 
-    from cobkern.training.trainer import _restore_rank_state
+    from cobkern.training.checkpoint import restore_rank_state
 
     cfg = _tiny_config()
     saved = torch.manual_seed(123).get_state()
@@ -486,15 +489,15 @@ def test_rank_state_fallbacks() -> None:
             "rank_state": [{"rng": {"torch": saved}, "log_window": window}]}
     cpu = torch.device("cpu")
     one = SimpleNamespace(rank=0, world=1, main=True)
-    assert _restore_rank_state(ckpt, cfg, one, cpu) == window
+    assert restore_rank_state(ckpt, cfg, one, cpu) == window
     assert torch.equal(torch.get_rng_state(), saved)
     r0 = SimpleNamespace(rank=0, world=2, main=True)
-    assert _restore_rank_state(ckpt, cfg, r0, cpu) == window
+    assert restore_rank_state(ckpt, cfg, r0, cpu) == window
     r1 = SimpleNamespace(rank=1, world=2, main=False)
-    assert _restore_rank_state(ckpt, cfg, r1, cpu) is None
+    assert restore_rank_state(ckpt, cfg, r1, cpu) is None
     assert not torch.equal(torch.get_rng_state(), saved)
     # a version-1 checkpoint (no per-rank list) still restores its one state
-    assert _restore_rank_state({"step": 8, "rng": {"torch": saved}}, cfg, one, cpu) is None
+    assert restore_rank_state({"step": 8, "rng": {"torch": saved}}, cfg, one, cpu) is None
     assert torch.equal(torch.get_rng_state(), saved)
 
 
@@ -545,9 +548,9 @@ def test_config_values_are_not_coerced_silently() -> None:
 
 def test_non_finite_metrics_are_written_as_null(tmp_path) -> None:
     """A diverged run (NaN weights) still writes strict JSON: NaN/inf become null."""
-    from cobkern.training.trainer import _json_line, _trim_metrics
+    from cobkern.training.metrics import json_line, trim_metrics
 
-    assert _json_line({"loss": float("nan"), "x": [float("inf"), 1.0]}) == \
+    assert json_line({"loss": float("nan"), "x": [float("inf"), 1.0]}) == \
         '{"loss": null, "x": [null, 1.0]}'
     data = _toy_data()
     torch.manual_seed(0)
@@ -569,7 +572,7 @@ def test_non_finite_metrics_are_written_as_null(tmp_path) -> None:
     # the resume-time trimming reads such lines (and skips torn or foreign ones)
     m = tmp_path / "m.jsonl"
     m.write_text('{"step": 2, "loss": null}\n[1, 2]\n{"step": null}\n{"step": 5}\n{"st')
-    _trim_metrics(m, 4)
+    trim_metrics(m, 4)
     assert m.read_text() == '{"step": 2, "loss": null}\n'
 
 

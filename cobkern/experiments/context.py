@@ -22,7 +22,7 @@ from cobkern.data import DeviceLoader, ImageSet, calibration_set, load_cifar10, 
 from cobkern.models import load_model
 from cobkern.pruning import PruneReport, Strategy, default_normalizer, make_strategy, prune
 from cobkern.training import TrainConfig, apply_overrides, evaluate, get_preset
-from cobkern.training.trainer import check_num_classes
+from cobkern.training.evaluation import check_num_classes
 
 from .config import ExperimentConfig, get_experiment_preset, load_experiment_config
 from .files import Layout, MissingStepError, append_jsonl, atomic_write_json, read_jsonl
@@ -331,7 +331,8 @@ class Context:
             overrides.update(optimizer="sgd", lr=r.lr_relu, grad_clip=0.0)
         config = apply_overrides(self.train_config(arch), overrides)
         out = out if out is not None else self.layout.runs / run_name
-        from cobkern.training.trainer import CHECKPOINT_NAME, RESUME_MAY_CHANGE, finetune
+        from cobkern.training.checkpoint import CHECKPOINT_NAME, RESUME_MAY_CHANGE
+        from cobkern.training.trainer import finetune
 
         # A checkpoint in `out` is resumed only if that run started from this very model with
         # this recipe; anything else (another pruned model, another recipe) starts over.

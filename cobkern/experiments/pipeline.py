@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cobkern.training import train
-from cobkern.training.trainer import CHECKPOINT_NAME, setting_change
+from cobkern.training.checkpoint import CHECKPOINT_NAME, setting_change
 
 from .context import Context
 from .files import atomic_write_bytes, atomic_write_json

@@ -1,7 +1,10 @@
 """Training: presets, the training loop (single process or DDP), evaluation, fine-tuning.
 
 * :class:`TrainConfig`, :func:`get_preset` (``paper``, ``fast``, ``quick``);
-* :func:`train`, :func:`finetune`, :func:`evaluate`;
+* :func:`train`, :func:`finetune` (:mod:`.trainer`: the loop) and :func:`evaluate`
+  (:mod:`.evaluation`); the loop's pieces: :mod:`.optim` (optimizer, warm-up + cosine),
+  :mod:`.checkpoint` (atomic checkpoints, resume checks, per-rank RNG state),
+  :mod:`.metrics` (``metrics.jsonl`` and JSON outputs), :mod:`.distributed` (DDP context);
 * :func:`cobkern.training.cli.main` — ``python -m cobkern.training``.
 """
 

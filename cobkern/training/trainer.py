@@ -1,8 +1,10 @@
-"""The training loop: :func:`train`, :func:`finetune`, :func:`evaluate`.
+"""The training loop: :func:`train` and :func:`finetune`.
 
 One loop serves a CPU, one GPU and ``torchrun --nproc_per_node=N`` (DistributedDataParallel,
-NCCL on GPUs, gloo on CPUs; each rank takes its slice of every global batch). Outputs in
-``out_dir``:
+NCCL on GPUs, gloo on CPUs; each rank takes its slice of every global batch). Its pieces
+live beside it: :mod:`.optim` (optimizer, schedule), :mod:`.evaluation`,
+:mod:`.checkpoint` (save, load, resume checks), :mod:`.metrics` (the JSON outputs) and
+:mod:`.distributed`. Outputs in ``out_dir``:
 
 * ``config.json`` — the resolved :class:`TrainConfig`;
 * ``metrics.jsonl`` — one strict JSON object per line: ``{"event": "train", "step",
@@ -25,16 +27,12 @@ appended to line by line, and replaced atomically when started or trimmed).
 pure function of ``(seed, epoch, batch)`` and each rank's dropout RNG is restored, so on a
 given device and number of ranks a resumed run reproduces the uninterrupted run's weights
 and ``metrics.jsonl`` lines (up to the timing fields) exactly. The settings must be those
-of the checkpoint, except the fields in :data:`RESUME_MAY_CHANGE`.
+of the checkpoint, except the fields in :data:`~.checkpoint.RESUME_MAY_CHANGE`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
 import os
-import pickle
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -42,11 +40,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from cobkern._atomic import atomic_path
 from cobkern.data import DataError, DeviceLoader, ImageSet, load_cifar10, subset
 from cobkern.models import (
     default_model_filename,
@@ -56,405 +52,29 @@ from cobkern.models import (
     vgg16_relu,
     vgg16_tsra,
 )
-from cobkern.models.io import torch_file_kind
 
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    CKPT_FORMAT,
+    CKPT_VERSION,
+    RESUME_MAY_CHANGE,
+    CheckpointError,
+    check_resume_config,
+    load_checkpoint,
+    restore_rank_state,
+    rng_state,
+    save_checkpoint_file,
+    setting_change,
+)
 from .config import ConfigError, TrainConfig
+from .distributed import DistContext, broadcast_buffers, ranks_in_sync
+from .evaluation import bf16_autocast, check_num_classes, evaluate
+from .metrics import METRICS_NAME, json_line, json_safe, start_metrics, trim_metrics, write_json
+from .optim import build_optimizer, build_scheduler, lr_factor
 
 __all__ = ["train", "finetune", "evaluate", "CheckpointError", "build_optimizer",
            "build_scheduler", "lr_factor", "RESUME_MAY_CHANGE", "setting_change",
-           "check_num_classes"]
-
-CHECKPOINT_NAME = "checkpoint.pt"
-METRICS_NAME = "metrics.jsonl"
-CKPT_FORMAT = "cobkern.checkpoint"
-CKPT_VERSION = 2  # 2: per-rank RNG state and metrics window, last evaluation
-
-#: The :class:`TrainConfig` fields a resumed run may set differently from its checkpoint.
-#: They decide how the run is shown (``progress``), how often it records (``log_every``,
-#: ``eval_every``, ``checkpoint_every``), where and how fast it executes (``device``,
-#: ``num_threads``, ``compile``, ``channels_last``, ``eval_batch_size``) and where the
-#: decoded data is cached (``cache_dir``, ``download``) — not the optimisation itself.
-#: (``compile``, ``channels_last``, ``eval_batch_size`` and another device may change
-#: float rounding, so such a resume is no longer bit-identical to an uninterrupted run.)
-#: Every other field (model, optimizer and its hyper-parameters, schedule, steps, batch,
-#: data, augmentation, seed, bf16) must match: the optimizer and scheduler state restored
-#: from the checkpoint would otherwise silently keep the old values.
-RESUME_MAY_CHANGE = frozenset({
-    "progress", "log_every", "eval_every", "checkpoint_every", "eval_batch_size",
-    "num_threads", "device", "compile", "channels_last", "cache_dir", "download"})
-
-
-class CheckpointError(ValueError):
-    """A missing checkpoint, or one that does not belong to this model or run."""
-
-
-# ----------------------------------------------------------------------------- distributed
-class _Dist:
-    """This process's place in a (possibly one-process) data-parallel job."""
-
-    def __init__(self, config: TrainConfig) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        want = config.device
-        if want == "auto":
-            want = "cuda" if torch.cuda.is_available() else "cpu"
-        if want.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise ConfigError(f"device {config.device!r} requested but CUDA is not available")
-            self.device = torch.device("cuda", self.local_rank) if self.world > 1 or want == \
-                "cuda" else torch.device(want)
-            if self.device.type == "cuda" and self.device.index is None:
-                self.device = torch.device("cuda", torch.cuda.current_device())
-            torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
-        self.owns_group = False
-        if self.world > 1 and not dist.is_initialized():
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            dist.init_process_group(backend=backend)
-            self.owns_group = True
-        self.active = self.world > 1 and dist.is_initialized()
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.active:
-            dist.barrier()
-
-    def all_sum(self, values: list[float]) -> list[float]:
-        if not self.active:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.tolist()
-
-    def all_gather_object(self, obj: Any) -> list[Any]:
-        """``[obj of rank 0, obj of rank 1, ...]`` (``[obj]`` in a one-process run)."""
-        if not self.active:
-            return [obj]
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def close(self) -> None:
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-# ----------------------------------------------------------------------------- pieces
-def lr_factor(step: int, config: TrainConfig) -> float:
-    """LR multiplier after ``step`` optimizer steps: linear warm-up, then cosine to min_lr.
-
-    Warm-up: ``(step + 1) / warmup_steps`` for ``step < warmup_steps``. Cosine:
-    ``m + (1 - m) * (1 + cos(pi * t)) / 2`` with ``t`` the fraction of post-warm-up steps
-    done and ``m = min_lr / lr``; ``constant`` stays at 1.
-    """
-    w, total = config.warmup_steps, config.steps
-    if step < w:
-        return (step + 1) / w
-    if config.schedule == "constant":
-        return 1.0
-    t = min(1.0, (step - w) / max(1, total - w))
-    m = config.min_lr / config.lr
-    return m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW or SGD (Nesterov momentum) over all parameters, with ``config.weight_decay``."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, betas=(config.beta1, config.beta2),
-                                 weight_decay=config.weight_decay)
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                           nesterov=config.nesterov and config.momentum > 0,
-                           weight_decay=config.weight_decay)
-
-
-def build_scheduler(opt: torch.optim.Optimizer, config: TrainConfig):
-    """``LambdaLR`` with :func:`lr_factor`."""
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, config))
-
-
-def _autocast(device: torch.device, enabled: bool):
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    data: DeviceLoader | ImageSet,
-    device: torch.device | str | None = None,
-    *,
-    batch_size: int = 1000,
-    bf16: bool = False,
-    channels_last: bool = False,
-) -> dict[str, float]:
-    """Top-1 accuracy and mean cross-entropy of ``model`` on un-augmented data.
-
-    Args:
-        model: any classifier returning ``(B, num_classes)`` logits. Put in eval mode for the
-            call and restored afterwards.
-        data: an :class:`ImageSet` (wrapped in a plain :class:`DeviceLoader`) or a loader.
-        device: where to run (default: the model's device).
-        batch_size: batch size when ``data`` is an ImageSet.
-        bf16: run under bf16 autocast.
-
-    Returns:
-        ``{"accuracy": float in [0, 1], "loss": float, "n": int}``. Under an active
-        ``torch.distributed`` group with a rank-sliced loader the sums are all-reduced.
-    """
-    if device is None:
-        device = next(unwrap_model(model).parameters()).device
-    device = torch.device(device)
-    if isinstance(data, ImageSet):
-        data = DeviceLoader.from_imageset(data, batch_size, augment=False, shuffle=False,
-                                          drop_last=False, device=device,
-                                          channels_last=channels_last)
-    else:
-        data.epoch, data.batch = 0, 0  # always the full set, from the start
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    n = 0
-    try:
-        for x, y in data:
-            if y.numel() == 0:
-                continue
-            with _autocast(device, bf16):
-                logits = model(x)
-            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
-            correct += (logits.argmax(1) == y).sum()
-            n += y.numel()
-    finally:
-        model.train(was_training)
-    totals = [loss_sum.item(), float(correct.item()), float(n)]
-    if data.world_size > 1 and dist.is_available() and dist.is_initialized():
-        t = torch.tensor(totals, dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        totals = t.tolist()
-    loss_total, correct_total, n_total = totals
-    n_total = max(n_total, 1.0)
-    return {"accuracy": correct_total / n_total, "loss": loss_total / n_total, "n": int(n_total)}
-
-
-def check_num_classes(model: nn.Module, num_classes: int, data: str = "data") -> None:
-    """Raise :class:`ConfigError` if ``model`` has another number of outputs than the
-    ``num_classes`` classes of the ``data`` it is to be trained or evaluated on (a model
-    without a ``num_classes`` attribute is not checked)."""
-    outputs = getattr(unwrap_model(model), "num_classes", None)
-    if outputs is not None and outputs != num_classes:
-        raise ConfigError(f"the model has {outputs} outputs but the {data} has {num_classes} "
-                          "classes")
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def _first_difference(a: Any, b: Any, where: str = "") -> str:
-    if type(a) is not type(b):
-        return f"{where or 'config'}: {a!r} != {b!r}"
-    if isinstance(a, dict):
-        for k in sorted(set(a) | set(b), key=str):
-            if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{where}.{k}" if where else k)
-    if isinstance(a, list):
-        if len(a) != len(b):
-            return f"{where}: {len(a)} layers != {len(b)} layers"
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            if x != y:
-                return _first_difference(x, y, f"{where}[{i}]")
-    return f"{where}: {a!r} != {b!r}"
-
-
-def _json_safe(obj: Any) -> Any:
-    """``obj`` with every non-finite float (NaN, ±inf) replaced by ``None`` (JSON ``null``)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def _json_line(record: dict[str, Any]) -> str:
-    """One strict-JSON metrics line (non-finite numbers as ``null``)."""
-    return json.dumps(_json_safe(record), allow_nan=False)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented strict JSON, atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(_json_safe(obj), indent=1, allow_nan=False) + "\n")
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _byte_state(t: Any, what: str) -> torch.Tensor:
-    """A saved RNG state as the CPU ``uint8`` tensor the generators require."""
-    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
-        raise CheckpointError(f"checkpoint has an invalid {what} RNG state")
-    if t.device.type != "cpu":
-        if t.device.type == "meta":
-            raise CheckpointError(f"checkpoint's {what} RNG state was loaded without its data "
-                                  "(meta device); load checkpoints with map_location='cpu'")
-        t = t.cpu()
-    return t
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    """Restore :func:`_rng_state`'s output. The tensors may sit on any device with data (a
-    checkpoint loaded with a GPU ``map_location``); the generators get CPU copies."""
-    if not isinstance(state, dict) or "torch" not in state:
-        raise CheckpointError("checkpoint has no valid RNG state")
-    torch.set_rng_state(_byte_state(state["torch"], "CPU"))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(_byte_state(state["cuda"], "CUDA"), device)
-
-
-def _rank_seed(seed: int, rank: int, step: int) -> int:
-    """A fresh, rank-specific RNG seed for a rank whose saved state a checkpoint lacks."""
-    import numpy as np
-
-    words = np.random.SeedSequence([seed, rank, step, 0x5EED]).generate_state(2, np.uint32)
-    return (int(words[0]) << 31) ^ int(words[1])
-
-
-def _restore_rank_state(ckpt: dict[str, Any], config: TrainConfig, d: _Dist,
-                        device: torch.device) -> dict[str, Any] | None:
-    """Restore this rank's RNG state from ``ckpt``; returns its saved metrics window.
-
-    A checkpoint of the same number of ranks holds one entry per rank, and each rank gets
-    its own state back. A single-process checkpoint (or one from before per-rank states)
-    gives rank 0 its ``"rng"``; when the number of ranks changed, ranks without a saved
-    state get a fresh rank-specific seed (so no two ranks share dropout masks) and the
-    saved windows are summed into rank 0's.
-    """
-    ranks = ckpt.get("rank_state")
-    if not isinstance(ranks, list) or not ranks:
-        ranks = [{"rng": ckpt.get("rng"), "log_window": None}]
-    if not all(isinstance(r, dict) for r in ranks):
-        raise CheckpointError("checkpoint has an invalid per-rank state")
-    if d.rank < len(ranks):
-        _set_rng_state(ranks[d.rank].get("rng"), device)
-    else:
-        torch.manual_seed(_rank_seed(config.seed, d.rank, int(ckpt["step"])))
-        return None
-    if device.type == "cuda" and "cuda" not in ranks[d.rank]["rng"]:
-        torch.cuda.manual_seed(_rank_seed(config.seed, d.rank, int(ckpt["step"])))
-    if len(ranks) == d.world:
-        return ranks[d.rank].get("log_window")
-    if not d.main:
-        return None
-    windows = [r.get("log_window") for r in ranks if isinstance(r.get("log_window"), dict)]
-    if not windows:
-        return None
-    return {"loss_sum": math.fsum(float(w["loss_sum"]) for w in windows),
-            "correct": sum(int(w["correct"]) for w in windows),
-            "n": sum(int(w["n"]) for w in windows),
-            "seconds": max(float(w.get("seconds", 0.0)) for w in windows)}
-
-
-_MISSING = object()
-
-
-def setting_change(saved: dict[str, Any], config: TrainConfig, *,
-                   missing_ok: bool = False) -> tuple[str, Any, Any] | None:
-    """The first field outside :data:`RESUME_MAY_CHANGE` in which ``config`` differs from
-    ``saved`` (a recorded ``asdict(TrainConfig)``), as ``(name, old, new)``; ``None`` if
-    there is none. A field missing from ``saved`` counts as a change (``old`` is a private
-    sentinel) unless ``missing_ok``; ``True`` and ``1`` differ."""
-    for name, new in asdict(config).items():
-        if name in RESUME_MAY_CHANGE:
-            continue
-        old = saved.get(name, _MISSING)
-        if old is _MISSING and missing_ok:
-            continue
-        if old is _MISSING or old != new or isinstance(old, bool) != isinstance(new, bool):
-            return name, old, new
-    return None
-
-
-def _check_resume_config(saved: Any, config: TrainConfig, path: Path) -> None:
-    """Raise :class:`CheckpointError` if ``config`` differs from the checkpoint's settings
-    in a field outside :data:`RESUME_MAY_CHANGE` (naming the first one, old and new)."""
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"checkpoint {path} does not record its training settings; "
-                              "cannot check that this run continues it")
-    change = setting_change(saved, config)
-    if change is not None:
-        name, old, new = change
-        old_txt = "(not recorded)" if old is _MISSING else repr(old)
-        raise CheckpointError(
-            f"checkpoint {path} was written with different settings: {name} was "
-            f"{old_txt}, this run has {new!r}. Resume with the checkpoint's settings "
-            f"(only {', '.join(sorted(RESUME_MAY_CHANGE))} may change) or start a new "
-            "run in another output directory")
-
-
-def _load_checkpoint(path: Path, model: nn.Module, device: torch.device) -> dict[str, Any]:
-    """Read and check ``path``. Everything is loaded onto the CPU: the RNG states must be
-    CPU byte tensors, and ``load_state_dict`` moves the model's and the optimizer's state to
-    the parameters' device (``device`` is accepted for the callers' convenience only)."""
-    del device
-    if not path.is_file():
-        raise CheckpointError(f"cannot resume: no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # torch's message advises weights_only=False: wrong for a file that is not ours
-        raise CheckpointError(f"cannot read checkpoint {path}: not a cobkern training "
-                              f"checkpoint ({torch_file_kind(path)})") from None
-    except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}: {e})") \
-            from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise CheckpointError(f"{path} is not a cobkern training checkpoint")
-    if not isinstance(ckpt.get("version"), int) or ckpt["version"] > CKPT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has version {ckpt.get('version')!r}; this "
-                              f"cobkern reads versions up to {CKPT_VERSION}")
-    mine = model_config(model)
-    if ckpt.get("model_config") != mine:
-        diff = _first_difference(ckpt.get("model_config"), mine)
-        raise CheckpointError(f"checkpoint {path} was written for a different model "
-                              f"(first difference: {diff})")
-    return ckpt
-
-
-def _trim_metrics(path: Path, step: int) -> None:
-    """Drop metric lines logged after ``step`` (they belong to the interrupted tail)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue  # a torn last line from a killed run
-        s = rec.get("step", 0) if isinstance(rec, dict) else None
-        if isinstance(s, int) and not isinstance(s, bool) and s <= step:
-            keep.append(line)
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(x + "\n" for x in keep))
-
-
-def _start_metrics(path: Path) -> None:
-    """Begin an empty metrics file (a fresh run never appends to an old run's lines)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text("")
+           "check_num_classes", "CHECKPOINT_NAME", "DataError"]
 
 
 def _step_epoch(loader: DeviceLoader) -> int:
@@ -464,7 +84,7 @@ def _step_epoch(loader: DeviceLoader) -> int:
 
 
 def _prepare_data(config: TrainConfig, data: tuple[ImageSet, ImageSet] | None,
-                  d: _Dist) -> tuple[ImageSet, ImageSet]:
+                  d: DistContext) -> tuple[ImageSet, ImageSet]:
     if data is None:
         # Rank 0 decodes and caches first; the others then read the cache.
         if d.main:
@@ -532,7 +152,7 @@ def train(
         raise CheckpointError(f"cannot resume: no checkpoint at {ckpt_path}")
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    d = _Dist(config)
+    d = DistContext(config)
     try:
         return _train(config, out, ckpt_path, resume, model, data, on_step, d)
     finally:
@@ -553,7 +173,7 @@ def finetune(
 
 def _train(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
            model: nn.Module | None, data: tuple[ImageSet, ImageSet] | None,
-           on_step: Callable[[int], None] | None, d: _Dist) -> dict[str, Any]:
+           on_step: Callable[[int], None] | None, d: DistContext) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     if config.batch_size % d.world:
@@ -587,8 +207,8 @@ def _train(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
     last_train: dict[str, Any] = {}
     last_eval: dict[str, Any] | None = None
     if resume:
-        ckpt = _load_checkpoint(ckpt_path, base, device)
-        _check_resume_config(ckpt.get("config"), config, ckpt_path)
+        ckpt = load_checkpoint(ckpt_path, base, device)
+        check_resume_config(ckpt.get("config"), config, ckpt_path)
         try:
             base.load_state_dict(ckpt["model"])
             # The checkpoint is read onto the CPU; load_state_dict casts the optimizer state
@@ -599,13 +219,13 @@ def _train(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"checkpoint {ckpt_path} does not fit this run: {e}") from None
         step, elapsed_before = int(ckpt["step"]), float(ckpt.get("elapsed_s", 0.0))
-        window = _restore_rank_state(ckpt, config, d, device)
+        window = restore_rank_state(ckpt, config, d, device)
         if isinstance(ckpt.get("last_train"), dict):
             last_train = dict(ckpt["last_train"])
         if isinstance(ckpt.get("last_eval"), dict):
             last_eval = dict(ckpt["last_eval"])
         if d.main:
-            _trim_metrics(out / METRICS_NAME, step)
+            trim_metrics(out / METRICS_NAME, step)
     else:
         torch.manual_seed(config.seed + d.rank)  # per-rank dropout masks
 
@@ -618,25 +238,25 @@ def _train(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
 
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "config.json", asdict(config))
+        write_json(out / "config.json", asdict(config))
         if not resume:
-            _start_metrics(out / METRICS_NAME)
+            start_metrics(out / METRICS_NAME)
     metrics_file = open(out / METRICS_NAME, "a") if d.main else None  # noqa: SIM115
 
     def log(record: dict[str, Any]) -> None:
         if metrics_file is not None:
-            metrics_file.write(_json_line(record) + "\n")
+            metrics_file.write(json_line(record) + "\n")
             metrics_file.flush()
 
     def save_checkpoint() -> None:
         # Every rank's own RNG state and metrics window (ranks draw different dropout masks
         # and see different images); gathered by all ranks, written by rank 0.
         ranks = d.all_gather_object({
-            "rng": _rng_state(device),
+            "rng": rng_state(device),
             "log_window": {"loss_sum": win_loss.item(), "correct": int(win_correct.item()),
                            "n": n_window, "seconds": time.perf_counter() - t_window}})
         if d.main:
-            _atomic_torch_save({
+            save_checkpoint_file({
                 "format": CKPT_FORMAT, "version": CKPT_VERSION, "step": step,
                 "model": base.state_dict(), "model_config": model_config(base),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -650,7 +270,7 @@ def _train(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
 
     def run_eval() -> dict[str, Any]:
         if d.active:  # every rank scores its test shard with rank 0's BatchNorm statistics
-            _broadcast_buffers(base)
+            broadcast_buffers(base)
         res = evaluate(base, test_loader, device, bf16=config.bf16)
         rec = {"event": "eval", "step": step, "epoch": _step_epoch(loader),
                "test_loss": res["loss"], "test_accuracy": res["accuracy"]}
@@ -675,7 +295,7 @@ def _train(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
     try:
         while step < config.steps:
             for x, y in loader:
-                with _autocast(device, config.bf16):
+                with bf16_autocast(device, config.bf16):
                     logits = net(x)
                     loss = F.cross_entropy(logits.float(), y,
                                            label_smoothing=config.label_smoothing)
@@ -752,12 +372,12 @@ def _train(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
         "images_per_s": last_train.get("images_per_s"), "world_size": d.world,
     }
     if d.active:
-        result["ranks_in_sync"] = _ranks_in_sync(base, d)
+        result["ranks_in_sync"] = ranks_in_sync(base, d)
     model_path = out / default_model_filename()
     if d.main:
-        save_model(base, model_path, extra={k: v for k, v in _json_safe(result).items()
+        save_model(base, model_path, extra={k: v for k, v in json_safe(result).items()
                                             if isinstance(v, (int, float, bool, str))})
-        _write_json(out / "final.json", {**result, "model_path": str(model_path)})
+        write_json(out / "final.json", {**result, "model_path": str(model_path)})
     d.barrier()
     result["model_path"] = str(model_path)
     return result
@@ -772,31 +392,3 @@ def _check_out_dir(out: Path) -> None:
                 raise ConfigError(f"run directory {out}: {p} exists and is not a directory; "
                                   "choose another --out")
             return
-
-
-@torch.no_grad()
-def _broadcast_buffers(model: nn.Module) -> None:
-    """Rank 0's buffers (BatchNorm running statistics) on every rank.
-
-    DDP broadcasts them at the start of each forward pass, so after a step every rank holds
-    the statistics of its own shard: evaluating then would score each test shard with other
-    statistics than the model rank 0 saves. Training is unaffected (the next forward
-    broadcasts the same values)."""
-    for b in model.buffers():
-        dist.broadcast(b, 0)
-
-
-@torch.no_grad()
-def _ranks_in_sync(model: nn.Module, d: _Dist) -> bool:
-    """Whether every rank holds bit-identical parameters and floating-point buffers
-    (compared by all-gathered sums)."""
-    tensors = list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
-    flat = torch.cat([t.detach().float().reshape(-1) for t in tensors])
-    probe = torch.stack([flat.sum(), flat.abs().sum(), (flat * torch.arange(
-        flat.numel(), device=flat.device, dtype=flat.dtype).remainder(97)).sum()]).double()
-    gathered = [torch.empty_like(probe) for _ in range(d.world)]
-    dist.all_gather(gathered, probe)
-    return all(torch.equal(g, gathered[0]) for g in gathered)
-
-
-_ = DataError  # re-exported for callers catching data errors from train()
