@@ -203,10 +203,10 @@ def test_report_wording_follows_the_measurements(tmp_path: Path) -> None:
     assert "approaches the FLOPs ratio" not in text
     assert ("the most pruned model (CoB 70%) has 4.00× fewer FLOPs and 1.56× the throughput "
             "at batch 64") in text
-    from cobkern.report import build as report_build
+    from cobkern.report import markdown as report_md
 
-    assert report_build._ratio(None) == "–" and report_build._ratio(2.0) == "2.00"
-    assert "sqrt(C / C_kept)" not in Path(report_build.__file__).read_text()
+    assert report_md._ratio(None) == "–" and report_md._ratio(2.0) == "2.00"
+    assert "sqrt(C / C_kept)" not in Path(report_md.__file__).read_text()
 
 
 def test_speed_ratios_never_mix_devices() -> None:
@@ -223,3 +223,44 @@ def test_speed_ratios_never_mix_devices() -> None:
     s = summarize(recs + [gpu] + cpu, ExperimentConfig())  # the CPU measured last
     (row,) = [r for r in s["speed"] if r["method"] == "cob"]
     assert row["device"] == "CPU" and row["speedup_b1"] == 2.0
+
+
+def test_result_sections_are_numbered_in_order(tmp_path: Path) -> None:
+    """Result sections are numbered 1, 2, ... in the order they appear, whichever
+    experiments ran (a run without the normaliser or threshold sweeps had read 1, 5)."""
+    import re
+
+    out = tmp_path / "out"
+    atomic_write_json(out / "config.json", {"experiment": ExperimentConfig(
+        fractions=[0.0, 0.3, 0.5, 0.7, 0.9]).to_dict()})
+    for r in _records():
+        append_jsonl(out / "metrics.jsonl", r)
+    text = build_report(out).read_text()
+    numbered = re.findall(r"^## (\d+)\. (.+)$", text, flags=re.MULTILINE)
+    assert [int(n) for n, _ in numbered] == list(range(1, len(numbered) + 1))
+    assert [t for _, t in numbered][:2] == ["Fixed-ratio pruning, no fine-tuning",
+                                             "What pruning buys: parameters, FLOPs, speed"]
+
+
+def test_normaliser_table_has_one_row_per_target(tmp_path: Path) -> None:
+    """The kept-vs-original comparison is one row per target P with a column per
+    (method, normaliser); a target swept for one normaliser only shows '–' for the other."""
+    out = tmp_path / "out"
+    atomic_write_json(out / "config.json", {"experiment": ExperimentConfig(
+        fractions=[0.0, 0.3, 0.5, 0.7, 0.9]).to_dict()})
+    recs = _records()
+    for method, acc in (("cob", 0.885), ("baseline", 0.60)):
+        r = _pt(0.5, acc, method)
+        r.update(experiment="normalizer", normalizer="original",
+                 key=f"norm|{method}|original|0.5")
+        recs.append(r)
+    for r in recs:
+        append_jsonl(out / "metrics.jsonl", r)
+    text = build_report(out).read_text()
+    lines = text.splitlines()
+    head = lines.index("| target P | CoB, kept | CoB, original | baseline, kept | "
+                       "baseline, original |")
+    rows = {ln.split(" | ")[0].lstrip("| "): ln for ln in lines[head + 2:]
+            if ln.startswith("| ")}
+    assert rows["50%"] == "| 50% | 89.50 | 88.50 | 80.00 | 60.00 |"
+    assert rows["30%"] == "| 30% | 89.90 | – | 89.50 | – |"
