@@ -229,3 +229,128 @@ def test_double_backward_on_kernel_path_matches_float64(fused, shape, split, rou
     (g64,) = torch.autograd.grad(y64.sum() + dx64.square().sum(), x64)
     torch.testing.assert_close(dx.detach().cpu().double(), dx64.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g.cpu().double(), g64, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- layout and
+# boundary cases that the tests above let through (found by mutation testing)
+@pytest.mark.parametrize("shape, split", [((3, 4097), 4096), ((2, 4097, 2, 1), 2048)],
+                         ids=["2d-s4096", "nchw-s2048"])
+@pytest.mark.parametrize("fused", [False, True], ids=["tsra", "rmsnorm_tsra"])
+def test_first_chunked_width_reaches_the_last_channel(shape, split, fused, device):
+    """C = MAX_TILE_CHANNELS + 1, the narrowest chunked layer: the last channel chunk (4096
+    wide forward, 2048 backward) holds one channel, which a chunk loop stopping one short
+    (``range(0, C - 1, BLOCK_C)``) skips; the widths in test_wide_channels (16384, 5000,
+    4100) cannot tell. With split 4096 that one channel is all of V. Tolerances as in
+    test_wide_channels: float64 reference, float32 sums of ~4k terms."""
+    from cobkern.kernels.tsra import MAX_TILE_CHANNELS
+
+    assert shape[1] == MAX_TILE_CHANNELS + 1
+    x = _make(shape, "nchw", torch.float32, device)
+    dy = torch.randn(shape).to(device)
+    kw = dict(norm_size=None, rms_eps=1e-6) if fused else {}
+    y64, dx64 = tsra64_grad(x.cpu(), dy.cpu(), split, 1, **kw)
+    with cobkern.use_backend("triton"):
+        fn, bwd = (rmsnorm_tsra, rmsnorm_tsra_backward) if fused else (tsra, tsra_backward)
+        y = fn(x, split)
+        dx = bwd(dy, x, split)
+    torch.testing.assert_close(y.cpu().double(), y64, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx.cpu().double(), dx64, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape, split", [((3, 7, 5, 3), 3), ((2, 12, 4, 4), 11),
+                                          ((2, 64, 6, 6), 32), ((2, 4096, 1, 2), 2048)],
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"s{v}")
+@pytest.mark.parametrize("fused", [False, True], ids=["tsra", "rmsnorm_tsra"])
+def test_channels_last_backward_with_channels_last_grad(shape, split, fused, device):
+    """In test_forward_backward_match_float64 and test_wide_channels ``dy`` is NCHW, so a
+    channels_last ``x`` sends the backward through the mixed-layout fallback (a contiguous
+    copy, the channel-major kernels). Here ``dy`` shares ``x``'s layout and the channels-last
+    tile backward runs in place — at C = 4096 too, the widest tile, whose backward must not
+    take the chunked kernels' 2048-channel block. float32 tolerances of the module docstring
+    (float64 reference at the same input)."""
+    from cobkern.ops._checks import channel_geometry
+
+    x = _make(shape, "channels_last", torch.float32, device)
+    dy = _make(shape, "channels_last", torch.float32, device)
+    geo = channel_geometry(x, 1)
+    assert geo.channels_contig and channel_geometry(dy, 1) == geo  # no fallback copy
+    kw = dict(norm_size=None, rms_eps=1e-6) if fused else {}
+    _, dx64 = tsra64_grad(x.cpu(), dy.cpu(), split, 1, **kw)
+    with cobkern.use_backend("triton"):
+        dx = (rmsnorm_tsra_backward if fused else tsra_backward)(dy, x, split)
+    assert dx.stride() == x.stride()
+    torch.testing.assert_close(dx.cpu().double(), dx64, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("dim", [2, 3])
+@pytest.mark.parametrize("fused", [False, True], ids=["tsra", "rmsnorm_tsra"])
+def test_channels_last_tensor_with_channels_on_another_axis(dim, fused, backend, device):
+    """A channels_last 4-D tensor whose TSRA axis is not dim 1 is neither channel-major nor
+    channels-last for that axis: it must not be read with dim 1's NHWC geometry (8 channels
+    at unit stride) but through a contiguous copy. Both axes are shorter than dim 1, so that
+    geometry would stay in bounds and give wrong values rather than crash. float32
+    tolerances of the module docstring against the float64 reference."""
+    shape = (2, 8, 3, 5)
+    split = shape[dim] // 2
+    x = _make(shape, "channels_last", torch.float32, device)
+    dy = torch.randn(shape).to(device=device).to(memory_format=torch.channels_last)
+    kw = dict(norm_size=None, rms_eps=1e-6) if fused else {}
+    y64, dx64 = tsra64_grad(x.cpu(), dy.cpu(), split, dim, **kw)
+    with cobkern.use_backend(backend):
+        fn, bwd = (rmsnorm_tsra, rmsnorm_tsra_backward) if fused else (tsra, tsra_backward)
+        y = fn(x, split, dim)
+        dx = bwd(dy, x, split, dim)
+    assert y.stride() == x.stride() and dx.stride() == x.stride()
+    torch.testing.assert_close(y.cpu().double(), y64, **TOL[torch.float32])
+    torch.testing.assert_close(dx.cpu().double(), dx64, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("shape", [(3, 12, 3, 3), (20, 12)], ids=["nchw", "2d"])
+def test_fused_backward_with_a_large_tsra_eps(shape, backend, device):
+    """The fused backward's term ``q (k_U s_U'² + k_V s_V'²)`` in ``w`` equals, up to powers
+    of q, ``t s_U eps / (s + eps)``: with the default tsra_eps = 1e-12 it vanishes (the gains
+    are scale-invariant), so only a tsra_eps comparable to the normalised norm (s ≈ sqrt(12)
+    here) shows whether it is right. float32 tolerances against the float64 reference."""
+    x = torch.randn(shape, device=device) * 1.5
+    dy = torch.randn_like(x)
+    y64, dx64 = tsra64_grad(x.cpu(), dy.cpu(), 5, 1, norm_size=None, rms_eps=1e-6, eps=0.5)
+    with cobkern.use_backend(backend):
+        y = rmsnorm_tsra(x, 5, tsra_eps=0.5)
+        dx = rmsnorm_tsra_backward(dy, x, 5, tsra_eps=0.5)
+    torch.testing.assert_close(y.cpu().double(), y64, **TOL[torch.float32])
+    torch.testing.assert_close(dx.cpu().double(), dx64, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("shape", [(4, 24, 3, 3), (30, 24)], ids=["nchw", "2d"])
+def test_plain_tsra_custom_constants_and_eps_match_float64(shape, backend, device):
+    """test_normaliser_size_and_constants covers the constants of the fused op only, and the
+    plain-TSRA gradchecks compare the op with its own finite differences: here tsra and the
+    explicit tsra_backward, with distinct a_U/a_V and b_U/b_V and an eps (0.5) that moves r
+    (||x|| ≈ 7), against the float64 reference. float32 tolerances of the module docstring."""
+    x = torch.randn(shape, device=device) * 1.5
+    dy = torch.randn_like(x)
+    consts = dict(a_u=3.0, b_u=0.4, a_v=7.0, b_v=0.8, eps=0.5)
+    y64, dx64 = tsra64_grad(x.cpu(), dy.cpu(), 10, 1, **consts)
+    with cobkern.use_backend(backend):
+        y = tsra(x, 10, **consts)
+        dx = tsra_backward(dy, x, 10, **consts)
+    torch.testing.assert_close(y.cpu().double(), y64, **TOL[torch.float32])
+    torch.testing.assert_close(dx.cpu().double(), dx64, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_smallest_rms_normaliser_is_still_rmsnorm(backend, device):
+    """norm_size = 1 (x / sqrt(sum(x²) + eps)) is the smallest valid normaliser and must
+    still normalise: "RMSNorm on" is norm_size > 0 in the raw op, and a launcher testing
+    ``> 1`` would run plain TSRA. float32 tolerances against the float64 reference."""
+    x = torch.randn(3, 10, 2, 3, device=device) * 1.5
+    dy = torch.randn_like(x)
+    y64, dx64 = tsra64_grad(x.cpu(), dy.cpu(), 4, 1, norm_size=1, rms_eps=1e-6)
+    with cobkern.use_backend(backend):
+        y = rmsnorm_tsra(x, 4, norm_size=1)
+        dx = rmsnorm_tsra_backward(dy, x, 4, norm_size=1)
+    torch.testing.assert_close(y.cpu().double(), y64, **TOL[torch.float32])
+    torch.testing.assert_close(dx.cpu().double(), dx64, **TOL[torch.float32])

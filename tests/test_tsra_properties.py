@@ -441,6 +441,8 @@ def test_torch_func_transforms_and_forward_ad_match_autograd(fused):
     (lambda: RMSNorm(6, norm_size=2.5), None, ValueError, "norm_size must be"),
     (lambda: TSRA(6, split=2.0), None, TypeError, "split must be an int, got float"),
     (lambda: TSRA(6.0), None, TypeError, "num_channels must be an int"),
+    (lambda: RMSNorm(6.0), None, TypeError, "RMSNorm: num_channels must be an int"),
+    (lambda: RMSNorm(0), None, ValueError, "RMSNorm: num_channels must be positive"),
 ])
 def test_module_errors_name_the_problem(make, call, exc, match):
     """A wrong rank or negative dim gave a bare ``IndexError: tuple index out of range``
@@ -481,3 +483,50 @@ def test_explicit_backward_under_torch_func_matches_autograd(fused):
     _, tangent = torch.func.jvp(fn, (x,), (v,))
     torch.testing.assert_close(tangent, torch.einsum("ijkl,kl->ij", jac, v), **tol)
     torch.testing.assert_close(torch.func.jacrev(fn)(x), jac, **tol)
+
+
+# ------------------------------------------------------- modules pass on what they are given
+def test_default_split_is_half_rounded_down():
+    """method.md §1: the default split is C // 2 (U the smaller half for odd C); only even C
+    was checked, where rounding up gives the same."""
+    assert TSRA(7).split == 3 and RMSNormTSRA(7).split == 3
+    assert TSRA(2).split == 1 and RMSNormTSRA(65).split == 32
+    x = torch.randn(4, 7)
+    torch.testing.assert_close(TSRA(7)(x), tsra(x, 3), rtol=0, atol=0)
+
+
+def test_modules_forward_every_constant():
+    """The modules were only run with default constants (a_U = a_V, RMSNorm eps 1e-6 and
+    tsra_eps 1e-12, both too small to matter at these norms), so a module passing a_U for
+    a_V, one epsilon for the other, or dropping an epsilon went unnoticed. Here each is
+    distinct and large enough to change the output; against the float64 reference, float32
+    inputs: rtol/atol 1e-5."""
+    from reference64 import tsra64
+
+    x = torch.randn(4, 10, 3, 3)
+    consts = dict(a_u=3.0, b_u=0.4, a_v=7.0, b_v=0.8)
+    x64 = x.double()
+    tol = dict(rtol=1e-5, atol=1e-5)
+    act = TSRA(10, split=4, eps=0.5, **consts)
+    torch.testing.assert_close(act(x).double(), tsra64(x64, 4, eps=0.5, **consts), **tol)
+    fused = RMSNormTSRA(10, split=4, eps=0.5, norm_size=16, tsra_eps=0.05, **consts)
+    torch.testing.assert_close(fused(x).double(), tsra64(x64, 4, eps=0.05, norm_size=16,
+                                                         rms_eps=0.5, **consts), **tol)
+    norm = RMSNorm(10, eps=0.5, norm_size=16)
+    ref = x64 / torch.sqrt(x64.square().sum(1, keepdim=True) / 16 + 0.5)
+    torch.testing.assert_close(norm(x).double(), ref, **tol)
+
+
+@pytest.mark.parametrize("dim", [1, 2, -1])
+def test_rmsnorm_matches_float64_formula(dim):
+    """``rmsnorm`` (the plain-PyTorch op, not otherwise compared with a closed form): eps
+    inside the square root, added to the mean square (0.25 is comparable to it here), and
+    the default normaliser the size of ``dim`` (5 and 7 differ). float64 input: 1e-12 is
+    round-off."""
+    x = torch.randn(3, 5, 7, dtype=torch.float64) * 0.6
+    n = x.shape[dim]
+    ref = x / torch.sqrt(x.square().sum(dim, keepdim=True) / n + 0.25)
+    tol = dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cobkern.ops.rmsnorm(x, dim, eps=0.25), ref, **tol)
+    ref3 = x / torch.sqrt(x.square().sum(dim, keepdim=True) / 3 + 0.25)
+    torch.testing.assert_close(cobkern.ops.rmsnorm(x, dim, eps=0.25, norm_size=3), ref3, **tol)

@@ -36,8 +36,11 @@ class RMSNorm(nn.Module):
         norm_size: int | None = None,
     ) -> None:
         super().__init__()
-        if not is_int(num_channels) or num_channels < 1:
-            raise ValueError(f"RMSNorm: num_channels must be a positive int, got {num_channels!r}")
+        if not is_int(num_channels):  # the same exception types as TSRA's constructor
+            raise TypeError(f"RMSNorm: num_channels must be an int, got "
+                            f"{type(num_channels).__name__} {num_channels!r}")
+        if num_channels < 1:
+            raise ValueError(f"RMSNorm: num_channels must be positive, got {num_channels}")
         self.num_channels = num_channels
         self.dim = dim
         self.eps = check_rms_eps("RMSNorm", eps)
