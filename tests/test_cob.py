@@ -489,3 +489,53 @@ def test_calibrate_restores_every_module_training_flag():
         calibrate(m, batches(1), progress=False)
     assert m.training and not m[6].training
     assert all(mod.training for i, mod in enumerate(m) if i != 6)
+
+
+# ------------------------------------------------------- mutation-testing gaps (issue: tests)
+def test_calibrate_puts_a_training_model_in_eval_mode():
+    """§4.1: calibration runs in eval mode. A model handed over in train mode (dropout active
+    in front of the flatten → linear layer '8') must give exactly the statistics of the same
+    model in eval mode: the same float64 reference sums of the same activations, so the
+    comparison is exact up to 1e-12 relative (no round-off difference is expected at all)."""
+    torch.manual_seed(0)
+    m = small_net().double().eval()
+    data = [(x.double(), y) for x, y in batches(2)]
+    with use_backend("reference"):
+        want = calibrate(m, data, progress=False)
+        got = calibrate(m.train(), data, progress=False)
+    assert m.training  # and the caller's mode is back afterwards
+    for n in want.layers:
+        for a, b in zip((got[n].gram_u, got[n].gram_v, got[n].sum_abs, got[n].sum_sq),
+                        (want[n].gram_u, want[n].gram_v, want[n].sum_abs, want[n].sum_sq),
+                        strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+def test_discovery_refuses_a_relu_between_the_producer_and_the_tsra():
+    """Every module of the chain must commute with the rotation, also the ones in front of
+    the TSRA (conv → ReLU → TSRA → conv), not only those after it."""
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), RMSNormTSRA(8),
+                      nn.Conv2d(8, 4, 1))
+    with pytest.raises(ValueError, match=r"module '1' \(ReLU\)"):
+        find_cob_layers(m)
+
+
+def test_eigenvalues_of_a_rank_deficient_layer_are_clamped_at_zero():
+    """Linear(2 → 16, bias) → TSRA: each 8-channel subspace reaches at most 2 + 1 directions,
+    so 5 of its Gram eigenvalues are zero; float64 eigh returns them as ±1e-14 round-off.
+    G is PSD, so they must come back as >= 0 (exactly: a negative λ has a NaN L2 score,
+    sqrt(λ), which torch.sort ranks above every real score, so fixed-ratio pruning would keep
+    the dead directions and cut live ones)."""
+    from cobkern.pruning import FixedRatio, compute_importance
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(2, 16), TSRA(16), nn.Linear(16, 3)).double().eval()
+    with use_backend("reference"):
+        st = calibrate(m, [torch.randn(64, 2, dtype=torch.float64)], progress=False)
+    e = st["0"].eigh()
+    assert (e.values >= 0).all()
+    assert (e.values_u[3:] <= 1e-12 * e.values_u[0]).all()  # the unreachable directions
+    sc = compute_importance(st, "l2", cob=True)["0"]
+    assert torch.isfinite(sc.scores).all()
+    keep = FixedRatio((0.5, 0.5)).select(sc)
+    assert keep.u.tolist() == [0, 1, 2, 3] and keep.v.tolist() == [0, 1, 2, 3]

@@ -251,3 +251,15 @@ def test_module_default_precision_reaches_every_launch(monkeypatch):
         monkeypatch.setattr(kcov, "F32_DOT_DEFAULT", "tf32x3")
         subspace_moments(x, 4)
     assert seen == ["ieee", "tf32x3"]
+
+
+def test_accumulator_counts_samples_with_channels_on_another_axis(device):
+    """Channels on the last axis of a ``(N, L, C)`` batch: every ``(n, l)`` is a sample, so
+    the count is N·L (here 4·3 = 12, where dividing by ``x.shape[1]`` would give 24), and
+    the sums are those of the channels-on-dim-1 layout (same values: the suite's 2e-6)."""
+    x = _make((4, 3, 10), torch.float32, False, device)
+    acc = CovarianceAccumulator(10, 4, device=device)
+    acc.update(x, dim=-1)
+    assert acc.count == 12
+    ref = subspace_moments_reference(x.movedim(-1, 1), 4, accum_dtype=torch.float64)
+    _close((acc.gram_u, acc.gram_v, acc.sum_abs, acc.sum_sq), ref)

@@ -411,3 +411,123 @@ def test_ratio_floor_is_exact_at_decimal_boundaries_and_floors_otherwise():
     assert int(mask(scores, None, 0.295).sum()) == 29  # a real fraction still floors
     assert int(mask(scores, None, 0.2899999).sum()) == 28
     assert int(mask(scores[:7], None, 0.5).sum()) == 3
+
+
+# ------------------------------------------------------- mutation-testing gaps (issue: tests)
+def test_cob_prune_keeps_the_leading_principal_directions():
+    """The default path (cob=True, l2, original-basis statistics) must rank the rotated
+    channels by their eigenvalues: with distinct eigenvalues sorted descending, a fixed
+    ratio keeps the first rows of each subspace of the rotated producer. Layer '0' (U = V
+    = 5, floor(0.5·5) = 2 pruned each) keeps rotated rows 0-2 and 5-7; the weights are the
+    same float64-rotated values, copied, so they compare exactly (rtol 0)."""
+    torch.manual_seed(0)
+    m = net().eval()
+    with use_backend("reference"):
+        st = calibrate(m, data(), progress=False)
+        ref = copy.deepcopy(m)
+        rotate_model(ref, st)
+        m, report = prune(m, st, FixedRatio((0.5, 0.5)))
+    e = st["0"].eigh()
+    assert (e.values_u[:-1] > e.values_u[1:]).all() and (e.values_v[:-1] > e.values_v[1:]).all()
+    torch.testing.assert_close(m[0].weight, ref[0].weight[[0, 1, 2, 5, 6, 7]], rtol=0, atol=0)
+    torch.testing.assert_close(m[0].bias, ref[0].bias[[0, 1, 2, 5, 6, 7]], rtol=0, atol=0)
+    assert report.layers[0].split_after == 3
+
+
+def test_baseline_ranks_the_original_channels_by_their_own_norms():
+    """cob=False (the TSRA baseline, §4.6): l2 scores are sqrt(Σa²) of the original channels
+    (not the eigenvalues) and the pruned model keeps un-rotated rows of the original
+    weights, those with the largest Σa² in each subspace. Exact copies: rtol 0."""
+    torch.manual_seed(0)
+    m = net().eval()
+    with use_backend("reference"):
+        st = calibrate(m, data(), progress=False)
+        sc = compute_importance(st, "l2", cob=False)["0"]
+        orig = copy.deepcopy(m)
+        m, _ = prune(m, st, FixedRatio((0.5, 0.5)), cob=False)
+    sq = st["0"].sum_sq
+    torch.testing.assert_close(sc.scores, sq.sqrt(), rtol=0, atol=0)
+    assert sc.energy_u is None and not sc.rotated
+    top_u = torch.sort(sq[:5], descending=True).indices[:3].sort().values
+    top_v = 5 + torch.sort(sq[5:], descending=True).indices[:3].sort().values
+    torch.testing.assert_close(m[0].weight, orig[0].weight[torch.cat([top_u, top_v])],
+                               rtol=0, atol=0)
+
+
+def test_exact_parameter_target_hits_an_attainable_fraction_exactly():
+    """The achieved fraction is the smallest attainable one >= P: when P is itself attained
+    by some ratio (here the fraction FixedRatio((0.5, 0.5)) prunes, computed from the same
+    integer counts), the solver must land on it exactly, not on the next larger one."""
+    torch.manual_seed(0)
+    m = net().eval()
+    with use_backend("reference"):
+        st = calibrate(m, data(), progress=False)
+        _, r = prune(copy.deepcopy(m), st, FixedRatio((0.5, 0.5)))
+        target = r.fraction_pruned
+        strat = ExactParameterTarget((target, target))
+        _, report = prune(copy.deepcopy(m), st, strat)
+    assert strat.achieved == target
+    assert report.total_after == r.total_after
+
+
+def test_thresholds_are_strict_and_lossless_is_inclusive():
+    """§4.5 / the strategy table: z-score *below* t prunes (a score exactly at t stays), and
+    lossless drops λ <= tol·λ_max (an exact zero goes at tol 0). Scores 0 and 2 have mean 1
+    and population std 1: z-scores exactly −1 and +1, no round-off."""
+    s = scores([0.0, 2.0], [2.0, 0.0])
+    assert ZScore((-1.0, -1.0)).select(s).u.tolist() == [0, 1]
+    assert ZScore((-0.5, -0.5)).select(s).u.tolist() == [1]
+    assert RankTolerance((0.0, 0.0)).select(s).v.tolist() == [0]  # energy 0 <= 0·4
+
+
+def test_the_at_least_one_guard_keeps_the_best_channel():
+    """When a rule would empty a subspace, the channel that stays is the best one: the
+    highest score, or for the eigenvalue rules the highest energy (which can differ from the
+    score order with l1 scores of a rotated second pass)."""
+    s = scores([1.0, 5.0, 3.0, 2.0], [0.5, 4.0, 0.1])
+    k = AbsoluteCount((4, 3)).select(s)
+    assert k.u.tolist() == [1] and k.v.tolist() == [1]
+    # pooled energy budget: the strong subspace's one direction holds 100/105 ≥ 0.5, so the
+    # other one is emptied; its survivor is its highest-energy direction (index 0), not its
+    # highest l1 score (index 1). Checked with the weak subspace as V, then as U.
+    f64 = {"dtype": torch.float64}
+    weak, weak_e = torch.tensor([1.0, 2.0], **f64), torch.tensor([4.0, 1.0], **f64)
+    strong, strong_e = torch.tensor([10.0], **f64), torch.tensor([100.0], **f64)
+    k = EnergyBudget(0.5).select(LayerScores("l", 1, strong, weak, strong_e, weak_e, "l1", True))
+    assert k.u.tolist() == [0] and k.v.tolist() == [0]
+    k = EnergyBudget(0.5).select(LayerScores("l", 2, weak, strong, weak_e, strong_e, "l1", True))
+    assert k.u.tolist() == [0] and k.v.tolist() == [0]
+
+
+def test_energy_budget_of_one_tolerates_round_off_in_the_sums():
+    """e = 1 keeps every direction with energy and drops exact zeros. With (unsorted,
+    second-pass) energies 0.1, 0.2, 0.3, 0 the cumulative sum in descending order ends at
+    0.9999999999999998 of the total, two ulps short of 1: the 1e-12 slack must absorb that
+    instead of keeping the zero-energy direction."""
+    e = torch.tensor([0.1, 0.2, 0.3, 0.0], dtype=torch.float64)
+    s = LayerScores("l", 4, e.sqrt(), e.sqrt(), e, e.clone(), "l2", True)
+    k = EnergyBudget((1.0, 1.0)).select(s)
+    assert k.u.tolist() == [0, 1, 2] and k.v.tolist() == [0, 1, 2]
+
+
+def test_original_normaliser_is_the_first_width_across_repeated_prunes():
+    """normalizer="original" keeps the pre-pruning width as RMSNorm's divisor; pruning in
+    two steps must keep the *first* width (norm_size already set is left alone), so two
+    steps give the same model as one step to the same channels. Same weights, same ops:
+    the logits agree to float32 round-off (1e-6 relative)."""
+    torch.manual_seed(0)
+    m = net().eval()
+    once = copy.deepcopy(m)
+    x = torch.randn(3, 3, 8, 8)
+    with use_backend("reference"):
+        apply_keep_sets(m, find_cob_layers(m),
+                        {"0": KeepSet(torch.tensor([0, 1, 3, 4]), torch.tensor([0, 2, 3, 4]))},
+                        normalizer="original")
+        apply_keep_sets(m, find_cob_layers(m),
+                        {"0": KeepSet(torch.tensor([1, 2]), torch.tensor([0, 3]))},
+                        normalizer="original")
+        apply_keep_sets(once, find_cob_layers(once),
+                        {"0": KeepSet(torch.tensor([1, 3]), torch.tensor([0, 4]))},
+                        normalizer="original")
+        assert m[1].norm_size == once[1].norm_size == 10
+        assert rel_err(m(x), once(x)) <= 1e-6
