@@ -325,3 +325,84 @@ def test_an_empty_class_folder_is_named_in_a_warning(tmp_path) -> None:
     with pytest.warns(UserWarning, match=r"train/bee holds no images"):
         train, _ = load_cifar10("imagefolder", tmp_path / "tree", cache_dir=tmp_path / "c")
     assert train.classes == CLASSES
+
+
+def _crop_params(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(oy, ox, flipped)`` of every augmented sample of :func:`_ramp` images, read back
+    from the pixel values (channel 0 holds the column, channel 1 the row)."""
+    std = torch.tensor([0.247, 0.243, 0.261]).view(1, 3, 1, 1)
+    mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+    raw = ((x * std + mean) * 255).round().long()
+    # Output pixel (16, 16) and its right neighbour lie inside the image for any offset in
+    # [0, 8] (the image sits at 4..35 of the 40×40 padded one).
+    row = (raw[:, 1, 16, 16] - 10) // 7
+    c0, c1 = (raw[:, 0, 16, 16] - 10) // 7, (raw[:, 0, 16, 17] - 10) // 7
+    flipped = c1 < c0
+    oy = row - 16 + 4
+    ox = torch.where(flipped, c0 - 11, c0 - 16 + 4)
+    return oy, ox, flipped
+
+
+def _ramp(n: int) -> ImageSet:
+    """Identical images: channel 0 = 10 + 7·column, channel 1 = 10 + 7·row (never 0, the
+    padding value)."""
+    ar = torch.arange(32) * 7 + 10
+    img = torch.stack([ar.view(1, 32).expand(32, 32), ar.view(32, 1).expand(32, 32),
+                       torch.full((32, 32), 50)], -1).to(torch.uint8)
+    return ImageSet(img.expand(n, 32, 32, 3).contiguous(), torch.zeros(n, dtype=torch.long))
+
+
+def test_augmentation_uses_all_nine_offsets_and_a_fair_coin() -> None:
+    """method.md §3: random 32×32 crop of the image zero-padded by 4 (offsets 0..8 on each
+    axis, uniform) and a horizontal flip with p = 0.5, over 4096 samples."""
+    n = 4096
+    loader = DeviceLoader.from_imageset(_ramp(n), n, augment=True, shuffle=False,
+                                        drop_last=True, seed=11)
+    x, _ = next(iter(loader))
+    oy, ox, flipped = _crop_params(x)
+    # The read-back parameters reproduce every sample exactly (checks _crop_params itself).
+    base = normalize(_ramp(1).images)
+    zero = normalize(torch.zeros(1, 1, 1, 3, dtype=torch.uint8))
+    padded = zero.expand(1, 3, 40, 40).clone()
+    padded[:, :, 4:36, 4:36] = base
+    for i in range(0, n, 97):
+        crop = padded[0, :, oy[i]:oy[i] + 32, ox[i]:ox[i] + 32]
+        assert torch.equal(x[i], crop.flip(-1) if flipped[i] else crop), i
+    # Binomial sampling error: the flip rate's std is 0.008 and each offset's frequency
+    # (1/9) has std 0.005 for 4096 samples; the bounds are 5 and 6 std wide.
+    assert abs(flipped.float().mean().item() - 0.5) < 0.04
+    for off in (oy, ox):
+        freq = torch.bincount(off, minlength=9).float() / n
+        assert freq.numel() == 9 and off.min() == 0
+        assert (freq - 1 / 9).abs().max() < 0.03, freq
+
+
+def test_augmentation_differs_between_batches_and_epochs() -> None:
+    """Crops and flips are drawn from (seed, epoch, batch): identical images get different
+    augmentations in every batch of an epoch and in every epoch."""
+    loader = DeviceLoader.from_imageset(_ramp(32), 8, augment=True, shuffle=False,
+                                        drop_last=True, seed=2)
+    xs = [x for _ in range(2) for x, _ in loader]  # 2 epochs × 4 batches of the same images
+    assert len(xs) == 8
+    for i in range(8):
+        for j in range(i):
+            assert not torch.equal(xs[i], xs[j]), (i, j)
+
+
+def test_subset_keeps_the_original_order_without_repeats() -> None:
+    data = _toy(100)
+    data = ImageSet(data.images, torch.arange(100))  # label = index in the full set
+    for seed in range(3):
+        idx = subset(data, 40, seed=seed).labels
+        assert idx.unique().numel() == 40
+        assert torch.equal(idx, idx.sort().values)
+        assert torch.equal(subset(data, 40, seed=seed).images, data.images[idx])
+
+
+def test_calibration_set_follows_its_seed_and_is_not_augmented() -> None:
+    data = ImageSet(_toy(100).images, torch.arange(100))
+    a, b = calibration_set(data, n=30, seed=1), calibration_set(data, n=30, seed=2)
+    assert torch.equal(a.labels, subset(data, 30, seed=1).labels)
+    assert not torch.equal(a.labels, b.labels)
+    # the raw training images themselves (no crop, flip or normalisation)
+    assert a.images.dtype == torch.uint8 and torch.equal(a.images, data.images[a.labels])

@@ -315,3 +315,82 @@ def test_weights_that_are_not_a_dict_are_a_model_file_error(tmp_path):
     torch.save(blob, path)
     with pytest.raises(ModelFileError, match="the weights must be a dict of tensors, got str"):
         load_model(path)
+
+
+def test_classifier_dropout_is_one_half_in_both_models() -> None:
+    """method.md §2: Dropout .5 after each hidden linear layer, TSRA model and control."""
+    for m in (vgg16_tsra(width=0.0625), vgg16_tsra(width=0.0625, fused=False),
+              vgg16_relu(width=0.0625)):
+        drops = [x for x in m.classifier if isinstance(x, nn.Dropout)]
+        assert [d.p for d in drops] == [0.5, 0.5]
+        assert not any(isinstance(x, nn.Dropout) for x in m.features)
+
+
+def test_scaled_width_rounds_to_nearest_and_keeps_two_channels() -> None:
+    from cobkern.models import scaled_width
+
+    assert scaled_width(64, 0.37) == 24  # 23.68
+    assert scaled_width(64, 0.36) == 23  # 23.04
+    assert scaled_width(4096, 1.0) == 4096
+    assert scaled_width(64, 0.001) == 2  # TSRA needs two non-empty subspaces
+    m = vgg16_tsra(width=0.37)
+    assert [c.out_channels for c in m.features if isinstance(c, nn.Conv2d)][:3] == [24, 24, 47]
+    assert m.classifier[1].out_features == 1516  # round(4096 * 0.37) = round(1515.52)
+
+
+def test_pruned_unfused_model_round_trips_through_its_file(tmp_path) -> None:
+    """The unfused model keeps a pruned RMSNorm's norm_size and TSRA's split apart, and a
+    non-default dropout rate survives the file too."""
+    torch.manual_seed(0)
+    m = vgg16_tsra(width=0.125, fused=False)
+    norm, act = m.features[1], m.features[2]
+    assert isinstance(norm, RMSNorm) and isinstance(act, TSRA)
+    norm.norm_size = 16  # 8 channels kept of 16: normalise as over the original 16
+    act.split = 5
+    m.classifier[3].p = 0.25
+    m.eval()
+    cfg = model_config(m)
+    assert cfg["features"][1]["norm_size"] == 16 and cfg["features"][2]["split"] == 5
+    assert cfg["classifier"][3]["p"] == 0.25
+    save_model(m, tmp_path / "m.pt")
+    m2 = load_model(tmp_path / "m.pt")
+    assert model_config(m2) == cfg
+    assert (m2.features[1].norm_size, m2.features[2].split, m2.classifier[3].p) == \
+        (16, 5, 0.25)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), cobkern.use_backend("reference"):
+        assert torch.equal(m2.eval()(x), m(x))  # same weights and op order: bit-identical
+
+
+def test_weights_missing_or_extra_tensors_are_refused(tmp_path) -> None:
+    path = tmp_path / "m.pt"
+    save_model(vgg16_tsra(width=1 / 16), path)
+    blob = torch.load(path, weights_only=True)
+    del blob["state_dict"]["features.0.bias"]
+    torch.save(blob, path)
+    with pytest.raises(ModelFileError, match="features.0.bias"):
+        load_model(path)
+    blob["state_dict"]["features.0.bias"] = torch.zeros(4)
+    blob["state_dict"]["features.99.weight"] = torch.zeros(4)
+    torch.save(blob, path)
+    with pytest.raises(ModelFileError, match="features.99.weight"):
+        load_model(path)
+
+
+def test_save_model_writes_through_the_atomic_writer(tmp_path, monkeypatch) -> None:
+    import cobkern._atomic
+    import cobkern.models.io as io
+
+    written = []
+    real = cobkern._atomic.atomic_path
+
+    def spy(path):
+        written.append(path.name)
+        return real(path)
+
+    monkeypatch.setattr(io, "atomic_path", spy)
+    names = ["m.pt"] + (["m.safetensors"] if safetensors_available() else [])
+    for name in names:
+        save_model(vgg16_tsra(width=1 / 16), tmp_path / name)
+    assert written == names
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
