@@ -698,3 +698,46 @@ def test_run_and_sweep_take_a_config_file(tmp_path: Path) -> None:
     f.write_text('{"fractoins": [0.5]}')
     with pytest.raises(ValueError, match="fractoins"):
         _experiment_config(build_parser().parse_args(["run", "--out", out, "--config", str(f)]))
+
+
+# ---------------------------------------------------------------------------- mutation gaps
+def test_sweep_records_were_pruned_as_they_say(run_dir: Path) -> None:
+    """Each fixed / normaliser record's pruning (what prune() reports it did) matches the
+    record's own method, importance, normaliser and target (P, P): the baseline is not
+    rotated, the L1 curve uses L1, the "original" points use the original normaliser."""
+    checked = 0
+    for r in _records(run_dir):
+        if r.get("experiment") not in ("fixed", "normalizer"):
+            continue
+        meta = r["strategy_meta"]
+        assert meta["cob"] == (r["method"] == "cob"), r["key"]
+        assert (meta["importance"], meta["normalizer"]) == (r["importance"], r["normalizer"])
+        assert r["value"] == meta["target"] == [r["target"], r["target"]], r["key"]
+        checked += 1
+    assert checked == 14
+
+
+def test_value_v_sets_the_v_subspace(tmp_path: Path) -> None:
+    from cobkern.cli.main import _default_name, _value
+
+    def parse(*extra: str):
+        return build_parser().parse_args(["prune", "--out", str(tmp_path), *extra])
+
+    args = parse("--strategy", "ratio", "--value", "0.5", "--value-v", "0.3")
+    assert _value(args) == [0.5, 0.3]
+    assert _default_name(args, "kept") == "cob-l2-ratio-0.5-0.3-kept"
+    assert _value(parse("--strategy", "count", "--value", "2", "--value-v", "1")) == [2, 1]
+    assert _value(parse("--strategy", "ratio", "--value", "0.5")) == [0.5, 0.5]
+
+
+def test_finetune_steps_flag_wins_over_the_set_recipe(tmp_path: Path) -> None:
+    from cobkern.cli.main import _experiment_config
+
+    out = str(tmp_path / "o")
+    cfg = _experiment_config(build_parser().parse_args(
+        ["run", "--out", out, "--set", 'finetune={"steps": 5, "batch_size": 40}',
+         "--finetune-steps", "3"]))
+    assert (cfg.finetune.steps, cfg.finetune.batch_size) == (3, 40)
+    cfg = _experiment_config(build_parser().parse_args(
+        ["sweep", "--out", out, "--finetune-steps", "3"]))
+    assert (cfg.finetune.steps, cfg.finetune.batch_size) == (3, 128)  # quick's batch

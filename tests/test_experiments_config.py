@@ -90,3 +90,18 @@ def test_relu_control_shares_the_data_settings_of_the_tsra_model(tmp_path) -> No
     cfg = cfg.with_overrides({"train_relu_overrides": {"num_classes": 4}})
     relu = Context(tmp_path / "x", cfg, device="cpu", progress=False).train_config("relu")
     assert relu.num_classes == 4  # an explicit override still wins
+
+
+def test_every_fraction_list_and_name_is_validated() -> None:
+    """Negative fractions, every fraction list (speed too), the frontier tolerance's open
+    interval, the normaliser and the normaliser experiment's importance are all checked."""
+    quick = get_experiment_preset("quick")
+    for bad in ({"fractions": [-0.1]}, {"peer_fractions": [-0.5]}, {"speed_fractions": [1.0]},
+                {"speed_fractions": [-0.2]}, {"frontier_tolerance": 0.0},
+                {"frontier_tolerance": 1.0}, {"normalizer": "median"},
+                {"normalizer_importance": "l3"}):
+        with pytest.raises(ValueError):
+            quick.with_overrides(bad)
+    ok = quick.with_overrides({"fractions": [0.0, 0.999], "frontier_tolerance": 0.005,
+                               "normalizer": "original", "normalizer_importance": "l1"})
+    assert ok.fractions == [0.0, 0.999] and ok.normalizer == "original"

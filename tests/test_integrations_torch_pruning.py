@@ -150,3 +150,48 @@ def test_ratio_too_high_is_rejected_before_any_change() -> None:
     with pytest.raises(TSRAPruningError, match="at least 2"):
         prune_with_torch_pruning(model, 0.9)
     assert _n_params(model) == n0
+
+
+# ---------------------------------------------------------------------------- mutation gaps
+def _skewed_classifier(half: str) -> nn.Sequential:
+    """A conv → RMSNormTSRA → conv → linear model whose U (or V) half has tiny weights."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), RMSNormTSRA(8),
+                        nn.Conv2d(8, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 10)).eval()
+    tiny = slice(0, 4) if half == "u" else slice(4, 8)
+    with torch.no_grad():
+        net[0].weight[tiny] *= 1e-4
+        net[0].bias[tiny] *= 1e-4
+        net[2].weight[:, tiny] *= 1e-4
+    return net
+
+
+@pytest.mark.parametrize("half", ["u", "v"])
+def test_prune_with_torch_pruning_guards_both_subspaces(half: str) -> None:
+    """The one-call helper wraps its importance in SubspaceGuard, and the guard keeps a
+    channel of V as well as of U: magnitude alone would empty the tiny half."""
+    net = _skewed_classifier(half)
+    prune_with_torch_pruning(net, 0.75)
+    assert net[1].num_channels == 2 and net[1].split == 1
+    assert net[-1].out_features == 10
+    assert net(torch.randn(1, 3, 8, 8)).shape == (1, 10)
+
+
+def test_ratio_keeping_one_channel_is_rejected() -> None:
+    """At channel_ratio 0.85 the 8-channel TSRA layers of a width-1/8 VGG would keep
+    int(8 * 0.15) = 1 channel: fewer than the two TSRA needs, refused before any change."""
+    model = vgg16_tsra(width=0.125).eval()
+    n0 = _n_params(model)
+    with pytest.raises(TSRAPruningError, match="keeps 1 of 8"):
+        prune_with_torch_pruning(model, 0.85)
+    assert _n_params(model) == n0
+
+
+def test_original_normalizer_keeps_the_unpruned_width_over_repeated_prunes() -> None:
+    net = _tiny_block(True).eval()
+    dg = tp.DependencyGraph().build_dependency(
+        net, torch.randn(1, 3, 8, 8), customized_pruners=customized_pruners("original"))
+    dg.get_pruning_group(net[0], tp.prune_conv_out_channels, idxs=[3]).prune()
+    dg.get_pruning_group(net[0], tp.prune_conv_out_channels, idxs=[0]).prune()
+    assert net[1].num_channels == 6 and net[1].norm_size == 8

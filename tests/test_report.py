@@ -264,3 +264,86 @@ def test_normaliser_table_has_one_row_per_target(tmp_path: Path) -> None:
             if ln.startswith("| ")}
     assert rows["50%"] == "| 50% | 89.50 | 88.50 | 80.00 | 60.00 |"
     assert rows["30%"] == "| 30% | 89.90 | – | 89.50 | – |"
+
+
+# ---------------------------------------------------------------------------- mutation gaps
+def test_frontier_tolerance_is_inclusive_despite_float_round_off() -> None:
+    """A point exactly `tolerance` below the reference is within it ("stays within 1
+    point"): both when ``ref - tol`` is exact in floating point (0.90 - 0.01) and when it
+    rounds up past the accuracy (0.5006 - 0.01 = 0.49060000000000004 > 2453/5000)."""
+    pts = [_pt(0.0, 0.90), _pt(0.3, 0.89), _pt(0.5, 0.8899)]
+    assert reliable_frontier(pts, 0.90, 0.01)["frontier"] == 0.3
+    assert 0.5006 - 0.01 > 2453 / 5000  # the round-off this test is about
+    pts = [_pt(0.0, 0.5006), _pt(0.3, 2453 / 5000), _pt(0.5, 2452 / 5000)]
+    assert reliable_frontier(pts, 0.5006, 0.01)["frontier"] == 0.3
+
+
+def test_cob_wins_count_ties_apart() -> None:
+    """A ratio where CoB and the baseline score the same is a tie, not a CoB win."""
+    recs = [r for r in _records() if not (r.get("method") == "baseline"
+                                          and r.get("importance") == "l2"
+                                          and r.get("target") == 0.3)]
+    recs.append(_pt(0.3, 0.899, "baseline", "l2"))  # = CoB's accuracy at 0.3
+    s = summarize(recs, ExperimentConfig())
+    assert s["cob_wins"]["l2"] == {"ratios": 4, "cob_better": 3, "ties": 1}
+
+
+def test_summary_signs_of_drops_and_changes() -> None:
+    """drop_points is positive for a model below the reference; the lossless
+    accuracy_change is negative for one below it (exact to float round-off: 1e-9)."""
+    recs = _records() + [
+        _threshold("cob", 2000, 0.85),
+        {"experiment": "lossless", "key": "cob|tsra|l2|original|lossless:1e-07,1e-07|ft0",
+         "method": "cob", "arch": "tsra", "strategy": "lossless", "value": [1e-7, 1e-7],
+         "target": None, "finetuned": False, "fraction_pruned": 0.2, "params_after": 800,
+         "accuracy": 0.89, "agreement": 0.99, "max_logit_diff": 0.1, "logit_scale": 10.0,
+         "layers": [], "saturation_bound": {}}]
+    s = summarize(recs, ExperimentConfig())
+    (th,) = s["threshold"]
+    assert th["drop_points"] == pytest.approx(5.0, abs=1e-9)
+    assert s["lossless"]["accuracy_change"] == pytest.approx(-0.01, abs=1e-9)
+    assert s["lossless"]["tol"] == 1e-7
+
+
+def test_normaliser_experiment_points_stay_out_of_the_fixed_curves() -> None:
+    """The normaliser sweep's "original" points (config normaliser "kept") are not part of
+    the fixed-ratio curves, their frontier or the CoB-vs-baseline count."""
+    recs = _records()
+    for method in ("cob", "baseline"):
+        r = _pt(0.3, 0.1, method)
+        r.update(experiment="normalizer", normalizer="original", key=f"norm|{method}|0.3")
+        recs.append(r)
+    s = summarize(recs, ExperimentConfig())
+    assert [p["target"] for p in s["fixed"]["l2/cob"]] == [0.0, 0.3, 0.5, 0.7, 0.9]
+    assert s["frontiers"]["l2/cob"]["target"] == 0.7
+    assert s["cob_wins"]["l2"] == {"ratios": 4, "cob_better": 4, "ties": 0}
+
+
+def test_summary_reports_the_last_record_of_a_key() -> None:
+    """summarize() dedupes by itself: a point measured again replaces the old one."""
+    stale = _pt(0.3, 0.2, "cob", "l2")  # an earlier measurement of the same key
+    s = summarize([stale] + _records(), ExperimentConfig())
+    assert [p["accuracy"] for p in s["fixed"]["l2/cob"]][1] == 0.899
+    assert s["frontiers"]["l2/cob"]["target"] == 0.7
+
+
+def test_peers_without_finetuning_are_reported_when_the_config_says_so() -> None:
+    """peer_finetune=false: the peers are measured without fine-tuning and are this run's,
+    whatever finetune.steps says."""
+    peer = {"experiment": "peers", "key": "tp-l2|tsra|l2|kept|tp_ratio:0.5|ft0",
+            "method": "tp-l2", "arch": "tsra", "importance": "l2", "strategy": "tp_ratio",
+            "target": 0.5, "finetuned": False, "fraction_pruned": 0.5, "accuracy": 0.4}
+    s = summarize(_records() + [peer], ExperimentConfig(peer_finetune=False))
+    assert [(r["method"], r["finetune_steps"]) for r in s["peers"]] == [("tp-l2", 0)]
+    assert "peers" not in summarize(_records() + [peer], ExperimentConfig())
+
+
+def test_records_of_another_eval_seed_are_not_current() -> None:
+    """The test images depend on the seed as well as on eval_subset."""
+    from cobkern.experiments.identity import eval_inputs, plain, record_is_current
+
+    cfg0, cfg1 = ExperimentConfig(), ExperimentConfig(seed=1)
+    rec = {"key": "k", "arch": "tsra", "inputs": {"model": "m1", "eval": plain(eval_inputs(cfg0))}}
+    cur = {"model": {"tsra": "m1", "relu": None}, "calibration": None}
+    assert record_is_current(rec, {**cur, "eval": plain(eval_inputs(cfg0))})
+    assert not record_is_current(rec, {**cur, "eval": plain(eval_inputs(cfg1))})
