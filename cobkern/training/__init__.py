@@ -8,6 +8,7 @@
 * :func:`cobkern.training.cli.main` — ``python -m cobkern.training``.
 """
 
+from .checkpoint import CheckpointError
 from .config import (
     PRESETS,
     ConfigError,
@@ -16,7 +17,9 @@ from .config import (
     get_preset,
     load_config_file,
 )
-from .trainer import CheckpointError, evaluate, finetune, lr_factor, train
+from .evaluation import evaluate
+from .optim import lr_factor
+from .trainer import finetune, train
 
 __all__ = [
     "TrainConfig",

@@ -21,8 +21,9 @@ from cobkern.cli.main import DefaultsHelpFormatter
 from cobkern.data import DataError
 from cobkern.models import ModelFileError
 
+from .checkpoint import CheckpointError
 from .config import ConfigError, TrainConfig, apply_overrides, get_preset, load_config_file
-from .trainer import CheckpointError, train
+from .trainer import train
 
 __all__ = ["main", "build_parser", "resolve_config"]
 

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cobkern.data import DataError, DeviceLoader, ImageSet, load_cifar10, subset
+from cobkern.data import DeviceLoader, ImageSet, load_cifar10, subset
 from cobkern.models import (
     default_model_filename,
     model_config,
@@ -57,24 +57,20 @@ from .checkpoint import (
     CHECKPOINT_NAME,
     CKPT_FORMAT,
     CKPT_VERSION,
-    RESUME_MAY_CHANGE,
     CheckpointError,
     check_resume_config,
     load_checkpoint,
     restore_rank_state,
     rng_state,
     save_checkpoint_file,
-    setting_change,
 )
 from .config import ConfigError, TrainConfig
 from .distributed import DistContext, broadcast_buffers, ranks_in_sync
 from .evaluation import bf16_autocast, check_num_classes, evaluate
 from .metrics import METRICS_NAME, json_line, json_safe, start_metrics, trim_metrics, write_json
-from .optim import build_optimizer, build_scheduler, lr_factor
+from .optim import build_optimizer, build_scheduler
 
-__all__ = ["train", "finetune", "evaluate", "CheckpointError", "build_optimizer",
-           "build_scheduler", "lr_factor", "RESUME_MAY_CHANGE", "setting_change",
-           "check_num_classes", "CHECKPOINT_NAME", "DataError"]
+__all__ = ["train", "finetune"]
 
 
 def _step_epoch(loader: DeviceLoader) -> int:
@@ -122,7 +118,7 @@ def train(
         config: all settings (see :class:`TrainConfig`; e.g. ``get_preset("quick")``).
         out_dir: run directory (created once the data and model are ready).
         resume: continue from ``out_dir/checkpoint.pt``, with the checkpoint's settings
-            (only the fields in :data:`RESUME_MAY_CHANGE` may differ). Without it, an
+            (only the fields in :data:`~.checkpoint.RESUME_MAY_CHANGE` may differ). Without it, an
             existing checkpoint in ``out_dir`` is an error (nothing is overwritten), and a
             ``metrics.jsonl`` left by a run killed before its first checkpoint is replaced.
         model: train this model (e.g. a pruned one) instead of building ``config.arch``;
@@ -139,7 +135,8 @@ def train(
     Raises:
         ConfigError: an invalid setting. CheckpointError: ``resume`` without a readable
         checkpoint of this model, or with settings that differ from the checkpoint's;
-        a checkpoint in ``out_dir`` without ``resume``. DataError: missing or bad data.
+        a checkpoint in ``out_dir`` without ``resume``. :class:`cobkern.data.DataError`:
+        missing or bad data.
     """
     config = TrainConfig(**asdict(config)).validate()
     out = Path(out_dir)
