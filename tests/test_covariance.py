@@ -146,12 +146,23 @@ def test_per_channel_sums_are_compensated_like_the_gram(device):
     program's whole chunk of samples, while the Gram tiles beside them were Kahan-summed:
     on 32,768 samples of mean 1000 (every term of one sign, ~8,000 per program under the
     interpreter) they were off by 2.9e-7 / 4e-7 relative where the Gram was 2.5e-8.
-    Compensated, all four stay within 1e-7 (a few float32 ulps; float64 reference)."""
+
+    Compensation removes the error that grows with the number of steps; what is left is
+    one step's own sum. Under the interpreter a step's ``tl.dot`` is numpy's float32
+    matmul (BLAS spreads the products over SIMD lanes, short chains), and all four stay
+    within 1e-7 (a few float32 ulps; float64 reference). A GPU's ``tl.dot`` may add a
+    step's ``BLOCK_K`` products in one float32 chain, whose worst-case error for terms of
+    one sign is ``(BLOCK_K - 1)·u`` relative (u = 2^-24; 1.8e-6 at ``BLOCK_K`` = 32): an
+    H200 (2026-11-27) measured 3.9e-7 on the Gram, within it, where the interpreter's
+    1e-7 failed. Dropping the compensation is caught under the interpreter (CI)."""
+    from cobkern.kernels.covariance import launch_config
+
     x = (torch.randn(32768, 4) + 1000.0).to(device)
     with use_backend("triton"):
         got = subspace_moments(x, 2)
     ref = subspace_moments_reference(x.double(), 2, accum_dtype=torch.float64)
-    _close(got, ref, rtol=1e-7)
+    block_k = launch_config(2, torch.float32)[1]
+    _close(got, ref, rtol=1e-7 if device.type == "cpu" else (block_k - 1) * 2.0**-24)
 
 
 def test_accumulator_mixes_kernel_and_reference_updates(device):
@@ -230,7 +241,7 @@ def test_all_reduce_keeps_counts_above_2_pow_24(tmp_path):
         dist.destroy_process_group()
 
 
-def test_module_default_precision_reaches_every_launch(monkeypatch):
+def test_module_default_precision_reaches_every_launch(monkeypatch, device):
     """gpu_diag switches float32 modes by setting ``F32_DOT_DEFAULT``; the cached
     ``specialization`` read it inside, keyed on ``f32_dot=None``, so after the first launch
     every later "tf32x3" / "bf16x6" row ran (and was labelled over) the IEEE kernel."""
@@ -245,7 +256,7 @@ def test_module_default_precision_reaches_every_launch(monkeypatch):
         return out
 
     monkeypatch.setattr(kcov, "specialization", spy)
-    x = torch.randn(64, 8)
+    x = torch.randn(64, 8, device=device)  # a CPU tensor runs the kernel only interpreted
     with use_backend("triton"):
         subspace_moments(x, 4)
         monkeypatch.setattr(kcov, "F32_DOT_DEFAULT", "tf32x3")
