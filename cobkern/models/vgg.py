@@ -128,10 +128,23 @@ def vgg16_tsra(num_classes: int = 10, width: float = 1.0, fused: bool = True) ->
     return VGG(_tsra_features(VGG_CFG_D, width, fused), classifier)
 
 
-def init_relu_weights(model: nn.Module) -> None:
-    """``kaiming_uniform_(fan_out, relu)`` and zero bias for every Conv2d and Linear."""
+def init_relu_weights(model: nn.Module, linear: bool = False) -> None:
+    """``kaiming_uniform_(fan_out, relu)`` and zero bias for every Conv2d (``method.md`` §2).
+
+    Linear layers keep PyTorch's default initialisation unless ``linear=True``. Applied to
+    the classifier, fan_out means the 10 logits of the last layer: its weights get a
+    standard deviation of sqrt(2/10), the initial logits one of ~26 at full width, and the
+    paper's ReLU recipe (SGD, lr 0.1, no warm-up) diverged to NaN within six steps (2-core
+    CPU, float32, batch 128) and from the first evaluation of the ``fast`` preset (H200,
+    2026-11-27). ``linear=True`` gives that reading, for comparison.
+
+    Args:
+        model: initialised in place.
+        linear: also give every ``nn.Linear`` the Kaiming fan_out weights and zero bias.
+    """
+    kinds = (nn.Conv2d, nn.Linear) if linear else (nn.Conv2d,)
     for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
+        if isinstance(m, kinds):
             nn.init.kaiming_uniform_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
@@ -146,7 +159,8 @@ def vgg16_relu(num_classes: int = 10, width: float = 1.0) -> VGG:
 
     Returns:
         A :class:`VGG`, Kaiming-uniform (fan_out, relu) weights and zero biases in every
-        conv and linear layer. Input ``(N, 3, 32, 32)``, output ``(N, num_classes)``.
+        conv layer, PyTorch's default in the linear layers (see :func:`init_relu_weights`).
+        Input ``(N, 3, 32, 32)``, output ``(N, num_classes)``.
     """
     c = _last_conv_width(VGG_CFG_D, width)
     h = scaled_width(HIDDEN, width)
