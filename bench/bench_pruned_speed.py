@@ -2,13 +2,16 @@
 VGG-16 TSRA models vs the unpruned one.
 
 Run: ``python bench/bench_pruned_speed.py [--out bench-results] [--width 1.0]
-[--fractions 0.5,0.7,0.9,0.95] [--batches 1,1024] [--repeats 50] [--bf16] [--channels-last]
-[--compile]``. Not part of the test suite.
+[--fractions 0.5,0.7,0.9,0.95] [--batches 1,1024] [--repeats 50] [--round-to 1] [--bf16]
+[--channels-last] [--compile]``. Not part of the test suite.
 
 The models are ``vgg16_tsra(width)`` with random weights, calibrated on random images and
 pruned with CoB (L2 importance, fixed ratio ``p = 1 − sqrt(1 − P)`` per subspace) —
 timing depends only on the layer shapes, which are exactly those of a trained model pruned
-at the same ratio. Each model runs on random ``(B, 3, 32, 32)`` inputs: median latency at
+at the same ratio. ``--round-to N`` keeps every pruned subspace's channel count a multiple
+of ``N`` (rounded up, capped at the subspace's size; ``cobkern.pruning``'s ``round_to``):
+tensor cores handle arbitrary channel counts badly, so time ``--round-to 8`` beside the
+default 1. Each model runs on random ``(B, 3, 32, 32)`` inputs: median latency at
 batch 1 and throughput at the large batch (CUDA-synchronised), after warm-up.
 
 What the numbers show: CoB pruning removes whole channels and rebuilds every Conv2d /
@@ -50,17 +53,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=_ints, default=[1, 1024] if cuda else [1, 256],
                    help="batch sizes (latency at the first, throughput at each)")
     p.add_argument("--repeats", type=int, default=50 if cuda else 10, help="timed runs")
+    p.add_argument("--round-to", type=int, default=1,
+                   help="keep each pruned subspace's channel count a multiple of N (1: off)")
     p.add_argument("--calib-images", type=int, default=512, help="random calibration images")
     p.add_argument("--bf16", action="store_true", help="run under bf16 autocast")
     p.add_argument("--channels-last", action="store_true", help="channels_last inputs")
     p.add_argument("--compile", action="store_true", help="torch.compile each model")
     args = p.parse_args(argv)
 
-    from cobkern.cob import calibrate
+    from cobkern.cob import calibrate, find_cob_layers
     from cobkern.experiments import count_flops, count_params, measure_speed
     from cobkern.models import vgg16_tsra
     from cobkern.pruning import ParameterTarget, prune
 
+    # built first, so that a bad --round-to fails before the calibration
+    strategies = [ParameterTarget((P, P), round_to=args.round_to) for P in args.fractions]
     device = torch.device("cuda" if cuda else "cpu")
     torch.manual_seed(0)
     base = vgg16_tsra(width=args.width).to(device).eval()
@@ -75,13 +82,14 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     models = [("unpruned", 0.0, base)]
-    for P in args.fractions:
-        m, _ = prune(copy.deepcopy(base), stats, ParameterTarget((P, P)), importance="l2",
-                     cob=True)
+    for P, strategy in zip(args.fractions, strategies, strict=True):
+        m, _ = prune(copy.deepcopy(base), stats, strategy, importance="l2", cob=True)
         models.append(("cob", P, m.eval()))
     for method, P, m in models:
         params, flops = count_params(m), count_flops(m)
-        row = {"method": method, "target": P, "params": params, "flops": flops}
+        row = {"method": method, "target": P, "params": params, "flops": flops,
+               "widths": [lay.num_channels for lay in find_cob_layers(m)],
+               "splits": [lay.split for lay in find_cob_layers(m)]}
         for b in args.batches:
             # every model shares VGG.forward: without a reset, the (model, batch) compiles
             # passed dynamo's recompile limit (8) and the last models ran uncompiled, and
@@ -114,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     head = ["model", "params", "GFLOPs/img", "FLOPs ×"]
     for b in args.batches:
         head += [f"ms b{b}", f"img/s b{b}", f"× b{b}"]
-    lines = [f"# Pruned-model speed ({meta['device']}, width {args.width:g})", "",
+    lines = [f"# Pruned-model speed ({meta['device']}, width {args.width:g}, "
+             f"round-to {args.round_to})", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = ["unpruned" if r["method"] == "unpruned" else f"CoB {100 * r['target']:g}%",

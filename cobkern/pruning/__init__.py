@@ -38,6 +38,7 @@ from .strategy import (
     RelativeThreshold,
     Strategy,
     ZScore,
+    _check_round_to,
     make_strategy,
     parameter_target_ratio,
 )
@@ -100,6 +101,7 @@ def prune(
     loader: Iterable[Any] | None = None,
     max_samples: int | None = 10_000,
     progress: bool = False,
+    round_to: int = 1,
 ) -> tuple[nn.Module, PruneReport]:
     """Rotate (when ``cob``), score, select and cut ``model`` in place.
 
@@ -119,16 +121,24 @@ def prune(
         loader: for ``importance="l1"`` with ``cob=True`` from original-basis statistics: the
             data of the second calibration pass through the rotated model.
         max_samples, progress: for that second pass.
+        round_to: with ``(name, value)``, passed to :func:`make_strategy`: each subspace
+            keeps a multiple of ``round_to`` channels (capped at its size). A
+            :class:`Strategy` carries its own ``round_to``; a different value here
+            (other than the default 1) is an error.
 
     Returns:
         ``(model, report)``; the model is the same object, modified.
     """
     if importance not in IMPORTANCE_KINDS:
         raise ValueError(f"unknown importance {importance!r}; expected one of {IMPORTANCE_KINDS}")
+    round_to = _check_round_to(round_to, "prune")
     if not isinstance(strategy, Strategy):
         if not (isinstance(strategy, (tuple, list)) and len(strategy) == 2):
             raise TypeError(f"strategy must be a Strategy or (name, value), got {strategy!r}")
-        strategy = make_strategy(*strategy)
+        strategy = make_strategy(*strategy, round_to=round_to)
+    elif round_to != 1 and round_to != strategy.round_to:
+        raise ValueError(f"prune: round_to={round_to} but the strategy {strategy!r} has "
+                         f"round_to={strategy.round_to}; set it on the strategy only")
     normalizer = normalizer or default_normalizer(strategy)
     if normalizer not in NORMALIZERS:
         raise ValueError(f"unknown normalizer {normalizer!r}; expected one of {NORMALIZERS}")

@@ -26,6 +26,16 @@ name (make_strategy)   class                   prunes, per subspace (or whole la
 
 ``"energy"`` and ``"lossless"`` work on eigenvalues and so only in the rotated basis.
 
+Every strategy also takes ``round_to`` (keyword, default 1: no rounding), as Torch-Pruning's
+option of that name: tensor-core convolutions and GEMMs handle channel counts that are not
+multiples of 8 badly. After the rule (and the at-least-one guard) has decided, the number kept
+in **each subspace** is rounded up to the next multiple of ``round_to``, capped at the
+subspace's size, by adding back the best pruned channels (highest score, or eigenvalue for
+the eigenvalue rules; ties in the order :func:`_lowest` ranks). This holds for a single
+(pooled) value too, so a layer's width stays a multiple of ``round_to`` wherever no subspace
+is capped. Rounding only ever keeps more than the rule asked, so ``"lossless"`` stays
+lossless; ``"param_exact"`` solves for its target with the rounding included.
+
 Interface: ``strategy.plan(scores, layers=None, model=None) -> {name: KeepSet}`` (the exact
 parameter solver needs ``layers`` and ``model``; the others decide per layer with
 ``strategy.select(layer_scores)``).
@@ -34,6 +44,7 @@ parameter solver needs ``layers`` and ``model``; the others decide per layer wit
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -88,6 +99,17 @@ def _ratio_count(p: float, n: int) -> int:
     return k if abs(x - k) <= 1e-12 * max(1.0, abs(x)) else math.floor(x)
 
 
+def _check_round_to(round_to: Any, owner: str = "round_to") -> int:
+    """``round_to`` as an int; ``TypeError`` unless an integer (bool is not one here),
+    ``ValueError`` unless ``>= 1``."""
+    if isinstance(round_to, bool) or not isinstance(round_to, numbers.Integral):
+        raise TypeError(f"{owner}: round_to must be a positive int, got {round_to!r} "
+                        f"({type(round_to).__name__})")
+    if round_to < 1:
+        raise ValueError(f"{owner}: round_to must be a positive int, got {round_to!r}")
+    return int(round_to)
+
+
 def _lowest(scores: Tensor, k: int) -> Tensor:
     """Boolean mask of the ``k`` lowest scores (ties: lower index first)."""
     mask = torch.zeros(scores.numel(), dtype=torch.bool)
@@ -103,7 +125,8 @@ class Strategy:
     #: Whether the rule needs eigenvalues (rotated basis only).
     needs_energy = False
 
-    def __init__(self, value: Value) -> None:
+    def __init__(self, value: Value, *, round_to: int = 1) -> None:
+        self.round_to = _check_round_to(round_to, type(self).__name__)
         if isinstance(value, (tuple, list)):
             if len(value) != 2:
                 raise ValueError(f"{type(self).__name__}: a pair needs exactly two values "
@@ -124,18 +147,27 @@ class Strategy:
         """Boolean ``(n,)`` mask of the channels to prune in one group."""
         raise NotImplementedError
 
+    def _repr_round_to(self) -> str:
+        """``", round_to=N"`` for :meth:`__repr__`, empty when ``round_to == 1``."""
+        return "" if self.round_to == 1 else f", round_to={self.round_to}"
+
     def __repr__(self) -> str:
         v = self.values if self.per_subspace else self.values[0]
-        return f"{type(self).__name__}({v!r})"
+        return f"{type(self).__name__}({v!r}{self._repr_round_to()})"
 
     def describe(self) -> dict[str, Any]:
-        """JSON-friendly description (for reports)."""
-        return {"strategy": type(self).__name__, "value": list(self.values)
-                if self.per_subspace else self.values[0], "per_subspace": self.per_subspace}
+        """JSON-friendly description (for reports); ``round_to`` only when it is not 1."""
+        d = {"strategy": type(self).__name__, "value": list(self.values)
+             if self.per_subspace else self.values[0], "per_subspace": self.per_subspace}
+        if self.round_to != 1:
+            d["round_to"] = self.round_to
+        return d
 
     # ------------------------------------------------------------------ selection
     def select(self, s: LayerScores) -> KeepSet:
-        """Keep set of one layer."""
+        """Keep set of one layer: the rule's, then at least one channel per subspace, then
+        each subspace's kept count rounded up to a multiple of ``round_to`` (capped at the
+        subspace's size) with its best pruned channels — pair or single value alike."""
         if self.needs_energy and (s.energy_u is None or s.energy_v is None):
             raise ValueError(f"{type(self).__name__} ranks principal directions by eigenvalue: "
                              "it is only meaningful in the rotated basis (cob=True)")
@@ -149,7 +181,8 @@ class Strategy:
             pu, pv = p[:su], p[su:]
         ru = s.energy_u if self.needs_energy else s.u
         rv = s.energy_v if self.needs_energy else s.v
-        return KeepSet(_keep_at_least_one(pu, ru), _keep_at_least_one(pv, rv))
+        return KeepSet(_keep_at_least_one(pu, ru, self.round_to),
+                       _keep_at_least_one(pv, rv, self.round_to))
 
     def plan(self, scores: dict[str, LayerScores], layers: list[CoBLayer] | None = None,
              model: nn.Module | None = None) -> dict[str, KeepSet]:
@@ -157,10 +190,26 @@ class Strategy:
         return {n: self.select(s) for n, s in scores.items()}
 
 
-def _keep_at_least_one(pruned: Tensor, rank: Tensor) -> Tensor:
+def _keep_at_least_one(pruned: Tensor, rank: Tensor, round_to: int = 1) -> Tensor:
+    """Sorted kept indices of one subspace, from the rule's ``pruned`` mask.
+
+    At least one channel stays (the highest ``rank``, first index on ties). Then the kept
+    count is rounded up to the next multiple of ``round_to``, capped at the subspace's size,
+    by adding back the pruned channels that rank highest: the last ones in the ascending
+    stable order :func:`_lowest` prunes in (so on ties the higher index comes back first,
+    and a :class:`FixedRatio` keep set rounded up to ``k`` is the one that prunes ``n − k``).
+    ``round_to = 1`` changes nothing.
+    """
     keep = ~pruned
     if not keep.any():
         keep[int(torch.argmax(rank))] = True
+    if round_to > 1:
+        n, k = keep.numel(), int(keep.sum())
+        want = min(n, -(-k // round_to) * round_to)
+        if want > k:
+            order = torch.sort(rank, stable=True).indices  # worst → best
+            back = order[~keep[order]]                      # the pruned ones, worst → best
+            keep[back[back.numel() - (want - k):]] = True
     return keep.nonzero().flatten()
 
 
@@ -179,16 +228,16 @@ class FixedRatio(Strategy):
 class ParameterTarget(FixedRatio):
     """The authors' map: prune a fixed ratio ``p = 1 − sqrt(1 − P)`` for a target ``P``."""
 
-    def __init__(self, value: Value) -> None:
+    def __init__(self, value: Value, *, round_to: int = 1) -> None:
         self.targets = value
         if isinstance(value, (tuple, list)):
             conv: Value = tuple(parameter_target_ratio(v) for v in value)
         else:
             conv = parameter_target_ratio(value)
-        super().__init__(conv)
+        super().__init__(conv, round_to=round_to)
 
     def __repr__(self) -> str:
-        return f"ParameterTarget({self.targets!r})"
+        return f"ParameterTarget({self.targets!r}{self._repr_round_to()})"
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
@@ -204,10 +253,16 @@ class ExactParameterTarget(Strategy):
     of a pair must be equal (the target is one number for the whole model). Because
     channel counts are integers the achieved fraction is the smallest one ``≥ P``
     (:attr:`achieved` after :meth:`plan`).
+
+    With ``round_to`` the ratios it tries are :class:`FixedRatio` with that ``round_to``, so
+    the count it solves on already includes the rounding: the achieved fraction is the
+    smallest ``≥ P`` that a rounded fixed ratio reaches (a coarser set of fractions). The
+    rounded kept counts are still non-increasing in the ratio, so the pruned fraction is
+    still non-decreasing in it and the bisection still finds its first step ``≥ P``.
     """
 
-    def __init__(self, value: Value, iterations: int = 60) -> None:
-        super().__init__(value)
+    def __init__(self, value: Value, iterations: int = 60, *, round_to: int = 1) -> None:
+        super().__init__(value, round_to=round_to)
         if self.per_subspace and self.values[0] != self.values[1]:
             raise ValueError("ExactParameterTarget: the target is one fraction for the whole "
                              f"model; a pair must repeat it (got {value!r})")
@@ -221,7 +276,7 @@ class ExactParameterTarget(Strategy):
             raise ValueError(f"ExactParameterTarget: target must be in [0, 1), got {v!r}")
 
     def _ratio_strategy(self, p: float) -> FixedRatio:
-        return FixedRatio((p, p) if self.per_subspace else p)
+        return FixedRatio((p, p) if self.per_subspace else p, round_to=self.round_to)
 
     def plan(self, scores, layers=None, model=None):
         if layers is None or model is None:
@@ -238,8 +293,10 @@ class ExactParameterTarget(Strategy):
         lo, hi = 0.0, math.nextafter(1.0, 0.0)
         f_hi, keep_hi = fraction(hi)
         if f_hi < target:
+            stays = ("one channel stays" if self.round_to == 1 else
+                     f"min(round_to={self.round_to}, size) channels stay")
             raise ValueError(f"ExactParameterTarget: at most {f_hi:.4f} of the parameters can be "
-                             f"pruned from these layers (one channel stays per subspace), asked "
+                             f"pruned from these layers ({stays} per subspace), asked "
                              f"for {target}")
         f_lo, keep_lo = fraction(lo)
         if f_lo >= target:
@@ -286,11 +343,11 @@ class RelativeThreshold(Strategy):
 
     REFS = ("mean", "median", "max")
 
-    def __init__(self, value: Value, ref: str = "max") -> None:
+    def __init__(self, value: Value, ref: str = "max", *, round_to: int = 1) -> None:
         if ref not in self.REFS:
             raise ValueError(f"RelativeThreshold: ref must be one of {self.REFS}, got {ref!r}")
         self.ref = ref
-        super().__init__(value)
+        super().__init__(value, round_to=round_to)
 
     def _check_value(self, v: Any) -> None:
         super()._check_value(v)
@@ -306,7 +363,7 @@ class RelativeThreshold(Strategy):
 
     def __repr__(self) -> str:
         v = self.values if self.per_subspace else self.values[0]
-        return f"RelativeThreshold({v!r}, ref={self.ref!r})"
+        return f"RelativeThreshold({v!r}, ref={self.ref!r}{self._repr_round_to()})"
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "ref": self.ref}
@@ -362,9 +419,9 @@ class RankTolerance(Strategy):
 
     needs_energy = True
 
-    def __init__(self, value: Value | None = None) -> None:
+    def __init__(self, value: Value | None = None, *, round_to: int = 1) -> None:
         self.auto = value is None
-        super().__init__(0.0 if value is None else value)
+        super().__init__(0.0 if value is None else value, round_to=round_to)
 
     def _check_value(self, v: Any) -> None:
         super()._check_value(v)
@@ -374,11 +431,12 @@ class RankTolerance(Strategy):
     def select(self, s: LayerScores) -> KeepSet:
         if self.auto:  # per subspace, as the lossless experiment of the sweeps does
             tol = DEFAULT_RANK_TOL[s.accumulation]
-            return RankTolerance((tol, tol)).select(s)
+            return RankTolerance((tol, tol), round_to=self.round_to).select(s)
         return super().select(s)
 
     def __repr__(self) -> str:
-        return "RankTolerance(auto)" if self.auto else super().__repr__()
+        return (f"RankTolerance(auto{self._repr_round_to()})" if self.auto
+                else super().__repr__())
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
@@ -392,24 +450,25 @@ class RankTolerance(Strategy):
         return e <= value * e.max()
 
 
-#: ``make_strategy`` names.
+#: ``make_strategy`` names: each entry is called as ``entry(value, round_to=round_to)``.
 STRATEGIES: dict[str, Any] = {
     "ratio": FixedRatio,
     "param_target": ParameterTarget,
     "param_exact": ExactParameterTarget,
     "count": AbsoluteCount,
     "zscore": ZScore,
-    "mean": lambda v: RelativeThreshold(v, "mean"),
-    "median": lambda v: RelativeThreshold(v, "median"),
-    "max": lambda v: RelativeThreshold(v, "max"),
+    "mean": lambda v, **kw: RelativeThreshold(v, "mean", **kw),
+    "median": lambda v, **kw: RelativeThreshold(v, "median", **kw),
+    "max": lambda v, **kw: RelativeThreshold(v, "max", **kw),
     "energy": EnergyBudget,
     "lossless": RankTolerance,
 }
 
 
-def make_strategy(name: str, value: Value | None) -> Strategy:
+def make_strategy(name: str, value: Value | None, round_to: int = 1) -> Strategy:
     """Build a strategy by name (see the module table), e.g. ``make_strategy("ratio", (0.5,
-    0.5))``."""
+    0.5))``; ``round_to`` keeps each subspace's kept count a multiple of it (module
+    docstring)."""
     if name not in STRATEGIES:
         raise ValueError(f"unknown pruning strategy {name!r}; expected one of {list(STRATEGIES)}")
-    return STRATEGIES[name](value)
+    return STRATEGIES[name](value, round_to=round_to)
