@@ -151,10 +151,14 @@ def launch_config(subspace: int, dtype: torch.dtype,
                   block: int | None = None) -> tuple[int, int, int, int]:
     """``(BLOCK, BLOCK_K, num_warps, num_stages)`` for a subspace of this size and dtype.
 
-    Tiles are 64×64 (8 warps), or 32×32 (4 warps) when the wider subspace has at most 32
-    channels — a 64×64 tile of a 32-channel subspace is three quarters padding (VGG-16's
-    first two layers; offline sm_90 SASS: 3.4× fewer instructions per sample for float32,
-    2.6× for bf16). Wider subspaces get more tiles rather than bigger ones. A step takes 64
+    16-bit inputs: tiles of 64×64 (8 warps), or 32×32 (4 warps) when the wider subspace has
+    at most 32 channels — a 64×64 tile of a 32-channel subspace is three quarters padding
+    (VGG-16's first two layers; offline sm_90 SASS: 2.6× fewer instructions per sample).
+    float32: 32×32 tiles at every width. On an H200 (2026-11-27, batch 500, CUDA-graph
+    replay) they beat 64×64 at every VGG-16 layer wider than 32 channels: 3 % (512×4×4) to
+    25 % (128×16×16, 0.244 ms against 0.325), 12 % less kernel time over the network; in
+    bf16 they were mixed (27 % faster at 512×2×2, 19 % slower on the 4096-wide layers), so
+    bf16 keeps 64×64. Wider subspaces get more tiles rather than bigger ones. A step takes 64
     samples for 16-bit inputs and 32 for float32 (twice the bytes per slab); two pipeline
     stages (``cp.async`` on sm_90; :func:`specialization` keeps one where the loads are
     scalar). The fp32 tile accumulator, its Kahan compensation and each
@@ -164,7 +168,7 @@ def launch_config(subspace: int, dtype: torch.dtype,
     spills, tensor-core products and pipelined loads in the test suite. ``block`` overrides
     the tile size (tuning sweeps).
     """
-    block = block or (32 if subspace <= 32 else 64)
+    block = block or (32 if subspace <= 32 or dtype == torch.float32 else 64)
     block_k = 32 if dtype == torch.float32 else 64
     num_warps = 8 if block >= 64 else 4
     return block, block_k, num_warps, 2
