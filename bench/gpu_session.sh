@@ -27,9 +27,11 @@
 #   tuned/bench_tsra.{md,json} (step tuned, after diag) bench_tsra launched through that
 #                              table (what the shipped code does once the table is committed)
 #   ncu_tsra.csv               (step ncu) Nsight Compute counters of the TSRA kernels
-#   bench_pruned_speed.{md,json}  (step pruned) pruned vs unpruned VGG-16 latency/throughput
+#   bench_pruned_speed.{md,json}  (step pruned) pruned vs unpruned VGG-16 latency/throughput,
+#                              pruned-r8/ the same with --round-to 8 (GPU_SESSION_PRUNED_ROUND_TO)
 #   fast_metrics.jsonl         (step fast) `cobkern train --preset fast` to the end, TSRA
-#                              then ReLU (each after an {"arch": ...} line): loss, accuracy
+#                              then ReLU (GPU_SESSION_FAST_ARCHS="relu" for one; each after
+#                              an {"arch": ...} line): loss, accuracy
 #                              and images/s lines; the final test accuracy is in steps.log
 #
 # The GPU image has torch/triton and the other dependencies but no network: instead of
@@ -62,7 +64,7 @@ LOG="$FINAL/steps.log"
 STEPS=",$REQ,"
 want() { [[ $STEPS == *",$1,"* ]]; }
 # files each step returns (the device returns at most 8 from $OUT, steps.log included)
-declare -A NFILES=([tests]=1 [diag]=3 [tuned]=2 [ncu]=1 [calibration]=2 [tsra]=2 [pruned]=2
+declare -A NFILES=([tests]=1 [diag]=3 [tuned]=2 [ncu]=1 [calibration]=2 [tsra]=2 [pruned]=4
                    [fast]=1 [training]=2)
 n=1; for s in ${REQ//,/ }; do n=$((n + NFILES[$s])); done
 ((n > 8)) && echo "warning: steps '$REQ' write $n files; the device returns at most 8 — \
@@ -139,12 +141,19 @@ if want tsra; then
 fi
 if want pruned; then  # what CoB pruning buys on a GPU: latency / throughput of pruned VGG-16
   step "pruned-model speed (bf16, channels_last)"
-  cap 120 python3 bench/bench_pruned_speed.py --out "$FINAL" --bf16 --channels-last
+  # GPU_SESSION_PRUNED_ROUND_TO: the round_to values to time (1 = widths as pruned; 8 =
+  # multiples of 8 for the tensor cores), the first into $FINAL, the others in subfolders
+  first=1
+  for r in ${GPU_SESSION_PRUNED_ROUND_TO:-1 8}; do
+    dest="$FINAL"; ((first)) || dest="$FINAL/pruned-r$r"; first=0
+    cap 120 python3 bench/bench_pruned_speed.py --out "$dest" --bf16 --channels-last \
+      --round-to "$r"
+  done
 fi
 if want fast; then  # the `fast` preset trained to the end: accuracy and time for RESULTS.md
   step "train --preset fast: TSRA, then the ReLU control"
   export COBKERN_DATA="$REPO/data/cifar10-jpeg.tar.gz" COBKERN_CACHE="$SITE/.cache"
-  for arch in tsra relu; do
+  for arch in ${GPU_SESSION_FAST_ARCHS:-tsra relu}; do
     d="$SITE/fast/train"; [[ $arch == tsra ]] || d="$SITE/fast/train-$arch"
     # one file for both runs (the device returns at most 8): a header line per arch; the
     # metrics are copied every 10 s while training, so that a run the device kills before
