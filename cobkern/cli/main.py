@@ -5,7 +5,7 @@ Commands (each reads the previous step's files from ``--out``)::
     cobkern train      --out OUT [--preset quick] [--arch tsra|relu] [--set steps=100 ...]
     cobkern calibrate  --out OUT [--samples N] [--augment]
     cobkern prune      --out OUT --strategy NAME --value V [--value-v V] [--importance l2|l1]
-                       [--baseline] [--normalizer kept|original] [--name NAME]
+                       [--baseline] [--normalizer kept|original] [--round-to N] [--name NAME]
     cobkern finetune   --out OUT --name NAME [--steps N] [--lr LR]
     cobkern evaluate   --out OUT [--name NAME | --model FILE]
     cobkern sweep      --out OUT [--experiments fixed,normalizer,...] [--fractions 0,0.5,...]
@@ -177,10 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RMSNorm normaliser after pruning: kept width (the authors') or the "
                         "original width (default: the config's, normally kept; original for "
                         "lossless, which is only lossless that way)")
+    s.add_argument("--round-to", type=int, default=1, metavar="N",
+                   help="keep each subspace's channel count a multiple of N (capped at the "
+                        "subspace's size), e.g. 8 for tensor cores; rounding up keeps more "
+                        "channels than the strategy asks; 1: no rounding")
     s.add_argument("--name", default=None,
                    help="name of the pruned model under OUT/pruned/ (default: from the "
-                        "options, e.g. cob-l2-ratio-0.5-0.5-kept); re-pruning a name replaces "
-                        "it and drops its fine-tuning run")
+                        "options, e.g. cob-l2-ratio-0.5-0.5-kept, or ...-0.5-r8-kept with "
+                        "--round-to 8); re-pruning a name replaces it and drops its "
+                        "fine-tuning run")
     s.add_argument("--no-eval", action="store_true", help="do not evaluate the pruned model")
     _common(s)
 
@@ -357,9 +362,18 @@ def _value(args: argparse.Namespace) -> Any:
     return v if args.whole_layer else [v, vv]
 
 
+def _round_to(args: argparse.Namespace) -> int:
+    """``--round-to``, refused unless a positive integer."""
+    if args.round_to < 1:
+        raise ValueError(f"--round-to {args.round_to}: expected a positive integer (1: no "
+                         "rounding; e.g. 8 for tensor cores)")
+    return int(args.round_to)
+
+
 def _default_name(args: argparse.Namespace, normalizer: str) -> str:
-    """E.g. ``cob-l2-ratio-0.5-0.5-kept`` (``-whole`` for --whole-layer): every option that
-    changes the pruned model is in the name, so different prunes never share a directory."""
+    """E.g. ``cob-l2-ratio-0.5-0.5-kept`` (``-whole`` for --whole-layer, ``-r8`` for
+    --round-to 8): every option that changes the pruned model is in the name, so different
+    prunes never share a directory."""
     v = _value(args)
     if v is None:
         vs = "auto"
@@ -367,7 +381,8 @@ def _default_name(args: argparse.Namespace, normalizer: str) -> str:
         vs = "-".join(f"{x:g}" for x in v) if isinstance(v, list) else f"{v:g}"
     method = "baseline" if args.baseline else "cob"
     whole = "-whole" if args.whole_layer else ""
-    return f"{method}-{args.importance}-{args.strategy}-{vs}{whole}-{normalizer}"
+    rounded = f"-r{args.round_to}" if args.round_to != 1 else ""
+    return f"{method}-{args.importance}-{args.strategy}-{vs}{whole}{rounded}-{normalizer}"
 
 
 def _model_file(d: Path) -> Path | None:
@@ -435,13 +450,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from cobkern.experiments.files import append_jsonl, atomic_write_json
     from cobkern.models import default_model_filename, save_model
 
+    round_to = _round_to(args)  # before anything is read or written
     cfg = _experiment_config(args)
     ctx = _context(args, cfg)
     if args.name is not None:
         _check_name(args.name)
     value = _value(args)
+    # round_to only when not 1: the files of unrounded prunes stay as they were
+    rounding: dict[str, Any] = {"round_to": round_to} if round_to != 1 else {}
     model, report = ctx.prune((args.strategy, value), importance=args.importance,
-                              cob=not args.baseline, normalizer=args.normalizer)
+                              cob=not args.baseline, normalizer=args.normalizer,
+                              round_to=round_to)
     normalizer = report.meta["normalizer"]
     name = args.name or _default_name(args, normalizer)
     d = ctx.layout.pruned_dir(name)
@@ -450,13 +469,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
         shutil.rmtree(d / "finetune")
     info: dict[str, Any] = {"name": name, "strategy": args.strategy, "value": _value(args),
                             "importance": args.importance, "cob": not args.baseline,
-                            "normalizer": normalizer, **report.to_dict(),
+                            "normalizer": normalizer, **rounding, **report.to_dict(),
                             "widths": layer_widths(model)}
     if not args.no_eval:
         ev = ctx.evaluate(model)
         info.update(accuracy=ev["accuracy"], loss=ev["loss"], n_eval=ev["n"])
     save_model(model, d / default_model_filename(), extra={
-        k: info[k] for k in ("strategy", "importance", "cob", "normalizer") if k in info})
+        k: info[k] for k in ("strategy", "importance", "cob", "normalizer", "round_to")
+        if k in info})
     atomic_write_json(d / "prune.json", info)
     print(report.summary())
     msg = f"pruned {100 * report.fraction_pruned:.2f}% of the parameters → {d}"
@@ -465,7 +485,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         append_jsonl(ctx.layout.metrics, {
             "experiment": "prune", "name": name, "method": "cob" if info["cob"] else "baseline",
             "arch": "tsra", "importance": args.importance, "normalizer": normalizer,
-            "strategy": args.strategy, "value": _value(args), "finetuned": False,
+            "strategy": args.strategy, "value": _value(args), **rounding, "finetuned": False,
             "fraction_pruned": report.fraction_pruned, "params_after": report.total_after,
             "accuracy": info["accuracy"], "loss": info["loss"], "n_eval": info["n_eval"],
             "inputs": ctx.inputs(calibration=True)})

@@ -291,10 +291,29 @@ class Context:
         return self._rotated_l1
 
     def prune(self, strategy: Strategy | tuple[str, Any], *, importance: str = "l2",
-              cob: bool = True, normalizer: str | None = None) -> tuple[nn.Module, PruneReport]:
-        """A pruned copy of the trained model (CoB: of the rotated model)."""
+              cob: bool = True, normalizer: str | None = None,
+              round_to: int = 1) -> tuple[nn.Module, PruneReport]:
+        """A pruned copy of the trained model (CoB: of the rotated model).
+
+        Args:
+            strategy: a :class:`~cobkern.pruning.Strategy` or ``(name, value)`` for
+                :func:`~cobkern.pruning.make_strategy`.
+            importance, cob, normalizer: as :func:`cobkern.pruning.prune` (``normalizer``
+                ``None``: the config's where the strategy's default is ``"kept"``).
+            round_to: with ``(name, value)``, passed to :func:`make_strategy`: each subspace
+                keeps a multiple of ``round_to`` channels (capped at its size; rounding up
+                keeps more than the strategy asks). A :class:`Strategy` carries its own
+                ``round_to``; a different value here (other than the default 1) is a
+                ``ValueError``, raised before any work, as is a ``round_to`` < 1 (a
+                non-integer: ``TypeError``).
+        """
         if not isinstance(strategy, Strategy):
-            strategy = make_strategy(*strategy)
+            strategy = make_strategy(*strategy, round_to=round_to)
+        elif round_to != 1 and round_to != strategy.round_to:
+            # prune() refuses this too; here before the rotation and the copy
+            raise ValueError(f"Context.prune: round_to={round_to} but the strategy "
+                             f"{strategy!r} has round_to={strategy.round_to}; set it on the "
+                             "strategy only")
         if normalizer is None and default_normalizer(strategy) == "kept":
             normalizer = self.config.normalizer  # else prune()'s own default (lossless)
         if cob:
@@ -304,7 +323,7 @@ class Context:
             base, stats = self.model(), self.stats()
         m = copy.deepcopy(base)
         m, report = prune(m, stats, strategy, importance=importance, cob=cob,
-                          normalizer=normalizer)
+                          normalizer=normalizer, round_to=round_to)
         return m.eval(), report
 
     # ------------------------------------------------------------------ fine-tuning
