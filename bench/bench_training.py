@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -38,9 +39,16 @@ import cobkern
 from cobkern.models import vgg16_relu, vgg16_tsra
 from cobkern.nn import TSRA, RMSNorm, RMSNormTSRA
 from cobkern.ops import reference
+from cobkern.ops.tuning import ENV_VAR as TUNING_ENV
+from cobkern.ops.tuning import table_for_device
 
 VARIANTS = ("tsra-fused", "tsra-reference-op", "tsra-eager", "tsra-eager-compiled",
-            "tsra-fused-compiled", "relu", "relu-compiled", "relu-adamw")
+            "tsra-fused-compiled", "relu", "relu-compiled", "relu-adamw",
+            "tsra-fused-heuristic")
+#: ``tsra-fused-heuristic``: ``tsra-fused`` with the TSRA tuning table switched off
+#: (``COBKERN_TSRA_TUNING=off`` during its steps), so a table's effect on a training step —
+#: the shipped one, or one named by ``COBKERN_TSRA_TUNING`` for the whole run — is measured
+#: side by side with the launch heuristic.
 #: Each model's own (paper) optimizer: SGD for the ReLU control, AdamW for TSRA;
 #: ``relu-adamw`` gives the control TSRA's optimizer, so the two activations are compared
 #: with the same optimizer step as well.
@@ -127,6 +135,20 @@ def bench_one(variant: str, *, width: float, batch: int, steps: int, warmup: int
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    saved = os.environ.get(TUNING_ENV)
+    if variant.endswith("heuristic"):
+        os.environ[TUNING_ENV] = "off"
+    try:
+        return _timed(variant, sgd, backend, step, sync, steps, warmup, batch, device)
+    finally:
+        if saved is None:
+            os.environ.pop(TUNING_ENV, None)
+        else:
+            os.environ[TUNING_ENV] = saved
+
+
+def _timed(variant, sgd, backend, step, sync, steps, warmup, batch, device) -> dict:
+    """Warm-up (compilation included), then ``steps`` timed steps: the variant's row."""
     with cobkern.use_backend(backend):
         t0 = time.perf_counter()
         for _ in range(warmup):  # includes compilation / autotuning
@@ -176,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"device": torch.cuda.get_device_name(device) if gpu else platform.processor()
             or "cpu", "torch": torch.__version__, "width": width, "batch": batch,
             "steps": steps, "warmup": warmup, "bf16": bf16, "channels_last": channels_last}
+    table = table_for_device(device)  # what every variant but *-heuristic launches with
+    meta["tuning"] = None if table is None else {"from": str(table.source),
+                                                 "entries": len(table.entries)}
     rows: list[dict] = []
     table = ""
     for v in variants:

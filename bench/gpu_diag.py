@@ -46,7 +46,16 @@ import time
 
 import torch
 
+#: the tile sweep's VGG-16 activation shapes (C, H, W) or (C,), at batch BATCH
 SHAPES = [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 2, 2), (4096,)]
+#: Layouts of the conv shapes in the tile sweep (``GPU_DIAG_LAYOUTS``, comma list):
+#: ``nchw`` (what ``bench_tsra.py`` times) and ``nhwc`` — channels_last, what training with
+#: ``channels_last=True`` (the ``fast`` preset, ``bench_training.py``) launches. The linear
+#: shape is timed once (its rows are channels-contiguous in either case).
+LAYOUTS = tuple(x.strip() for x in os.environ.get("GPU_DIAG_LAYOUTS", "nchw,nhwc").split(",")
+                if x.strip())
+if not LAYOUTS or set(LAYOUTS) - {"nchw", "nhwc"}:
+    raise SystemExit(f"GPU_DIAG_LAYOUTS must list nchw and/or nhwc, got {LAYOUTS!r}")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # (tile elements, elements per thread[, warps[, VEC_P]]); the first of each list is the
 # shipped default (since the 2026-11-26 sweep: forward 16 KiB tiles with 64 B per thread —
@@ -77,14 +86,23 @@ DEVICE = os.environ.get("GPU_DIAG_DEVICE", "cuda")
 CONSTS = (5.0, 0.5, 5.0, 0.7, 1e-12, 0, 0.0)  # a_u, b_u, a_v, b_v, eps, norm_size, rms_eps
 
 
-def problem(shape) -> tuple[int, int, bool]:
-    """``(C, P, channels_contig)`` of the kernels' view of a ``(BATCH, *shape)`` activation
-    (NCHW for conv shapes, ``(N, C)`` rows for the linear one)."""
-    return (shape[0], BATCH, True) if len(shape) == 1 else (
-        shape[0], shape[1] * shape[2], False)
+def tile_cases() -> list[tuple[tuple[int, ...], bool]]:
+    """``(shape, nhwc)`` of every tile-sweep problem: each conv shape in each of
+    :data:`LAYOUTS`, the linear shape once."""
+    return [(s, lay == "nhwc") for s in SHAPES for lay in (LAYOUTS if len(s) > 1 else ("nchw",))]
 
 
-def fits(shape, itemsize: int, direction: str, cfg) -> bool:
+def problem(shape, nhwc: bool = False) -> tuple[int, int, bool]:
+    """``(C, P, channels_contig)`` of the kernels' view of a ``(BATCH, *shape)`` activation:
+    NCHW conv shapes are ``BATCH`` images of ``H·W`` positions, channels_last ones
+    (``nhwc``) and the linear rows one run of channel-contiguous positions."""
+    if len(shape) == 1:
+        return shape[0], BATCH, True
+    hw = shape[1] * shape[2]
+    return (shape[0], BATCH * hw, True) if nhwc else (shape[0], hw, False)
+
+
+def fits(shape, itemsize: int, direction: str, cfg, nhwc: bool = False) -> bool:
     """Whether a candidate's tile, at this shape, stays within the elements it asks for.
 
     A tile always spans every channel of a position, so a candidate smaller than one
@@ -95,7 +113,7 @@ def fits(shape, itemsize: int, direction: str, cfg) -> bool:
     """
     from cobkern.kernels.tsra import specialization
 
-    c, p, cl = problem(shape)
+    c, p, cl = problem(shape, nhwc)
     spec = specialization(c, p, c // 2, cl, direction, False, itemsize, **_tuning(cfg))
     return _tile_fits(spec, cfg)
 
@@ -107,8 +125,10 @@ def _tile_fits(spec, cfg) -> bool:
     return rows * consts["BLOCK_P"] <= cfg[0]
 
 
-def _tensors(shape, dtype, direction):
+def _tensors(shape, dtype, direction, nhwc: bool = False):
     x = torch.randn((BATCH, *shape), device=DEVICE, dtype=dtype)
+    if nhwc:
+        x = x.to(memory_format=torch.channels_last)  # empty_like / randn_like keep it
     out = torch.empty_like(x)
     return (x, out) if direction == "forward" else (torch.randn_like(x), x, out)
 
@@ -130,8 +150,8 @@ def _launch(direction, tensors, cfg):
 
 
 def _run_tile_job(job) -> None:
-    shape, dname, direction, cfg = job
-    _launch(direction, _tensors(shape, DTYPES[dname], direction), cfg)
+    shape, nhwc, dname, direction, cfg = job
+    _launch(direction, _tensors(shape, DTYPES[dname], direction, nhwc), cfg)
 
 
 def _run_cov_job(job) -> None:
@@ -196,8 +216,9 @@ def part_tiles(rec: dict) -> None:
 
     from cobkern.ops._checks import channel_geometry  # noqa: I001
 
-    jobs = [(s, d, dr, cfg) for s in SHAPES for d in DTYPES for dr in CONFIGS
-            for cfg in CONFIGS[dr] if fits(s, DTYPES[d].itemsize, dr, cfg)]
+    jobs = [(s, nhwc, d, dr, cfg) for s, nhwc in tile_cases() for d in DTYPES
+            for dr in CONFIGS for cfg in CONFIGS[dr]
+            if fits(s, DTYPES[d].itemsize, dr, cfg, nhwc)]
     t0 = time.perf_counter()
     compiled = precompile(_run_tile_job, jobs)
     rec["tiles_compile_s"] = time.perf_counter() - t0
@@ -206,25 +227,33 @@ def part_tiles(rec: dict) -> None:
     bw = copy_bandwidth()
     rec["copy_GBps"] = bw / 1e9
     rows = []
-    for shape in SHAPES:
+    for shape, nhwc in tile_cases():
         for dname, dtype in DTYPES.items():
             for direction, cfgs in CONFIGS.items():
-                tensors = _tensors(shape, dtype, direction)
+                tensors = _tensors(shape, dtype, direction, nhwc)
                 nbytes = tensors[0].numel() * tensors[0].element_size() * (
                     2 if direction == "forward" else 3)
                 geo = channel_geometry(tensors[0], 1)
                 args = (geo.C, geo.P, geo.C // 2, geo.channels_contig, direction, False,
                         dtype.itemsize)
                 heuristic = specialization(*args)
+                timed = set()
                 for cfg in cfgs:
                     spec = specialization(*args, **_tuning(cfg))
                     if not _tile_fits(spec, cfg):  # not timed (see fits)
                         continue
+                    # candidates that resolve to one launch are timed once (channels_last
+                    # tiles ignore VEC_P, so its variants repeat their base candidate)
+                    launch = (spec[0], tuple(sorted(spec[1].items())), spec[2])
+                    if launch in timed:
+                        continue
+                    timed.add(launch)
                     _, consts, warps, _ = spec
                     row = dict(shape=list(shape), dtype=dname, direction=direction,
                                tile=cfg[0], ept=cfg[1], warps=warps, vec_p=consts["VEC_P"],
                                C=geo.C, split=geo.C // 2, P=geo.P,
                                channels_last=geo.channels_contig,
+                               layout="nhwc" if nhwc else "nchw",
                                itemsize=dtype.itemsize,
                                # the same launch as without overrides (the heuristic's)
                                default=spec[1:] == heuristic[1:])

@@ -109,7 +109,8 @@ if want tests; then
 fi
 if want diag; then
   step "diagnostics: tile sweep, host overhead, calibration profile"
-  cap 240 python3 bench/gpu_diag.py --out "$FINAL"
+  # GPU_DIAG_PARTS picks parts (e.g. "tiles"); GPU_DIAG_LAYOUTS the sweep's conv layouts
+  cap 240 python3 bench/gpu_diag.py --out "$FINAL" ${GPU_DIAG_PARTS:+--parts "$GPU_DIAG_PARTS"}
 fi
 if want tuned; then  # the goals again, every shape launched with the sweep's fastest config
   step "TSRA benchmark with the tile sweep's winners (bench_tsra.py --tuning)"
@@ -173,8 +174,14 @@ fi
 
 if want training; then
   step "training throughput"
+  # a table the diag step wrote in this call (NCHW and channels_last sweep) is what the
+  # TSRA variants launch with; tsra-fused-heuristic runs beside them without any table
+  if [[ -f $FINAL/tsra_tuning.json ]]; then
+    export COBKERN_TSRA_TUNING="$FINAL/tsra_tuning.json"
+    echo "training with this call's tuning table $COBKERN_TSRA_TUNING" | tee -a "$LOG"
+  fi
   cap 150 python3 bench/bench_training.py --out "$FINAL/bench_training" --steps 30 \
-    --warmup 5 --variants tsra-fused,tsra-eager,relu,relu-adamw,tsra-reference-op,tsra-fused-compiled,relu-compiled,tsra-eager-compiled
+    --warmup 5 --variants tsra-fused,tsra-fused-heuristic,tsra-eager,relu,relu-adamw,tsra-reference-op,tsra-fused-compiled,relu-compiled,tsra-eager-compiled
 fi
 
 step done

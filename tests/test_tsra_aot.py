@@ -164,13 +164,23 @@ def test_sweep_candidates_compile_without_spills():
     with more arithmetic (where plain TSRA spilled, RMSNorm→TSRA spilled at least as much in
     the offline check that pruned the list)."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from bench.gpu_diag import CONFIGS, SHAPES, _tuning, fits, problem
+    from bench.gpu_diag import CONFIGS, _tuning, fits, problem, tile_cases
 
-    specs = [_spec(*problem(shape), direction, dtype, True, **_tuning(cfg))
+    specs = [_spec(*problem(shape, nhwc), direction, dtype, True, **_tuning(cfg))
              for direction, cfgs in CONFIGS.items() for cfg in cfgs
-             for dtype in ("bf16", "fp32") for shape in SHAPES
-             if fits(shape, DTYPES[dtype], direction, cfg)]
+             for dtype in ("bf16", "fp32") for shape, nhwc in tile_cases()
+             if fits(shape, DTYPES[dtype], direction, cfg, nhwc)]
     assert len(specs) >= 300 and any(s["constexprs"]["VEC_P"] for s in specs)
+    assert any(s["meta"]["cl"] and s["meta"]["P"] > 1024 for s in specs), \
+        "no channels_last conv candidate"
+    # one compile per distinct launch (channels_last candidates repeat without VEC_P)
+    seen, unique = set(), []
+    for s in specs:
+        key = repr({k: v for k, v in s.items() if k != "meta"})
+        if key not in seen:
+            seen.add(key)
+            unique.append(s)
+    specs = unique
     results = compile_specs([{k: v for k, v in s.items() if k != "meta"} for s in specs])
     bad = [f"{_name(s)} {s['num_warps']}w VEC_P={s['constexprs']['VEC_P']}: "
            f"{r.get('error') or r['ptxas_log'][-300:]}"
