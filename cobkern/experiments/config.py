@@ -135,6 +135,10 @@ class ExperimentConfig:
             peer_fractions: its parameter budgets; peer_criteria: Torch-Pruning importances;
             peer_finetune: fine-tune the peers and CoB at those budgets.
         speed_fractions: CoB-pruned models (L2, fixed ratio) timed against the unpruned one;
+            speed_round_to: each of them is pruned and timed once per value here, each
+            subspace keeping a multiple of that many channels, or all of them (``round_to``
+            of :func:`cobkern.pruning.make_strategy`; 1: no rounding, 8: widths that suit
+            bf16/fp16 tensor cores; default ``[1]``, ``[1, 8]`` in the GPU presets);
             speed_batches: batch sizes; speed_repeats: timed runs per measurement.
         frontier_tolerance: accuracy drop (fraction, 0.01 = 1 point) of the reliable frontier.
         experiments: which of :data:`EXPERIMENTS` ``sweep`` runs.
@@ -168,6 +172,7 @@ class ExperimentConfig:
     peer_criteria: list[str] = field(default_factory=lambda: ["l2", "l1"])
     peer_finetune: bool = True
     speed_fractions: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])
+    speed_round_to: list[int] = field(default_factory=lambda: [1])
     speed_batches: list[int] = field(default_factory=lambda: [1, 1024])
     speed_repeats: int = 20
     frontier_tolerance: float = 0.01
@@ -234,6 +239,8 @@ class ExperimentConfig:
                                  f"{crit!r}")
         for b in _check_list("speed_batches", self.speed_batches):
             _check_int("speed_batches", b, minimum=1)
+        for n in _check_list("speed_round_to", self.speed_round_to):
+            _check_int("speed_round_to", n, minimum=1)
         _check_int("speed_repeats", self.speed_repeats, minimum=1)
         tol = _check_number("frontier_tolerance", self.frontier_tolerance)
         if not 0 < tol < 1:
@@ -314,20 +321,23 @@ _PRESETS: dict[str, dict[str, Any]] = {
         finetune=FinetuneRecipe(steps=200, lr=3e-4, lr_relu=0.005, batch_size=128,
                                 warmup_steps=10, train_subset=0),
         peer_archs=["tsra", "relu"], peer_fractions=[0.7, 0.9], peer_criteria=["l2"],
-        peer_finetune=True, speed_fractions=[0.7, 0.9], speed_batches=[1, 1024],
-        speed_repeats=5,
+        peer_finetune=True, speed_fractions=[0.7, 0.9], speed_round_to=[1],
+        speed_batches=[1, 1024], speed_repeats=5,
     ),
     # A GPU, a few hours.
     "fast": dict(
         preset="fast", train_relu=True, calib_samples=10_000, eval_subset=0,
         finetune=FinetuneRecipe(steps=1000, lr=2e-4, batch_size=512, warmup_steps=50),
         peer_archs=["tsra", "relu"],
+        # also timed with widths that are multiples of 8 (bf16 tensor cores)
+        speed_round_to=[1, 8],
     ),
     # The paper's setting (a GPU, about a day with the 120k-step training).
     "paper": dict(
         preset="paper", train_relu=True, calib_samples=10_000, eval_subset=0,
         finetune=FinetuneRecipe(steps=4000, lr=2e-4, batch_size=1024, warmup_steps=200),
         peer_archs=["tsra", "relu"],
+        speed_round_to=[1, 8],
     ),
 }
 

@@ -16,7 +16,8 @@ experiment     what it measures
                TSRA model and of the ReLU control at the same parameter budgets, with the same
                fine-tuning, next to CoB
 ``speed``      parameters, FLOPs, latency (batch 1) and throughput (batch 1024) of CoB-pruned
-               models vs the unpruned one
+               models vs the unpruned one, each also with its widths rounded to multiples of
+               every ``speed_round_to`` value
 =============  ===============================================================================
 
 Every record has a ``key`` and ``inputs`` (the fingerprint of the trained model, the
@@ -257,34 +258,52 @@ def peers(ctx: Context, bar: Any = None) -> None:
 
 
 def speed(ctx: Context, bar: Any = None) -> None:
-    """Experiment 5: params, FLOPs, latency and throughput, unpruned vs CoB-pruned."""
+    """Experiment 5: params, FLOPs, latency and throughput, unpruned vs CoB-pruned.
+
+    Every CoB fraction is pruned and timed once per ``speed_round_to`` value. Keys:
+    ``speed|<method>|<P>|b<batch>|<device>``, with ``|r<N>`` before the batch (and a
+    ``round_to`` field in the record) for a rounded model (``round_to`` > 1); the unrounded
+    models' keys and records are those of a sweep without rounding.
+    """
     cfg = ctx.config
-    models: list[tuple[str, float, Callable[[], nn.Module]]] = [
-        ("unpruned", 0.0, lambda: copy.deepcopy(ctx.model()))]
+    models: list[tuple[str, float, int, Callable[[], nn.Module]]] = [
+        ("unpruned", 0.0, 1, lambda: copy.deepcopy(ctx.model()))]
     for P in cfg.speed_fractions:
-        models.append(("cob", float(P), lambda P=P: ctx.prune(
-            ("param_target", [float(P), float(P)]), importance="l2", cob=True)[0]))
+        for n in _round_tos(cfg):
+            models.append(("cob", float(P), n, lambda P=P, n=n: ctx.prune(
+                ("param_target", [float(P), float(P)]), importance="l2", cob=True,
+                round_to=n)[0]))
     dev = ctx.device
     dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else \
         f"CPU ({torch.get_num_threads()} threads)"
-    for method, P, make in models:
+    for method, P, n, make in models:
         inputs = ctx.inputs(calibration=method == "cob", evaluation=False)
+        rpart = f"|r{n}" if n != 1 else ""
+
         # the device's name in the key: another GPU (or CPU) measures everything again, so a
         # speed-up never divides one machine's time by another's
-        todo = [b for b in cfg.speed_batches
-                if ctx.done(f"speed|{method}|{P:g}|b{b}|{dev_name}", inputs) is None]
+        def key(b: int, method: str = method, P: float = P, rpart: str = rpart) -> str:
+            return f"speed|{method}|{P:g}{rpart}|b{b}|{dev_name}"
+
+        todo = [b for b in cfg.speed_batches if ctx.done(key(b), inputs) is None]
         if not todo:
             _tick(bar, len(cfg.speed_batches))
             continue
         model = make().eval()
         params, flops = count_params(model), count_flops(model)
+        extra = {"round_to": n} if n != 1 else {}
         for b in todo:
-            key = f"speed|{method}|{P:g}|b{b}|{dev_name}"
             s = measure_speed(model, b, dev, repeats=cfg.speed_repeats)
-            ctx.log(_base_record("speed", key, method=method, arch="tsra", target=P,
-                                 params=params, flops=flops, device=dev_name, **s,
+            ctx.log(_base_record("speed", key(b), method=method, arch="tsra", target=P,
+                                 **extra, params=params, flops=flops, device=dev_name, **s,
                                  inputs=inputs))
             _tick(bar)
+        _tick(bar, len(cfg.speed_batches) - len(todo))
+
+
+def _round_tos(cfg: Any) -> list[int]:
+    """The config's ``speed_round_to`` values, each once, in order."""
+    return list(dict.fromkeys(int(n) for n in cfg.speed_round_to))
 
 
 EXPERIMENT_FUNCS: dict[str, Callable[..., Any]] = {
@@ -307,7 +326,7 @@ def _count(ctx: Context, name: str) -> int:
     if name == "peers":
         return len(cfg.peer_fractions) * (1 + len(cfg.peer_archs) * len(cfg.peer_criteria))
     if name == "speed":
-        return (1 + len(cfg.speed_fractions)) * len(cfg.speed_batches)
+        return (1 + len(cfg.speed_fractions) * len(_round_tos(cfg))) * len(cfg.speed_batches)
     return 0
 
 

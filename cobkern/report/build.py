@@ -107,10 +107,14 @@ def build_report(out: str | Path) -> Path:
                    [{**x, "bound": bounds.get(x["name"])} for x in s["lossless"]["layers"]],
                    ["name", "before", "after", "split_before", "split_after", "bound"])
     if s["speed"]:
-        _write_csv(tab_dir / "speed.csv", s["speed"],
-                   ["method", "target", "params", "flops", "params_ratio", "flops_ratio",
-                    "latency_ms_b1", "speedup_b1", "throughput_bmax", "speedup_bmax",
-                    "batch_small", "batch_large", "device"])
+        # round_to only where a rounded model was timed: older runs' CSV stays the same
+        rounded = ["round_to"] if any("round_to" in r for r in s["speed"]) else []
+        rows = [{**r, "round_to": r.get("round_to", 1)} if rounded and r["method"] != "unpruned"
+                else r for r in s["speed"]]
+        _write_csv(tab_dir / "speed.csv", rows,
+                   ["method", "target", *rounded, "params", "flops", "params_ratio",
+                    "flops_ratio", "latency_ms_b1", "speedup_b1", "throughput_bmax",
+                    "speedup_bmax", "batch_small", "batch_large", "device"])
     _write_csv(tab_dir / "published.csv", PUBLISHED,
                ["method", "venue", "baseline", "pruned", "params_pct", "flops_pct"])
     _write_csv(tab_dir / "records.csv", records,

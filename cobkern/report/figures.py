@@ -188,9 +188,12 @@ def fig_peers(records: list[dict[str, Any]], refs: dict[str, float], path: Path)
 
 
 def fig_speed(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Speed-up of pruned models: FLOPs ratio vs measured latency / throughput ratios."""
+    """Speed-up of pruned models: FLOPs ratio vs measured latency / throughput ratios (a
+    model pruned with ``round_to`` N > 1 is a bar group of its own, labelled so)."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    labels = [f"{100 * r['target']:.0f}%" for r in rows]
+    labels = [f"{100 * r['target']:.0f}%"
+              + (f"\nround_to {r['round_to']}" if r.get("round_to", 1) != 1 else "")
+              for r in rows]
     xs = range(len(rows))
     series = [("flops_ratio", "FLOPs reduction ×"), ("speedup_b1", "latency speed-up ×, batch 1"),
               ("speedup_bmax", "throughput speed-up ×, large batch")]

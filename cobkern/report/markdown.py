@@ -227,8 +227,7 @@ def _speed_section(s: dict[str, Any], cfg: ExperimentConfig,
         ["model", "params", "GFLOPs/img", f"latency ms (batch {sp[0]['batch_small']})",
          f"images/s (batch {sp[0]['batch_large']})", "FLOPs ×", "latency ×",
          "throughput ×"],
-        [[("unpruned" if r["method"] == "unpruned" else f"CoB {100 * r['target']:g}%"),
-          f"{r['params']:,}", f"{r['flops'] / 1e9:.4f}",
+        [[_speed_label(r), f"{r['params']:,}", f"{r['flops'] / 1e9:.4f}",
           f"{r['latency_ms_b1']:.2f}" if r["latency_ms_b1"] else "–",
           f"{r['throughput_bmax']:.0f}" if r["throughput_bmax"] else "–",
           f"{r.get('flops_ratio', 1):.2f}", _ratio(r.get("speedup_b1")),
@@ -242,6 +241,14 @@ def _speed_section(s: dict[str, Any], cfg: ExperimentConfig,
         "speed-up trails the FLOPs reduction where a run is bound by fixed costs rather "
         "than arithmetic: at batch 1 (kernel launches and per-layer overheads dominate, "
         "most of all on a GPU) and for the thin late layers." + _speed_summary(sp), ""]
+    rounded = sorted({r["round_to"] for r in sp if r.get("round_to", 1) != 1})
+    if rounded:
+        L += [f"Rows marked `(round_to N)` (N = {', '.join(map(str, rounded))}) are the "
+              "same CoB fraction pruned with `round_to`: every subspace keeps a multiple of N "
+              "channels (or all of them), widths that tensor-core kernels (bf16/fp16: "
+              "multiples of 8) handle well. Rounding keeps more channels than the target "
+              "asks, so such a model has more parameters and FLOPs than the unrounded one; "
+              "its ratios, like every row's, are against the unpruned model.", ""]
     return "What pruning buys: parameters, FLOPs, speed", L
 
 
@@ -284,13 +291,23 @@ def _ratio(v: float | None) -> str:
     return "–" if v is None else f"{v:.2f}"
 
 
+def _speed_label(r: dict[str, Any]) -> str:
+    """``unpruned``, ``CoB 90%`` or ``CoB 90% (round_to 8)``."""
+    if r["method"] == "unpruned":
+        return "unpruned"
+    label = f"CoB {100 * r['target']:g}%"
+    if r.get("round_to", 1) != 1:
+        label += f" (round_to {r['round_to']})"
+    return label
+
+
 def _speed_summary(sp: list[dict[str, Any]]) -> str:
     """One sentence on what this run measured at large batch (most-pruned model)."""
     pruned = [r for r in sp if r["method"] != "unpruned" and r.get("speedup_bmax")]
     if not pruned:
         return ""
     r = max(pruned, key=lambda r: r.get("flops_ratio", 1))
-    return (f" In this run the most pruned model (CoB {100 * r['target']:g}%) has "
+    return (f" In this run the most pruned model ({_speed_label(r)}) has "
             f"{r.get('flops_ratio', 1):.2f}× fewer FLOPs and {r['speedup_bmax']:.2f}× the "
             f"throughput at batch {r['batch_large']}.")
 

@@ -124,7 +124,13 @@ def summarize(records: list[dict[str, Any]], cfg: ExperimentConfig,
 
 
 def _speed_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The speed table of the device measured last: ratios never mix machines."""
+    """The speed table of the device measured last: ratios never mix machines.
+
+    One row per model: the unpruned one and each CoB fraction, a model pruned with
+    ``round_to`` N > 1 (the record's ``round_to``) in a row of its own after the unrounded
+    one of its fraction, with ``round_to`` in the row (rows of unrounded models have none);
+    every ratio is relative to the unpruned model.
+    """
     sp = select(records, experiment="speed")
     if not sp:
         return []
@@ -134,14 +140,16 @@ def _speed_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     b1, bmax = batches[0], batches[-1]
     base = {r["batch"]: r for r in sp if r["method"] == "unpruned"}
     rows = []
-    for t in sorted({r["target"] for r in sp}):
-        rs = {r["batch"]: r for r in sp if r["target"] == t}
+    for t, n in sorted({(r["target"], _round_to(r)) for r in sp}):
+        rs = {r["batch"]: r for r in sp if r["target"] == t and _round_to(r) == n}
         any_r = next(iter(rs.values()))
         row = {"method": any_r["method"], "target": t, "params": any_r["params"],
                "flops": any_r["flops"], "device": any_r.get("device"),
                "latency_ms_b1": rs[b1]["latency_ms"] if b1 in rs else None,
                "throughput_bmax": rs[bmax]["throughput"] if bmax in rs else None,
                "batch_small": b1, "batch_large": bmax}
+        if n != 1:
+            row["round_to"] = n
         if base:
             u = next(iter(base.values()))
             row["params_ratio"] = u["params"] / any_r["params"]
@@ -152,3 +160,8 @@ def _speed_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 row["speedup_bmax"] = rs[bmax]["throughput"] / base[bmax]["throughput"]
         rows.append(row)
     return rows
+
+
+def _round_to(r: dict[str, Any]) -> int:
+    """The ``round_to`` a speed record's model was pruned with (1: none; older records)."""
+    return int(r.get("round_to") or 1)
