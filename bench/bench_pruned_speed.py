@@ -114,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
             r[f"speedup_b{b}"] = r[f"throughput_b{b}"] / u[f"throughput_b{b}"]
     meta = {"date": _dt.datetime.now().isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
-            "torch": torch.__version__, "python": sys.version.split()[0], **vars(args)}
+            "torch": torch.__version__, "python": sys.version.split()[0],
+            # measure_speed lets cuDNN time its algorithms (since 2026-11-27; the H200 run of
+            # that day used its heuristics)
+            "cudnn_benchmark": cuda, **vars(args)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_pruned_speed.json").write_text(json.dumps({"meta": meta, "rows": rows},

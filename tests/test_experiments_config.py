@@ -51,6 +51,33 @@ def test_measure_speed_reports_positive_times() -> None:
     assert s["throughput"] == pytest.approx(4 / (s["latency_ms"] / 1e3))
 
 
+def test_cudnn_autotune_is_set_for_cuda_only_and_restored(monkeypatch) -> None:
+    """Pruned layers have unusual widths, where cuDNN's heuristic choice of algorithm is
+    weakest; ``measure_speed`` lets cuDNN time its algorithms on CUDA, and must leave the
+    process's setting as it found it (also when the model raises). Setting the flag needs
+    no GPU; ``_measure`` is replaced to observe the flag during the measurement."""
+    from cobkern.experiments import speed
+
+    seen = []
+
+    def fake(*_args):
+        seen.append(torch.backends.cudnn.benchmark)
+        if len(seen) == 3:
+            raise RuntimeError("model failed")
+        return {}
+
+    monkeypatch.setattr(speed, "_measure", fake)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    measure_speed(nn.Identity(), 1, torch.device("cuda"))
+    assert torch.backends.cudnn.benchmark is False
+    measure_speed(nn.Identity(), 1, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="model failed"):
+        measure_speed(nn.Identity(), 1, torch.device("cuda"))
+    assert torch.backends.cudnn.benchmark is False
+    measure_speed(nn.Identity(), 1, torch.device("cuda"), autotune=False)
+    assert seen == [True, False, True, False]
+
+
 def test_wrong_types_and_values_are_value_errors() -> None:
     quick = get_experiment_preset("quick")
     for bad in ({"fractions": 0.5}, {"importances": "l2"}, {"calib_samples": "abc"},

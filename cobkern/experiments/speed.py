@@ -9,14 +9,16 @@ libraries often see no speed-up.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["count_flops", "measure_speed", "layer_flops"]
+__all__ = ["count_flops", "measure_speed", "layer_flops", "cudnn_autotune"]
 
 
 @torch.no_grad()
@@ -67,17 +69,47 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@contextlib.contextmanager
+def cudnn_autotune(device: torch.device, enabled: bool = True) -> Iterator[None]:
+    """``torch.backends.cudnn.benchmark = enabled`` on CUDA for the block, then the old value.
+
+    With it cuDNN times its algorithms for each new input shape (in the warm-up) instead of
+    picking one by heuristics, as a deployment with fixed shapes would; the heuristics are
+    weakest on unusual shapes, such as a pruned layer's arbitrary widths. CPU: unchanged.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    old = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = old
+
+
 @torch.no_grad()
 def measure_speed(model: nn.Module, batch_size: int, device: torch.device | str, *,
-                  repeats: int = 20, warmup: int = 3, channels_last: bool = False
-                  ) -> dict[str, float]:
+                  repeats: int = 20, warmup: int = 3, channels_last: bool = False,
+                  autotune: bool = True) -> dict[str, float]:
     """Time ``model`` on random ``(batch_size, 3, 32, 32)`` inputs.
+
+    ``autotune``: let cuDNN choose its algorithms by timing them in the warm-up
+    (:func:`cudnn_autotune`; CUDA only), so that pruned and unpruned models each run the
+    convolutions best for their shapes.
 
     Returns:
         ``{"latency_ms": median, "latency_ms_min", "latency_ms_p90", "throughput":
         images/s at the median, "batch": batch_size, "repeats"}``.
     """
     device = torch.device(device)
+    with cudnn_autotune(device, autotune):
+        return _measure(model, batch_size, device, repeats, warmup, channels_last)
+
+
+def _measure(model: nn.Module, batch_size: int, device: torch.device, repeats: int,
+             warmup: int, channels_last: bool) -> dict[str, float]:
+    """:func:`measure_speed` without the cuDNN setting."""
     model = model.eval().to(device)
     x = torch.randn(batch_size, 3, 32, 32, device=device,
                     generator=torch.Generator(device=device).manual_seed(0))
