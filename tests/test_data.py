@@ -406,3 +406,14 @@ def test_calibration_set_follows_its_seed_and_is_not_augmented() -> None:
     assert not torch.equal(a.labels, b.labels)
     # the raw training images themselves (no crop, flip or normalisation)
     assert a.images.dtype == torch.uint8 and torch.equal(a.images, data.images[a.labels])
+
+
+def test_cifar_module_still_exports_the_names_that_moved_out_of_it() -> None:
+    """``cobkern.data.cifar`` was split into imageset/sources/cache; its old imports work."""
+    import cobkern.data
+    import cobkern.data.cifar as cifar
+
+    assert set(cifar.__all__) <= set(cobkern.data.__all__)
+    for name in cifar.__all__:
+        assert getattr(cifar, name) is getattr(cobkern.data, name), name
+    assert issubclass(cifar.CacheError, cifar.DataError)

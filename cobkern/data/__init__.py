@@ -5,18 +5,11 @@
 * :class:`DeviceLoader` — batches built on the device with batched crop/flip/normalise.
 """
 
-from .cifar import (
-    CIFAR10_CLASSES,
-    CacheError,
-    DataError,
-    ImageSet,
-    calibration_set,
-    default_archive_path,
-    default_cache_dir,
-    load_cifar10,
-    subset,
-)
+from .cache import CacheError, default_cache_dir
+from .cifar import load_cifar10
+from .imageset import CIFAR10_CLASSES, DataError, ImageSet, calibration_set, subset
 from .loader import CIFAR10_MEAN, CIFAR10_STD, DeviceLoader, normalize
+from .sources import default_archive_path
 
 __all__ = [
     "ImageSet",

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cifar import DataError, ImageSet
+from .imageset import DataError, ImageSet
 
 __all__ = ["DeviceLoader", "CIFAR10_MEAN", "CIFAR10_STD", "normalize"]
 

@@ -1,0 +1,186 @@
+"""Decoding the three CIFAR-10 sources into arrays (no caching, no tensors).
+
+* the shipped JPEG archive (or any ``.tar.gz`` in its layout): :func:`_decode_archive`;
+* an ImageFolder tree ``root/{train,test,val}/<class>/<image>``: :func:`_image_files`,
+  :func:`_decode_folder` and its cache key :func:`_folder_key`;
+* torchvision's pickled batches (``cifar-10-batches-py``): :func:`_load_torchvision`.
+
+Each returns ``{"classes", "train_images", "train_labels", "test_images", "test_labels"}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .cache import _REPO, default_cache_dir
+from .imageset import CIFAR10_CLASSES, DataError
+
+__all__ = ["default_archive_path"]
+
+IMAGE_SIZE = 32
+_IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".gif", ".tif", ".tiff"}
+
+
+def default_archive_path() -> Path:
+    """``$COBKERN_DATA`` if set, else ``<repo>/data/cifar10-jpeg.tar.gz``."""
+    env = os.environ.get("COBKERN_DATA")
+    return Path(env) if env else _REPO / "data" / "cifar10-jpeg.tar.gz"
+
+
+# ----------------------------------------------------------------------------- decoding
+def _decode(blob: bytes, name: str) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(blob)) as im:
+            im = im.convert("RGB")
+            if im.size != (IMAGE_SIZE, IMAGE_SIZE):
+                im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+    except Exception as e:
+        raise DataError(f"cannot decode image {name}: {e}") from None
+
+
+def _assemble(items: dict[str, list[tuple[str, np.ndarray]]], source: str) -> dict[str, object]:
+    """``items[split]`` = list of (class, HWC array) → arrays, labels and classes."""
+    if not items.get("train") or not items.get("test"):
+        raise DataError(f"{source}: need both a train/ and a test/ split with images, found "
+                        f"{sorted(k for k, v in items.items() if v) or 'none'}")
+    classes = sorted({c for c, _ in items["train"]})
+    test_classes = sorted({c for c, _ in items["test"]})
+    if not set(test_classes) <= set(classes):
+        raise DataError(f"{source}: test classes {test_classes} are not among the train "
+                        f"classes {classes}")
+    index = {c: i for i, c in enumerate(classes)}
+    out: dict[str, object] = {"classes": classes}
+    for split in ("train", "test"):
+        out[f"{split}_images"] = np.stack([a for _, a in items[split]])
+        out[f"{split}_labels"] = np.array([index[c] for c, _ in items[split]], dtype=np.int64)
+    return out
+
+
+def _split_and_class(parts: tuple[str, ...]) -> tuple[str, str] | None:
+    """``(split, class)`` from ``.../<train|test|val>/<class>/<file>``."""
+    if len(parts) < 3:
+        return None
+    split = {"train": "train", "test": "test", "val": "test"}.get(parts[-3])
+    return (split, parts[-2]) if split else None
+
+
+def _decode_archive(path: Path) -> dict[str, object]:
+    items: dict[str, list[tuple[str, np.ndarray]]] = {"train": [], "test": []}
+    try:
+        with tarfile.open(path, "r:*") as tf:
+            members = sorted((m for m in tf if m.isfile()), key=lambda m: m.name)
+            for m in members:
+                parts = Path(m.name).parts
+                sc = _split_and_class(parts)
+                if sc is None or Path(m.name).suffix.lower() not in _IMAGE_EXTS:
+                    continue
+                f = tf.extractfile(m)
+                assert f is not None
+                items[sc[0]].append((sc[1], _decode(f.read(), m.name)))
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DataError(f"cannot read archive {path}: {e}") from None
+    return _assemble(items, str(path))
+
+
+def _image_files(root: Path) -> Iterator[tuple[str, str, Path]]:
+    """``(split, class, file)`` of every image under ``root/<split>/<class>/``.
+
+    A class folder without images is not a class (the classes are the folders with
+    images, numbered in sorted order); a warning names it, since the labels of the classes
+    after it shift by one (torchvision's ``ImageFolder`` refuses such a tree).
+    """
+    for split_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        split = {"train": "train", "test": "test", "val": "test"}.get(split_dir.name)
+        if split is None:
+            continue
+        for cls_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+            empty = True
+            for f in sorted(cls_dir.iterdir()):
+                if f.is_file() and f.suffix.lower() in _IMAGE_EXTS:
+                    empty = False
+                    yield split, cls_dir.name, f
+            if empty:
+                warnings.warn(f"ImageFolder class folder {cls_dir} holds no images: it is left "
+                              "out of the classes (the labels of the classes after it shift)",
+                              stacklevel=3)
+
+
+def _decode_folder(root: Path, files: Iterable[tuple[str, str, Path]]) -> dict[str, object]:
+    items: dict[str, list[tuple[str, np.ndarray]]] = {"train": [], "test": []}
+    for split, cls, f in files:
+        items[split].append((cls, _decode(f.read_bytes(), str(f))))
+    return _assemble(items, str(root))
+
+
+def _folder_key(root: Path, files: list[tuple[str, str, Path]]) -> str:
+    h = hashlib.sha256()
+    for _, _, f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- torchvision
+def _find_batches(root: Path) -> Path | None:
+    for cand in (root / "cifar-10-batches-py", root):
+        if (cand / "data_batch_1").is_file() and (cand / "test_batch").is_file():
+            return cand
+    return None
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    except Exception as e:
+        raise DataError(f"cannot read CIFAR-10 batch file {path}: {e}") from None
+
+
+def _read_batches(folder: Path) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for split, names in (("train", [f"data_batch_{i}" for i in range(1, 6)]),
+                         ("test", ["test_batch"])):
+        data, labels = [], []
+        for n in names:
+            p = folder / n
+            if not p.is_file():
+                raise DataError(f"missing CIFAR-10 file {p}")
+            d = _unpickle(p)
+            data.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(d.get("labels", d.get("fine_labels", [])))
+        out[f"{split}_images"] = np.concatenate(data).transpose(0, 2, 3, 1)
+        out[f"{split}_labels"] = np.asarray(labels, dtype=np.int64)
+    meta = folder / "batches.meta"
+    out["classes"] = _unpickle(meta)["label_names"] if meta.is_file() else list(CIFAR10_CLASSES)
+    return out
+
+
+def _load_torchvision(root: Path | None, download: bool) -> dict[str, object]:
+    root = Path(root) if root is not None else default_cache_dir() / "torchvision"
+    folder = _find_batches(root)
+    if folder is None:
+        if not download:
+            raise DataError(f"no CIFAR-10 python files (cifar-10-batches-py/) under {root}; "
+                            "pass download=True (--download) to fetch them with torchvision")
+        import torchvision
+
+        try:
+            torchvision.datasets.CIFAR10(str(root), train=True, download=True)
+        except Exception as e:
+            raise DataError(f"downloading CIFAR-10 into {root} failed: {e}") from None
+        folder = _find_batches(root)
+        if folder is None:
+            raise DataError(f"torchvision download finished but {root} has no CIFAR-10 files")
+    return _read_batches(folder)
