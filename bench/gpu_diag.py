@@ -453,6 +453,25 @@ def part_overhead(rec: dict) -> None:
     rec["overhead"] = rows
 
 
+def lossless_kept(stats) -> dict[str, int]:
+    """Directions the default lossless rule keeps per CoB layer (U + V): eigenvalues above
+    ``DEFAULT_RANK_TOL[accumulation] · λ_max`` of each subspace's Gram, in float64. Compared
+    across float32 product modes it says whether a faster mode's Gram error lifts the null
+    directions above the tolerance (the first classifier layer can hold at most
+    2·(512 + 1) = 1026 of its 4096 directions whatever the weights: method.md §5)."""
+    from cobkern.pruning.strategy import DEFAULT_RANK_TOL
+
+    kept = {}
+    for name, st in stats.layers.items():
+        tol = DEFAULT_RANK_TOL[st.accumulation]
+        n = 0
+        for g in (st.gram_u, st.gram_v):
+            ev = torch.linalg.eigvalsh(g.double())
+            n += int((ev > tol * ev.max()).sum())
+        kept[name] = n
+    return kept
+
+
 def part_calibration(rec: dict) -> None:
     from cobkern.kernels import covariance as kcov
 
@@ -493,6 +512,7 @@ def part_calibration(rec: dict) -> None:
             out[f"{dname}_{m}_x_forward"] = s / fwd
             print(f"{dname} {m}: forward {fwd:.3f}s calibrate {s:.3f}s ({s / fwd:.2f}x)",
                   flush=True)
+            out[f"{dname}_{m}_lossless_kept"] = lossless_kept(stats)
             if m in ("ieee", "tf32x3", "bf16x6"):  # accuracy on the first layers vs float64
                 err = 0.0
                 acts = {}
