@@ -241,6 +241,19 @@ def test_all_reduce_keeps_counts_above_2_pow_24(tmp_path):
         dist.destroy_process_group()
 
 
+def test_accumulator_f32_dot_names_match_the_kernel_and_are_checked():
+    """The ops layer keeps its own copy of the kernel's float32 product names (checking an
+    argument must not import Triton); the two must not drift apart."""
+    from cobkern.kernels.covariance import F32_DOTS as kernel_dots
+
+    from cobkern.ops.covariance import F32_DOTS
+
+    assert F32_DOTS == kernel_dots
+    assert CovarianceAccumulator(4, 2, f32_dot="bf16x6").f32_dot == "bf16x6"
+    with pytest.raises(ValueError, match="f32_dot must be one of"):
+        CovarianceAccumulator(4, 2, f32_dot="fp32")
+
+
 def test_module_default_precision_reaches_every_launch(monkeypatch, device):
     """gpu_diag switches float32 modes by setting ``F32_DOT_DEFAULT``; the cached
     ``specialization`` read it inside, keyed on ``f32_dot=None``, so after the first launch

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cobkern.ops.covariance import CovarianceAccumulator
+from cobkern.ops.covariance import F32_DOTS, CovarianceAccumulator
 
 from .discovery import select_layers
 from .stats import CalibrationStats, LayerStats, weight_fingerprint
@@ -72,6 +72,7 @@ def calibrate(
     distributed: bool | None = None,
     meta: dict[str, Any] | None = None,
     overlap: bool = False,
+    f32_dot: str | None = None,
 ) -> CalibrationStats:
     """Collect per-subspace second moments of the CoB layers' activations.
 
@@ -89,11 +90,19 @@ def calibrate(
         meta: extra provenance stored with the statistics.
         overlap: on CUDA, run the covariance kernels on a side stream, overlapping the
             forward pass (see the module docstring); ignored on other devices.
+        f32_dot: products of the covariance kernel for float32 activations, one of
+            :data:`cobkern.ops.covariance.F32_DOTS`: ``None`` / ``"ieee"`` (exact float32
+            products, the default), or ``"tf32x3"`` / ``"bf16x6"`` (tensor cores: faster,
+            less exact — check that the lossless rule keeps what it keeps with IEEE before
+            relying on them). Recorded in the statistics' ``meta`` when not IEEE.
 
     Returns:
         :class:`CalibrationStats` with one float64 :class:`LayerStats` per layer (on CPU).
     """
     chosen = select_layers(model, layers)
+    if f32_dot is not None and f32_dot not in F32_DOTS:
+        raise ValueError(f"calibrate: f32_dot must be one of {F32_DOTS} or None, "
+                         f"got {f32_dot!r}")
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"calibrate: max_samples must be >= 1 or None, got {max_samples}")
     if device is None:
@@ -109,7 +118,8 @@ def calibrate(
     if max_samples is not None:
         quota = max_samples // world + (1 if rank < max_samples % world else 0)
 
-    accs = {lay.name: CovarianceAccumulator(lay.num_channels, lay.split, device=device)
+    accs = {lay.name: CovarianceAccumulator(lay.num_channels, lay.split, device=device,
+                                            f32_dot=f32_dot)
             for lay in chosen}
     handles = []
     side = torch.cuda.Stream(device) if overlap and device.type == "cuda" else None
@@ -182,6 +192,8 @@ def calibrate(
                          "model's forward; calibrate only the layers the forward pass uses "
                          "(layers=...)")
     meta = dict(meta or {})
+    if f32_dot not in (None, "ieee"):
+        meta["f32_dot"] = f32_dot
     basis = meta.pop("basis", "original")
     out = {}
     for lay in chosen:

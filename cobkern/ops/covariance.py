@@ -29,7 +29,8 @@ Public API::
 
     subspace_moments(x, split, dim=1) -> Moments
     subspace_moments_reference(x, split, dim=1, accum_dtype=None) -> Moments
-    CovarianceAccumulator(num_channels, split, device=None, dtype=torch.float64)
+    CovarianceAccumulator(num_channels, split, device=None, dtype=torch.float64,
+                          f32_dot=None)
         .update(x, dim=1); .all_reduce(group=None); .count; .gram_u; ...
 """
 
@@ -50,7 +51,16 @@ __all__ = [
     "subspace_moments_reference",
     "num_samples",
     "CovarianceAccumulator",
+    "F32_DOTS",
 ]
+
+#: Products the kernel can use for float32 batches (``f32_dot``; the same names as
+#: ``cobkern.kernels.covariance.F32_DOTS``, kept here so that checking an argument does not
+#: import Triton): ``"ieee"`` — exact float32 products on the CUDA cores (the default);
+#: ``"tf32x3"`` / ``"bf16x6"`` — float32 emulated on the tensor cores, faster on the
+#: convolutions, with Gram errors of 1.7e-7 / 5.7e-8 relative against 1.5e-9 (H200,
+#: 2026-11-27, ``BENCHMARKS.md``). Under the interpreter ``bf16x6`` runs as ``"ieee"``.
+F32_DOTS = ("ieee", "tf32x3", "bf16x6")
 
 
 class Moments(NamedTuple):
@@ -147,6 +157,9 @@ def subspace_moments(x: Tensor, split: int, dim: int = 1) -> Moments:
 class CovarianceAccumulator:
     """Running per-subspace sums over many batches, for one layer.
 
+    ``f32_dot``: the kernel's products for float32 batches (:data:`F32_DOTS`; ``None``: the
+    kernel module's default, ``"ieee"``). Other dtypes and the reference path ignore it.
+
     Attributes (all on ``device``, in ``dtype``, default float64):
         gram_u: ``(split, split)``; gram_v: ``(C-split, C-split)`` (symmetric views of one
         packed buffer); sum_abs, sum_sq: ``(C,)``; count: samples seen (Python int).
@@ -157,7 +170,10 @@ class CovarianceAccumulator:
     """
 
     def __init__(self, num_channels: int, split: int, device: torch.device | str | None = None,
-                 dtype: torch.dtype = torch.float64) -> None:
+                 dtype: torch.dtype = torch.float64, f32_dot: str | None = None) -> None:
+        if f32_dot is not None and f32_dot not in F32_DOTS:
+            raise ValueError(f"CovarianceAccumulator: f32_dot must be one of {F32_DOTS} or "
+                             f"None, got {f32_dot!r}")
         if not (1 <= split < num_channels):
             raise ValueError(f"split={split} is out of range for {num_channels} channels")
         if dtype not in (torch.float32, torch.float64):
@@ -175,6 +191,9 @@ class CovarianceAccumulator:
         #: ``"float32"`` once any batch went through the float32 kernel, else the
         #: accumulator's own dtype: how precise the sums are (sets the lossless tolerance).
         self.accumulation = "float64" if dtype == torch.float64 else "float32"
+        #: ``tl.dot`` products of float32 batches on the kernel path (``None``: the kernel
+        #: module's default, IEEE); see :data:`F32_DOTS`.
+        self.f32_dot = f32_dot
 
     def _views(self) -> tuple[Tensor, Tensor]:
         su, sv = self.split, self.num_channels - self.split
@@ -255,7 +274,7 @@ class CovarianceAccumulator:
             x = x.contiguous()
             geo = channel_geometry(x, dim)
         kernels.subspace_moments(x, geo, self.split, self._packed, self.sum_abs, self.sum_sq,
-                                 mirror=False)
+                                 mirror=False, f32_dot=self.f32_dot)
         self._symmetric = False
 
     def tensors(self) -> list[Tensor]:
