@@ -28,3 +28,21 @@ def device() -> torch.device:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def f32_dot_launches(monkeypatch) -> list[str]:
+    """The ``F32_DOT`` each covariance kernel launch compiles with, in launch order (a spy
+    on :func:`cobkern.kernels.covariance.specialization`, the launcher's one source)."""
+    from cobkern.kernels import covariance as kcov
+
+    seen: list[str] = []
+    original = kcov.specialization
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen.append(out[0]["F32_DOT"])
+        return out
+
+    monkeypatch.setattr(kcov, "specialization", spy)
+    return seen

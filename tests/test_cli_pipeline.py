@@ -13,10 +13,9 @@ import csv
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from imagefolder_tools import write_imagefolder
 
 from cobkern.cli.main import build_parser, main
 from cobkern.experiments import Context, count_params
@@ -35,18 +34,6 @@ def _reference_ops():
         yield
 
 
-def _write_imagefolder(root: Path) -> None:
-    rng = np.random.default_rng(0)
-    for split, n in (("train", N_TRAIN), ("test", N_TEST)):
-        for k in range(10):
-            d = root / split / f"class{k}"
-            d.mkdir(parents=True)
-            base = np.array([25 * k, 255 - 25 * k, (80 * k) % 256], dtype=np.float64)
-            for i in range(n):
-                img = base + rng.normal(0, 40, size=(32, 32, 3))
-                Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(d / f"{i}.png")
-
-
 TRAIN = {"width": 0.0625, "steps": 4, "batch_size": 40, "warmup_steps": 1, "train_subset": 0,
          "eval_batch_size": 60, "checkpoint_every": 0, "log_every": 2}
 
@@ -55,7 +42,7 @@ TRAIN = {"width": 0.0625, "steps": 4, "batch_size": 40, "warmup_steps": 1, "trai
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("cli")
     data = tmp / "data"
-    _write_imagefolder(data)
+    write_imagefolder(data, N_TRAIN, N_TEST)
     out = tmp / "out"
     train = {**TRAIN, "data_source": "imagefolder", "data_root": str(data),
              "cache_dir": str(tmp / "cache")}

@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from imagefolder_tools import write_imagefolder
 
 from cobkern.cli.main import main
 from cobkern.experiments.files import read_jsonl
@@ -35,23 +34,11 @@ def _reference_ops():
         yield
 
 
-def _write_imagefolder(root: Path) -> None:
-    rng = np.random.default_rng(0)
-    for split, n in (("train", N_TRAIN), ("test", N_TEST)):
-        for k in range(10):
-            d = root / split / f"class{k}"
-            d.mkdir(parents=True)
-            base = np.array([25 * k, 255 - 25 * k, (80 * k) % 256], dtype=np.float64)
-            for i in range(n):
-                img = base + rng.normal(0, 40, size=(32, 32, 3))
-                Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(d / f"{i}.png")
-
-
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
     """``(out, rounded name, unrounded name)``: trained, calibrated, pruned both ways."""
     tmp = tmp_path_factory.mktemp("round_to")
-    _write_imagefolder(tmp / "data")
+    write_imagefolder(tmp / "data", N_TRAIN, N_TEST)
     out = tmp / "out"
     o = str(out)
     train = {**TRAIN, "data_source": "imagefolder", "data_root": str(tmp / "data"),

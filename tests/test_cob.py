@@ -179,27 +179,17 @@ def test_calibrate_overlap_matches_serial(device):
             torch.testing.assert_close(y, x, rtol=1e-12, atol=1e-12 * x.abs().max().item())
 
 
-def test_calibrate_f32_dot_reaches_every_kernel_launch(device, monkeypatch):
+def test_calibrate_f32_dot_reaches_every_kernel_launch(device, request):
     """``calibrate(f32_dot=...)`` picks the covariance kernel's float32 products (the faster
     tensor-core modes); every launch must get it — not the module default — and the
     statistics must say which products made them. ``tf32x3`` is one the interpreter runs;
     its Gram stays within 1e-5 of IEEE's here (three TF32 products, ~1e-7 relative error
     per product, far inside it). A bad name is refused before any work."""
-    from cobkern.kernels import covariance as kcov
-
-    seen = []
-    original = kcov.specialization
-
-    def spy(*args, **kwargs):
-        out = original(*args, **kwargs)
-        seen.append(out[0]["F32_DOT"])
-        return out
-
     torch.manual_seed(0)
     m = small_net().eval().to(device)
     data = [(x.to(device), y) for x, y in batches(n_batches=2)]
     ieee = calibrate(m, data, progress=False)
-    monkeypatch.setattr(kcov, "specialization", spy)
+    seen = request.getfixturevalue("f32_dot_launches")  # spying from here on
     got = calibrate(m, data, progress=False, f32_dot="tf32x3")
     assert seen and set(seen) == {"tf32x3"}
     assert got.meta["f32_dot"] == "tf32x3" and "f32_dot" not in ieee.meta

@@ -254,27 +254,19 @@ def test_accumulator_f32_dot_names_match_the_kernel_and_are_checked():
         CovarianceAccumulator(4, 2, f32_dot="fp32")
 
 
-def test_module_default_precision_reaches_every_launch(monkeypatch, device):
-    """gpu_diag switches float32 modes by setting ``F32_DOT_DEFAULT``; the cached
-    ``specialization`` read it inside, keyed on ``f32_dot=None``, so after the first launch
-    every later "tf32x3" / "bf16x6" row ran (and was labelled over) the IEEE kernel."""
+def test_module_default_precision_reaches_every_launch(monkeypatch, device, f32_dot_launches):
+    """A change of the module default ``F32_DOT_DEFAULT`` must reach the next launch: the
+    cached ``specialization`` read it inside, keyed on ``f32_dot=None``, so after the first
+    launch gpu_diag's later "tf32x3" / "bf16x6" rows ran (and were labelled over) the IEEE
+    kernel."""
     from cobkern.kernels import covariance as kcov
 
-    seen = []
-    original = kcov.specialization
-
-    def spy(*args, **kwargs):
-        out = original(*args, **kwargs)
-        seen.append(out[0]["F32_DOT"])
-        return out
-
-    monkeypatch.setattr(kcov, "specialization", spy)
     x = torch.randn(64, 8, device=device)  # a CPU tensor runs the kernel only interpreted
     with use_backend("triton"):
         subspace_moments(x, 4)
         monkeypatch.setattr(kcov, "F32_DOT_DEFAULT", "tf32x3")
         subspace_moments(x, 4)
-    assert seen == ["ieee", "tf32x3"]
+    assert f32_dot_launches == ["ieee", "tf32x3"]
 
 
 def test_accumulator_counts_samples_with_channels_on_another_axis(device):

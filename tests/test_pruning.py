@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from pruning_tools import data, net, rel_err
 from torch import nn
 
 from cobkern.cob import calibrate, find_cob_layers, rotate_model
@@ -37,26 +38,6 @@ from cobkern.pruning import (
 )
 
 LOGIT_RTOL = 1e-4
-
-
-def net(fused: bool = True) -> nn.Sequential:
-    def block(cin, cout, split=None):
-        if fused:
-            return [nn.Conv2d(cin, cout, 3, padding=1), RMSNormTSRA(cout, split=split)]
-        return [nn.Conv2d(cin, cout, 3, padding=1), RMSNorm(cout), TSRA(cout, split=split)]
-
-    return nn.Sequential(*block(3, 10), nn.AvgPool2d(2), *block(10, 8, split=3),
-                         nn.AvgPool2d(2), nn.Flatten(), nn.Linear(8 * 4, 12), TSRA(12, split=5),
-                         nn.Dropout(0.5), nn.Linear(12, 4))
-
-
-def data(n_batches=3, n=8, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, 3, 8, 8, generator=g) for _ in range(n_batches)]
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def scores(u, v, energy=True):

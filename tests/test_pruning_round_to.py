@@ -12,10 +12,11 @@ import math
 
 import pytest
 import torch
+from pruning_tools import data, net, rel_err
 from torch import nn
 
 from cobkern.cob import calibrate, find_cob_layers
-from cobkern.nn import TSRA, RMSNormTSRA
+from cobkern.nn import RMSNormTSRA
 from cobkern.ops import use_backend
 from cobkern.pruning import (
     STRATEGIES,
@@ -36,25 +37,6 @@ LOGIT_RTOL = 1e-4
 
 
 # ------------------------------------------------------------------------- helpers
-def net() -> nn.Sequential:
-    """Three CoB layers: widths 10 (U 5), 8 (U 3), 12 (U 5) — no size a multiple of 4."""
-    def block(cin, cout, split=None):
-        return [nn.Conv2d(cin, cout, 3, padding=1), RMSNormTSRA(cout, split=split)]
-
-    return nn.Sequential(*block(3, 10), nn.AvgPool2d(2), *block(10, 8, split=3),
-                         nn.AvgPool2d(2), nn.Flatten(), nn.Linear(8 * 4, 12), TSRA(12, split=5),
-                         nn.Dropout(0.5), nn.Linear(12, 4))
-
-
-def data(n_batches=3, n=8, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, 3, 8, 8, generator=g) for _ in range(n_batches)]
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
 def layer_scores(seed=0, nu=13, nv=10):
     """Random positive scores with ties and near-zero energies (for the lossless rule);
     energies are the squares (the l2 rotated case). Sizes 13 and 10: no multiple of 3/4/8."""
