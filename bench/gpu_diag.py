@@ -473,7 +473,6 @@ def lossless_kept(stats) -> dict[str, int]:
 
 
 def part_calibration(rec: dict) -> None:
-    from cobkern.kernels import covariance as kcov
 
     from cobkern.cob import calibrate, find_cob_layers
     from cobkern.models import vgg16_tsra
@@ -489,9 +488,8 @@ def part_calibration(rec: dict) -> None:
         with torch.no_grad():
             model(loader[0])
             for m in modes:  # compile every layer's kernel variant outside the timings
-                if m != "bf16":
-                    kcov.F32_DOT_DEFAULT = m
-                calibrate(model, loader[:1], max_samples=None, progress=False)
+                calibrate(model, loader[:1], max_samples=None, progress=False,
+                          f32_dot=None if m == "bf16" else m)
         _sync()
         t = time.perf_counter()
         with torch.no_grad():
@@ -501,11 +499,10 @@ def part_calibration(rec: dict) -> None:
         fwd = time.perf_counter() - t
         out[f"{dname}_forward_s"] = fwd
         for m in modes:
-            if m != "bf16":
-                kcov.F32_DOT_DEFAULT = m
+            f32_dot = None if m == "bf16" else m  # the calibrate() argument, as a user sets it
             _sync()
             t = time.perf_counter()
-            stats = calibrate(model, loader, max_samples=None, progress=False)
+            stats = calibrate(model, loader, max_samples=None, progress=False, f32_dot=f32_dot)
             _sync()
             s = time.perf_counter() - t
             out[f"{dname}_{m}_calibrate_s"] = s
@@ -526,14 +523,14 @@ def part_calibration(rec: dict) -> None:
                         model(xb)
                 for h in hooks:
                     h.remove()
-                st = calibrate(model, loader[:4], max_samples=None, progress=False)
+                st = calibrate(model, loader[:4], max_samples=None, progress=False,
+                               f32_dot=f32_dot)
                 for lay in layers:
                     a = torch.cat(acts[lay.name]).movedim(1, -1).reshape(-1, lay.num_channels)
                     gu = a[:, :lay.split].T @ a[:, :lay.split]
                     e = ((st[lay.name].gram_u - gu.cpu()).abs().max() / gu.abs().max()).item()
                     err = max(err, e)
                 out[f"{dname}_{m}_max_rel_err"] = err
-        kcov.F32_DOT_DEFAULT = "ieee"
         del stats
     # where the streaming time goes
     model = vgg16_tsra(width=1.0 if DEVICE == "cuda" else 0.125).to(DEVICE).eval()
