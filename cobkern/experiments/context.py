@@ -20,7 +20,7 @@ from torch import nn
 from cobkern.cob import CalibrationStats, calibrate, rotate_model
 from cobkern.data import DeviceLoader, ImageSet, calibration_set, load_cifar10, subset
 from cobkern.models import load_model
-from cobkern.pruning import PruneReport, Strategy, default_normalizer, make_strategy, prune
+from cobkern.pruning import PruneReport, Strategy, as_strategy, default_normalizer, prune
 from cobkern.training import TrainConfig, apply_overrides, evaluate, get_preset
 from cobkern.training.evaluation import check_num_classes
 
@@ -307,13 +307,7 @@ class Context:
                 ``ValueError``, raised before any work, as is a ``round_to`` < 1 (a
                 non-integer: ``TypeError``).
         """
-        if not isinstance(strategy, Strategy):
-            strategy = make_strategy(*strategy, round_to=round_to)
-        elif round_to != 1 and round_to != strategy.round_to:
-            # prune() refuses this too; here before the rotation and the copy
-            raise ValueError(f"Context.prune: round_to={round_to} but the strategy "
-                             f"{strategy!r} has round_to={strategy.round_to}; set it on the "
-                             "strategy only")
+        strategy = as_strategy(strategy, round_to, "Context.prune")  # before any work
         if normalizer is None and default_normalizer(strategy) == "kept":
             normalizer = self.config.normalizer  # else prune()'s own default (lossless)
         if cob:
@@ -323,7 +317,7 @@ class Context:
             base, stats = self.model(), self.stats()
         m = copy.deepcopy(base)
         m, report = prune(m, stats, strategy, importance=importance, cob=cob,
-                          normalizer=normalizer, round_to=round_to)
+                          normalizer=normalizer)
         return m.eval(), report
 
     # ------------------------------------------------------------------ fine-tuning

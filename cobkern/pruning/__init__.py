@@ -38,7 +38,7 @@ from .strategy import (
     RelativeThreshold,
     Strategy,
     ZScore,
-    _check_round_to,
+    as_strategy,
     make_strategy,
     parameter_target_ratio,
 )
@@ -68,6 +68,7 @@ __all__ = [
     "EnergyBudget",
     "RankTolerance",
     "make_strategy",
+    "as_strategy",
     "parameter_target_ratio",
     "STRATEGIES",
     "KeepSet",
@@ -131,14 +132,7 @@ def prune(
     """
     if importance not in IMPORTANCE_KINDS:
         raise ValueError(f"unknown importance {importance!r}; expected one of {IMPORTANCE_KINDS}")
-    round_to = _check_round_to(round_to, "prune")
-    if not isinstance(strategy, Strategy):
-        if not (isinstance(strategy, (tuple, list)) and len(strategy) == 2):
-            raise TypeError(f"strategy must be a Strategy or (name, value), got {strategy!r}")
-        strategy = make_strategy(*strategy, round_to=round_to)
-    elif round_to != 1 and round_to != strategy.round_to:
-        raise ValueError(f"prune: round_to={round_to} but the strategy {strategy!r} has "
-                         f"round_to={strategy.round_to}; set it on the strategy only")
+    strategy = as_strategy(strategy, round_to, "prune")
     normalizer = normalizer or default_normalizer(strategy)
     if normalizer not in NORMALIZERS:
         raise ValueError(f"unknown normalizer {normalizer!r}; expected one of {NORMALIZERS}")

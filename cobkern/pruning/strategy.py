@@ -67,6 +67,7 @@ __all__ = [
     "RankTolerance",
     "DEFAULT_RANK_TOL",
     "make_strategy",
+    "as_strategy",
     "parameter_target_ratio",
     "STRATEGIES",
 ]
@@ -472,3 +473,25 @@ def make_strategy(name: str, value: Value | None, round_to: int = 1) -> Strategy
     if name not in STRATEGIES:
         raise ValueError(f"unknown pruning strategy {name!r}; expected one of {list(STRATEGIES)}")
     return STRATEGIES[name](value, round_to=round_to)
+
+
+
+def as_strategy(strategy: Strategy | tuple[str, Any] | list[Any], round_to: int = 1,
+                owner: str = "prune") -> Strategy:
+    """``strategy`` itself, or :func:`make_strategy` of a ``(name, value)`` pair with
+    ``round_to``: the one place that turns what ``prune`` callers pass into a strategy.
+
+    Raises:
+        TypeError: ``strategy`` is neither; ``round_to`` not an int.
+        ValueError: ``round_to`` < 1, or a :class:`Strategy` with another ``round_to`` than
+            a given ``round_to`` other than 1 (it carries its own; set it there only).
+    """
+    round_to = _check_round_to(round_to, owner)
+    if isinstance(strategy, Strategy):
+        if round_to != 1 and round_to != strategy.round_to:
+            raise ValueError(f"{owner}: round_to={round_to} but the strategy {strategy!r} has "
+                             f"round_to={strategy.round_to}; set it on the strategy only")
+        return strategy
+    if not (isinstance(strategy, (tuple, list)) and len(strategy) == 2):
+        raise TypeError(f"strategy must be a Strategy or (name, value), got {strategy!r}")
+    return make_strategy(*strategy, round_to=round_to)
