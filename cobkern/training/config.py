@@ -17,8 +17,8 @@ Presets (``get_preset(name, arch)``):
 * ``quick`` — a width-1/8 model (AdamW lr 2e-3, 100 warm-up steps), batch 128, 1,500 steps
   (about 4 epochs of the 50,000 training images) for CPU runs and smoke tests. Measured on
   an idle 2-core CPU inside ``cobkern run --preset quick`` (2026-11-27, ``RESULTS.md``):
-  99 s of training, 48.74 % test accuracy (chance 10 %); the ReLU control (SGD, no
-  warm-up) 63 s and 65.24 %.
+  91 s of training, 48.74 % test accuracy (chance 10 %); the ReLU control (SGD, no
+  warm-up) 62 s and 65.24 %.
 
 Any field can be overridden from a JSON file and/or the command line.
 """
