@@ -86,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         m, _ = prune(copy.deepcopy(base), stats, strategy, importance="l2", cob=True)
         models.append(("cob", P, m.eval()))
     for method, P, m in models:
-        params, flops = count_params(m), count_flops(m)
+        params, flops, layers = count_params(m), count_flops(m), find_cob_layers(m)
         row = {"method": method, "target": P, "params": params, "flops": flops,
-               "widths": [lay.num_channels for lay in find_cob_layers(m)],
-               "splits": [lay.split for lay in find_cob_layers(m)]}
+               "widths": [lay.num_channels for lay in layers],
+               "splits": [lay.split for lay in layers]}
         for b in args.batches:
             # every model shares VGG.forward: without a reset, the (model, batch) compiles
             # passed dynamo's recompile limit (8) and the last models ran uncompiled, and

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cobkern.ops.covariance import F32_DOTS, CovarianceAccumulator
+from cobkern.ops.covariance import CovarianceAccumulator
 
 from .discovery import select_layers
 from .stats import CalibrationStats, LayerStats, weight_fingerprint
@@ -94,15 +94,13 @@ def calibrate(
             :data:`cobkern.ops.covariance.F32_DOTS`: ``None`` / ``"ieee"`` (exact float32
             products, the default), or ``"tf32x3"`` / ``"bf16x6"`` (tensor cores: faster,
             less exact — check that the lossless rule keeps what it keeps with IEEE before
-            relying on them). Recorded in the statistics' ``meta`` when not IEEE.
+            relying on them). Recorded in the statistics' ``meta`` when not IEEE; another
+            name is a ``ValueError`` (from the accumulators, built before any forward pass).
 
     Returns:
         :class:`CalibrationStats` with one float64 :class:`LayerStats` per layer (on CPU).
     """
     chosen = select_layers(model, layers)
-    if f32_dot is not None and f32_dot not in F32_DOTS:
-        raise ValueError(f"calibrate: f32_dot must be one of {F32_DOTS} or None, "
-                         f"got {f32_dot!r}")
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"calibrate: max_samples must be >= 1 or None, got {max_samples}")
     if device is None:
