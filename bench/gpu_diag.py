@@ -342,6 +342,10 @@ def _cov_jobs():
             if dname == "fp32":
                 variants["tf32x3"] = {"f32_dot": "tf32x3"}
                 variants["bf16x6"] = {"f32_dot": "bf16x6"}
+                wide = launch_config(shape[0] // 2, DTYPES[dname], f32_dot="fp64")[0]
+                variants["fp64"] = {"f32_dot": "fp64"}
+                variants[f"fp64 {96 - wide}×{96 - wide}"] = {"f32_dot": "fp64",
+                                                              "block": 96 - wide}
             jobs += [(shape, dname, label, tuple(sorted(over.items())))
                      for label, over in variants.items()]
     return jobs
@@ -361,7 +365,7 @@ def _cov_case(shape, dname, label, over):
     sa = torch.zeros(c, device=DEVICE, dtype=torch.float64)
     sq = torch.zeros(c, device=DEVICE, dtype=torch.float64)
     geo = channel_geometry(x, 1)
-    block = over.get("block") or kcov.launch_config(su, x.dtype)[0]
+    block = over.get("block") or kcov.launch_config(su, x.dtype, f32_dot=over.get("f32_dot"))[0]
 
     def fn():
         kcov.subspace_moments(x, geo, su, packed, sa, sq, mirror=False, **over)
@@ -484,7 +488,7 @@ def part_calibration(rec: dict) -> None:
         g = torch.Generator().manual_seed(0)
         data = torch.randn(images, 3, 32, 32, generator=g)
         loader = [data[i:i + batch].to(DEVICE).to(dtype) for i in range(0, images, batch)]
-        modes = ["ieee", "tf32x3", "bf16x6"] if dtype == torch.float32 else ["bf16"]
+        modes = ["ieee", "tf32x3", "bf16x6", "fp64"] if dtype == torch.float32 else ["bf16"]
         with torch.no_grad():
             model(loader[0])
             for m in modes:  # compile every layer's kernel variant outside the timings
@@ -510,7 +514,7 @@ def part_calibration(rec: dict) -> None:
             print(f"{dname} {m}: forward {fwd:.3f}s calibrate {s:.3f}s ({s / fwd:.2f}x)",
                   flush=True)
             out[f"{dname}_{m}_lossless_kept"] = lossless_kept(stats)
-            if m in ("ieee", "tf32x3", "bf16x6"):  # accuracy on the first layers vs float64
+            if m != "bf16":  # accuracy on the first layers vs float64
                 err = 0.0
                 acts = {}
                 layers = find_cob_layers(model)[:3]

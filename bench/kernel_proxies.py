@@ -109,7 +109,8 @@ COV_LAYERS = [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 2, 2)
 def covariance() -> None:
     """The covariance kernel per VGG-16 layer (batch 500, NCHW / (N, C), split C/2): the
     shipped launch against the same launch with one pipeline stage (the launch before
-    2026-11-26 for float32) and with the other tile size. "SASS per sample" = loop body ×
+    2026-11-26 for float32) and with the other tile size, and for float32 the ``fp64``
+    products (float64 tensor cores) at both tile sizes. "SASS per sample" = loop body ×
     threads / samples per step × Gram tiles of the layer: the instructions the whole layer
     issues per sample (lower is better)."""
     import torch
@@ -121,10 +122,15 @@ def covariance() -> None:
         s = shape[0] // 2
         for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
             shipped = launch_config(s, dt)[0]
-            for label, block, stages in (("shipped", None, None), ("1 stage", None, 1),
-                                         (f"{96 - shipped}×{96 - shipped} tiles",
-                                          96 - shipped, None)):
-                spec = _spec((500, *shape), False, dt, block=block, num_stages=stages)
+            variants = [("shipped", None, None, None), ("1 stage", None, 1, None),
+                        (f"{96 - shipped}×{96 - shipped} tiles", 96 - shipped, None, None)]
+            if dt == torch.float32:  # the float64 tensor-core products, both tile sizes
+                wide = launch_config(s, dt, f32_dot="fp64")[0]
+                variants += [("fp64", None, None, "fp64"),
+                             (f"fp64 {96 - wide}×{96 - wide}", 96 - wide, None, "fp64")]
+            for label, block, stages, f32_dot in variants:
+                spec = _spec((500, *shape), False, dt, f32_dot=f32_dot, block=block,
+                             num_stages=stages)
                 spec["sass"] = True
                 specs.append(spec)
                 cx = spec["constexprs"]

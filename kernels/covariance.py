@@ -14,7 +14,9 @@ tile and one contiguous chunk of samples; it walks the chunk ``BLOCK_K`` samples
 loads the two ``[BLOCK, BLOCK_K]`` channel slabs straight from ``x`` in its own layout, and
 accumulates ``slab_i · slab_jᵀ`` with ``tl.dot`` and Kahan-compensated adds (tensor cores
 for bf16/fp16: ``wgmma`` on sm_90; IEEE fp32 FMA for float32 input, so no TF32 rounding
-enters the statistics). At the end it adds its tile into the output with ``atomic_add``.
+enters the statistics; or, with ``F32_DOT="fp64"``, float32 slabs widened to float64 on
+the float64 tensor cores with float64 sums and no compensation). At the end it adds its
+tile into the output with ``atomic_add``.
 Programs on the same sample chunk have neighbouring ids, so the slabs a chunk's tiles
 share are served from L2: ``x`` comes from HBM about once. Nothing of size
 ``samples × C`` is ever allocated. Diagonal tiles (each channel lies in exactly one) also
@@ -76,11 +78,15 @@ def _moments_kernel(
     else:
         row_off = rows * stride_c
         col_off = cols * stride_c
-    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    if F32_DOT == "fp64":  # float64 sums: exact float32 products, no Kahan step needed
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float64)
+        s_abs = tl.zeros((BLOCK,), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        s_abs = tl.zeros((BLOCK,), dtype=tl.float32)
     comp = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    c_abs = tl.zeros((BLOCK,), dtype=tl.float32)  # Kahan compensation of s_abs
     is_diag = ti == tj
-    s_abs = tl.zeros((BLOCK,), dtype=tl.float32)
-    c_abs = tl.zeros((BLOCK,), dtype=tl.float32)  # its Kahan compensation
     start = pid_k * chunk
     end = tl.minimum(start + chunk, n_samples)
     for k0 in range(start, end, BLOCK_K):
@@ -103,23 +109,30 @@ def _moments_kernel(
                     mask=rmask[:, None] & qmask[None, :], other=0.0)      # [BLOCK, BLOCK_K]
         bt = tl.load(X + q_off[:, None] + col_off[None, :],
                      mask=qmask[:, None] & cmask[None, :], other=0.0)     # [BLOCK_K, BLOCK]
-        if UPCAST:  # interpreter only: its bf16 tl.dot is wrong (triton 3.8); fp32 is exact
-            step = tl.dot(a.to(tl.float32), bt.to(tl.float32), input_precision="ieee")
-        elif F32_DOT == "":  # 16-bit operands: tensor cores, exact products, fp32 sums
-            step = tl.dot(a, bt)
+        if F32_DOT == "fp64":  # float64 tensor cores (DMMA): a float32 product is exact
+            a64 = a.to(tl.float64)
+            acc = tl.dot(a64, bt.to(tl.float64), acc)
+            if is_diag:
+                s_abs += tl.sum(tl.abs(a64), axis=1)
         else:
-            step = tl.dot(a, bt, input_precision=F32_DOT)
-        # Kahan summation across steps: the tile's error stays ~eps instead of growing with
-        # the chunk length (the lossless strategy reads eigenvalues near the noise floor).
-        y = step - comp
-        t = acc + y
-        comp = (t - acc) - y
-        acc = t
-        if is_diag:  # Σ|a| (compensated too: the l1 importance reads it directly)
-            ya = tl.sum(tl.abs(a.to(tl.float32)), axis=1) - c_abs
-            ta = s_abs + ya
-            c_abs = (ta - s_abs) - ya
-            s_abs = ta
+            if UPCAST:  # interpreter only: its bf16 tl.dot is wrong (triton 3.8); fp32 exact
+                step = tl.dot(a.to(tl.float32), bt.to(tl.float32), input_precision="ieee")
+            elif F32_DOT == "":  # 16-bit operands: tensor cores, exact products, fp32 sums
+                step = tl.dot(a, bt)
+            else:
+                step = tl.dot(a, bt, input_precision=F32_DOT)
+            # Kahan summation across steps: the tile's error stays ~eps instead of growing
+            # with the chunk length (the lossless strategy reads eigenvalues near the noise
+            # floor).
+            y = step - comp
+            t = acc + y
+            comp = (t - acc) - y
+            acc = t
+            if is_diag:  # Σ|a| (compensated too: the l1 importance reads it directly)
+                ya = tl.sum(tl.abs(a.to(tl.float32)), axis=1) - c_abs
+                ta = s_abs + ya
+                c_abs = (ta - s_abs) - ya
+                s_abs = ta
     g_off = g_base + (rows - lo)[:, None] * size + (cols - lo)[None, :]
     # into the outputs' own dtype: float32 for one batch, float64 for running sums
     tl.atomic_add(G + g_off, acc.to(G.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
@@ -144,11 +157,17 @@ TARGET_PROGRAMS_INTERPRETER = 4
 #: an exact-arithmetic emulation on 20,000×128 samples put its Gram error at 2e-10–3e-9
 #: relative against 5e-8 for tf32x3 — hardware accumulation inside the tensor cores comes
 #: on top, so only a GPU run can say whether it keeps the lossless strategy's margin).
+#: ``"fp64"``: each float32 slab widened to float64 in registers and multiplied on the
+#: float64 tensor cores (``mma.sync ... .f64``, DMMA, on sm_80/sm_90 — 67 TFLOP/s on an
+#: H100/H200, against the FMA path's 3.8–6.5 TFLOP/s measured on the convolutions): a
+#: product of two float32 values is exact in float64 and the tile sums in float64, so it is
+#: more accurate than ``"ieee"`` (no Kahan step needed). Not yet timed on a GPU; consumer
+#: GPUs run float64 at 1/64 rate, where it would be slow.
 F32_DOT_DEFAULT = "ieee"
 
 
-def launch_config(subspace: int, dtype: torch.dtype,
-                  block: int | None = None) -> tuple[int, int, int, int]:
+def launch_config(subspace: int, dtype: torch.dtype, block: int | None = None,
+                  f32_dot: str | None = None) -> tuple[int, int, int, int]:
     """``(BLOCK, BLOCK_K, num_warps, num_stages)`` for a subspace of this size and dtype.
 
     16-bit inputs: tiles of 64×64 (8 warps), or 32×32 (4 warps) when the wider subspace has
@@ -164,18 +183,23 @@ def launch_config(subspace: int, dtype: torch.dtype,
     scalar). The fp32 tile accumulator, its Kahan compensation and each
     step's product tile live in registers: with 4 warps a 64×64 tile needs more than 255
     registers per thread and spills; with 8 warps float32 uses 128 registers (two programs
-    per SM) and bf16 ~100, no spills. These configurations are compiled and checked for
-    spills, tensor-core products and pipelined loads in the test suite. ``block`` overrides
-    the tile size (tuning sweeps).
+    per SM) and bf16 ~100, no spills. float32 with ``f32_dot="fp64"`` takes the 16-bit
+    tiles (64×64 above 32 channels): each step widens both slabs to float64 (conversions
+    run at a fraction of the DMMA rate), and a wider tile converts fewer elements per
+    product; its float64 accumulator has no Kahan term (offline sm_90: no spills). These
+    configurations are compiled and checked for spills, tensor-core products and pipelined
+    loads in the test suite. ``block`` overrides the tile size (tuning sweeps).
     """
-    block = block or (32 if subspace <= 32 or dtype == torch.float32 else 64)
+    narrow = dtype == torch.float32 and f32_dot != "fp64"
+    block = block or (32 if subspace <= 32 or narrow else 64)
     block_k = 32 if dtype == torch.float32 else 64
     num_warps = 8 if block >= 64 else 4
     return block, block_k, num_warps, 2
 
 
-#: ``tl.dot`` input precisions the float32 path accepts (both triton 3.6 and 3.8 on sm_90).
-F32_DOTS = ("ieee", "tf32x3", "bf16x6")
+#: Products the float32 path accepts (both triton 3.6 and 3.8 on sm_90): ``tl.dot`` input
+#: precisions, and ``"fp64"`` (float64 tensor cores; see :data:`F32_DOT_DEFAULT`).
+F32_DOTS = ("ieee", "tf32x3", "bf16x6", "fp64")
 
 
 def _f32_dot(mode: str, on_gpu: bool) -> str:
@@ -201,14 +225,16 @@ def specialization(geo, split: int, dtype: torch.dtype, numel: int, on_gpu: bool
     defaults (tuning sweeps).
     """
     n = geo.B * geo.P
-    block, block_k, num_warps, stages = launch_config(max(split, geo.C - split), dtype, block)
+    mode = _f32_dot(f32_dot or "ieee", on_gpu) if dtype == torch.float32 else ""
+    block, block_k, num_warps, stages = launch_config(max(split, geo.C - split), dtype, block,
+                                                      mode)
     vector_q = geo.stride_p == 1 and geo.P % 16 == 0 and (geo.B == 1 or geo.stride_b % 16 == 0)
     vector_c = geo.stride_c == 1 and split % 16 == 0 and geo.C % 16 == 0
     if num_stages is None:
         num_stages = stages if vector_q or vector_c else 1
     constexprs = {
         "BLOCK": block, "BLOCK_K": block_k, "FLAT": geo.B == 1,
-        "F32_DOT": _f32_dot(f32_dot or "ieee", on_gpu) if dtype == torch.float32 else "",
+        "F32_DOT": mode,
         "UPCAST": not on_gpu and dtype == torch.bfloat16,
         "INDEX64": numel >= 2**31 - 1 or n >= 2**31 - 2 * block_k,
     }

@@ -184,7 +184,7 @@ def test_accumulator_mixes_kernel_and_reference_updates(device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block,f32_dot", [(32, "ieee"), (64, "tf32x3"), (64, "bf16x6"),
-                                           (32, "bf16x6")])
+                                           (32, "bf16x6"), (64, "fp64"), (32, "fp64")])
 def test_launcher_tuning_options_compute_the_same_moments(device, dtype, block, f32_dot):
     """The sweep options (32-wide Gram tiles, tf32x3 / bf16x6 float32 products) add the same
     moments into float64 sums, within the suite's 2e-6. tf32x3 (three TF32 products per
@@ -205,6 +205,37 @@ def test_launcher_tuning_options_compute_the_same_moments(device, dtype, block, 
     got = (packed[: split**2].view(split, split), packed[split**2:].view(c - split, c - split),
            sa, sq)
     _close(got, subspace_moments_reference(x, split, accum_dtype=torch.float64))
+
+
+@pytest.mark.parametrize("shape,split,channels_last", [((4, 70, 6, 5), 30, False),
+                                                       ((4, 70, 6, 5), 40, True),
+                                                       ((300, 96), 33, False)])
+def test_fp64_products_sum_in_float64(device, shape, split, channels_last):
+    """``f32_dot="fp64"``: float32 slabs widened to float64 (each product exact: 24 + 24
+    mantissa bits fit in 53) and summed in float64, Σ|a| too. Against the float64 reference
+    the error is a few float64 roundings per sum — n·2⁻⁵³ ≈ 1e-13 relative at worst for
+    these ≤ 300 samples a program sums; we allow 1e-12. The data span six decades per
+    channel, where IEEE float32 sums are only ~1e-7 accurate (checked too, so the test
+    tells the two modes apart)."""
+    g = torch.Generator().manual_seed(7)
+    c = shape[1]
+    scale = torch.logspace(-3, 3, c, dtype=torch.float64).view(
+        [c if i == 1 else 1 for i in range(len(shape))])
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale + 0.5).float()
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x = x.to(device)
+    ref = subspace_moments_reference(x, split, accum_dtype=torch.float64)
+    errs = {}
+    for mode in ("fp64", "ieee"):
+        acc = CovarianceAccumulator(c, split, device=device, f32_dot=mode)
+        with use_backend("triton"):
+            acc.update(x)
+        got = (acc.gram_u, acc.gram_v, acc.sum_abs, acc.sum_sq)
+        errs[mode] = max(((a.double().cpu() - r.cpu()).abs().max() / r.abs().max()).item()
+                         for a, r in zip(got, ref, strict=True))
+    assert errs["fp64"] <= 1e-12, errs
+    assert errs["ieee"] > 1e-11, f"the data do not separate the modes: {errs}"
 
 
 def test_update_rejects_out_of_range_dim():

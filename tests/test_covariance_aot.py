@@ -3,10 +3,11 @@
 Every shipped variant — the launch decisions of :func:`cobkern.kernels.covariance.
 specialization` for VGG-16's activation shapes in each dtype and layout, adding into float64
 running sums as the calibration accumulator does or into float32 one-batch outputs, the
-``tf32x3`` and ``bf16x6`` float32 product modes, 64-bit indexing, and shapes whose
+``tf32x3``, ``bf16x6`` and ``fp64`` float32 product modes, 64-bit indexing, and shapes whose
 unit-stride axis is not a multiple of 16 — must compile, assemble with ptxas with **0 bytes
 of spill**, and for bf16/fp16 (and the two float32 tensor-core modes) run its products on
-the tensor cores (``wgmma`` for 64×64 tiles, ``mma`` for 32×32). Where the launcher asks
+the tensor cores (``wgmma`` for 64×64 tiles, ``mma`` for 32×32; float64 ``mma`` for
+``fp64``). Where the launcher asks
 for two stages (every VGG shape but the 2×2 maps) the slab loads must really be vectorised
 and pipelined: ``cp.async`` copies, and no scalar global loads beyond the three of the tile
 table. Compilation runs in a subprocess with the Triton interpreter off (``aot_tools``; the
@@ -84,6 +85,15 @@ VARIANTS += [
     ("fp32-nchw-64x32x32-bf16x6", (500, 64, 32, 32), False, torch.float32, "fp64", "bf16x6",
      False),
     ("fp32-rows-4096-bf16x6", (500, 4096), False, torch.float32, "fp64", "bf16x6", False),
+    ("fp32-nchw-64x32x32-fp64", (500, 64, 32, 32), False, torch.float32, "fp64", "fp64",
+     False),
+    ("fp32-nchw-256x8x8-fp64", (500, 256, 8, 8), False, torch.float32, "fp64", "fp64", False),
+    ("fp32-nhwc-256x8x8-fp64", (500, 256, 8, 8), True, torch.float32, "fp64", "fp64", False),
+    ("fp32-rows-4096-fp64", (500, 4096), False, torch.float32, "fp64", "fp64", False),
+    ("fp32-nchw-fp64-to-fp32", (500, 256, 8, 8), False, torch.float32, "fp32", "fp64", False),
+    ("fp32-nchw-2x2-unaligned-fp64", (500, 512, 2, 2), False, torch.float32, "fp64", "fp64",
+     False),
+    ("fp32-nchw-i64-fp64", (500, 256, 8, 8), False, torch.float32, "fp64", "fp64", True),
     ("fp32-nchw-2x2-unaligned", (500, 512, 2, 2), False, torch.float32, "fp64", None, False),
     ("bf16-nchw-2x2-unaligned", (500, 512, 2, 2), False, torch.bfloat16, "fp64", None, False),
     ("fp32-nchw-unaligned", (5, 67, 5, 7), False, torch.float32, "fp64", None, False),
@@ -106,7 +116,9 @@ def test_compiles_for_sm90_without_spills(compiled, i):
     assert r["ptxas_ok"], r["ptxas_log"]
     spill = r["spill_stores"] + r["spill_loads"]
     assert spill == 0, f"{spill} bytes spilled ({r['registers']} registers)\n{r['ptxas_log']}"
-    if dtype in (torch.bfloat16, torch.float16) or VARIANTS[i][5] in ("tf32x3", "bf16x6"):
+    if VARIANTS[i][5] == "fp64":  # float64 tensor cores: Hopper has no float64 wgmma
+        assert r["mma_f64"] > 0, "fp64 products should run on the float64 tensor cores (DMMA)"
+    elif dtype in (torch.bfloat16, torch.float16) or VARIANTS[i][5] in ("tf32x3", "bf16x6"):
         if r["block"] >= 64:
             assert r["wgmma"] > 0, "64×64 tensor-core tiles should use wgmma (Hopper)"
         else:

@@ -92,9 +92,11 @@ def calibrate(
             forward pass (see the module docstring); ignored on other devices.
         f32_dot: products of the covariance kernel for float32 activations, one of
             :data:`cobkern.ops.covariance.F32_DOTS`: ``None`` / ``"ieee"`` (exact float32
-            products, the default), or ``"tf32x3"`` / ``"bf16x6"`` (tensor cores: faster,
+            products, the default), ``"tf32x3"`` / ``"bf16x6"`` (tensor cores: faster,
             less exact — check that the lossless rule keeps what it keeps with IEEE before
-            relying on them). Recorded in the statistics' ``meta`` when not IEEE; another
+            relying on them), or ``"fp64"`` (float64 tensor cores of A100/H100-class GPUs:
+            exact products, float64 sums — more exact than IEEE; slow on GPUs with
+            low-rate float64). Recorded in the statistics' ``meta`` when not IEEE; another
             name is a ``ValueError`` (from the accumulators, built before any forward pass).
 
     Returns:

@@ -59,8 +59,11 @@ __all__ = [
 #: import Triton): ``"ieee"`` — exact float32 products on the CUDA cores (the default);
 #: ``"tf32x3"`` / ``"bf16x6"`` — float32 emulated on the tensor cores, faster on the
 #: convolutions, with Gram errors of 1.7e-7 / 5.7e-8 relative against 1.5e-9 (H200,
-#: 2026-11-27, ``BENCHMARKS.md``). Under the interpreter ``bf16x6`` runs as ``"ieee"``.
-F32_DOTS = ("ieee", "tf32x3", "bf16x6")
+#: 2026-11-27, ``BENCHMARKS.md``); ``"fp64"`` — the slabs widened to float64 and multiplied
+#: on the float64 tensor cores of data-centre GPUs (exact products, float64 sums: more
+#: accurate than ``"ieee"``; not yet timed on a GPU). Under the interpreter ``bf16x6`` runs
+#: as ``"ieee"``.
+F32_DOTS = ("ieee", "tf32x3", "bf16x6", "fp64")
 
 
 class Moments(NamedTuple):
