@@ -111,7 +111,7 @@ def _moments_kernel(
                      mask=qmask[:, None] & cmask[None, :], other=0.0)     # [BLOCK_K, BLOCK]
         if F32_DOT == "fp64":  # float64 tensor cores (DMMA): a float32 product is exact
             a64 = a.to(tl.float64)
-            acc = tl.dot(a64, bt.to(tl.float64), acc)
+            acc = tl.dot(a64, bt.to(tl.float64), acc, out_dtype=tl.float64)
             if is_diag:
                 s_abs += tl.sum(tl.abs(a64), axis=1)
         else:
@@ -186,12 +186,18 @@ def launch_config(subspace: int, dtype: torch.dtype, block: int | None = None,
     per SM) and bf16 ~100, no spills. float32 with ``f32_dot="fp64"`` takes the 16-bit
     tiles (64×64 above 32 channels): each step widens both slabs to float64 (conversions
     run at a fraction of the DMMA rate), and a wider tile converts fewer elements per
-    product; its float64 accumulator has no Kahan term (offline sm_90: no spills). These
-    configurations are compiled and checked for spills, tensor-core products and pipelined
-    loads in the test suite. ``block`` overrides the tile size (tuning sweeps).
+    product; its float64 accumulator has no Kahan term. It runs 8 warps with steps of 16
+    samples on 64×64 tiles and 32 on 32×32 ones: offline sm_90, triton 3.6 (whose float64
+    ``mma`` is m16n8k16) spilled 84 bytes at 64×64 with 32-sample steps and 24 bytes at
+    32×32 with 4 warps; these settings are spill-free on 3.6 and 3.8 (102–118 and 46–80
+    registers). These configurations are compiled and checked for spills, tensor-core
+    products and pipelined loads in the test suite. ``block`` overrides the tile size
+    (tuning sweeps).
     """
-    narrow = dtype == torch.float32 and f32_dot != "fp64"
-    block = block or (32 if subspace <= 32 or narrow else 64)
+    if dtype == torch.float32 and f32_dot == "fp64":
+        block = block or (32 if subspace <= 32 else 64)
+        return block, 16 if block >= 64 else 32, 8, 2
+    block = block or (32 if subspace <= 32 or dtype == torch.float32 else 64)
     block_k = 32 if dtype == torch.float32 else 64
     num_warps = 8 if block >= 64 else 4
     return block, block_k, num_warps, 2
