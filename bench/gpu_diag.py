@@ -12,8 +12,9 @@ smoke run: ``TRITON_INTERPRET=1 GPU_DIAG_DEVICE=cpu GPU_DIAG_BATCH=1 GPU_DIAG_CO
 * ``lanes``       — the one-position-per-lane forward prototype (``bench/proto_lanes_p.py``)
   against the shipped forward kernel at 1024×64×32×32, kernels alone, with its error.
 * ``overhead``    — forward+backward per call through the eager fast path
-  (``autograd.Function``), through the registered custom op, and replayed from a CUDA graph:
-  the differences are host time.
+  (``autograd.Function``), through the registered custom op, through the fast path with
+  every launch going through ``JITFunction.run`` (``cobkern.kernels._launch`` off), and
+  replayed from a CUDA graph: the differences are host time.
 * ``covariance``  — the covariance kernel alone (CUDA-graph replay) at each VGG-16 layer's
   activation shape, batch 500, fp32 and bf16: the shipped launch against the same launch
   with one pipeline stage (float32's launch before 2026-11-26), with the other Gram tile
@@ -429,8 +430,11 @@ def _reference_forward(x):
 
 def part_overhead(rec: dict) -> None:
     import triton.testing as tt
+    from cobkern.kernels import _launch
 
     import cobkern
+
+    _launch_default = _launch.FAST_LAUNCH
 
     rows = []
     for shape in [(512, 2, 2), (64, 32, 32), (4096,)]:
@@ -445,9 +449,17 @@ def part_overhead(rec: dict) -> None:
             return torch.autograd.grad(torch.ops.cobkern.tsra(xg, split, 1, *CONSTS), xg, dy)
 
         row = {"shape": [BATCH, *shape], "dtype": "bf16"}
-        for name, fn in (("fast_path", fast), ("custom_op", op)):
-            row[name + "_ms"] = (float(tt.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-                                 if DEVICE == "cuda" else _wall_ms(fn))
+        for name, fn, fast_launch in (("fast_path", fast, True), ("custom_op", op, True),
+                                      ("fast_path_jit_launch", fast, False)):
+            # fast_launch False: every launch through JITFunction.run (as before the
+            # cached launcher of cobkern.kernels._launch), side by side
+            _launch.FAST_LAUNCH = fast_launch and _launch_default
+            try:
+                row[name + "_ms"] = (
+                    float(tt.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+                    if DEVICE == "cuda" else _wall_ms(fn))
+            finally:
+                _launch.FAST_LAUNCH = _launch_default
         try:
             row["graph_ms"] = _graph_ms(fast)
         except Exception as e:
@@ -570,12 +582,14 @@ def _markdown(rec: dict) -> str:
             lines.append(f"| {shp} | {r['dtype']} | {r['direction']} | {cfg} | {v} |")
         lines.append("")
     if "overhead" in rec:
-        lines += ["| shape (bf16, fwd+bwd) | fast path ms | custom op ms | CUDA graph ms |",
-                  "|---|---:|---:|---:|"]
+        lines += ["| shape (bf16, fwd+bwd) | fast path ms | custom op ms | fast path, "
+                  "launches through JITFunction.run ms | CUDA graph ms |",
+                  "|---|---:|---:|---:|---:|"]
         for r in rec["overhead"]:
             g = f"{r['graph_ms']:.4f}" if "graph_ms" in r else r.get("graph_error", "—")
             lines.append(f"| {'×'.join(map(str, r['shape']))} | {r['fast_path_ms']:.4f} | "
-                         f"{r['custom_op_ms']:.4f} | {g} |")
+                         f"{r['custom_op_ms']:.4f} | {r['fast_path_jit_launch_ms']:.4f} | "
+                         f"{g} |")
         lines.append("")
     if "lanes" in rec:
         lines += ["One-position-per-lane forward prototype (bench/proto_lanes_p.py) vs the "

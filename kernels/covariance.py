@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from ._host import cdiv
+from ._launch import launch
 
 __all__ = ["subspace_moments", "launch_config", "specialization", "tile_table",
            "mirror_upper", "KERNELS"]
@@ -310,11 +311,9 @@ def subspace_moments(x: torch.Tensor, geo, split: int, packed: torch.Tensor,
     n_chunks = max(1, min(cdiv(n, block_k), cdiv(target_programs, n_tiles)))
     chunk = cdiv(cdiv(n, n_chunks), block_k) * block_k
     n_chunks = cdiv(n, chunk)
-    _moments_kernel[(n_tiles * n_chunks,)](
-        x, table, packed, sum_abs, sum_sq,
-        C, geo.P, split, n, n_tiles, chunk, geo.stride_b, geo.stride_c, geo.stride_p,
-        num_warps=num_warps, num_stages=num_stages, **constexprs,
-    )
+    launch(_moments_kernel, (n_tiles * n_chunks,), (x, table, packed, sum_abs, sum_sq),
+           (C, geo.P, split, n, n_tiles, chunk, geo.stride_b, geo.stride_c, geo.stride_p),
+           (), constexprs, num_warps, num_stages)
     if mirror:
         mirror_upper(packed[: su * su].view(su, su))
         mirror_upper(packed[su * su:].view(sv, sv))

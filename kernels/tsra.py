@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 
 from ._host import cdiv, next_pow2
+from ._launch import launch
 
 __all__ = ["tsra_forward", "tsra_backward", "launch_config", "specialization", "KERNELS",
            "MAX_TILE_CHANNELS"]
@@ -460,10 +461,9 @@ def _launch(direction, tensors, geo, split, a_u, b_u, a_v, b_v, eps, norm_size, 
         geo.C, geo.P, split, geo.channels_contig, direction, norm_size > 0,
         tensors[0].element_size(), **tuning)
     inv_n = 1.0 / norm_size if norm_size > 0 else 0.0
-    kernel[(n_pblocks * geo.B,)](
-        *tensors, geo.C, geo.P, split, n_pblocks, geo.stride_b, geo.stride_c, geo.stride_p,
-        a_u, b_u, a_v, b_v, eps, inv_n, rms_eps, num_warps=num_warps, **constexprs,
-    )
+    launch(kernel, (n_pblocks * geo.B,), tensors,
+           (geo.C, geo.P, split, n_pblocks, geo.stride_b, geo.stride_c, geo.stride_p),
+           (a_u, b_u, a_v, b_v, eps, inv_n, rms_eps), constexprs, num_warps)
 
 
 def tsra_forward(x: torch.Tensor, y: torch.Tensor, geo, split: int, a_u: float, b_u: float,

@@ -1,0 +1,100 @@
+"""The fast kernel launch (``cobkern.kernels._launch``) against ``JITFunction.run``.
+
+Without a GPU, a fake Triton driver (``fake_triton_driver.py``, run in a subprocess with the
+interpreter off) compiles the kernels for sm_90 and records what each launch would pass to
+the compiled kernel's C launcher. For every kernel family and variant, the fast path must
+launch the same compiled kernel with the same arguments as Triton's own path — grid,
+stream, function handle, packed metadata, launch metadata, hooks and every argument — on
+its first call (which goes through the JIT) and on cache hits; a tensor 4 bytes off
+16-byte alignment must get its own compiled kernel, as the JIT specialises on alignment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from cobkern.kernels import _launch  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def comparison() -> dict:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "fake_triton_driver.py")],
+                          capture_output=True, text=True, env=env, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_fast_launch_passes_what_the_jit_passes(comparison):
+    cases = comparison["cases"]
+    assert len(cases) >= 14
+    for name, c in cases.items():
+        assert c["launches"] == 1, name
+        assert c["same"], f"{name}: fast path launched {c['first_diff'][0]}, " \
+                          f"the JIT {c['first_diff'][1]}"
+        assert c["new_cache_entries"] == 1, f"{name}: one compiled kernel per launch key"
+
+
+def test_alignment_gets_its_own_compiled_kernel(comparison):
+    cases = comparison["cases"]
+    aligned = cases["tsra-split-fp32-forward"]["kernels"]
+    misaligned = cases["tsra-misaligned-forward"]["kernels"]
+    assert aligned != misaligned, "a misaligned tensor reused the aligned specialisation"
+
+
+def test_an_int_passed_as_a_float_is_refused(comparison):
+    msg = comparison["int_among_floats"]
+    assert msg is not None and "floats must be Python floats" in msg, msg
+
+
+def test_interpreter_falls_back_to_the_jit(device):
+    """Under ``TRITON_INTERPRET=1`` (how the suite runs kernels on a CPU) the kernels are
+    not ``JITFunction``s: launch() takes ``kernel[grid](...)`` and caches nothing."""
+    if device.type != "cpu":
+        pytest.skip("the interpreter runs CPU tensors")
+    import cobkern
+    from cobkern.ops import use_backend
+
+    before = _launch.cache_size()
+    with use_backend("triton"):
+        y = cobkern.tsra(torch.randn(3, 10, 2, 2), 4)
+    assert y.shape == (3, 10, 2, 2)
+    assert _launch.cache_size() == before
+
+
+def test_parameter_order_is_checked():
+    """launch() passes the constexprs positionally after the tensors and scalars, so a
+    kernel declared in another order is refused with the names, not launched wrongly."""
+    def param(name, const):
+        return types.SimpleNamespace(name=name, is_constexpr=const)
+
+    good = types.SimpleNamespace(__name__="k", params=[
+        param("X", False), param("n", False), param("B", True), param("A", True)])
+    assert _launch._constexpr_values(good, 2, {"A": 1, "B": 2}) == (2, 1)
+    bad = types.SimpleNamespace(__name__="k", params=[
+        param("X", False), param("B", True), param("n", False), param("A", True)])
+    with pytest.raises(TypeError, match=r"k: launch\(\) needs the tensors"):
+        _launch._constexpr_values(bad, 2, {"A": 1, "B": 2})
+    with pytest.raises(TypeError, match="constexprs"):
+        _launch._constexpr_values(good, 2, {"A": 1})
+
+
+def test_environment_switch_turns_the_fast_path_off():
+    code = "from cobkern.kernels import _launch; print(_launch.FAST_LAUNCH)"
+    for value, expected in (("0", "False"), ("1", "True")):
+        env = dict(os.environ, COBKERN_FAST_LAUNCH=value)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=env, check=True).stdout.strip()
+        assert out == expected
