@@ -66,6 +66,8 @@ want() { [[ $STEPS == *",$1,"* ]]; }
 # files each step returns (the device returns at most 8 from $OUT, steps.log included)
 declare -A NFILES=([tests]=1 [diag]=3 [tuned]=2 [ncu]=1 [calibration]=2 [tsra]=2 [pruned]=4
                    [fast]=1 [training]=2)
+# without the tiles part gpu_diag writes no tsra_tuning.json
+[[ -n ${GPU_DIAG_PARTS:-} && ,$GPU_DIAG_PARTS, != *,tiles,* ]] && NFILES[diag]=2
 n=1; for s in ${REQ//,/ }; do n=$((n + NFILES[$s])); done
 ((n > 8)) && echo "warning: steps '$REQ' write $n files; the device returns at most 8 — \
 split them over two calls" | tee -a "$FINAL/steps.log"

@@ -23,6 +23,9 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 #: the arguments of every recorded launch, in order
 calls: list[tuple] = []
+#: record launches (timings turn it off: a growing list of tensors and launch metadata
+#: makes Python's garbage collector, and so every call, slower)
+RECORD = True
 
 
 class _Utils:
@@ -42,7 +45,8 @@ class _Launcher:
         self.kernel = getattr(metadata, "hash", None) or str(id(self))
 
     def __call__(self, *args):
-        calls.append((self.kernel, *args))
+        if RECORD:
+            calls.append((self.kernel, *args))
 
 
 class FakeDriver:
@@ -202,8 +206,10 @@ def timing(n: int = 3000) -> dict:
     """Host µs per launch of the smallest TSRA case, through the JIT and the fast path."""
     from cobkern.kernels import _launch
 
+    global RECORD
     fn = _cases()[0][1]
     res = {}
+    RECORD = False
     for label, fast in (("jit_us", False), ("fast_us", True)):
         _launch.FAST_LAUNCH = fast
         for _ in range(100):
@@ -212,7 +218,7 @@ def timing(n: int = 3000) -> dict:
         for _ in range(n):
             fn()
         res[label] = (time.perf_counter() - t) / n * 1e6
-        calls.clear()
+    RECORD = True
     return res
 
 
