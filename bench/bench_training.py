@@ -20,6 +20,7 @@ Usage::
 
     python bench/bench_training.py --out bench/results/training
     python bench/bench_training.py --variants tsra-fused,relu --batch 512 --steps 30
+    python bench/bench_training.py --profile tsra-fused-compiled,relu-compiled  # + top kernels
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ def build(variant: str, width: float) -> tuple[nn.Module, str]:
 
 
 def bench_one(variant: str, *, width: float, batch: int, steps: int, warmup: int,
-              device: torch.device, bf16: bool, channels_last: bool) -> dict:
+              device: torch.device, bf16: bool, channels_last: bool,
+              profile: bool = False) -> dict:
     torch.manual_seed(0)
     model, backend = build(variant, width)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -139,7 +141,11 @@ def bench_one(variant: str, *, width: float, batch: int, steps: int, warmup: int
     if variant.endswith("heuristic"):
         os.environ[TUNING_ENV] = "off"
     try:
-        return _timed(variant, sgd, backend, step, sync, steps, warmup, batch, device)
+        res = _timed(variant, sgd, backend, step, sync, steps, warmup, batch, device)
+        if profile:
+            with cobkern.use_backend(backend):
+                res["profile"] = profile_steps(step, sync, device)
+        return res
     finally:
         if saved is None:
             os.environ.pop(TUNING_ENV, None)
@@ -170,6 +176,36 @@ def _timed(variant, sgd, backend, step, sync, steps, warmup, batch, device) -> d
     return res
 
 
+#: kernels listed per profiled variant
+PROFILE_TOP = 12
+
+
+def profile_steps(step, sync, device: torch.device, n: int = 3) -> dict:
+    """Where ``n`` training steps spend their device time: the ``PROFILE_TOP`` kernels by
+    total time (name, ms per step, calls per step) and the device total per step, from
+    ``torch.profiler`` (CPU time on a CPU). After the timed steps, so compilation and
+    autotuning are done."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    sync()
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            step()
+        sync()
+    rows = []
+    for e in prof.key_averages():
+        t = e.device_time_total if cuda else e.self_cpu_time_total  # µs
+        if t > 0 and (not cuda or e.device_type.name == "CUDA"):
+            rows.append((t, e.key, e.count))
+    rows.sort(reverse=True)
+    return {"steps": n, "time": "CUDA kernel time" if cuda else "CPU self time",
+            "device_ms_per_step": sum(t for t, _, _ in rows) / n / 1000,
+            "top": [{"kernel": k[:120], "ms_per_step": t / n / 1000, "calls_per_step": c / n}
+                    for t, k, c in rows[:PROFILE_TOP]]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--variants", default=",".join(VARIANTS))
@@ -181,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-bf16", action="store_true", help="fp32 on CUDA")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--out", default="bench/results/training", help="output path stem")
+    p.add_argument("--profile", default="", metavar="VARIANTS",
+                   help="comma-separated variants to profile for 3 more steps after their "
+                        "timing (top kernels by device time, in the JSON and Markdown), "
+                        "e.g. tsra-fused-compiled,relu-compiled")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -191,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     bf16 = gpu and not args.no_bf16
     channels_last = not args.no_channels_last
     variants = [v for v in args.variants.split(",") if v]
-    unknown = set(variants) - set(VARIANTS)
+    profiled = {v for v in args.profile.split(",") if v}
+    unknown = (set(variants) | profiled) - set(VARIANTS)
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
 
@@ -206,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     for v in variants:
         try:
             r = bench_one(v, width=width, batch=batch, steps=steps, warmup=warmup,
-                          device=device, bf16=bf16, channels_last=channels_last)
+                          device=device, bf16=bf16, channels_last=channels_last,
+                          profile=v in profiled)
         except Exception as e:  # e.g. no C++ compiler for Inductor on this machine
             r = {"variant": v, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
         rows.append(r)
@@ -236,6 +278,15 @@ def write_results(out: Path, meta: dict, rows: list[dict]) -> str:
         rel = f"{r['images_per_s'] / base:.2f}×" if base else "—"
         lines.append(f"| {r['variant']} | {r['optimizer']} | {r['images_per_s']:.0f} | "
                      f"{r['ms_per_step']:.1f} | {rel} | {r['warmup_s']:.1f} |")
+    for r in rows:
+        if "profile" in r:
+            pr = r["profile"]
+            lines += ["", f"**{r['variant']}**: {pr['device_ms_per_step']:.2f} ms of "
+                      f"{pr['time']} per step (profiled over {pr['steps']} steps); the top "
+                      "entries:", "", "| kernel / op | ms / step | calls / step |",
+                      "|---|---:|---:|"]
+            lines += [f"| `{k['kernel']}` | {k['ms_per_step']:.3f} | {k['calls_per_step']:g} |"
+                      for k in pr["top"]]
     table = "\n".join(lines) + "\n"
     with atomic_path(out.with_suffix(".md")) as tmp:
         tmp.write_text(table)
