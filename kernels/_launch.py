@@ -22,6 +22,10 @@ and its compiled kernel is kept.
 Floats are not keyed: Triton passes Python floats as ``fp32`` arguments whatever their
 value. Launch hooks (``knobs.runtime.launch_enter_hook``, used by profilers) are honoured.
 
+Device: Triton launches on the *current* CUDA device. When the tensors live on another one
+(a model moved to ``cuda:1`` while ``cuda:0`` is current), :func:`launch` makes their device
+current for the launch and restores the previous one, on both paths.
+
 Falls back to the plain ``kernel[grid](...)`` under the Triton interpreter, when
 ``COBKERN_FAST_LAUNCH=0`` is set in the environment (read at import), and with a Triton
 whose compiled kernels do not have the launch interface used here.
@@ -77,12 +81,26 @@ def launch(kernel: Any, grid: tuple[int, ...], tensors: tuple[torch.Tensor, ...]
         constexprs: every ``tl.constexpr`` parameter by name.
         num_warps, num_stages: launch options (``num_stages=None``: Triton's default).
     """
-    rt = _triton_runtime() if FAST_LAUNCH else None
-    if rt is None or not isinstance(kernel, rt[2]):  # interpreter, or no fast path
+    rt = _triton_runtime()
+    if rt is None or not isinstance(kernel, rt[2]):  # interpreter (CPU tensors), old Triton
         _jit_launch(kernel, grid, tensors, ints + floats, constexprs, num_warps, num_stages)
         return
-    driver, knobs = rt[0], rt[1]
+    driver = rt[0]
     device = driver.active.get_current_device()
+    index = tensors[0].get_device()
+    if index != device and index >= 0:
+        # Triton launches on the current device: switch to the tensors' one (a model on
+        # cuda:1 while cuda:0 is current) and back, as a device guard would
+        driver.active.set_current_device(index)
+        try:
+            launch(kernel, grid, tensors, ints, floats, constexprs, num_warps, num_stages)
+        finally:
+            driver.active.set_current_device(device)
+        return
+    if not FAST_LAUNCH:
+        _jit_launch(kernel, grid, tensors, ints + floats, constexprs, num_warps, num_stages)
+        return
+    knobs = rt[1]
     # id(kernel): the kernels are module globals, alive as long as the process; hashing a
     # JITFunction itself computes its cache key (microseconds)
     key = (id(kernel), device, num_warps, num_stages, knobs.runtime.debug,

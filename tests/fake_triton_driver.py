@@ -26,6 +26,8 @@ calls: list[tuple] = []
 #: record launches (timings turn it off: a growing list of tensors and launch metadata
 #: makes Python's garbage collector, and so every call, slower)
 RECORD = True
+#: the current device at each recorded launch
+devices: list[int] = []
 
 
 class _Utils:
@@ -47,6 +49,7 @@ class _Launcher:
     def __call__(self, *args):
         if RECORD:
             calls.append((self.kernel, *args))
+            devices.append(FakeDriver.device)
 
 
 class FakeDriver:
@@ -54,9 +57,13 @@ class FakeDriver:
 
     utils = _Utils()
     launcher_cls = _Launcher
+    device = 0  # the current device
 
     def get_current_device(self) -> int:
-        return 0
+        return FakeDriver.device
+
+    def set_current_device(self, device: int) -> None:
+        FakeDriver.device = device
 
     def get_current_stream(self, device=None) -> int:
         return 1234
@@ -178,6 +185,31 @@ def compare() -> dict:
         }
     out["cache_size"] = _launch.cache_size()
     out["int_among_floats"] = _int_among_floats()
+    out["other_device"] = _other_device()
+    return out
+
+
+def _other_device() -> dict:
+    """Tensors on device 1 while device 0 is current (``Tensor.get_device`` patched: the
+    tensors here are CPU tensors): each launch must run with device 1 current, on both
+    paths, and leave device 0 current."""
+    import torch
+    from cobkern.kernels import _launch
+
+    fn = _cases()[0][1]
+    original = torch.Tensor.get_device
+    out = {}
+    try:
+        torch.Tensor.get_device = lambda self: 1
+        for label, fast in (("jit", False), ("fast", True)):
+            _launch.FAST_LAUNCH = fast
+            devices.clear()
+            fn()
+            fn()
+            out[label] = {"launched_on": list(devices), "current_after": FakeDriver.device}
+    finally:
+        torch.Tensor.get_device = original
+        _launch.FAST_LAUNCH = True
     return out
 
 

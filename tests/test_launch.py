@@ -54,6 +54,14 @@ def test_alignment_gets_its_own_compiled_kernel(comparison):
     assert aligned != misaligned, "a misaligned tensor reused the aligned specialisation"
 
 
+def test_tensors_on_another_device_launch_there(comparison):
+    """Triton launches on the current device; tensors on cuda:1 with cuda:0 current must
+    still be launched on cuda:1, and cuda:0 stay current afterwards (both paths)."""
+    for path, r in comparison["other_device"].items():
+        assert r["launched_on"] == [1, 1], (path, r)
+        assert r["current_after"] == 0, (path, r)
+
+
 def test_an_int_passed_as_a_float_is_refused(comparison):
     msg = comparison["int_among_floats"]
     assert msg is not None and "floats must be Python floats" in msg, msg
