@@ -104,8 +104,12 @@ def use_triton(x: torch.Tensor, *, op: str, supported: bool = True) -> bool:
     """
     if _backend == "reference":
         return False
-    interpreted = x.device.type == "cpu" and interpreter_enabled()
-    runnable = triton_available() and (x.device.type == "cuda" or interpreted)
+    if x.is_cuda:  # the common case first: no environment lookup, no device object
+        interpreted = False
+        runnable = triton_available()
+    else:
+        interpreted = x.device.type == "cpu" and interpreter_enabled()
+        runnable = interpreted and triton_available()
     if runnable and interpreted:
         check_interpreter_compatible()
     if _backend == "triton":

@@ -80,6 +80,20 @@ def _kernel_supported(x: Tensor) -> bool:
     return x.dtype in KERNEL_DTYPES
 
 
+_KERNELS = None
+
+
+def _kernels():
+    """``cobkern.kernels.tsra``, imported on first use (importing triton is slow) and kept:
+    an ``import`` statement on every launch cost ~0.75 µs of host time."""
+    global _KERNELS
+    if _KERNELS is None:
+        from cobkern.kernels import tsra
+
+        _KERNELS = tsra
+    return _KERNELS
+
+
 def _launch_or_reference(fwd: bool, x: Tensor, grad: Tensor | None, args: tuple) -> Tensor:
     split, dim, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps = args
     op = "cobkern.tsra" if fwd else "cobkern.tsra_backward"
@@ -90,8 +104,7 @@ def _launch_or_reference(fwd: bool, x: Tensor, grad: Tensor | None, args: tuple)
             return reference.tsra_forward(x, *args)
         return reference.tsra_backward(grad, x, *args)
 
-    from cobkern.kernels import tsra as kernels  # deferred: importing triton is slow
-
+    kernels = _kernels()
     out = torch.empty_like(x)
     geo = channel_geometry(x, dim)
     if grad is not None and geo is not None and channel_geometry(grad, dim) != geo:
