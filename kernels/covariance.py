@@ -174,11 +174,13 @@ def launch_config(subspace: int, dtype: torch.dtype, block: int | None = None,
     16-bit inputs: tiles of 64×64 (8 warps), or 32×32 (4 warps) when the wider subspace has
     at most 32 channels — a 64×64 tile of a 32-channel subspace is three quarters padding
     (VGG-16's first two layers; offline sm_90 SASS: 2.6× fewer instructions per sample).
-    float32: 32×32 tiles at every width. On an H200 (2026-11-27, batch 500, CUDA-graph
-    replay) they beat 64×64 at every VGG-16 layer wider than 32 channels: 3 % (512×4×4) to
-    25 % (128×16×16, 0.244 ms against 0.325), 12 % less kernel time over the network; in
-    bf16 they were mixed (27 % faster at 512×2×2, 19 % slower on the 4096-wide layers), so
-    bf16 keeps 64×64. Wider subspaces get more tiles rather than bigger ones. A step takes 64
+    float32 with IEEE products: 32×32 tiles at every width. On an H200 (2026-11-27, batch
+    500, CUDA-graph replay) they beat 64×64 at every VGG-16 layer wider than 32 channels:
+    3 % (512×4×4) to 25 % (128×16×16, 0.244 ms against 0.325), 12 % less kernel time over
+    the network; in bf16 they were mixed (27 % faster at 512×2×2, 19 % slower on the
+    4096-wide layers), so bf16 keeps 64×64, and so do float32's tensor-core modes
+    (``tf32x3``, ``bf16x6``: timed with 64×64 tiles; with 32×32 ones ``bf16x6`` spills 12
+    bytes on the 4096-wide layers under triton 3.6, offline). Wider subspaces get more tiles rather than bigger ones. A step takes 64
     samples for 16-bit inputs and 32 for float32 (twice the bytes per slab); two pipeline
     stages (``cp.async`` on sm_90; :func:`specialization` keeps one where the loads are
     scalar). The fp32 tile accumulator, its Kahan compensation and each
@@ -198,7 +200,8 @@ def launch_config(subspace: int, dtype: torch.dtype, block: int | None = None,
     if dtype == torch.float32 and f32_dot == "fp64":
         block = block or (32 if subspace <= 32 else 64)
         return block, 16 if block >= 64 else 32, 8, 2
-    block = block or (32 if subspace <= 32 or dtype == torch.float32 else 64)
+    ieee = dtype == torch.float32 and f32_dot in (None, "", "ieee")
+    block = block or (32 if subspace <= 32 or ieee else 64)
     block_k = 32 if dtype == torch.float32 else 64
     num_warps = 8 if block >= 64 else 4
     return block, block_k, num_warps, 2
