@@ -104,10 +104,18 @@ if want tests; then
   XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
   cap 150 python3 -m pytest -q -p no:cacheprovider $XDIST -rfEs \
     tests/test_tsra_kernels.py tests/test_tsra_properties.py tests/test_tsra_compile.py \
-    tests/test_covariance.py tests/test_cob.py tests/test_tuning.py \
+    tests/test_covariance.py tests/test_cob.py tests/test_tuning.py tests/test_launch.py \
     "tests/test_training.py::test_resume_in_a_fresh_process_is_bit_identical[cuda]" \
     tests/test_readme.py::test_api_example_runs \
     > "$FINAL/tests.log"
+  # failures again with every launch through JITFunction.run: the launch cache
+  # (kernels/_launch.py, untimed on a GPU before this) or the kernels themselves?
+  mapfile -t FAILED < <(grep -oE "^FAILED [^ ]+" "$FINAL/tests.log" | cut -d' ' -f2 | head -40)
+  if ((${#FAILED[@]})); then
+    step "the ${#FAILED[@]} failed tests again with COBKERN_FAST_LAUNCH=0"
+    COBKERN_FAST_LAUNCH=0 cap 60 python3 -m pytest -q -p no:cacheprovider -rfEs \
+      "${FAILED[@]}" >> "$FINAL/tests.log"
+  fi
 fi
 if want diag; then
   step "diagnostics: tile sweep, host overhead, calibration profile"

@@ -180,8 +180,9 @@ def launch_config(subspace: int, dtype: torch.dtype, block: int | None = None,
     the network; in bf16 they were mixed (27 % faster at 512×2×2, 19 % slower on the
     4096-wide layers), so bf16 keeps 64×64, and so do float32's tensor-core modes
     (``tf32x3``, ``bf16x6``: timed with 64×64 tiles; with 32×32 ones ``bf16x6`` spills 12
-    bytes on the 4096-wide layers under triton 3.6, offline). Wider subspaces get more tiles rather than bigger ones. A step takes 64
-    samples for 16-bit inputs and 32 for float32 (twice the bytes per slab); two pipeline
+    bytes on the 4096-wide layers under triton 3.6, offline). Wider subspaces get more
+    tiles rather than bigger ones. A step takes 64 samples for 16-bit inputs and 32 for
+    float32 (twice the bytes per slab); two pipeline
     stages (``cp.async`` on sm_90; :func:`specialization` keeps one where the loads are
     scalar). The fp32 tile accumulator, its Kahan compensation and each
     step's product tile live in registers: with 4 warps a 64×64 tile needs more than 255

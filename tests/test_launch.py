@@ -106,3 +106,36 @@ def test_environment_switch_turns_the_fast_path_off():
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              env=env, check=True).stdout.strip()
         assert out == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cached_launches_compute_what_jit_launches_compute_on_cuda(channels_last):
+    """Natively: forward and backward through the launch cache (first call compiles
+    through the JIT, the second is a cache hit) are bit-identical to launching through
+    ``JITFunction.run`` every time, and the cache was used."""
+    import cobkern
+
+    x = torch.randn(16, 96, 6, 6, device="cuda")
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    dy = torch.randn_like(x)
+
+    def run():
+        xg = x.detach().requires_grad_(True)
+        y = cobkern.rmsnorm_tsra(xg, 40)
+        (dx,) = torch.autograd.grad(y, xg, dy)
+        return y, dx
+
+    default = _launch.FAST_LAUNCH
+    try:
+        _launch.FAST_LAUNCH = False
+        y_jit, dx_jit = run()
+        _launch.FAST_LAUNCH = True
+        before = _launch.cache_size()
+        run()
+        y_fast, dx_fast = run()
+        assert _launch.cache_size() > before or before > 0
+    finally:
+        _launch.FAST_LAUNCH = default
+    assert torch.equal(y_fast, y_jit) and torch.equal(dx_fast, dx_jit)
