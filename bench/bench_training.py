@@ -10,7 +10,12 @@ forward, cross-entropy, backward, AdamW/SGD step):
   (what the authors' eager code does);
 * ``tsra-eager-compiled`` — ``torch.compile`` of that eager model (Inductor may fuse it);
 * ``tsra-fused-compiled`` — ``torch.compile`` of the fused model;
-* ``relu`` / ``relu-compiled`` — the BatchNorm/ReLU control.
+* ``relu`` / ``relu-compiled`` — the BatchNorm/ReLU control;
+* ``tsra-fused-compiled-cg`` / ``relu-compiled-cg`` — ``torch.compile(mode=
+  "reduce-overhead")``: the compiled forward and backward replayed as CUDA graphs, so a
+  step costs its kernels, not the host's dispatch of them (cobkern's custom ops cost
+  ~16 µs of host each through the dispatcher on our CPU, against ~7 µs for the launch
+  itself; 30 of them per step).
 
 Defaults: batch 1024, width 1.0, bf16 autocast on CUDA; on a CPU it falls back to small
 shapes (width 0.125, batch 64, fewer steps) so it still runs. Writes JSON and a Markdown
@@ -45,7 +50,7 @@ from cobkern.ops.tuning import table_for_device
 
 VARIANTS = ("tsra-fused", "tsra-reference-op", "tsra-eager", "tsra-eager-compiled",
             "tsra-fused-compiled", "relu", "relu-compiled", "relu-adamw",
-            "tsra-fused-heuristic")
+            "tsra-fused-heuristic", "tsra-fused-compiled-cg", "relu-compiled-cg")
 #: ``tsra-fused-heuristic``: ``tsra-fused`` with the TSRA tuning table switched off
 #: (``COBKERN_TSRA_TUNING=off`` during its steps), so a table's effect on a training step —
 #: the shipped one, or one named by ``COBKERN_TSRA_TUNING`` for the whole run — is measured
@@ -121,12 +126,18 @@ def bench_one(variant: str, *, width: float, batch: int, steps: int, warmup: int
     sgd = variant.startswith("relu") and variant != "relu-adamw"
     opt = (torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
            if sgd else torch.optim.AdamW(model.parameters(), lr=1e-3))
-    net = torch.compile(model) if variant.endswith("compiled") else model
+    graphs = variant.endswith("-cg")
+    if graphs:
+        net = torch.compile(model, mode="reduce-overhead")
+    else:
+        net = torch.compile(model) if variant.endswith("compiled") else model
     x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,), device=device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def step() -> None:
+        if graphs:  # a new iteration: the previous step's graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with amp:
             loss = F.cross_entropy(net(x).float(), y)
         opt.zero_grad(set_to_none=True)

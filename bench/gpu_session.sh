@@ -190,8 +190,8 @@ if want training; then
     export COBKERN_TSRA_TUNING="$FINAL/tsra_tuning.json"
     echo "training with this call's tuning table $COBKERN_TSRA_TUNING" | tee -a "$LOG"
   fi
-  cap 150 python3 bench/bench_training.py --out "$FINAL/bench_training" --steps 30 \
-    --warmup 5 --variants tsra-fused,tsra-fused-heuristic,tsra-eager,relu,relu-adamw,tsra-reference-op,tsra-fused-compiled,relu-compiled,tsra-eager-compiled \
+  cap 180 python3 bench/bench_training.py --out "$FINAL/bench_training" --steps 30 \
+    --warmup 5 --variants tsra-fused,tsra-fused-heuristic,tsra-eager,relu,relu-adamw,tsra-reference-op,tsra-fused-compiled,relu-compiled,tsra-eager-compiled,tsra-fused-compiled-cg,relu-compiled-cg \
     --profile tsra-fused-compiled,relu-compiled  # where the compiled steps differ (issue 5)
 fi
 
