@@ -20,6 +20,7 @@ from cobkern.data import ImageSet, load_cifar10
 from cobkern.models import load_model, model_config, vgg16_tsra
 from cobkern.training import (
     CheckpointError,
+    ConfigError,
     TrainConfig,
     evaluate,
     finetune,
@@ -742,7 +743,8 @@ def test_training_loop_matches_a_hand_written_reference(tmp_path, optimizer) -> 
 #: The TrainConfig fields a resume may change (checkpoint.py documents why each one does not
 #: change the optimisation); listed here so that adding one is a deliberate change.
 _MAY_CHANGE = {"progress", "log_every", "eval_every", "checkpoint_every", "eval_batch_size",
-               "num_threads", "device", "compile", "channels_last", "cache_dir", "download"}
+               "num_threads", "device", "compile", "compile_mode", "channels_last", "cache_dir",
+               "download"}
 
 
 def test_every_optimisation_setting_is_checked_on_resume() -> None:
@@ -816,3 +818,28 @@ def test_evaluate_scores_the_whole_set_from_any_loader_position() -> None:
         model.eval()
         evaluate(model, test)
         assert not model.training
+
+
+def test_compile_mode_reaches_torch_compile_and_marks_cuda_graph_steps(tmp_path,
+                                                                       monkeypatch) -> None:
+    """compile_mode is torch.compile's mode (``default``: none passed); with a CUDA-graph
+    mode every step starts with ``cudagraph_mark_step_begin`` (a replay may overwrite the
+    previous step's outputs). torch.compile is replaced by a recorder: what is tested is
+    the trainer's plumbing, not Inductor."""
+    seen, marks = [], []
+
+    def fake_compile(module, **kw):
+        seen.append(kw)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    data = _toy_data()
+    with cobkern.use_backend("reference"):
+        train(_tiny_config(steps=3, compile=True), tmp_path / "a", data=data)
+        train(_tiny_config(steps=3, compile=True, compile_mode="reduce-overhead"),
+              tmp_path / "b", data=data)
+    assert seen == [{"mode": None}, {"mode": "reduce-overhead"}]
+    assert len(marks) == 3
+    with pytest.raises(ConfigError, match="compile_mode must be one of"):
+        _tiny_config(compile_mode="fastest")

@@ -41,6 +41,10 @@ class ConfigError(ValueError):
     """An invalid training setting, unknown preset or unreadable config file."""
 
 
+#: ``torch.compile`` modes the trainer accepts (``compile_mode``).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class TrainConfig:
     """Every training setting. ``0`` means "off"/"all" where noted.
@@ -63,8 +67,11 @@ class TrainConfig:
         download, train_subset / test_subset (0: all; a seeded choice), augment.
     Runtime:
         seed, device (``auto|cpu|cuda|cuda:N``), bf16 (autocast), compile
-        (``torch.compile``), channels_last, num_threads (CPU threads; 0: torch default),
-        progress (tqdm bar).
+        (``torch.compile``), compile_mode (its ``mode``: ``default``, ``reduce-overhead`` —
+        the compiled forward and backward replayed as CUDA graphs, no host dispatch per
+        kernel; not with several processes —, ``max-autotune``,
+        ``max-autotune-no-cudagraphs``), channels_last, num_threads (CPU threads; 0: torch
+        default), progress (tqdm bar).
     """
 
     arch: str = "tsra"
@@ -104,6 +111,7 @@ class TrainConfig:
     device: str = "auto"
     bf16: bool = False
     compile: bool = False
+    compile_mode: str = "default"
     channels_last: bool = False
     num_threads: int = 0
     progress: bool = True
@@ -149,6 +157,9 @@ class TrainConfig:
              f"unknown data_source {self.data_source!r}")
         need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
              f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        need(self.compile_mode in COMPILE_MODES,
+             f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got "
+             f"{self.compile_mode!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

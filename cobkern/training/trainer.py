@@ -176,6 +176,12 @@ def _train(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
     if config.batch_size % d.world:
         raise ConfigError(f"batch_size {config.batch_size} is not divisible by the "
                           f"{d.world} ranks")
+    # reduce-overhead and max-autotune replay the compiled step as CUDA graphs
+    graphs = config.compile and config.compile_mode in ("reduce-overhead", "max-autotune")
+    if graphs and d.active:
+        raise ConfigError(f"compile_mode={config.compile_mode} (CUDA graphs) is not supported "
+                          f"with {d.world} processes (DistributedDataParallel); use "
+                          "compile_mode=default or max-autotune-no-cudagraphs")
     train_set, test_set = _prepare_data(config, data, d)
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     if model is None:
@@ -231,7 +237,8 @@ def _train(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
         net = nn.parallel.DistributedDataParallel(
             base, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
-        net = torch.compile(net)
+        mode = None if config.compile_mode == "default" else config.compile_mode
+        net = torch.compile(net, mode=mode)
 
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -292,6 +299,8 @@ def _train(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
     try:
         while step < config.steps:
             for x, y in loader:
+                if graphs:  # a new step: the last replay's outputs may now be overwritten
+                    torch.compiler.cudagraph_mark_step_begin()
                 with bf16_autocast(device, config.bf16):
                     logits = net(x)
                     loss = F.cross_entropy(logits.float(), y,
