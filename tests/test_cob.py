@@ -161,6 +161,40 @@ def test_calibrate_kernel_path_matches_reference():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
 
 
+def test_calibrate_fp64_products_match_reference_to_float64(device):
+    """``f32_dot="fp64"``: the kernel's float32 products exact and summed in float64, so the
+    statistics equal float64 sums of the very float32 activations the forward produced
+    (kept by hooks) to float64 round-off — 1e-12 relative, where the IEEE kernel is a few
+    float32 ulps — and they say so: accumulation "float64", which gives the lossless rule
+    the float64 tolerance."""
+    from cobkern.pruning.strategy import DEFAULT_RANK_TOL
+
+    torch.manual_seed(0)
+    m = small_net().eval().to(device)
+    data = [(x.to(device), y) for x, y in batches(n_batches=2)]
+    acts: dict[str, list[torch.Tensor]] = {}
+    layers = find_cob_layers(m)
+    hooks = [lay.activation.register_forward_hook(
+        lambda mod, i, o, n=lay.name: acts.setdefault(n, []).append(o.detach().double()))
+        for lay in layers]
+    try:
+        with use_backend("triton"):
+            got = calibrate(m, data, progress=False, f32_dot="fp64")
+    finally:
+        for h in hooks:
+            h.remove()
+    assert got.meta.get("f32_dot") == "fp64"
+    for lay in layers:
+        s = got[lay.name]
+        assert s.accumulation == "float64"
+        assert DEFAULT_RANK_TOL[s.accumulation] == 1e-10
+        ref = subspace_moments_reference(torch.cat(acts[lay.name]), lay.split,
+                                         accum_dtype=torch.float64)
+        for a, b in zip((s.gram_u, s.gram_v, s.sum_abs, s.sum_sq), ref, strict=True):
+            torch.testing.assert_close(a.cpu(), b.cpu(), rtol=1e-12,
+                                       atol=1e-12 * b.abs().max().item())
+
+
 def test_calibrate_overlap_matches_serial(device):
     """``overlap=True`` (the covariance kernels on a side stream, CUDA only; ignored on a CPU)
     computes the same statistics: float64 sums of the same float32 tiles, added in another

@@ -238,6 +238,27 @@ def test_fp64_products_sum_in_float64(device, shape, split, channels_last):
     assert errs["ieee"] > 1e-11, f"the data do not separate the modes: {errs}"
 
 
+def test_fp64_products_keep_float64_accumulation(device):
+    """The lossless rule's default tolerance follows the statistics' precision
+    (``accumulation``): float32 batches summed with ``f32_dot="fp64"`` are as precise as the
+    reference path ("float64", tolerance 1e-10); IEEE float32 products or a bf16 batch
+    (float32 Kahan sums) make the whole accumulator "float32" (1e-7)."""
+    x = torch.randn(40, 96, device=device)
+    with use_backend("triton"):
+        acc = CovarianceAccumulator(96, 40, device=device, f32_dot="fp64")
+        acc.update(x)
+        assert acc.accumulation == "float64"
+        acc.update(x.bfloat16())
+        assert acc.accumulation == "float32"  # the weakest batch decides
+        ieee = CovarianceAccumulator(96, 40, device=device)
+        ieee.update(x)
+        assert ieee.accumulation == "float32"
+        narrow = CovarianceAccumulator(96, 40, device=device, dtype=torch.float32,
+                                       f32_dot="fp64")
+        narrow.update(x)
+        assert narrow.accumulation == "float32"  # float32 running sums
+
+
 def test_update_rejects_out_of_range_dim():
     """update(x, dim=3) on a 2-D x raised a bare IndexError from x.shape[dim]."""
     acc = CovarianceAccumulator(6, 3)

@@ -191,8 +191,9 @@ class CovarianceAccumulator:
         self.sum_sq = torch.zeros(num_channels, **kw)
         self._count = 0
         self._symmetric = True  # False after kernel updates: only the upper triangles count
-        #: ``"float32"`` once any batch went through the float32 kernel, else the
-        #: accumulator's own dtype: how precise the sums are (sets the lossless tolerance).
+        #: ``"float32"`` once any batch went through the kernel's float32 sums, else the
+        #: accumulator's own dtype (float32 batches with ``f32_dot="fp64"`` keep float64):
+        #: how precise the sums are (sets the lossless tolerance).
         self.accumulation = "float64" if dtype == torch.float64 else "float32"
         #: ``tl.dot`` products of float32 batches on the kernel path (``None``: the kernel
         #: module's default, IEEE); see :data:`F32_DOTS`.
@@ -251,10 +252,10 @@ class CovarianceAccumulator:
         dim = check_activation_input(name, x, self.split, dim)
         x = x.detach()
         if x.dtype in KERNEL_DTYPES and use_triton(x, op="cobkern.subspace_moments"):
-            self.accumulation = "float32"
             if x.device == self._packed.device and x.numel():
                 self._kernel_update(x, dim)
-            else:  # sums computed elsewhere (another device), then added
+            else:  # sums computed elsewhere (another device, float32), then added
+                self.accumulation = "float32"
                 self._add(subspace_moments(x, self.split, dim))
         else:  # the reference path accumulates directly in the accumulator's dtype
             self._add(subspace_moments_reference(x, self.split, dim,
@@ -279,6 +280,12 @@ class CovarianceAccumulator:
         kernels.subspace_moments(x, geo, self.split, self._packed, self.sum_abs, self.sum_sq,
                                  mirror=False, f32_dot=self.f32_dot)
         self._symmetric = False
+        # float32 batches with float64 products (exact) and float64 sums are as precise as
+        # the reference path; everything else on the kernel path sums in float32
+        exact = (x.dtype == torch.float32 and self._packed.dtype == torch.float64
+                 and (self.f32_dot or kernels.F32_DOT_DEFAULT) == "fp64")
+        if not exact:
+            self.accumulation = "float32"
 
     def tensors(self) -> list[Tensor]:
         """The running sums, in a fixed order: ``[gram_u, gram_v, sum_abs, sum_sq]``."""
