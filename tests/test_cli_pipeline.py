@@ -728,3 +728,27 @@ def test_finetune_steps_flag_wins_over_the_set_recipe(tmp_path: Path) -> None:
     cfg = _experiment_config(build_parser().parse_args(
         ["sweep", "--out", out, "--finetune-steps", "3"]))
     assert (cfg.finetune.steps, cfg.finetune.batch_size) == (3, 128)  # quick's batch
+
+
+def test_calibrate_f32_dot_is_recorded_and_decides_whether_statistics_are_current(
+        run_dir: Path, tmp_path: Path) -> None:
+    """``cobkern calibrate --f32-dot fp64`` keeps the mode in the config and the statistics;
+    statistics made with other products are not current for a config asking for these
+    (the pipeline then recalibrates), and IEEE statistics — which record nothing, like
+    files from before the option — are current for the default."""
+    from cobkern.cob import CalibrationStats
+
+    out = _copy(run_dir, tmp_path)
+    assert main(["calibrate", "--out", str(out), "--samples", "100", "--f32-dot", "fp64",
+                 "--no-progress"]) == 0
+    stats = CalibrationStats.load(out / "calibration.pt")
+    assert stats.meta["f32_dot"] == "fp64"
+    ctx = Context(out, device="cpu", progress=False)
+    assert ctx.config.calib_f32_dot == "fp64" and ctx.calibration_is_current()
+    ieee = Context(out, ctx.config.with_overrides({"calib_f32_dot": "ieee"}), device="cpu",
+                   progress=False)
+    assert not ieee.calibration_is_current()
+    assert main(["calibrate", "--out", str(out), "--samples", "100", "--f32-dot", "ieee",
+                 "--no-progress"]) == 0
+    assert CalibrationStats.load(out / "calibration.pt").meta.get("f32_dot") is None
+    assert ieee.calibration_is_current()

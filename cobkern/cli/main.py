@@ -3,7 +3,7 @@
 Commands (each reads the previous step's files from ``--out``)::
 
     cobkern train      --out OUT [--preset quick] [--arch tsra|relu] [--set steps=100 ...]
-    cobkern calibrate  --out OUT [--samples N] [--augment]
+    cobkern calibrate  --out OUT [--samples N] [--augment] [--f32-dot MODE]
     cobkern prune      --out OUT --strategy NAME --value V [--value-v V] [--importance l2|l1]
                        [--baseline] [--normalizer kept|original] [--round-to N] [--name NAME]
     cobkern finetune   --out OUT --name NAME [--steps N] [--lr LR]
@@ -97,6 +97,7 @@ def _common(p: argparse.ArgumentParser, *, out_required: bool = True,
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-command per step."""
+    from cobkern.ops.covariance import F32_DOTS
     p = argparse.ArgumentParser(
         prog="cobkern",
         description="Change-of-basis (CoB) pruning of TSRA networks: train, calibrate, prune, "
@@ -151,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="apply random crop + flip to the calibration images (the authors' "
                         "notebook did; default: no)")
+    s.add_argument("--f32-dot", default=None, choices=F32_DOTS, metavar="MODE",
+                   help="the covariance kernel's products for float32 activations on a GPU: "
+                        "ieee (default), tf32x3, bf16x6 (tensor cores, less exact) or fp64 "
+                        "(float64 tensor cores: exact products, float64 sums)")
     _common(s)
 
     s = sub.add_parser("prune", formatter_class=fmt,
@@ -434,6 +439,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         over["calib_samples"] = args.samples
     if args.augment is not None:
         over["calib_augment"] = args.augment
+    if args.f32_dot is not None:
+        over["calib_f32_dot"] = args.f32_dot
     if over:
         cfg = cfg.with_overrides(over)
     ctx = _context(args, cfg)

@@ -116,7 +116,10 @@ class ExperimentConfig:
         train_relu: train the ReLU control too (for the accuracy gap and the peer
             comparison); ``train_relu_overrides`` on its preset.
         calib_samples: calibration images (``method.md`` §4: 10,000);
-            calib_augment: random crop/flip on them (the authors' notebook) or not.
+            calib_augment: random crop/flip on them (the authors' notebook) or not;
+            calib_f32_dot: the covariance kernel's products for float32 activations on a
+            GPU (:data:`cobkern.ops.covariance.F32_DOTS`; default ``"ieee"``; ``"fp64"``:
+            float64 tensor cores, float64-exact statistics on A100/H100-class GPUs).
         eval_subset: test images used for every sweep evaluation (0: all 10,000).
         eval_batch_size: evaluation batch.
         fractions: parameter fractions ``P`` of the fixed-ratio sweep.
@@ -152,6 +155,7 @@ class ExperimentConfig:
     train_relu_overrides: dict[str, Any] = field(default_factory=dict)
     calib_samples: int = 10_000
     calib_augment: bool = False
+    calib_f32_dot: str = "ieee"
     calib_batch_size: int = 500
     eval_subset: int = 0
     eval_batch_size: int = 1000
@@ -197,6 +201,11 @@ class ExperimentConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         _check_int("calib_samples", self.calib_samples, minimum=1)
+        from cobkern.ops.covariance import F32_DOTS  # no triton import
+
+        if self.calib_f32_dot not in F32_DOTS:
+            raise ValueError(f"calib_f32_dot: expected one of {', '.join(F32_DOTS)}, got "
+                             f"{self.calib_f32_dot!r}")
         _check_int("calib_batch_size", self.calib_batch_size, minimum=1)
         _check_int("eval_subset", self.eval_subset, minimum=0)
         _check_int("eval_batch_size", self.eval_batch_size, minimum=1)

@@ -56,6 +56,12 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+
+def cfg_f32_dot(cfg: ExperimentConfig) -> str | None:
+    """The ``calibrate(f32_dot=...)`` of a config: ``None`` for the default IEEE products
+    (what the statistics' ``meta`` then records: nothing)."""
+    return None if cfg.calib_f32_dot == "ieee" else cfg.calib_f32_dot
+
 class Context:
     """Settings, data and models of one experiment directory.
 
@@ -193,11 +199,13 @@ class Context:
         """What ``calibration.pt`` must have been made with: this model and these settings."""
         cfg = self.config
         return {"model": self.model_fingerprint("tsra"), "samples": cfg.calib_samples,
-                "augment": cfg.calib_augment, "seed": cfg.seed}
+                "augment": cfg.calib_augment, "seed": cfg.seed,
+                # calibrate() records the products only when not IEEE (older files: none)
+                "f32_dot": cfg_f32_dot(cfg)}
 
     def calibration_is_current(self) -> bool:
         """Whether ``OUT/calibration.pt`` exists and was made from the current model with the
-        current ``calib_samples`` / ``calib_augment`` / ``seed``."""
+        current ``calib_samples`` / ``calib_augment`` / ``calib_f32_dot`` / ``seed``."""
         path = self.layout.calibration
         if not path.is_file():
             return False
@@ -247,7 +255,7 @@ class Context:
         model = self.model()
         stats = calibrate(model, self.calibration_loader(), max_samples=self.config.calib_samples,
                           progress=self.progress, device=self.device,
-                          meta=self.calibration_settings())
+                          meta=self.calibration_settings(), f32_dot=cfg_f32_dot(self.config))
         stats.save(path)
         if self.layout.calibration_rotated.is_file():
             self.layout.calibration_rotated.unlink()  # stale now
@@ -285,7 +293,7 @@ class Context:
                     model, self.calibration_loader(), max_samples=self.config.calib_samples,
                     progress=self.progress, device=self.device,
                     meta={"basis": "rotated", **self.calibration_settings(),
-                          "calibration": cid})
+                          "calibration": cid}, f32_dot=cfg_f32_dot(self.config))
                 cached.save(path)
             self._rotated_l1 = cached
         return self._rotated_l1

@@ -88,7 +88,9 @@ def _setup_body(s: dict[str, Any], cfg: ExperimentConfig) -> list[str]:
              f"**{_pct(ref, 2)}%** on them.")
     L.append(f"- Calibration: {cfg.calib_samples:,} training images "
              f"({'with' if cfg.calib_augment else 'without'} crop/flip augmentation), one pass, "
-             "uncentered second moments per subspace (`calibration.pt`).")
+             "uncentered second moments per subspace (`calibration.pt`"
+             + ("" if cfg.calib_f32_dot == "ieee" else
+                f"; float32 products on the GPU: `{cfg.calib_f32_dot}`") + ").")
     if cfg.preset == "quick":
         L += ["", "> **Quick preset.** A width-1/8 model trained for a few minutes on a CPU: "
               "the numbers show the pipeline working and the qualitative trends, not the "
