@@ -101,13 +101,14 @@ def launch(kernel: Any, grid: tuple[int, ...], tensors: tuple[torch.Tensor, ...]
         _jit_launch(kernel, grid, tensors, ints + floats, constexprs, num_warps, num_stages)
         return
     knobs = rt[1]
-    # id(kernel): the kernels are module globals, alive as long as the process; hashing a
-    # JITFunction itself computes its cache key (microseconds)
+    # id(kernel): hashing a JITFunction computes its source cache key (microseconds); the
+    # entry keeps the kernel itself, so a reused id (a kernel garbage-collected and another
+    # allocated at its address) is a miss, not a launch of the wrong kernel
     key = (id(kernel), device, num_warps, num_stages, knobs.runtime.debug,
            knobs.compilation.instrumentation_mode, tuple(constexprs.values()), ints,
            tuple(map(_tensor_key, tensors)))
     entry = _cache.get(key)
-    if entry is None:
+    if entry is None or entry[2] is not kernel:
         if any(type(v) is not float for v in floats):
             raise TypeError(f"{kernel.__name__}: launch() floats must be Python floats (they "
                             f"are not keyed), got {[type(v).__name__ for v in floats]}")
@@ -118,9 +119,9 @@ def launch(kernel: Any, grid: tuple[int, ...], tensors: tuple[torch.Tensor, ...]
         if all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata",
                                                "launch_metadata")):
             _cache[key] = (compiled, _constexpr_values(
-                kernel, len(tensors) + len(ints) + len(floats), constexprs))
+                kernel, len(tensors) + len(ints) + len(floats), constexprs), kernel)
         return
-    compiled, cvals = entry
+    compiled, cvals, _ = entry
     g1 = grid[1] if len(grid) > 1 else 1
     g2 = grid[2] if len(grid) > 2 else 1
     args = (*tensors, *ints, *floats, *cvals)
