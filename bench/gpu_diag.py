@@ -469,21 +469,23 @@ def part_overhead(rec: dict) -> None:
     rec["overhead"] = rows
 
 
-def lossless_kept(stats) -> dict[str, int]:
-    """Directions the default lossless rule keeps per CoB layer (U + V): eigenvalues above
-    ``DEFAULT_RANK_TOL[accumulation] · λ_max`` of each subspace's Gram, in float64. Compared
-    across float32 product modes it says whether a faster mode's Gram error lifts the null
-    directions above the tolerance (the first classifier layer can hold at most
-    2·(512 + 1) = 1026 of its 4096 directions whatever the weights: method.md §5)."""
+def lossless_kept(stats, tol: float | None = None) -> dict[str, int]:
+    """Directions the lossless rule keeps per CoB layer (U + V): eigenvalues above
+    ``tol · λ_max`` of each subspace's Gram, in float64 — by default the rule's own
+    ``DEFAULT_RANK_TOL[accumulation]`` (1e-7 for float32 sums, 1e-10 for float64 ones, e.g.
+    ``fp64`` products). Compared across float32 product modes at one tolerance it says
+    whether a faster mode's Gram error lifts the null directions above it (the first
+    classifier layer can hold at most 2·(512 + 1) = 1026 of its 4096 directions whatever
+    the weights: method.md §5)."""
     from cobkern.pruning.strategy import DEFAULT_RANK_TOL
 
     kept = {}
     for name, st in stats.layers.items():
-        tol = DEFAULT_RANK_TOL[st.accumulation]
+        t = DEFAULT_RANK_TOL[st.accumulation] if tol is None else tol
         n = 0
         for g in (st.gram_u, st.gram_v):
             ev = torch.linalg.eigvalsh(g.double())
-            n += int((ev > tol * ev.max()).sum())
+            n += int((ev > t * ev.max()).sum())
         kept[name] = n
     return kept
 
@@ -526,6 +528,10 @@ def part_calibration(rec: dict) -> None:
             print(f"{dname} {m}: forward {fwd:.3f}s calibrate {s:.3f}s ({s / fwd:.2f}x)",
                   flush=True)
             out[f"{dname}_{m}_lossless_kept"] = lossless_kept(stats)
+            out[f"{dname}_{m}_accumulation"] = sorted({s.accumulation
+                                                       for s in stats.layers.values()})
+            if m == "fp64":  # also at float32's tolerance: the same rule as the other modes
+                out[f"{dname}_{m}_lossless_kept_at_1e-7"] = lossless_kept(stats, 1e-7)
             if m != "bf16":  # accuracy on the first layers vs float64
                 err = 0.0
                 acts = {}
