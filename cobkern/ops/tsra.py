@@ -269,10 +269,12 @@ torch.library.register_autograd("cobkern::tsra", _backward, setup_context=_setup
 
 
 class _TSRAFunction(torch.autograd.Function):
-    """Eager fast path: the same launchers as the custom ops, without the dispatcher."""
+    """Eager fast path: the same launchers as the custom ops, without the dispatcher.
+    ``params`` travel as one tuple argument: autograd inspects every argument of
+    ``apply`` (nine scalars cost ~0.9 µs more per forward+backward)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, *params) -> Tensor:
+    def forward(ctx, x: Tensor, params: tuple) -> Tensor:
         ctx.save_for_backward(x)
         ctx.params = params
         return _launch_or_reference(True, x, None, params)
@@ -281,10 +283,10 @@ class _TSRAFunction(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         (x,) = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: dx must carry its own graph
-            dx = _TSRABackwardFunction.apply(grad, x, *ctx.params)
+            dx = _TSRABackwardFunction.apply(grad, x, ctx.params)
         else:
             dx = _launch_or_reference(False, x, grad, ctx.params)
-        return (dx,) + (None,) * len(ctx.params)
+        return dx, None
 
 
 class _TSRABackwardFunction(torch.autograd.Function):
@@ -292,7 +294,7 @@ class _TSRABackwardFunction(torch.autograd.Function):
     first-order backward (same bits), differentiable through :func:`_double_backward`."""
 
     @staticmethod
-    def forward(ctx, grad: Tensor, x: Tensor, *params) -> Tensor:
+    def forward(ctx, grad: Tensor, x: Tensor, params: tuple) -> Tensor:
         ctx.save_for_backward(grad, x)
         ctx.params = params
         return _launch_or_reference(False, x, grad, params)
@@ -301,7 +303,7 @@ class _TSRABackwardFunction(torch.autograd.Function):
     def backward(ctx, v: Tensor):
         grad, x = ctx.saved_tensors
         dgrad, dx = _double_backward(v, grad, x, ctx.params, *ctx.needs_input_grad[:2])
-        return (dgrad, dx) + (None,) * len(ctx.params)
+        return dgrad, dx, None
 
 
 def _plain_formula() -> bool:
@@ -332,7 +334,7 @@ def _apply(x: Tensor, *params) -> Tensor:
     if _plain_formula():
         return reference.tsra_forward(x, *params, differentiable=True)
     if type(x) is Tensor and not torch.compiler.is_compiling():
-        return _TSRAFunction.apply(x, *params)
+        return _TSRAFunction.apply(x, params)
     return _tsra_op(x, *params)
 
 
