@@ -19,7 +19,11 @@ the float64 tensor cores with float64 sums and no compensation). At the end it a
 tile into the output with ``atomic_add``.
 Programs on the same sample chunk have neighbouring ids, so the slabs a chunk's tiles
 share are served from L2: ``x`` comes from HBM about once. Nothing of size
-``samples × C`` is ever allocated. Diagonal tiles (each channel lies in exactly one) also
+``samples × C`` is ever allocated. The adds of different sample chunks into one tile race
+(float addition is not associative: the last bits depend on their order); under
+``torch.use_deterministic_algorithms(True)`` each chunk adds into a slice of its own
+(``O(chunks · C²)`` scratch) and the slices are summed in a fixed order, so the result is
+bit-reproducible. Diagonal tiles (each channel lies in exactly one) also
 reduce ``|a|`` over the samples, with the same Kahan compensation across steps, and add
 their tile's diagonal as ``Σa²``, which is therefore exactly the Gram diagonal.
 
@@ -56,7 +60,7 @@ def _moments_kernel(
     X, TILES, G, SABS, SSQ,
     C, P, split, n_samples, n_tiles, chunk, stride_b, stride_c, stride_p,
     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, FLAT: tl.constexpr, F32_DOT: tl.constexpr,
-    UPCAST: tl.constexpr, INDEX64: tl.constexpr,
+    UPCAST: tl.constexpr, INDEX64: tl.constexpr, SLICED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tile = pid % n_tiles
@@ -135,6 +139,12 @@ def _moments_kernel(
                 c_abs = (ta - s_abs) - ya
                 s_abs = ta
     g_off = g_base + (rows - lo)[:, None] * size + (cols - lo)[None, :]
+    if SLICED:  # deterministic mode: each sample chunk adds into its own output slice
+        # (offsets made here, after the loop: pointers kept live across it cost a spill)
+        k = tl.program_id(0) // n_tiles
+        G += k * (split * split + (C - split) * (C - split))
+        SABS += k * C
+        SSQ += k * C
     # into the outputs' own dtype: float32 for one batch, float64 for running sums
     tl.atomic_add(G + g_off, acc.to(G.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
     if is_diag:  # Σa² is the Gram diagonal: taken from the compensated tile, not re-summed
@@ -248,6 +258,7 @@ def specialization(geo, split: int, dtype: torch.dtype, numel: int, on_gpu: bool
         "F32_DOT": mode,
         "UPCAST": not on_gpu and dtype == torch.bfloat16,
         "INDEX64": numel >= 2**31 - 1 or n >= 2**31 - 2 * block_k,
+        "SLICED": False,  # the launcher sets it in deterministic mode
     }
     return constexprs, num_warps, num_stages
 
@@ -315,9 +326,21 @@ def subspace_moments(x: torch.Tensor, geo, split: int, packed: torch.Tensor,
     n_chunks = max(1, min(cdiv(n, block_k), cdiv(target_programs, n_tiles)))
     chunk = cdiv(cdiv(n, n_chunks), block_k) * block_k
     n_chunks = cdiv(n, chunk)
-    launch(_moments_kernel, (n_tiles * n_chunks,), (x, table, packed, sum_abs, sum_sq),
-           (C, geo.P, split, n, n_tiles, chunk, geo.stride_b, geo.stride_c, geo.stride_p),
-           (), constexprs, num_warps, num_stages)
+    ints = (C, geo.P, split, n, n_tiles, chunk, geo.stride_b, geo.stride_c, geo.stride_p)
+    if n_chunks > 1 and torch.are_deterministic_algorithms_enabled():
+        # every sample chunk into its own slice, then a fixed-order sum: no two programs
+        # add into one element, so the result does not depend on their timing. The slices
+        # are float64 whatever the outputs (float32 outputs: one rounding, at the end; and
+        # the float32-output launch with slices spilled 4 bytes, offline sm_90)
+        parts = [torch.zeros((n_chunks, t.numel()), dtype=torch.float64, device=t.device)
+                 for t in (packed, sum_abs, sum_sq)]
+        launch(_moments_kernel, (n_tiles * n_chunks,), (x, table, *parts), ints, (),
+               dict(constexprs, SLICED=True), num_warps, num_stages)
+        for t, part in zip((packed, sum_abs, sum_sq), parts, strict=True):
+            t += part.sum(0).to(t.dtype)
+    else:
+        launch(_moments_kernel, (n_tiles * n_chunks,), (x, table, packed, sum_abs, sum_sq),
+               ints, (), constexprs, num_warps, num_stages)
     if mirror:
         mirror_upper(packed[: su * su].view(su, su))
         mirror_upper(packed[su * su:].view(sv, sv))

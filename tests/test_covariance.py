@@ -259,6 +259,46 @@ def test_fp64_products_keep_float64_accumulation(device):
         assert narrow.accumulation == "float32"  # float32 running sums
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float64, torch.float32])
+def test_deterministic_mode_sums_chunks_in_slices(device, monkeypatch, out_dtype):
+    """Under ``torch.use_deterministic_algorithms(True)`` the sample chunks of one launch
+    add into slices of their own (``SLICED``) which are then summed in a fixed order —
+    no two programs add into one element — and the moments are the same as without it
+    (the suite's 2e-6 against float64)."""
+    from cobkern.kernels import covariance as kcov
+
+    seen = []
+    original = kcov.launch
+
+    def spy(kernel, grid, tensors, ints, floats, constexprs, *rest):
+        seen.append((grid[0], constexprs["SLICED"], tensors[2].shape))
+        return original(kernel, grid, tensors, ints, floats, constexprs, *rest)
+
+    monkeypatch.setattr(kcov, "launch", spy)
+    x = _make((3, 70, 3, 5), torch.float32, False, device)
+    split, c = 30, 70
+    ref = subspace_moments_reference(x, split, accum_dtype=torch.float64)
+    outs = {}
+    for deterministic in (False, True):
+        packed = torch.zeros(split**2 + (c - split) ** 2, device=device, dtype=out_dtype)
+        sa = torch.zeros(c, device=device, dtype=out_dtype)
+        sq = torch.zeros(c, device=device, dtype=out_dtype)
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            kcov.subspace_moments(x, channel_geometry(x, 1), split, packed, sa, sq,
+                                  target_programs=64)
+        finally:
+            torch.use_deterministic_algorithms(previous)
+        outs[deterministic] = (packed[: split**2].view(split, split),
+                               packed[split**2:].view(c - split, c - split), sa, sq)
+        _close(outs[deterministic], ref)
+    (grid0, sliced0, _), (grid1, sliced1, shape1) = seen
+    assert grid0 == grid1 > 4, "the same grid, several sample chunks per tile"
+    assert not sliced0 and sliced1
+    assert shape1[0] > 1 and shape1[1] == split**2 + (c - split) ** 2  # (chunks, packed)
+
+
 def test_update_rejects_out_of_range_dim():
     """update(x, dim=3) on a 2-D x raised a bare IndexError from x.shape[dim]."""
     acc = CovarianceAccumulator(6, 3)

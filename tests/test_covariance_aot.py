@@ -101,11 +101,34 @@ VARIANTS += [
 ]
 
 
+#: the deterministic-mode launches (``SLICED``: each sample chunk adds into its own slice)
+#: (slices are float64 whatever the outputs' dtype)
+SLICED_VARIANTS = ["fp32-nchw-256x8x8", "bf16-nchw-256x8x8", "fp32-nchw-256x8x8-fp64",
+                   "fp32-rows-4096-fp64", "fp16-nhwc-256x8x8", "fp32-nchw-2x2-unaligned"]
+
+
+def _variant_spec(v: tuple, sliced: bool = False) -> dict:
+    _, shape, cl, dt, out, dot, i64 = v
+    spec = _spec(shape, cl, dt, out, dot, i64)
+    spec["constexprs"]["SLICED"] = sliced
+    return spec
+
+
 @pytest.fixture(scope="module")
 def compiled() -> list[dict]:
-    specs = [_spec(shape, cl, dt, out, dot, i64) for _, shape, cl, dt, out, dot, i64 in VARIANTS]
+    by_name = {v[0]: v for v in VARIANTS}
+    specs = [_variant_spec(v) for v in VARIANTS]
+    specs += [_variant_spec(by_name[n], sliced=True) for n in SLICED_VARIANTS]
     return [dict(r, stages=s["num_stages"], block=s["constexprs"]["BLOCK"])
             for s, r in zip(specs, compile_specs(specs), strict=True)]
+
+
+@pytest.mark.parametrize("j", range(len(SLICED_VARIANTS)), ids=SLICED_VARIANTS)
+def test_deterministic_mode_compiles_without_spills(compiled, j):
+    r = compiled[len(VARIANTS) + j]
+    assert "error" not in r, r.get("error")
+    spill = r["spill_stores"] + r["spill_loads"]
+    assert spill == 0, f"{spill} bytes spilled ({r['registers']} registers)\n{r['ptxas_log']}"
 
 
 @pytest.mark.parametrize("i", range(len(VARIANTS)), ids=[v[0] for v in VARIANTS])
