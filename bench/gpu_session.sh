@@ -78,10 +78,11 @@ cap() {
   local c=$1; shift
   local left=$((BUDGET - SECONDS - 5))
   ((left < c)) && c=$left
-  if ((c < 10)); then echo "skipped: deadline reached" | tee -a "$LOG"; return 0; fi
+  if ((c < 10)); then echo "skipped: deadline reached" | tee -a "$LOG"; return 124; fi
   timeout --kill-after=5 "$c" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
   echo "-- exit $rc after ${SECONDS}s (cap ${c}s)" | tee -a "$LOG"
+  return "$rc"
 }
 
 step environment
@@ -113,8 +114,13 @@ if want tests; then
   mapfile -t FAILED < <(grep -oE "^FAILED [^ ]+" "$FINAL/tests.log" | cut -d' ' -f2 | head -40)
   if ((${#FAILED[@]})); then
     step "the ${#FAILED[@]} failed tests again with COBKERN_FAST_LAUNCH=0"
-    COBKERN_FAST_LAUNCH=0 cap 60 python3 -m pytest -q -p no:cacheprovider -rfEs \
-      "${FAILED[@]}" >> "$FINAL/tests.log"
+    if COBKERN_FAST_LAUNCH=0 cap 60 python3 -m pytest -q -p no:cacheprovider -rfEs \
+        "${FAILED[@]}" >> "$FINAL/tests.log"; then
+      # the launch cache broke them: measure the rest of this call without it
+      export COBKERN_FAST_LAUNCH=0
+      echo "they pass without the launch cache: COBKERN_FAST_LAUNCH=0 for the remaining \
+steps" | tee -a "$LOG" "$FINAL/tests.log"
+    fi
   fi
 fi
 if want diag; then
