@@ -28,7 +28,10 @@ current for the launch and restores the previous one, on both paths.
 
 Falls back to the plain ``kernel[grid](...)`` under the Triton interpreter, when
 ``COBKERN_FAST_LAUNCH=0`` is set in the environment (read at import), and with a Triton
-whose compiled kernels do not have the launch interface used here.
+whose compiled kernels do not have the launch interface used here. Not seen by the fast
+path: a kernel's ``pre_run_hooks`` and Triton's compilation-inspection hooks
+(``knobs.runtime.add_stages_inspection_hook``) set after a key's first launch — debugging
+tools; run them with ``COBKERN_FAST_LAUNCH=0``.
 """
 
 from __future__ import annotations
@@ -44,11 +47,12 @@ __all__ = ["launch", "FAST_LAUNCH", "cache_size", "clear_cache"]
 FAST_LAUNCH = os.environ.get("COBKERN_FAST_LAUNCH", "1") != "0"
 
 _cache: dict[tuple, Any] = {}
-_runtime: tuple | None = None  # (driver config, knobs), resolved on the first fast launch
+_runtime: tuple | None = None  # (driver config, knobs, JITFunction), resolved on first use
 
 
 def _triton_runtime() -> tuple | None:
-    """``(triton.runtime.driver, triton.knobs)``, or ``None`` where the fast path cannot run."""
+    """``(triton.runtime.driver, triton.knobs, JITFunction)``, or ``None`` where the fast
+    path cannot run."""
     global _runtime
     if _runtime is None:
         try:
