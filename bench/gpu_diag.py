@@ -9,8 +9,6 @@ smoke run: ``TRITON_INTERPRET=1 GPU_DIAG_DEVICE=cpu GPU_DIAG_BATCH=1 GPU_DIAG_CO
   programs), as % of the device-copy
   bandwidth measured in the same run. Variants are compiled in parallel worker processes
   first (they share Triton's on-disk cache), so the sweep costs seconds, not minutes.
-* ``lanes``       — the one-position-per-lane forward prototype (``bench/proto_lanes_p.py``)
-  against the shipped forward kernel at 1024×64×32×32, kernels alone, with its error.
 * ``overhead``    — forward+backward per call through the eager fast path
   (``autograd.Function``), through the registered custom op, through the fast path with
   every launch going through ``JITFunction.run`` (``cobkern.kernels._launch`` off), and
@@ -394,40 +392,6 @@ def part_covariance(rec: dict) -> None:
     rec["covariance"] = rows
 
 
-def part_lanes(rec: dict) -> None:
-    """The one-position-per-lane forward prototype vs the shipped forward, kernels alone."""
-    from bench.proto_lanes_p import tsra_forward as lanes_forward
-
-    rows = []
-    for dname, dtype in DTYPES.items():
-        x = torch.randn((BATCH, 64, 32, 32), device=DEVICE, dtype=dtype)
-        y = torch.empty_like(x)
-        nbytes = 2 * x.numel() * x.element_size()
-        shipped = _graph_ms(lambda x=x, y=y: _launch("forward", (x, y), None))
-        rows.append(dict(dtype=dname, variant="shipped", ms=shipped,
-                         GBps=nbytes / (shipped * 1e-3) / 1e9))
-        ref = _reference_forward(x)
-        for block_p, warps in ((128, 4), (256, 8), (64, 2), (32, 1)):
-            try:
-                out = lanes_forward(x, 32, block_p, warps)
-                err = float((out.float() - ref).abs().max())
-                ms = _graph_ms(lambda x=x, y=y, b=block_p, w=warps:
-                               lanes_forward(x, 32, b, w, y))
-                rows.append(dict(dtype=dname, variant=f"lanes {block_p}/{warps}w", ms=ms,
-                                 max_abs_err=err, GBps=nbytes / (ms * 1e-3) / 1e9))
-            except Exception as e:
-                rows.append(dict(dtype=dname, variant=f"lanes {block_p}/{warps}w",
-                                 error=str(e)[:200]))
-            print(json.dumps(rows[-1]), flush=True)
-    rec["lanes"] = rows
-
-
-def _reference_forward(x):
-    import cobkern
-
-    return cobkern.tsra(x, 32).float()
-
-
 def part_overhead(rec: dict) -> None:
     import triton.testing as tt
     from cobkern.kernels import _launch
@@ -597,18 +561,6 @@ def _markdown(rec: dict) -> str:
                          f"{r['custom_op_ms']:.4f} | {r['fast_path_jit_launch_ms']:.4f} | "
                          f"{g} |")
         lines.append("")
-    if "lanes" in rec:
-        lines += ["One-position-per-lane forward prototype (bench/proto_lanes_p.py) vs the "
-                  f"shipped forward, {BATCH}×64×32×32, kernels alone:", "",
-                  "| dtype | variant | ms | GB/s | max abs err vs cobkern.tsra |",
-                  "|---|---|---:|---:|---:|"]
-        for r in rec["lanes"]:
-            if "error" in r:
-                lines.append(f"| {r['dtype']} | {r['variant']} | error | | {r['error'][:60]} |")
-            else:
-                lines.append(f"| {r['dtype']} | {r['variant']} | {r['ms']:.4f} | "
-                             f"{r.get('GBps', 0):,.0f} | {r.get('max_abs_err', 0):.1e} |")
-        lines.append("")
     if "covariance" in rec:
         lines += [f"Covariance kernel alone, batch {COV_BATCH} (CUDA-graph replay):", "",
                   "| layer (C×H×W) | dtype | variant | tile | ms | TFLOP/s computed |",
@@ -630,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="bench-results")
     # tiles first: its tuning table feeds the session's next step (bench_tsra --tuning)
-    p.add_argument("--parts", default="tiles,covariance,overhead,calibration,lanes")
+    p.add_argument("--parts", default="tiles,covariance,overhead,calibration")
     p.add_argument("--table-from", default=None, metavar="GPU_DIAG_JSON",
                    help="only (re)write OUT/tsra_tuning.json from an earlier run's "
                         "gpu_diag.json (no GPU needed)")
@@ -657,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
            "date": dt.date.today().isoformat()}
     os.makedirs(args.out, exist_ok=True)
     parts = {"tiles": part_tiles, "overhead": part_overhead, "covariance": part_covariance,
-             "calibration": part_calibration, "lanes": part_lanes}
+             "calibration": part_calibration}
     for name in args.parts.split(","):
         t = time.perf_counter()
         try:
