@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 import triton
@@ -52,8 +53,8 @@ import triton.language as tl
 from ._host import cdiv, next_pow2
 from ._launch import launch
 
-__all__ = ["tsra_forward", "tsra_backward", "launch_config", "specialization", "KERNELS",
-           "MAX_TILE_CHANNELS"]
+__all__ = ["tsra_forward", "tsra_backward", "launch_config", "specialization", "plan", "run",
+           "LaunchPlan", "KERNELS", "MAX_TILE_CHANNELS"]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -455,15 +456,41 @@ def specialization(C: int, P: int, split: int, channels_contig: bool, direction:
     return KERNELS[(direction, kind)], constexprs, num_warps, cdiv(P, block_p)
 
 
+class LaunchPlan(NamedTuple):
+    """Everything a launch needs but the tensors and the float constants: what
+    :func:`plan` decides for one geometry, split, direction, dtype and tuning (cacheable)."""
+
+    kernel: object
+    grid: tuple[int]
+    ints: tuple[int, ...]
+    constexprs: dict
+    num_warps: int
+
+
+def plan(direction: str, geo, split: int, rmsnorm: bool, itemsize: int,
+         tuning: Mapping[str, int] | None = None) -> LaunchPlan:
+    """The launch of ``direction`` on a ``geo``-shaped activation (see :func:`specialization`;
+    ``tuning`` as in :func:`tsra_forward`)."""
+    kernel, constexprs, num_warps, n_pblocks = specialization(
+        geo.C, geo.P, split, geo.channels_contig, direction, rmsnorm, itemsize,
+        **(tuning or {}))
+    return LaunchPlan(kernel, (n_pblocks * geo.B,),
+                      (geo.C, geo.P, split, n_pblocks, geo.stride_b, geo.stride_c,
+                       geo.stride_p), constexprs, num_warps)
+
+
+def run(p: LaunchPlan, tensors: tuple[torch.Tensor, ...], a_u: float, b_u: float, a_v: float,
+        b_v: float, eps: float, norm_size: int, rms_eps: float) -> None:
+    """Launch a :func:`plan` on ``(x, y)`` (forward) or ``(dy, x, dx)`` (backward)."""
+    inv_n = 1.0 / norm_size if norm_size > 0 else 0.0
+    launch(p.kernel, p.grid, tensors, p.ints, (a_u, b_u, a_v, b_v, eps, inv_n, rms_eps),
+           p.constexprs, p.num_warps)
+
+
 def _launch(direction, tensors, geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps,
             **tuning):
-    kernel, constexprs, num_warps, n_pblocks = specialization(
-        geo.C, geo.P, split, geo.channels_contig, direction, norm_size > 0,
-        tensors[0].element_size(), **tuning)
-    inv_n = 1.0 / norm_size if norm_size > 0 else 0.0
-    launch(kernel, (n_pblocks * geo.B,), tensors,
-           (geo.C, geo.P, split, n_pblocks, geo.stride_b, geo.stride_c, geo.stride_p),
-           (a_u, b_u, a_v, b_v, eps, inv_n, rms_eps), constexprs, num_warps)
+    run(plan(direction, geo, split, norm_size > 0, tensors[0].element_size(), tuning),
+        tensors, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps)
 
 
 def tsra_forward(x: torch.Tensor, y: torch.Tensor, geo, split: int, a_u: float, b_u: float,

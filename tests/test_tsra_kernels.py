@@ -345,3 +345,48 @@ def test_smallest_rms_normaliser_is_still_rmsnorm(backend, device):
         dx = rmsnorm_tsra_backward(dy, x, 4, norm_size=1)
     torch.testing.assert_close(y.cpu().double(), y64, **TOL[torch.float32])
     torch.testing.assert_close(dx.cpu().double(), dx64, **TOL[torch.float32])
+
+
+def test_launch_plans_are_made_once_per_layout_and_cached_within_bounds(monkeypatch, device):
+    """The eager path plans a launch (geometry, tuning lookup, kernel choice) once per
+    (direction, shape, strides, dtype, device, split, ...), then reuses it; another layout of
+    the same shape gets plans of its own; past the cache's bound launches are planned each
+    time — with the same results (float64 reference, the suite's float32 tolerance)."""
+    import importlib
+
+    from cobkern.kernels import tsra as k
+
+    ops = importlib.import_module("cobkern.ops.tsra")
+    made = []
+    original = k.plan
+
+    def spy(direction, *args, **kw):
+        made.append(direction)
+        return original(direction, *args, **kw)
+
+    monkeypatch.setattr(k, "plan", spy)
+    monkeypatch.setattr(ops, "_PLANS", {})
+    x = torch.randn(3, 20, 4, 5, device=device)
+    dy = torch.randn_like(x)
+    y64, dx64 = tsra64_grad(x.cpu(), dy.cpu(), 7, 1)
+
+    def check(xx, dd):
+        xg = xx.detach().requires_grad_(True)
+        y = tsra(xg, 7)
+        (dx,) = torch.autograd.grad(y, xg, dd)
+        torch.testing.assert_close(y.detach().cpu().double(), y64, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dx.cpu().double(), dx64, rtol=1e-5, atol=1e-5)
+
+    with cobkern.use_backend("triton"):
+        for _ in range(3):
+            check(x, dy)
+        assert made == ["forward", "backward"]
+        cl = torch.channels_last
+        check(x.to(memory_format=cl), dy.to(memory_format=cl))
+        assert made == ["forward", "backward"] * 2
+        monkeypatch.setattr(ops, "_MAX_PLANS", 0)
+        monkeypatch.setattr(ops, "_PLANS", {})
+        made.clear()
+        check(x, dy)
+        check(x, dy)
+        assert made == ["forward", "backward"] * 2 and not ops._PLANS

@@ -47,6 +47,8 @@ zero tangent): call the public functions under ``torch.func``.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad
@@ -64,6 +66,7 @@ from ._checks import (
     is_int,
 )
 from .backend import use_triton
+from .tuning import ENV_VAR as TUNING_ENV
 from .tuning import launch_tuning
 
 __all__ = ["tsra", "rmsnorm_tsra", "tsra_backward", "rmsnorm_tsra_backward"]
@@ -81,6 +84,13 @@ def _kernel_supported(x: Tensor) -> bool:
 
 
 _KERNELS = None
+#: Launch plans (:func:`cobkern.kernels.tsra.plan`) by ``(direction, shape, strides, dtype,
+#: device, dim, split, RMSNorm?, tuning setting)``: the geometry, tuning lookup and kernel
+#: choice of a layer are made once, not on every call (~2 µs of host time per launch, which
+#: is what the small layers' eager calls cost). Bounded: past ``_MAX_PLANS`` shapes (e.g. a
+#: stream of ever-new batch sizes) launches are planned each time instead.
+_PLANS: dict[tuple, object] = {}
+_MAX_PLANS = 4096
 
 
 def _kernels():
@@ -106,6 +116,22 @@ def _launch_or_reference(fwd: bool, x: Tensor, grad: Tensor | None, args: tuple)
 
     kernels = _kernels()
     out = torch.empty_like(x)
+    if grad is None or grad.stride() == x.stride():  # the launch is a function of this key
+        key = (fwd, x.shape, x.stride(), x.dtype, x.get_device(), dim, split, norm_size > 0,
+               os.environ.get(TUNING_ENV))
+        p = _PLANS.get(key)
+        if p is None and len(_PLANS) < _MAX_PLANS:
+            geo = channel_geometry(x, dim)
+            if geo is not None:
+                p = _PLANS[key] = kernels.plan(
+                    "forward" if fwd else "backward", geo, split, norm_size > 0,
+                    x.element_size(), launch_tuning(x.device, "forward" if fwd else "backward",
+                                                    x.element_size(), geo.channels_contig,
+                                                    geo.C, split, geo.P))
+        if p is not None:
+            kernels.run(p, (x, out) if fwd else (grad, x, out), a_u, b_u, a_v, b_v, eps,
+                        norm_size, rms_eps)
+            return out
     geo = channel_geometry(x, dim)
     if grad is not None and geo is not None and channel_geometry(grad, dim) != geo:
         geo = None  # grad in another layout: fall back to one common contiguous layout
