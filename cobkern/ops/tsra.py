@@ -116,6 +116,7 @@ def _launch_or_reference(fwd: bool, x: Tensor, grad: Tensor | None, args: tuple)
 
     kernels = _kernels()
     out = torch.empty_like(x)
+    consts = (a_u, b_u, a_v, b_v, eps, norm_size, rms_eps)
     if grad is None or grad.stride() == x.stride():  # the launch is a function of this key
         key = (fwd, x.shape, x.stride(), x.dtype, x.get_device(), dim, split, norm_size > 0,
                os.environ.get(TUNING_ENV))
@@ -123,39 +124,35 @@ def _launch_or_reference(fwd: bool, x: Tensor, grad: Tensor | None, args: tuple)
         if p is None and len(_PLANS) < _MAX_PLANS:
             geo = channel_geometry(x, dim)
             if geo is not None:
-                p = _PLANS[key] = kernels.plan(
-                    "forward" if fwd else "backward", geo, split, norm_size > 0,
-                    x.element_size(), launch_tuning(x.device, "forward" if fwd else "backward",
-                                                    x.element_size(), geo.channels_contig,
-                                                    geo.C, split, geo.P))
+                p = _PLANS[key] = _plan(kernels, fwd, x, geo, split, norm_size)
         if p is not None:
-            kernels.run(p, (x, out) if fwd else (grad, x, out), a_u, b_u, a_v, b_v, eps,
-                        norm_size, rms_eps)
+            kernels.run(p, (x, out) if fwd else (grad, x, out), *consts)
             return out
+    # not planned: a layout the kernels cannot read in place, a grad in another layout than
+    # x (both then go through one common contiguous copy), or a full plan cache
     geo = channel_geometry(x, dim)
     if grad is not None and geo is not None and channel_geometry(grad, dim) != geo:
-        geo = None  # grad in another layout: fall back to one common contiguous layout
-    if geo is None:
-        xc = x.contiguous()
-        gc = grad.contiguous() if grad is not None else None
-        res = torch.empty_like(xc)
-        geo = channel_geometry(xc, dim)
-        _run(kernels, fwd, xc, gc, res, geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps)
-        out.copy_(res)
+        geo = None
+    if geo is not None:
+        kernels.run(_plan(kernels, fwd, x, geo, split, norm_size),
+                    (x, out) if fwd else (grad, x, out), *consts)
         return out
-    _run(kernels, fwd, x, grad, out, geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps)
+    xc = x.contiguous()
+    res = torch.empty_like(xc)
+    geo = channel_geometry(xc, dim)
+    kernels.run(_plan(kernels, fwd, xc, geo, split, norm_size),
+                (xc, res) if fwd else (grad.contiguous(), xc, res), *consts)
+    out.copy_(res)
     return out
 
 
-def _run(kernels, fwd, x, grad, out, geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps):
-    tuning = launch_tuning(x.device, "forward" if fwd else "backward", x.element_size(),
-                           geo.channels_contig, geo.C, split, geo.P)
-    if fwd:
-        kernels.tsra_forward(x, out, geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps,
-                             tuning)
-    else:
-        kernels.tsra_backward(grad, x, out, geo, split, a_u, b_u, a_v, b_v, eps, norm_size,
-                              rms_eps, tuning)
+def _plan(kernels, fwd: bool, x: Tensor, geo, split: int, norm_size: int):
+    """The launch plan of one direction on ``x`` (``geo`` its geometry), with the tuning
+    table's overrides for it."""
+    direction = "forward" if fwd else "backward"
+    tuning = launch_tuning(x.device, direction, x.element_size(), geo.channels_contig, geo.C,
+                           split, geo.P)
+    return kernels.plan(direction, geo, split, norm_size > 0, x.element_size(), tuning)
 
 
 def _check_grad(name: str, grad: Tensor, x: Tensor) -> None:
