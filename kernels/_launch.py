@@ -19,12 +19,14 @@ and requires them to be identical, for triton 3.6 and 3.8 alike). The first call
 key goes through ``JITFunction.run`` (which compiles, or loads from Triton's disk cache)
 and its compiled kernel is kept.
 
-Floats are not keyed: Triton passes Python floats as ``fp32`` arguments whatever their
-value. Launch hooks (``knobs.runtime.launch_enter_hook``, used by profilers) are honoured.
+Floats are keyed by type, not value: Triton passes Python floats as ``fp32`` arguments
+whatever their value (an int among them is refused). Launch hooks
+(``knobs.runtime.launch_enter_hook``, used by profilers) are honoured. At most
+:data:`MAX_ENTRIES` compiled kernels are kept.
 
 Device: Triton launches on the *current* CUDA device. When the tensors live on another one
 (a model moved to ``cuda:1`` while ``cuda:0`` is current), :func:`launch` makes their device
-current for the launch and restores the previous one, on both paths.
+current for the launch and restores the previous one, on every path.
 
 Falls back to the plain ``kernel[grid](...)`` under the Triton interpreter, when
 ``COBKERN_FAST_LAUNCH=0`` is set in the environment (read at import), and with a Triton
@@ -36,17 +38,21 @@ tools; run them with ``COBKERN_FAST_LAUNCH=0``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
 import torch
 
-__all__ = ["launch", "FAST_LAUNCH", "cache_size", "clear_cache"]
+__all__ = ["launch", "FAST_LAUNCH", "MAX_ENTRIES", "cache_size", "clear_cache"]
 
 #: Whether :func:`launch` may bypass ``JITFunction.run`` (``COBKERN_FAST_LAUNCH=0``: never).
 FAST_LAUNCH = os.environ.get("COBKERN_FAST_LAUNCH", "1") != "0"
 
 _cache: dict[tuple, Any] = {}
+#: Entries kept at most (int arguments are keyed, so every new batch size of a layer is a
+#: new key); past it, new keys launch through ``JITFunction.run`` every time.
+MAX_ENTRIES = 4096
 _runtime: tuple | None = None  # (driver config, knobs, JITFunction), resolved on first use
 
 
@@ -87,7 +93,10 @@ def launch(kernel: Any, grid: tuple[int, ...], tensors: tuple[torch.Tensor, ...]
     """
     rt = _triton_runtime()
     if rt is None or not isinstance(kernel, rt[2]):  # interpreter (CPU tensors), old Triton
-        _jit_launch(kernel, grid, tensors, ints + floats, constexprs, num_warps, num_stages)
+        index = tensors[0].get_device()
+        with torch.cuda.device(index) if index >= 0 else contextlib.nullcontext():
+            _jit_launch(kernel, grid, tensors, ints + floats, constexprs, num_warps,
+                        num_stages)
         return
     driver = rt[0]
     device = driver.active.get_current_device()
@@ -108,9 +117,10 @@ def launch(kernel: Any, grid: tuple[int, ...], tensors: tuple[torch.Tensor, ...]
     # id(kernel): hashing a JITFunction computes its source cache key (microseconds); the
     # entry keeps the kernel itself, so a reused id (a kernel garbage-collected and another
     # allocated at its address) is a miss, not a launch of the wrong kernel
+    # the floats' types, not their values: an int among them would be another signature
     key = (id(kernel), device, num_warps, num_stages, knobs.runtime.debug,
            knobs.compilation.instrumentation_mode, tuple(constexprs.values()), ints,
-           tuple(map(_tensor_key, tensors)))
+           tuple(map(_tensor_key, tensors)), tuple(map(type, floats)))
     entry = _cache.get(key)
     if entry is None or entry[2] is not kernel:
         if any(type(v) is not float for v in floats):
@@ -120,8 +130,8 @@ def launch(kernel: Any, grid: tuple[int, ...], tensors: tuple[torch.Tensor, ...]
                                num_stages)
         if hasattr(compiled, "result"):  # triton 3.6: a future under async compilation
             compiled = compiled.result()
-        if all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata",
-                                               "launch_metadata")):
+        if len(_cache) < MAX_ENTRIES and all(hasattr(compiled, a) for a in (
+                "run", "function", "packed_metadata", "launch_metadata")):
             _cache[key] = (compiled, _constexpr_values(
                 kernel, len(tensors) + len(ints) + len(floats), constexprs), kernel)
         return

@@ -186,6 +186,7 @@ def compare() -> dict:
     out["cache_size"] = _launch.cache_size()
     out["int_among_floats"] = _int_among_floats()
     out["other_device"] = _other_device()
+    out["capped"] = _capped()
     return out
 
 
@@ -225,13 +226,35 @@ def _int_among_floats() -> str | None:
     x = torch.randn(2, 8)
     geo = channel_geometry(x, 1)
     kernel, cx, warps, nblocks = ktsra.specialization(geo.C, geo.P, 3, True, "forward", False)
+    args = ((geo.C, geo.P, 3, nblocks, geo.stride_b, geo.stride_c, geo.stride_p),)
+    # first with floats (a cached entry for this launch), then an int among them: refused
+    # on a key that is otherwise already cached, not launched with the float signature
+    _launch.launch(kernel, (nblocks * geo.B,), (x, torch.empty_like(x)), *args,
+                   (5.0, 0.5, 5.0, 0.7, 1e-12, 0.0, 0.0), cx, warps)
     try:
-        _launch.launch(kernel, (nblocks * geo.B,), (x, torch.empty_like(x)),
-                       (geo.C, geo.P, 3, nblocks, geo.stride_b, geo.stride_c, geo.stride_p),
+        _launch.launch(kernel, (nblocks * geo.B,), (x, torch.empty_like(x)), *args,
                        (5, 0.5, 5.0, 0.7, 1e-12, 0.0, 0.0), cx, warps)
     except TypeError as e:
         return str(e)
     return None
+
+
+def _capped() -> dict:
+    """With the cache full, a new key still launches (through the JIT) but is not kept."""
+    from cobkern.kernels import _launch
+
+    fn = _cases()[0][1]
+    full, n = _launch.MAX_ENTRIES, _launch.cache_size()
+    calls.clear()
+    try:
+        _launch.MAX_ENTRIES = n
+        _launch.clear_cache()
+        _launch.MAX_ENTRIES = 0
+        fn()
+        fn()
+    finally:
+        _launch.MAX_ENTRIES = full
+    return {"launches": len(calls), "cache_size": _launch.cache_size()}
 
 
 def timing(n: int = 3000) -> dict:

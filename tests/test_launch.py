@@ -62,6 +62,10 @@ def test_tensors_on_another_device_launch_there(comparison):
         assert r["current_after"] == 0, (path, r)
 
 
+def test_a_full_cache_still_launches_but_keeps_nothing(comparison):
+    assert comparison["capped"] == {"launches": 2, "cache_size": 0}
+
+
 def test_an_int_passed_as_a_float_is_refused(comparison):
     msg = comparison["int_among_floats"]
     assert msg is not None and "floats must be Python floats" in msg, msg
