@@ -748,7 +748,20 @@ def test_calibrate_f32_dot_is_recorded_and_decides_whether_statistics_are_curren
     ieee = Context(out, ctx.config.with_overrides({"calib_f32_dot": "ieee"}), device="cpu",
                    progress=False)
     assert not ieee.calibration_is_current()
+    fp64_id = ctx.calibration_id()
     assert main(["calibrate", "--out", str(out), "--samples", "100", "--f32-dot", "ieee",
                  "--no-progress"]) == 0
     assert CalibrationStats.load(out / "calibration.pt").meta.get("f32_dot") is None
     assert ieee.calibration_is_current()
+    # the statistics' identity (what sweep records were made from) names the products too,
+    # so results of the fp64 statistics are not taken for results of the IEEE ones
+    assert Context(out, device="cpu", progress=False).calibration_id() != fp64_id
+
+
+def test_calibration_identity_is_unchanged_for_ieee_and_names_other_products() -> None:
+    from cobkern.experiments.identity import calibration_meta_id
+
+    meta = {"model": "abc", "samples": 100, "augment": False, "seed": 0}
+    ieee = calibration_meta_id(meta, 100)
+    assert calibration_meta_id(dict(meta, f32_dot=None), 100) == ieee  # older files: no key
+    assert calibration_meta_id(dict(meta, f32_dot="fp64"), 100) != ieee

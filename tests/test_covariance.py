@@ -257,6 +257,10 @@ def test_fp64_products_keep_float64_accumulation(device):
                                        f32_dot="fp64")
         narrow.update(x)
         assert narrow.accumulation == "float32"  # float32 running sums
+        empty = CovarianceAccumulator(96, 40, device=device, f32_dot="fp64")
+        empty.update(x[:0])  # no samples: no sums in any precision
+        empty.update(x)
+        assert empty.accumulation == "float64" and empty.count == 40
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float64, torch.float32])

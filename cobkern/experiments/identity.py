@@ -74,6 +74,8 @@ def calibration_meta_id(meta: dict[str, Any], num_images: int) -> str | None:
         return None
     key = {k: meta.get(k) for k in ("model", "samples", "augment", "seed")}
     key["num_images"] = int(num_images)
+    if meta.get("f32_dot"):  # other products, other statistics (IEEE's: no key, older ids)
+        key["f32_dot"] = meta["f32_dot"]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -251,8 +251,10 @@ class CovarianceAccumulator:
                              f"dim {dim}, got shape {tuple(x.shape)}")
         dim = check_activation_input(name, x, self.split, dim)
         x = x.detach()
+        if x.numel() == 0:  # no samples: nothing to add, and no precision to lose
+            return
         if x.dtype in KERNEL_DTYPES and use_triton(x, op="cobkern.subspace_moments"):
-            if x.device == self._packed.device and x.numel():
+            if x.device == self._packed.device:
                 self._kernel_update(x, dim)
             else:  # sums computed elsewhere (another device, float32), then added
                 self.accumulation = "float32"
