@@ -843,3 +843,20 @@ def test_compile_mode_reaches_torch_compile_and_marks_cuda_graph_steps(tmp_path,
     assert len(marks) == 3
     with pytest.raises(ConfigError, match="compile_mode must be one of"):
         _tiny_config(compile_mode="fastest")
+
+
+def test_cuda_graph_compile_modes_are_refused_with_several_processes(tmp_path) -> None:
+    """reduce-overhead / max-autotune replay CUDA graphs, which the trainer does not support
+    under DistributedDataParallel: refused before any data or model is touched, naming the
+    modes that work (a stand-in for a two-rank context: no process group is started)."""
+    import types
+
+    from cobkern.training.trainer import _train
+
+    d = types.SimpleNamespace(active=True, world=2, rank=0, main=True)
+    for mode in ("reduce-overhead", "max-autotune"):
+        cfg = _tiny_config(compile=True, compile_mode=mode, batch_size=16)
+        with pytest.raises(ConfigError, match="max-autotune-no-cudagraphs"):
+            _train(cfg, tmp_path / mode, tmp_path / mode / "ckpt.pt", False, None, None, None,
+                   d)
+        assert not (tmp_path / mode).exists()
