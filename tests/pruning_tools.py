@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cobkern.cob import calibrate
 from cobkern.nn import TSRA, RMSNorm, RMSNormTSRA
+from cobkern.ops import use_backend
 
 
 def net(fused: bool = True) -> nn.Sequential:
@@ -25,6 +27,26 @@ def data(n_batches=3, n=8, seed=1):
     """``n_batches`` seeded batches of ``n`` random ``3×8×8`` images."""
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(n, 3, 8, 8, generator=g) for _ in range(n_batches)]
+
+
+def saturated_net(kernel_size: int) -> tuple:
+    """A conv from 3 channels (``kernel_size``², + bias) to 64, RMSNorm→TSRA, pooling and a
+    10-logit layer, on 8×8 images: the 64 channels are fed by ``3·k²`` inputs, so at most
+    ``3·k² + 1`` directions per subspace carry energy (method.md §5) — lossless pruning has
+    something to cut. Seeded; calibrated on the reference path.
+
+    Returns ``(model, stats, x, y0)``: the eval-mode model, its calibration statistics, 16
+    test images and the model's logits on them.
+    """
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 64, kernel_size), RMSNormTSRA(64), nn.AvgPool2d(2),
+                      nn.Flatten(), nn.Linear(64 * 9, 10)).eval()
+    xs = [torch.randn(64, 3, 8, 8) for _ in range(2)]
+    x = torch.randn(16, 3, 8, 8)
+    with use_backend("reference"):
+        st = calibrate(m, xs, progress=False)
+        y0 = m(x)
+    return m, st, x, y0
 
 
 def rel_err(a, b):

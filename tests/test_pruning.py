@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from pruning_tools import data, net, rel_err
+from pruning_tools import data, net, rel_err, saturated_net
 from torch import nn
 
 from cobkern.cob import calibrate, find_cob_layers, rotate_model
@@ -340,14 +340,8 @@ def test_lossless_keeps_the_normaliser_by_default():
     normaliser every activation would be rescaled by sqrt(kept / C), so its default is the
     original width. A conv from 3×3×3 inputs (+ bias) to 64 channels reaches at most
     2·(27 + 1) = 56 directions."""
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Conv2d(3, 64, 3), RMSNormTSRA(64), nn.AvgPool2d(2), nn.Flatten(),
-                      nn.Linear(64 * 9, 10)).eval()
-    xs = [torch.randn(64, 3, 8, 8) for _ in range(2)]
-    x = torch.randn(16, 3, 8, 8)
+    m, st, x, y0 = saturated_net(3)
     with use_backend("reference"):
-        st = calibrate(m, xs, progress=False)
-        y0 = m(x)
         kept_model = copy.deepcopy(m)
         m, report = prune(m, st, RankTolerance())
         assert report.meta["normalizer"] == "original"

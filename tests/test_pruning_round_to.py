@@ -12,11 +12,9 @@ import math
 
 import pytest
 import torch
-from pruning_tools import data, net, rel_err
-from torch import nn
+from pruning_tools import data, net, rel_err, saturated_net
 
 from cobkern.cob import calibrate, find_cob_layers
-from cobkern.nn import RMSNormTSRA
 from cobkern.ops import use_backend
 from cobkern.pruning import (
     STRATEGIES,
@@ -292,14 +290,8 @@ def test_lossless_with_rounding_keeps_the_function():
     """A 2×2 conv from 3 channels (+ bias) reaches at most 13 directions per subspace of 32:
     lossless keeps 13 + 13; round_to=8 keeps 16 + 16, adding back zero-energy directions
     only, so the logits stay the same (and the model is still pruned, 64 → 32)."""
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Conv2d(3, 64, 2), RMSNormTSRA(64), nn.AvgPool2d(2), nn.Flatten(),
-                      nn.Linear(64 * 9, 10)).eval()
-    xs = [torch.randn(64, 3, 8, 8) for _ in range(2)]
-    x = torch.randn(16, 3, 8, 8)
+    m, st, x, y0 = saturated_net(2)
     with use_backend("reference"):
-        st = calibrate(m, xs, progress=False)
-        y0 = m(x)
         _, plain = prune(copy.deepcopy(m), st, RankTolerance())
         m, report = prune(m, st, ("lossless", None), round_to=8)
         y = m(x)
