@@ -56,11 +56,11 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-
 def cfg_f32_dot(cfg: ExperimentConfig) -> str | None:
     """The ``calibrate(f32_dot=...)`` of a config: ``None`` for the default IEEE products
     (what the statistics' ``meta`` then records: nothing)."""
     return None if cfg.calib_f32_dot == "ieee" else cfg.calib_f32_dot
+
 
 class Context:
     """Settings, data and models of one experiment directory.
