@@ -54,7 +54,7 @@ from ._host import cdiv, next_pow2
 from ._launch import launch
 
 __all__ = ["tsra_forward", "tsra_backward", "launch_config", "specialization", "plan", "run",
-           "LaunchPlan", "KERNELS", "MAX_TILE_CHANNELS"]
+           "run_traced", "LaunchPlan", "KERNELS", "MAX_TILE_CHANNELS"]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -132,9 +132,21 @@ def _per_channel(is_u, u, v):
 
 
 @triton.jit
+def _as_f32(a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps):
+    """The float constants as float32, whatever the launch passed: Triton's JIT passes Python
+    floats as fp32 (a no-op here), inductor's generated launches (the inline ops under
+    ``torch.compile``) as fp64, which would promote the gain arithmetic to float64."""
+    f32 = tl.float32
+    return (tl.cast(a_u, f32), tl.cast(b_u, f32), tl.cast(a_v, f32), tl.cast(b_v, f32),
+            tl.cast(eps, f32), tl.cast(inv_norm_size, f32), tl.cast(rms_eps, f32))
+
+
+@triton.jit
 def _forward_gains(s2u, s2v, a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
                    RMSNORM: tl.constexpr):
     """Per-position output gains ``(q g_U, q g_V)`` from the raw squared subspace norms."""
+    a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps = _as_f32(
+        a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps)
     s2 = s2u + s2v
     if RMSNORM:
         q = 1.0 / tl.sqrt(s2 * inv_norm_size + rms_eps)
@@ -156,6 +168,8 @@ def _backward_coefs(s2u, s2v, du, dv, a_u, b_u, a_v, b_v, eps, inv_norm_size, rm
     Inputs are the raw squared norms ``s2u``, ``s2v`` and dots ``du = <dy_U, x_U>``,
     ``dv = <dy_V, x_V>``; see :mod:`cobkern.ops.reference` for the derivation.
     """
+    a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps = _as_f32(
+        a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps)
     s2 = s2u + s2v
     if RMSNORM:
         q = 1.0 / tl.sqrt(s2 * inv_norm_size + rms_eps)
@@ -485,6 +499,18 @@ def run(p: LaunchPlan, tensors: tuple[torch.Tensor, ...], a_u: float, b_u: float
     inv_n = 1.0 / norm_size if norm_size > 0 else 0.0
     launch(p.kernel, p.grid, tensors, p.ints, (a_u, b_u, a_v, b_v, eps, inv_n, rms_eps),
            p.constexprs, p.num_warps)
+
+
+def run_traced(p: LaunchPlan, tensors: tuple[torch.Tensor, ...], a_u: float, b_u: float,
+               a_v: float, b_v: float, eps: float, norm_size: int, rms_eps: float) -> None:
+    """Launch a :func:`plan` through ``torch.library.wrap_triton``: the same kernel, grid,
+    arguments and options as :func:`run`, in a form that ``torch.compile`` traces (inductor
+    then launches the kernel from its own generated code). Eager callers use :func:`run`."""
+    from torch.library import wrap_triton
+
+    inv_n = 1.0 / norm_size if norm_size > 0 else 0.0
+    wrap_triton(p.kernel)[p.grid](*tensors, *p.ints, a_u, b_u, a_v, b_v, eps, inv_n, rms_eps,
+                                  num_warps=p.num_warps, **p.constexprs)
 
 
 def _launch(direction, tensors, geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps,

@@ -70,6 +70,10 @@ def _compile_one(spec: dict[str, Any]) -> dict[str, Any]:
         "cp_async": len(re.findall(r"\bcp\.async\.c[ag]\.", ptx)),
         "mma": len(re.findall(r"\bmma\.sync", ptx)),
         "mma_f64": len(re.findall(r"\bmma\.sync\S*\.f64\.f64", ptx)),
+        # float64 arithmetic (conversions, loads and moves not counted)
+        "f64_arith": len(re.findall(
+            r"\b(?:add|sub|mul|fma|mad|div|rcp|sqrt|rsqrt|ex2|lg2|min|max|neg|abs|setp)"
+            r"(?:\.\w+)*\.f64\b", ptx)),
         **sass,
     }
 

@@ -229,3 +229,29 @@ def test_shipped_tuning_tables_compile_without_spills():
            for s, r in zip(specs, results, strict=True)
            if "error" in r or not r["ptxas_ok"] or r["spill_stores"] or r["spill_loads"]]
     assert not bad, "\n".join(bad)
+
+
+def test_float_constants_stay_float32_when_launched_as_fp64():
+    """Triton's JIT passes the gain constants (Python floats) as fp32; inductor's generated
+    launches of the inline ops (``set_compile_kernels("inline")``) pass them as fp64. The
+    kernels cast them to float32 first, so either way no float64 arithmetic is compiled
+    (float64 runs at a fraction of float32's rate, and its square roots and exponentials
+    would differ from the eager launch). One variant per kernel family, fwd and bwd, with
+    RMSNorm (the path that uses every constant); the fp32 launch is the control."""
+    floats = ["a_u", "b_u", "a_v", "b_v", "eps", "inv_norm_size", "rms_eps"]
+    specs, seen = [], set()
+    for c, p, cl in [(64, 1024, False), (64, BATCH * 1024, True), (16384, BATCH, True)]:
+        for direction in ("forward", "backward"):
+            spec = _spec(c, p, cl, direction, "bf16", True)
+            if spec["kernel"] in seen:
+                continue
+            seen.add(spec["kernel"])
+            for typ in ("fp32", "fp64"):
+                s = dict(spec, signature={**spec["signature"], **dict.fromkeys(floats, typ)})
+                specs.append(s)
+    results = compile_specs([{k: v for k, v in s.items() if k != "meta"} for s in specs])
+    assert len(seen) == 6  # split, tile and chunked kernels, both directions
+    for s, r in zip(specs, results, strict=True):
+        assert "error" not in r and r["ptxas_ok"], f"{_name(s)}: {r}"
+        assert r["f64_arith"] == 0, f"{_name(s)} with {s['signature']['a_u']} constants"
+        assert not (r["spill_stores"] or r["spill_loads"]), f"{_name(s)}: spills"
