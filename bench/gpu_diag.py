@@ -140,8 +140,7 @@ def _tuning(cfg) -> dict:
 
 def _launch(direction, tensors, cfg):
     from cobkern.kernels import tsra as k
-
-    from cobkern.ops._checks import channel_geometry  # noqa: I001
+    from cobkern.ops._checks import channel_geometry
 
     geo = channel_geometry(tensors[0], 1)
     split = tensors[0].shape[1] // 2
@@ -212,8 +211,7 @@ def copy_bandwidth() -> float:
 
 def part_tiles(rec: dict) -> None:
     from cobkern.kernels.tsra import specialization
-
-    from cobkern.ops._checks import channel_geometry  # noqa: I001
+    from cobkern.ops._checks import channel_geometry
 
     jobs = [(s, nhwc, d, dr, cfg) for s, nhwc in tile_cases() for d in DTYPES
             for dr in CONFIGS for cfg in CONFIGS[dr]
@@ -352,8 +350,7 @@ def _cov_jobs():
 
 def _cov_case(shape, dname, label, over):
     from cobkern.kernels import covariance as kcov
-
-    from cobkern.ops._checks import channel_geometry  # noqa: I001
+    from cobkern.ops._checks import channel_geometry
 
     del label
     over = dict(over)
@@ -394,9 +391,9 @@ def part_covariance(rec: dict) -> None:
 
 def part_overhead(rec: dict) -> None:
     import triton.testing as tt
-    from cobkern.kernels import _launch
 
     import cobkern
+    from cobkern.kernels import _launch
 
     _launch_default = _launch.FAST_LAUNCH
 

@@ -114,8 +114,9 @@ def covariance() -> None:
     threads / samples per step × Gram tiles of the layer: the instructions the whole layer
     issues per sample (lower is better)."""
     import torch
-    from cobkern.kernels.covariance import launch_config, tile_table
     from test_covariance_aot import _spec
+
+    from cobkern.kernels.covariance import launch_config, tile_table
 
     rows, specs = [], []
     for shape in COV_LAYERS:

@@ -109,9 +109,9 @@ def _norm(call: tuple) -> list:
 def _cases() -> list[tuple[str, Any]]:
     """``(name, fn)``: one launch of each kernel family and variant."""
     import torch
+
     from cobkern.kernels import covariance as kcov
     from cobkern.kernels import tsra as ktsra
-
     from cobkern.ops._checks import channel_geometry
 
     consts = (5.0, 0.5, 5.0, 0.7, 1e-12)
@@ -195,6 +195,7 @@ def _other_device() -> dict:
     tensors here are CPU tensors): each launch must run with device 1 current, on both
     paths, and leave device 0 current."""
     import torch
+
     from cobkern.kernels import _launch
 
     fn = _cases()[0][1]
@@ -218,9 +219,9 @@ def _int_among_floats() -> str | None:
     """Floats are not part of the fast path's key, so an int passed as one (which the JIT
     would specialise as ``i32``) must be refused; returns the error message."""
     import torch
+
     from cobkern.kernels import _launch
     from cobkern.kernels import tsra as ktsra
-
     from cobkern.ops._checks import channel_geometry
 
     x = torch.randn(2, 8)

@@ -364,7 +364,6 @@ def test_accumulator_f32_dot_names_match_the_kernel_and_are_checked():
     """The ops layer keeps its own copy of the kernel's float32 product names (checking an
     argument must not import Triton); the two must not drift apart."""
     from cobkern.kernels.covariance import F32_DOTS as kernel_dots
-
     from cobkern.ops.covariance import F32_DOTS
 
     assert F32_DOTS == kernel_dots

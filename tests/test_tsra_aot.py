@@ -19,6 +19,7 @@ import pytest
 pytest.importorskip("triton")
 
 from aot_tools import compile_specs  # noqa: E402
+
 from cobkern.kernels.tsra import specialization  # noqa: E402
 
 DTYPES = {"fp32": 4, "bf16": 2, "fp16": 2}

@@ -186,7 +186,6 @@ def test_sweep_overrides_compute_the_same_function(tuning, shape, split, layout,
     a GPU the compiled layout), never the result: RMSNorm→TSRA forward and backward against
     float64, with the same tolerances as the shipped launch."""
     from cobkern.kernels import tsra as k
-
     from cobkern.ops._checks import channel_geometry
 
     x = _make(shape, layout, dtype, device)
