@@ -15,7 +15,11 @@ forward, cross-entropy, backward, AdamW/SGD step):
   "reduce-overhead")``: the compiled forward and backward replayed as CUDA graphs, so a
   step costs its kernels, not the host's dispatch of them (cobkern's custom ops cost
   ~16 µs of host each through the dispatcher on our CPU, against ~7 µs for the launch
-  itself; 30 of them per step).
+  itself; 30 of them per step);
+* ``tsra-fused-compiled-inline`` / ``tsra-fused-compiled-inline-cg`` — the compiled fused
+  model with ``cobkern.ops.set_compile_kernels("inline")``: inductor traces into the ops
+  and launches the Triton kernels from its own generated code (no dispatcher round trip,
+  outputs in its memory plan), without and with CUDA graphs.
 
 Defaults: batch 1024, width 1.0, bf16 autocast on CUDA; on a CPU it falls back to small
 shapes (width 0.125, batch 64, fewer steps) so it still runs. Writes JSON and a Markdown
@@ -44,13 +48,14 @@ from torch import Tensor, nn
 import cobkern
 from cobkern.models import vgg16_relu, vgg16_tsra
 from cobkern.nn import TSRA, RMSNorm, RMSNormTSRA
-from cobkern.ops import reference
+from cobkern.ops import reference, use_compile_kernels
 from cobkern.ops.tuning import ENV_VAR as TUNING_ENV
 from cobkern.ops.tuning import table_for_device
 
 VARIANTS = ("tsra-fused", "tsra-reference-op", "tsra-eager", "tsra-eager-compiled",
             "tsra-fused-compiled", "relu", "relu-compiled", "relu-adamw",
-            "tsra-fused-heuristic", "tsra-fused-compiled-cg", "relu-compiled-cg")
+            "tsra-fused-heuristic", "tsra-fused-compiled-cg", "relu-compiled-cg",
+            "tsra-fused-compiled-inline", "tsra-fused-compiled-inline-cg")
 #: ``tsra-fused-heuristic``: ``tsra-fused`` with the TSRA tuning table switched off
 #: (``COBKERN_TSRA_TUNING=off`` during its steps), so a table's effect on a training step —
 #: the shipped one, or one named by ``COBKERN_TSRA_TUNING`` for the whole run — is measured
@@ -130,7 +135,7 @@ def bench_one(variant: str, *, width: float, batch: int, steps: int, warmup: int
     if graphs:
         net = torch.compile(model, mode="reduce-overhead")
     else:
-        net = torch.compile(model) if variant.endswith("compiled") else model
+        net = torch.compile(model) if "-compiled" in variant else model
     x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,), device=device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -151,11 +156,13 @@ def bench_one(variant: str, *, width: float, batch: int, steps: int, warmup: int
     saved = os.environ.get(TUNING_ENV)
     if variant.endswith("heuristic"):
         os.environ[TUNING_ENV] = "off"
+    kernels = "inline" if "-inline" in variant else "opaque"
     try:
-        res = _timed(variant, sgd, backend, step, sync, steps, warmup, batch, device)
-        if profile:
-            with cobkern.use_backend(backend):
-                res["profile"] = profile_steps(step, sync, device)
+        with use_compile_kernels(kernels):  # read when torch.compile traces (first steps)
+            res = _timed(variant, sgd, backend, step, sync, steps, warmup, batch, device)
+            if profile:
+                with cobkern.use_backend(backend):
+                    res["profile"] = profile_steps(step, sync, device)
         return res
     finally:
         if saved is None:

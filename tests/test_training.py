@@ -743,8 +743,8 @@ def test_training_loop_matches_a_hand_written_reference(tmp_path, optimizer) -> 
 #: The TrainConfig fields a resume may change (checkpoint.py documents why each one does not
 #: change the optimisation); listed here so that adding one is a deliberate change.
 _MAY_CHANGE = {"progress", "log_every", "eval_every", "checkpoint_every", "eval_batch_size",
-               "num_threads", "device", "compile", "compile_mode", "channels_last", "cache_dir",
-               "download"}
+               "num_threads", "device", "compile", "compile_mode", "compile_kernels",
+               "channels_last", "cache_dir", "download"}
 
 
 def test_every_optimisation_setting_is_checked_on_resume() -> None:
@@ -843,6 +843,24 @@ def test_compile_mode_reaches_torch_compile_and_marks_cuda_graph_steps(tmp_path,
     assert len(marks) == 3
     with pytest.raises(ConfigError, match="compile_mode must be one of"):
         _tiny_config(compile_mode="fastest")
+
+
+def test_compile_kernels_is_set_for_the_run_and_restored(tmp_path, monkeypatch) -> None:
+    """compile_kernels is the process-wide :func:`cobkern.ops.set_compile_kernels` while
+    the run traces and trains (recorded at every step), and the previous value afterwards;
+    a bad value is refused with the options named."""
+    from cobkern.ops import get_compile_kernels
+
+    steps: list[str] = []
+    data = _toy_data()
+    assert get_compile_kernels() == "opaque"
+    with cobkern.use_backend("reference"):
+        train(_tiny_config(steps=2, compile_kernels="inline"), tmp_path / "a", data=data,
+              on_step=lambda s: steps.append(get_compile_kernels()))
+    assert steps == ["inline", "inline"]
+    assert get_compile_kernels() == "opaque"
+    with pytest.raises(ConfigError, match="compile_kernels must be one of opaque, inline"):
+        _tiny_config(compile_kernels="fused")
 
 
 def test_cuda_graph_compile_modes_are_refused_with_several_processes(tmp_path) -> None:

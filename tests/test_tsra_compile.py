@@ -1,21 +1,44 @@
-"""torch.library registration: opcheck and torch.compile(fullgraph=True)."""
+"""torch.library registration: opcheck and torch.compile(fullgraph=True), through the opaque
+custom ops and through their inline (``triton_op``) twins."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import cobkern
 from cobkern.nn import TSRA, RMSNormTSRA
+from cobkern.ops import backend
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+#: the ops each compile-kernels mode puts in a compiled graph
+OP_NAMES = {"opaque": ("cobkern.tsra", "cobkern.tsra_backward"),
+            "inline": ("cobkern.tsra_inline", "cobkern.tsra_inline_backward")}
+
+
+@pytest.fixture(params=["opaque", "inline"])
+def compile_kernels(request):
+    """Run the test in each compile-kernels mode (``cobkern.ops.backend``), with fresh
+    dynamo caches."""
+    torch._dynamo.reset()
+    with backend.use_compile_kernels(request.param):
+        yield request.param
+    torch._dynamo.reset()
 
 
 def _op_args(x, norm_size):
     return (x, 3, 1, 5.0, 0.5, 5.0, 0.7, 1e-12, norm_size, 1e-6 if norm_size else 0.0)
 
 
+@pytest.mark.parametrize("mode", ["opaque", "inline"])
 @pytest.mark.parametrize("norm_size", [0, 11])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "2d"])
-def test_opcheck(norm_size, layout, device):
+def test_opcheck(norm_size, layout, mode, device):
     if layout == "2d":
         x = torch.randn(5, 8, device=device)
     else:
@@ -23,10 +46,10 @@ def test_opcheck(norm_size, layout, device):
         if layout == "channels_last":
             x = x.to(memory_format=torch.channels_last)
     x.requires_grad_(True)
-    torch.library.opcheck(torch.ops.cobkern.tsra.default, _op_args(x, norm_size))
+    fwd, bwd = (getattr(torch.ops.cobkern, n.split(".")[1]).default for n in OP_NAMES[mode])
+    torch.library.opcheck(fwd, _op_args(x, norm_size))
     dy = torch.randn_like(x).detach()
-    torch.library.opcheck(torch.ops.cobkern.tsra_backward.default,
-                          (dy,) + _op_args(x.detach(), norm_size))
+    torch.library.opcheck(bwd, (dy,) + _op_args(x.detach(), norm_size))
 
 
 class _Tiny(torch.nn.Module):
@@ -44,10 +67,11 @@ class _Tiny(torch.nn.Module):
         return self.out(self.act2(self.fc(h)))
 
 
-def test_torch_compile_fullgraph_matches_eager(device):
-    """The ops trace as single nodes: fullgraph=True raises on any graph break.
-    Tolerance 1e-5: the compiled convolution/linear may reorder float32 sums."""
-    torch._dynamo.reset()
+def test_torch_compile_fullgraph_matches_eager(device, compile_kernels):
+    """The ops trace without graph breaks (fullgraph=True raises on any), as single nodes
+    or (inline) as their kernel launches — on a CPU as the reference formula, which inductor
+    compiles like any other ops. Tolerance 1e-5: the compiled convolution/linear (and, inline
+    on a CPU, the fused reference) may reorder float32 sums."""
     model = _Tiny().to(device)
     x = torch.randn(2, 3, 4, 4, device=device)
     ref_out = model(x)
@@ -60,8 +84,8 @@ def test_torch_compile_fullgraph_matches_eager(device):
         torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-5)
 
 
-def test_compiled_graph_contains_the_custom_ops(device):
-    torch._dynamo.reset()
+def test_compiled_graph_contains_the_custom_ops(device, compile_kernels):
+    """Dynamo's graph holds the mode's forward op once per activation."""
     seen: list[str] = []
 
     def backend(gm, example_inputs):
@@ -70,7 +94,111 @@ def test_compiled_graph_contains_the_custom_ops(device):
 
     model = _Tiny().to(device)
     torch.compile(model, backend=backend, fullgraph=True)(torch.randn(1, 3, 4, 4, device=device))
-    assert sum("cobkern.tsra" in s for s in seen) == 2, seen
+    fwd = OP_NAMES[compile_kernels][0]
+    assert sum(s == f"{fwd}.default" for s in seen) == 2, seen
+    assert not any(s.startswith("cobkern.") and not s.startswith(fwd + ".") for s in seen), seen
+
+
+def test_switching_compile_kernels_recompiles(device):
+    """``set_compile_kernels`` is guarded: a function compiled in one mode is recompiled
+    with the other mode's ops on its next call."""
+    torch._dynamo.reset()
+    seen: list[list[str]] = []
+
+    def capture(gm, example_inputs):
+        seen.append([str(n.target) for n in gm.graph.nodes if "cobkern" in str(n.target)])
+        return gm.forward
+
+    f = torch.compile(lambda t: cobkern.rmsnorm_tsra(t, 3), backend=capture, fullgraph=True)
+    x = torch.randn(2, 8, 3, 3, device=device)
+    with backend.use_compile_kernels("opaque"):
+        f(x)
+    with backend.use_compile_kernels("inline"):
+        f(x)
+    with backend.use_compile_kernels("opaque"):
+        f(x)  # the first graph again: no third compilation
+    assert seen == [["cobkern.tsra.default"], ["cobkern.tsra_inline.default"]]
+    torch._dynamo.reset()
+
+
+def test_compile_kernels_setting_is_validated():
+    with pytest.raises(ValueError, match="'opaque', 'inline'"):
+        backend.set_compile_kernels("fused")
+    assert backend.get_compile_kernels() == "opaque"  # unchanged, and the default
+    env = dict(os.environ, COBKERN_COMPILE_KERNELS="inlined")
+    out = subprocess.run([sys.executable, "-c", "import cobkern"], capture_output=True,
+                         text=True, env=env, check=False)
+    assert out.returncode != 0
+    assert "COBKERN_COMPILE_KERNELS='inlined'" in out.stderr
+    env["COBKERN_COMPILE_KERNELS"] = "inline"
+    out = subprocess.run([sys.executable, "-c", "import cobkern.ops.backend as b; "
+                          "print(b.get_compile_kernels())"], capture_output=True, text=True,
+                         env=env, check=True)
+    assert out.stdout.strip() == "inline"
+
+
+@pytest.fixture(scope="module")
+def inline_traces() -> list[dict]:
+    """``inline_trace_tools.py`` run in a subprocess (fake sm_90 Triton driver, no GPU)."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "inline_trace_tools.py")],
+                          capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_inline_ops_trace_to_the_eager_launch_plan(inline_traces):
+    """Traced on fake CUDA tensors as AOTAutograd traces them for inductor, the inline ops
+    leave no cobkern op in the graph, only one ``triton_kernel_wrapper_functional`` per
+    direction — and each launches what the eager path launches for that geometry (kernel,
+    grid, integer arguments, constexprs, ``num_warps``: ``kernels.tsra.plan``), with the
+    constants as passed and only the output marked as written (Triton's mutation analysis
+    of our kernels for sm_90 worked: an input marked written would make inductor copy it
+    before every launch)."""
+    int_names = ["C", "P", "split", "n_pblocks", "stride_b", "stride_c", "stride_p"]
+    assert len(inline_traces) == 4
+    for trace in inline_traces:
+        (_, _, _, rmsnorm, norm) = trace["case"]
+        launches, plans = trace["launches"], trace["plans"]
+        assert len(launches) == 2, trace
+        for launch, plan, out in zip(launches, plans, ("Y", "DX"), strict=True):
+            assert launch["ops"] == []
+            assert launch["kernel"] == plan["kernel"]
+            assert launch["grid"] == plan["grid"]
+            assert [launch["args"][k] for k in int_names] == plan["ints"]
+            assert {k: launch["args"][k] for k in plan["constexprs"]} == plan["constexprs"]
+            assert launch["num_warps"] == [plan["num_warps"]]
+            assert launch["clone"] == [out]
+            assert launch["args"]["inv_norm_size"] == (1.0 / norm if rmsnorm else 0.0)
+            assert (launch["args"]["a_u"], launch["args"]["b_v"]) == (5.0, 0.7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inline_compile_launches_the_same_kernels_on_cuda(channels_last):
+    """Inline, inductor's generated code launches the TSRA kernels itself (no cobkern op call
+    left in it) and computes the eager launch's bits: the same kernel, arguments and
+    options; the constants arrive as fp64 and are cast to the float32 the JIT passes."""
+    from torch._inductor.utils import run_and_get_code
+
+    x = torch.randn(64, 96, 8, 8, device="cuda", dtype=torch.bfloat16)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    dy = torch.randn_like(x)
+
+    def f(t, g):
+        return cobkern.rmsnorm_tsra(t, 40), cobkern.ops.rmsnorm_tsra_backward(g, t, 40)
+
+    torch._dynamo.reset()
+    with backend.use_compile_kernels("inline"):
+        (y, dx), codes = run_and_get_code(torch.compile(f, fullgraph=True), x, dy)
+    torch._dynamo.reset()
+    code = "\n".join(codes)
+    assert "torch.ops.cobkern" not in code
+    assert "_tsra_fwd" in code and "_tsra_bwd" in code
+    ey, edx = f(x, dy)
+    assert torch.equal(y, ey) and torch.equal(dx, edx)
 
 
 def test_backend_context_restores():
@@ -126,10 +254,10 @@ def test_opcheck_backward_op_is_differentiable(norm_size, device):
     torch.library.opcheck(torch.ops.cobkern.tsra_backward.default, (dy,) + _op_args(x, norm_size))
 
 
-def test_torch_compile_dynamic_shapes_and_symbolic_split(device):
+def test_torch_compile_dynamic_shapes_and_symbolic_split(device, compile_kernels):
     """dynamic=True: the argument checks (in the wrappers and in the ops' fake
-    implementations) must trace with symbolic sizes and constants, without graph breaks."""
-    torch._dynamo.reset()
+    implementations) must trace with symbolic sizes and constants, without graph breaks;
+    inline on CUDA, a launch's sizes are specialised (its block sizes depend on them)."""
     m = torch.nn.Sequential(RMSNormTSRA(8, split=3), TSRA(8, split=5, eps=1e-9)).to(device)
     g = torch.compile(m, dynamic=True, fullgraph=True)
     f = torch.compile(lambda x: cobkern.tsra(x, x.shape[1] // 2), dynamic=True, fullgraph=True)

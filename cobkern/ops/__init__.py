@@ -5,10 +5,19 @@
 * :func:`rmsnorm` — unlearned RMSNorm (plain PyTorch);
 * :func:`subspace_moments`, :class:`CovarianceAccumulator` — streaming per-subspace
   second moments for calibration;
-* :func:`use_backend`, :func:`set_backend` — choose Triton kernels or the reference.
+* :func:`use_backend`, :func:`set_backend` — choose Triton kernels or the reference;
+* :func:`set_compile_kernels`, :func:`use_compile_kernels` — how ``torch.compile`` reaches
+  the TSRA kernels: the opaque custom ops or their inline ``triton_op`` twins.
 """
 
-from .backend import get_backend, set_backend, use_backend
+from .backend import (
+    get_backend,
+    get_compile_kernels,
+    set_backend,
+    set_compile_kernels,
+    use_backend,
+    use_compile_kernels,
+)
 from .covariance import CovarianceAccumulator, Moments, subspace_moments
 from .rmsnorm import rmsnorm
 from .tsra import (
@@ -36,6 +45,9 @@ __all__ = [
     "get_backend",
     "set_backend",
     "use_backend",
+    "get_compile_kernels",
+    "set_compile_kernels",
+    "use_compile_kernels",
     "DEFAULT_A_U",
     "DEFAULT_B_U",
     "DEFAULT_A_V",

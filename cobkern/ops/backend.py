@@ -4,6 +4,15 @@
 ``TRITON_INTERPRET=1`` is set (the Triton interpreter, for testing); everything else runs
 the reference. ``"reference"`` forces the reference everywhere (useful for comparisons);
 ``"triton"`` forces the kernels and raises where they cannot run.
+
+Under ``torch.compile`` a second, independent choice applies: how compiled code reaches the
+TSRA kernels (:func:`set_compile_kernels`). ``"opaque"`` (the default) calls the registered
+custom ops ``cobkern::tsra`` / ``cobkern::tsra_backward``, single nodes that compiled code
+calls through the dispatcher; ``"inline"`` calls their ``torch.library.triton_op`` twins
+``cobkern::tsra_inline`` / ``cobkern::tsra_inline_backward``, which inductor traces into so
+that its generated code launches the Triton kernels itself (no dispatcher round trip, output
+buffers in inductor's memory plan). Both run the same kernels with the same launch plan.
+The environment variable ``COBKERN_COMPILE_KERNELS`` sets the initial value.
 """
 
 from __future__ import annotations
@@ -17,6 +26,20 @@ import torch
 
 _BACKENDS = ("auto", "triton", "reference")
 _backend = "auto"
+
+COMPILE_KERNELS_ENV = "COBKERN_COMPILE_KERNELS"
+_COMPILE_KERNELS = ("opaque", "inline")
+
+
+def _initial_compile_kernels() -> str:
+    value = os.environ.get(COMPILE_KERNELS_ENV, "opaque")
+    if value not in _COMPILE_KERNELS:
+        raise ValueError(f"{COMPILE_KERNELS_ENV}={value!r} is not a cobkern compile-kernels "
+                         f"mode; expected one of {_COMPILE_KERNELS}")
+    return value
+
+
+_compile_kernels = _initial_compile_kernels()
 
 
 @functools.cache
@@ -91,6 +114,36 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         set_backend(previous)
+
+
+def get_compile_kernels() -> str:
+    """How ``torch.compile`` reaches the TSRA kernels: ``"opaque"`` or ``"inline"``."""
+    return _compile_kernels
+
+
+def set_compile_kernels(mode: str) -> None:
+    """Choose how compiled code reaches the TSRA kernels (process-wide; module docstring).
+
+    ``"opaque"``: the custom ops, one dispatcher call each. ``"inline"``: the
+    ``triton_op`` twins, whose kernel launches inductor generates itself. Functions compiled
+    before the change are recompiled on their next call (``torch.compile`` guards on it).
+    """
+    global _compile_kernels
+    if mode not in _COMPILE_KERNELS:
+        raise ValueError(f"unknown compile-kernels mode {mode!r}; expected one of "
+                         f"{_COMPILE_KERNELS}")
+    _compile_kernels = mode
+
+
+@contextlib.contextmanager
+def use_compile_kernels(mode: str) -> Iterator[None]:
+    """Context manager form of :func:`set_compile_kernels`."""
+    previous = get_compile_kernels()
+    set_compile_kernels(mode)
+    try:
+        yield
+    finally:
+        set_compile_kernels(previous)
 
 
 def use_triton(x: torch.Tensor, *, op: str, supported: bool = True) -> bool:

@@ -10,6 +10,16 @@ They have fake (meta) implementations and an autograd formula, so they trace und
 Only ``x`` is saved for backward; the per-position norms are recomputed there from ``x``,
 which the backward must read anyway.
 
+Inline twins: ``cobkern::tsra_inline`` / ``cobkern::tsra_inline_backward`` are the same ops
+registered with ``torch.library.triton_op``: ``torch.compile`` traces into them, so that
+inductor's generated code launches the Triton kernels itself (through
+``torch.library.wrap_triton``, with the launch plan the eager path would make) instead of
+calling an op through the dispatcher, and their outputs join inductor's memory plan. On CPU
+tensors they trace to the reference formula, which inductor compiles like any other ops.
+Which pair compiled code uses is :func:`cobkern.ops.set_compile_kernels` (default
+``"opaque"``); eager calls take the fast path below either way. Sizes are specialised in an
+inline launch (its block sizes depend on them), so a dynamic batch size recompiles there.
+
 Higher-order gradients: the backward is itself differentiable. ``cobkern::tsra_backward``
 has an autograd formula (autograd through the plain-PyTorch
 :func:`cobkern.ops.reference.tsra_backward`, the same closed form), and the eager fast path
@@ -47,6 +57,7 @@ zero tangent): call the public functions under ``torch.func``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -65,7 +76,7 @@ from ._checks import (
     check_tsra_eps,
     is_int,
 )
-from .backend import use_triton
+from .backend import get_compile_kernels, use_triton
 from .tuning import ENV_VAR as TUNING_ENV
 from .tuning import launch_tuning
 
@@ -100,16 +111,36 @@ def _kernels():
     if _KERNELS is None:
         from cobkern.kernels import tsra
 
+        # torch.compile's AOTAutograd cache keys a graph on the sources of the kernels its
+        # triton_ops launch, which triton_op finds by reading the op's body; ours picks its
+        # kernel from a table, so name them (a registry private to PyTorch: without it,
+        # editing a kernel could reuse a stale compiled graph, nothing worse)
+        registry = getattr(torch._library.triton, "triton_ops_to_kernels", None)
+        if isinstance(registry, dict):
+            kernels = list(dict.fromkeys(tsra.KERNELS.values()))
+            registry["cobkern::tsra_inline"] = kernels
+            registry["cobkern::tsra_inline_backward"] = list(kernels)
         _KERNELS = tsra
     return _KERNELS
 
 
-def _launch_or_reference(fwd: bool, x: Tensor, grad: Tensor | None, args: tuple) -> Tensor:
+def _launch_or_reference(fwd: bool, x: Tensor, grad: Tensor | None, args: tuple,
+                         traced: bool = False) -> Tensor:
+    """Run one direction on ``x`` (and ``grad``): the kernel where it can run, else the
+    plain-PyTorch reference.
+
+    ``traced=True`` is the body of the ``triton_op`` twins while ``torch.compile`` (or
+    another dispatcher-level tracer) traces them: the launch goes through
+    ``torch.library.wrap_triton`` so that it lands in the graph, its plan is made from
+    concrete sizes (symbolic ones are specialised: a launch's block sizes depend on them)
+    and not cached, and CPU tensors take the reference formula (inductor then compiles
+    those ops like any others), also where the Triton interpreter would run eagerly.
+    """
     split, dim, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps = args
     op = "cobkern.tsra" if fwd else "cobkern.tsra_backward"
     if x.numel() == 0:
         return torch.empty_like(x)
-    if not use_triton(x, op=op, supported=_kernel_supported(x)):
+    if not use_triton(x, op=op, supported=_kernel_supported(x)) or (traced and not x.is_cuda):
         if fwd:
             return reference.tsra_forward(x, *args)
         return reference.tsra_backward(grad, x, *args)
@@ -117,33 +148,48 @@ def _launch_or_reference(fwd: bool, x: Tensor, grad: Tensor | None, args: tuple)
     kernels = _kernels()
     out = torch.empty_like(x)
     consts = (a_u, b_u, a_v, b_v, eps, norm_size, rms_eps)
-    if grad is None or grad.stride() == x.stride():  # the launch is a function of this key
-        key = (fwd, x.shape, x.stride(), x.dtype, x.get_device(), dim, split, norm_size > 0,
-               os.environ.get(TUNING_ENV))
-        p = _PLANS.get(key)
-        if p is None and len(_PLANS) < _MAX_PLANS:
-            geo = channel_geometry(x, dim)
-            if geo is not None:
-                p = _PLANS[key] = _plan(kernels, fwd, x, geo, split, norm_size)
-        if p is not None:
-            kernels.run(p, (x, out) if fwd else (grad, x, out), *consts)
-            return out
+    if traced:
+        run = kernels.run_traced
+        split = int(split)
+    else:
+        run = kernels.run
+        if grad is None or grad.stride() == x.stride():  # the launch is a function of this key
+            key = (fwd, x.shape, x.stride(), x.dtype, x.get_device(), dim, split,
+                   norm_size > 0, os.environ.get(TUNING_ENV))
+            p = _PLANS.get(key)
+            if p is None and len(_PLANS) < _MAX_PLANS:
+                geo = channel_geometry(x, dim)
+                if geo is not None:
+                    p = _PLANS[key] = _plan(kernels, fwd, x, geo, split, norm_size)
+            if p is not None:
+                run(p, (x, out) if fwd else (grad, x, out), *consts)
+                return out
     # not planned: a layout the kernels cannot read in place, a grad in another layout than
-    # x (both then go through one common contiguous copy), or a full plan cache
-    geo = channel_geometry(x, dim)
-    if grad is not None and geo is not None and channel_geometry(grad, dim) != geo:
+    # x (both then go through one common contiguous copy), a full plan cache, or tracing
+    geo = _geometry(x, dim, traced)
+    if grad is not None and geo is not None and _geometry(grad, dim, traced) != geo:
         geo = None
     if geo is not None:
-        kernels.run(_plan(kernels, fwd, x, geo, split, norm_size),
-                    (x, out) if fwd else (grad, x, out), *consts)
+        run(_plan(kernels, fwd, x, geo, split, norm_size), (x, out) if fwd else (grad, x, out),
+            *consts)
         return out
     xc = x.contiguous()
     res = torch.empty_like(xc)
-    geo = channel_geometry(xc, dim)
-    kernels.run(_plan(kernels, fwd, xc, geo, split, norm_size),
-                (xc, res) if fwd else (grad.contiguous(), xc, res), *consts)
+    geo = _geometry(xc, dim, traced)
+    run(_plan(kernels, fwd, xc, geo, split, norm_size),
+        (xc, res) if fwd else (grad.contiguous(), xc, res), *consts)
     out.copy_(res)
     return out
+
+
+def _geometry(x: Tensor, dim: int, concrete: bool):
+    """:func:`channel_geometry`, with symbolic sizes made concrete when ``concrete``."""
+    geo = channel_geometry(x, dim)
+    if geo is None or not concrete:
+        return geo
+    symbolic = {f.name: int(getattr(geo, f.name)) for f in dataclasses.fields(geo)
+                if isinstance(getattr(geo, f.name), torch.SymInt)}
+    return dataclasses.replace(geo, **symbolic) if symbolic else geo
 
 
 def _plan(kernels, fwd: bool, x: Tensor, geo, split: int, norm_size: int):
@@ -186,53 +232,61 @@ def _check_op_args(name: str, x: Tensor, split: int, dim: int, eps: float, norm_
 
 
 # ----------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("cobkern::tsra", mutates_args=())
-def _tsra_op(
-    x: Tensor,
-    split: int,
-    dim: int,
-    a_u: float,
-    b_u: float,
-    a_v: float,
-    b_v: float,
-    eps: float,
-    norm_size: int,
-    rms_eps: float,
-) -> Tensor:
-    dim = _check_op_args("cobkern.tsra", x, split, dim, eps, norm_size, rms_eps)
-    return _launch_or_reference(True, x, None, (split, dim, a_u, b_u, a_v, b_v, eps, norm_size,
-                                                rms_eps))
+def _tracing(x: Tensor) -> bool:
+    """Whether an inline op's body runs under a dispatcher-level tracer (``torch.compile``'s
+    AOT tracing, fake-tensor propagation) rather than on real tensors: ``triton_op`` turns
+    ``wrap_triton`` off around its eager calls. Either answer computes the right values
+    (a ``wrap_triton`` launch outside tracing is a plain launch); the fallback is for a
+    PyTorch without that switch."""
+    enabled = getattr(torch._library.triton, "is_wrap_triton_enabled", None)
+    return enabled() if enabled is not None else type(x) is not Tensor
 
 
-@_tsra_op.register_fake
-def _(x, split, dim, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps):
-    _check_op_args("cobkern.tsra", x, split, dim, eps, norm_size, rms_eps)
-    return torch.empty_like(x)
+def _fake(*args) -> Tensor:
+    """Fake (meta) implementation of both opaque ops: ``x`` is the last tensor argument,
+    the output has its shape, dtype, strides and device."""
+    *tensors, split, dim, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps = args
+    name = "cobkern.tsra" if len(tensors) == 1 else "cobkern.tsra_backward"
+    grad = tensors[0] if len(tensors) == 2 else None
+    _check_op_args(name, tensors[-1], split, dim, eps, norm_size, rms_eps, grad)
+    return torch.empty_like(tensors[-1])
 
 
-@torch.library.custom_op("cobkern::tsra_backward", mutates_args=())
-def _tsra_backward_op(
-    grad: Tensor,
-    x: Tensor,
-    split: int,
-    dim: int,
-    a_u: float,
-    b_u: float,
-    a_v: float,
-    b_v: float,
-    eps: float,
-    norm_size: int,
-    rms_eps: float,
-) -> Tensor:
-    dim = _check_op_args("cobkern.tsra_backward", x, split, dim, eps, norm_size, rms_eps, grad)
-    return _launch_or_reference(False, x, grad, (split, dim, a_u, b_u, a_v, b_v, eps, norm_size,
-                                                 rms_eps))
+def _define_ops(suffix: str, inline: bool) -> tuple:
+    """Register ``cobkern::tsra{suffix}`` and ``cobkern::tsra{suffix}_backward`` with their
+    autograd formulas: ``torch.library.custom_op`` (opaque to ``torch.compile``) or, when
+    ``inline``, ``torch.library.triton_op`` (traced into: inductor launches the kernels)."""
+    fwd_name, bwd_name = f"cobkern.tsra{suffix}", f"cobkern.tsra{suffix}_backward"  # errors
+    register = torch.library.triton_op if inline else torch.library.custom_op
 
+    def forward(x: Tensor, split: int, dim: int, a_u: float, b_u: float, a_v: float,
+                b_v: float, eps: float, norm_size: int, rms_eps: float) -> Tensor:
+        dim = _check_op_args(fwd_name, x, split, dim, eps, norm_size, rms_eps)
+        return _launch_or_reference(True, x, None, (split, dim, a_u, b_u, a_v, b_v, eps,
+                                                    norm_size, rms_eps),
+                                    traced=inline and _tracing(x))
 
-@_tsra_backward_op.register_fake
-def _(grad, x, split, dim, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps):
-    _check_op_args("cobkern.tsra_backward", x, split, dim, eps, norm_size, rms_eps, grad)
-    return torch.empty_like(x)
+    def backward(grad: Tensor, x: Tensor, split: int, dim: int, a_u: float, b_u: float,
+                 a_v: float, b_v: float, eps: float, norm_size: int, rms_eps: float) -> Tensor:
+        dim = _check_op_args(bwd_name, x, split, dim, eps, norm_size, rms_eps, grad)
+        return _launch_or_reference(False, x, grad, (split, dim, a_u, b_u, a_v, b_v, eps,
+                                                     norm_size, rms_eps),
+                                    traced=inline and _tracing(x))
+
+    fwd_op = register(fwd_name.replace(".", "::"), forward, mutates_args=())
+    bwd_op = register(bwd_name.replace(".", "::"), backward, mutates_args=())
+    if not inline:  # a triton_op's fake implementation is its body
+        fwd_op.register_fake(_fake)
+        bwd_op.register_fake(_fake)
+
+    def vjp(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return (bwd_op(grad, x, *ctx.params),) + (None,) * len(ctx.params)
+
+    torch.library.register_autograd(bwd_op, _backward_backward,
+                                    setup_context=_setup_backward_context)
+    torch.library.register_autograd(fwd_op, vjp, setup_context=_setup_context)
+    return fwd_op, bwd_op
 
 
 def _double_backward(
@@ -272,23 +326,14 @@ def _backward_backward(ctx: torch.autograd.function.FunctionCtx, v: Tensor) -> t
     return (dgrad, dx) + (None,) * len(ctx.params)
 
 
-torch.library.register_autograd("cobkern::tsra_backward", _backward_backward,
-                                setup_context=_setup_backward_context)
-
-
 def _setup_context(ctx, inputs, output):
     x, *params = inputs
     ctx.save_for_backward(x)
     ctx.params = params
 
 
-def _backward(ctx, grad):
-    (x,) = ctx.saved_tensors
-    dx = _tsra_backward_op(grad, x, *ctx.params)
-    return (dx,) + (None,) * len(ctx.params)
-
-
-torch.library.register_autograd("cobkern::tsra", _backward, setup_context=_setup_context)
+#: ``(forward, backward)`` ops by compile-kernels mode (:func:`.backend.set_compile_kernels`)
+_OPS = {"opaque": _define_ops("", inline=False), "inline": _define_ops("_inline", inline=True)}
 
 
 class _TSRAFunction(torch.autograd.Function):
@@ -342,7 +387,7 @@ def _backward_apply(grad: Tensor, x: Tensor, *params) -> Tensor:
     plain-PyTorch formula."""
     if _plain_formula():
         return reference.tsra_backward(grad, x, *params, differentiable=True)
-    return _tsra_backward_op(grad, x, *params)
+    return _OPS[get_compile_kernels()][1](grad, x, *params)
 
 
 def _apply(x: Tensor, *params) -> Tensor:
@@ -358,7 +403,7 @@ def _apply(x: Tensor, *params) -> Tensor:
         return reference.tsra_forward(x, *params, differentiable=True)
     if type(x) is Tensor and not torch.compiler.is_compiling():
         return _TSRAFunction.apply(x, params)
-    return _tsra_op(x, *params)
+    return _OPS[get_compile_kernels()][0](x, *params)
 
 
 # ----------------------------------------------------------------------------- public API

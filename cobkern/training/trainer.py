@@ -52,6 +52,7 @@ from cobkern.models import (
     vgg16_relu,
     vgg16_tsra,
 )
+from cobkern.ops import use_compile_kernels
 
 from .checkpoint import (
     CHECKPOINT_NAME,
@@ -151,7 +152,8 @@ def train(
         torch.set_num_threads(config.num_threads)
     d = DistContext(config)
     try:
-        return _train(config, out, ckpt_path, resume, model, data, on_step, d)
+        with use_compile_kernels(config.compile_kernels):  # read while torch.compile traces
+            return _train(config, out, ckpt_path, resume, model, data, on_step, d)
     finally:
         d.close()
 

@@ -1,0 +1,98 @@
+"""What ``torch.compile`` sees of the inline TSRA ops on CUDA tensors, on a machine without a GPU.
+
+Run as a script (interpreter off, :mod:`fake_triton_driver` installed so that Triton has an
+sm_90 target for inductor's mutation analysis), it traces ``cobkern.tsra`` /
+``cobkern.rmsnorm_tsra`` and their explicit backwards on *fake* CUDA tensors with
+``set_compile_kernels("inline")``, the way AOTAutograd traces them for inductor, and prints
+one JSON line per case: for every ``triton_kernel_wrapper_functional`` node of the traced
+graph, the kernel, grid, arguments, ``num_warps`` and the tensors inductor would have to
+clone; and, for comparison, the launch plan the eager path makes for the same geometry
+(:func:`cobkern.kernels.tsra.plan`). ``COBKERN_TSRA_TUNING=off`` keeps both on the heuristic
+(the tuning lookup reads the device's name, which a fake device does not have).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ["COBKERN_TSRA_TUNING"] = "off"
+
+#: (shape, channels_last, split, rmsnorm) traced on fake CUDA tensors
+CASES = [
+    ((4, 64, 8, 8), False, 32, True),
+    ((4, 64, 8, 8), True, 32, False),
+    ((6, 300), False, 100, True),
+    ((2, 8, 2, 2), False, 3, False),
+]
+
+
+def _trace(shape, channels_last, split, rmsnorm) -> dict:
+    import torch
+    from torch._functorch.aot_autograd import aot_function
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import cobkern
+    from cobkern.kernels import tsra as ktsra
+    from cobkern.ops._checks import channel_geometry
+
+    graphs = []
+
+    def keep(gm, _):
+        graphs.append(gm)
+        return gm
+
+    norm = shape[1] if rmsnorm else 0
+
+    def f(x, dy):
+        if rmsnorm:
+            return cobkern.rmsnorm_tsra(x, split), cobkern.ops.rmsnorm_tsra_backward(dy, x, split)
+        return cobkern.tsra(x, split), cobkern.ops.tsra_backward(dy, x, split)
+
+    mode = FakeTensorMode()
+    with mode:
+        x = torch.empty(shape, device="cuda", dtype=torch.bfloat16)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        dy = torch.empty_like(x)
+        aot_function(f, fw_compiler=keep)(x, dy)
+        geo = channel_geometry(x, 1)
+    launches = []
+    for node in graphs[0].graph.nodes:
+        if "triton_kernel_wrapper" not in str(node.target):
+            continue
+        kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+        configs = getattr(kernel, "configs", [])
+        inner = getattr(kernel, "fn", kernel)
+        args = {k: v for k, v in node.kwargs["kwargs"].items() if not hasattr(v, "meta")}
+        launches.append({"kernel": inner.__name__, "grid": list(node.kwargs["grid"][0]),
+                         "args": args, "num_warps": [c.num_warps for c in configs],
+                         "clone": sorted(node.kwargs["tensors_to_clone"]),
+                         "ops": [str(n.target) for n in graphs[0].graph.nodes
+                                 if "cobkern" in str(n.target)]})
+    plans = []
+    for direction in ("forward", "backward"):
+        p = ktsra.plan(direction, geo, split, rmsnorm, 2)
+        plans.append({"kernel": p.kernel.__name__, "grid": list(p.grid) + [1, 1],
+                      "ints": list(p.ints), "constexprs": p.constexprs,
+                      "num_warps": p.num_warps})
+    return {"case": [list(shape), channels_last, split, rmsnorm, norm], "launches": launches,
+            "plans": plans}
+
+
+def main() -> None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import fake_triton_driver
+
+    fake_triton_driver.install()
+    from cobkern.ops import backend
+
+    backend.set_compile_kernels("inline")
+    print(json.dumps([_trace(*case) for case in CASES]))
+
+
+if __name__ == "__main__":
+    main()
