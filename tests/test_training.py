@@ -853,13 +853,13 @@ def test_compile_kernels_is_set_for_the_run_and_restored(tmp_path, monkeypatch) 
 
     steps: list[str] = []
     data = _toy_data()
-    assert get_compile_kernels() == "opaque"
+    assert get_compile_kernels() == "auto"
     with cobkern.use_backend("reference"):
         train(_tiny_config(steps=2, compile_kernels="inline"), tmp_path / "a", data=data,
               on_step=lambda s: steps.append(get_compile_kernels()))
     assert steps == ["inline", "inline"]
-    assert get_compile_kernels() == "opaque"
-    with pytest.raises(ConfigError, match="compile_kernels must be one of opaque, inline"):
+    assert get_compile_kernels() == "auto"
+    with pytest.raises(ConfigError, match="compile_kernels must be one of auto, opaque, inline"):
         _tiny_config(compile_kernels="fused")
 
 

@@ -122,9 +122,9 @@ def test_switching_compile_kernels_recompiles(device):
 
 
 def test_compile_kernels_setting_is_validated():
-    with pytest.raises(ValueError, match="'opaque', 'inline'"):
+    with pytest.raises(ValueError, match="'auto', 'opaque', 'inline'"):
         backend.set_compile_kernels("fused")
-    assert backend.get_compile_kernels() == "opaque"  # unchanged, and the default
+    assert backend.get_compile_kernels() == "auto"  # unchanged, and the default
     env = dict(os.environ, COBKERN_COMPILE_KERNELS="inlined")
     out = subprocess.run([sys.executable, "-c", "import cobkern"], capture_output=True,
                          text=True, env=env, check=False)
@@ -135,6 +135,32 @@ def test_compile_kernels_setting_is_validated():
                           "print(b.get_compile_kernels())"], capture_output=True, text=True,
                          env=env, check=True)
     assert out.stdout.strip() == "inline"
+
+
+def test_auto_compile_kernels_are_inline_on_cpu_and_opaque_on_cuda():
+    """``"auto"`` resolves per tensor: inline on a CPU (inductor compiles the reference
+    formula), opaque on CUDA until a GPU run times the two; explicit modes are kept."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        cuda = torch.empty(2, 4, device="cuda")
+    cpu = torch.empty(2, 4)
+    with backend.use_compile_kernels("auto"):
+        assert backend.compile_kernels_for(cpu) == "inline"
+        assert backend.compile_kernels_for(cuda) == "opaque"
+    for mode in ("opaque", "inline"):
+        with backend.use_compile_kernels(mode):
+            assert backend.compile_kernels_for(cpu) == backend.compile_kernels_for(cuda) == mode
+    seen: list[str] = []
+
+    def capture(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if "cobkern" in str(n.target))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(lambda t: cobkern.tsra(t, 3), backend=capture, fullgraph=True)(cpu)
+    torch._dynamo.reset()
+    assert seen == ["cobkern.tsra_inline.default"]
 
 
 @pytest.fixture(scope="module")

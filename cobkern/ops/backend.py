@@ -6,13 +6,16 @@ the reference. ``"reference"`` forces the reference everywhere (useful for compa
 ``"triton"`` forces the kernels and raises where they cannot run.
 
 Under ``torch.compile`` a second, independent choice applies: how compiled code reaches the
-TSRA kernels (:func:`set_compile_kernels`). ``"opaque"`` (the default) calls the registered
-custom ops ``cobkern::tsra`` / ``cobkern::tsra_backward``, single nodes that compiled code
-calls through the dispatcher; ``"inline"`` calls their ``torch.library.triton_op`` twins
-``cobkern::tsra_inline`` / ``cobkern::tsra_inline_backward``, which inductor traces into so
-that its generated code launches the Triton kernels itself (no dispatcher round trip, output
-buffers in inductor's memory plan). Both run the same kernels with the same launch plan.
-The environment variable ``COBKERN_COMPILE_KERNELS`` sets the initial value.
+TSRA kernels (:func:`set_compile_kernels`). ``"opaque"`` calls the registered custom ops
+``cobkern::tsra`` / ``cobkern::tsra_backward``, single nodes that compiled code calls
+through the dispatcher; ``"inline"`` calls their ``torch.library.triton_op`` twins
+``cobkern::tsra_inline`` / ``cobkern::tsra_inline_backward``, which inductor traces into:
+on CUDA its generated code launches the Triton kernels itself (no dispatcher round trip,
+output buffers in inductor's memory plan; the same kernels and launch plan), on a CPU it
+compiles the reference formula like any other ops. ``"auto"`` (the default) is inline on
+CPU tensors — a compiled VGG-16 training step ran 1.6–1.8× faster that way on our 2-core
+CPU (``BENCHMARKS.md``) — and opaque on CUDA, until a GPU run times the two there. The
+environment variable ``COBKERN_COMPILE_KERNELS`` sets the initial value.
 """
 
 from __future__ import annotations
@@ -28,11 +31,11 @@ _BACKENDS = ("auto", "triton", "reference")
 _backend = "auto"
 
 COMPILE_KERNELS_ENV = "COBKERN_COMPILE_KERNELS"
-_COMPILE_KERNELS = ("opaque", "inline")
+_COMPILE_KERNELS = ("auto", "opaque", "inline")
 
 
 def _initial_compile_kernels() -> str:
-    value = os.environ.get(COMPILE_KERNELS_ENV, "opaque")
+    value = os.environ.get(COMPILE_KERNELS_ENV, "auto")
     if value not in _COMPILE_KERNELS:
         raise ValueError(f"{COMPILE_KERNELS_ENV}={value!r} is not a cobkern compile-kernels "
                          f"mode; expected one of {_COMPILE_KERNELS}")
@@ -117,7 +120,8 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def get_compile_kernels() -> str:
-    """How ``torch.compile`` reaches the TSRA kernels: ``"opaque"`` or ``"inline"``."""
+    """How ``torch.compile`` reaches the TSRA kernels: ``"auto"``, ``"opaque"`` or
+    ``"inline"`` (see :func:`compile_kernels_for` for what ``"auto"`` picks)."""
     return _compile_kernels
 
 
@@ -125,14 +129,23 @@ def set_compile_kernels(mode: str) -> None:
     """Choose how compiled code reaches the TSRA kernels (process-wide; module docstring).
 
     ``"opaque"``: the custom ops, one dispatcher call each. ``"inline"``: the
-    ``triton_op`` twins, whose kernel launches inductor generates itself. Functions compiled
-    before the change are recompiled on their next call (``torch.compile`` guards on it).
+    ``triton_op`` twins, whose kernel launches inductor generates itself. ``"auto"``: by
+    device (:func:`compile_kernels_for`). Functions compiled before the change are
+    recompiled on their next call (``torch.compile`` guards on it).
     """
     global _compile_kernels
     if mode not in _COMPILE_KERNELS:
         raise ValueError(f"unknown compile-kernels mode {mode!r}; expected one of "
                          f"{_COMPILE_KERNELS}")
     _compile_kernels = mode
+
+
+def compile_kernels_for(x: torch.Tensor) -> str:
+    """The ops compiled code takes for ``x``: the setting, with ``"auto"`` resolved to
+    ``"opaque"`` for CUDA tensors and ``"inline"`` for the others."""
+    if _compile_kernels != "auto":
+        return _compile_kernels
+    return "opaque" if x.is_cuda else "inline"
 
 
 @contextlib.contextmanager

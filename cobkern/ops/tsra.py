@@ -17,7 +17,8 @@ inductor's generated code launches the Triton kernels itself (through
 calling an op through the dispatcher, and their outputs join inductor's memory plan. On CPU
 tensors they trace to the reference formula, which inductor compiles like any other ops.
 Which pair compiled code uses is :func:`cobkern.ops.set_compile_kernels` (default
-``"opaque"``); eager calls take the fast path below either way. Sizes are specialised in an
+``"auto"``: inline on CPU tensors, opaque on CUDA); eager calls take the fast path below
+either way. Sizes are specialised in an
 inline launch (its block sizes depend on them), so a dynamic batch size recompiles there.
 
 Higher-order gradients: the backward is itself differentiable. ``cobkern::tsra_backward``
@@ -76,7 +77,7 @@ from ._checks import (
     check_tsra_eps,
     is_int,
 )
-from .backend import get_compile_kernels, use_triton
+from .backend import compile_kernels_for, use_triton
 from .tuning import ENV_VAR as TUNING_ENV
 from .tuning import launch_tuning
 
@@ -387,7 +388,7 @@ def _backward_apply(grad: Tensor, x: Tensor, *params) -> Tensor:
     plain-PyTorch formula."""
     if _plain_formula():
         return reference.tsra_backward(grad, x, *params, differentiable=True)
-    return _OPS[get_compile_kernels()][1](grad, x, *params)
+    return _OPS[compile_kernels_for(x)][1](grad, x, *params)
 
 
 def _apply(x: Tensor, *params) -> Tensor:
@@ -403,7 +404,7 @@ def _apply(x: Tensor, *params) -> Tensor:
         return reference.tsra_forward(x, *params, differentiable=True)
     if type(x) is Tensor and not torch.compiler.is_compiling():
         return _TSRAFunction.apply(x, params)
-    return _OPS[get_compile_kernels()][0](x, *params)
+    return _OPS[compile_kernels_for(x)][0](x, *params)
 
 
 # ----------------------------------------------------------------------------- public API
