@@ -21,6 +21,10 @@ forward, cross-entropy, backward, AdamW/SGD step):
   and launches the Triton kernels from its own generated code (no dispatcher round trip,
   outputs in its memory plan), without and with CUDA graphs.
 
+Optimizer steps run as the trainer's ``optimizer_impl`` says (``--optimizer-impl``, default
+``auto``: PyTorch's fused AdamW / SGD kernels; the runs of 2026-11-26 and -27 in
+``BENCHMARKS.md`` used PyTorch's default, ``foreach``, on CUDA).
+
 Defaults: batch 1024, width 1.0, bf16 autocast on CUDA; on a CPU it falls back to small
 shapes (width 0.125, batch 64, fewer steps) so it still runs. Writes JSON and a Markdown
 table. Not part of the test suite.
@@ -51,6 +55,8 @@ from cobkern.nn import TSRA, RMSNorm, RMSNormTSRA
 from cobkern.ops import reference, use_compile_kernels
 from cobkern.ops.tuning import ENV_VAR as TUNING_ENV
 from cobkern.ops.tuning import table_for_device
+from cobkern.training.config import OPTIMIZER_IMPLS
+from cobkern.training.optim import implementation_flags
 
 VARIANTS = ("tsra-fused", "tsra-reference-op", "tsra-eager", "tsra-eager-compiled",
             "tsra-fused-compiled", "relu", "relu-compiled", "relu-adamw",
@@ -123,14 +129,15 @@ def build(variant: str, width: float) -> tuple[nn.Module, str]:
 
 def bench_one(variant: str, *, width: float, batch: int, steps: int, warmup: int,
               device: torch.device, bf16: bool, channels_last: bool,
-              profile: bool = False) -> dict:
+              profile: bool = False, optimizer_impl: str = "auto") -> dict:
     torch.manual_seed(0)
     model, backend = build(variant, width)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=fmt).train()
     sgd = variant.startswith("relu") and variant != "relu-adamw"
-    opt = (torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-           if sgd else torch.optim.AdamW(model.parameters(), lr=1e-3))
+    flags = implementation_flags(list(model.parameters()), optimizer_impl)
+    opt = (torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, **flags)
+           if sgd else torch.optim.AdamW(model.parameters(), lr=1e-3, **flags))
     graphs = variant.endswith("-cg")
     if graphs:
         net = torch.compile(model, mode="reduce-overhead")
@@ -235,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-bf16", action="store_true", help="fp32 on CUDA")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--out", default="bench/results/training", help="output path stem")
+    p.add_argument("--optimizer-impl", default="auto", choices=OPTIMIZER_IMPLS,
+                   help="how the optimizer steps (the trainer's optimizer_impl)")
     p.add_argument("--profile", default="", metavar="VARIANTS",
                    help="comma-separated variants to profile for 3 more steps after their "
                         "timing (top kernels by device time, in the JSON and Markdown), "
@@ -256,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = {"device": torch.cuda.get_device_name(device) if gpu else platform.processor()
             or "cpu", "torch": torch.__version__, "width": width, "batch": batch,
-            "steps": steps, "warmup": warmup, "bf16": bf16, "channels_last": channels_last}
+            "steps": steps, "warmup": warmup, "bf16": bf16, "channels_last": channels_last,
+            "optimizer_impl": args.optimizer_impl}
     table = table_for_device(device)  # what every variant but *-heuristic launches with
     meta["tuning"] = None if table is None else {"from": str(table.source),
                                                  "entries": len(table.entries)}
@@ -266,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             r = bench_one(v, width=width, batch=batch, steps=steps, warmup=warmup,
                           device=device, bf16=bf16, channels_last=channels_last,
-                          profile=v in profiled)
+                          profile=v in profiled, optimizer_impl=args.optimizer_impl)
         except Exception as e:  # e.g. no C++ compiler for Inductor on this machine
             r = {"variant": v, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
         rows.append(r)
@@ -286,7 +296,8 @@ def write_results(out: Path, meta: dict, rows: list[dict]) -> str:
         tmp.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
     lines = [f"Training throughput — {meta['device']}, torch {meta['torch']}, "
              f"width {meta['width']}, batch {meta['batch']}, bf16 {meta['bf16']}, "
-             f"channels_last {meta['channels_last']}", "",
+             f"channels_last {meta['channels_last']}, optimizer "
+             f"{meta.get('optimizer_impl', 'foreach')}", "",
              "| variant | optimizer | images/s | ms/step | vs tsra-eager | warm-up s |",
              "|---|---|---:|---:|---:|---:|"]
     for r in rows:

@@ -43,6 +43,8 @@ class ConfigError(ValueError):
 
 #: ``torch.compile`` modes the trainer accepts (``compile_mode``).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: How the optimizer step runs (``optimizer_impl``; :func:`.optim.implementation_flags`).
+OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "for-loop")
 #: How compiled code reaches the TSRA kernels (``compile_kernels``;
 #: :func:`cobkern.ops.set_compile_kernels`).
 COMPILE_KERNELS = ("auto", "opaque", "inline")
@@ -60,6 +62,11 @@ class TrainConfig:
         beta1, beta2 (AdamW). warmup_steps: linear warm-up from lr/warmup_steps.
         schedule: ``"cosine"`` (to min_lr at ``steps``) or ``"constant"``.
         grad_clip: max global grad norm (0: off). label_smoothing.
+        optimizer_impl: how the step runs, not what it computes — ``fused`` (one kernel
+        over all parameters), ``foreach`` (multi-tensor kernels, PyTorch's CUDA default),
+        ``for-loop``, or ``auto`` (fused where PyTorch has the kernel: CPU and CUDA float
+        parameters; 4–8× faster steps than PyTorch's default on our CPU). May change on
+        resume.
         batch_size: **global** batch (split across ranks). steps: optimizer steps.
     Evaluation / logging / checkpoints:
         eval_every: steps between evaluations (0: at the end of every epoch; the final
@@ -97,6 +104,7 @@ class TrainConfig:
     min_lr: float = 0.0
     grad_clip: float = 1.0
     label_smoothing: float = 0.0
+    optimizer_impl: str = "auto"
     batch_size: int = 1024
     steps: int = 120_000
 
@@ -167,6 +175,9 @@ class TrainConfig:
         need(self.compile_mode in COMPILE_MODES,
              f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got "
              f"{self.compile_mode!r}")
+        need(self.optimizer_impl in OPTIMIZER_IMPLS,
+             f"optimizer_impl must be one of {', '.join(OPTIMIZER_IMPLS)}, got "
+             f"{self.optimizer_impl!r}")
         need(self.compile_kernels in COMPILE_KERNELS,
              f"compile_kernels must be one of {', '.join(COMPILE_KERNELS)}, got "
              f"{self.compile_kernels!r}")

@@ -69,7 +69,7 @@ from .config import ConfigError, TrainConfig
 from .distributed import DistContext, broadcast_buffers, ranks_in_sync
 from .evaluation import bf16_autocast, check_num_classes, evaluate
 from .metrics import METRICS_NAME, json_line, json_safe, start_metrics, trim_metrics, write_json
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, load_optimizer_state
 
 __all__ = ["train", "finetune"]
 
@@ -218,7 +218,7 @@ def _train(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
             base.load_state_dict(ckpt["model"])
             # The checkpoint is read onto the CPU; load_state_dict casts the optimizer state
             # to the device (and dtype) of the parameters it belongs to.
-            opt.load_state_dict(ckpt["optimizer"])
+            load_optimizer_state(opt, ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
             loader.load_state_dict(ckpt["loader"])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
