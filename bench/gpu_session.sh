@@ -14,8 +14,10 @@
 #                                 but diag, tuned, ncu, pruned and fast:
 #                                 tests,tsra,calibration,training)
 #
-# Results are written as they are produced into $OUT (the device tool's output folder, which
-# returns at most 8 files) or ./gpu-results:
+# Results are written as they are produced. On the device ($OUT set: its output folder returns
+# at most 8 files) two files come back: steps.log (streamed) and results.tar.gz, every result
+# below, packed again after every step (atomically: a killed step leaves the last archive) —
+# unpack with `tar -xzf results.tar.gz -C DIR`. Without $OUT they go to ./gpu-results as is:
 #   steps.log                  environment, every step's full output, timings
 #   tests.log                  pytest on CUDA
 #   bench_tsra.{md,json}       TSRA / RMSNorm→TSRA vs eager / torch.compile / copy ceiling
@@ -39,8 +41,20 @@
 # cobkern/kernels, as the wheel does) and put on PYTHONPATH. torch-pruning is not there.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-FINAL=${OUT:-$REPO/gpu-results}
-mkdir -p "$FINAL"
+DEST=${OUT:-$REPO/gpu-results}  # what comes back
+mkdir -p "$DEST"
+if [[ -n ${OUT:-} ]]; then  # results in a folder of their own, packed into DEST after each step
+  FINAL=$(mktemp -d)/results
+  mkdir -p "$FINAL"
+  pack() {
+    find "$FINAL" -name '.*.tmp-*' -delete  # a killed atomic writer's leftovers: no result
+    tar -czf "$DEST/.results.$BASHPID.part" -C "$FINAL" . \
+      && mv "$DEST/.results.$BASHPID.part" "$DEST/results.tar.gz"
+  }
+else
+  FINAL=$DEST
+  pack() { :; }
+fi
 BUDGET=${GPU_SESSION_BUDGET:-570}
 # the device kills a command at 600 s: the script's own deadline must come first, or the
 # step in progress loses what it measured
@@ -60,19 +74,11 @@ cp -r "$REPO/cobkern" "$REPO/bench" "$REPO/tests" "$REPO/pyproject.toml" "$REPO/
 cp -r "$REPO/kernels" "$SITE/cobkern/kernels"
 export PYTHONPATH="$SITE" PYTHONUNBUFFERED=1
 cd "$SITE"
-LOG="$FINAL/steps.log"
+LOG="$DEST/steps.log"
 STEPS=",$REQ,"
 want() { [[ $STEPS == *",$1,"* ]]; }
-# files each step returns (the device returns at most 8 from $OUT, steps.log included)
-declare -A NFILES=([tests]=1 [diag]=3 [tuned]=2 [ncu]=1 [calibration]=2 [tsra]=2 [pruned]=4
-                   [fast]=1 [training]=2)
-# without the tiles part gpu_diag writes no tsra_tuning.json
-[[ -n ${GPU_DIAG_PARTS:-} && ,$GPU_DIAG_PARTS, != *,tiles,* ]] && NFILES[diag]=2
-n=1; for s in ${REQ//,/ }; do n=$((n + NFILES[$s])); done
-((n > 8)) && echo "warning: steps '$REQ' write $n files; the device returns at most 8 — \
-split them over two calls" | tee -a "$FINAL/steps.log"
 
-step() { echo "== $1 (t=${SECONDS}s, $(date +%T))" | tee -a "$LOG"; }
+step() { pack; echo "== $1 (t=${SECONDS}s, $(date +%T))" | tee -a "$LOG"; }
 # cap CAP CMD...: run CMD with at most CAP seconds, never past the session's deadline
 cap() {
   local c=$1; shift
@@ -82,6 +88,7 @@ cap() {
   timeout --kill-after=5 "$c" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
   echo "-- exit $rc after ${SECONDS}s (cap ${c}s)" | tee -a "$LOG"
+  pack
   return "$rc"
 }
 
@@ -181,14 +188,14 @@ if want fast; then  # the `fast` preset trained to the end: accuracy and time fo
   export COBKERN_DATA="$REPO/data/cifar10-jpeg.tar.gz" COBKERN_CACHE="$SITE/.cache"
   for arch in ${GPU_SESSION_FAST_ARCHS:-tsra relu}; do
     d="$SITE/fast/train"; [[ $arch == tsra ]] || d="$SITE/fast/train-$arch"
-    # one file for both runs (the device returns at most 8): a header line per arch; the
-    # metrics are copied every 10 s while training, so that a run the device kills before
-    # the step's own cap still returns what it measured
+    # one file for both runs: a header line per arch; the metrics are copied (and packed)
+    # every 10 s while training, so that a run the device kills before the step's own cap
+    # still returns what it measured
     done_before=$(cat "$FINAL/fast_metrics.jsonl" 2>/dev/null)
     snapshot() { { [[ -n $done_before ]] && echo "$done_before"; echo "{\"arch\": \"$arch\"}"
                    cat "$d/metrics.jsonl" 2>/dev/null; } > "$SITE/.fast.tmp" \
                  && mv "$SITE/.fast.tmp" "$FINAL/fast_metrics.jsonl"; }
-    ( while sleep 10; do snapshot; done ) & copier=$!
+    ( while sleep 10; do snapshot; pack; done ) & copier=$!
     cap "${GPU_SESSION_FAST_CAP:-240}" python3 -m cobkern train --preset fast --arch "$arch" \
       --out "$SITE/fast" --no-progress ${GPU_SESSION_FAST_SET:-}
     kill "$copier" 2>/dev/null; wait "$copier" 2>/dev/null
@@ -210,13 +217,14 @@ if want training; then
   cap 180 python3 bench/bench_training.py --out "$FINAL/bench_training" --steps 30 \
     --warmup 5 --variants tsra-fused-compiled,relu-compiled,tsra-fused-compiled-inline,tsra-fused-compiled-cg,tsra-fused-compiled-inline-cg,relu-compiled-cg,tsra-fused,relu,relu-adamw,tsra-eager,tsra-fused-heuristic \
     --profile tsra-fused-compiled,relu-compiled,tsra-fused-compiled-inline
+  cap 30 python3 bench/bench_optimizer.py --out "$FINAL/bench_optimizer"
 fi
 
 step done
-# a step killed mid-write leaves its atomic writer's temporary file: not a result, and it
-# would take one of the 8 files the device returns
+# a step killed mid-write leaves its atomic writer's temporary file: not a result
 find "$FINAL" -name '.*.tmp-*' -delete
-ls -la "$FINAL" | tee -a "$LOG"
+ls -laR "$FINAL" | tee -a "$LOG"
+pack
 if [[ -f $FINAL/tsra_tuning.json ]]; then  # the name tests/test_tuning.py expects
   python3 -c "import torch; from cobkern.ops.tuning import table_name; \
 name = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'; \

@@ -114,6 +114,18 @@ def _memory_ops(ptx: str, kind: str) -> dict[str, int]:
     return {f"{kind}_v4": v4, f"{kind}_v2": v2, f"{kind}_scalar": len(ops) - v4 - v2}
 
 
+def run_uninterpreted(script: str, timeout: float = 900) -> Any:
+    """Run ``script`` (a file beside this one) in a subprocess with the Triton interpreter
+    off; return its last line of output, parsed as JSON. A failure shows its stderr."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), script)
+    proc = subprocess.run([sys.executable, path], capture_output=True, text=True, env=env,
+                          timeout=timeout, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def compile_specs(specs: list[dict[str, Any]], timeout: float = 900) -> list[dict[str, Any]]:
     """Compile every spec in one subprocess (interpreter off); return one result per spec.
 

@@ -11,7 +11,6 @@ its first call (which goes through the JIT) and on cache hits; a tensor 4 bytes 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -22,19 +21,14 @@ import torch
 
 pytest.importorskip("triton")
 
-from cobkern.kernels import _launch  # noqa: E402
+from aot_tools import run_uninterpreted  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from cobkern.kernels import _launch  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def comparison() -> dict:
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "fake_triton_driver.py")],
-                          capture_output=True, text=True, env=env, timeout=900, check=False)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_uninterpreted("fake_triton_driver.py")
 
 
 def test_fast_launch_passes_what_the_jit_passes(comparison):

@@ -3,7 +3,6 @@ custom ops and through their inline (``triton_op``) twins."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,7 +14,6 @@ import cobkern
 from cobkern.nn import TSRA, RMSNormTSRA
 from cobkern.ops import backend
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 #: the ops each compile-kernels mode puts in a compiled graph
 OP_NAMES = {"opaque": ("cobkern.tsra", "cobkern.tsra_backward"),
             "inline": ("cobkern.tsra_inline", "cobkern.tsra_inline_backward")}
@@ -166,12 +164,9 @@ def test_auto_compile_kernels_are_inline_on_cpu_and_opaque_on_cuda():
 @pytest.fixture(scope="module")
 def inline_traces() -> list[dict]:
     """``inline_trace_tools.py`` run in a subprocess (fake sm_90 Triton driver, no GPU)."""
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "inline_trace_tools.py")],
-                          capture_output=True, text=True, env=env, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from aot_tools import run_uninterpreted
+
+    return run_uninterpreted("inline_trace_tools.py", timeout=600)
 
 
 def test_inline_ops_trace_to_the_eager_launch_plan(inline_traces):

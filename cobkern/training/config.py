@@ -65,8 +65,8 @@ class TrainConfig:
         optimizer_impl: how the step runs, not what it computes — ``fused`` (one kernel
         over all parameters), ``foreach`` (multi-tensor kernels, PyTorch's CUDA default),
         ``for-loop``, or ``auto`` (fused where PyTorch has the kernel: CPU and CUDA float
-        parameters; 4–8× faster steps than PyTorch's default on our CPU). May change on
-        resume.
+        parameters; 5–10× faster steps than foreach / for-loop on our CPU,
+        ``bench/bench_optimizer.py``). May change on resume.
         batch_size: **global** batch (split across ranks). steps: optimizer steps.
     Evaluation / logging / checkpoints:
         eval_every: steps between evaluations (0: at the end of every epoch; the final

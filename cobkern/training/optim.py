@@ -46,8 +46,9 @@ def implementation_flags(params: list[torch.Tensor], impl: str) -> dict[str, boo
     ``impl``: ``"fused"`` (one kernel over all parameters), ``"foreach"`` (multi-tensor
     kernels), ``"for-loop"`` (one parameter at a time) or ``"auto"`` — fused when every
     parameter is a float tensor on a device in :data:`FUSED_DEVICE_TYPES`, else PyTorch's
-    default (both ``None``). On our 2-core CPU a VGG-16 TSRA step took 14 ms fused against
-    107 ms by default (AdamW; SGD 11 against 58 ms)."""
+    default (both ``None``). On our 2-core CPU a full-width VGG-16 TSRA AdamW step took
+    13.5–13.7 ms fused against 69–95 ms foreach or for-loop (SGD 6.0–9.2 against 34–58 ms;
+    ``bench/bench_optimizer.py``, two runs)."""
     if impl == "auto":
         fusable = bool(params) and all(p.is_floating_point() and
                                        p.device.type in FUSED_DEVICE_TYPES for p in params)
