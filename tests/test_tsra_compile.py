@@ -142,7 +142,7 @@ def test_auto_compile_kernels_are_inline_on_cpu_and_opaque_on_cuda():
 
     with FakeTensorMode():
         cuda = torch.empty(2, 4, device="cuda")
-    cpu = torch.empty(2, 4)
+    cpu = torch.randn(2, 4)
     with backend.use_compile_kernels("auto"):
         assert backend.compile_kernels_for(cpu) == "inline"
         assert backend.compile_kernels_for(cuda) == "opaque"
