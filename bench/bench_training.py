@@ -273,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     table = ""
     for v in variants:
+        # each compiled variant compiles VGG.forward anew: without a reset they would pile
+        # up in one code object's cache, and past its recompile limit run uncompiled
+        torch._dynamo.reset()
         try:
             r = bench_one(v, width=width, batch=batch, steps=steps, warmup=warmup,
                           device=device, bf16=bf16, channels_last=channels_last,

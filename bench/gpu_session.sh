@@ -46,10 +46,10 @@ mkdir -p "$DEST"
 if [[ -n ${OUT:-} ]]; then  # results in a folder of their own, packed into DEST after each step
   FINAL=$(mktemp -d)/results
   mkdir -p "$FINAL"
-  pack() {
+  pack() {  # in the foreground only: two packs at once would race on the archive
     find "$FINAL" -name '.*.tmp-*' -delete  # a killed atomic writer's leftovers: no result
-    tar -czf "$DEST/.results.$BASHPID.part" -C "$FINAL" . \
-      && mv "$DEST/.results.$BASHPID.part" "$DEST/results.tar.gz"
+    rm -f "$DEST"/.results.part
+    tar -czf "$DEST/.results.part" -C "$FINAL" . && mv "$DEST/.results.part" "$DEST/results.tar.gz"
   }
 else
   FINAL=$DEST
@@ -172,6 +172,22 @@ if want tsra; then
   step "TSRA kernels vs eager / torch.compile / copy ceiling (bf16, then fp32)"
   cap 210 python3 bench/bench_tsra.py --out "$FINAL" --dtypes bf16,fp32
 fi
+if want training; then
+  step "training throughput"
+  # a table the diag step wrote in this call (NCHW and channels_last sweep) is what the
+  # TSRA variants launch with; tsra-fused-heuristic runs beside them without any table
+  if [[ -f $FINAL/tsra_tuning.json ]]; then
+    export COBKERN_TSRA_TUNING="$FINAL/tsra_tuning.json"
+    echo "training with this call's tuning table $COBKERN_TSRA_TUNING" | tee -a "$LOG"
+  fi
+  # issue 5's comparisons first (a capped run keeps the variants done); tsra-reference-op
+  # and tsra-eager-compiled were measured on 2026-11-26 and -27 and are left out
+  cap 240 python3 bench/bench_training.py --out "$FINAL/bench_training" --steps 30 \
+    --warmup 5 --variants tsra-fused-compiled,relu-compiled,tsra-fused-compiled-inline,tsra-fused-compiled-cg,tsra-fused-compiled-inline-cg,relu-compiled-cg,tsra-fused,relu,relu-adamw,tsra-eager,tsra-fused-heuristic \
+    --profile tsra-fused-compiled,relu-compiled,tsra-fused-compiled-inline
+  cap 30 python3 bench/bench_optimizer.py --out "$FINAL/bench_optimizer"
+fi
+
 if want pruned; then  # what CoB pruning buys on a GPU: latency / throughput of pruned VGG-16
   step "pruned-model speed (bf16, channels_last)"
   # GPU_SESSION_PRUNED_ROUND_TO: the round_to values to time (1 = widths as pruned; 8 =
@@ -188,36 +204,21 @@ if want fast; then  # the `fast` preset trained to the end: accuracy and time fo
   export COBKERN_DATA="$REPO/data/cifar10-jpeg.tar.gz" COBKERN_CACHE="$SITE/.cache"
   for arch in ${GPU_SESSION_FAST_ARCHS:-tsra relu}; do
     d="$SITE/fast/train"; [[ $arch == tsra ]] || d="$SITE/fast/train-$arch"
-    # one file for both runs: a header line per arch; the metrics are copied (and packed)
-    # every 10 s while training, so that a run the device kills before the step's own cap
-    # still returns what it measured
+    # one file for both runs: a header line per arch; the metrics are copied every 10 s
+    # while training (and packed after the run, by cap), so that a run killed at the step's
+    # cap still returns what it measured
     done_before=$(cat "$FINAL/fast_metrics.jsonl" 2>/dev/null)
     snapshot() { { [[ -n $done_before ]] && echo "$done_before"; echo "{\"arch\": \"$arch\"}"
                    cat "$d/metrics.jsonl" 2>/dev/null; } > "$SITE/.fast.tmp" \
                  && mv "$SITE/.fast.tmp" "$FINAL/fast_metrics.jsonl"; }
-    ( while sleep 10; do snapshot; pack; done ) & copier=$!
+    ( while sleep 10; do snapshot; done ) & copier=$!
     cap "${GPU_SESSION_FAST_CAP:-240}" python3 -m cobkern train --preset fast --arch "$arch" \
       --out "$SITE/fast" --no-progress ${GPU_SESSION_FAST_SET:-}
     kill "$copier" 2>/dev/null; wait "$copier" 2>/dev/null
     snapshot
+    pack
     cat "$d/final.json" 2>/dev/null | tee -a "$LOG"
   done
-fi
-
-if want training; then
-  step "training throughput"
-  # a table the diag step wrote in this call (NCHW and channels_last sweep) is what the
-  # TSRA variants launch with; tsra-fused-heuristic runs beside them without any table
-  if [[ -f $FINAL/tsra_tuning.json ]]; then
-    export COBKERN_TSRA_TUNING="$FINAL/tsra_tuning.json"
-    echo "training with this call's tuning table $COBKERN_TSRA_TUNING" | tee -a "$LOG"
-  fi
-  # issue 5's comparisons first (a capped run keeps the variants done); tsra-reference-op
-  # and tsra-eager-compiled were measured on 2026-11-26 and -27 and are left out
-  cap 180 python3 bench/bench_training.py --out "$FINAL/bench_training" --steps 30 \
-    --warmup 5 --variants tsra-fused-compiled,relu-compiled,tsra-fused-compiled-inline,tsra-fused-compiled-cg,tsra-fused-compiled-inline-cg,relu-compiled-cg,tsra-fused,relu,relu-adamw,tsra-eager,tsra-fused-heuristic \
-    --profile tsra-fused-compiled,relu-compiled,tsra-fused-compiled-inline
-  cap 30 python3 bench/bench_optimizer.py --out "$FINAL/bench_optimizer"
 fi
 
 step done

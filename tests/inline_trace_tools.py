@@ -6,7 +6,8 @@ sm_90 target for inductor's mutation analysis), it traces ``cobkern.tsra`` /
 ``set_compile_kernels("inline")``, the way AOTAutograd traces them for inductor, and prints
 one JSON line per case: for every ``triton_kernel_wrapper_functional`` node of the traced
 graph, the kernel, grid, arguments, ``num_warps`` and the tensors inductor would have to
-clone; and, for comparison, the launch plan the eager path makes for the same geometry
+clone, and the cobkern ops left in the graph; and, for comparison, the launch plan the eager
+path makes for the same geometry
 (:func:`cobkern.kernels.tsra.plan`). ``COBKERN_TSRA_TUNING=off`` keeps both on the heuristic
 (the tuning lookup reads the device's name, which a fake device does not have).
 """
@@ -20,16 +21,18 @@ import sys
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ["COBKERN_TSRA_TUNING"] = "off"
 
-#: (shape, channels_last, split, rmsnorm) traced on fake CUDA tensors
+#: (shape, channels_last, split, rmsnorm, dynamic) traced on fake CUDA tensors; ``dynamic``:
+#: symbolic sizes, as ``torch.compile(dynamic=True)`` traces them
 CASES = [
-    ((4, 64, 8, 8), False, 32, True),
-    ((4, 64, 8, 8), True, 32, False),
-    ((6, 300), False, 100, True),
-    ((2, 8, 2, 2), False, 3, False),
+    ((4, 64, 8, 8), False, 32, True, False),
+    ((4, 64, 8, 8), True, 32, False, False),
+    ((6, 300), False, 100, True, False),
+    ((2, 8, 2, 2), False, 3, False, False),
+    ((4, 64, 8, 8), True, 32, True, True),
 ]
 
 
-def _trace(shape, channels_last, split, rmsnorm) -> dict:
+def _trace(shape, channels_last, split, rmsnorm, dynamic) -> dict:
     import torch
     from torch._functorch.aot_autograd import aot_function
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
@@ -52,15 +55,24 @@ def _trace(shape, channels_last, split, rmsnorm) -> dict:
             return cobkern.rmsnorm_tsra(x, split), cobkern.ops.rmsnorm_tsra_backward(dy, x, split)
         return cobkern.tsra(x, split), cobkern.ops.tsra_backward(dy, x, split)
 
-    mode = FakeTensorMode()
+    mode, sizes = FakeTensorMode(), list(shape)
+    if dynamic:  # a symbolic batch size, as torch.compile's dynamic shapes make it
+        from torch._dynamo.source import ConstantSource
+        from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+        env, src = ShapeEnv(), ConstantSource("batch")
+        sym = env.create_symbol(shape[0], source=src, dynamic_dim=DimDynamic.DYNAMIC)
+        sizes[0] = env.create_symintnode(sym, hint=shape[0], source=src)
+        mode = FakeTensorMode(shape_env=env)
     with mode:
-        x = torch.empty(shape, device="cuda", dtype=torch.bfloat16)
+        x = torch.empty(sizes, device="cuda", dtype=torch.bfloat16)
         if channels_last:
             x = x.to(memory_format=torch.channels_last)
         dy = torch.empty_like(x)
         aot_function(f, fw_compiler=keep)(x, dy)
         geo = channel_geometry(x, 1)
     launches = []
+    ops = [str(n.target) for n in graphs[0].graph.nodes if "cobkern" in str(n.target)]
     for node in graphs[0].graph.nodes:
         if "triton_kernel_wrapper" not in str(node.target):
             continue
@@ -70,17 +82,15 @@ def _trace(shape, channels_last, split, rmsnorm) -> dict:
         args = {k: v for k, v in node.kwargs["kwargs"].items() if not hasattr(v, "meta")}
         launches.append({"kernel": inner.__name__, "grid": list(node.kwargs["grid"][0]),
                          "args": args, "num_warps": [c.num_warps for c in configs],
-                         "clone": sorted(node.kwargs["tensors_to_clone"]),
-                         "ops": [str(n.target) for n in graphs[0].graph.nodes
-                                 if "cobkern" in str(n.target)]})
+                         "clone": sorted(node.kwargs["tensors_to_clone"])})
     plans = []
-    for direction in ("forward", "backward"):
+    for direction in ("forward", "backward") if not dynamic else ():
         p = ktsra.plan(direction, geo, split, rmsnorm, 2)
         plans.append({"kernel": p.kernel.__name__, "grid": list(p.grid) + [1, 1],
                       "ints": list(p.ints), "constexprs": p.constexprs,
                       "num_warps": p.num_warps})
-    return {"case": [list(shape), channels_last, split, rmsnorm, norm], "launches": launches,
-            "plans": plans}
+    return {"case": [list(shape), channels_last, split, rmsnorm, norm, dynamic],
+            "launches": launches, "ops": ops, "plans": plans}
 
 
 def main() -> None:

@@ -846,7 +846,7 @@ def test_compile_mode_reaches_torch_compile_and_marks_cuda_graph_steps(tmp_path,
         _tiny_config(compile_mode="fastest")
 
 
-def test_compile_kernels_is_set_for_the_run_and_restored(tmp_path, monkeypatch) -> None:
+def test_compile_kernels_is_set_for_the_run_and_restored(tmp_path) -> None:
     """compile_kernels is the process-wide :func:`cobkern.ops.set_compile_kernels` while
     the run traces and trains (recorded at every step), and the previous value afterwards;
     a bad value is refused with the options named."""
@@ -854,12 +854,13 @@ def test_compile_kernels_is_set_for_the_run_and_restored(tmp_path, monkeypatch) 
 
     steps: list[str] = []
     data = _toy_data()
-    assert get_compile_kernels() == "auto"
+    before = get_compile_kernels()
+    other = "opaque" if before == "inline" else "inline"
     with cobkern.use_backend("reference"):
-        train(_tiny_config(steps=2, compile_kernels="inline"), tmp_path / "a", data=data,
+        train(_tiny_config(steps=2, compile_kernels=other), tmp_path / "a", data=data,
               on_step=lambda s: steps.append(get_compile_kernels()))
-    assert steps == ["inline", "inline"]
-    assert get_compile_kernels() == "auto"
+    assert steps == [other, other]
+    assert get_compile_kernels() == before
     with pytest.raises(ConfigError, match="compile_kernels must be one of auto, opaque, inline"):
         _tiny_config(compile_kernels="fused")
 

@@ -29,8 +29,15 @@ def compile_kernels(request):
     torch._dynamo.reset()
 
 
-def _op_args(x, norm_size):
-    return (x, 3, 1, 5.0, 0.5, 5.0, 0.7, 1e-12, norm_size, 1e-6 if norm_size else 0.0)
+def _op_args(x, norm_size, mode="opaque"):
+    """The raw op arguments; the inline ops also take the backend and tuning setting."""
+    args = (x, 3, 1, 5.0, 0.5, 5.0, 0.7, 1e-12, norm_size, 1e-6 if norm_size else 0.0)
+    return args + (("auto", "") if mode == "inline" else ())
+
+
+def _ops(mode):
+    """The mode's (forward, backward) op overloads."""
+    return tuple(getattr(torch.ops.cobkern, n.split(".")[1]).default for n in OP_NAMES[mode])
 
 
 @pytest.mark.parametrize("mode", ["opaque", "inline"])
@@ -44,10 +51,10 @@ def test_opcheck(norm_size, layout, mode, device):
         if layout == "channels_last":
             x = x.to(memory_format=torch.channels_last)
     x.requires_grad_(True)
-    fwd, bwd = (getattr(torch.ops.cobkern, n.split(".")[1]).default for n in OP_NAMES[mode])
-    torch.library.opcheck(fwd, _op_args(x, norm_size))
+    fwd, bwd = _ops(mode)
+    torch.library.opcheck(fwd, _op_args(x, norm_size, mode))
     dy = torch.randn_like(x).detach()
-    torch.library.opcheck(bwd, (dy,) + _op_args(x.detach(), norm_size))
+    torch.library.opcheck(bwd, (dy,) + _op_args(x.detach(), norm_size, mode))
 
 
 class _Tiny(torch.nn.Module):
@@ -120,9 +127,15 @@ def test_switching_compile_kernels_recompiles(device):
 
 
 def test_compile_kernels_setting_is_validated():
+    before = backend.get_compile_kernels()
     with pytest.raises(ValueError, match="'auto', 'opaque', 'inline'"):
         backend.set_compile_kernels("fused")
-    assert backend.get_compile_kernels() == "auto"  # unchanged, and the default
+    assert backend.get_compile_kernels() == before  # unchanged
+    env = {k: v for k, v in os.environ.items() if k != "COBKERN_COMPILE_KERNELS"}
+    out = subprocess.run([sys.executable, "-c", "import cobkern.ops.backend as b; "
+                          "print(b.get_compile_kernels())"], capture_output=True, text=True,
+                         env=env, check=True)
+    assert out.stdout.strip() == "auto"  # the default
     env = dict(os.environ, COBKERN_COMPILE_KERNELS="inlined")
     out = subprocess.run([sys.executable, "-c", "import cobkern"], capture_output=True,
                          text=True, env=env, check=False)
@@ -156,7 +169,8 @@ def test_auto_compile_kernels_are_inline_on_cpu_and_opaque_on_cuda():
         return gm.forward
 
     torch._dynamo.reset()
-    torch.compile(lambda t: cobkern.tsra(t, 3), backend=capture, fullgraph=True)(cpu)
+    with backend.use_compile_kernels("auto"):
+        torch.compile(lambda t: cobkern.tsra(t, 3), backend=capture, fullgraph=True)(cpu)
     torch._dynamo.reset()
     assert seen == ["cobkern.tsra_inline.default"]
 
@@ -178,13 +192,14 @@ def test_inline_ops_trace_to_the_eager_launch_plan(inline_traces):
     of our kernels for sm_90 worked: an input marked written would make inductor copy it
     before every launch)."""
     int_names = ["C", "P", "split", "n_pblocks", "stride_b", "stride_c", "stride_p"]
-    assert len(inline_traces) == 4
-    for trace in inline_traces:
-        (_, _, _, rmsnorm, norm) = trace["case"]
+    static = [t for t in inline_traces if not t["case"][5]]
+    assert len(static) == 4
+    for trace in static:
+        (_, _, _, rmsnorm, norm, _) = trace["case"]
         launches, plans = trace["launches"], trace["plans"]
         assert len(launches) == 2, trace
+        assert trace["ops"] == []
         for launch, plan, out in zip(launches, plans, ("Y", "DX"), strict=True):
-            assert launch["ops"] == []
             assert launch["kernel"] == plan["kernel"]
             assert launch["grid"] == plan["grid"]
             assert [launch["args"][k] for k in int_names] == plan["ints"]
@@ -193,6 +208,70 @@ def test_inline_ops_trace_to_the_eager_launch_plan(inline_traces):
             assert launch["clone"] == [out]
             assert launch["args"]["inv_norm_size"] == (1.0 / norm if rmsnorm else 0.0)
             assert (launch["args"]["a_u"], launch["args"]["b_v"]) == (5.0, 0.7)
+
+
+def test_inline_ops_with_symbolic_sizes_run_the_opaque_ops(inline_traces):
+    """With a symbolic batch size (``torch.compile``'s dynamic shapes, ``mark_dynamic``) a
+    launch cannot be planned at trace time — its block sizes depend on the sizes — and
+    specialising would break a dimension marked dynamic: the inline ops then put the opaque
+    ops in the graph, which plan at run time, instead of any kernel launch."""
+    dynamic = [t for t in inline_traces if t["case"][5]]
+    assert len(dynamic) == 1
+    assert dynamic[0]["launches"] == []
+    assert dynamic[0]["ops"] == ["cobkern.tsra.default", "cobkern.tsra_backward.default"]
+
+
+def test_inline_graphs_record_backend_and_tuning_setting(monkeypatch):
+    """The inline ops take the backend and the tuning setting as arguments, read where dynamo
+    traces: the graph — hence every compile cache's key — holds the values it was traced
+    with, and a changed backend or tuning value recompiles (guards). (A variable set after
+    compiling while it was unset does not: dynamo does not guard on its absence.)"""
+    seen: list[tuple] = []
+
+    def capture(gm, example_inputs):
+        seen.extend(n.args[-2:] for n in gm.graph.nodes if "cobkern" in str(n.target))
+        return gm.forward
+
+    torch._dynamo.reset()
+    monkeypatch.delenv("COBKERN_TSRA_TUNING", raising=False)
+    f = torch.compile(lambda t: cobkern.tsra(t, 3), backend=capture, fullgraph=True)
+    x = torch.randn(2, 8, 3, 3)
+    with backend.use_compile_kernels("inline"):
+        f(x)
+        with cobkern.use_backend("reference"):
+            f(x)
+        torch._dynamo.reset()
+        monkeypatch.setenv("COBKERN_TSRA_TUNING", "off")
+        f(x)
+        f(x)  # nothing changed: no new graph
+        monkeypatch.setenv("COBKERN_TSRA_TUNING", "OFF")
+        f(x)
+    torch._dynamo.reset()
+    assert seen == [("auto", ""), ("reference", ""), ("auto", "off"), ("auto", "OFF")]
+
+
+@pytest.mark.parametrize("forced", ["triton", "reference"])
+def test_inline_on_cpu_honours_a_forced_backend(forced):
+    """Traced on CPU tensors, the inline ops compile the reference formula — unless the
+    ``"triton"`` backend is forced, whose (interpreted) kernels only run eagerly: the graph
+    then calls the opaque op. With ``"reference"`` forced no cobkern op is left."""
+    from torch._functorch.aot_autograd import aot_function
+
+    graphs = []
+
+    def keep(gm, _):
+        graphs.append(gm)
+        return gm
+
+    x = torch.randn(2, 8, 3, 3)
+    with backend.use_compile_kernels("inline"), cobkern.use_backend(forced):
+        y = aot_function(lambda t: cobkern.tsra(t, 3), fw_compiler=keep)(x)
+        want = cobkern.tsra(x, 3)
+    ops = [str(n.target) for n in graphs[0].graph.nodes if "cobkern" in str(n.target)]
+    assert ops == (["cobkern.tsra.default"] if forced == "triton" else [])
+    # float32; the forced-triton path runs the interpreted kernel on both sides (same bits),
+    # the reference path the same formula op by op
+    torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -265,14 +344,15 @@ def test_cuda_graph_capture_replays_forward_and_backward():
         torch.testing.assert_close(r, e, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["opaque", "inline"])
 @pytest.mark.parametrize("norm_size", [0, 11])
-def test_opcheck_backward_op_is_differentiable(norm_size, device):
-    """cobkern::tsra_backward has an autograd formula (double backward through the custom
-    op): opcheck's autograd-registration and AOT tests run it with inputs that require
-    grad. Without the formula, test_autograd_registration fails."""
+def test_opcheck_backward_op_is_differentiable(norm_size, mode, device):
+    """cobkern::tsra_backward (and its inline twin) has an autograd formula (double backward
+    through the op): opcheck's autograd-registration and AOT tests run it with inputs that
+    require grad. Without the formula, test_autograd_registration fails."""
     x = torch.randn(2, 8, 3, 3, device=device, requires_grad=True)
     dy = torch.randn(2, 8, 3, 3, device=device, requires_grad=True)
-    torch.library.opcheck(torch.ops.cobkern.tsra_backward.default, (dy,) + _op_args(x, norm_size))
+    torch.library.opcheck(_ops(mode)[1], (dy,) + _op_args(x, norm_size, mode))
 
 
 def test_torch_compile_dynamic_shapes_and_symbolic_split(device, compile_kernels):

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 
 import torch
 
-_BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "reference")
 _backend = "auto"
 
 COMPILE_KERNELS_ENV = "COBKERN_COMPILE_KERNELS"
@@ -97,8 +97,8 @@ def get_backend() -> str:
 def set_backend(name: str) -> None:
     """Set the backend for all cobkern ops (process-wide)."""
     global _backend
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown cobkern backend {name!r}; expected one of {_BACKENDS}")
+    if name not in BACKENDS:
+        raise ValueError(f"unknown cobkern backend {name!r}; expected one of {BACKENDS}")
     _backend = name
 
 
@@ -159,7 +159,8 @@ def use_compile_kernels(mode: str) -> Iterator[None]:
         set_compile_kernels(previous)
 
 
-def use_triton(x: torch.Tensor, *, op: str, supported: bool = True) -> bool:
+def use_triton(x: torch.Tensor, *, op: str, supported: bool = True,
+               backend: str | None = None) -> bool:
     """Decide whether ``op`` on ``x`` runs the Triton kernel.
 
     Args:
@@ -167,8 +168,10 @@ def use_triton(x: torch.Tensor, *, op: str, supported: bool = True) -> bool:
         op: the op's name, for error messages.
         supported: ``False`` when the kernel does not handle this case (e.g. float64);
             the reference then runs under ``"auto"``.
+        backend: the backend to apply; by default the current one (:func:`get_backend`).
     """
-    if _backend == "reference":
+    backend = _backend if backend is None else backend
+    if backend == "reference":
         return False
     if x.is_cuda:  # the common case first: no environment lookup, no device object
         interpreted = False
@@ -178,7 +181,7 @@ def use_triton(x: torch.Tensor, *, op: str, supported: bool = True) -> bool:
         runnable = interpreted and triton_available()
     if runnable and interpreted:
         check_interpreter_compatible()
-    if _backend == "triton":
+    if backend == "triton":
         if not runnable:
             raise RuntimeError(
                 f"{op}: backend 'triton' was forced but Triton cannot run on {x.device} here "

@@ -18,8 +18,11 @@ calling an op through the dispatcher, and their outputs join inductor's memory p
 tensors they trace to the reference formula, which inductor compiles like any other ops.
 Which pair compiled code uses is :func:`cobkern.ops.set_compile_kernels` (default
 ``"auto"``: inline on CPU tensors, opaque on CUDA); eager calls take the fast path below
-either way. Sizes are specialised in an
-inline launch (its block sizes depend on them), so a dynamic batch size recompiles there.
+either way. The inline ops also take the backend and the ``COBKERN_TSRA_TUNING`` setting as
+arguments (:func:`_op_call`), so a compiled graph records what it was traced with. A launch
+is planned from the traced sizes (its block sizes depend on them): with symbolic sizes
+(dynamic shapes) the inline ops put the opaque op in the graph instead, which plans at run
+time; so does a CPU tensor under the ``"triton"`` backend (interpreted kernels).
 
 Higher-order gradients: the backward is itself differentiable. ``cobkern::tsra_backward``
 has an autograd formula (autograd through the plain-PyTorch
@@ -58,7 +61,6 @@ zero tangent): call the public functions under ``torch.func``.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import torch
@@ -77,9 +79,9 @@ from ._checks import (
     check_tsra_eps,
     is_int,
 )
-from .backend import compile_kernels_for, use_triton
+from .backend import BACKENDS, compile_kernels_for, get_backend, use_triton
 from .tuning import ENV_VAR as TUNING_ENV
-from .tuning import launch_tuning
+from .tuning import FROM_ENV, launch_tuning
 
 __all__ = ["tsra", "rmsnorm_tsra", "tsra_backward", "rmsnorm_tsra_backward"]
 
@@ -110,15 +112,18 @@ def _kernels():
     an ``import`` statement on every launch cost ~0.75 µs of host time."""
     global _KERNELS
     if _KERNELS is None:
+        from triton.runtime.jit import JITFunction
+
         from cobkern.kernels import tsra
 
         # torch.compile's AOTAutograd cache keys a graph on the sources of the kernels its
         # triton_ops launch, which triton_op finds by reading the op's body; ours picks its
         # kernel from a table, so name them (a registry private to PyTorch: without it,
-        # editing a kernel could reuse a stale compiled graph, nothing worse)
+        # editing a kernel could reuse a stale compiled graph, nothing worse). Compiled
+        # kernels only: interpreted ones have no source, and the cache would be skipped.
         registry = getattr(torch._library.triton, "triton_ops_to_kernels", None)
-        if isinstance(registry, dict):
-            kernels = list(dict.fromkeys(tsra.KERNELS.values()))
+        kernels = [k for k in dict.fromkeys(tsra.KERNELS.values()) if isinstance(k, JITFunction)]
+        if isinstance(registry, dict) and kernels:
             registry["cobkern::tsra_inline"] = kernels
             registry["cobkern::tsra_inline_backward"] = list(kernels)
         _KERNELS = tsra
@@ -126,22 +131,34 @@ def _kernels():
 
 
 def _launch_or_reference(fwd: bool, x: Tensor, grad: Tensor | None, args: tuple,
-                         traced: bool = False) -> Tensor:
+                         traced: bool = False, backend: str | None = None,
+                         tuning: str | None | object = FROM_ENV) -> Tensor:
     """Run one direction on ``x`` (and ``grad``): the kernel where it can run, else the
     plain-PyTorch reference.
 
-    ``traced=True`` is the body of the ``triton_op`` twins while ``torch.compile`` (or
-    another dispatcher-level tracer) traces them: the launch goes through
-    ``torch.library.wrap_triton`` so that it lands in the graph, its plan is made from
-    concrete sizes (symbolic ones are specialised: a launch's block sizes depend on them)
-    and not cached, and CPU tensors take the reference formula (inductor then compiles
-    those ops like any others), also where the Triton interpreter would run eagerly.
+    ``backend`` / ``tuning``: the backend (:mod:`.backend`) and tuning setting (the value of
+    :data:`.tuning.ENV_VAR`, ``None`` for unset) to apply instead of the current ones — the
+    inline ops carry them as arguments, so that a compiled graph records what it was traced
+    with (``torch.compile`` guards on them in :func:`_apply`, and its caches key on them).
+
+    ``traced=True`` is the body of the inline (``triton_op``) ops while ``torch.compile``
+    (or another dispatcher-level tracer) traces them: the launch goes through
+    ``torch.library.wrap_triton`` so that it lands in the graph, with a plan made from the
+    traced sizes. Where a size or constant is symbolic (dynamic shapes) the plan cannot be
+    made — a launch's block sizes depend on the sizes — and the opaque op runs instead,
+    planning at run time. CPU tensors take the reference formula (inductor compiles those
+    ops like any others), or with the ``"triton"`` backend the opaque op (whose interpreted
+    kernels run at run time).
     """
     split, dim, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps = args
     op = "cobkern.tsra" if fwd else "cobkern.tsra_backward"
     if x.numel() == 0:
         return torch.empty_like(x)
-    if not use_triton(x, op=op, supported=_kernel_supported(x)) or (traced and not x.is_cuda):
+    kernel = use_triton(x, op=op, supported=_kernel_supported(x), backend=backend)
+    if traced and kernel and (not x.is_cuda or _symbolic(x, grad, args)):
+        fwd_op, bwd_op = _OPS["opaque"]
+        return fwd_op(x, *args) if fwd else bwd_op(grad, x, *args)
+    if not kernel or (traced and not x.is_cuda):
         if fwd:
             return reference.tsra_forward(x, *args)
         return reference.tsra_backward(grad, x, *args)
@@ -149,56 +166,53 @@ def _launch_or_reference(fwd: bool, x: Tensor, grad: Tensor | None, args: tuple,
     kernels = _kernels()
     out = torch.empty_like(x)
     consts = (a_u, b_u, a_v, b_v, eps, norm_size, rms_eps)
-    if traced:
-        run = kernels.run_traced
-        split = int(split)
-    else:
-        run = kernels.run
-        if grad is None or grad.stride() == x.stride():  # the launch is a function of this key
-            key = (fwd, x.shape, x.stride(), x.dtype, x.get_device(), dim, split,
-                   norm_size > 0, os.environ.get(TUNING_ENV))
-            p = _PLANS.get(key)
-            if p is None and len(_PLANS) < _MAX_PLANS:
-                geo = channel_geometry(x, dim)
-                if geo is not None:
-                    p = _PLANS[key] = _plan(kernels, fwd, x, geo, split, norm_size)
-            if p is not None:
-                run(p, (x, out) if fwd else (grad, x, out), *consts)
-                return out
+    setting = os.environ.get(TUNING_ENV) if tuning is FROM_ENV else tuning
+    run = kernels.run_traced if traced else kernels.run
+    if not traced and (grad is None or grad.stride() == x.stride()):
+        # the launch is a function of this key
+        key = (fwd, x.shape, x.stride(), x.dtype, x.get_device(), dim, split, norm_size > 0,
+               setting)
+        p = _PLANS.get(key)
+        if p is None and len(_PLANS) < _MAX_PLANS:
+            geo = channel_geometry(x, dim)
+            if geo is not None:
+                p = _PLANS[key] = _plan(kernels, fwd, x, geo, split, norm_size, setting)
+        if p is not None:
+            run(p, (x, out) if fwd else (grad, x, out), *consts)
+            return out
     # not planned: a layout the kernels cannot read in place, a grad in another layout than
     # x (both then go through one common contiguous copy), a full plan cache, or tracing
-    geo = _geometry(x, dim, traced)
-    if grad is not None and geo is not None and _geometry(grad, dim, traced) != geo:
+    geo = channel_geometry(x, dim)
+    if grad is not None and geo is not None and channel_geometry(grad, dim) != geo:
         geo = None
     if geo is not None:
-        run(_plan(kernels, fwd, x, geo, split, norm_size), (x, out) if fwd else (grad, x, out),
-            *consts)
+        run(_plan(kernels, fwd, x, geo, split, norm_size, setting),
+            (x, out) if fwd else (grad, x, out), *consts)
         return out
     xc = x.contiguous()
     res = torch.empty_like(xc)
-    geo = _geometry(xc, dim, traced)
-    run(_plan(kernels, fwd, xc, geo, split, norm_size),
+    geo = channel_geometry(xc, dim)
+    run(_plan(kernels, fwd, xc, geo, split, norm_size, setting),
         (xc, res) if fwd else (grad.contiguous(), xc, res), *consts)
     out.copy_(res)
     return out
 
 
-def _geometry(x: Tensor, dim: int, concrete: bool):
-    """:func:`channel_geometry`, with symbolic sizes made concrete when ``concrete``."""
-    geo = channel_geometry(x, dim)
-    if geo is None or not concrete:
-        return geo
-    symbolic = {f.name: int(getattr(geo, f.name)) for f in dataclasses.fields(geo)
-                if isinstance(getattr(geo, f.name), torch.SymInt)}
-    return dataclasses.replace(geo, **symbolic) if symbolic else geo
+def _symbolic(x: Tensor, grad: Tensor | None, args: tuple) -> bool:
+    """Whether a size, stride or argument is symbolic (``torch.compile`` dynamic shapes)."""
+    values = [*x.shape, *x.stride(), *args]
+    if grad is not None:
+        values += [*grad.shape, *grad.stride()]
+    return any(isinstance(v, (torch.SymInt, torch.SymFloat)) for v in values)
 
 
-def _plan(kernels, fwd: bool, x: Tensor, geo, split: int, norm_size: int):
-    """The launch plan of one direction on ``x`` (``geo`` its geometry), with the tuning
-    table's overrides for it."""
+def _plan(kernels, fwd: bool, x: Tensor, geo, split: int, norm_size: int,
+          setting: str | None):
+    """The launch plan of one direction on ``x`` (``geo`` its geometry), with the overrides
+    of the tuning table that ``setting`` (:data:`.tuning.ENV_VAR`'s value) selects."""
     direction = "forward" if fwd else "backward"
     tuning = launch_tuning(x.device, direction, x.element_size(), geo.channels_contig, geo.C,
-                           split, geo.P)
+                           split, geo.P, setting)
     return kernels.plan(direction, geo, split, norm_size > 0, x.element_size(), tuning)
 
 
@@ -213,7 +227,8 @@ def _check_grad(name: str, grad: Tensor, x: Tensor) -> None:
 
 
 def _check_op_args(name: str, x: Tensor, split: int, dim: int, eps: float, norm_size: int,
-                   rms_eps: float, grad: Tensor | None = None) -> int:
+                   rms_eps: float, grad: Tensor | None = None,
+                   backend: str | None = None) -> int:
     """Validate a registered op's raw arguments; return ``dim`` normalised to ``[0, x.dim())``.
 
     The ops are public through ``torch.ops.cobkern``, and the kernels trust ``split``,
@@ -229,6 +244,8 @@ def _check_op_args(name: str, x: Tensor, split: int, dim: int, eps: float, norm_
         raise ValueError(f"{name}: rms_eps must be >= 0, got {rms_eps!r}")
     if grad is not None:
         _check_grad(name, grad, x)
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"{name}: backend must be one of {BACKENDS}, got {backend!r}")
     return dim
 
 
@@ -256,23 +273,46 @@ def _fake(*args) -> Tensor:
 def _define_ops(suffix: str, inline: bool) -> tuple:
     """Register ``cobkern::tsra{suffix}`` and ``cobkern::tsra{suffix}_backward`` with their
     autograd formulas: ``torch.library.custom_op`` (opaque to ``torch.compile``) or, when
-    ``inline``, ``torch.library.triton_op`` (traced into: inductor launches the kernels)."""
+    ``inline``, ``torch.library.triton_op`` (traced into: inductor launches the kernels).
+    The inline ops take two more arguments, the backend and the tuning setting to apply
+    (``""``: the environment variable unset), which :func:`_apply` reads where dynamo
+    traces, so that a compiled graph is guarded and cached on them."""
     fwd_name, bwd_name = f"cobkern.tsra{suffix}", f"cobkern.tsra{suffix}_backward"  # errors
     register = torch.library.triton_op if inline else torch.library.custom_op
 
-    def forward(x: Tensor, split: int, dim: int, a_u: float, b_u: float, a_v: float,
-                b_v: float, eps: float, norm_size: int, rms_eps: float) -> Tensor:
-        dim = _check_op_args(fwd_name, x, split, dim, eps, norm_size, rms_eps)
-        return _launch_or_reference(True, x, None, (split, dim, a_u, b_u, a_v, b_v, eps,
-                                                    norm_size, rms_eps),
-                                    traced=inline and _tracing(x))
+    if inline:
+        def forward(x: Tensor, split: int, dim: int, a_u: float, b_u: float, a_v: float,
+                    b_v: float, eps: float, norm_size: int, rms_eps: float, backend: str,
+                    tuning: str) -> Tensor:
+            dim = _check_op_args(fwd_name, x, split, dim, eps, norm_size, rms_eps,
+                                 backend=backend)
+            return _launch_or_reference(True, x, None, (split, dim, a_u, b_u, a_v, b_v, eps,
+                                                        norm_size, rms_eps),
+                                        traced=_tracing(x), backend=backend,
+                                        tuning=tuning or None)
 
-    def backward(grad: Tensor, x: Tensor, split: int, dim: int, a_u: float, b_u: float,
-                 a_v: float, b_v: float, eps: float, norm_size: int, rms_eps: float) -> Tensor:
-        dim = _check_op_args(bwd_name, x, split, dim, eps, norm_size, rms_eps, grad)
-        return _launch_or_reference(False, x, grad, (split, dim, a_u, b_u, a_v, b_v, eps,
-                                                     norm_size, rms_eps),
-                                    traced=inline and _tracing(x))
+        def backward(grad: Tensor, x: Tensor, split: int, dim: int, a_u: float, b_u: float,
+                     a_v: float, b_v: float, eps: float, norm_size: int, rms_eps: float,
+                     backend: str, tuning: str) -> Tensor:
+            dim = _check_op_args(bwd_name, x, split, dim, eps, norm_size, rms_eps, grad,
+                                 backend=backend)
+            return _launch_or_reference(False, x, grad, (split, dim, a_u, b_u, a_v, b_v, eps,
+                                                         norm_size, rms_eps),
+                                        traced=_tracing(x), backend=backend,
+                                        tuning=tuning or None)
+    else:
+        def forward(x: Tensor, split: int, dim: int, a_u: float, b_u: float, a_v: float,
+                    b_v: float, eps: float, norm_size: int, rms_eps: float) -> Tensor:
+            dim = _check_op_args(fwd_name, x, split, dim, eps, norm_size, rms_eps)
+            return _launch_or_reference(True, x, None, (split, dim, a_u, b_u, a_v, b_v, eps,
+                                                        norm_size, rms_eps))
+
+        def backward(grad: Tensor, x: Tensor, split: int, dim: int, a_u: float, b_u: float,
+                     a_v: float, b_v: float, eps: float, norm_size: int,
+                     rms_eps: float) -> Tensor:
+            dim = _check_op_args(bwd_name, x, split, dim, eps, norm_size, rms_eps, grad)
+            return _launch_or_reference(False, x, grad, (split, dim, a_u, b_u, a_v, b_v, eps,
+                                                         norm_size, rms_eps))
 
     fwd_op = register(fwd_name.replace(".", "::"), forward, mutates_args=())
     bwd_op = register(bwd_name.replace(".", "::"), backward, mutates_args=())
@@ -323,7 +363,8 @@ def _setup_backward_context(ctx: torch.autograd.function.FunctionCtx, inputs: tu
 def _backward_backward(ctx: torch.autograd.function.FunctionCtx, v: Tensor) -> tuple:
     """Autograd formula of ``cobkern::tsra_backward`` (double backward of ``cobkern::tsra``)."""
     grad, x = ctx.saved_tensors
-    dgrad, dx = _double_backward(v, grad, x, ctx.params, *ctx.needs_input_grad[:2])
+    # the formula's nine parameters (the inline op adds its backend and tuning setting)
+    dgrad, dx = _double_backward(v, grad, x, ctx.params[:9], *ctx.needs_input_grad[:2])
     return (dgrad, dx) + (None,) * len(ctx.params)
 
 
@@ -388,7 +429,7 @@ def _backward_apply(grad: Tensor, x: Tensor, *params) -> Tensor:
     plain-PyTorch formula."""
     if _plain_formula():
         return reference.tsra_backward(grad, x, *params, differentiable=True)
-    return _OPS[compile_kernels_for(x)][1](grad, x, *params)
+    return _op_call(x, 1, (grad, x, *params))
 
 
 def _apply(x: Tensor, *params) -> Tensor:
@@ -404,7 +445,20 @@ def _apply(x: Tensor, *params) -> Tensor:
         return reference.tsra_forward(x, *params, differentiable=True)
     if type(x) is Tensor and not torch.compiler.is_compiling():
         return _TSRAFunction.apply(x, params)
-    return _OPS[compile_kernels_for(x)][0](x, *params)
+    return _op_call(x, 0, (x, *params))
+
+
+def _op_call(x: Tensor, direction: int, args: tuple) -> Tensor:
+    """Call the forward (``direction`` 0) or backward (1) op that :func:`compile_kernels_for`
+    picks for ``x``. The inline ops get the current backend and tuning setting as arguments,
+    read here, where dynamo traces: the graph holds them, so every compile cache keys on
+    them, and a compiled function is recompiled when the backend or the variable's value
+    changes — not when an unset ``COBKERN_TSRA_TUNING`` is set afterwards (dynamo does not
+    guard on a variable's absence; ``torch._dynamo.reset()`` then)."""
+    mode = compile_kernels_for(x)
+    if mode == "inline":
+        args = (*args, get_backend(), os.environ.get(TUNING_ENV) or "")
+    return _OPS[mode][direction](*args)
 
 
 # ----------------------------------------------------------------------------- public API

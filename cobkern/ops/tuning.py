@@ -243,8 +243,13 @@ def _lookup(device_type: str, device_index: int | None, setting: str | None, dir
     return table.lookup(direction, itemsize, channels_last, C, split, P) if table else _EMPTY
 
 
+#: :func:`launch_tuning`'s default ``setting``: the environment's value at the call.
+FROM_ENV = object()
+
+
 def launch_tuning(device: torch.device, direction: str, itemsize: int, channels_last: bool,
-                  C: int, split: int, P: int) -> Mapping[str, int]:
+                  C: int, split: int, P: int, setting: str | None | object = FROM_ENV,
+                  ) -> Mapping[str, int]:
     """Launcher overrides for one TSRA launch on ``device`` (empty: the heuristic).
 
     Args:
@@ -253,10 +258,14 @@ def launch_tuning(device: torch.device, direction: str, itemsize: int, channels_
         itemsize: bytes per activation element.
         channels_last: the geometry's ``channels_contig``.
         C, split, P: the geometry's channels, the split, and positions per row.
+        setting: the :data:`ENV_VAR` value to apply (``None``: unset); by default the
+            environment's now.
 
     Returns:
         A read-only mapping of ``tile_elems``, ``elems_per_thread``, ``num_warps``,
         ``vec_p`` — or an empty one. Cached; do not mutate.
     """
-    return _lookup(device.type, device.index, os.environ.get(ENV_VAR), direction,
-                   min(max(itemsize, 2), 4), channels_last, C, split, P)
+    if setting is FROM_ENV:
+        setting = os.environ.get(ENV_VAR)
+    return _lookup(device.type, device.index, setting, direction, min(max(itemsize, 2), 4),
+                   channels_last, C, split, P)

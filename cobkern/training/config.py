@@ -65,7 +65,7 @@ class TrainConfig:
         optimizer_impl: how the step runs, not what it computes — ``fused`` (one kernel
         over all parameters), ``foreach`` (multi-tensor kernels, PyTorch's CUDA default),
         ``for-loop``, or ``auto`` (fused where PyTorch has the kernel: CPU and CUDA float
-        parameters; 5–10× faster steps than foreach / for-loop on our CPU,
+        parameters; 4.7–9.6× faster steps than foreach / for-loop on our CPU,
         ``bench/bench_optimizer.py``). May change on resume.
         batch_size: **global** batch (split across ranks). steps: optimizer steps.
     Evaluation / logging / checkpoints:
