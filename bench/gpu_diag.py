@@ -11,8 +11,10 @@ smoke run: ``TRITON_INTERPRET=1 GPU_DIAG_DEVICE=cpu GPU_DIAG_BATCH=1 GPU_DIAG_CO
   first (they share Triton's on-disk cache), so the sweep costs seconds, not minutes.
 * ``overhead``    — forward+backward per call through the eager fast path
   (``autograd.Function``), through the registered custom op, through the fast path with
-  every launch going through ``JITFunction.run`` (``cobkern.kernels._launch`` off), and
-  replayed from a CUDA graph: the differences are host time.
+  every launch going through ``JITFunction.run`` (``cobkern.kernels._launch`` off), compiled
+  (``torch.compile`` of the forward, the backward by AOTAutograd) through the opaque custom
+  ops and through the inline ``triton_op``s, and replayed from a CUDA graph: the differences
+  are host time.
 * ``covariance``  — the covariance kernel alone (CUDA-graph replay) at each VGG-16 layer's
   activation shape, batch 500, fp32 and bf16: the shipped launch against the same launch
   with one pipeline stage (float32's launch before 2026-11-26), with the other Gram tile
@@ -421,6 +423,24 @@ def part_overhead(rec: dict) -> None:
                     if DEVICE == "cuda" else _wall_ms(fn))
             finally:
                 _launch.FAST_LAUNCH = _launch_default
+        # compiled code: torch.compile of the forward (AOTAutograd compiles the backward),
+        # reaching the kernels through the opaque custom ops or the inline triton_ops
+        for mode in ("opaque", "inline"):
+            torch._dynamo.reset()
+            with cobkern.ops.use_compile_kernels(mode):
+                g = torch.compile(lambda t, split=split: cobkern.tsra(t, split), fullgraph=True)
+
+                def compiled(g=g, xg=xg, dy=dy):
+                    return torch.autograd.grad(g(xg), xg, dy)
+
+                try:
+                    compiled()  # compiles
+                    row[f"compiled_{mode}_ms"] = (
+                        float(tt.do_bench(compiled, warmup=25, rep=100, return_mode="median"))
+                        if DEVICE == "cuda" else _wall_ms(compiled))
+                except Exception as e:  # report, keep the other rows
+                    row[f"compiled_{mode}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        torch._dynamo.reset()
         try:
             row["graph_ms"] = _graph_ms(fast)
         except Exception as e:
@@ -550,13 +570,17 @@ def _markdown(rec: dict) -> str:
         lines.append("")
     if "overhead" in rec:
         lines += ["| shape (bf16, fwd+bwd) | fast path ms | custom op ms | fast path, "
-                  "launches through JITFunction.run ms | CUDA graph ms |",
-                  "|---|---:|---:|---:|---:|"]
+                  "launches through JITFunction.run ms | compiled, opaque ops ms | "
+                  "compiled, inline ops ms | CUDA graph ms |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+
+        def ms(r, key):
+            return f"{r[key + '_ms']:.4f}" if key + "_ms" in r else r.get(key + "_error", "—")
+
         for r in rec["overhead"]:
-            g = f"{r['graph_ms']:.4f}" if "graph_ms" in r else r.get("graph_error", "—")
-            lines.append(f"| {'×'.join(map(str, r['shape']))} | {r['fast_path_ms']:.4f} | "
-                         f"{r['custom_op_ms']:.4f} | {r['fast_path_jit_launch_ms']:.4f} | "
-                         f"{g} |")
+            cells = [ms(r, k) for k in ("fast_path", "custom_op", "fast_path_jit_launch",
+                                        "compiled_opaque", "compiled_inline", "graph")]
+            lines.append(f"| {'×'.join(map(str, r['shape']))} | " + " | ".join(cells) + " |")
         lines.append("")
     if "covariance" in rec:
         lines += [f"Covariance kernel alone, batch {COV_BATCH} (CUDA-graph replay):", "",
