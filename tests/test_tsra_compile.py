@@ -72,18 +72,21 @@ class _Tiny(torch.nn.Module):
         return self.out(self.act2(self.fc(h)))
 
 
-def test_torch_compile_fullgraph_matches_eager(device, compile_kernels):
+@pytest.mark.parametrize("backend_name", ["auto", "reference"])
+def test_torch_compile_fullgraph_matches_eager(device, compile_kernels, backend_name):
     """The ops trace without graph breaks (fullgraph=True raises on any), as single nodes
     or (inline) as their kernel launches — on a CPU as the reference formula, which inductor
-    compiles like any other ops. Tolerance 1e-5: the compiled convolution/linear (and, inline
-    on a CPU, the fused reference) may reorder float32 sums."""
+    compiles like any other ops (``"reference"``; under the suite's Triton interpreter
+    ``"auto"`` runs the kernels through the opaque op). Tolerance 1e-5: the compiled
+    convolution/linear (and the fused reference) may reorder float32 sums."""
     model = _Tiny().to(device)
     x = torch.randn(2, 3, 4, 4, device=device)
-    ref_out = model(x)
-    ref_grads = torch.autograd.grad(ref_out.square().sum(), list(model.parameters()))
-    compiled = torch.compile(model, fullgraph=True)
-    out = compiled(x)
-    grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    with cobkern.use_backend(backend_name):
+        ref_out = model(x)
+        ref_grads = torch.autograd.grad(ref_out.square().sum(), list(model.parameters()))
+        compiled = torch.compile(model, fullgraph=True)
+        out = compiled(x)
+        grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     for g, rg in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-5)
@@ -253,8 +256,9 @@ def test_inline_graphs_record_backend_and_tuning_setting(monkeypatch):
 @pytest.mark.parametrize("forced", ["triton", "reference"])
 def test_inline_on_cpu_honours_a_forced_backend(forced):
     """Traced on CPU tensors, the inline ops compile the reference formula — unless the
-    ``"triton"`` backend is forced, whose (interpreted) kernels only run eagerly: the graph
-    then calls the opaque op. With ``"reference"`` forced no cobkern op is left."""
+    kernels would run on them (the Triton interpreter, on in this suite without a GPU, with
+    the ``"triton"`` backend forced), which only run eagerly: the graph then calls the
+    opaque op. With ``"reference"`` forced no cobkern op is left."""
     from torch._functorch.aot_autograd import aot_function
 
     graphs = []

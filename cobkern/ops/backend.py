@@ -12,7 +12,8 @@ through the dispatcher; ``"inline"`` calls their ``torch.library.triton_op`` twi
 ``cobkern::tsra_inline`` / ``cobkern::tsra_inline_backward``, which inductor traces into:
 on CUDA its generated code launches the Triton kernels itself (no dispatcher round trip,
 output buffers in inductor's memory plan; the same kernels and launch plan), on a CPU it
-compiles the reference formula like any other ops. ``"auto"`` (the default) is inline on
+compiles the reference formula like any other ops (under the Triton interpreter, which runs
+the kernels on CPU tensors, it calls the opaque op). ``"auto"`` (the default) is inline on
 CPU tensors — a compiled VGG-16 training step ran 1.6–1.9× faster that way on our 2-core
 CPU (``BENCHMARKS.md``) — and opaque on CUDA, until a GPU run times the two there. The
 environment variable ``COBKERN_COMPILE_KERNELS`` sets the initial value.

@@ -15,14 +15,16 @@ registered with ``torch.library.triton_op``: ``torch.compile`` traces into them,
 inductor's generated code launches the Triton kernels itself (through
 ``torch.library.wrap_triton``, with the launch plan the eager path would make) instead of
 calling an op through the dispatcher, and their outputs join inductor's memory plan. On CPU
-tensors they trace to the reference formula, which inductor compiles like any other ops.
+tensors they trace to the reference formula, which inductor compiles like any other ops
+(with the Triton interpreter on, ``TRITON_INTERPRET=1``, to the opaque op, whose
+interpreted kernels then run as in eager mode).
 Which pair compiled code uses is :func:`cobkern.ops.set_compile_kernels` (default
 ``"auto"``: inline on CPU tensors, opaque on CUDA); eager calls take the fast path below
 either way. The inline ops also take the backend and the ``COBKERN_TSRA_TUNING`` setting as
 arguments (:func:`_op_call`), so a compiled graph records what it was traced with. A launch
 is planned from the traced sizes (its block sizes depend on them): with symbolic sizes
 (dynamic shapes) the inline ops put the opaque op in the graph instead, which plans at run
-time; so does a CPU tensor under the ``"triton"`` backend (interpreted kernels).
+time.
 
 Higher-order gradients: the backward is itself differentiable. ``cobkern::tsra_backward``
 has an autograd formula (autograd through the plain-PyTorch
@@ -147,8 +149,8 @@ def _launch_or_reference(fwd: bool, x: Tensor, grad: Tensor | None, args: tuple,
     traced sizes. Where a size or constant is symbolic (dynamic shapes) the plan cannot be
     made — a launch's block sizes depend on the sizes — and the opaque op runs instead,
     planning at run time. CPU tensors take the reference formula (inductor compiles those
-    ops like any others), or with the ``"triton"`` backend the opaque op (whose interpreted
-    kernels run at run time).
+    ops like any others) — or, where the kernels would run on them (the Triton interpreter,
+    under the ``"auto"`` or ``"triton"`` backend), the opaque op, which runs them then.
     """
     split, dim, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps = args
     op = "cobkern.tsra" if fwd else "cobkern.tsra_backward"
