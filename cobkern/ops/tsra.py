@@ -141,7 +141,7 @@ def _launch_or_reference(fwd: bool, x: Tensor, grad: Tensor | None, args: tuple,
     ``backend`` / ``tuning``: the backend (:mod:`.backend`) and tuning setting (the value of
     :data:`.tuning.ENV_VAR`, ``None`` for unset) to apply instead of the current ones — the
     inline ops carry them as arguments, so that a compiled graph records what it was traced
-    with (``torch.compile`` guards on them in :func:`_apply`, and its caches key on them).
+    with (``torch.compile`` guards on them in :func:`_op_call`, and its caches key on them).
 
     ``traced=True`` is the body of the inline (``triton_op``) ops while ``torch.compile``
     (or another dispatcher-level tracer) traces them: the launch goes through
@@ -272,12 +272,26 @@ def _fake(*args) -> Tensor:
     return torch.empty_like(tensors[-1])
 
 
+def _op_body(name: str, grad: Tensor | None, x: Tensor, params: tuple,
+             backend: str | None = None, tuning: str | None = None) -> Tensor:
+    """What every registered op runs: check the raw arguments, then launch or run the
+    reference (``grad is None``: the forward). ``backend`` / ``tuning`` are the inline ops'
+    extra arguments (``None``: an opaque op, which applies the current ones)."""
+    split, dim, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps = params
+    dim = _check_op_args(name, x, split, dim, eps, norm_size, rms_eps, grad, backend=backend)
+    args = (split, dim, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps)
+    if backend is None:
+        return _launch_or_reference(grad is None, x, grad, args)
+    return _launch_or_reference(grad is None, x, grad, args, traced=_tracing(x),
+                                backend=backend, tuning=tuning or None)
+
+
 def _define_ops(suffix: str, inline: bool) -> tuple:
     """Register ``cobkern::tsra{suffix}`` and ``cobkern::tsra{suffix}_backward`` with their
     autograd formulas: ``torch.library.custom_op`` (opaque to ``torch.compile``) or, when
     ``inline``, ``torch.library.triton_op`` (traced into: inductor launches the kernels).
     The inline ops take two more arguments, the backend and the tuning setting to apply
-    (``""``: the environment variable unset), which :func:`_apply` reads where dynamo
+    (``""``: the environment variable unset), which :func:`_op_call` reads where dynamo
     traces, so that a compiled graph is guarded and cached on them."""
     fwd_name, bwd_name = f"cobkern.tsra{suffix}", f"cobkern.tsra{suffix}_backward"  # errors
     register = torch.library.triton_op if inline else torch.library.custom_op
@@ -286,35 +300,25 @@ def _define_ops(suffix: str, inline: bool) -> tuple:
         def forward(x: Tensor, split: int, dim: int, a_u: float, b_u: float, a_v: float,
                     b_v: float, eps: float, norm_size: int, rms_eps: float, backend: str,
                     tuning: str) -> Tensor:
-            dim = _check_op_args(fwd_name, x, split, dim, eps, norm_size, rms_eps,
-                                 backend=backend)
-            return _launch_or_reference(True, x, None, (split, dim, a_u, b_u, a_v, b_v, eps,
-                                                        norm_size, rms_eps),
-                                        traced=_tracing(x), backend=backend,
-                                        tuning=tuning or None)
+            return _op_body(fwd_name, None, x, (split, dim, a_u, b_u, a_v, b_v, eps,
+                                                norm_size, rms_eps), backend, tuning)
 
         def backward(grad: Tensor, x: Tensor, split: int, dim: int, a_u: float, b_u: float,
                      a_v: float, b_v: float, eps: float, norm_size: int, rms_eps: float,
                      backend: str, tuning: str) -> Tensor:
-            dim = _check_op_args(bwd_name, x, split, dim, eps, norm_size, rms_eps, grad,
-                                 backend=backend)
-            return _launch_or_reference(False, x, grad, (split, dim, a_u, b_u, a_v, b_v, eps,
-                                                         norm_size, rms_eps),
-                                        traced=_tracing(x), backend=backend,
-                                        tuning=tuning or None)
+            return _op_body(bwd_name, grad, x, (split, dim, a_u, b_u, a_v, b_v, eps,
+                                                norm_size, rms_eps), backend, tuning)
     else:
         def forward(x: Tensor, split: int, dim: int, a_u: float, b_u: float, a_v: float,
                     b_v: float, eps: float, norm_size: int, rms_eps: float) -> Tensor:
-            dim = _check_op_args(fwd_name, x, split, dim, eps, norm_size, rms_eps)
-            return _launch_or_reference(True, x, None, (split, dim, a_u, b_u, a_v, b_v, eps,
-                                                        norm_size, rms_eps))
+            return _op_body(fwd_name, None, x, (split, dim, a_u, b_u, a_v, b_v, eps,
+                                                norm_size, rms_eps))
 
         def backward(grad: Tensor, x: Tensor, split: int, dim: int, a_u: float, b_u: float,
                      a_v: float, b_v: float, eps: float, norm_size: int,
                      rms_eps: float) -> Tensor:
-            dim = _check_op_args(bwd_name, x, split, dim, eps, norm_size, rms_eps, grad)
-            return _launch_or_reference(False, x, grad, (split, dim, a_u, b_u, a_v, b_v, eps,
-                                                         norm_size, rms_eps))
+            return _op_body(bwd_name, grad, x, (split, dim, a_u, b_u, a_v, b_v, eps,
+                                                norm_size, rms_eps))
 
     fwd_op = register(fwd_name.replace(".", "::"), forward, mutates_args=())
     bwd_op = register(bwd_name.replace(".", "::"), backward, mutates_args=())
