@@ -32,14 +32,15 @@ BACKENDS = ("auto", "triton", "reference")
 _backend = "auto"
 
 COMPILE_KERNELS_ENV = "COBKERN_COMPILE_KERNELS"
-_COMPILE_KERNELS = ("auto", "opaque", "inline")
+#: The compile-kernels modes (:func:`set_compile_kernels`).
+COMPILE_KERNELS = ("auto", "opaque", "inline")
 
 
 def _initial_compile_kernels() -> str:
     value = os.environ.get(COMPILE_KERNELS_ENV, "auto")
-    if value not in _COMPILE_KERNELS:
+    if value not in COMPILE_KERNELS:
         raise ValueError(f"{COMPILE_KERNELS_ENV}={value!r} is not a cobkern compile-kernels "
-                         f"mode; expected one of {_COMPILE_KERNELS}")
+                         f"mode; expected one of {COMPILE_KERNELS}")
     return value
 
 
@@ -135,9 +136,9 @@ def set_compile_kernels(mode: str) -> None:
     recompiled on their next call (``torch.compile`` guards on it).
     """
     global _compile_kernels
-    if mode not in _COMPILE_KERNELS:
+    if mode not in COMPILE_KERNELS:
         raise ValueError(f"unknown compile-kernels mode {mode!r}; expected one of "
-                         f"{_COMPILE_KERNELS}")
+                         f"{COMPILE_KERNELS}")
     _compile_kernels = mode
 
 

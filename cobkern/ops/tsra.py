@@ -160,7 +160,7 @@ def _launch_or_reference(fwd: bool, x: Tensor, grad: Tensor | None, args: tuple,
     if traced and kernel and (not x.is_cuda or _symbolic(x, grad, args)):
         fwd_op, bwd_op = _OPS["opaque"]
         return fwd_op(x, *args) if fwd else bwd_op(grad, x, *args)
-    if not kernel or (traced and not x.is_cuda):
+    if not kernel:
         if fwd:
             return reference.tsra_forward(x, *args)
         return reference.tsra_backward(grad, x, *args)

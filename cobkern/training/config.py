@@ -17,8 +17,8 @@ Presets (``get_preset(name, arch)``):
 * ``quick`` — a width-1/8 model (AdamW lr 2e-3, 100 warm-up steps), batch 128, 1,500 steps
   (about 4 epochs of the 50,000 training images) for CPU runs and smoke tests. Measured on
   an idle 2-core CPU inside ``cobkern run --preset quick`` (2026-11-27, ``RESULTS.md``):
-  91 s of training, 48.74 % test accuracy (chance 10 %); the ReLU control (SGD, no
-  warm-up) 62 s and 65.24 %.
+  80 s of training, 50.14 % test accuracy (chance 10 %); the ReLU control (SGD, no
+  warm-up) 61 s and 64.16 % (fused optimizers, commit ``0e2e894``).
 
 Any field can be overridden from a JSON file and/or the command line.
 """
@@ -33,6 +33,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from cobkern.ops.backend import COMPILE_KERNELS
+
 __all__ = ["TrainConfig", "ConfigError", "PRESETS", "get_preset", "load_config_file",
            "apply_overrides"]
 
@@ -45,9 +47,6 @@ class ConfigError(ValueError):
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 #: How the optimizer step runs (``optimizer_impl``; :func:`.optim.implementation_flags`).
 OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "for-loop")
-#: How compiled code reaches the TSRA kernels (``compile_kernels``;
-#: :func:`cobkern.ops.set_compile_kernels`).
-COMPILE_KERNELS = ("auto", "opaque", "inline")
 
 
 @dataclass
