@@ -730,6 +730,34 @@ def test_finetune_steps_flag_wins_over_the_set_recipe(tmp_path: Path) -> None:
     assert (cfg.finetune.steps, cfg.finetune.batch_size) == (3, 128)  # quick's batch
 
 
+def test_calibrate_channels_last_flag_reaches_calibrate(run_dir: Path, tmp_path: Path,
+                                                     monkeypatch) -> None:
+    """``cobkern calibrate --channels-last`` is kept in the config and calibrates with
+    channels-last inputs; the statistics are the same ones (a layout is not part of their
+    identity), so the flag does not make existing statistics stale."""
+    from cobkern.experiments import context as context_module
+
+    out = _copy(run_dir, tmp_path)
+    before = Context(out, device="cpu", progress=False)
+    assert before.config.calib_channels_last is False
+    seen: list[bool] = []
+    real = context_module.calibrate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("channels_last"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(context_module, "calibrate", spy)
+    assert main(["calibrate", "--out", str(out), "--samples", "100", "--channels-last",
+                 "--no-progress"]) == 0
+    assert seen == [True]
+    ctx = Context(out, device="cpu", progress=False)
+    assert ctx.config.calib_channels_last is True and ctx.calibration_is_current()
+    off = Context(out, ctx.config.with_overrides({"calib_channels_last": False}),
+                  device="cpu", progress=False)
+    assert off.calibration_is_current()
+
+
 def test_calibrate_f32_dot_is_recorded_and_decides_whether_statistics_are_current(
         run_dir: Path, tmp_path: Path) -> None:
     """``cobkern calibrate --f32-dot fp64`` keeps the mode in the config and the statistics;

@@ -234,6 +234,45 @@ def test_calibrate_f32_dot_reaches_every_kernel_launch(device, request):
         calibrate(m, data, progress=False, f32_dot="tf32")
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_calibrate_channels_last_feeds_nhwc_activations(device, backend, monkeypatch):
+    """``channels_last=True`` puts the input batches in channels-last format, so every conv
+    activation reaches the accumulator channel-contiguous (the layout whose float32 Gram
+    products read conflict-free vectors from shared memory) without a copy, and the
+    statistics equal NCHW calibration's. Tolerance: the two layouts' convolutions are
+    different kernels with float32 round-off (~1e-7 relative per product, summed over 27–54
+    terms), so the Grams agree to 1e-5 of their largest entry, not bit for bit."""
+    from cobkern.ops.covariance import CovarianceAccumulator
+
+    torch.manual_seed(0)
+    m = small_net().eval().to(device)
+    data = [(x.to(device), y) for x, y in batches(n_batches=2)]
+    layouts: list[tuple[int, bool]] = []
+    original = CovarianceAccumulator.update
+
+    def spy(self, x):
+        if x.dim() == 4:
+            layouts.append((x.shape[1], x.is_contiguous(memory_format=torch.channels_last)
+                            and not x.is_contiguous()))
+        return original(self, x)
+
+    with use_backend(backend):
+        nchw = calibrate(m, data, progress=False)
+        monkeypatch.setattr(CovarianceAccumulator, "update", spy)
+        nhwc = calibrate(m, data, progress=False, channels_last=True)
+    assert layouts and all(cl for _, cl in layouts), layouts
+    assert all(p.is_contiguous() for p in m.parameters())  # the model was not converted
+    assert nhwc.num_images == nchw.num_images
+    for n in nchw.layers:
+        a, b = nchw[n], nhwc[n]
+        assert a.count == b.count and a.accumulation == b.accumulation
+        for x, y in zip((a.gram_u, a.gram_v, a.sum_abs, a.sum_sq),
+                        (b.gram_u, b.gram_v, b.sum_abs, b.sum_sq), strict=True):
+            torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5 * x.abs().max().item())
+    with pytest.raises(TypeError, match="channels_last must be True or False"):
+        calibrate(m, data, progress=False, channels_last="yes")
+
+
 def test_stats_eigh_save_load(tmp_path):
     m = small_net().eval()
     with use_backend("reference"):

@@ -90,7 +90,8 @@ def test_wrong_types_and_values_are_value_errors() -> None:
                 {"normalizer_fractions": 0.5}, {"lossless_tol": "x"}, {"lossless_tol": 2.0},
                 {"speed_batches": [0]}, {"speed_batches": [1.5]}, {"speed_repeats": 0},
                 {"train": 3}, {"train": {"steps": -1}}, {"train_relu_overrides": {"x": 1}},
-                {"eval_subset": -1}, {"train_relu": "yes"}, {"calib_f32_dot": "fp32"}):
+                {"eval_subset": -1}, {"train_relu": "yes"}, {"calib_f32_dot": "fp32"},
+                {"calib_channels_last": 1}):
         with pytest.raises(ValueError):
             quick.with_overrides(bad)
     ok = quick.with_overrides({"peer_criteria": ["l2", "l1-first"], "lossless_tol": 1e-9,

@@ -4,6 +4,7 @@ Commands (each reads the previous step's files from ``--out``)::
 
     cobkern train      --out OUT [--preset quick] [--arch tsra|relu] [--set steps=100 ...]
     cobkern calibrate  --out OUT [--samples N] [--augment] [--f32-dot MODE]
+                       [--channels-last]
     cobkern prune      --out OUT --strategy NAME --value V [--value-v V] [--importance l2|l1]
                        [--baseline] [--normalizer kept|original] [--round-to N] [--name NAME]
     cobkern finetune   --out OUT --name NAME [--steps N] [--lr LR]
@@ -156,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the covariance kernel's products for float32 activations on a GPU: "
                         "ieee (default), tf32x3, bf16x6 (tensor cores, less exact) or fp64 "
                         "(float64 tensor cores: exact products, float64 sums)")
+    s.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="feed the images in channels-last format, so the covariance kernel "
+                        "reads channel-contiguous activations (same statistics up to "
+                        "summation order; default: the config's, off)")
     _common(s)
 
     s = sub.add_parser("prune", formatter_class=fmt,
@@ -441,6 +446,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         over["calib_augment"] = args.augment
     if args.f32_dot is not None:
         over["calib_f32_dot"] = args.f32_dot
+    if args.channels_last is not None:
+        over["calib_channels_last"] = args.channels_last
     if over:
         cfg = cfg.with_overrides(over)
     ctx = _context(args, cfg)

@@ -18,6 +18,17 @@ instead of following them. Each activation is kept alive by the caching allocato
 its kernel has read it (``record_stream``), and a batch's forward starts only when the
 previous batch's kernels are done, so at most one batch of activations is in flight.
 
+Layout (``channels_last=True``, off by default until timed): 4-D input batches are put in
+channels-last memory format before the forward pass, so the convolutions produce NHWC
+activations and the covariance kernel reads slabs whose contiguous axis is the channels —
+the layout of the linear layers' ``(N, C)`` activations, on which the same float32 kernel
+launch ran 3× more FLOP/s than on NCHW maps on an H200 (``BENCHMARKS.md``). On NCHW maps the
+kernel's float32 products (the CUDA-core ``tl.dot``) read both operands from unswizzled
+shared memory along the samples, mostly as scalar, bank-conflicting loads; on NHWC maps
+they read them as conflict-free vectors (offline sm_90 PTX). The model's weights are not
+touched: cuDNN (and the CPU convolutions) follow the input's layout. No activation is
+copied; the statistics are the same up to float summation order.
+
 Distributed: when ``torch.distributed`` is initialised each rank should iterate over its own
 shard (e.g. a ``DistributedSampler``) and takes ``max_samples / world_size`` images (the
 remainder going to the lowest ranks); the sums are then all-reduced, so every rank ends with
@@ -73,6 +84,7 @@ def calibrate(
     meta: dict[str, Any] | None = None,
     overlap: bool = False,
     f32_dot: str | None = None,
+    channels_last: bool = False,
 ) -> CalibrationStats:
     """Collect per-subspace second moments of the CoB layers' activations.
 
@@ -98,11 +110,17 @@ def calibrate(
             exact products, float64 sums — more exact than IEEE; slow on GPUs with
             low-rate float64). Recorded in the statistics' ``meta`` when not IEEE; another
             name is a ``ValueError`` (from the accumulators, built before any forward pass).
+        channels_last: put 4-D input batches in channels-last memory format, so the
+            convolutions' activations reach the covariance kernel channel-contiguous (see
+            the module docstring; the same statistics up to summation order). Other inputs
+            pass unchanged.
 
     Returns:
         :class:`CalibrationStats` with one float64 :class:`LayerStats` per layer (on CPU).
     """
     chosen = select_layers(model, layers)
+    if not isinstance(channels_last, bool):
+        raise TypeError(f"calibrate: channels_last must be True or False, got {channels_last!r}")
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"calibrate: max_samples must be >= 1 or None, got {max_samples}")
     if device is None:
@@ -158,7 +176,10 @@ def calibrate(
                     x = x[: quota - seen]
                 if side is not None:  # back-pressure: one batch of activations in flight
                     torch.cuda.current_stream(device).wait_stream(side)
-                model(x.to(device, non_blocking=True))
+                x = x.to(device, non_blocking=True)
+                if channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                model(x)
                 seen += x.shape[0]
                 if bar is not None:
                     bar.update(x.shape[0] * world)

@@ -119,7 +119,11 @@ class ExperimentConfig:
             calib_augment: random crop/flip on them (the authors' notebook) or not;
             calib_f32_dot: the covariance kernel's products for float32 activations on a
             GPU (:data:`cobkern.ops.covariance.F32_DOTS`; default ``"ieee"``; ``"fp64"``:
-            float64 tensor cores, float64-exact statistics on A100/H100-class GPUs).
+            float64 tensor cores, float64-exact statistics on A100/H100-class GPUs);
+            calib_channels_last: feed the calibration images in channels-last format, so
+            the convolutions' activations reach the covariance kernel channel-contiguous
+            (``calibrate(channels_last=...)``; the same statistics up to summation order,
+            so it is not part of their identity; default off until timed on a GPU).
         eval_subset: test images used for every sweep evaluation (0: all 10,000).
         eval_batch_size: evaluation batch.
         fractions: parameter fractions ``P`` of the fixed-ratio sweep.
@@ -156,6 +160,7 @@ class ExperimentConfig:
     calib_samples: int = 10_000
     calib_augment: bool = False
     calib_f32_dot: str = "ieee"
+    calib_channels_last: bool = False
     calib_batch_size: int = 500
     eval_subset: int = 0
     eval_batch_size: int = 1000
@@ -197,7 +202,8 @@ class ExperimentConfig:
                 raise ValueError(f"{name}: expected a JSON object of TrainConfig settings, "
                                  f"e.g. {name}={{\"steps\": 100}}, got {getattr(self, name)!r}")
         _check_train_settings(self)
-        for name in ("train_relu", "calib_augment", "threshold_baseline", "peer_finetune"):
+        for name in ("train_relu", "calib_augment", "calib_channels_last", "threshold_baseline",
+                     "peer_finetune"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         _check_int("calib_samples", self.calib_samples, minimum=1)

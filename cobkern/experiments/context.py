@@ -255,7 +255,8 @@ class Context:
         model = self.model()
         stats = calibrate(model, self.calibration_loader(), max_samples=self.config.calib_samples,
                           progress=self.progress, device=self.device,
-                          meta=self.calibration_settings(), f32_dot=cfg_f32_dot(self.config))
+                          meta=self.calibration_settings(), f32_dot=cfg_f32_dot(self.config),
+                          channels_last=self.config.calib_channels_last)
         stats.save(path)
         if self.layout.calibration_rotated.is_file():
             self.layout.calibration_rotated.unlink()  # stale now
@@ -293,7 +294,8 @@ class Context:
                     model, self.calibration_loader(), max_samples=self.config.calib_samples,
                     progress=self.progress, device=self.device,
                     meta={"basis": "rotated", **self.calibration_settings(),
-                          "calibration": cid}, f32_dot=cfg_f32_dot(self.config))
+                          "calibration": cid}, f32_dot=cfg_f32_dot(self.config),
+                          channels_last=self.config.calib_channels_last)
                 cached.save(path)
             self._rotated_l1 = cached
         return self._rotated_l1
