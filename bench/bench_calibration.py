@@ -13,11 +13,16 @@ linears) on the same images, in one run, side by side:
   on a side CUDA stream, under the forward pass (on a CPU the same as ``streaming``);
 * ``streaming, f32_dot=fp64`` (float32 only) — the same with the covariance kernel's
   products on the float64 tensor cores (``calibrate(..., f32_dot="fp64")``);
+* ``..., channels_last`` — the forward pass and the streaming rows again with the images in
+  channels-last format (``calibrate(..., channels_last=True)``): the convolutions then give
+  NHWC activations, whose channel-contiguous slabs the float32 Gram products read as
+  conflict-free vectors (``--layouts nchw`` leaves these rows out);
 * ``materialize`` — what the authors' notebook does: keep every layer's activations of all
   images, then flatten each to ``(N·H·W, C)`` and form ``H_Uᵀ H_U``, ``H_Vᵀ H_V`` in float32.
 
 A plain forward pass over the same images (no hooks) is timed first in the same run: the
-issue's goal is calibration at ≤ 1.2× its cost.
+issue's goal is calibration at ≤ 1.2× its cost. "× forward pass" divides by the forward
+pass in the same layout; "× NCHW forward" by the NCHW one.
 
 Reported per method: wall time (CUDA-synchronised), peak memory — measured
 (``torch.cuda.max_memory_allocated`` above the model) on CUDA; on CPU the bytes the method
@@ -46,6 +51,9 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: the row of float32 runs whose Grams use the float64 tensor cores
 FP64 = "streaming, f32_dot=fp64"
+#: the channels-last rows (calibrate(channels_last=True) and its yardstick)
+CL = "streaming, channels_last"
+FWD_CL = "forward only, channels_last"
 
 
 def _sync(device: torch.device) -> None:
@@ -59,24 +67,26 @@ def _loader(images: int, batch: int, device: torch.device, dtype: torch.dtype, s
     return [data[i:i + batch].to(device=device, dtype=dtype) for i in range(0, images, batch)]
 
 
-def run_forward(model, loader, device):
-    """A plain forward pass over the same images: the yardstick for calibration's cost."""
+def run_forward(model, loader, device, channels_last=False):
+    """A plain forward pass over the same images: the yardstick for calibration's cost
+    (channels_last: each batch converted as ``calibrate(channels_last=True)`` does)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     _sync(device)
     t = time.perf_counter()
     with torch.no_grad():
         for x in loader:
-            model(x)
+            model(x.contiguous(memory_format=fmt))
     _sync(device)
     return time.perf_counter() - t, None, 0
 
 
-def run_streaming(model, loader, device, overlap=False, f32_dot=None):
+def run_streaming(model, loader, device, overlap=False, f32_dot=None, channels_last=False):
     from cobkern.cob import calibrate
 
     _sync(device)
     t = time.perf_counter()
     stats = calibrate(model, loader, max_samples=None, progress=False, overlap=overlap,
-                      f32_dot=f32_dot)
+                      f32_dot=f32_dot, channels_last=channels_last)
     _sync(device)
     elapsed = time.perf_counter() - t
     held = sum((s.gram_u.numel() + s.gram_v.numel() + 2 * s.sum_sq.numel() + 1) * 8
@@ -123,11 +133,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--images", type=int, default=10_000 if cuda else 256)
     p.add_argument("--batch", type=int, default=500 if cuda else 64)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--layouts", default="nchw,nhwc",
+                   help="comma list: nchw, nhwc (channels-last images: the forward pass and "
+                        "streaming rows again)")
     p.add_argument("--repeats", type=int, default=3 if cuda else 1,
                    help="runs per method; the fastest counts (one ~0.1 s GPU pass is noisy)")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
+    layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
+    if not layouts or set(layouts) - {"nchw", "nhwc"} or "nchw" not in layouts:
+        p.error(f"--layouts must be nchw or nchw,nhwc, got {args.layouts!r}")
+    nhwc = "nhwc" in layouts
 
     from cobkern.models import vgg16_tsra
 
@@ -138,16 +155,28 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():  # warm-up: kernel compilation / autotuning outside the timings
         from cobkern.cob import calibrate
 
-        calibrate(model, loader[:1], max_samples=None, progress=False)
-        if dtype == torch.float32:
-            calibrate(model, loader[:1], max_samples=None, progress=False, f32_dot="fp64")
-        model(loader[0])
+        for cl in (False, True) if nhwc else (False,):
+            calibrate(model, loader[:1], max_samples=None, progress=False, channels_last=cl)
+            if dtype == torch.float32:
+                calibrate(model, loader[:1], max_samples=None, progress=False,
+                          f32_dot="fp64", channels_last=cl)
+            fmt = torch.channels_last if cl else torch.contiguous_format
+            model(loader[0].contiguous(memory_format=fmt))
 
     results = {}
-    methods = [("forward only", run_forward), ("streaming", run_streaming),
-               ("streaming, overlapped", functools.partial(run_streaming, overlap=True))]
+    methods = [("forward only", run_forward)]
+    if nhwc:
+        methods.append((FWD_CL, functools.partial(run_forward, channels_last=True)))
+    methods += [("streaming", run_streaming),
+                ("streaming, overlapped", functools.partial(run_streaming, overlap=True))]
     if dtype == torch.float32:  # the float64 tensor-core products (f32_dot="fp64")
         methods.append((FP64, functools.partial(run_streaming, f32_dot="fp64")))
+    if nhwc:
+        methods.append((CL, functools.partial(run_streaming, channels_last=True)))
+        if dtype == torch.float32:
+            methods.append((FP64 + ", channels_last",
+                            functools.partial(run_streaming, f32_dot="fp64",
+                                              channels_last=True)))
     methods.append(("materialize", run_materialize))
     for name, fn in methods:
         if cuda:
@@ -165,19 +194,31 @@ def main(argv: list[str] | None = None) -> dict:
 
     results["forward only"].pop("out")
     fwd = results["forward only"]["seconds"]
-    for v in results.values():
-        v["x_forward"] = v["seconds"] / fwd
+    fwd_cl = None
+    if nhwc:
+        results[FWD_CL].pop("out")
+        fwd_cl = results[FWD_CL]["seconds"]
+    for name, v in results.items():
+        own = fwd_cl if name.endswith("channels_last") else fwd
+        v["x_forward"] = v["seconds"] / own
+        v["x_nchw_forward"] = v["seconds"] / fwd
+    stats_cl = results[CL].pop("out") if nhwc else None
+    for key in [k for k in results if k.startswith(FP64 + ",")]:
+        results[key].pop("out")
     stats = results["streaming"].pop("out")
     stats_overlapped = results["streaming, overlapped"].pop("out")
     stats_fp64 = results[FP64].pop("out") if FP64 in results else None
     grams = results["materialize"].pop("out")
-    worst = worst_overlap = worst_fp64 = 0.0
+    worst = worst_overlap = worst_fp64 = worst_cl = 0.0
     for n, (gu, gv) in grams.items():
         for a, b, o in ((stats[n].gram_u, gu, stats_overlapped[n].gram_u),
                         (stats[n].gram_v, gv, stats_overlapped[n].gram_v)):
             b = b.double().cpu()
             worst = max(worst, _rel(a, b))
             worst_overlap = max(worst_overlap, _rel(o, a))
+        if stats_cl is not None:  # the same products of NHWC activations
+            worst_cl = max(worst_cl, _rel(stats_cl[n].gram_u, stats[n].gram_u),
+                           _rel(stats_cl[n].gram_v, stats[n].gram_v))
         if stats_fp64 is not None:  # against IEEE streaming: the two float32-exact products
             worst_fp64 = max(worst_fp64, _rel(stats_fp64[n].gram_u, stats[n].gram_u),
                              _rel(stats_fp64[n].gram_v, stats[n].gram_v))
@@ -194,6 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
         "max_rel_diff_gram": worst,
         "max_rel_diff_overlapped_vs_streaming": worst_overlap,
         "max_rel_diff_fp64_vs_streaming": worst_fp64 if stats_fp64 is not None else None,
+        "max_rel_diff_channels_last_vs_streaming": worst_cl if stats_cl is not None else None,
+        "layouts": layouts,
         "results": results,
         "note": ("CPU run: the streaming column is the reference path (harness check only)"
                  if not cuda else "CUDA: streaming uses the Triton covariance kernel"),
@@ -233,12 +276,13 @@ def _markdown(r: dict) -> str:
         f"{r['dtype']}, {r['layers']} CoB layers; torch {r['torch']}, triton {r['triton']}; "
         f"{r['date']}. Time: the fastest of {r.get('repeats', 1)} run(s) per method.",
         "",
-        "| method | time (s) | × forward pass | images/s | peak memory measured (MiB) "
-        "| bytes held (MiB) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | time (s) | × forward pass | × NCHW forward | images/s "
+        "| peak memory measured (MiB) | bytes held (MiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, v in r["results"].items():
         lines.append(f"| {name} | {v['seconds']:.3f} | {v['x_forward']:.2f} | "
+                     f"{v.get('x_nchw_forward', v['x_forward']):.2f} | "
                      f"{v['images_per_s']:,.0f} | "
                      f"{_mib(v['peak_bytes_measured'])} | {_mib(v['bytes_held'])} |")
     lines += ["", f"Largest relative difference between the streaming and materialising "
@@ -247,6 +291,11 @@ def _markdown(r: dict) -> str:
     if r.get("max_rel_diff_fp64_vs_streaming") is not None:
         lines[-1] += (f" `f32_dot=fp64` vs IEEE streaming: "
                       f"{r['max_rel_diff_fp64_vs_streaming']:.2e}.")
+    if r.get("max_rel_diff_channels_last_vs_streaming") is not None:
+        lines[-1] += (f" channels_last vs NCHW streaming (different convolution kernels "
+                      f"too): {r['max_rel_diff_channels_last_vs_streaming']:.2e}.")
+    lines += ["", "× forward pass: against the forward pass in the same layout (the "
+              "channels_last rows against `forward only, channels_last`)."]
     lines += ["", r["note"], ""]
     return "\n".join(lines)
 

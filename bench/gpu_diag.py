@@ -20,10 +20,14 @@ smoke run: ``TRITON_INTERPRET=1 GPU_DIAG_DEVICE=cpu GPU_DIAG_BATCH=1 GPU_DIAG_CO
   with one pipeline stage (float32's launch before 2026-11-26), with the other Gram tile
   size (32 vs 64), with a quarter / four times the programs (each program ends with one
   tile of float64 atomic adds), and with ``tf32x3`` / ``bf16x6`` float32 products (three
-  TF32 / six bf16 tensor-core products per float32 product); achieved TFLOP/s of
-  the products actually computed.
+  TF32 / six bf16 tensor-core products per float32 product), with ``fp64`` products (float64
+  tensor cores), and on channels_last maps (``NHWC``: channel-contiguous slabs, as
+  ``calibrate(channels_last=True)`` gives the kernel); achieved TFLOP/s of the products
+  actually computed.
 * ``calibration`` — a plain forward pass vs streaming calibration (float32 ``ieee``,
-  ``tf32x3`` and ``bf16x6`` products, and a bf16 model) on 10,000 images of VGG-16, each
+  ``tf32x3``, ``bf16x6`` and ``fp64`` products, and a bf16 model; ``ieee``, ``fp64`` and bf16
+  also with channels_last inputs, against a channels_last forward) on 10,000 images of
+  VGG-16, each
   Gram's error against float64, and the profiler's top CUDA kernels of a streaming
   calibration.
 
@@ -345,6 +349,11 @@ def _cov_jobs():
                 variants["fp64"] = {"f32_dot": "fp64"}
                 variants[f"fp64 {96 - wide}×{96 - wide}"] = {"f32_dot": "fp64",
                                                               "block": 96 - wide}
+            if len(shape) > 1:  # the conv maps channels_last too (calibrate(channels_last=))
+                variants["NHWC"] = {"nhwc": True}
+                variants[f"NHWC {other}×{other} tiles"] = {"nhwc": True, "block": other}
+                if dname == "fp32":
+                    variants["NHWC fp64"] = {"nhwc": True, "f32_dot": "fp64"}
             jobs += [(shape, dname, label, tuple(sorted(over.items())))
                      for label, over in variants.items()]
     return jobs
@@ -357,6 +366,8 @@ def _cov_case(shape, dname, label, over):
     del label
     over = dict(over)
     x = torch.randn((COV_BATCH, *shape), device=DEVICE, dtype=DTYPES[dname])
+    if over.pop("nhwc", False):
+        x = x.contiguous(memory_format=torch.channels_last)
     c = shape[0]
     su = sv = c // 2
     packed = torch.zeros(su * su + sv * sv, device=DEVICE, dtype=torch.float64)
@@ -471,6 +482,12 @@ def lossless_kept(stats, tol: float | None = None) -> dict[str, int]:
     return kept
 
 
+def _mode_f32_dot(mode: str) -> str | None:
+    """``calibrate(f32_dot=)`` of a calibration-part mode (``ieee``, ``fp64-nhwc``, ...)."""
+    base = mode.removesuffix("-nhwc")
+    return None if base == "bf16" else base
+
+
 def part_calibration(rec: dict) -> None:
 
     from cobkern.cob import calibrate, find_cob_layers
@@ -484,36 +501,48 @@ def part_calibration(rec: dict) -> None:
         data = torch.randn(images, 3, 32, 32, generator=g)
         loader = [data[i:i + batch].to(DEVICE).to(dtype) for i in range(0, images, batch)]
         modes = ["ieee", "tf32x3", "bf16x6", "fp64"] if dtype == torch.float32 else ["bf16"]
+        # channels_last inputs: NHWC activations, channel-contiguous Gram slabs
+        modes += ["ieee-nhwc", "fp64-nhwc"] if dtype == torch.float32 else ["bf16-nhwc"]
         with torch.no_grad():
             model(loader[0])
             for m in modes:  # compile every layer's kernel variant outside the timings
                 calibrate(model, loader[:1], max_samples=None, progress=False,
-                          f32_dot=None if m == "bf16" else m)
-        _sync()
-        t = time.perf_counter()
-        with torch.no_grad():
-            for xb in loader:
-                model(xb)
-        _sync()
-        fwd = time.perf_counter() - t
-        out[f"{dname}_forward_s"] = fwd
-        for m in modes:
-            f32_dot = None if m == "bf16" else m  # the calibrate() argument, as a user sets it
+                          f32_dot=_mode_f32_dot(m), channels_last=m.endswith("-nhwc"))
+        fwd = {}
+        for layout in ("nchw", "nhwc"):  # NHWC: converted per batch, as calibrate() does
+            fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+            with torch.no_grad():
+                model(loader[0].contiguous(memory_format=fmt))
             _sync()
             t = time.perf_counter()
-            stats = calibrate(model, loader, max_samples=None, progress=False, f32_dot=f32_dot)
+            with torch.no_grad():
+                for xb in loader:
+                    model(xb.contiguous(memory_format=fmt))
+            _sync()
+            fwd[layout] = time.perf_counter() - t
+        out[f"{dname}_forward_s"] = fwd["nchw"]
+        out[f"{dname}_forward_nhwc_s"] = fwd["nhwc"]
+        for m in modes:
+            f32_dot = _mode_f32_dot(m)  # the calibrate() arguments, as a user sets them
+            cl = m.endswith("-nhwc")
+            _sync()
+            t = time.perf_counter()
+            stats = calibrate(model, loader, max_samples=None, progress=False, f32_dot=f32_dot,
+                              channels_last=cl)
             _sync()
             s = time.perf_counter() - t
+            f = fwd["nhwc" if cl else "nchw"]  # against the forward pass in the same layout
             out[f"{dname}_{m}_calibrate_s"] = s
-            out[f"{dname}_{m}_x_forward"] = s / fwd
-            print(f"{dname} {m}: forward {fwd:.3f}s calibrate {s:.3f}s ({s / fwd:.2f}x)",
+            out[f"{dname}_{m}_x_forward"] = s / f
+            out[f"{dname}_{m}_x_nchw_forward"] = s / fwd["nchw"]
+            print(f"{dname} {m}: forward {f:.3f}s calibrate {s:.3f}s ({s / f:.2f}x)",
                   flush=True)
             out[f"{dname}_{m}_lossless_kept"] = lossless_kept(stats)
             out[f"{dname}_{m}_accumulation"] = sorted({s.accumulation
                                                        for s in stats.layers.values()})
             if m == "fp64":  # also at float32's tolerance: the same rule as the other modes
                 out[f"{dname}_{m}_lossless_kept_at_1e-7"] = lossless_kept(stats, 1e-7)
-            if m != "bf16":  # accuracy on the first layers vs float64
+            if not m.startswith("bf16"):  # accuracy on the first layers vs float64
                 err = 0.0
                 acts = {}
                 layers = find_cob_layers(model)[:3]
@@ -521,13 +550,13 @@ def part_calibration(rec: dict) -> None:
                     lambda mod, i, o, n=lay.name, acts=acts: acts.setdefault(n, []).append(
                         o.double()))
                     for lay in layers]
-                with torch.no_grad():
+                with torch.no_grad():  # the activations of the layout calibrated below
                     for xb in loader[:4]:
-                        model(xb)
+                        model(xb.contiguous(memory_format=torch.channels_last) if cl else xb)
                 for h in hooks:
                     h.remove()
                 st = calibrate(model, loader[:4], max_samples=None, progress=False,
-                               f32_dot=f32_dot)
+                               f32_dot=f32_dot, channels_last=cl)
                 for lay in layers:
                     a = torch.cat(acts[lay.name]).movedim(1, -1).reshape(-1, lay.num_channels)
                     gu = a[:, :lay.split].T @ a[:, :lay.split]

@@ -107,12 +107,16 @@ COV_LAYERS = [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 2, 2)
 
 
 def covariance() -> None:
-    """The covariance kernel per VGG-16 layer (batch 500, NCHW / (N, C), split C/2): the
-    shipped launch against the same launch with one pipeline stage (the launch before
-    2026-11-26 for float32) and with the other tile size, and for float32 the ``fp64``
-    products (float64 tensor cores) at both tile sizes. "SASS per sample" = loop body ×
-    threads / samples per step × Gram tiles of the layer: the instructions the whole layer
-    issues per sample (lower is better)."""
+    """The covariance kernel per VGG-16 layer (batch 500, split C/2): the shipped launch
+    against the same launch with one pipeline stage (the launch before 2026-11-26 for
+    float32) and with the other tile size, and for float32 the ``fp64`` products (float64
+    tensor cores) at both tile sizes; the conv layers also channels_last (``NHWC``, what
+    ``calibrate(channels_last=True)`` feeds the kernel), shipped and ``fp64``. "SASS per
+    sample" = loop body × threads / samples per step × Gram tiles of the layer: the
+    instructions the whole layer issues per sample (lower is better). "shared ld" = the
+    PTX's shared-memory loads, scalar / vector (``ld.shared`` v2 and v4; ``ldmatrix`` not
+    counted): the float32 IEEE products read their operands from unswizzled shared memory,
+    where scalar loads of sample-contiguous slabs bank-conflict."""
     import torch
     from test_covariance_aot import _spec
 
@@ -123,14 +127,19 @@ def covariance() -> None:
         s = shape[0] // 2
         for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
             shipped = launch_config(s, dt)[0]
-            variants = [("shipped", None, None, None), ("1 stage", None, 1, None),
-                        (f"{96 - shipped}×{96 - shipped} tiles", 96 - shipped, None, None)]
+            variants = [("shipped", None, None, None, False), ("1 stage", None, 1, None, False),
+                        (f"{96 - shipped}×{96 - shipped} tiles", 96 - shipped, None, None,
+                         False)]
             if dt == torch.float32:  # the float64 tensor-core products, both tile sizes
                 wide = launch_config(s, dt, f32_dot="fp64")[0]
-                variants += [("fp64", None, None, "fp64"),
-                             (f"fp64 {96 - wide}×{96 - wide}", 96 - wide, None, "fp64")]
-            for label, block, stages, f32_dot in variants:
-                spec = _spec((500, *shape), False, dt, f32_dot=f32_dot, block=block,
+                variants += [("fp64", None, None, "fp64", False),
+                             (f"fp64 {96 - wide}×{96 - wide}", 96 - wide, None, "fp64", False)]
+            if len(shape) > 1:  # conv maps, channels_last
+                variants.append(("NHWC", None, None, None, True))
+                if dt == torch.float32:
+                    variants.append(("NHWC fp64", None, None, "fp64", True))
+            for label, block, stages, f32_dot, nhwc in variants:
+                spec = _spec((500, *shape), nhwc, dt, f32_dot=f32_dot, block=block,
                              num_stages=stages)
                 spec["sass"] = True
                 specs.append(spec)
@@ -139,16 +148,18 @@ def covariance() -> None:
                 rows.append(("×".join(map(str, shape)), name, label, cx["BLOCK"],
                              spec["num_warps"], spec["num_stages"], cx["BLOCK_K"], n_tiles))
     print("| layer | dtype | variant | tile | warps | stages | registers | cp.async | "
-          "scalar ld | SASS loop | SASS per sample |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "scalar ld | shared ld scalar / vector | SASS loop | SASS per sample |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (layer, dt, label, block, warps, stages, bk, n_tiles), r in zip(
             rows, compile_specs(specs), strict=True):
         if "error" in r:
             print(f"| {layer} | {dt} | {label} | error: {r['error'][:60]} |")
             continue
         per_sample = r["sass_loop"] * 32 * warps / bk * n_tiles
+        shared = f"{r['ld_shared_scalar']} / {r['ld_shared_v2'] + r['ld_shared_v4']}"
         print(f"| {layer} | {dt} | {label} | {block} | {warps} | {stages} | {r['registers']} | "
-              f"{r['cp_async']} | {r['ld_scalar']} | {r['sass_loop']} | {per_sample:,.0f} |")
+              f"{r['cp_async']} | {r['ld_scalar']} | {shared} | {r['sass_loop']} | "
+              f"{per_sample:,.0f} |")
 
 
 if __name__ == "__main__":

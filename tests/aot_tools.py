@@ -66,6 +66,7 @@ def _compile_one(spec: dict[str, Any]) -> dict[str, Any]:
         "registers": max(regs) if regs else None,
         **_memory_ops(ptx, "ld"),
         **_memory_ops(ptx, "st"),
+        **_memory_ops(ptx, "ld", "shared"),
         "wgmma": ptx.count("wgmma.mma_async"),
         "cp_async": len(re.findall(r"\bcp\.async\.c[ag]\.", ptx)),
         "mma": len(re.findall(r"\bmma\.sync", ptx)),
@@ -106,12 +107,15 @@ def _sass_stats(cubin: bytes) -> dict[str, int]:
             "sass_mufu": sum(op.startswith("MUFU") for _, op, _ in ins)}
 
 
-def _memory_ops(ptx: str, kind: str) -> dict[str, int]:
-    """Count global ``ld``/``st`` instructions by vector width (v4, v2, scalar)."""
-    ops = re.findall(rf"\b{kind}\.global(?:\.[\w:]+)*", ptx)
+def _memory_ops(ptx: str, kind: str, space: str = "global") -> dict[str, int]:
+    """Count ``ld``/``st`` instructions of a state space by vector width (v4, v2, scalar):
+    keys ``ld_v4`` ... for global memory, ``ld_shared_v4`` ... for shared memory
+    (``ldmatrix`` not counted)."""
+    ops = re.findall(rf"\b{kind}\.{space}(?:\.[\w:]+)*", ptx)
     v4 = sum(".v4" in o for o in ops)
     v2 = sum(".v2" in o for o in ops)
-    return {f"{kind}_v4": v4, f"{kind}_v2": v2, f"{kind}_scalar": len(ops) - v4 - v2}
+    pre = kind if space == "global" else f"{kind}_{space}"
+    return {f"{pre}_v4": v4, f"{pre}_v2": v2, f"{pre}_scalar": len(ops) - v4 - v2}
 
 
 def run_uninterpreted(script: str, timeout: float = 900) -> Any:

@@ -161,3 +161,24 @@ def test_two_stage_launches_vectorise_and_pipeline(compiled, i):
     assert r["cp_async"] > 0, "slab loads are not pipelined (no cp.async)"
     assert r["ld_scalar"] <= TILE_TABLE_LOADS, (
         f"{r['ld_scalar']} scalar global loads: slab loads are not vectorised")
+
+
+#: float32 IEEE launches on channel-contiguous data: NHWC maps and ``(N, C)`` rows
+CHANNEL_CONTIGUOUS_IEEE = ["fp32-nhwc-256x8x8", "fp32-rows-4096"]
+
+
+@pytest.mark.parametrize("name", CHANNEL_CONTIGUOUS_IEEE)
+def test_channel_contiguous_float32_products_read_shared_memory_as_vectors(compiled, name):
+    """The premise of ``calibrate(channels_last=True)``: the float32 IEEE products (the
+    CUDA-core ``tl.dot``) read their operands from shared memory, which Triton lays out
+    unswizzled in the slabs' own order. With the channels contiguous (NHWC maps, ``(N, C)``
+    rows) each thread's operand values are neighbours there and load as vectors. On NCHW
+    maps the slabs are sample-contiguous: most loads are scalar (56 of 98 at 64×32×32), and
+    a channel's samples fill one 128-byte row, so threads of a warp reading different
+    channels at one sample hit the same bank. Requires at least 90 % vector shared loads."""
+    i = [v[0] for v in VARIANTS].index(name)
+    r = compiled[i]
+    assert "error" not in r, r.get("error")
+    vec = r["ld_shared_v4"] + r["ld_shared_v2"]
+    assert vec >= 0.9 * (vec + r["ld_shared_scalar"]), (
+        f"{r['ld_shared_scalar']} scalar against {vec} vector shared loads")

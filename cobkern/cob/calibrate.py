@@ -21,8 +21,9 @@ previous batch's kernels are done, so at most one batch of activations is in fli
 Layout (``channels_last=True``, off by default until timed): 4-D input batches are put in
 channels-last memory format before the forward pass, so the convolutions produce NHWC
 activations and the covariance kernel reads slabs whose contiguous axis is the channels —
-the layout of the linear layers' ``(N, C)`` activations, on which the same float32 kernel
-launch ran 3× more FLOP/s than on NCHW maps on an H200 (``BENCHMARKS.md``). On NCHW maps the
+the layout of the linear layers' ``(N, C)`` activations, on which one float32 kernel
+launch (64×64 tiles, 8 warps) ran 3× more FLOP/s than on NCHW maps on an H200
+(``BENCHMARKS.md``). On NCHW maps the
 kernel's float32 products (the CUDA-core ``tl.dot``) read both operands from unswizzled
 shared memory along the samples, mostly as scalar, bank-conflicting loads; on NHWC maps
 they read them as conflict-free vectors (offline sm_90 PTX). The model's weights are not
