@@ -203,6 +203,28 @@ def _timed(variant, sgd, backend, step, sync, steps, warmup, batch, device) -> d
 
 #: kernels listed per profiled variant
 PROFILE_TOP = 12
+#: kernel-name patterns of the profile's categories, first match wins (lower-case
+#: substrings). ``conv bias (inductor)``: on CUDA inductor peels a convolution's bias off
+#: into a pointwise add (``torch/_inductor/kernel/conv.py``: "cudnn is slower with it"),
+#: named after the convolution when it fuses with nothing else — in the ReLU model it can
+#: fuse into BatchNorm, in front of a cobkern op it cannot.
+PROFILE_CATEGORIES = (
+    ("cobkern TSRA kernels", ("_tsra_",)),
+    ("conv bias (inductor, unfused)", ("triton_poi_fused_convolution",)),
+    ("inductor-generated", ("triton_",)),
+    ("optimizer", ("adam", "sgd", "multi_tensor", "foreach")),
+    ("convolution / GEMM", ("conv", "cudnn", "gemm", "xmma", "cutlass", "nvjet", "wgrad",
+                            "dgrad", "sm90_", "sm80_", "ampere_", "hopper")),
+)
+
+
+def categorise(kernel: str) -> str:
+    """The :data:`PROFILE_CATEGORIES` name of a kernel (``other`` if none matches)."""
+    k = kernel.lower()
+    for name, patterns in PROFILE_CATEGORIES:
+        if any(p in k for p in patterns):
+            return name
+    return "other"
 
 
 def profile_steps(step, sync, device: torch.device, n: int = 3) -> dict:
@@ -225,8 +247,15 @@ def profile_steps(step, sync, device: torch.device, n: int = 3) -> dict:
         if t > 0 and (not cuda or e.device_type.name == "CUDA"):
             rows.append((t, e.key, e.count))
     rows.sort(reverse=True)
+    cats: dict[str, list[float]] = {}
+    for t, k, c in rows:
+        cat = cats.setdefault(categorise(k), [0.0, 0.0])
+        cat[0] += t / n / 1000
+        cat[1] += c / n
     return {"steps": n, "time": "CUDA kernel time" if cuda else "CPU self time",
             "device_ms_per_step": sum(t for t, _, _ in rows) / n / 1000,
+            "by_category": {k: {"ms_per_step": v[0], "calls_per_step": v[1]}
+                            for k, v in sorted(cats.items(), key=lambda kv: -kv[1][0])},
             "top": [{"kernel": k[:120], "ms_per_step": t / n / 1000, "calls_per_step": c / n}
                     for t, k, c in rows[:PROFILE_TOP]]}
 
@@ -319,6 +348,11 @@ def write_results(out: Path, meta: dict, rows: list[dict]) -> str:
                       "|---|---:|---:|"]
             lines += [f"| `{k['kernel']}` | {k['ms_per_step']:.3f} | {k['calls_per_step']:g} |"
                       for k in pr["top"]]
+            if pr.get("by_category"):
+                lines += ["", "By kind of kernel (name patterns: `PROFILE_CATEGORIES`):", "",
+                          "| kind | ms / step | calls / step |", "|---|---:|---:|"]
+                lines += [f"| {k} | {v['ms_per_step']:.3f} | {v['calls_per_step']:g} |"
+                          for k, v in pr["by_category"].items()]
     table = "\n".join(lines) + "\n"
     with atomic_path(out.with_suffix(".md")) as tmp:
         tmp.write_text(table)
