@@ -28,6 +28,11 @@ drops the channel mask, which the compiler needs to vectorise a unit-stride chan
 ``SMALL_P`` (NCHW with 2, 4 or 8 positions per channel row, e.g. a 2×2 feature map) makes the
 row length a compile-time constant so that those short rows still vectorise.
 ``RMSNORM=True`` prepends an unlearned RMSNorm with normaliser ``1 / inv_norm_size``.
+``HAS_BIAS=True`` adds a per-channel bias (``BIAS``, ``C`` values of any float dtype) to
+``x`` as it is loaded, in both directions — the bias of the convolution in front, which
+then need not be added in a pass of its own; the kernels compute the function of ``x + b``
+and the backward its input gradient (the bias gradient is that gradient summed over the
+positions, left to the caller). Without a bias ``BIAS`` is any pointer (unused).
 
 ``VEC_P > 0`` (tuning sweeps; 0 in the shipped launches) caps the vector width along
 positions. The compiler gives each thread as many consecutive positions as one 16-byte
@@ -132,6 +137,15 @@ def _per_channel(is_u, u, v):
 
 
 @triton.jit
+def _channel_bias(BIAS, c0, hi, BLOCK: tl.constexpr):
+    """The float32 bias of channels ``c0 .. c0 + BLOCK`` (0 from ``hi`` on), as a column to
+    add to a ``[BLOCK, BLOCK_P]`` tile. Positions past the end of a row get it too; their
+    sums are per position and never stored."""
+    offs_c = c0 + tl.arange(0, BLOCK)
+    return tl.load(BIAS + offs_c, mask=offs_c < hi, other=0.0).to(tl.float32)[:, None]
+
+
+@triton.jit
 def _as_f32(a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps):
     """The float constants as float32, whatever the launch passed: Triton's JIT passes Python
     floats as fp32 (a no-op here), inductor's generated launches (the inline ops under
@@ -201,15 +215,18 @@ def _backward_coefs(s2u, s2v, du, dv, a_u, b_u, a_v, b_v, eps, inv_norm_size, rm
 # ----------------------------------------------------------------------------- single tile
 @triton.jit
 def _tsra_fwd_kernel(
-    X, Y, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
+    X, Y, BIAS, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
     a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, CHANNELS_CONTIG: tl.constexpr,
     RMSNORM: tl.constexpr, EVEN_C: tl.constexpr, SMALL_P: tl.constexpr, VEC_P: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     pid_b, offs_p = _program_coords(n_pblocks, BLOCK_P, VEC_P)
     offs, mask, is_u = _chunk(0, pid_b, offs_p, P, C, split, stride_b, stride_c, stride_p,
                               BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C, SMALL_P)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x += _channel_bias(BIAS, 0, C, BLOCK_C)
     sq = x * x
     s2u, s2v = _subspace_sums(sq, is_u)
     gu, gv = _forward_gains(s2u, s2v, a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps, RMSNORM)
@@ -219,15 +236,18 @@ def _tsra_fwd_kernel(
 
 @triton.jit
 def _tsra_bwd_kernel(
-    DY, X, DX, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
+    DY, X, DX, BIAS, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
     a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, CHANNELS_CONTIG: tl.constexpr,
     RMSNORM: tl.constexpr, EVEN_C: tl.constexpr, SMALL_P: tl.constexpr, VEC_P: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     pid_b, offs_p = _program_coords(n_pblocks, BLOCK_P, VEC_P)
     offs, mask, is_u = _chunk(0, pid_b, offs_p, P, C, split, stride_b, stride_c, stride_p,
                               BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C, SMALL_P)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x += _channel_bias(BIAS, 0, C, BLOCK_C)
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
     sq = x * x
     pr = dy * x
@@ -259,17 +279,20 @@ def _split_blocks(n_pblocks, C, P, split, stride_b, stride_c, BLOCK_U: tl.conste
 
 @triton.jit
 def _tsra_fwd_split_kernel(
-    X, Y, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
+    X, Y, BIAS, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
     a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
     BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_P: tl.constexpr,
     RMSNORM: tl.constexpr, EVEN_U: tl.constexpr, EVEN_V: tl.constexpr, SMALL_P: tl.constexpr,
-    VEC_P: tl.constexpr,
+    VEC_P: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     offs_u, mask_u, offs_v, mask_v = _split_blocks(
         n_pblocks, C, P, split, stride_b, stride_c, BLOCK_U, BLOCK_V, BLOCK_P, EVEN_U, EVEN_V,
         SMALL_P, VEC_P)
     xu = tl.load(X + offs_u, mask=mask_u, other=0.0).to(tl.float32)
     xv = tl.load(X + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        xu += _channel_bias(BIAS, 0, split, BLOCK_U)
+        xv += _channel_bias(BIAS, split, C, BLOCK_V)
     gu, gv = _forward_gains(tl.sum(xu * xu, axis=0), tl.sum(xv * xv, axis=0),
                             a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps, RMSNORM)
     tl.store(Y + offs_u, (xu * gu[None, :]).to(Y.dtype.element_ty), mask=mask_u)
@@ -278,17 +301,20 @@ def _tsra_fwd_split_kernel(
 
 @triton.jit
 def _tsra_bwd_split_kernel(
-    DY, X, DX, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
+    DY, X, DX, BIAS, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
     a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
     BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_P: tl.constexpr,
     RMSNORM: tl.constexpr, EVEN_U: tl.constexpr, EVEN_V: tl.constexpr, SMALL_P: tl.constexpr,
-    VEC_P: tl.constexpr,
+    VEC_P: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     offs_u, mask_u, offs_v, mask_v = _split_blocks(
         n_pblocks, C, P, split, stride_b, stride_c, BLOCK_U, BLOCK_V, BLOCK_P, EVEN_U, EVEN_V,
         SMALL_P, VEC_P)
     xu = tl.load(X + offs_u, mask=mask_u, other=0.0).to(tl.float32)
     xv = tl.load(X + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        xu += _channel_bias(BIAS, 0, split, BLOCK_U)
+        xv += _channel_bias(BIAS, split, C, BLOCK_V)
     dyu = tl.load(DY + offs_u, mask=mask_u, other=0.0).to(tl.float32)
     dyv = tl.load(DY + offs_v, mask=mask_v, other=0.0).to(tl.float32)
     gu, gv, ku, kv = _backward_coefs(
@@ -303,10 +329,11 @@ def _tsra_bwd_split_kernel(
 # ----------------------------------------------------------------------------- chunked
 @triton.jit
 def _tsra_fwd_chunked_kernel(
-    X, Y, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
+    X, Y, BIAS, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
     a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, CHANNELS_CONTIG: tl.constexpr,
     RMSNORM: tl.constexpr, EVEN_C: tl.constexpr, SMALL_P: tl.constexpr, VEC_P: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     pid_b, offs_p = _program_coords(n_pblocks, BLOCK_P, VEC_P)
     s2u = tl.zeros([BLOCK_P], tl.float32)
@@ -315,6 +342,8 @@ def _tsra_fwd_chunked_kernel(
         offs, mask, is_u = _chunk(c0, pid_b, offs_p, P, C, split, stride_b, stride_c,
                                   stride_p, BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C, SMALL_P)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            x += _channel_bias(BIAS, c0, C, BLOCK_C)
         sq = x * x
         cu, cv = _subspace_sums(sq, is_u)
         s2u += cu
@@ -324,16 +353,19 @@ def _tsra_fwd_chunked_kernel(
         offs, mask, is_u = _chunk(c0, pid_b, offs_p, P, C, split, stride_b, stride_c,
                                   stride_p, BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C, SMALL_P)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            x += _channel_bias(BIAS, c0, C, BLOCK_C)
         y = x * _per_channel(is_u, gu, gv)
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _tsra_bwd_chunked_kernel(
-    DY, X, DX, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
+    DY, X, DX, BIAS, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
     a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, CHANNELS_CONTIG: tl.constexpr,
     RMSNORM: tl.constexpr, EVEN_C: tl.constexpr, SMALL_P: tl.constexpr, VEC_P: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     pid_b, offs_p = _program_coords(n_pblocks, BLOCK_P, VEC_P)
     s2u = tl.zeros([BLOCK_P], tl.float32)
@@ -344,6 +376,8 @@ def _tsra_bwd_chunked_kernel(
         offs, mask, is_u = _chunk(c0, pid_b, offs_p, P, C, split, stride_b, stride_c,
                                   stride_p, BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C, SMALL_P)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            x += _channel_bias(BIAS, c0, C, BLOCK_C)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         sq = x * x
         pr = dy * x
@@ -359,6 +393,8 @@ def _tsra_bwd_chunked_kernel(
         offs, mask, is_u = _chunk(c0, pid_b, offs_p, P, C, split, stride_b, stride_c,
                                   stride_p, BLOCK_C, BLOCK_P, CHANNELS_CONTIG, EVEN_C, SMALL_P)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            x += _channel_bias(BIAS, c0, C, BLOCK_C)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         dx = _per_channel(is_u, gu, gv) * dy + _per_channel(is_u, ku, kv) * x
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
@@ -438,6 +474,7 @@ def launch_config(C: int, P: int, direction: str = "forward", itemsize: int = 4,
 @functools.lru_cache(maxsize=1024)
 def specialization(C: int, P: int, split: int, channels_contig: bool, direction: str,
                    rmsnorm: bool, itemsize: int = 4, vec_p: int | None = None,
+                   has_bias: bool = False,
                    **tuning: int | None) -> tuple[object, dict, int, int]:
     """What one launch compiles: ``(kernel, constexprs, num_warps, n_pblocks)``.
 
@@ -448,7 +485,8 @@ def specialization(C: int, P: int, split: int, channels_contig: bool, direction:
     channels-last ones the single tile, wider ones the chunked kernels. ``tuning``
     (``tile_elems``, ``elems_per_thread``, ``num_warps``) is passed to
     :func:`launch_config`; ``vec_p`` caps the vector width along NCHW positions (``VEC_P``,
-    module docstring; tuning sweeps). Cached: it runs on every
+    module docstring; tuning sweeps); ``has_bias`` compiles the bias add in
+    (``HAS_BIAS``). Cached: it runs on every
     launch, and host time is what limits the small layers. The returned ``constexprs`` dict
     is shared between calls; do not mutate it.
     """
@@ -462,11 +500,13 @@ def specialization(C: int, P: int, split: int, channels_contig: bool, direction:
     if kind == "split":
         constexprs = {"BLOCK_U": block_u, "BLOCK_V": block_v, "BLOCK_P": block_p,
                       "RMSNORM": rmsnorm, "EVEN_U": split == block_u,
-                      "EVEN_V": C - split == block_v, "SMALL_P": small_p, "VEC_P": vec}
+                      "EVEN_V": C - split == block_v, "SMALL_P": small_p, "VEC_P": vec,
+                      "HAS_BIAS": has_bias}
     else:
         constexprs = {"BLOCK_C": block_c, "BLOCK_P": block_p,
                       "CHANNELS_CONTIG": channels_contig, "RMSNORM": rmsnorm,
-                      "EVEN_C": C % block_c == 0, "SMALL_P": small_p, "VEC_P": vec}
+                      "EVEN_C": C % block_c == 0, "SMALL_P": small_p, "VEC_P": vec,
+                      "HAS_BIAS": has_bias}
     return KERNELS[(direction, kind)], constexprs, num_warps, cdiv(P, block_p)
 
 
@@ -482,59 +522,79 @@ class LaunchPlan(NamedTuple):
 
 
 def plan(direction: str, geo, split: int, rmsnorm: bool, itemsize: int,
-         tuning: Mapping[str, int] | None = None) -> LaunchPlan:
+         tuning: Mapping[str, int] | None = None, has_bias: bool = False) -> LaunchPlan:
     """The launch of ``direction`` on a ``geo``-shaped activation (see :func:`specialization`;
-    ``tuning`` as in :func:`tsra_forward`)."""
+    ``tuning`` as in :func:`tsra_forward`; ``has_bias``: a bias is added to ``x``)."""
     kernel, constexprs, num_warps, n_pblocks = specialization(
         geo.C, geo.P, split, geo.channels_contig, direction, rmsnorm, itemsize,
-        **(tuning or {}))
+        has_bias=has_bias, **(tuning or {}))
     return LaunchPlan(kernel, (n_pblocks * geo.B,),
                       (geo.C, geo.P, split, n_pblocks, geo.stride_b, geo.stride_c,
                        geo.stride_p), constexprs, num_warps)
 
 
+def _with_bias(p: LaunchPlan, tensors: tuple, bias: torch.Tensor | None) -> tuple:
+    """The kernel's pointer arguments: ``tensors`` and the bias (a stand-in pointer, unused,
+    without one). A plan compiled for the other case is refused: a wrong pointer would be
+    read as a bias, or a bias ignored."""
+    if p.constexprs["HAS_BIAS"] != (bias is not None):
+        raise ValueError("tsra launch: the plan was made "
+                         f"{'with' if p.constexprs['HAS_BIAS'] else 'without'} a bias, "
+                         f"the call {'passes' if bias is not None else 'has'} "
+                         f"{'one' if bias is not None else 'none'}")
+    return (*tensors, tensors[0] if bias is None else bias)
+
+
 def run(p: LaunchPlan, tensors: tuple[torch.Tensor, ...], a_u: float, b_u: float, a_v: float,
-        b_v: float, eps: float, norm_size: int, rms_eps: float) -> None:
-    """Launch a :func:`plan` on ``(x, y)`` (forward) or ``(dy, x, dx)`` (backward)."""
+        b_v: float, eps: float, norm_size: int, rms_eps: float,
+        bias: torch.Tensor | None = None) -> None:
+    """Launch a :func:`plan` on ``(x, y)`` (forward) or ``(dy, x, dx)`` (backward), with
+    ``bias`` (contiguous ``(C,)``) added to ``x`` when the plan has ``has_bias``."""
     inv_n = 1.0 / norm_size if norm_size > 0 else 0.0
-    launch(p.kernel, p.grid, tensors, p.ints, (a_u, b_u, a_v, b_v, eps, inv_n, rms_eps),
-           p.constexprs, p.num_warps)
+    launch(p.kernel, p.grid, _with_bias(p, tensors, bias), p.ints,
+           (a_u, b_u, a_v, b_v, eps, inv_n, rms_eps), p.constexprs, p.num_warps)
 
 
 def run_traced(p: LaunchPlan, tensors: tuple[torch.Tensor, ...], a_u: float, b_u: float,
-               a_v: float, b_v: float, eps: float, norm_size: int, rms_eps: float) -> None:
+               a_v: float, b_v: float, eps: float, norm_size: int, rms_eps: float,
+               bias: torch.Tensor | None = None) -> None:
     """Launch a :func:`plan` through ``torch.library.wrap_triton``: the same kernel, grid,
     arguments and options as :func:`run`, in a form that ``torch.compile`` traces (inductor
     then launches the kernel from its own generated code). Eager callers use :func:`run`."""
     from torch.library import wrap_triton
 
     inv_n = 1.0 / norm_size if norm_size > 0 else 0.0
-    wrap_triton(p.kernel)[p.grid](*tensors, *p.ints, a_u, b_u, a_v, b_v, eps, inv_n, rms_eps,
-                                  num_warps=p.num_warps, **p.constexprs)
+    wrap_triton(p.kernel)[p.grid](*_with_bias(p, tensors, bias), *p.ints, a_u, b_u, a_v, b_v,
+                                  eps, inv_n, rms_eps, num_warps=p.num_warps, **p.constexprs)
 
 
 def _launch(direction, tensors, geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps,
-            **tuning):
-    run(plan(direction, geo, split, norm_size > 0, tensors[0].element_size(), tuning),
-        tensors, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps)
+            bias=None, **tuning):
+    run(plan(direction, geo, split, norm_size > 0, tensors[0].element_size(), tuning,
+             has_bias=bias is not None),
+        tensors, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps, bias)
 
 
 def tsra_forward(x: torch.Tensor, y: torch.Tensor, geo, split: int, a_u: float, b_u: float,
                  a_v: float, b_v: float, eps: float, norm_size: int, rms_eps: float,
-                 tuning: Mapping[str, int] | None = None) -> None:
+                 tuning: Mapping[str, int] | None = None,
+                 bias: torch.Tensor | None = None) -> None:
     """Write TSRA(x) (RMSNorm→TSRA when ``norm_size > 0``) into ``y``; same geometry.
 
     ``tuning``: launch overrides (``tile_elems``, ``elems_per_thread``, ``num_warps``,
-    ``vec_p``; ``cobkern.ops.tuning``), ``None`` for the heuristic.
+    ``vec_p``; ``cobkern.ops.tuning``), ``None`` for the heuristic. ``bias``: a contiguous
+    ``(C,)`` tensor added to ``x`` first (TSRA of ``x + bias``).
     """
-    _launch("forward", (x, y), geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps,
+    _launch("forward", (x, y), geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps, bias,
             **(tuning or {}))
 
 
 def tsra_backward(dy: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, geo, split: int,
                   a_u: float, b_u: float, a_v: float, b_v: float, eps: float, norm_size: int,
-                  rms_eps: float, tuning: Mapping[str, int] | None = None) -> None:
+                  rms_eps: float, tuning: Mapping[str, int] | None = None,
+                  bias: torch.Tensor | None = None) -> None:
     """Write the input gradient into ``dx`` given ``dy``; all three share ``geo``.
-    ``tuning`` as in :func:`tsra_forward`."""
+    ``tuning`` and ``bias`` as in :func:`tsra_forward` (``dx`` is then the gradient with
+    respect to ``x + bias``, as to ``x``)."""
     _launch("backward", (dy, x, dx), geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps,
-            **(tuning or {}))
+            bias, **(tuning or {}))

@@ -132,6 +132,15 @@ def _cases() -> list[tuple[str, Any]]:
                       ktsra.tsra_forward(x, y, geo, split, *consts, n, 1e-6)))
         cases.append((f"{name}-backward", lambda x=x, dy=dy, dx=dx, geo=geo, split=split,
                       n=norm: ktsra.tsra_backward(dy, x, dx, geo, split, *consts, n, 1e-6)))
+    # with a bias (HAS_BIAS: one more pointer, float32 beside bf16 data)
+    x = torch.randn(8, 64, 4, 4).to(torch.bfloat16)
+    y, dy, dx = torch.empty_like(x), torch.randn_like(x), torch.empty_like(x)
+    b = torch.randn(64)
+    geo = channel_geometry(x, 1)
+    cases.append(("rmsnorm-split-bias-forward", lambda x=x, y=y, geo=geo, b=b:
+                  ktsra.tsra_forward(x, y, geo, 31, *consts, 64, 1e-6, bias=b)))
+    cases.append(("rmsnorm-split-bias-backward", lambda x=x, dy=dy, dx=dx, geo=geo, b=b:
+                  ktsra.tsra_backward(dy, x, dx, geo, 31, *consts, 64, 1e-6, bias=b)))
     # a tensor whose data pointer is 4 bytes past 16-byte alignment: another specialisation
     base = torch.randn(8 * 64 * 16 + 1)
     x = base[1:].view(8, 64, 4, 4)
@@ -230,10 +239,11 @@ def _int_among_floats() -> str | None:
     args = ((geo.C, geo.P, 3, nblocks, geo.stride_b, geo.stride_c, geo.stride_p),)
     # first with floats (a cached entry for this launch), then an int among them: refused
     # on a key that is otherwise already cached, not launched with the float signature
-    _launch.launch(kernel, (nblocks * geo.B,), (x, torch.empty_like(x)), *args,
+    ptrs = (x, torch.empty_like(x), x)  # x, y and the (unused) bias pointer
+    _launch.launch(kernel, (nblocks * geo.B,), ptrs, *args,
                    (5.0, 0.5, 5.0, 0.7, 1e-12, 0.0, 0.0), cx, warps)
     try:
-        _launch.launch(kernel, (nblocks * geo.B,), (x, torch.empty_like(x)), *args,
+        _launch.launch(kernel, (nblocks * geo.B,), ptrs, *args,
                        (5, 0.5, 5.0, 0.7, 1e-12, 0.0, 0.0), cx, warps)
     except TypeError as e:
         return str(e)

@@ -44,8 +44,8 @@ SHAPES = [
 
 def _signature(kernel: str, dtype: str) -> dict[str, str]:
     """The runtime arguments' types; the constexprs are added from the specialisation."""
-    ptrs = ["X", "Y"] if "_fwd_" in kernel else ["DY", "X", "DX"]
-    sig = {p: f"*{dtype}" for p in ptrs}
+    ptrs = ["X", "Y", "BIAS"] if "_fwd_" in kernel else ["DY", "X", "DX", "BIAS"]
+    sig = {p: f"*{dtype}" for p in ptrs}  # no bias: BIAS is a stand-in pointer to x's data
     sig.update({k: "i32" for k in ["C", "P", "split", "n_pblocks", "stride_b", "stride_c",
                                    "stride_p"]})
     sig.update({k: "fp32" for k in ["a_u", "b_u", "a_v", "b_v", "eps", "inv_norm_size",
@@ -256,3 +256,41 @@ def test_float_constants_stay_float32_when_launched_as_fp64():
         assert "error" not in r and r["ptxas_ok"], f"{_name(s)}: {r}"
         assert r["f64_arith"] == 0, f"{_name(s)} with {s['signature']['a_u']} constants"
         assert not (r["spill_stores"] or r["spill_loads"]), f"{_name(s)}: spills"
+
+
+#: launches with a bias (``HAS_BIAS``: a float32 ``(C,)`` bias beside the activations, as a
+#: convolution's bias under bf16 autocast): the VGG-16 conv shapes NCHW and channels-last,
+#: the classifier rows, the chunked kernels and a pruned width
+BIAS_SHAPES = [(64, 1024, False), (512, 4, False), (300, 64, False), (64, BATCH * 1024, True),
+               (4096, BATCH, True), (16384, BATCH, True)]
+
+
+@functools.cache
+def _bias_compiled():
+    specs = []
+    for direction in ("forward", "backward"):
+        for dtype in ("bf16", "fp32"):
+            for c, p, cl in BIAS_SHAPES:
+                spec = _spec(c, p, cl, direction, dtype, True, has_bias=True)
+                spec["signature"]["BIAS"] = "*fp32"
+                specs.append(spec)
+    results = compile_specs([{k: v for k, v in s.items() if k != "meta"} for s in specs])
+    return list(zip(specs, results, strict=True))
+
+
+def test_bias_launches_compile_without_spills_and_keep_vector_accesses():
+    """With the bias add compiled in, every launch still compiles for sm_90 without spills,
+    and where the bias-free launch moves ``x`` in 128-bit vectors the biased one still does
+    (the bias itself is ``C`` values a program loads once: a few scalar loads allowed)."""
+    assert all(s["constexprs"]["HAS_BIAS"] for s, _ in _bias_compiled())
+    bad = []
+    for s, r in _bias_compiled():
+        if "error" in r or not r["ptxas_ok"] or r["spill_stores"] or r["spill_loads"]:
+            bad.append(f"{_name(s)}: {r.get('error') or r['ptxas_log'][-300:]}")
+            continue
+        m = s["meta"]
+        vector = (m["C"] % 16 == 0) if m["cl"] else (m["P"] % 16 == 0)
+        if vector and (r["ld_v4"] == 0 or r["st_v4"] == 0 or r["st_scalar"]):
+            bad.append(f"{_name(s)}: ld v4={r['ld_v4']} scalar={r['ld_scalar']}; "
+                       f"st v4={r['st_v4']} scalar={r['st_scalar']}")
+    assert not bad, "\n".join(bad)

@@ -232,7 +232,8 @@ def test_inline_graphs_record_backend_and_tuning_setting(monkeypatch):
     seen: list[tuple] = []
 
     def capture(gm, example_inputs):
-        seen.extend(n.args[-2:] for n in gm.graph.nodes if "cobkern" in str(n.target))
+        # x, the nine parameters, then the backend and the tuning setting (then the bias)
+        seen.extend(n.args[10:12] for n in gm.graph.nodes if "cobkern" in str(n.target))
         return gm.forward
 
     torch._dynamo.reset()

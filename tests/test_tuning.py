@@ -189,7 +189,8 @@ def test_ops_launch_through_the_table_and_compute_the_same_function(tmp_path, mo
     shipped = k.specialization
 
     def spy(*args, **tuning):
-        seen.append((args[4], tuning))
+        assert tuning.get("has_bias") is False  # the plan's own switch, not an override
+        seen.append((args[4], {k: v for k, v in tuning.items() if k != "has_bias"}))
         return shipped(*args, **tuning)
 
     monkeypatch.setattr(k, "specialization", spy)

@@ -101,10 +101,12 @@ class TSRA(_TSRABase):
     def eps(self, value: float) -> None:
         self.tsra_eps = check_tsra_eps("TSRA", value, "eps")
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        """``x``: the input; ``bias``: optional ``(C,)``, added to ``x`` first inside the
+        kernel (``TSRA(x + bias)``): the bias of the layer in front, run without it."""
         self._check(x)
         return tsra(x, self.split, self.dim, a_u=self.a_u, b_u=self.b_u, a_v=self.a_v,
-                    b_v=self.b_v, eps=self.tsra_eps)
+                    b_v=self.b_v, eps=self.tsra_eps, bias=bias)
 
     def extra_repr(self) -> str:
         return (f"{self.num_channels}, split={self.split}, dim={self.dim}, "
@@ -142,11 +144,14 @@ class RMSNormTSRA(_TSRABase):
         check_norm_size(type(self).__name__, norm_size, num_channels)
         self.norm_size = norm_size
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        """``x``: the input; ``bias``: optional ``(C,)``, added to ``x`` first inside the
+        kernel (the output is that of ``x + bias``, in the same one read and one write): a
+        convolution's bias, with the convolution run without it."""
         self._check(x)
         return rmsnorm_tsra(x, self.split, self.dim, eps=self.eps, norm_size=self.norm_size,
                             a_u=self.a_u, b_u=self.b_u, a_v=self.a_v, b_v=self.b_v,
-                            tsra_eps=self.tsra_eps)
+                            tsra_eps=self.tsra_eps, bias=bias)
 
     def extra_repr(self) -> str:
         s = f"{self.num_channels}, split={self.split}, dim={self.dim}, eps={self.eps}"

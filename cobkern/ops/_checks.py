@@ -138,6 +138,22 @@ def check_same_device(name: str, **tensors: torch.Tensor) -> None:
         raise RuntimeError(f"{name}: expected all tensors on one device, got {listing}")
 
 
+def check_bias(name: str, bias: torch.Tensor | None, x: torch.Tensor, dim: int) -> None:
+    """``bias`` must be ``None`` or a floating ``(C,)`` tensor on ``x``'s device, ``C`` the
+    size of ``x``'s channel axis ``dim`` (already normalised)."""
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{name}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if bias.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: bias must be a floating-point tensor, got dtype {bias.dtype}")
+    c = x.shape[dim]
+    if bias.dim() != 1 or bias.shape[0] != c:
+        raise ValueError(f"{name}: bias must have shape ({c},), one value per channel of x's "
+                         f"axis {dim}, got {tuple(bias.shape)}")
+    check_same_device(name, x=x, bias=bias)
+
+
 def check_same_shape(name: str, a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:
     if a.shape != b.shape:
         raise ValueError(

@@ -87,6 +87,15 @@ def _gains(
     return su, s, den, r, gu, gv
 
 
+def _with_bias(xf: torch.Tensor, bias: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """``xf + bias`` broadcast along the channel axis ``dim`` (``xf`` itself without one)."""
+    if bias is None:
+        return xf
+    shape = [1] * xf.dim()
+    shape[dim] = -1
+    return xf + bias.to(xf.dtype).view(shape)
+
+
 def _rms_scale(s2u: torch.Tensor, s2v: torch.Tensor, norm_size: int, rms_eps: float):
     return torch.rsqrt((s2u + s2v) / norm_size + rms_eps)
 
@@ -104,11 +113,14 @@ def tsra_forward(
     rms_eps: float = 0.0,
     *,
     differentiable: bool = False,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """TSRA (``norm_size == 0``) or RMSNorm→TSRA (``norm_size > 0``) forward.
 
     Args:
         x: ``(..., C, ...)`` floating tensor; channels along ``dim``.
+        bias: ``(C,)``, added to ``x`` in the accumulation dtype first (the function of
+            ``x + bias``, without rounding the sum to ``x``'s dtype, as the kernels do).
         differentiable: for autograd and ``torch.func`` through this function itself (the
             public ops' route under ``torch.func`` transforms and forward-mode AD): out of
             place, and norms whose derivative at 0 is 0 — the kernels' ``1/0 := 0``
@@ -117,7 +129,7 @@ def tsra_forward(
         Tensor of ``x``'s shape, dtype and memory format.
     """
     c = x.shape[dim]
-    xf = x.to(compute_dtype(x.dtype))
+    xf = _with_bias(x.to(compute_dtype(x.dtype)), bias, dim)
     s2u, s2v = _sumsq_split(xf, split, dim)
     q = _rms_scale(s2u, s2v, norm_size, rms_eps) if norm_size > 0 else 1.0
     _, _, _, _, gu, gv = _gains(s2u, s2v, q, a_u, b_u, a_v, b_v, eps,
@@ -144,8 +156,10 @@ def tsra_backward(
     rms_eps: float = 0.0,
     *,
     differentiable: bool = False,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Gradient of :func:`tsra_forward` with respect to ``x`` (shapes as ``x``).
+    """Gradient of :func:`tsra_forward` with respect to ``x`` (shapes as ``x``; with a
+    ``bias``, the gradient with respect to ``x + bias``, which is the same).
 
     ``differentiable=True`` (the double backward's use, and ``torch.func``'s) computes the
     norms with a square root whose derivative at 0 is 0, so that autograd through this
@@ -154,7 +168,7 @@ def tsra_backward(
     """
     c = x.shape[dim]
     cd = compute_dtype(x.dtype)
-    xf = x.to(cd)
+    xf = _with_bias(x.to(cd), bias, dim)
     gf = grad.to(cd)
     s2u, s2v = _sumsq_split(xf, split, dim)
     prod = gf * xf

@@ -74,6 +74,7 @@ from ._checks import (
     KERNEL_DTYPES,
     channel_geometry,
     check_activation_input,
+    check_bias,
     check_norm_size,
     check_rms_eps,
     check_same_device,
@@ -134,9 +135,12 @@ def _kernels():
 
 def _launch_or_reference(fwd: bool, x: Tensor, grad: Tensor | None, args: tuple,
                          traced: bool = False, backend: str | None = None,
-                         tuning: str | None | object = FROM_ENV) -> Tensor:
+                         tuning: str | None | object = FROM_ENV,
+                         bias: Tensor | None = None) -> Tensor:
     """Run one direction on ``x`` (and ``grad``): the kernel where it can run, else the
-    plain-PyTorch reference.
+    plain-PyTorch reference. ``bias``: a ``(C,)`` tensor added to ``x`` first (by the
+    kernel as it loads ``x``; the backward then returns the gradient with respect to
+    ``x + bias``).
 
     ``backend`` / ``tuning``: the backend (:mod:`.backend`) and tuning setting (the value of
     :data:`.tuning.ENV_VAR`, ``None`` for unset) to apply instead of the current ones — the
@@ -159,13 +163,15 @@ def _launch_or_reference(fwd: bool, x: Tensor, grad: Tensor | None, args: tuple,
     kernel = use_triton(x, op=op, supported=_kernel_supported(x), backend=backend)
     if traced and kernel and (not x.is_cuda or _symbolic(x, grad, args)):
         fwd_op, bwd_op = _OPS["opaque"]
-        return fwd_op(x, *args) if fwd else bwd_op(grad, x, *args)
+        return fwd_op(x, *args, bias) if fwd else bwd_op(grad, x, *args, bias)
     if not kernel:
         if fwd:
-            return reference.tsra_forward(x, *args)
-        return reference.tsra_backward(grad, x, *args)
+            return reference.tsra_forward(x, *args, bias=bias)
+        return reference.tsra_backward(grad, x, *args, bias=bias)
 
     kernels = _kernels()
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()  # C values: the kernels index it densely
     out = torch.empty_like(x)
     consts = (a_u, b_u, a_v, b_v, eps, norm_size, rms_eps)
     setting = os.environ.get(TUNING_ENV) if tuning is FROM_ENV else tuning
@@ -173,14 +179,15 @@ def _launch_or_reference(fwd: bool, x: Tensor, grad: Tensor | None, args: tuple,
     if not traced and (grad is None or grad.stride() == x.stride()):
         # the launch is a function of this key
         key = (fwd, x.shape, x.stride(), x.dtype, x.get_device(), dim, split, norm_size > 0,
-               setting)
+               setting, bias is not None)
         p = _PLANS.get(key)
         if p is None and len(_PLANS) < _MAX_PLANS:
             geo = channel_geometry(x, dim)
             if geo is not None:
-                p = _PLANS[key] = _plan(kernels, fwd, x, geo, split, norm_size, setting)
+                p = _PLANS[key] = _plan(kernels, fwd, x, geo, split, norm_size, setting,
+                                        bias is not None)
         if p is not None:
-            run(p, (x, out) if fwd else (grad, x, out), *consts)
+            run(p, (x, out) if fwd else (grad, x, out), *consts, bias)
             return out
     # not planned: a layout the kernels cannot read in place, a grad in another layout than
     # x (both then go through one common contiguous copy), a full plan cache, or tracing
@@ -188,14 +195,14 @@ def _launch_or_reference(fwd: bool, x: Tensor, grad: Tensor | None, args: tuple,
     if grad is not None and geo is not None and channel_geometry(grad, dim) != geo:
         geo = None
     if geo is not None:
-        run(_plan(kernels, fwd, x, geo, split, norm_size, setting),
-            (x, out) if fwd else (grad, x, out), *consts)
+        run(_plan(kernels, fwd, x, geo, split, norm_size, setting, bias is not None),
+            (x, out) if fwd else (grad, x, out), *consts, bias)
         return out
     xc = x.contiguous()
     res = torch.empty_like(xc)
     geo = channel_geometry(xc, dim)
-    run(_plan(kernels, fwd, xc, geo, split, norm_size, setting),
-        (xc, res) if fwd else (grad.contiguous(), xc, res), *consts)
+    run(_plan(kernels, fwd, xc, geo, split, norm_size, setting, bias is not None),
+        (xc, res) if fwd else (grad.contiguous(), xc, res), *consts, bias)
     out.copy_(res)
     return out
 
@@ -209,13 +216,14 @@ def _symbolic(x: Tensor, grad: Tensor | None, args: tuple) -> bool:
 
 
 def _plan(kernels, fwd: bool, x: Tensor, geo, split: int, norm_size: int,
-          setting: str | None):
+          setting: str | None, has_bias: bool = False):
     """The launch plan of one direction on ``x`` (``geo`` its geometry), with the overrides
     of the tuning table that ``setting`` (:data:`.tuning.ENV_VAR`'s value) selects."""
     direction = "forward" if fwd else "backward"
     tuning = launch_tuning(x.device, direction, x.element_size(), geo.channels_contig, geo.C,
                            split, geo.P, setting)
-    return kernels.plan(direction, geo, split, norm_size > 0, x.element_size(), tuning)
+    return kernels.plan(direction, geo, split, norm_size > 0, x.element_size(), tuning,
+                        has_bias=has_bias)
 
 
 def _check_grad(name: str, grad: Tensor, x: Tensor) -> None:
@@ -230,7 +238,7 @@ def _check_grad(name: str, grad: Tensor, x: Tensor) -> None:
 
 def _check_op_args(name: str, x: Tensor, split: int, dim: int, eps: float, norm_size: int,
                    rms_eps: float, grad: Tensor | None = None,
-                   backend: str | None = None) -> int:
+                   backend: str | None = None, bias: Tensor | None = None) -> int:
     """Validate a registered op's raw arguments; return ``dim`` normalised to ``[0, x.dim())``.
 
     The ops are public through ``torch.ops.cobkern``, and the kernels trust ``split``,
@@ -246,6 +254,7 @@ def _check_op_args(name: str, x: Tensor, split: int, dim: int, eps: float, norm_
         raise ValueError(f"{name}: rms_eps must be >= 0, got {rms_eps!r}")
     if grad is not None:
         _check_grad(name, grad, x)
+    check_bias(name, bias, x, dim)
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"{name}: backend must be one of {BACKENDS}, got {backend!r}")
     return dim
@@ -262,28 +271,37 @@ def _tracing(x: Tensor) -> bool:
     return enabled() if enabled is not None else type(x) is not Tensor
 
 
-def _fake(*args) -> Tensor:
-    """Fake (meta) implementation of both opaque ops: ``x`` is the last tensor argument,
-    the output has its shape, dtype, strides and device."""
-    *tensors, split, dim, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps = args
-    name = "cobkern.tsra" if len(tensors) == 1 else "cobkern.tsra_backward"
-    grad = tensors[0] if len(tensors) == 2 else None
-    _check_op_args(name, tensors[-1], split, dim, eps, norm_size, rms_eps, grad)
-    return torch.empty_like(tensors[-1])
+def _fake_forward(x: Tensor, split: int, dim: int, a_u: float, b_u: float, a_v: float,
+                  b_v: float, eps: float, norm_size: int, rms_eps: float,
+                  bias: Tensor | None = None) -> Tensor:
+    """Fake (meta) implementation of ``cobkern::tsra``: ``x``'s shape, dtype, strides."""
+    _check_op_args("cobkern.tsra", x, split, dim, eps, norm_size, rms_eps, bias=bias)
+    return torch.empty_like(x)
+
+
+def _fake_backward(grad: Tensor, x: Tensor, split: int, dim: int, a_u: float, b_u: float,
+                   a_v: float, b_v: float, eps: float, norm_size: int, rms_eps: float,
+                   bias: Tensor | None = None) -> Tensor:
+    """Fake (meta) implementation of ``cobkern::tsra_backward``."""
+    _check_op_args("cobkern.tsra_backward", x, split, dim, eps, norm_size, rms_eps, grad,
+                   bias=bias)
+    return torch.empty_like(x)
 
 
 def _op_body(name: str, grad: Tensor | None, x: Tensor, params: tuple,
-             backend: str | None = None, tuning: str | None = None) -> Tensor:
+             backend: str | None = None, tuning: str | None = None,
+             bias: Tensor | None = None) -> Tensor:
     """What every registered op runs: check the raw arguments, then launch or run the
     reference (``grad is None``: the forward). ``backend`` / ``tuning`` are the inline ops'
     extra arguments (``None``: an opaque op, which applies the current ones)."""
     split, dim, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps = params
-    dim = _check_op_args(name, x, split, dim, eps, norm_size, rms_eps, grad, backend=backend)
+    dim = _check_op_args(name, x, split, dim, eps, norm_size, rms_eps, grad, backend=backend,
+                         bias=bias)
     args = (split, dim, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps)
     if backend is None:
-        return _launch_or_reference(grad is None, x, grad, args)
+        return _launch_or_reference(grad is None, x, grad, args, bias=bias)
     return _launch_or_reference(grad is None, x, grad, args, traced=_tracing(x),
-                                backend=backend, tuning=tuning or None)
+                                backend=backend, tuning=tuning or None, bias=bias)
 
 
 def _define_ops(suffix: str, inline: bool) -> tuple:
@@ -292,43 +310,48 @@ def _define_ops(suffix: str, inline: bool) -> tuple:
     ``inline``, ``torch.library.triton_op`` (traced into: inductor launches the kernels).
     The inline ops take two more arguments, the backend and the tuning setting to apply
     (``""``: the environment variable unset), which :func:`_op_call` reads where dynamo
-    traces, so that a compiled graph is guarded and cached on them."""
+    traces, so that a compiled graph is guarded and cached on them. Every op ends with an
+    optional ``bias`` (``(C,)``, added to ``x`` first; its gradient is the input gradient
+    summed over the positions)."""
     fwd_name, bwd_name = f"cobkern.tsra{suffix}", f"cobkern.tsra{suffix}_backward"  # errors
     register = torch.library.triton_op if inline else torch.library.custom_op
 
     if inline:
         def forward(x: Tensor, split: int, dim: int, a_u: float, b_u: float, a_v: float,
                     b_v: float, eps: float, norm_size: int, rms_eps: float, backend: str,
-                    tuning: str) -> Tensor:
+                    tuning: str, bias: Tensor | None = None) -> Tensor:
             return _op_body(fwd_name, None, x, (split, dim, a_u, b_u, a_v, b_v, eps,
-                                                norm_size, rms_eps), backend, tuning)
+                                                norm_size, rms_eps), backend, tuning, bias)
 
         def backward(grad: Tensor, x: Tensor, split: int, dim: int, a_u: float, b_u: float,
                      a_v: float, b_v: float, eps: float, norm_size: int, rms_eps: float,
-                     backend: str, tuning: str) -> Tensor:
+                     backend: str, tuning: str, bias: Tensor | None = None) -> Tensor:
             return _op_body(bwd_name, grad, x, (split, dim, a_u, b_u, a_v, b_v, eps,
-                                                norm_size, rms_eps), backend, tuning)
+                                                norm_size, rms_eps), backend, tuning, bias)
     else:
         def forward(x: Tensor, split: int, dim: int, a_u: float, b_u: float, a_v: float,
-                    b_v: float, eps: float, norm_size: int, rms_eps: float) -> Tensor:
+                    b_v: float, eps: float, norm_size: int, rms_eps: float,
+                    bias: Tensor | None = None) -> Tensor:
             return _op_body(fwd_name, None, x, (split, dim, a_u, b_u, a_v, b_v, eps,
-                                                norm_size, rms_eps))
+                                                norm_size, rms_eps), bias=bias)
 
         def backward(grad: Tensor, x: Tensor, split: int, dim: int, a_u: float, b_u: float,
                      a_v: float, b_v: float, eps: float, norm_size: int,
-                     rms_eps: float) -> Tensor:
+                     rms_eps: float, bias: Tensor | None = None) -> Tensor:
             return _op_body(bwd_name, grad, x, (split, dim, a_u, b_u, a_v, b_v, eps,
-                                                norm_size, rms_eps))
+                                                norm_size, rms_eps), bias=bias)
 
     fwd_op = register(fwd_name.replace(".", "::"), forward, mutates_args=())
     bwd_op = register(bwd_name.replace(".", "::"), backward, mutates_args=())
     if not inline:  # a triton_op's fake implementation is its body
-        fwd_op.register_fake(_fake)
-        bwd_op.register_fake(_fake)
+        fwd_op.register_fake(_fake_forward)
+        bwd_op.register_fake(_fake_backward)
 
     def vjp(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return (bwd_op(grad, x, *ctx.params),) + (None,) * len(ctx.params)
+        x, bias = ctx.saved_tensors
+        dx = bwd_op(grad, x, *ctx.params, bias)
+        dbias = _bias_grad(dx, ctx.params[1], bias) if _needs_last(ctx) else None
+        return (dx,) + (None,) * len(ctx.params) + (dbias,)
 
     torch.library.register_autograd(bwd_op, _backward_backward,
                                     setup_context=_setup_backward_context)
@@ -337,47 +360,78 @@ def _define_ops(suffix: str, inline: bool) -> tuple:
 
 
 def _double_backward(
-    v: Tensor, grad: Tensor, x: Tensor, params: tuple, need_grad: bool, need_x: bool
-) -> tuple[Tensor | None, Tensor | None]:
-    """Vector-Jacobian product of ``dx = tsra_backward(grad, x)`` with ``v = dL/d(dx)``.
+    v: Tensor, grad: Tensor, x: Tensor, params: tuple, need_grad: bool, need_x: bool,
+    bias: Tensor | None = None, need_bias: bool = False,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Vector-Jacobian product of ``dx = tsra_backward(grad, x[, bias])`` with
+    ``v = dL/d(dx)``.
 
-    Returns the partial derivatives ``(dL/dgrad, dL/dx)`` (``None`` where not needed), by
-    ``torch.func.vjp`` through the plain-PyTorch :func:`reference.tsra_backward` (the
-    kernels' closed form, differentiable op by op). ``torch.func.vjp`` differentiates with
-    respect to ``grad`` and ``x`` only (``grad`` usually depends on ``x`` as well; the
-    caller's autograd adds that path), and its results stay differentiable for the outer
-    autograd, so with ``create_graph=True`` third and higher orders are right too.
+    Returns the partial derivatives ``(dL/dgrad, dL/dx, dL/dbias)`` (``None`` where not
+    needed), by ``torch.func.vjp`` through the plain-PyTorch :func:`reference.tsra_backward`
+    (the kernels' closed form, differentiable op by op). ``torch.func.vjp`` differentiates
+    with respect to ``grad``, ``x`` and ``bias`` only (``grad`` usually depends on ``x`` as
+    well; the caller's autograd adds that path), and its results stay differentiable for the
+    outer autograd, so with ``create_graph=True`` third and higher orders are right too.
     """
-    if not (need_grad or need_x):
-        return None, None
+    need_bias = need_bias and bias is not None
+    if not (need_grad or need_x or need_bias):
+        return None, None, None
+    if bias is None:
+        def dx_of(g: Tensor, xx: Tensor) -> Tensor:
+            return reference.tsra_backward(g, xx, *params, differentiable=True)
 
-    def dx_of(g: Tensor, xx: Tensor) -> Tensor:
-        return reference.tsra_backward(g, xx, *params, differentiable=True)
+        _, vjp_fn = torch.func.vjp(dx_of, grad, x)
+        dgrad, dx = vjp_fn(v)
+        db = None
+    else:
+        def dx_of(g: Tensor, xx: Tensor, b: Tensor) -> Tensor:
+            return reference.tsra_backward(g, xx, *params, differentiable=True, bias=b)
 
-    _, vjp_fn = torch.func.vjp(dx_of, grad, x)
-    dgrad, dx = vjp_fn(v)
-    return (dgrad if need_grad else None), (dx if need_x else None)
+        _, vjp_fn = torch.func.vjp(dx_of, grad, x, bias)
+        dgrad, dx, db = vjp_fn(v)
+    return ((dgrad if need_grad else None), (dx if need_x else None),
+            (db if need_bias else None))
+
+
+def _bias_grad(dx: Tensor, dim: int, bias: Tensor | None) -> Tensor | None:
+    """The bias gradient: the input gradient summed over every axis but the channels
+    (in float32 at least), in the bias's dtype."""
+    if bias is None:
+        return None
+    dim = dim % dx.dim()
+    dims = [d for d in range(dx.dim()) if d != dim]
+    acc = torch.promote_types(dx.dtype, torch.float32)
+    return dx.sum(dims, dtype=acc).to(bias.dtype)
+
+
+def _needs_last(ctx) -> bool:
+    """Whether autograd wants the gradient of a registered op's last input (the bias)."""
+    need = ctx.needs_input_grad
+    return len(need) == ctx.n_inputs and bool(need[-1])
 
 
 def _setup_backward_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple,
                             output: Tensor) -> None:
-    grad, x, *params = inputs
-    ctx.save_for_backward(grad, x)
+    grad, x, *params, bias = inputs
+    ctx.save_for_backward(grad, x, bias)
     ctx.params = tuple(params)
+    ctx.n_inputs = len(inputs)
 
 
 def _backward_backward(ctx: torch.autograd.function.FunctionCtx, v: Tensor) -> tuple:
     """Autograd formula of ``cobkern::tsra_backward`` (double backward of ``cobkern::tsra``)."""
-    grad, x = ctx.saved_tensors
+    grad, x, bias = ctx.saved_tensors
     # the formula's nine parameters (the inline op adds its backend and tuning setting)
-    dgrad, dx = _double_backward(v, grad, x, ctx.params[:9], *ctx.needs_input_grad[:2])
-    return (dgrad, dx) + (None,) * len(ctx.params)
+    dgrad, dx, db = _double_backward(v, grad, x, ctx.params[:9], *ctx.needs_input_grad[:2],
+                                     bias=bias, need_bias=_needs_last(ctx))
+    return (dgrad, dx) + (None,) * len(ctx.params) + (db,)
 
 
 def _setup_context(ctx, inputs, output):
-    x, *params = inputs
-    ctx.save_for_backward(x)
-    ctx.params = params
+    x, *params, bias = inputs
+    ctx.save_for_backward(x, bias)
+    ctx.params = tuple(params)
+    ctx.n_inputs = len(inputs)
 
 
 #: ``(forward, backward)`` ops by compile-kernels mode (:func:`.backend.set_compile_kernels`)
@@ -399,10 +453,32 @@ class _TSRAFunction(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         (x,) = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: dx must carry its own graph
-            dx = _TSRABackwardFunction.apply(grad, x, ctx.params)
+            dx = _TSRABackwardFunction.apply(grad, x, None, ctx.params)
         else:
             dx = _launch_or_reference(False, x, grad, ctx.params)
         return dx, None
+
+
+class _TSRABiasFunction(torch.autograd.Function):
+    """The eager fast path with a bias added to ``x`` in the kernel (a separate Function:
+    the bias-free one keeps its two-argument ``apply``, whose host time is what the small
+    layers cost)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, bias: Tensor, params: tuple) -> Tensor:
+        ctx.save_for_backward(x, bias)
+        ctx.params = params
+        return _launch_or_reference(True, x, None, params, bias=bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: dx must carry its own graph
+            dx = _TSRABackwardFunction.apply(grad, x, bias, ctx.params)
+        else:
+            dx = _launch_or_reference(False, x, grad, ctx.params, bias=bias)
+        db = _bias_grad(dx, ctx.params[1], bias) if ctx.needs_input_grad[1] else None
+        return dx, db, None
 
 
 class _TSRABackwardFunction(torch.autograd.Function):
@@ -410,16 +486,17 @@ class _TSRABackwardFunction(torch.autograd.Function):
     first-order backward (same bits), differentiable through :func:`_double_backward`."""
 
     @staticmethod
-    def forward(ctx, grad: Tensor, x: Tensor, params: tuple) -> Tensor:
-        ctx.save_for_backward(grad, x)
+    def forward(ctx, grad: Tensor, x: Tensor, bias: Tensor | None, params: tuple) -> Tensor:
+        ctx.save_for_backward(grad, x, bias)
         ctx.params = params
-        return _launch_or_reference(False, x, grad, params)
+        return _launch_or_reference(False, x, grad, params, bias=bias)
 
     @staticmethod
     def backward(ctx, v: Tensor):
-        grad, x = ctx.saved_tensors
-        dgrad, dx = _double_backward(v, grad, x, ctx.params, *ctx.needs_input_grad[:2])
-        return dgrad, dx, None
+        grad, x, bias = ctx.saved_tensors
+        dgrad, dx, db = _double_backward(v, grad, x, ctx.params, *ctx.needs_input_grad[:2],
+                                         bias=bias, need_bias=ctx.needs_input_grad[2])
+        return dgrad, dx, db, None
 
 
 def _plain_formula() -> bool:
@@ -429,16 +506,16 @@ def _plain_formula() -> bool:
         torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0)
 
 
-def _backward_apply(grad: Tensor, x: Tensor, *params) -> Tensor:
+def _backward_apply(grad: Tensor, x: Tensor, *params, bias: Tensor | None = None) -> Tensor:
     """The explicit VJP through the op, or — under ``torch.func`` / forward-mode AD, which
     the registered formula does not support (a ``jvp`` got a zero tangent) — through the
     plain-PyTorch formula."""
     if _plain_formula():
-        return reference.tsra_backward(grad, x, *params, differentiable=True)
-    return _op_call(x, 1, (grad, x, *params))
+        return reference.tsra_backward(grad, x, *params, differentiable=True, bias=bias)
+    return _op_call(x, 1, (grad, x, *params), bias)
 
 
-def _apply(x: Tensor, *params) -> Tensor:
+def _apply(x: Tensor, *params, bias: Tensor | None = None) -> Tensor:
     """Run TSRA through the eager fast path when that is safe, else through the custom op.
 
     Under ``torch.func`` transforms (``grad``, ``jvp``, ``jacrev``, ``vmap``, ...) and
@@ -448,13 +525,16 @@ def _apply(x: Tensor, *params) -> Tensor:
     a zero tangent without a word.
     """
     if _plain_formula():
-        return reference.tsra_forward(x, *params, differentiable=True)
+        return reference.tsra_forward(x, *params, differentiable=True, bias=bias)
     if type(x) is Tensor and not torch.compiler.is_compiling():
-        return _TSRAFunction.apply(x, params)
-    return _op_call(x, 0, (x, *params))
+        if bias is None:
+            return _TSRAFunction.apply(x, params)
+        if type(bias) in (Tensor, torch.nn.Parameter):  # a layer's bias is a Parameter
+            return _TSRABiasFunction.apply(x, bias, params)
+    return _op_call(x, 0, (x, *params), bias)
 
 
-def _op_call(x: Tensor, direction: int, args: tuple) -> Tensor:
+def _op_call(x: Tensor, direction: int, args: tuple, bias: Tensor | None = None) -> Tensor:
     """Call the forward (``direction`` 0) or backward (1) op that :func:`compile_kernels_for`
     picks for ``x``. The inline ops get the current backend and tuning setting as arguments,
     read here, where dynamo traces: the graph holds them, so every compile cache keys on
@@ -464,7 +544,7 @@ def _op_call(x: Tensor, direction: int, args: tuple) -> Tensor:
     mode = compile_kernels_for(x)
     if mode == "inline":
         args = (*args, get_backend(), os.environ.get(TUNING_ENV) or "")
-    return _OPS[mode][direction](*args)
+    return _OPS[mode][direction](*args, bias)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -478,6 +558,7 @@ def tsra(
     a_v: float = DEFAULT_A_V,
     b_v: float = DEFAULT_B_V,
     eps: float = DEFAULT_EPS,
+    bias: Tensor | None = None,
 ) -> Tensor:
     """Two-subspace radial activation (``method.md`` §1), differentiable.
 
@@ -493,6 +574,11 @@ def tsra(
         a_u, b_u, a_v, b_v: logistic gain constants; defaults 5, 0.5, 5, 0.7.
         eps: added to ``||x||`` in the ratio; default 1e-12. Must be a finite number
             ``> 0`` (with ``eps = 0`` the output at ``x = 0`` would be NaN).
+        bias: optional ``(C,)`` float tensor added to ``x`` along ``dim`` first: the
+            result is ``tsra(x + bias)``, with the add done by the kernel as it loads ``x``
+            (in float32, not rounded to ``x``'s dtype) instead of in a pass of its own —
+            the bias of the convolution or linear layer in front, run without it.
+            Differentiable; its gradient is the input gradient summed over the positions.
 
     Returns:
         Tensor of ``x``'s shape, dtype and memory format. Differentiable to any order
@@ -514,7 +600,9 @@ def tsra(
     """
     dim = check_activation_input("cobkern.tsra", x, split, dim)
     eps = check_tsra_eps("cobkern.tsra", eps)
-    return _apply(x, split, dim, float(a_u), float(b_u), float(a_v), float(b_v), eps, 0, 0.0)
+    check_bias("cobkern.tsra", bias, x, dim)
+    return _apply(x, split, dim, float(a_u), float(b_u), float(a_v), float(b_v), eps, 0, 0.0,
+                  bias=bias)
 
 
 def rmsnorm_tsra(
@@ -529,6 +617,7 @@ def rmsnorm_tsra(
     a_v: float = DEFAULT_A_V,
     b_v: float = DEFAULT_B_V,
     tsra_eps: float = DEFAULT_EPS,
+    bias: Tensor | None = None,
 ) -> Tensor:
     """Fused unlearned RMSNorm followed by TSRA, differentiable.
 
@@ -545,6 +634,9 @@ def rmsnorm_tsra(
             model may keep its original width here so that the scale does not shift.
         a_u, b_u, a_v, b_v, tsra_eps: TSRA's constants, as in :func:`tsra`
             (``tsra_eps`` must be ``> 0``).
+        bias: optional ``(C,)``, added to ``x`` first, as in :func:`tsra`: the result is
+            ``rmsnorm_tsra(x + bias)`` in the same one read and one write (a convolution's
+            bias, with the convolution run without it).
 
     Returns:
         Tensor of ``x``'s shape, dtype and memory format. Differentiable to any order.
@@ -558,8 +650,9 @@ def rmsnorm_tsra(
     dim = check_activation_input(name, x, split, dim)
     n = check_norm_size(name, norm_size, x.shape[dim])
     tsra_eps = check_tsra_eps(name, tsra_eps, "tsra_eps")
+    check_bias(name, bias, x, dim)
     return _apply(x, split, dim, float(a_u), float(b_u), float(a_v), float(b_v),
-                  tsra_eps, n, check_rms_eps(name, eps))
+                  tsra_eps, n, check_rms_eps(name, eps), bias=bias)
 
 
 def _check_backward_inputs(name: str, grad: Tensor, x: Tensor, split: int, dim: int) -> int:
@@ -579,18 +672,22 @@ def tsra_backward(
     a_v: float = DEFAULT_A_V,
     b_v: float = DEFAULT_B_V,
     eps: float = DEFAULT_EPS,
+    bias: Tensor | None = None,
 ) -> Tensor:
     """Explicit vector-Jacobian product of :func:`tsra`: ``dL/dx`` given ``grad = dL/dy``.
 
     Reads ``x`` and ``grad`` once and writes ``dx`` once. Shapes and dtypes as ``x``;
     differentiable in ``grad`` and ``x`` (the formula of :func:`_double_backward`), under
     ``torch.func`` transforms and forward-mode AD too (through the plain-PyTorch formula).
+    With ``bias``: the gradient of ``tsra(x, bias=bias)`` with respect to ``x`` (the bias's
+    is its sum over the positions).
     """
     name = "cobkern.tsra_backward"
     dim = _check_backward_inputs(name, grad, x, split, dim)
     eps = check_tsra_eps(name, eps)
+    check_bias(name, bias, x, dim)
     return _backward_apply(grad, x, split, dim, float(a_u), float(b_u), float(a_v), float(b_v),
-                           eps, 0, 0.0)
+                           eps, 0, 0.0, bias=bias)
 
 
 def rmsnorm_tsra_backward(
@@ -606,11 +703,14 @@ def rmsnorm_tsra_backward(
     a_v: float = DEFAULT_A_V,
     b_v: float = DEFAULT_B_V,
     tsra_eps: float = DEFAULT_EPS,
+    bias: Tensor | None = None,
 ) -> Tensor:
-    """Explicit vector-Jacobian product of :func:`rmsnorm_tsra`."""
+    """Explicit vector-Jacobian product of :func:`rmsnorm_tsra` (``bias`` as in
+    :func:`tsra_backward`)."""
     name = "cobkern.rmsnorm_tsra_backward"
     dim = _check_backward_inputs(name, grad, x, split, dim)
     n = check_norm_size(name, norm_size, x.shape[dim])
     tsra_eps = check_tsra_eps(name, tsra_eps, "tsra_eps")
+    check_bias(name, bias, x, dim)
     return _backward_apply(grad, x, split, dim, float(a_u), float(b_u), float(a_v), float(b_v),
-                           tsra_eps, n, check_rms_eps(name, eps))
+                           tsra_eps, n, check_rms_eps(name, eps), bias=bias)
