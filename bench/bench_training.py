@@ -20,6 +20,11 @@ forward, cross-entropy, backward, AdamW/SGD step):
   model with ``cobkern.ops.set_compile_kernels("inline")``: inductor traces into the ops
   and launches the Triton kernels from its own generated code (no dispatcher round trip,
   outputs in its memory plan), without and with CUDA graphs.
+* ``...-fusedbias`` (``tsra-fused``, ``tsra-fused-compiled``, ``tsra-fused-compiled-inline``)
+  — the same with ``VGG.fuse_conv_bias``: every convolution runs without its bias, which
+  the RMSNorm→TSRA kernel adds as it loads the convolution's output (PyTorch and inductor
+  otherwise add it in a pass of its own; in the ReLU model inductor fuses that add into
+  BatchNorm).
 
 Optimizer steps run as the trainer's ``optimizer_impl`` says (``--optimizer-impl``, default
 ``auto``: PyTorch's fused AdamW / SGD kernels; the runs of 2026-11-26 and -27 in
@@ -61,7 +66,9 @@ from cobkern.training.optim import implementation_flags
 VARIANTS = ("tsra-fused", "tsra-reference-op", "tsra-eager", "tsra-eager-compiled",
             "tsra-fused-compiled", "relu", "relu-compiled", "relu-adamw",
             "tsra-fused-heuristic", "tsra-fused-compiled-cg", "relu-compiled-cg",
-            "tsra-fused-compiled-inline", "tsra-fused-compiled-inline-cg")
+            "tsra-fused-compiled-inline", "tsra-fused-compiled-inline-cg",
+            "tsra-fused-fusedbias", "tsra-fused-compiled-fusedbias",
+            "tsra-fused-compiled-inline-fusedbias")
 #: ``tsra-fused-heuristic``: ``tsra-fused`` with the TSRA tuning table switched off
 #: (``COBKERN_TSRA_TUNING=off`` during its steps), so a table's effect on a training step —
 #: the shipped one, or one named by ``COBKERN_TSRA_TUNING`` for the whole run — is measured
@@ -124,6 +131,7 @@ def build(variant: str, width: float) -> tuple[nn.Module, str]:
     model = vgg16_tsra(width=width)
     if variant.startswith("tsra-eager"):
         return eager_copy(model), "auto"
+    model.fuse_conv_bias = variant.endswith("-fusedbias")
     return model, "reference" if variant == "tsra-reference-op" else "auto"
 
 

@@ -183,8 +183,8 @@ if want training; then
   # issue 5's comparisons first (a capped run keeps the variants done); tsra-reference-op
   # and tsra-eager-compiled were measured on 2026-11-26 and -27 and are left out
   cap 240 python3 bench/bench_training.py --out "$FINAL/bench_training" --steps 30 \
-    --warmup 5 --variants tsra-fused-compiled,relu-compiled,tsra-fused-compiled-inline,tsra-fused-compiled-cg,tsra-fused-compiled-inline-cg,relu-compiled-cg,tsra-fused,relu,relu-adamw,tsra-eager,tsra-fused-heuristic \
-    --profile tsra-fused-compiled,relu-compiled,tsra-fused-compiled-inline
+    --warmup 5 --variants tsra-fused-compiled,relu-compiled,tsra-fused-compiled-inline,tsra-fused-compiled-inline-fusedbias,tsra-fused-compiled-fusedbias,tsra-fused-compiled-cg,tsra-fused-compiled-inline-cg,relu-compiled-cg,tsra-fused,tsra-fused-fusedbias,relu,relu-adamw,tsra-eager,tsra-fused-heuristic \
+    --profile tsra-fused-compiled,relu-compiled,tsra-fused-compiled-inline,tsra-fused-compiled-inline-fusedbias
   cap 30 python3 bench/bench_optimizer.py --out "$FINAL/bench_optimizer"
 fi
 

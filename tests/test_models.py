@@ -124,6 +124,38 @@ def test_fused_and_unfused_compute_the_same_function() -> None:
         torch.testing.assert_close(fused(x), unfused(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+def test_fusing_conv_bias_computes_the_same_function(backend_name) -> None:
+    """``VGG.fuse_conv_bias``: every conv runs without its bias and the RMSNorm→TSRA kernel
+    adds it; logits and every parameter's gradient (the conv biases' included) match the
+    plain forward to 1e-4 relative (float32 through 16 layers, the bias added at another
+    point: a few ulps per layer). The switch is not part of the state dict."""
+    from cobkern.models import forward_fusing_conv_bias
+
+    torch.manual_seed(0)
+    m = vgg16_tsra(width=0.0625)
+    for p in m.parameters():  # non-zero biases (PyTorch's default init has them already)
+        assert p.abs().sum() > 0
+    x = torch.randn(3, 3, 32, 32)
+    grads = {}
+    with cobkern.use_backend(backend_name):
+        for fused in (False, True):
+            m.fuse_conv_bias = fused
+            m.zero_grad()
+            torch.manual_seed(1)  # the same dropout masks
+            out = m(x)
+            out.square().sum().backward()
+            grads[fused] = (out.detach(), [p.grad.clone() for p in m.parameters()])
+    assert "fuse_conv_bias" not in str(list(m.state_dict()))
+    torch.testing.assert_close(grads[True][0], grads[False][0], rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads[True][1], grads[False][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max())
+    # convs followed by something else (BatchNorm in the ReLU model) run as they are
+    relu = vgg16_relu(width=0.0625).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(forward_fusing_conv_bias(relu.features, x), relu.features(x))
+
+
 def test_forward_backward_default_backend() -> None:
     # "auto" backend: Triton interpreter on CPU under the test conftest, kernels on CUDA.
     m = vgg16_tsra(width=0.0625)

@@ -243,6 +243,34 @@ def test_finetune_keeps_a_pruned_architecture(tmp_path) -> None:
     assert model_config(model) == cfg_before  # trained in place
 
 
+def test_fuse_conv_bias_trains_the_same_and_is_set_for_the_run_only(tmp_path) -> None:
+    """``fuse_conv_bias=True`` (each conv's bias added in the TSRA kernel) trains the same
+    model: after 4 SGD steps the weights equal the plain run's to 1e-4 relative (float32;
+    the bias is added in another place, so the rounding differs — SGD, whose steps are
+    linear in the gradients: Adam's normalised steps would turn a rounding difference in
+    a near-zero gradient into a step of up to the learning rate). The
+    switch is set on a given model for the run and put back afterwards; a model that is
+    not a cobkern VGG is refused."""
+    data = _toy_data()
+    runs = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = vgg16_tsra(num_classes=4, width=0.0625)
+        seen = []
+        cfg = _tiny_config(steps=4, fuse_conv_bias=fused, optimizer="sgd", grad_clip=0.0)
+        with cobkern.use_backend("reference"):
+            train(cfg, tmp_path / f"t{fused}", model=model, data=data,
+                  on_step=lambda _s, m=model, seen=seen: seen.append(m.fuse_conv_bias))
+        assert seen == [fused] * 4  # on during the run
+        assert model.fuse_conv_bias is False  # put back
+        runs[fused] = model.state_dict()
+    for k, v in runs[False].items():
+        torch.testing.assert_close(runs[True][k], v, rtol=1e-4, atol=1e-5 * v.abs().max())
+    with pytest.raises(ConfigError, match="fuse_conv_bias=true needs a cobkern VGG"):
+        finetune(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3072, 4)), data,
+                 _tiny_config(steps=1, fuse_conv_bias=True), tmp_path / "bad")
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys) -> None:
     assert main(["--preset", "nope", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
@@ -745,7 +773,7 @@ def test_training_loop_matches_a_hand_written_reference(tmp_path, optimizer) -> 
 #: change the optimisation); listed here so that adding one is a deliberate change.
 _MAY_CHANGE = {"progress", "log_every", "eval_every", "checkpoint_every", "eval_batch_size",
                "num_threads", "device", "compile", "compile_mode", "compile_kernels",
-               "channels_last", "cache_dir", "download", "optimizer_impl"}
+               "channels_last", "fuse_conv_bias", "cache_dir", "download", "optimizer_impl"}
 
 
 def test_every_optimisation_setting_is_checked_on_resume() -> None:

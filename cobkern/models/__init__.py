@@ -16,7 +16,15 @@ from .io import (
     save_model,
     unwrap_model,
 )
-from .vgg import VGG, VGG_CFG_D, init_relu_weights, scaled_width, vgg16_relu, vgg16_tsra
+from .vgg import (
+    VGG,
+    VGG_CFG_D,
+    forward_fusing_conv_bias,
+    init_relu_weights,
+    scaled_width,
+    vgg16_relu,
+    vgg16_tsra,
+)
 
 __all__ = [
     "VGG",
@@ -25,6 +33,7 @@ __all__ = [
     "vgg16_relu",
     "init_relu_weights",
     "scaled_width",
+    "forward_fusing_conv_bias",
     "model_config",
     "build_model",
     "save_model",

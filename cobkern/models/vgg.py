@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from cobkern.nn import TSRA, RMSNorm, RMSNormTSRA
 
-__all__ = ["VGG", "VGG_CFG_D", "vgg16_tsra", "vgg16_relu", "scaled_width"]
+__all__ = ["VGG", "VGG_CFG_D", "vgg16_tsra", "vgg16_relu", "scaled_width",
+           "init_relu_weights", "forward_fusing_conv_bias"]
 
 #: VGG configuration "D" (VGG-16): conv output widths, ``"M"`` = 2×2 pooling.
 VGG_CFG_D: tuple[int | str, ...] = (
@@ -44,7 +45,15 @@ class VGG(nn.Module):
     Shape:
         - Input: ``(N, 3, 32, 32)`` float (NCHW or channels_last).
         - Output: ``(N, num_classes)`` logits, same dtype as the last layer computes in.
+
+    Attributes:
+        fuse_conv_bias: run ``features`` through :func:`forward_fusing_conv_bias` (each
+            convolution's bias added inside the TSRA kernel behind it). Default ``False``;
+            a runtime switch, not part of the state dict or the model file. The function is
+            the same; the convolutions' own forward hooks do not run while it is on.
     """
+
+    fuse_conv_bias: bool = False
 
     def __init__(self, features: nn.Sequential, classifier: nn.Sequential) -> None:
         super().__init__()
@@ -52,6 +61,8 @@ class VGG(nn.Module):
         self.classifier = classifier
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fuse_conv_bias:
+            return self.classifier(forward_fusing_conv_bias(self.features, x))
         return self.classifier(self.features(x))
 
     @property
@@ -59,6 +70,39 @@ class VGG(nn.Module):
         """Number of logits (the last Linear's ``out_features``)."""
         last = [m for m in self.classifier if isinstance(m, nn.Linear)][-1]
         return last.out_features
+
+
+def forward_fusing_conv_bias(seq: nn.Sequential, x: Tensor) -> Tensor:
+    """``seq(x)``, with every ``Conv2d`` that has a bias and is directly followed by a
+    :class:`~cobkern.nn.TSRA` or :class:`~cobkern.nn.RMSNormTSRA` on channel axis 1 run
+    without its bias, which the activation adds as its kernel loads the convolution's output
+    (``activation(x, bias)``).
+
+    That saves a read and a write of every such output in the forward pass: PyTorch adds a
+    convolution's bias in a pass of its own after cuDNN, and so does ``torch.compile`` on
+    CUDA (inductor peels the bias off into a pointwise add, which in a BatchNorm/ReLU model
+    fuses into the next kernel but cannot fuse into a cobkern op). The same function up to
+    rounding (the add happens in float32 in the kernel; under bf16 autocast the bias is no
+    longer rounded to bf16 first) and the same gradients, the bias's included. Forward
+    hooks of the convolutions concerned do not run (the activations' do).
+
+    Args:
+        seq: the layers, applied in order.
+        x: the input of ``seq``.
+    """
+    mods = list(seq)
+    i = 0
+    while i < len(mods):
+        m = mods[i]
+        nxt = mods[i + 1] if i + 1 < len(mods) else None
+        if (type(m) is nn.Conv2d and m.bias is not None and isinstance(nxt, (TSRA, RMSNormTSRA))
+                and nxt.dim == 1):
+            x = nxt(m._conv_forward(x, m.weight, None), m.bias)
+            i += 2
+        else:
+            x = m(x)
+            i += 1
+    return x
 
 
 def scaled_width(channels: int, width: float) -> int:

@@ -39,10 +39,11 @@ CKPT_VERSION = 2  # 2: per-rank RNG state and metrics window, last evaluation
 #: They decide how the run is shown (``progress``), how often it records (``log_every``,
 #: ``eval_every``, ``checkpoint_every``), where and how fast it executes (``device``,
 #: ``num_threads``, ``compile``, ``compile_mode``, ``compile_kernels``, ``channels_last``,
-#: ``eval_batch_size``, ``optimizer_impl``)
+#: ``fuse_conv_bias``, ``eval_batch_size``, ``optimizer_impl``)
 #: and where the decoded data is cached (``cache_dir``, ``download``) — not the
 #: optimisation itself. (``compile``, ``compile_mode``, ``compile_kernels`` — on a CPU —,
-#: ``channels_last``, ``eval_batch_size``, ``optimizer_impl`` and another device may change
+#: ``channels_last``, ``fuse_conv_bias``, ``eval_batch_size``, ``optimizer_impl`` and another
+#: device may change
 #: float rounding, so such a resume is no longer bit-identical to an uninterrupted run.)
 #: Every other field (model, optimizer and its hyper-parameters, schedule, steps, batch,
 #: data, augmentation, seed, bf16) must match: the optimizer and scheduler state restored
@@ -50,7 +51,7 @@ CKPT_VERSION = 2  # 2: per-rank RNG state and metrics window, last evaluation
 RESUME_MAY_CHANGE = frozenset({
     "progress", "log_every", "eval_every", "checkpoint_every", "eval_batch_size",
     "num_threads", "device", "compile", "compile_mode", "compile_kernels", "channels_last",
-    "cache_dir", "download", "optimizer_impl"})
+    "fuse_conv_bias", "cache_dir", "download", "optimizer_impl"})
 
 
 class CheckpointError(ValueError):

@@ -45,6 +45,7 @@ from torch import nn
 
 from cobkern.data import DeviceLoader, ImageSet, load_cifar10, subset
 from cobkern.models import (
+    VGG,
     default_model_filename,
     model_config,
     save_model,
@@ -151,10 +152,14 @@ def train(
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     d = DistContext(config)
+    given = unwrap_model(model) if model is not None else None
+    fused_before = getattr(given, "fuse_conv_bias", None)
     try:
         with use_compile_kernels(config.compile_kernels):  # read while torch.compile traces
             return _train(config, out, ckpt_path, resume, model, data, on_step, d)
     finally:
+        if isinstance(given, VGG):  # fuse_conv_bias is set for the run only
+            given.fuse_conv_bias = fused_before
         d.close()
 
 
@@ -189,6 +194,12 @@ def _train(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
     if model is None:
         model = _build_model(config)
     base = unwrap_model(model)
+    if isinstance(base, VGG):
+        base.fuse_conv_bias = config.fuse_conv_bias
+    elif config.fuse_conv_bias:
+        raise ConfigError(f"fuse_conv_bias=true needs a cobkern VGG model (whose forward "
+                          f"hands the convolutions' biases to the TSRA kernels), got "
+                          f"{type(base).__name__}")
     if data is None:
         check_num_classes(base, len(train_set.classes))
     device = d.device
