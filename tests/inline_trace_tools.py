@@ -21,18 +21,20 @@ import sys
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ["COBKERN_TSRA_TUNING"] = "off"
 
-#: (shape, channels_last, split, rmsnorm, dynamic) traced on fake CUDA tensors; ``dynamic``:
-#: symbolic sizes, as ``torch.compile(dynamic=True)`` traces them
+#: (shape, channels_last, split, rmsnorm, dynamic, bias) traced on fake CUDA tensors;
+#: ``dynamic``: symbolic sizes, as ``torch.compile(dynamic=True)`` traces them; ``bias``: a
+#: float32 ``(C,)`` bias added in the kernels
 CASES = [
-    ((4, 64, 8, 8), False, 32, True, False),
-    ((4, 64, 8, 8), True, 32, False, False),
-    ((6, 300), False, 100, True, False),
-    ((2, 8, 2, 2), False, 3, False, False),
-    ((4, 64, 8, 8), True, 32, True, True),
+    ((4, 64, 8, 8), False, 32, True, False, False),
+    ((4, 64, 8, 8), True, 32, False, False, False),
+    ((6, 300), False, 100, True, False, False),
+    ((2, 8, 2, 2), False, 3, False, False, False),
+    ((4, 64, 8, 8), False, 32, True, False, True),
+    ((4, 64, 8, 8), True, 32, True, True, False),
 ]
 
 
-def _trace(shape, channels_last, split, rmsnorm, dynamic) -> dict:
+def _trace(shape, channels_last, split, rmsnorm, dynamic, bias) -> dict:
     import torch
     from torch._functorch.aot_autograd import aot_function
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
@@ -50,10 +52,12 @@ def _trace(shape, channels_last, split, rmsnorm, dynamic) -> dict:
 
     norm = shape[1] if rmsnorm else 0
 
-    def f(x, dy):
+    def f(x, dy, b):
         if rmsnorm:
-            return cobkern.rmsnorm_tsra(x, split), cobkern.ops.rmsnorm_tsra_backward(dy, x, split)
-        return cobkern.tsra(x, split), cobkern.ops.tsra_backward(dy, x, split)
+            return (cobkern.rmsnorm_tsra(x, split, bias=b),
+                    cobkern.ops.rmsnorm_tsra_backward(dy, x, split, bias=b))
+        return (cobkern.tsra(x, split, bias=b),
+                cobkern.ops.tsra_backward(dy, x, split, bias=b))
 
     mode, sizes = FakeTensorMode(), list(shape)
     if dynamic:  # a symbolic batch size, as torch.compile's dynamic shapes make it
@@ -69,7 +73,8 @@ def _trace(shape, channels_last, split, rmsnorm, dynamic) -> dict:
         if channels_last:
             x = x.to(memory_format=torch.channels_last)
         dy = torch.empty_like(x)
-        aot_function(f, fw_compiler=keep)(x, dy)
+        b = torch.empty(shape[1], device="cuda") if bias else None
+        aot_function(f, fw_compiler=keep)(x, dy, b)
         geo = channel_geometry(x, 1)
     launches = []
     ops = [str(n.target) for n in graphs[0].graph.nodes if "cobkern" in str(n.target)]
@@ -85,11 +90,11 @@ def _trace(shape, channels_last, split, rmsnorm, dynamic) -> dict:
                          "clone": sorted(node.kwargs["tensors_to_clone"])})
     plans = []
     for direction in ("forward", "backward") if not dynamic else ():
-        p = ktsra.plan(direction, geo, split, rmsnorm, 2)
+        p = ktsra.plan(direction, geo, split, rmsnorm, 2, has_bias=bias)
         plans.append({"kernel": p.kernel.__name__, "grid": list(p.grid) + [1, 1],
                       "ints": list(p.ints), "constexprs": p.constexprs,
                       "num_warps": p.num_warps})
-    return {"case": [list(shape), channels_last, split, rmsnorm, norm, dynamic],
+    return {"case": [list(shape), channels_last, split, rmsnorm, norm, dynamic, bias],
             "launches": launches, "ops": ops, "plans": plans}
 
 

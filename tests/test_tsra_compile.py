@@ -193,12 +193,12 @@ def test_inline_ops_trace_to_the_eager_launch_plan(inline_traces):
     grid, integer arguments, constexprs, ``num_warps``: ``kernels.tsra.plan``), with the
     constants as passed and only the output marked as written (Triton's mutation analysis
     of our kernels for sm_90 worked: an input marked written would make inductor copy it
-    before every launch)."""
+    before every launch — the bias pointer included, in the case with a bias)."""
     int_names = ["C", "P", "split", "n_pblocks", "stride_b", "stride_c", "stride_p"]
     static = [t for t in inline_traces if not t["case"][5]]
-    assert len(static) == 4
+    assert len(static) == 5 and sum(t["case"][6] for t in static) == 1
     for trace in static:
-        (_, _, _, rmsnorm, norm, _) = trace["case"]
+        (_, _, _, rmsnorm, norm, _, bias) = trace["case"]
         launches, plans = trace["launches"], trace["plans"]
         assert len(launches) == 2, trace
         assert trace["ops"] == []
@@ -207,6 +207,7 @@ def test_inline_ops_trace_to_the_eager_launch_plan(inline_traces):
             assert launch["grid"] == plan["grid"]
             assert [launch["args"][k] for k in int_names] == plan["ints"]
             assert {k: launch["args"][k] for k in plan["constexprs"]} == plan["constexprs"]
+            assert launch["args"]["HAS_BIAS"] is bias
             assert launch["num_warps"] == [plan["num_warps"]]
             assert launch["clone"] == [out]
             assert launch["args"]["inv_norm_size"] == (1.0 / norm if rmsnorm else 0.0)
