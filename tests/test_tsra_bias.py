@@ -16,16 +16,11 @@ from __future__ import annotations
 import pytest
 import torch
 from reference64 import tsra64
+from test_tsra_kernels import TOL, _ids, _make
 
 import cobkern
 from cobkern.nn import TSRA, RMSNormTSRA
 from cobkern.ops import backend, rmsnorm_tsra, rmsnorm_tsra_backward, tsra, tsra_backward
-
-TOL = {
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.bfloat16: dict(rtol=2**-7, atol=1e-2),
-    torch.float16: dict(rtol=2**-9, atol=2e-3),
-}
 
 # (shape, split, dim, layout): each kernel family — NCHW split blocks (masked and short
 # rows too), a channels-last tile, (N, C) rows, the chunked kernels — and other channel axes
@@ -40,18 +35,6 @@ CASES = [
     ((6, 10), 4, 0, "2d"),
     ((2, 3, 9), 5, 2, "nchw"),
 ]
-
-
-def _ids(case):
-    shape, split, dim, layout = case
-    return f"{layout}-{'x'.join(map(str, shape))}-s{split}-d{dim}"
-
-
-def _make(shape, layout, dtype, device):
-    x = torch.randn(shape) * 1.5
-    if layout == "channels_last":
-        x = x.to(memory_format=torch.channels_last)
-    return x.to(device=device, dtype=dtype)
 
 
 def _view(b: torch.Tensor, x: torch.Tensor, dim: int) -> torch.Tensor:
