@@ -23,12 +23,12 @@ channels-last memory format before the forward pass, so the convolutions produce
 activations and the covariance kernel reads slabs whose contiguous axis is the channels —
 the layout of the linear layers' ``(N, C)`` activations, on which one float32 kernel
 launch (64×64 tiles, 8 warps) ran 3× more FLOP/s than on NCHW maps on an H200
-(``BENCHMARKS.md``). On NCHW maps the
-kernel's float32 products (the CUDA-core ``tl.dot``) read both operands from unswizzled
-shared memory along the samples, mostly as scalar, bank-conflicting loads; on NHWC maps
-they read them as conflict-free vectors (offline sm_90 PTX). The model's weights are not
-touched: cuDNN (and the CPU convolutions) follow the input's layout. No activation is
-copied; the statistics are the same up to float summation order.
+(``BENCHMARKS.md``). On NCHW maps the kernel's float32 products (the CUDA-core ``tl.dot``)
+read both operands from unswizzled shared memory along the samples, mostly as scalar,
+bank-conflicting loads; on NHWC maps they read them as conflict-free vectors (offline sm_90
+PTX). The model's weights are not touched: cuDNN (and the CPU convolutions) follow the
+input's layout. No activation is copied; the statistics are the same up to float summation
+order.
 
 Distributed: when ``torch.distributed`` is initialised each rank should iterate over its own
 shard (e.g. a ``DistributedSampler``) and takes ``max_samples / world_size`` images (the
