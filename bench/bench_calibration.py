@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--layouts must be nchw or nchw,nhwc, got {args.layouts!r}")
     nhwc = "nhwc" in layouts
 
+    from cobkern.cob import find_cob_layers
     from cobkern.models import vgg16_tsra
 
     device = torch.device("cuda" if cuda else "cpu")
@@ -178,6 +179,27 @@ def main(argv: list[str] | None = None) -> dict:
                             functools.partial(run_streaming, f32_dot="fp64",
                                               channels_last=True)))
     methods.append(("materialize", run_materialize))
+    outs: dict = {}  # each method's statistics / Grams, for the comparisons at the end
+    record = {
+        "benchmark": "calibration",
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "python": sys.version.split()[0],
+        "width": args.width, "images": args.images, "batch": args.batch, "dtype": args.dtype,
+        "repeats": args.repeats,
+        "layers": len(find_cob_layers(model)),
+        "max_rel_diff_gram": None,
+        "max_rel_diff_overlapped_vs_streaming": None,
+        "max_rel_diff_fp64_vs_streaming": None,
+        "max_rel_diff_channels_last_vs_streaming": None,
+        "layouts": layouts,
+        "results": results,
+        "partial": True,
+        "note": ("CPU run: the streaming column is the reference path (harness check only)"
+                 if not cuda else "CUDA: streaming uses the Triton covariance kernel"),
+    }
     for name, fn in methods:
         if cuda:
             torch.cuda.empty_cache()
@@ -185,30 +207,18 @@ def main(argv: list[str] | None = None) -> dict:
             base = torch.cuda.memory_allocated(device)
         elapsed = float("inf")
         for _ in range(args.repeats):  # the same policy for every method: the fastest run
-            out = None  # the previous repeat's output is not held during the next one
-            t, out, held = fn(model, loader, device)
+            outs[name] = None  # the previous repeat's output is not held during the next one
+            t, outs[name], held = fn(model, loader, device)
             elapsed = min(elapsed, t)
         peak = (torch.cuda.max_memory_allocated(device) - base) if cuda else None
         results[name] = {"seconds": elapsed, "images_per_s": args.images / elapsed,
-                         "peak_bytes_measured": peak, "bytes_held": held, "out": out}
+                         "peak_bytes_measured": peak, "bytes_held": held}
+        _ratios(results)
+        _write(args.out, record)  # a run stopped by a deadline keeps the rows it timed
 
-    results["forward only"].pop("out")
-    fwd = results["forward only"]["seconds"]
-    fwd_cl = None
-    if nhwc:
-        results[FWD_CL].pop("out")
-        fwd_cl = results[FWD_CL]["seconds"]
-    for name, v in results.items():
-        own = fwd_cl if name.endswith("channels_last") else fwd
-        v["x_forward"] = v["seconds"] / own
-        v["x_nchw_forward"] = v["seconds"] / fwd
-    stats_cl = results[CL].pop("out") if nhwc else None
-    for key in [k for k in results if k.startswith(FP64 + ",")]:
-        results[key].pop("out")
-    stats = results["streaming"].pop("out")
-    stats_overlapped = results["streaming, overlapped"].pop("out")
-    stats_fp64 = results[FP64].pop("out") if FP64 in results else None
-    grams = results["materialize"].pop("out")
+    stats, grams = outs["streaming"], outs["materialize"]
+    stats_overlapped, stats_cl = outs["streaming, overlapped"], outs.get(CL)
+    stats_fp64 = outs.get(FP64)
     worst = worst_overlap = worst_fp64 = worst_cl = 0.0
     for n, (gu, gv) in grams.items():
         for a, b, o in ((stats[n].gram_u, gu, stats_overlapped[n].gram_u),
@@ -222,32 +232,37 @@ def main(argv: list[str] | None = None) -> dict:
         if stats_fp64 is not None:  # against IEEE streaming: the two float32-exact products
             worst_fp64 = max(worst_fp64, _rel(stats_fp64[n].gram_u, stats[n].gram_u),
                              _rel(stats_fp64[n].gram_v, stats[n].gram_v))
-    record = {
-        "benchmark": "calibration",
-        "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "triton": _triton_version(),
-        "python": sys.version.split()[0],
-        "width": args.width, "images": args.images, "batch": args.batch, "dtype": args.dtype,
-        "repeats": args.repeats,
-        "layers": len(grams),
+    record.update({
         "max_rel_diff_gram": worst,
         "max_rel_diff_overlapped_vs_streaming": worst_overlap,
         "max_rel_diff_fp64_vs_streaming": worst_fp64 if stats_fp64 is not None else None,
         "max_rel_diff_channels_last_vs_streaming": worst_cl if stats_cl is not None else None,
-        "layouts": layouts,
-        "results": results,
-        "note": ("CPU run: the streaming column is the reference path (harness check only)"
-                 if not cuda else "CUDA: streaming uses the Triton covariance kernel"),
-    }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_calibration.json"), "w") as f:
-        json.dump(record, f, indent=2)
-    with open(os.path.join(args.out, "bench_calibration.md"), "w") as f:
-        f.write(_markdown(record))
+        "partial": False,
+    })
+    _write(args.out, record)
     print(_markdown(record))
     return record
+
+
+def _ratios(results: dict) -> None:
+    """Each row's time over the forward pass in its own layout and over the NCHW one."""
+    fwd = results["forward only"]["seconds"]
+    fwd_cl = results.get(FWD_CL, {}).get("seconds")
+    for name, v in results.items():
+        own = fwd_cl if name.endswith("channels_last") else fwd
+        v["x_forward"] = v["seconds"] / own if own else None
+        v["x_nchw_forward"] = v["seconds"] / fwd
+
+
+def _write(out: str, record: dict) -> None:
+    """Write the JSON and Markdown results (again after every method)."""
+    os.makedirs(out, exist_ok=True)
+    for name, text in (("bench_calibration.json", json.dumps(record, indent=2)),
+                       ("bench_calibration.md", _markdown(record))):
+        tmp = os.path.join(out, f".{name}.tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(out, name))
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -281,10 +296,15 @@ def _markdown(r: dict) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, v in r["results"].items():
-        lines.append(f"| {name} | {v['seconds']:.3f} | {v['x_forward']:.2f} | "
+        own = "—" if v.get("x_forward") is None else f"{v['x_forward']:.2f}"
+        lines.append(f"| {name} | {v['seconds']:.3f} | {own} | "
                      f"{v.get('x_nchw_forward', v['x_forward']):.2f} | "
                      f"{v['images_per_s']:,.0f} | "
                      f"{_mib(v['peak_bytes_measured'])} | {_mib(v['bytes_held'])} |")
+    if r.get("partial"):
+        lines += ["", "**Partial**: the run stopped before every method was timed (rows so "
+                  "far; no Gram comparison)."]
+        return "\n".join(lines + ["", r["note"], ""])
     lines += ["", f"Largest relative difference between the streaming and materialising "
               f"Gram matrices: {r['max_rel_diff_gram']:.2e}; overlapped vs streaming: "
               f"{r['max_rel_diff_overlapped_vs_streaming']:.2e}."]
