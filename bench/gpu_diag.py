@@ -11,7 +11,8 @@ smoke run: ``TRITON_INTERPRET=1 GPU_DIAG_DEVICE=cpu GPU_DIAG_BATCH=1 GPU_DIAG_CO
   first (they share Triton's on-disk cache), so the sweep costs seconds, not minutes.
 * ``overhead``    — forward+backward per call through the eager fast path
   (``autograd.Function``), through the registered custom op, through the fast path with
-  every launch going through ``JITFunction.run`` (``cobkern.kernels._launch`` off), compiled
+  every launch going through ``JITFunction.run`` (``cobkern.kernels._launch`` off), through
+  the fast path with a layer's bias added in the kernel (its gradient included), compiled
   (``torch.compile`` of the forward, the backward by AOTAutograd) through the opaque custom
   ops and through the inline ``triton_op``s, and replayed from a CUDA graph: the differences
   are host time.
@@ -422,9 +423,15 @@ def part_overhead(rec: dict) -> None:
         def op(xg=xg, dy=dy, split=split):
             return torch.autograd.grad(torch.ops.cobkern.tsra(xg, split, 1, *CONSTS), xg, dy)
 
+        bias = torch.nn.Parameter(torch.randn(shape[0], device=DEVICE))
+
+        def fast_bias(xg=xg, dy=dy, split=split, bias=bias):  # a layer's bias, fused
+            return torch.autograd.grad(cobkern.tsra(xg, split, bias=bias), (xg, bias), dy)
+
         row = {"shape": [BATCH, *shape], "dtype": "bf16"}
         for name, fn, fast_launch in (("fast_path", fast, True), ("custom_op", op, True),
-                                      ("fast_path_jit_launch", fast, False)):
+                                      ("fast_path_jit_launch", fast, False),
+                                      ("fast_path_bias", fast_bias, True)):
             # fast_launch False: every launch through JITFunction.run (as before the
             # cached launcher of cobkern.kernels._launch), side by side
             _launch.FAST_LAUNCH = fast_launch and _launch_default
@@ -599,16 +606,18 @@ def _markdown(rec: dict) -> str:
         lines.append("")
     if "overhead" in rec:
         lines += ["| shape (bf16, fwd+bwd) | fast path ms | custom op ms | fast path, "
-                  "launches through JITFunction.run ms | compiled, opaque ops ms | "
-                  "compiled, inline ops ms | CUDA graph ms |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+                  "launches through JITFunction.run ms | fast path with a bias (its "
+                  "gradient too) ms | compiled, opaque ops ms | compiled, inline ops ms | "
+                  "CUDA graph ms |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
 
         def ms(r, key):
             return f"{r[key + '_ms']:.4f}" if key + "_ms" in r else r.get(key + "_error", "—")
 
         for r in rec["overhead"]:
             cells = [ms(r, k) for k in ("fast_path", "custom_op", "fast_path_jit_launch",
-                                        "compiled_opaque", "compiled_inline", "graph")]
+                                        "fast_path_bias", "compiled_opaque", "compiled_inline",
+                                        "graph")]
             lines.append(f"| {'×'.join(map(str, r['shape']))} | " + " | ".join(cells) + " |")
         lines.append("")
     if "covariance" in rec:
