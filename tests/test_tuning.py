@@ -8,6 +8,7 @@ rounded input): a table only changes which tile computes the function.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -283,3 +284,21 @@ def test_gpu_diag_table_from_an_earlier_run(gpu_diag, tmp_path):
     src.write_text(json.dumps({"device": "x", "tiles": []}))
     with pytest.raises(SystemExit):
         gpu_diag.main(["--table-from", str(src), "--out", str(tmp_path / "o")])
+
+
+@pytest.mark.parametrize("fast_read", [True, False])
+def test_env_setting_reads_what_os_environ_holds_now(monkeypatch, fast_read):
+    """``env_setting()`` (the per-launch read of ``COBKERN_TSRA_TUNING``) returns what
+    ``os.environ.get`` returns — unset, empty, a path, a value set or removed a moment
+    ago — through CPython's environ dict and through the public fallback alike."""
+    from cobkern.ops import tuning
+
+    if not fast_read:
+        monkeypatch.setattr(tuning, "_ENV_DATA", None)
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert tuning.env_setting() is None
+    for value in ("", "off", "/tmp/tables/H200 ü.json"):
+        monkeypatch.setenv(ENV_VAR, value)
+        assert tuning.env_setting() == value == os.environ.get(ENV_VAR)
+    monkeypatch.delenv(ENV_VAR)
+    assert tuning.env_setting() is None

@@ -151,7 +151,8 @@ def check_bias(name: str, bias: torch.Tensor | None, x: torch.Tensor, dim: int) 
     if bias.dim() != 1 or bias.shape[0] != c:
         raise ValueError(f"{name}: bias must have shape ({c},), one value per channel of x's "
                          f"axis {dim}, got {tuple(bias.shape)}")
-    check_same_device(name, x=x, bias=bias)
+    if bias.device != x.device:  # (checked on every eager call: the message only if needed)
+        check_same_device(name, x=x, bias=bias)
 
 
 def check_same_shape(name: str, a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:

@@ -84,7 +84,7 @@ from ._checks import (
 )
 from .backend import BACKENDS, compile_kernels_for, get_backend, use_triton
 from .tuning import ENV_VAR as TUNING_ENV
-from .tuning import FROM_ENV, launch_tuning
+from .tuning import FROM_ENV, env_setting, launch_tuning
 
 __all__ = ["tsra", "rmsnorm_tsra", "tsra_backward", "rmsnorm_tsra_backward"]
 
@@ -174,7 +174,7 @@ def _launch_or_reference(fwd: bool, x: Tensor, grad: Tensor | None, args: tuple,
         bias = bias.contiguous()  # C values: the kernels index it densely
     out = torch.empty_like(x)
     consts = (a_u, b_u, a_v, b_v, eps, norm_size, rms_eps)
-    setting = os.environ.get(TUNING_ENV) if tuning is FROM_ENV else tuning
+    setting = env_setting() if tuning is FROM_ENV else tuning
     run = kernels.run_traced if traced else kernels.run
     if not traced and (grad is None or grad.stride() == x.stride()):
         # the launch is a function of this key
