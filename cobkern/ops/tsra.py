@@ -170,7 +170,8 @@ def _launch_or_reference(fwd: bool, x: Tensor, grad: Tensor | None, args: tuple,
         return reference.tsra_backward(grad, x, *args, bias=bias)
 
     kernels = _kernels()
-    if bias is not None and bias.stride(0) != 1:
+    has_bias = bias is not None
+    if has_bias and bias.stride(0) != 1:
         bias = bias.contiguous()  # C values: the kernels index it densely
     out = torch.empty_like(x)
     consts = (a_u, b_u, a_v, b_v, eps, norm_size, rms_eps)
@@ -179,13 +180,13 @@ def _launch_or_reference(fwd: bool, x: Tensor, grad: Tensor | None, args: tuple,
     if not traced and (grad is None or grad.stride() == x.stride()):
         # the launch is a function of this key
         key = (fwd, x.shape, x.stride(), x.dtype, x.get_device(), dim, split, norm_size > 0,
-               setting, bias is not None)
+               setting, has_bias)
         p = _PLANS.get(key)
         if p is None and len(_PLANS) < _MAX_PLANS:
             geo = channel_geometry(x, dim)
             if geo is not None:
                 p = _PLANS[key] = _plan(kernels, fwd, x, geo, split, norm_size, setting,
-                                        bias is not None)
+                                        has_bias)
         if p is not None:
             run(p, (x, out) if fwd else (grad, x, out), *consts, bias)
             return out
@@ -195,13 +196,13 @@ def _launch_or_reference(fwd: bool, x: Tensor, grad: Tensor | None, args: tuple,
     if grad is not None and geo is not None and channel_geometry(grad, dim) != geo:
         geo = None
     if geo is not None:
-        run(_plan(kernels, fwd, x, geo, split, norm_size, setting, bias is not None),
+        run(_plan(kernels, fwd, x, geo, split, norm_size, setting, has_bias),
             (x, out) if fwd else (grad, x, out), *consts, bias)
         return out
     xc = x.contiguous()
     res = torch.empty_like(xc)
     geo = channel_geometry(xc, dim)
-    run(_plan(kernels, fwd, xc, geo, split, norm_size, setting, bias is not None),
+    run(_plan(kernels, fwd, xc, geo, split, norm_size, setting, has_bias),
         (xc, res) if fwd else (grad.contiguous(), xc, res), *consts, bias)
     out.copy_(res)
     return out
@@ -376,21 +377,15 @@ def _double_backward(
     need_bias = need_bias and bias is not None
     if not (need_grad or need_x or need_bias):
         return None, None, None
-    if bias is None:
-        def dx_of(g: Tensor, xx: Tensor) -> Tensor:
-            return reference.tsra_backward(g, xx, *params, differentiable=True)
 
-        _, vjp_fn = torch.func.vjp(dx_of, grad, x)
-        dgrad, dx = vjp_fn(v)
-        db = None
-    else:
-        def dx_of(g: Tensor, xx: Tensor, b: Tensor) -> Tensor:
-            return reference.tsra_backward(g, xx, *params, differentiable=True, bias=b)
+    def dx_of(g: Tensor, xx: Tensor, *b: Tensor) -> Tensor:  # b: the bias, when there is one
+        return reference.tsra_backward(g, xx, *params, differentiable=True,
+                                       bias=b[0] if b else None)
 
-        _, vjp_fn = torch.func.vjp(dx_of, grad, x, bias)
-        dgrad, dx, db = vjp_fn(v)
+    _, vjp_fn = torch.func.vjp(dx_of, grad, x, *(() if bias is None else (bias,)))
+    dgrad, dx, *db = vjp_fn(v)
     return ((dgrad if need_grad else None), (dx if need_x else None),
-            (db if need_bias else None))
+            (db[0] if need_bias else None))
 
 
 def _bias_grad(dx: Tensor, dim: int, bias: Tensor | None) -> Tensor | None:
