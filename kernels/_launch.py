@@ -72,8 +72,8 @@ def _triton_runtime() -> tuple | None:
     return _runtime or None
 
 
-def _tensor_key(t: torch.Tensor) -> tuple:
-    return t.dtype, t.data_ptr() % 16 == 0
+def _tensor_key(t: torch.Tensor | None) -> tuple | None:
+    return None if t is None else (t.dtype, t.data_ptr() % 16 == 0)
 
 
 def launch(kernel: Any, grid: tuple[int, ...], tensors: tuple[torch.Tensor, ...],

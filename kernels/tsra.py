@@ -32,7 +32,8 @@ row length a compile-time constant so that those short rows still vectorise.
 ``x`` as it is loaded, in both directions — the bias of the convolution in front, which
 then need not be added in a pass of its own; the kernels compute the function of ``x + b``
 and the backward its input gradient (the bias gradient is that gradient summed over the
-positions, left to the caller). Without a bias ``BIAS`` is any pointer (unused).
+positions, left to the caller). Without a bias the launchers pass ``BIAS=None``, which the
+JIT specialises as a constexpr (no pointer argument at all).
 
 ``VEC_P > 0`` (tuning sweeps; 0 in the shipped launches) caps the vector width along
 positions. The compiler gives each thread as many consecutive positions as one 16-byte
@@ -534,15 +535,17 @@ def plan(direction: str, geo, split: int, rmsnorm: bool, itemsize: int,
 
 
 def _with_bias(p: LaunchPlan, tensors: tuple, bias: torch.Tensor | None) -> tuple:
-    """The kernel's pointer arguments: ``tensors`` and the bias (a stand-in pointer, unused,
-    without one). A plan compiled for the other case is refused: a wrong pointer would be
-    read as a bias, or a bias ignored."""
+    """The kernel's pointer arguments: ``tensors`` and the bias, ``None`` without one (the
+    JIT makes a ``None`` argument a constexpr: the compiled kernel has no such parameter and
+    its launcher extracts one pointer fewer — ~0.5 µs of host time per forward+backward
+    against a stand-in pointer, ``BENCHMARKS.md``). A plan compiled for the other case is
+    refused: a bias would be ignored, or a missing one read."""
     if p.constexprs["HAS_BIAS"] != (bias is not None):
         raise ValueError("tsra launch: the plan was made "
                          f"{'with' if p.constexprs['HAS_BIAS'] else 'without'} a bias, "
                          f"the call {'passes' if bias is not None else 'has'} "
                          f"{'one' if bias is not None else 'none'}")
-    return (*tensors, tensors[0] if bias is None else bias)
+    return (*tensors, bias)
 
 
 def run(p: LaunchPlan, tensors: tuple[torch.Tensor, ...], a_u: float, b_u: float, a_v: float,

@@ -45,7 +45,7 @@ SHAPES = [
 def _signature(kernel: str, dtype: str) -> dict[str, str]:
     """The runtime arguments' types; the constexprs are added from the specialisation."""
     ptrs = ["X", "Y", "BIAS"] if "_fwd_" in kernel else ["DY", "X", "DX", "BIAS"]
-    sig = {p: f"*{dtype}" for p in ptrs}  # no bias: BIAS is a stand-in pointer to x's data
+    sig = {p: f"*{dtype}" for p in ptrs}  # no bias: ``_spec`` makes BIAS a None constexpr
     sig.update({k: "i32" for k in ["C", "P", "split", "n_pblocks", "stride_b", "stride_c",
                                    "stride_p"]})
     sig.update({k: "fp32" for k in ["a_u", "b_u", "a_v", "b_v", "eps", "inv_norm_size",
@@ -76,6 +76,8 @@ def _spec(c: int, p: int, cl: bool, direction: str, dtype: str, rms: bool,
     ints = {"C": c, "P": p, "split": split, "stride_b": 0 if cl else c * p,
             "stride_c": 1 if cl else p, "stride_p": c if cl else 1}
     consts = {**consts, **{k: v for k, v in ints.items() if v == 1}}
+    if not consts["HAS_BIAS"]:  # the launchers pass None, which the JIT makes a constexpr
+        consts["BIAS"] = None
     sig = _signature(kernel, dtype)
     sig.update({k: "constexpr" for k in consts})
     ptrs = [k for k, v in sig.items() if v.startswith("*")]
