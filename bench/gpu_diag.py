@@ -25,6 +25,11 @@ smoke run: ``TRITON_INTERPRET=1 GPU_DIAG_DEVICE=cpu GPU_DIAG_BATCH=1 GPU_DIAG_CO
   tensor cores), and on channels_last maps (``NHWC``: channel-contiguous slabs, as
   ``calibrate(channels_last=True)`` gives the kernel); achieved TFLOP/s of the products
   actually computed.
+* ``biasgrad``    — the RMSNorm→TSRA backward with a convolution's bias (CUDA-graph replay)
+  at the VGG-16 conv shapes, bf16 and fp32, NCHW and channels_last: the bias gradient as
+  ``dx`` summed over the positions in a pass of its own, against the kernel writing its
+  per-program partial sums (``BIAS_GRAD``) and a sum over programs; the backward without a
+  bias gradient beside them.
 * ``calibration`` — a plain forward pass vs streaming calibration (float32 ``ieee``,
   ``tf32x3``, ``bf16x6`` and ``fp64`` products, and a bf16 model; ``ieee``, ``fp64`` and bf16
   also with channels_last inputs, against a channels_last forward) on 10,000 images of
@@ -587,6 +592,65 @@ def part_calibration(rec: dict) -> None:
     rec["calibration"] = out
 
 
+def part_biasgrad(rec: dict) -> None:
+    from cobkern.kernels import tsra as ktsra
+    from cobkern.ops._checks import channel_geometry
+
+    rows = []
+    consts = (*CONSTS[:5], 0, 1e-6)  # RMSNorm→TSRA: norm_size set per shape below
+    for shape in [s for s in SHAPES if len(s) == 3]:
+        for dname, dtype in DTYPES.items():
+            for nhwc in (False, True):
+                x, dy = (t.to(dtype) for t in (torch.randn((BATCH, *shape), device=DEVICE),
+                                               torch.randn((BATCH, *shape), device=DEVICE)))
+                if nhwc:
+                    x, dy = (t.to(memory_format=torch.channels_last) for t in (x, dy))
+                dx, b = torch.empty_like(x), torch.randn(shape[0], device=DEVICE)
+                geo, split = channel_geometry(x, 1), shape[0] // 2
+                args = (*consts[:5], shape[0], consts[6])
+                itemsize = x.element_size()
+                plain = ktsra.plan("backward", geo, split, True, itemsize, has_bias=True)
+                fused = ktsra.plan("backward", geo, split, True, itemsize, has_bias=True,
+                                   bias_grad=True)
+                row = {"shape": [BATCH, *shape], "dtype": dname, "nhwc": nhwc,
+                       "fused_by_default": bool(fused.constexprs["BIAS_GRAD"])}
+                if not fused.constexprs["BIAS_GRAD"]:  # time the partials all the same
+                    fused = ktsra.LaunchPlan(*ktsra.specialization(
+                        geo.C, geo.P, split, geo.channels_contig, "backward", True, itemsize,
+                        has_bias=True, bias_grad=True)[:1], fused.grid, fused.ints,
+                        {**fused.constexprs, "BIAS_GRAD": True}, fused.num_warps)
+                buf = ktsra.bias_grad_buffer(fused, DEVICE)
+                row["partials_bytes"] = buf.numel() * 4
+                row["dx_bytes"] = dx.numel() * itemsize
+
+                def kernel_only(p=plain, x=x, dy=dy, dx=dx, b=b, args=args):
+                    ktsra.run(p, (dy, x, dx), *args, b)
+
+                def summed(p=plain, x=x, dy=dy, dx=dx, b=b, args=args):
+                    ktsra.run(p, (dy, x, dx), *args, b)
+                    return dx.sum((0, 2, 3), dtype=torch.float32)
+
+                def partials(p=fused, x=x, dy=dy, dx=dx, b=b, args=args, buf=buf):
+                    ktsra.run(p, (dy, x, dx), *args, b, buf)
+                    return buf.sum(0)
+
+                for name, fn in (("backward", kernel_only), ("sum_dx", summed),
+                                 ("partials", partials)):
+                    try:
+                        row[name + "_ms"] = (_graph_ms(fn) if DEVICE == "cuda"
+                                             else _wall_ms(fn))
+                    except Exception as e:  # report, keep the other rows
+                        row[name + "_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                if "sum_dx_ms" in row and "partials_ms" in row:
+                    row["sum_over_partials"] = row["sum_dx_ms"] / row["partials_ms"]
+                ref = summed().double()
+                row["max_rel_diff"] = float((partials().double() - ref).abs().max()
+                                            / ref.abs().max().clamp_min(1e-30))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    rec["biasgrad"] = rows
+
+
 def _markdown(rec: dict) -> str:
     lines = [f"# GPU diagnostics — {rec.get('device')}, torch {rec.get('torch')}, "
              f"triton {rec.get('triton')}, {rec.get('date')}", ""]
@@ -620,6 +684,20 @@ def _markdown(rec: dict) -> str:
                                         "graph")]
             lines.append(f"| {'×'.join(map(str, r['shape']))} | " + " | ".join(cells) + " |")
         lines.append("")
+    if "biasgrad" in rec:
+        lines += ["RMSNorm→TSRA backward with a bias (CUDA-graph replay): the bias gradient "
+                  "summed from dx in a pass of its own vs from the kernel's partial sums.", "",
+                  "| shape | dtype | layout | backward alone ms | + sum of dx ms | with partial "
+                  "sums ms | sum / partials | shipped plan fuses | max rel. diff |",
+                  "|---|---|---|---:|---:|---:|---:|---|---:|"]
+        for r in rec["biasgrad"]:
+            cells = [f"{r[k]:.4f}" if k in r else r.get(k.replace("_ms", "_error"), "—")
+                     for k in ("backward_ms", "sum_dx_ms", "partials_ms")]
+            ratio = f"{r['sum_over_partials']:.2f}×" if "sum_over_partials" in r else "—"
+            lines.append(f"| {'×'.join(map(str, r['shape']))} | {r['dtype']} | "
+                         f"{'NHWC' if r['nhwc'] else 'NCHW'} | " + " | ".join(cells)
+                         + f" | {ratio} | {r['fused_by_default']} | {r['max_rel_diff']:.1e} |")
+        lines.append("")
     if "covariance" in rec:
         lines += [f"Covariance kernel alone, batch {COV_BATCH} (CUDA-graph replay):", "",
                   "| layer (C×H×W) | dtype | variant | tile | ms | TFLOP/s computed |",
@@ -641,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="bench-results")
     # tiles first: its tuning table feeds the session's next step (bench_tsra --tuning)
-    p.add_argument("--parts", default="tiles,covariance,overhead,calibration")
+    p.add_argument("--parts", default="tiles,covariance,overhead,biasgrad,calibration")
     p.add_argument("--table-from", default=None, metavar="GPU_DIAG_JSON",
                    help="only (re)write OUT/tsra_tuning.json from an earlier run's "
                         "gpu_diag.json (no GPU needed)")
@@ -668,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
            "date": dt.date.today().isoformat()}
     os.makedirs(args.out, exist_ok=True)
     parts = {"tiles": part_tiles, "overhead": part_overhead, "covariance": part_covariance,
-             "calibration": part_calibration}
+             "calibration": part_calibration, "biasgrad": part_biasgrad}
     for name in args.parts.split(","):
         t = time.perf_counter()
         try:

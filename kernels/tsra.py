@@ -32,8 +32,12 @@ row length a compile-time constant so that those short rows still vectorise.
 ``x`` as it is loaded, in both directions — the bias of the convolution in front, which
 then need not be added in a pass of its own; the kernels compute the function of ``x + b``
 and the backward its input gradient (the bias gradient is that gradient summed over the
-positions, left to the caller). Without a bias the launchers pass ``BIAS=None``, which the
-JIT specialises as a constexpr (no pointer argument at all).
+positions). ``BIAS_GRAD=True`` (backward) also stores each program's sums of ``dx`` over its
+positions, one float32 per channel, in row ``program_id`` of ``DB``: the bias gradient is
+then a sum over programs (a ``(programs, C)`` buffer, a few percent of ``dx``'s bytes at the
+convolutions' shapes) instead of a second read of ``dx``. Without a bias the launchers pass
+``BIAS=None`` (and without partial sums ``DB=None``), which the JIT specialises as a
+constexpr: no pointer argument at all.
 
 ``VEC_P > 0`` (tuning sweeps; 0 in the shipped launches) caps the vector width along
 positions. The compiler gives each thread as many consecutive positions as one 16-byte
@@ -60,7 +64,8 @@ from ._host import cdiv, next_pow2
 from ._launch import launch
 
 __all__ = ["tsra_forward", "tsra_backward", "launch_config", "specialization", "plan", "run",
-           "run_traced", "LaunchPlan", "KERNELS", "MAX_TILE_CHANNELS"]
+           "run_traced", "bias_grad_buffer", "LaunchPlan", "KERNELS", "MAX_TILE_CHANNELS",
+           "BIAS_GRAD_MIN_ROW_BYTES"]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -144,6 +149,18 @@ def _channel_bias(BIAS, c0, hi, BLOCK: tl.constexpr):
     sums are per position and never stored."""
     offs_c = c0 + tl.arange(0, BLOCK)
     return tl.load(BIAS + offs_c, mask=offs_c < hi, other=0.0).to(tl.float32)[:, None]
+
+
+@triton.jit
+def _bias_partials(DB, dx, mask, c0, hi, C, BLOCK: tl.constexpr):
+    """Store this program's sums of ``dx`` (a float32 ``[BLOCK, BLOCK_P]`` tile of channels
+    ``c0 .. c0 + BLOCK``, those below ``hi`` kept) over its positions in row
+    ``program_id`` of the ``(programs, C)`` float32 buffer ``DB``: the partial sums of the
+    bias gradient. Positions outside ``mask`` (past the end of a row, where ``x`` is the
+    bias alone) add nothing."""
+    offs_c = c0 + tl.arange(0, BLOCK)
+    part = tl.sum(tl.where(mask, dx, 0.0), axis=1)
+    tl.store(DB + tl.program_id(0).to(tl.int64) * C + offs_c, part, mask=offs_c < hi)
 
 
 @triton.jit
@@ -237,11 +254,11 @@ def _tsra_fwd_kernel(
 
 @triton.jit
 def _tsra_bwd_kernel(
-    DY, X, DX, BIAS, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
+    DY, X, DX, BIAS, DB, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
     a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, CHANNELS_CONTIG: tl.constexpr,
     RMSNORM: tl.constexpr, EVEN_C: tl.constexpr, SMALL_P: tl.constexpr, VEC_P: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
 ):
     pid_b, offs_p = _program_coords(n_pblocks, BLOCK_P, VEC_P)
     offs, mask, is_u = _chunk(0, pid_b, offs_p, P, C, split, stride_b, stride_c, stride_p,
@@ -258,6 +275,8 @@ def _tsra_bwd_kernel(
                                      rms_eps, RMSNORM)
     dx = _per_channel(is_u, gu, gv) * dy + _per_channel(is_u, ku, kv) * x
     tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+    if BIAS_GRAD:
+        _bias_partials(DB, dx, mask, 0, C, C, BLOCK_C)
 
 
 # ----------------------------------------------------------------------------- split tile
@@ -302,11 +321,11 @@ def _tsra_fwd_split_kernel(
 
 @triton.jit
 def _tsra_bwd_split_kernel(
-    DY, X, DX, BIAS, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
+    DY, X, DX, BIAS, DB, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
     a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
     BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_P: tl.constexpr,
     RMSNORM: tl.constexpr, EVEN_U: tl.constexpr, EVEN_V: tl.constexpr, SMALL_P: tl.constexpr,
-    VEC_P: tl.constexpr, HAS_BIAS: tl.constexpr,
+    VEC_P: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
 ):
     offs_u, mask_u, offs_v, mask_v = _split_blocks(
         n_pblocks, C, P, split, stride_b, stride_c, BLOCK_U, BLOCK_V, BLOCK_P, EVEN_U, EVEN_V,
@@ -321,10 +340,13 @@ def _tsra_bwd_split_kernel(
     gu, gv, ku, kv = _backward_coefs(
         tl.sum(xu * xu, axis=0), tl.sum(xv * xv, axis=0), tl.sum(dyu * xu, axis=0),
         tl.sum(dyv * xv, axis=0), a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps, RMSNORM)
-    tl.store(DX + offs_u, (gu[None, :] * dyu + ku[None, :] * xu).to(DX.dtype.element_ty),
-             mask=mask_u)
-    tl.store(DX + offs_v, (gv[None, :] * dyv + kv[None, :] * xv).to(DX.dtype.element_ty),
-             mask=mask_v)
+    dxu = gu[None, :] * dyu + ku[None, :] * xu
+    dxv = gv[None, :] * dyv + kv[None, :] * xv
+    tl.store(DX + offs_u, dxu.to(DX.dtype.element_ty), mask=mask_u)
+    tl.store(DX + offs_v, dxv.to(DX.dtype.element_ty), mask=mask_v)
+    if BIAS_GRAD:
+        _bias_partials(DB, dxu, mask_u, 0, split, C, BLOCK_U)
+        _bias_partials(DB, dxv, mask_v, split, C, C, BLOCK_V)
 
 
 # ----------------------------------------------------------------------------- chunked
@@ -362,11 +384,11 @@ def _tsra_fwd_chunked_kernel(
 
 @triton.jit
 def _tsra_bwd_chunked_kernel(
-    DY, X, DX, BIAS, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
+    DY, X, DX, BIAS, DB, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
     a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, CHANNELS_CONTIG: tl.constexpr,
     RMSNORM: tl.constexpr, EVEN_C: tl.constexpr, SMALL_P: tl.constexpr, VEC_P: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
 ):
     pid_b, offs_p = _program_coords(n_pblocks, BLOCK_P, VEC_P)
     s2u = tl.zeros([BLOCK_P], tl.float32)
@@ -399,6 +421,8 @@ def _tsra_bwd_chunked_kernel(
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         dx = _per_channel(is_u, gu, gv) * dy + _per_channel(is_u, ku, kv) * x
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        if BIAS_GRAD:
+            _bias_partials(DB, dx, mask, c0, C, C, BLOCK_C)
 
 
 #: ``(direction, kind)`` → kernel; kind ``"tile"`` (channels-last, all channels in one
@@ -426,6 +450,12 @@ MAX_TILE_CHANNELS = 4096
 #: most shapes in both dtypes (1024×128×16×16 bf16: 0.156 ms against 0.261 for 2048/8).
 TILE_BYTES = {"forward": 16384, "backward": {4: 16384, 2: 8192}}
 BYTES_PER_THREAD = {"forward": 64, "backward": {4: 64, 2: 32}}
+#: The backward kernels write the bias gradient's partial sums (``BIAS_GRAD``: one float32
+#: per channel and program) only where a program's rows are at least this many bytes of
+#: ``dx`` (``BLOCK_P`` × itemsize): the partials are then at most a quarter of ``dx``'s
+#: bytes, written once and read once by their sum — at most half the read of ``dx`` they
+#: replace. Narrower tiles (the linear layers: one position per program) sum ``dx`` instead.
+BIAS_GRAD_MIN_ROW_BYTES = 16
 #: Chunked kernels (``C > MAX_TILE_CHANNELS``; not in the sweep) keep ``(elements per
 #: chunk, per thread)`` of 4096/16 forward and 2048/8 backward: the fp32 backward at
 #: 4096/16 spills (AOT test), and these were the spill-free shipped configuration.
@@ -475,7 +505,7 @@ def launch_config(C: int, P: int, direction: str = "forward", itemsize: int = 4,
 @functools.lru_cache(maxsize=1024)
 def specialization(C: int, P: int, split: int, channels_contig: bool, direction: str,
                    rmsnorm: bool, itemsize: int = 4, vec_p: int | None = None,
-                   has_bias: bool = False,
+                   has_bias: bool = False, bias_grad: bool = False,
                    **tuning: int | None) -> tuple[object, dict, int, int]:
     """What one launch compiles: ``(kernel, constexprs, num_warps, n_pblocks)``.
 
@@ -487,10 +517,13 @@ def specialization(C: int, P: int, split: int, channels_contig: bool, direction:
     (``tile_elems``, ``elems_per_thread``, ``num_warps``) is passed to
     :func:`launch_config`; ``vec_p`` caps the vector width along NCHW positions (``VEC_P``,
     module docstring; tuning sweeps); ``has_bias`` compiles the bias add in
-    (``HAS_BIAS``). Cached: it runs on every
+    (``HAS_BIAS``); ``bias_grad`` (backward only) the partial sums of the bias gradient
+    (``BIAS_GRAD``; :func:`plan` decides where they pay). Cached: it runs on every
     launch, and host time is what limits the small layers. The returned ``constexprs`` dict
     is shared between calls; do not mutate it.
     """
+    if bias_grad and direction != "backward":
+        raise ValueError("tsra launch: bias_grad is a backward option")
     kind = ("chunked" if C > MAX_TILE_CHANNELS else "tile" if channels_contig else "split")
     block_u, block_v = next_pow2(split), next_pow2(C - split)
     rows = block_u + block_v if kind == "split" else None
@@ -508,6 +541,8 @@ def specialization(C: int, P: int, split: int, channels_contig: bool, direction:
                       "CHANNELS_CONTIG": channels_contig, "RMSNORM": rmsnorm,
                       "EVEN_C": C % block_c == 0, "SMALL_P": small_p, "VEC_P": vec,
                       "HAS_BIAS": has_bias}
+    if direction == "backward":
+        constexprs["BIAS_GRAD"] = bias_grad
     return KERNELS[(direction, kind)], constexprs, num_warps, cdiv(P, block_p)
 
 
@@ -523,59 +558,101 @@ class LaunchPlan(NamedTuple):
 
 
 def plan(direction: str, geo, split: int, rmsnorm: bool, itemsize: int,
-         tuning: Mapping[str, int] | None = None, has_bias: bool = False) -> LaunchPlan:
+         tuning: Mapping[str, int] | None = None, has_bias: bool = False,
+         bias_grad: bool = False) -> LaunchPlan:
     """The launch of ``direction`` on a ``geo``-shaped activation (see :func:`specialization`;
-    ``tuning`` as in :func:`tsra_forward`; ``has_bias``: a bias is added to ``x``)."""
+    ``tuning`` as in :func:`tsra_forward`; ``has_bias``: a bias is added to ``x``).
+
+    ``bias_grad`` (backward): the bias gradient is wanted too. The plan then has the kernel
+    write its partial sums (``constexprs["BIAS_GRAD"]``; :func:`bias_grad_buffer`) where a
+    program's rows hold at least :data:`BIAS_GRAD_MIN_ROW_BYTES` of ``dx``; elsewhere
+    ``BIAS_GRAD`` stays off and the caller sums ``dx`` itself."""
+    if bias_grad and direction != "backward":
+        raise ValueError("tsra launch: bias_grad is a backward option")
+    spec = dict(has_bias=has_bias, **(tuning or {}))
     kernel, constexprs, num_warps, n_pblocks = specialization(
-        geo.C, geo.P, split, geo.channels_contig, direction, rmsnorm, itemsize,
-        has_bias=has_bias, **(tuning or {}))
+        geo.C, geo.P, split, geo.channels_contig, direction, rmsnorm, itemsize, **spec)
+    if bias_grad and constexprs["BLOCK_P"] * itemsize >= \
+            BIAS_GRAD_MIN_ROW_BYTES:
+        kernel, constexprs, num_warps, n_pblocks = specialization(
+            geo.C, geo.P, split, geo.channels_contig, direction, rmsnorm, itemsize,
+            bias_grad=True, **spec)
     return LaunchPlan(kernel, (n_pblocks * geo.B,),
                       (geo.C, geo.P, split, n_pblocks, geo.stride_b, geo.stride_c,
                        geo.stride_p), constexprs, num_warps)
 
 
-def _with_bias(p: LaunchPlan, tensors: tuple, bias: torch.Tensor | None) -> tuple:
+def bias_grad_buffer(p: LaunchPlan, device: torch.device | str) -> torch.Tensor:
+    """The ``(programs, C)`` float32 buffer a ``BIAS_GRAD`` backward launch of ``p`` writes
+    its partial sums to; the bias gradient is its sum over the programs (dim 0)."""
+    return torch.empty((p.grid[0], p.ints[0]), dtype=torch.float32, device=device)
+
+
+def _with_bias(p: LaunchPlan, tensors: tuple, bias: torch.Tensor | None,
+               partials: torch.Tensor | None = None) -> tuple:
     """The kernel's pointer arguments: ``tensors`` and the bias, ``None`` without one (the
     JIT makes a ``None`` argument a constexpr: the compiled kernel has no such parameter and
     its launcher extracts one pointer fewer — ~0.5 µs of host time per forward+backward
     against a stand-in pointer, ``BENCHMARKS.md``). A plan compiled for the other case is
-    refused: a bias would be ignored, or a missing one read."""
+    refused: a bias would be ignored, or a missing one read. Backward launches take the
+    bias gradient's partial-sums buffer (``None`` unless the plan has ``BIAS_GRAD``) last."""
     if p.constexprs["HAS_BIAS"] != (bias is not None):
         raise ValueError("tsra launch: the plan was made "
                          f"{'with' if p.constexprs['HAS_BIAS'] else 'without'} a bias, "
                          f"the call {'passes' if bias is not None else 'has'} "
                          f"{'one' if bias is not None else 'none'}")
-    return (*tensors, bias)
+    if "BIAS_GRAD" not in p.constexprs:  # a forward launch
+        if partials is not None:
+            raise ValueError("tsra launch: a forward launch has no bias-gradient partials")
+        return (*tensors, bias)
+    if p.constexprs["BIAS_GRAD"] != (partials is not None):
+        raise ValueError("tsra launch: the plan was made "
+                         f"{'with' if p.constexprs['BIAS_GRAD'] else 'without'} the bias "
+                         "gradient's partial sums, the call "
+                         f"{'passes' if partials is not None else 'has'} "
+                         f"{'a buffer' if partials is not None else 'none'}")
+    if partials is not None and (partials.shape != (p.grid[0], p.ints[0])
+                                 or partials.dtype != torch.float32
+                                 or not partials.is_contiguous()):
+        raise ValueError(f"tsra launch: the partial sums need a contiguous float32 "
+                         f"({p.grid[0]}, {p.ints[0]}) buffer, got {partials.dtype} "
+                         f"{tuple(partials.shape)}")
+    return (*tensors, bias, partials)
 
 
 def run(p: LaunchPlan, tensors: tuple[torch.Tensor, ...], a_u: float, b_u: float, a_v: float,
         b_v: float, eps: float, norm_size: int, rms_eps: float,
-        bias: torch.Tensor | None = None) -> None:
+        bias: torch.Tensor | None = None, partials: torch.Tensor | None = None) -> None:
     """Launch a :func:`plan` on ``(x, y)`` (forward) or ``(dy, x, dx)`` (backward), with
-    ``bias`` (contiguous ``(C,)``) added to ``x`` when the plan has ``has_bias``."""
+    ``bias`` (contiguous ``(C,)``) added to ``x`` when the plan has ``has_bias``, and the
+    bias gradient's partial sums written to ``partials`` (:func:`bias_grad_buffer`) when it
+    has ``BIAS_GRAD``."""
     inv_n = 1.0 / norm_size if norm_size > 0 else 0.0
-    launch(p.kernel, p.grid, _with_bias(p, tensors, bias), p.ints,
+    launch(p.kernel, p.grid, _with_bias(p, tensors, bias, partials), p.ints,
            (a_u, b_u, a_v, b_v, eps, inv_n, rms_eps), p.constexprs, p.num_warps)
 
 
 def run_traced(p: LaunchPlan, tensors: tuple[torch.Tensor, ...], a_u: float, b_u: float,
                a_v: float, b_v: float, eps: float, norm_size: int, rms_eps: float,
-               bias: torch.Tensor | None = None) -> None:
+               bias: torch.Tensor | None = None, partials: torch.Tensor | None = None) -> None:
     """Launch a :func:`plan` through ``torch.library.wrap_triton``: the same kernel, grid,
     arguments and options as :func:`run`, in a form that ``torch.compile`` traces (inductor
     then launches the kernel from its own generated code). Eager callers use :func:`run`."""
     from torch.library import wrap_triton
 
     inv_n = 1.0 / norm_size if norm_size > 0 else 0.0
-    wrap_triton(p.kernel)[p.grid](*_with_bias(p, tensors, bias), *p.ints, a_u, b_u, a_v, b_v,
+    wrap_triton(p.kernel)[p.grid](*_with_bias(p, tensors, bias, partials), *p.ints, a_u, b_u,
+                                  a_v, b_v,
                                   eps, inv_n, rms_eps, num_warps=p.num_warps, **p.constexprs)
 
 
 def _launch(direction, tensors, geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps,
-            bias=None, **tuning):
-    run(plan(direction, geo, split, norm_size > 0, tensors[0].element_size(), tuning,
-             has_bias=bias is not None),
-        tensors, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps, bias)
+            bias=None, bias_grad=False, **tuning):
+    p = plan(direction, geo, split, norm_size > 0, tensors[0].element_size(), tuning,
+             has_bias=bias is not None, bias_grad=bias_grad)
+    partials = bias_grad_buffer(p, tensors[0].device) if p.constexprs.get("BIAS_GRAD") else None
+    run(p, tensors, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps, bias, partials)
+    return partials
 
 
 def tsra_forward(x: torch.Tensor, y: torch.Tensor, geo, split: int, a_u: float, b_u: float,
@@ -595,9 +672,15 @@ def tsra_forward(x: torch.Tensor, y: torch.Tensor, geo, split: int, a_u: float, 
 def tsra_backward(dy: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, geo, split: int,
                   a_u: float, b_u: float, a_v: float, b_v: float, eps: float, norm_size: int,
                   rms_eps: float, tuning: Mapping[str, int] | None = None,
-                  bias: torch.Tensor | None = None) -> None:
+                  bias: torch.Tensor | None = None,
+                  bias_grad: bool = False) -> torch.Tensor | None:
     """Write the input gradient into ``dx`` given ``dy``; all three share ``geo``.
     ``tuning`` and ``bias`` as in :func:`tsra_forward` (``dx`` is then the gradient with
-    respect to ``x + bias``, as to ``x``)."""
-    _launch("backward", (dy, x, dx), geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps,
-            bias, **(tuning or {}))
+    respect to ``x + bias``, as to ``x``).
+
+    ``bias_grad=True`` (with a bias): where it pays (:func:`plan`), the kernel also writes the
+    bias gradient's partial sums, returned as a ``(programs, C)`` float32 tensor whose sum
+    over dim 0 is the bias gradient; otherwise (and without ``bias_grad``) returns ``None``
+    and the bias gradient is ``dx`` summed over the positions."""
+    return _launch("backward", (dy, x, dx), geo, split, a_u, b_u, a_v, b_v, eps, norm_size,
+                   rms_eps, bias, bias_grad, **(tuning or {}))

@@ -141,6 +141,18 @@ def _cases() -> list[tuple[str, Any]]:
                   ktsra.tsra_forward(x, y, geo, 31, *consts, 64, 1e-6, bias=b)))
     cases.append(("rmsnorm-split-bias-backward", lambda x=x, dy=dy, dx=dx, geo=geo, b=b:
                   ktsra.tsra_backward(dy, x, dx, geo, 31, *consts, 64, 1e-6, bias=b)))
+    # and the bias gradient's partial sums (BIAS_GRAD: one more float32 buffer), NCHW and
+    # channels-last; the buffer made once, as tensors are compared by identity
+    xc = x.to(memory_format=torch.channels_last)
+    dyc, dxc = dy.to(memory_format=torch.channels_last), torch.empty_like(xc)
+    for name, tensors, norm in (("rmsnorm-split-bias-grad", (dy, x, dx), 64),
+                                ("tsra-tile-bias-grad", (dyc, xc, dxc), 0)):
+        p = ktsra.plan("backward", channel_geometry(tensors[1], 1), 31, norm > 0, 2,
+                       has_bias=True, bias_grad=True)
+        assert p.constexprs["BIAS_GRAD"], name
+        buf = ktsra.bias_grad_buffer(p, "cpu")
+        cases.append((f"{name}-backward", lambda p=p, t=tensors, n=norm, buf=buf, b=b:
+                      ktsra.run(p, t, *consts, n, 1e-6, b, buf)))
     # a tensor whose data pointer is 4 bytes past 16-byte alignment: another specialisation
     base = torch.randn(8 * 64 * 16 + 1)
     x = base[1:].view(8, 64, 4, 4)

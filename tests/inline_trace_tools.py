@@ -54,10 +54,17 @@ def _trace(shape, channels_last, split, rmsnorm, dynamic, bias) -> dict:
 
     def f(x, dy, b):
         if rmsnorm:
-            return (cobkern.rmsnorm_tsra(x, split, bias=b),
-                    cobkern.ops.rmsnorm_tsra_backward(dy, x, split, bias=b))
-        return (cobkern.tsra(x, split, bias=b),
-                cobkern.ops.tsra_backward(dy, x, split, bias=b))
+            out = (cobkern.rmsnorm_tsra(x, split, bias=b),
+                   cobkern.ops.rmsnorm_tsra_backward(dy, x, split, bias=b))
+        else:
+            out = (cobkern.tsra(x, split, bias=b), cobkern.ops.tsra_backward(dy, x, split, bias=b))
+        if b is None:
+            return out
+        # with a bias: also the backward that returns its gradient (what the forward's
+        # autograd formula calls when the bias needs one), which writes partial sums
+        return (*out, *torch.ops.cobkern.tsra_inline_backward_bias(
+            dy, x, split, 1, 5.0, 0.5, 5.0, 0.7, 1e-12, norm, 1e-6 if rmsnorm else 0.0,
+            "auto", "off", b))
 
     mode, sizes = FakeTensorMode(), list(shape)
     if dynamic:  # a symbolic batch size, as torch.compile's dynamic shapes make it
@@ -89,8 +96,10 @@ def _trace(shape, channels_last, split, rmsnorm, dynamic, bias) -> dict:
                          "args": args, "num_warps": [c.num_warps for c in configs],
                          "clone": sorted(node.kwargs["tensors_to_clone"])})
     plans = []
-    for direction in ("forward", "backward") if not dynamic else ():
-        p = ktsra.plan(direction, geo, split, rmsnorm, 2, has_bias=bias)
+    directions = ("forward", "backward") + (("backward-bias",) if bias else ())
+    for direction in directions if not dynamic else ():
+        p = ktsra.plan(direction.split("-")[0], geo, split, rmsnorm, 2, has_bias=bias,
+                       bias_grad=direction == "backward-bias")
         plans.append({"kernel": p.kernel.__name__, "grid": list(p.grid) + [1, 1],
                       "ints": list(p.ints), "constexprs": p.constexprs,
                       "num_warps": p.num_warps})

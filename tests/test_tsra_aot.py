@@ -44,8 +44,10 @@ SHAPES = [
 
 def _signature(kernel: str, dtype: str) -> dict[str, str]:
     """The runtime arguments' types; the constexprs are added from the specialisation."""
-    ptrs = ["X", "Y", "BIAS"] if "_fwd_" in kernel else ["DY", "X", "DX", "BIAS"]
-    sig = {p: f"*{dtype}" for p in ptrs}  # no bias: ``_spec`` makes BIAS a None constexpr
+    ptrs = ["X", "Y", "BIAS"] if "_fwd_" in kernel else ["DY", "X", "DX", "BIAS", "DB"]
+    sig = {p: f"*{dtype}" for p in ptrs}  # unused: ``_spec`` makes BIAS / DB None constexprs
+    if "DB" in sig:
+        sig["DB"] = "*fp32"  # the bias gradient's float32 partial sums
     sig.update({k: "i32" for k in ["C", "P", "split", "n_pblocks", "stride_b", "stride_c",
                                    "stride_p"]})
     sig.update({k: "fp32" for k in ["a_u", "b_u", "a_v", "b_v", "eps", "inv_norm_size",
@@ -78,6 +80,8 @@ def _spec(c: int, p: int, cl: bool, direction: str, dtype: str, rms: bool,
     consts = {**consts, **{k: v for k, v in ints.items() if v == 1}}
     if not consts["HAS_BIAS"]:  # the launchers pass None, which the JIT makes a constexpr
         consts["BIAS"] = None
+    if not consts.get("BIAS_GRAD", True):
+        consts["DB"] = None
     sig = _signature(kernel, dtype)
     sig.update({k: "constexpr" for k in consts})
     ptrs = [k for k, v in sig.items() if v.startswith("*")]
@@ -112,8 +116,9 @@ def _compiled():
 
 def _name(spec):
     m = spec["meta"]
+    grad = ", bias grad" if spec["constexprs"].get("BIAS_GRAD") else ""
     return (f"{spec['kernel']}[{m['dtype']}, C={m['C']}, split={m['split']}, P={m['P']}, "
-            f"{'NHWC' if m['cl'] else 'NCHW'}, rms={m['rms']}]")
+            f"{'NHWC' if m['cl'] else 'NCHW'}, rms={m['rms']}{grad}]")
 
 
 def test_every_variant_compiles_and_assembles():
@@ -270,10 +275,11 @@ BIAS_SHAPES = [(64, 1024, False), (512, 4, False), (300, 64, False), (64, BATCH 
 @functools.cache
 def _bias_compiled():
     specs = []
-    for direction in ("forward", "backward"):
+    for direction, bias_grad in (("forward", False), ("backward", False), ("backward", True)):
         for dtype in ("bf16", "fp32"):
             for c, p, cl in BIAS_SHAPES:
-                spec = _spec(c, p, cl, direction, dtype, True, has_bias=True)
+                tuning = {"bias_grad": True} if bias_grad else {}
+                spec = _spec(c, p, cl, direction, dtype, True, has_bias=True, **tuning)
                 spec["signature"]["BIAS"] = "*fp32"
                 specs.append(spec)
     results = compile_specs([{k: v for k, v in s.items() if k != "meta"} for s in specs])
@@ -292,7 +298,9 @@ def test_bias_launches_compile_without_spills_and_keep_vector_accesses():
             continue
         m = s["meta"]
         vector = (m["C"] % 16 == 0) if m["cl"] else (m["P"] % 16 == 0)
-        if vector and (r["ld_v4"] == 0 or r["st_v4"] == 0 or r["st_scalar"]):
+        # scalar stores: the bias gradient's partial sums (C floats a program), never dx
+        if vector and (r["ld_v4"] == 0 or r["st_v4"] == 0
+                       or (r["st_scalar"] and not s["constexprs"].get("BIAS_GRAD"))):
             bad.append(f"{_name(s)}: ld v4={r['ld_v4']} scalar={r['ld_scalar']}; "
                        f"st v4={r['st_v4']} scalar={r['st_scalar']}")
     assert not bad, "\n".join(bad)

@@ -147,6 +147,10 @@ def test_opcheck_with_bias(mode, layout, device):
     torch.library.opcheck(fwd, (x, *args, b))
     dy = torch.randn_like(x).detach()
     torch.library.opcheck(bwd, (dy, x.detach(), *args, b))
+    # the backward that returns the bias gradient too (what the forward's formula calls
+    # when the bias needs one), differentiable in grad, x and the bias
+    bwd_bias = getattr(torch.ops.cobkern, f"{names[1]}_bias").default
+    torch.library.opcheck(bwd_bias, (dy.requires_grad_(True), x, *args, b))
 
 
 class _ConvBlock(torch.nn.Module):
@@ -228,3 +232,178 @@ def test_a_layer_bias_takes_the_eager_fast_path(monkeypatch, device):
     x = torch.randn(2, 8, 3, 3, device=device, requires_grad=True)
     for b in (torch.nn.Parameter(torch.randn(8, device=device)), torch.randn(8, device=device)):
         rmsnorm_tsra(x, 3, bias=b).sum().backward()
+
+
+# ----------------------------------------------------------------------------- bias gradient
+# The backward kernels can write the bias gradient's partial sums (one float32 per channel
+# and program) as they write dx, so that it costs a sum over programs instead of a second
+# read of dx (``kernels.tsra.plan``: where a program's rows hold >= 16 bytes of dx).
+
+
+def _ops_module():
+    import sys
+
+    return sys.modules["cobkern.ops.tsra"]
+
+
+@pytest.fixture
+def partials_everywhere(monkeypatch):
+    """Every backward launch with a bias writes the partial sums (the threshold at 0),
+    counting the buffers made; plan caches cleared before and after."""
+    from cobkern.kernels import tsra as ktsra
+
+    made = []
+    real = ktsra.bias_grad_buffer
+
+    def counted(p, device):
+        made.append(p.kernel.__name__)
+        return real(p, device)
+
+    monkeypatch.setattr(ktsra, "BIAS_GRAD_MIN_ROW_BYTES", 0)
+    monkeypatch.setattr(ktsra, "bias_grad_buffer", counted)
+    _ops_module()._PLANS.clear()
+    yield made
+    _ops_module()._PLANS.clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_kernel_bias_gradient_from_partial_sums(case, dtype, device, partials_everywhere):
+    """Every kernel family (split, tile, rows, chunked; masked rows and positions, other
+    channel axes) writing the partial sums: the bias gradient within the same bound as the
+    summed input gradient's (``rtol`` times the sum of the terms' magnitudes plus ``atol``;
+    the partials sum float32 terms before their rounding to the storage dtype, so the bound
+    only gets looser for them), and ``dx`` as without them."""
+    if device.type == "cpu" and not backend.interpreter_enabled():
+        pytest.skip("the kernels run on CPU tensors only under TRITON_INTERPRET=1")
+    shape, split, dim, layout = case
+    x = _make(shape, layout, dtype, device).requires_grad_(True)
+    b = (torch.randn(shape[dim]) * 0.5).to(device).requires_grad_(True)
+    dy = torch.randn(shape).to(device=device, dtype=dtype)
+    _, dx64, db64 = _reference64(x, b, dy, split, dim, True)
+    with cobkern.use_backend("triton"):
+        dx, db = torch.autograd.grad(rmsnorm_tsra(x, split, dim, bias=b), (x, b), dy)
+        dx_only = torch.autograd.grad(rmsnorm_tsra(x, split, dim, bias=b.detach()), x, dy)[0]
+    assert len(partials_everywhere) == 1  # the first backward only: the bias needed a grad
+    assert torch.equal(dx, dx_only)
+    dims = [d for d in range(x.dim()) if d != dim]
+    tol = TOL[dtype]
+    bound = tol["rtol"] * dx64.abs().sum(dims) + tol["atol"]
+    err = (db.cpu().double() - db64).abs()
+    assert torch.all(err <= bound), f"bias gradient off by {(err - bound).max():.3g}"
+
+
+def test_partial_sums_are_made_where_they_pay():
+    """The plan writes partial sums where a program's rows hold at least
+    ``BIAS_GRAD_MIN_ROW_BYTES`` of dx: every VGG-16 convolution at batch 1024, bf16 and
+    fp32, NCHW and channels-last, but the bf16 NCHW 2×2 maps (a program holds one image's
+    4 positions, 8 bytes a row: writing and reading the partials would move as many bytes
+    as reading dx); not the 4096-wide linear layers (one row per program: the partials
+    would be twice dx's bytes), nor without a bias gradient or in the forward."""
+    from cobkern.kernels import tsra as ktsra
+    from cobkern.ops._checks import channel_geometry
+
+    def fused(shape, cl, itemsize, direction="backward", bias_grad=True):
+        x = torch.empty(shape, device="meta")
+        if cl:
+            x = x.to(memory_format=torch.channels_last)
+        p = ktsra.plan(direction, channel_geometry(x, 1), shape[1] // 2, True, itemsize,
+                       has_bias=True, bias_grad=bias_grad)
+        return p.constexprs.get("BIAS_GRAD")
+
+    for c, hw in ((64, 32), (128, 16), (256, 8), (512, 4), (512, 2)):
+        for cl in (False, True):
+            for itemsize in (2, 4):
+                want = not (hw == 2 and not cl and itemsize == 2)
+                assert fused((1024, c, hw, hw), cl, itemsize) is want, (c, hw, cl, itemsize)
+    for itemsize in (2, 4):
+        assert fused((1024, 4096), False, itemsize) is False
+    assert fused((1024, 64, 8, 8), False, 2, bias_grad=False) is False
+    with pytest.raises(ValueError, match="bias_grad is a backward option"):
+        fused((1024, 64, 8, 8), False, 2, direction="forward")
+
+
+def test_launch_refuses_a_partials_buffer_that_does_not_fit_the_plan():
+    from cobkern.kernels import tsra as ktsra
+    from cobkern.ops._checks import channel_geometry
+
+    x = torch.randn(2, 8, 4, 4)
+    geo = channel_geometry(x, 1)
+    p = ktsra.plan("backward", geo, 3, True, 4, has_bias=True, bias_grad=True)
+    plain = ktsra.plan("backward", geo, 3, True, 4, has_bias=True)
+    fwd = ktsra.plan("forward", geo, 3, True, 4, has_bias=True)
+    b, buf = torch.randn(8), ktsra.bias_grad_buffer(p, "cpu")
+    assert buf.shape == (p.grid[0], 8) and buf.dtype == torch.float32
+    t = (x, x, torch.empty_like(x))
+    with pytest.raises(ValueError, match="made with the bias gradient's partial sums"):
+        ktsra._with_bias(p, t, b)
+    with pytest.raises(ValueError, match="made without the bias gradient's partial sums"):
+        ktsra._with_bias(plain, t, b, buf)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        ktsra._with_bias(p, t, b, buf[:1])
+    with pytest.raises(ValueError, match="contiguous float32"):
+        ktsra._with_bias(p, t, b, buf.double())
+    with pytest.raises(ValueError, match="forward launch has no"):
+        ktsra._with_bias(fwd, t[:2], b, buf)
+    with pytest.raises(ValueError, match="bias_grad is a backward option"):
+        ktsra.specialization(8, 16, 3, False, "forward", True, 4, bias_grad=True)
+    assert ktsra._with_bias(p, t, b, buf)[-2:] == (b, buf)
+
+
+@pytest.mark.parametrize("mode", ["opaque", "inline"])
+def test_forward_formula_calls_the_bias_gradient_backward(mode):
+    """The registered forward's autograd formula runs ``tsra*_backward_bias`` when the bias
+    needs a gradient and the plain backward when it does not (or there is none)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "cobkern" in str(func):
+                self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(2, 8, 3, 3, dtype=torch.float64, requires_grad=True)
+    extra = ("reference", "") if mode == "inline" else ()
+    fwd = torch.ops.cobkern.tsra_inline if mode == "inline" else torch.ops.cobkern.tsra
+    prefix = "cobkern.tsra_inline" if mode == "inline" else "cobkern.tsra"
+    args = (3, 1, 5.0, 0.5, 5.0, 0.7, 1e-12, 8, 1e-6, *extra)
+    for bias, want in ((torch.randn(8, dtype=torch.float64, requires_grad=True),
+                        f"{prefix}_backward_bias.default"),
+                       (torch.randn(8, dtype=torch.float64), f"{prefix}_backward.default"),
+                       (None, f"{prefix}_backward.default")):
+        y = fwd(x, *args, bias)
+        with Log() as log:
+            grads = torch.autograd.grad(y.sum(), [t for t in (x, bias) if t is not None
+                                                  and t.requires_grad])
+        assert log.ops == [want], log.ops
+        if bias is not None and bias.requires_grad:
+            torch.testing.assert_close(grads[1], grads[0].sum((0, 2, 3)), rtol=1e-12,
+                                       atol=1e-12)
+
+
+def test_bias_gradient_backward_op_second_derivatives():
+    """``cobkern::tsra_backward_bias`` against finite differences in float64 (reference path):
+    gradients of both outputs — ``dbias``'s cotangent reaches ``dx``'s broadcast over the
+    positions — with respect to ``grad``, ``x`` and the bias (``gradcheck`` defaults)."""
+    g = torch.randn(2, 6, 2, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 6, 2, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    for norm in (0, 6):
+        def fn(gg, xx, bb, norm=norm):
+            return torch.ops.cobkern.tsra_backward_bias(gg, xx, 2, 1, 5.0, 0.5, 5.0, 0.7,
+                                                        1e-12, norm, 1e-6 * (norm > 0), bb)
+
+        assert torch.autograd.gradcheck(fn, (g, x, b))
+        dx, db = fn(g, x, b)
+        torch.testing.assert_close(db, dx.sum((0, 2, 3)), rtol=1e-12, atol=1e-12)
+
+
+def test_the_bias_gradient_backward_needs_a_bias():
+    x = torch.randn(2, 4, 2, 2)
+    with pytest.raises(ValueError, match="needs a bias"):
+        torch.ops.cobkern.tsra_backward_bias(torch.randn_like(x), x, 2, 1, 5.0, 0.5, 5.0, 0.7,
+                                             1e-12, 0, 0.0, None)

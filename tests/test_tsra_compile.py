@@ -193,23 +193,28 @@ def test_inline_ops_trace_to_the_eager_launch_plan(inline_traces):
     grid, integer arguments, constexprs, ``num_warps``: ``kernels.tsra.plan``), with the
     constants as passed and only the output marked as written (Triton's mutation analysis
     of our kernels for sm_90 worked: an input marked written would make inductor copy it
-    before every launch — the bias pointer included, in the case with a bias)."""
+    before every launch — the bias pointer included, in the case with a bias). With a bias
+    the backward that returns the bias gradient launches the kernel writing its partial
+    sums, and marks those written too."""
     int_names = ["C", "P", "split", "n_pblocks", "stride_b", "stride_c", "stride_p"]
     static = [t for t in inline_traces if not t["case"][5]]
     assert len(static) == 5 and sum(t["case"][6] for t in static) == 1
     for trace in static:
         (_, _, _, rmsnorm, norm, _, bias) = trace["case"]
         launches, plans = trace["launches"], trace["plans"]
-        assert len(launches) == 2, trace
+        assert len(launches) == 2 + bias, trace
         assert trace["ops"] == []
-        for launch, plan, out in zip(launches, plans, ("Y", "DX"), strict=True):
+        if bias:
+            assert plans[2]["constexprs"]["BIAS_GRAD"] and not plans[1]["constexprs"]["BIAS_GRAD"]
+        for launch, plan, out in zip(launches, plans, (["Y"], ["DX"], ["DB", "DX"]),
+                                     strict=False):
             assert launch["kernel"] == plan["kernel"]
             assert launch["grid"] == plan["grid"]
             assert [launch["args"][k] for k in int_names] == plan["ints"]
             assert {k: launch["args"][k] for k in plan["constexprs"]} == plan["constexprs"]
             assert launch["args"]["HAS_BIAS"] is bias
             assert launch["num_warps"] == [plan["num_warps"]]
-            assert launch["clone"] == [out]
+            assert launch["clone"] == out
             assert launch["args"]["inv_norm_size"] == (1.0 / norm if rmsnorm else 0.0)
             assert (launch["args"]["a_u"], launch["args"]["b_v"]) == (5.0, 0.7)
 

@@ -8,9 +8,14 @@ The ops ``cobkern::tsra`` / ``cobkern::tsra_backward`` carry an integer ``norm_s
 They have fake (meta) implementations and an autograd formula, so they trace under
 ``torch.compile(fullgraph=True)`` as single opaque nodes and pass ``torch.library.opcheck``.
 Only ``x`` is saved for backward; the per-position norms are recomputed there from ``x``,
-which the backward must read anyway.
+which the backward must read anyway. With a ``bias`` (the ops' optional last argument, added
+to ``x`` by the kernels) that needs a gradient, the forward's autograd formula calls
+``cobkern::tsra_backward_bias`` instead, which returns ``(dx, dbias)``: the backward kernel
+writes per-program partial sums of ``dx`` as it writes ``dx`` (where that pays:
+:func:`cobkern.kernels.tsra.plan`), so the bias gradient is not a second read of ``dx``.
 
-Inline twins: ``cobkern::tsra_inline`` / ``cobkern::tsra_inline_backward`` are the same ops
+Inline twins: ``cobkern::tsra_inline`` / ``cobkern::tsra_inline_backward`` (and
+``cobkern::tsra_inline_backward_bias``) are the same ops
 registered with ``torch.library.triton_op``: ``torch.compile`` traces into them, so that
 inductor's generated code launches the Triton kernels itself (through
 ``torch.library.wrap_triton``, with the launch plan the eager path would make) instead of
@@ -129,6 +134,7 @@ def _kernels():
         if isinstance(registry, dict) and kernels:
             registry["cobkern::tsra_inline"] = kernels
             registry["cobkern::tsra_inline_backward"] = list(kernels)
+            registry["cobkern::tsra_inline_backward_bias"] = list(kernels)
         _KERNELS = tsra
     return _KERNELS
 
@@ -136,11 +142,16 @@ def _kernels():
 def _launch_or_reference(fwd: bool, x: Tensor, grad: Tensor | None, args: tuple,
                          traced: bool = False, backend: str | None = None,
                          tuning: str | None | object = FROM_ENV,
-                         bias: Tensor | None = None) -> Tensor:
+                         bias: Tensor | None = None,
+                         bias_grad: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Run one direction on ``x`` (and ``grad``): the kernel where it can run, else the
     plain-PyTorch reference. ``bias``: a ``(C,)`` tensor added to ``x`` first (by the
     kernel as it loads ``x``; the backward then returns the gradient with respect to
     ``x + bias``).
+
+    ``bias_grad=True`` (backward with a bias) returns ``(dx, dbias)``, the bias gradient in
+    the bias's dtype: summed from the partial sums the backward kernel writes where that pays
+    (:func:`cobkern.kernels.tsra.plan`), else ``dx`` summed over the positions.
 
     ``backend`` / ``tuning``: the backend (:mod:`.backend`) and tuning setting (the value of
     :data:`.tuning.ENV_VAR`, ``None`` for unset) to apply instead of the current ones — the
@@ -159,20 +170,25 @@ def _launch_or_reference(fwd: bool, x: Tensor, grad: Tensor | None, args: tuple,
     split, dim, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps = args
     op = "cobkern.tsra" if fwd else "cobkern.tsra_backward"
     if x.numel() == 0:
-        return torch.empty_like(x)
+        out = torch.empty_like(x)
+        return (out, torch.zeros_like(bias)) if bias_grad else out
     kernel = use_triton(x, op=op, supported=_kernel_supported(x), backend=backend)
     if traced and kernel and (not x.is_cuda or _symbolic(x, grad, args)):
-        fwd_op, bwd_op = _OPS["opaque"]
-        return fwd_op(x, *args, bias) if fwd else bwd_op(grad, x, *args, bias)
+        fwd_op, bwd_op, bwd_bias_op = _OPS["opaque"]
+        if fwd:
+            return fwd_op(x, *args, bias)
+        return (bwd_bias_op if bias_grad else bwd_op)(grad, x, *args, bias)
     if not kernel:
         if fwd:
             return reference.tsra_forward(x, *args, bias=bias)
-        return reference.tsra_backward(grad, x, *args, bias=bias)
+        out = reference.tsra_backward(grad, x, *args, bias=bias)
+        return (out, _bias_grad(out, dim, bias)) if bias_grad else out
 
     kernels = _kernels()
     has_bias = bias is not None
     if has_bias and bias.stride(0) != 1:
         bias = bias.contiguous()  # C values: the kernels index it densely
+    bias_grad = bias_grad and has_bias and not fwd
     out = torch.empty_like(x)
     consts = (a_u, b_u, a_v, b_v, eps, norm_size, rms_eps)
     setting = env_setting() if tuning is FROM_ENV else tuning
@@ -180,14 +196,16 @@ def _launch_or_reference(fwd: bool, x: Tensor, grad: Tensor | None, args: tuple,
     if not traced and (grad is None or grad.stride() == x.stride()):
         # the launch is a function of this key
         key = (fwd, x.shape, x.stride(), x.dtype, x.get_device(), dim, split, norm_size > 0,
-               setting, has_bias)
+               setting, has_bias, bias_grad)
         p = _PLANS.get(key)
         if p is None and len(_PLANS) < _MAX_PLANS:
             geo = channel_geometry(x, dim)
             if geo is not None:
                 p = _PLANS[key] = _plan(kernels, fwd, x, geo, split, norm_size, setting,
-                                        has_bias)
+                                        has_bias, bias_grad)
         if p is not None:
+            if bias_grad:
+                return _run_with_bias_grad(kernels, run, p, (grad, x, out), consts, bias, dim)
             run(p, (x, out) if fwd else (grad, x, out), *consts, bias)
             return out
     # not planned: a layout the kernels cannot read in place, a grad in another layout than
@@ -196,16 +214,35 @@ def _launch_or_reference(fwd: bool, x: Tensor, grad: Tensor | None, args: tuple,
     if grad is not None and geo is not None and channel_geometry(grad, dim) != geo:
         geo = None
     if geo is not None:
-        run(_plan(kernels, fwd, x, geo, split, norm_size, setting, has_bias),
-            (x, out) if fwd else (grad, x, out), *consts, bias)
+        p = _plan(kernels, fwd, x, geo, split, norm_size, setting, has_bias, bias_grad)
+        if bias_grad:
+            return _run_with_bias_grad(kernels, run, p, (grad, x, out), consts, bias, dim)
+        run(p, (x, out) if fwd else (grad, x, out), *consts, bias)
         return out
     xc = x.contiguous()
     res = torch.empty_like(xc)
     geo = channel_geometry(xc, dim)
-    run(_plan(kernels, fwd, xc, geo, split, norm_size, setting, has_bias),
-        (xc, res) if fwd else (grad.contiguous(), xc, res), *consts, bias)
+    p = _plan(kernels, fwd, xc, geo, split, norm_size, setting, has_bias, bias_grad)
+    if bias_grad:
+        _, dbias = _run_with_bias_grad(kernels, run, p, (grad.contiguous(), xc, res), consts,
+                                       bias, dim)
+        return out.copy_(res), dbias
+    run(p, (xc, res) if fwd else (grad.contiguous(), xc, res), *consts, bias)
     out.copy_(res)
     return out
+
+
+def _run_with_bias_grad(kernels, run, p, tensors: tuple[Tensor, Tensor, Tensor],
+                        consts: tuple, bias: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """Launch the backward plan ``p`` on ``(grad, x, dx)``; return ``(dx, dbias)``, the bias
+    gradient from the kernel's partial sums where the plan writes them, else from ``dx``."""
+    dx = tensors[2]
+    if not p.constexprs["BIAS_GRAD"]:
+        run(p, tensors, *consts, bias)
+        return dx, _bias_grad(dx, dim, bias)
+    partials = kernels.bias_grad_buffer(p, dx.device)
+    run(p, tensors, *consts, bias, partials)
+    return dx, partials.sum(0).to(bias.dtype)
 
 
 def _symbolic(x: Tensor, grad: Tensor | None, args: tuple) -> bool:
@@ -217,14 +254,14 @@ def _symbolic(x: Tensor, grad: Tensor | None, args: tuple) -> bool:
 
 
 def _plan(kernels, fwd: bool, x: Tensor, geo, split: int, norm_size: int,
-          setting: str | None, has_bias: bool = False):
+          setting: str | None, has_bias: bool = False, bias_grad: bool = False):
     """The launch plan of one direction on ``x`` (``geo`` its geometry), with the overrides
     of the tuning table that ``setting`` (:data:`.tuning.ENV_VAR`'s value) selects."""
     direction = "forward" if fwd else "backward"
     tuning = launch_tuning(x.device, direction, x.element_size(), geo.channels_contig, geo.C,
                            split, geo.P, setting)
     return kernels.plan(direction, geo, split, norm_size > 0, x.element_size(), tuning,
-                        has_bias=has_bias)
+                        has_bias=has_bias, bias_grad=bias_grad)
 
 
 def _check_grad(name: str, grad: Tensor, x: Tensor) -> None:
@@ -289,32 +326,57 @@ def _fake_backward(grad: Tensor, x: Tensor, split: int, dim: int, a_u: float, b_
     return torch.empty_like(x)
 
 
+def _fake_backward_bias(grad: Tensor, x: Tensor, split: int, dim: int, a_u: float,
+                        b_u: float, a_v: float, b_v: float, eps: float, norm_size: int,
+                        rms_eps: float, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """Fake (meta) implementation of ``cobkern::tsra_backward_bias``."""
+    _check_op_args("cobkern.tsra_backward_bias", x, split, dim, eps, norm_size, rms_eps, grad,
+                   bias=_required_bias("cobkern.tsra_backward_bias", bias))
+    return torch.empty_like(x), torch.empty_like(bias)
+
+
+def _required_bias(name: str, bias: Tensor | None) -> Tensor:
+    if bias is None:
+        raise ValueError(f"{name}: needs a bias (the op returns its gradient)")
+    return bias
+
+
 def _op_body(name: str, grad: Tensor | None, x: Tensor, params: tuple,
              backend: str | None = None, tuning: str | None = None,
-             bias: Tensor | None = None) -> Tensor:
+             bias: Tensor | None = None,
+             bias_grad: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """What every registered op runs: check the raw arguments, then launch or run the
-    reference (``grad is None``: the forward). ``backend`` / ``tuning`` are the inline ops'
-    extra arguments (``None``: an opaque op, which applies the current ones)."""
+    reference (``grad is None``: the forward; ``bias_grad``: the backward returning the bias
+    gradient too). ``backend`` / ``tuning`` are the inline ops' extra arguments (``None``:
+    an opaque op, which applies the current ones)."""
     split, dim, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps = params
+    if bias_grad:
+        _required_bias(name, bias)
     dim = _check_op_args(name, x, split, dim, eps, norm_size, rms_eps, grad, backend=backend,
                          bias=bias)
     args = (split, dim, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps)
     if backend is None:
-        return _launch_or_reference(grad is None, x, grad, args, bias=bias)
+        return _launch_or_reference(grad is None, x, grad, args, bias=bias,
+                                    bias_grad=bias_grad)
     return _launch_or_reference(grad is None, x, grad, args, traced=_tracing(x),
-                                backend=backend, tuning=tuning or None, bias=bias)
+                                backend=backend, tuning=tuning or None, bias=bias,
+                                bias_grad=bias_grad)
 
 
 def _define_ops(suffix: str, inline: bool) -> tuple:
-    """Register ``cobkern::tsra{suffix}`` and ``cobkern::tsra{suffix}_backward`` with their
-    autograd formulas: ``torch.library.custom_op`` (opaque to ``torch.compile``) or, when
-    ``inline``, ``torch.library.triton_op`` (traced into: inductor launches the kernels).
+    """Register ``cobkern::tsra{suffix}``, ``cobkern::tsra{suffix}_backward`` and
+    ``cobkern::tsra{suffix}_backward_bias`` with their autograd formulas:
+    ``torch.library.custom_op`` (opaque to ``torch.compile``) or, when ``inline``,
+    ``torch.library.triton_op`` (traced into: inductor launches the kernels).
     The inline ops take two more arguments, the backend and the tuning setting to apply
     (``""``: the environment variable unset), which :func:`_op_call` reads where dynamo
-    traces, so that a compiled graph is guarded and cached on them. Every op ends with an
-    optional ``bias`` (``(C,)``, added to ``x`` first; its gradient is the input gradient
-    summed over the positions)."""
+    traces, so that a compiled graph is guarded and cached on them. Every op ends with a
+    ``bias`` (``(C,)``, added to ``x`` first; its gradient is the input gradient summed over
+    the positions): optional for the forward and backward, required by ``_backward_bias``,
+    which returns ``(dx, dbias)`` — the forward's autograd formula calls it when the bias
+    needs a gradient, so that the backward kernel can sum it as it writes ``dx``."""
     fwd_name, bwd_name = f"cobkern.tsra{suffix}", f"cobkern.tsra{suffix}_backward"  # errors
+    bwd_bias_name = f"{bwd_name}_bias"
     register = torch.library.triton_op if inline else torch.library.custom_op
 
     if inline:
@@ -329,6 +391,14 @@ def _define_ops(suffix: str, inline: bool) -> tuple:
                      backend: str, tuning: str, bias: Tensor | None = None) -> Tensor:
             return _op_body(bwd_name, grad, x, (split, dim, a_u, b_u, a_v, b_v, eps,
                                                 norm_size, rms_eps), backend, tuning, bias)
+
+        def backward_bias(grad: Tensor, x: Tensor, split: int, dim: int, a_u: float,
+                          b_u: float, a_v: float, b_v: float, eps: float, norm_size: int,
+                          rms_eps: float, backend: str, tuning: str,
+                          bias: Tensor) -> tuple[Tensor, Tensor]:
+            return _op_body(bwd_bias_name, grad, x, (split, dim, a_u, b_u, a_v, b_v, eps,
+                                                     norm_size, rms_eps), backend, tuning,
+                            bias, bias_grad=True)
     else:
         def forward(x: Tensor, split: int, dim: int, a_u: float, b_u: float, a_v: float,
                     b_v: float, eps: float, norm_size: int, rms_eps: float,
@@ -342,22 +412,35 @@ def _define_ops(suffix: str, inline: bool) -> tuple:
             return _op_body(bwd_name, grad, x, (split, dim, a_u, b_u, a_v, b_v, eps,
                                                 norm_size, rms_eps), bias=bias)
 
+        def backward_bias(grad: Tensor, x: Tensor, split: int, dim: int, a_u: float,
+                          b_u: float, a_v: float, b_v: float, eps: float, norm_size: int,
+                          rms_eps: float, bias: Tensor) -> tuple[Tensor, Tensor]:
+            return _op_body(bwd_bias_name, grad, x, (split, dim, a_u, b_u, a_v, b_v, eps,
+                                                     norm_size, rms_eps), bias=bias,
+                            bias_grad=True)
+
     fwd_op = register(fwd_name.replace(".", "::"), forward, mutates_args=())
     bwd_op = register(bwd_name.replace(".", "::"), backward, mutates_args=())
+    bwd_bias_op = register(bwd_bias_name.replace(".", "::"), backward_bias, mutates_args=())
     if not inline:  # a triton_op's fake implementation is its body
         fwd_op.register_fake(_fake_forward)
         bwd_op.register_fake(_fake_backward)
+        bwd_bias_op.register_fake(_fake_backward_bias)
 
     def vjp(ctx, grad):
         x, bias = ctx.saved_tensors
-        dx = bwd_op(grad, x, *ctx.params, bias)
-        dbias = _bias_grad(dx, ctx.params[1], bias) if _needs_last(ctx) else None
+        if bias is not None and _needs_last(ctx):
+            dx, dbias = bwd_bias_op(grad, x, *ctx.params, bias)
+        else:
+            dx, dbias = bwd_op(grad, x, *ctx.params, bias), None
         return (dx,) + (None,) * len(ctx.params) + (dbias,)
 
     torch.library.register_autograd(bwd_op, _backward_backward,
                                     setup_context=_setup_backward_context)
+    torch.library.register_autograd(bwd_bias_op, _backward_bias_backward,
+                                    setup_context=_setup_backward_context)
     torch.library.register_autograd(fwd_op, vjp, setup_context=_setup_context)
-    return fwd_op, bwd_op
+    return fwd_op, bwd_op, bwd_bias_op
 
 
 def _double_backward(
@@ -422,6 +505,31 @@ def _backward_backward(ctx: torch.autograd.function.FunctionCtx, v: Tensor) -> t
     return (dgrad, dx) + (None,) * len(ctx.params) + (db,)
 
 
+def _fold_bias_cotangent(v: Tensor | None, v_bias: Tensor | None, x: Tensor,
+                         dim: int) -> Tensor | None:
+    """The cotangent of ``dx`` once that of ``dbias`` (``dx`` summed over the positions) is
+    added: ``v_bias`` broadcast along the channel axis ``dim``."""
+    if v_bias is None:
+        return v
+    shape = [1] * x.dim()
+    shape[dim % x.dim()] = x.shape[dim]
+    vb = v_bias.to(x.dtype).reshape(shape)
+    return vb.expand_as(x) if v is None else v + vb
+
+
+def _backward_bias_backward(ctx: torch.autograd.function.FunctionCtx, v: Tensor | None,
+                            v_bias: Tensor | None) -> tuple:
+    """Autograd formula of ``cobkern::tsra_backward_bias``: ``dbias`` is ``dx`` summed over
+    the positions, so its cotangent reaches ``dx``'s broadcast along the channel axis."""
+    grad, x, bias = ctx.saved_tensors
+    v = _fold_bias_cotangent(v, v_bias, x, ctx.params[1])
+    if v is None:
+        return (None,) * (ctx.n_inputs)
+    dgrad, dx, db = _double_backward(v, grad, x, ctx.params[:9], *ctx.needs_input_grad[:2],
+                                     bias=bias, need_bias=_needs_last(ctx))
+    return (dgrad, dx) + (None,) * len(ctx.params) + (db,)
+
+
 def _setup_context(ctx, inputs, output):
     x, *params, bias = inputs
     ctx.save_for_backward(x, bias)
@@ -469,10 +577,15 @@ class _TSRABiasFunction(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x, bias = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: dx must carry its own graph
-            dx = _TSRABackwardFunction.apply(grad, x, bias, ctx.params)
+            if ctx.needs_input_grad[1]:
+                dx, db = _TSRABackwardBiasFunction.apply(grad, x, bias, ctx.params)
+            else:
+                dx, db = _TSRABackwardFunction.apply(grad, x, bias, ctx.params), None
+        elif ctx.needs_input_grad[1]:  # the kernel sums the bias gradient as it writes dx
+            dx, db = _launch_or_reference(False, x, grad, ctx.params, bias=bias,
+                                          bias_grad=True)
         else:
-            dx = _launch_or_reference(False, x, grad, ctx.params, bias=bias)
-        db = _bias_grad(dx, ctx.params[1], bias) if ctx.needs_input_grad[1] else None
+            dx, db = _launch_or_reference(False, x, grad, ctx.params, bias=bias), None
         return dx, db, None
 
 
@@ -489,6 +602,28 @@ class _TSRABackwardFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, v: Tensor):
         grad, x, bias = ctx.saved_tensors
+        dgrad, dx, db = _double_backward(v, grad, x, ctx.params, *ctx.needs_input_grad[:2],
+                                         bias=bias, need_bias=ctx.needs_input_grad[2])
+        return dgrad, dx, db, None
+
+
+class _TSRABackwardBiasFunction(torch.autograd.Function):
+    """``(dx, dbias)`` of the eager fast path when ``create_graph=True``: the same launch as
+    the first-order backward (same bits, the bias gradient included), differentiable."""
+
+    @staticmethod
+    def forward(ctx, grad: Tensor, x: Tensor, bias: Tensor,
+                params: tuple) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(grad, x, bias)
+        ctx.params = params
+        return _launch_or_reference(False, x, grad, params, bias=bias, bias_grad=True)
+
+    @staticmethod
+    def backward(ctx, v: Tensor | None, v_bias: Tensor | None):
+        grad, x, bias = ctx.saved_tensors
+        v = _fold_bias_cotangent(v, v_bias, x, ctx.params[1])
+        if v is None:
+            return None, None, None, None
         dgrad, dx, db = _double_backward(v, grad, x, ctx.params, *ctx.needs_input_grad[:2],
                                          bias=bias, need_bias=ctx.needs_input_grad[2])
         return dgrad, dx, db, None
