@@ -6,7 +6,9 @@ registers, spills and vector widths of global loads/stores (see
 
 Run: ``python bench/kernel_proxies.py`` (TSRA), ``python bench/kernel_proxies.py --vec``
 (SASS per element of the shipped NCHW TSRA launches against the 1-warp ``VEC_P`` sweep
-candidates) or ``python bench/kernel_proxies.py --covariance`` (the covariance kernel per
+candidates), ``python bench/kernel_proxies.py --nhwc`` (the same for the channels-last
+launches that training makes, against every tile-sweep candidate, with the bias gradient's
+partial sums too) or ``python bench/kernel_proxies.py --covariance`` (the covariance kernel per
 layer, with SASS instruction counts).
 """
 
@@ -103,6 +105,73 @@ def vec() -> None:
               f"{r['sass_total'] * per:.1f} | {r['sass_mufu'] * per:.2f} | {r['sass_bar']} |")
 
 
+#: channels-last conv activations (C, H·W) of VGG-16 at batch 1024: what training launches
+NHWC_SHAPES = [(64, 1024), (128, 256), (256, 64), (512, 16), (512, 4)]
+#: H200 (132 SMs, 4 schedulers each, 1.98 GHz boost; 4.8 TB/s spec): warp-instructions and
+#: bytes per second, for the floors printed by :func:`nhwc` — arithmetic, not measurements
+H200_WARP_INSTR_PER_S = 132 * 4 * 1.98e9
+H200_BYTES_PER_S = 4.8e12
+
+
+def nhwc() -> None:
+    """SASS per element of the channels-last RMSNorm→TSRA launches (bias added, as with
+    ``fuse_conv_bias``) at the VGG-16 conv shapes, bf16 and fp32, forward and backward (the
+    backward also with the bias gradient's partial sums, ``BIAS_GRAD``): the heuristic's
+    launch against every tile-sweep candidate (``bench/gpu_diag.py``'s ``CONFIGS``;
+    ``VEC_P`` does not apply to channels-last tiles). Per row: registers, spills, SASS and
+    MUFU per element, barriers per program, and two floors per element by arithmetic — the
+    issue floor (SASS per element / 32 per warp-instruction at the H200's issue rate) and
+    the memory floor (the pass's minimum bytes at the H200's 4.8 TB/s spec): a launch whose
+    issue floor is near or above its memory floor cannot reach the bandwidth."""
+    from bench.gpu_diag import CONFIGS
+
+    rows, specs = [], []
+    for c, p in NHWC_SHAPES:
+        for direction, bias_grads in (("forward", (False,)), ("backward", (False, True))):
+            for dtype, itemsize in (("bf16", 2), ("fp32", 4)):
+                cands = [None, *dict.fromkeys(tuple(c3[:3]) for c3 in CONFIGS[direction])]
+                for cand in cands:
+                    for bg in bias_grads:
+                        tuning = {} if cand is None else dict(
+                            tile_elems=cand[0], elems_per_thread=cand[1],
+                            num_warps=cand[2] if len(cand) > 2 else None)
+                        if bg:
+                            tuning["bias_grad"] = True
+                        try:
+                            spec, consts, warps, _, n_rows = _tsra_spec(
+                                c, 1024 * p, True, direction, dtype, has_bias=True, **tuning)
+                        except ValueError:
+                            continue
+                        if n_rows * consts["BLOCK_P"] < c:  # a tile below one position
+                            continue
+                        spec["signature"]["BIAS"] = "*fp32"
+                        spec["sass"] = True
+                        specs.append(spec)
+                        bytes_el = itemsize * (2 if direction == "forward" else 3)
+                        rows.append((f"{c}×{p} NHWC", direction, dtype,
+                                     ("heuristic" if cand is None else
+                                      "/".join(map(str, cand)) + "w" * (len(cand) > 2))
+                                     + (" + bias grad" if bg else ""),
+                                     f"{n_rows}×{consts['BLOCK_P']}", warps,
+                                     n_rows * consts["BLOCK_P"], bytes_el))
+    print("| shape (batch 1024) | pass | dtype | launch (tile/per thread[/warps]) | tile C×P | "
+          "warps | registers | spill B | SASS / element | MUFU / element | barriers | "
+          "issue floor / memory floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for (label, direction, dtype, variant, tile, warps, n, bytes_el), r in zip(
+            rows, compile_specs(specs), strict=True):
+        if "error" in r:
+            print(f"| {label} | {direction} | {dtype} | {variant} | error: {r['error'][:60]} |")
+            continue
+        per = 32 * warps / n
+        sass = r["sass_total"] * per
+        issue_s = sass / 32 / H200_WARP_INSTR_PER_S
+        mem_s = bytes_el / H200_BYTES_PER_S
+        print(f"| {label} | {direction} | {dtype} | {variant} | {tile} | {warps} | "
+              f"{r['registers']} | {r['spill_stores'] + r['spill_loads']} | {sass:.1f} | "
+              f"{r['sass_mufu'] * per:.2f} | {r['sass_bar']} | {issue_s / mem_s:.2f} |")
+
+
 COV_LAYERS = [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 2, 2), (4096,)]
 
 
@@ -163,4 +232,5 @@ def covariance() -> None:
 
 
 if __name__ == "__main__":
-    {"--covariance": covariance, "--vec": vec}.get(" ".join(sys.argv[1:]), main)()
+    {"--covariance": covariance, "--vec": vec, "--nhwc": nhwc}.get(" ".join(sys.argv[1:]),
+                                                                  main)()

@@ -3,16 +3,18 @@
 Tile kernels (``C <= MAX_TILE_CHANNELS``): each program owns *all* channels of ``BLOCK_P``
 positions, so the per-position reductions (the two subspace norms, and in backward the two
 dots ``<dy_U, x_U>``, ``<dy_V, x_V>``) happen in registers and every element of ``x`` (and
-``dy``) is read exactly once and every output element written once. Channels-last inputs
-use one ``[BLOCK_C, BLOCK_P]`` tile and tell U from V per element; channel-major (NCHW)
-inputs use the *split* kernels, whose U and V are row blocks of their own (``BLOCK_U =
-next_pow2(split)``, ``BLOCK_V = next_pow2(C - split)``), so no element needs a subspace
-select — fewer instructions per element, and fewer registers (offline sm_90 SASS, bf16
-RMSNorm→TSRA at 1024×64×32×32: backward 94.5 instead of 104, forward 25.8 instead of 30.2;
-fp32 backward 49 instead of 60.5 with 77 registers instead of 117). For channels-last
-inputs that split would start V's vectors at ``split``, unaligned after pruning. Nothing
-but ``x`` is saved for backward: the norms are recomputed from the ``x`` tile that the
-backward loads anyway.
+``dy``) is read exactly once and every output element written once. The *split* kernels
+hold U and V as blocks of their own (``BLOCK_U = next_pow2(split)``, ``BLOCK_V =
+next_pow2(C - split)``), so no element needs a subspace select — fewer instructions per
+element, and fewer registers (offline sm_90 SASS, bf16 RMSNorm→TSRA at 1024×64×32×32 NCHW:
+backward 94.5 instead of 104, forward 25.8 instead of 30.2; fp32 backward 49 instead of
+60.5 with 77 registers instead of 117; channels-last, with a bias: backward 23.5 instead of
+32.5, forward 13.0 instead of 17.2, fp32 backward 30 instead of 50). Channel-major (NCHW)
+inputs always take them; channels-last ones when ``split`` is a multiple of
+:data:`SPLIT_ALIGN`, so that V's channel vectors start aligned — otherwise (after pruning)
+one ``[BLOCK_C, BLOCK_P]`` tile that tells U from V per element. Nothing but ``x`` is saved
+for backward: the norms are recomputed from the ``x`` tile that the backward loads
+anyway.
 
 Chunked kernels (wider ``C``, e.g. a 16,384-wide linear layer): a register tile cannot hold
 a whole row of ``x`` and ``dy`` without spilling, so the program loops over channel chunks
@@ -103,14 +105,19 @@ def _chunk(c0, pid_b, offs_p, P, C, split, stride_b, stride_c, stride_p,
 
 
 @triton.jit
-def _rows(pid_b, c0, hi, offs_p, P, stride_b, stride_c, BLOCK: tl.constexpr,
-          BLOCK_P: tl.constexpr, EVEN: tl.constexpr, SMALL_P: tl.constexpr):
-    """Offsets and mask of the ``[BLOCK, BLOCK_P]`` channel-major (NCHW) tile of channels
-    ``c0 ≤ c < hi`` (one subspace); ``EVEN``: ``hi - c0 == BLOCK``, no channel mask."""
+def _rows(pid_b, c0, hi, offs_p, P, stride_b, stride_c, stride_p, BLOCK: tl.constexpr,
+          BLOCK_P: tl.constexpr, EVEN: tl.constexpr, SMALL_P: tl.constexpr,
+          CHANNELS_CONTIG: tl.constexpr):
+    """Offsets and mask of the ``[BLOCK, BLOCK_P]`` tile of channels ``c0 ≤ c < hi`` (one
+    subspace), channel-major (NCHW) or channels-last; ``EVEN``: ``hi - c0 == BLOCK``, no
+    channel mask."""
     offs_c = c0 + tl.arange(0, BLOCK)
-    row_len = SMALL_P if SMALL_P > 0 else stride_c
-    offs = (pid_b.to(tl.int64) * stride_b + offs_c.to(tl.int64)[:, None] * row_len
-            + offs_p[None, :])
+    if CHANNELS_CONTIG:  # one position axis (B == 1); c0 a multiple of 16 (the launcher)
+        offs = offs_p.to(tl.int64)[None, :] * stride_p + offs_c[:, None]
+    else:
+        row_len = SMALL_P if SMALL_P > 0 else stride_c
+        offs = (pid_b.to(tl.int64) * stride_b + offs_c.to(tl.int64)[:, None] * row_len
+                + offs_p[None, :])
     if SMALL_P > 0:  # every position is in the tile: only channels can be out of range
         mask = tl.broadcast_to((offs_c < hi)[:, None], [BLOCK, BLOCK_P])
     elif EVEN:
@@ -284,16 +291,17 @@ def _tsra_bwd_kernel(
 # and gains need no per-element subspace select (``tl.where``) and each block is exactly
 # one subspace wide when the split is a power of two (VGG-16: every layer).
 @triton.jit
-def _split_blocks(n_pblocks, C, P, split, stride_b, stride_c, BLOCK_U: tl.constexpr,
+def _split_blocks(n_pblocks, C, P, split, stride_b, stride_c, stride_p, BLOCK_U: tl.constexpr,
                   BLOCK_V: tl.constexpr, BLOCK_P: tl.constexpr, EVEN_U: tl.constexpr,
-                  EVEN_V: tl.constexpr, SMALL_P: tl.constexpr, VEC_P: tl.constexpr):
+                  EVEN_V: tl.constexpr, SMALL_P: tl.constexpr, VEC_P: tl.constexpr,
+                  CHANNELS_CONTIG: tl.constexpr):
     """This program's U block (channels ``[0, split)``) and V block (``[split, C)``):
     ``(offs_u, mask_u, offs_v, mask_v)``."""
     pid_b, offs_p = _program_coords(n_pblocks, BLOCK_P, VEC_P)
-    offs_u, mask_u = _rows(pid_b, 0, split, offs_p, P, stride_b, stride_c, BLOCK_U, BLOCK_P,
-                           EVEN_U, SMALL_P)
-    offs_v, mask_v = _rows(pid_b, split, C, offs_p, P, stride_b, stride_c, BLOCK_V, BLOCK_P,
-                           EVEN_V, SMALL_P)
+    offs_u, mask_u = _rows(pid_b, 0, split, offs_p, P, stride_b, stride_c, stride_p, BLOCK_U,
+                           BLOCK_P, EVEN_U, SMALL_P, CHANNELS_CONTIG)
+    offs_v, mask_v = _rows(pid_b, split, C, offs_p, P, stride_b, stride_c, stride_p, BLOCK_V,
+                           BLOCK_P, EVEN_V, SMALL_P, CHANNELS_CONTIG)
     return offs_u, mask_u, offs_v, mask_v
 
 
@@ -303,11 +311,11 @@ def _tsra_fwd_split_kernel(
     a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
     BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_P: tl.constexpr,
     RMSNORM: tl.constexpr, EVEN_U: tl.constexpr, EVEN_V: tl.constexpr, SMALL_P: tl.constexpr,
-    VEC_P: tl.constexpr, HAS_BIAS: tl.constexpr,
+    VEC_P: tl.constexpr, HAS_BIAS: tl.constexpr, CHANNELS_CONTIG: tl.constexpr,
 ):
     offs_u, mask_u, offs_v, mask_v = _split_blocks(
-        n_pblocks, C, P, split, stride_b, stride_c, BLOCK_U, BLOCK_V, BLOCK_P, EVEN_U, EVEN_V,
-        SMALL_P, VEC_P)
+        n_pblocks, C, P, split, stride_b, stride_c, stride_p, BLOCK_U, BLOCK_V, BLOCK_P,
+        EVEN_U, EVEN_V, SMALL_P, VEC_P, CHANNELS_CONTIG)
     xu = tl.load(X + offs_u, mask=mask_u, other=0.0).to(tl.float32)
     xv = tl.load(X + offs_v, mask=mask_v, other=0.0).to(tl.float32)
     if HAS_BIAS:
@@ -326,10 +334,11 @@ def _tsra_bwd_split_kernel(
     BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_P: tl.constexpr,
     RMSNORM: tl.constexpr, EVEN_U: tl.constexpr, EVEN_V: tl.constexpr, SMALL_P: tl.constexpr,
     VEC_P: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    CHANNELS_CONTIG: tl.constexpr,
 ):
     offs_u, mask_u, offs_v, mask_v = _split_blocks(
-        n_pblocks, C, P, split, stride_b, stride_c, BLOCK_U, BLOCK_V, BLOCK_P, EVEN_U, EVEN_V,
-        SMALL_P, VEC_P)
+        n_pblocks, C, P, split, stride_b, stride_c, stride_p, BLOCK_U, BLOCK_V, BLOCK_P,
+        EVEN_U, EVEN_V, SMALL_P, VEC_P, CHANNELS_CONTIG)
     xu = tl.load(X + offs_u, mask=mask_u, other=0.0).to(tl.float32)
     xv = tl.load(X + offs_v, mask=mask_v, other=0.0).to(tl.float32)
     if HAS_BIAS:
@@ -425,8 +434,9 @@ def _tsra_bwd_chunked_kernel(
             _bias_partials(DB, dx, mask, c0, C, C, BLOCK_C)
 
 
-#: ``(direction, kind)`` → kernel; kind ``"tile"`` (channels-last, all channels in one
-#: tile), ``"split"`` (channel-major, U and V tiles) or ``"chunked"`` (``C`` above
+#: ``(direction, kind)`` → kernel; kind ``"split"`` (U and V blocks: channel-major, and
+#: channels-last with ``split`` a multiple of :data:`SPLIT_ALIGN`), ``"tile"`` (channels-last
+#: with another split: all channels in one tile) or ``"chunked"`` (``C`` above
 #: :data:`MAX_TILE_CHANNELS`, any layout).
 KERNELS = {
     ("forward", "tile"): _tsra_fwd_kernel,
@@ -437,6 +447,10 @@ KERNELS = {
     ("backward", "chunked"): _tsra_bwd_chunked_kernel,
 }
 
+#: Channels-last inputs take the split kernels when ``split`` is a multiple of this (the
+#: JIT's divisibility specialisation: V's channel vectors then start 16-element aligned and
+#: load as vectors), else the single tile with a per-element subspace select.
+SPLIT_ALIGN = 16
 #: NCHW row lengths compiled as constants (shorter than the 16 the JIT's alignment needs).
 SMALL_P_VALUES = (2, 4, 8)
 #: Widest channel count held in one register tile; wider inputs use the chunked kernels.
@@ -510,10 +524,11 @@ def specialization(C: int, P: int, split: int, channels_contig: bool, direction:
     """What one launch compiles: ``(kernel, constexprs, num_warps, n_pblocks)``.
 
     The single source of the launch decisions, shared by the launcher and by the
-    ahead-of-time compilation tests (which compile exactly these variants). Channel-major
-    inputs up to :data:`MAX_TILE_CHANNELS` take the split kernels (U and V in row blocks of
-    ``next_pow2(split)`` and ``next_pow2(C - split)``; see the module docstring),
-    channels-last ones the single tile, wider ones the chunked kernels. ``tuning``
+    ahead-of-time compilation tests (which compile exactly these variants). Inputs up to
+    :data:`MAX_TILE_CHANNELS` take the split kernels (U and V in blocks of
+    ``next_pow2(split)`` and ``next_pow2(C - split)`` channels; see the module docstring) —
+    channels-last ones only with ``split`` a multiple of :data:`SPLIT_ALIGN`, else the single
+    tile —, wider ones the chunked kernels. ``tuning``
     (``tile_elems``, ``elems_per_thread``, ``num_warps``) is passed to
     :func:`launch_config`; ``vec_p`` caps the vector width along NCHW positions (``VEC_P``,
     module docstring; tuning sweeps); ``has_bias`` compiles the bias add in
@@ -524,7 +539,8 @@ def specialization(C: int, P: int, split: int, channels_contig: bool, direction:
     """
     if bias_grad and direction != "backward":
         raise ValueError("tsra launch: bias_grad is a backward option")
-    kind = ("chunked" if C > MAX_TILE_CHANNELS else "tile" if channels_contig else "split")
+    kind = ("chunked" if C > MAX_TILE_CHANNELS
+            else "split" if not channels_contig or split % SPLIT_ALIGN == 0 else "tile")
     block_u, block_v = next_pow2(split), next_pow2(C - split)
     rows = block_u + block_v if kind == "split" else None
     block_c, block_p, num_warps, _ = launch_config(C, P, direction, itemsize, rows=rows,
@@ -535,7 +551,7 @@ def specialization(C: int, P: int, split: int, channels_contig: bool, direction:
         constexprs = {"BLOCK_U": block_u, "BLOCK_V": block_v, "BLOCK_P": block_p,
                       "RMSNORM": rmsnorm, "EVEN_U": split == block_u,
                       "EVEN_V": C - split == block_v, "SMALL_P": small_p, "VEC_P": vec,
-                      "HAS_BIAS": has_bias}
+                      "HAS_BIAS": has_bias, "CHANNELS_CONTIG": channels_contig}
     else:
         constexprs = {"BLOCK_C": block_c, "BLOCK_P": block_p,
                       "CHANNELS_CONTIG": channels_contig, "RMSNORM": rmsnorm,

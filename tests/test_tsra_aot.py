@@ -38,6 +38,9 @@ SHAPES = [
     (300, 64, False),  # pruned widths: not a power of two
     (100, 64, False, 37), (256, 16, False, 200),  # pruned: unbalanced subspaces
     (300, 4096, True),
+    # channels-last with a 16-aligned split (the split kernels), V not a power of two:
+    # masked V block; and a split that is not 16-aligned (the single tile)
+    (80, BATCH * 16, True, 32), (48, BATCH * 16, True, 16), (96, BATCH * 16, True, 40),
     (7, 15, False),
 ]
 
@@ -144,8 +147,9 @@ def test_unit_stride_axis_is_vectorised():
         elem = DTYPES[m["dtype"]]
         per_thread = (_block_rows(s["constexprs"]) * s["constexprs"]["BLOCK_P"]
                       // (32 * s["num_warps"]))  # a block too small for vectors cannot vectorise
-        if m["cl"]:
-            eligible = s["constexprs"]["EVEN_C"] and m["C"] % 16 == 0
+        if m["cl"]:  # the single tile needs no channel mask; the split kernels' blocks
+            # start 16-aligned (SPLIT_ALIGN), so a mask at a 16-divisible C stays uniform
+            eligible = s["constexprs"].get("EVEN_C", True) and m["C"] % 16 == 0
         elif s["constexprs"]["SMALL_P"]:  # short NCHW rows: vectors of the whole row
             eligible = m["P"] * elem >= 16 and per_thread * elem >= 16
         else:
@@ -248,9 +252,10 @@ def test_float_constants_stay_float32_when_launched_as_fp64():
     RMSNorm (the path that uses every constant); the fp32 launch is the control."""
     floats = ["a_u", "b_u", "a_v", "b_v", "eps", "inv_norm_size", "rms_eps"]
     specs, seen = [], set()
-    for c, p, cl in [(64, 1024, False), (64, BATCH * 1024, True), (16384, BATCH, True)]:
+    for c, p, cl, split in [(64, 1024, False, 32), (64, BATCH * 1024, True, 40),
+                            (16384, BATCH, True, 8192)]:  # split, tile, chunked
         for direction in ("forward", "backward"):
-            spec = _spec(c, p, cl, direction, "bf16", True)
+            spec = _spec(c, p, cl, direction, "bf16", True, split)
             if spec["kernel"] in seen:
                 continue
             seen.add(spec["kernel"])

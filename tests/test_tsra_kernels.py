@@ -34,10 +34,12 @@ CASES = [
     ((2, 12, 4, 4), 11, 1, "channels_last"),  # tiny V
     ((2, 300, 3, 3), 150, 1, "nchw"),  # C not a power of two, >256
     ((2, 64, 6, 6), 32, 1, "channels_last"),  # VGG-like power-of-two C (unmasked channels)
+    ((3, 80, 5, 3), 32, 1, "channels_last"),  # 16-aligned split (split kernels), masked V
     ((3, 10, 2, 2), 4, 1, "nchw"),  # 2×2 map: short rows compiled as constants, masked C
     ((2, 16, 2, 4), 8, 1, "nchw"),  # 8-position rows, unmasked C
     ((5, 6, 2), 3, 1, "nchw"),  # 2-position rows
     ((37, 64), 32, 1, "2d"),  # linear layer, rows not a multiple of the tile
+    ((7, 40), 16, 1, "2d"),  # rows with a 16-aligned split and a masked V block
     ((5, 1000), 600, 1, "2d"),  # unbalanced, large C
     ((6, 10), 4, 0, "2d"),  # channels on dim 0
     ((2, 3, 9), 5, 2, "nchw"),  # channels on the last dim of a 3-D tensor
@@ -389,3 +391,22 @@ def test_launch_plans_are_made_once_per_layout_and_cached_within_bounds(monkeypa
         check(x, dy)
         check(x, dy)
         assert made == ["forward", "backward"] * 2 and not ops._PLANS
+
+
+def test_kernel_family_by_layout_and_split():
+    """Channel-major inputs take the split kernels; channels-last ones too when the split is
+    a multiple of ``SPLIT_ALIGN`` (V's channel vectors then start aligned), else the single
+    tile with a per-element subspace select; wider than ``MAX_TILE_CHANNELS``, chunked."""
+    from cobkern.kernels.tsra import MAX_TILE_CHANNELS, SPLIT_ALIGN, specialization
+
+    def kernel(c, p, split, cl):
+        return specialization(c, p, split, cl, "backward", True, 2)[0].__name__
+
+    assert SPLIT_ALIGN == 16
+    assert kernel(64, 1024, 32, False) == "_tsra_bwd_split_kernel"
+    assert kernel(64, 1024, 27, False) == "_tsra_bwd_split_kernel"
+    assert kernel(64, 4096, 32, True) == "_tsra_bwd_split_kernel"
+    assert kernel(80, 4096, 48, True) == "_tsra_bwd_split_kernel"
+    assert kernel(64, 4096, 40, True) == "_tsra_bwd_kernel"
+    assert kernel(12, 4096, 11, True) == "_tsra_bwd_kernel"
+    assert kernel(MAX_TILE_CHANNELS + 16, 64, 32, True) == "_tsra_bwd_chunked_kernel"
