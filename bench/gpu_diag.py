@@ -30,6 +30,11 @@ smoke run: ``TRITON_INTERPRET=1 GPU_DIAG_DEVICE=cpu GPU_DIAG_BATCH=1 GPU_DIAG_CO
   ``dx`` summed over the positions in a pass of its own, against the kernel writing its
   per-program partial sums (``BIAS_GRAD``) and a sum over programs; the backward without a
   bias gradient beside them.
+* ``nhwcsplit``   — the channels-last RMSNorm→TSRA kernels (CUDA-graph replay, a bias added
+  as ``fuse_conv_bias`` launches them) at the VGG-16 conv shapes, bf16 and fp32, forward and
+  backward: the split kernels (U and V channel blocks, shipped for 16-aligned splits since
+  2026-11-27) against the single tile with per-element subspace selects (shipped before),
+  each with the launch heuristic.
 * ``calibration`` — a plain forward pass vs streaming calibration (float32 ``ieee``,
   ``tf32x3``, ``bf16x6`` and ``fp64`` products, and a bf16 model; ``ieee``, ``fp64`` and bf16
   also with channels_last inputs, against a channels_last forward) on 10,000 images of
@@ -120,11 +125,17 @@ def fits(shape, itemsize: int, direction: str, cfg, nhwc: bool = False) -> bool:
     position's channels (a 1,024-element tile of the 4096-wide linear layer) is silently
     enlarged, and each thread then holds many times its intended elements: offline sm_90
     compiles of the 1-warp backward candidates there spill 0.3-8 KB per thread. Such
-    launches are not timed (and so never enter a tuning table).
+    launches are not timed (and so never enter a tuning table). Nor are channels-last
+    candidates of more than 32 elements per thread: on the split kernels (channels-last
+    since 2026-11-27) triton 3.6's sm_90 compile of the 64-per-thread bf16 forward spills at
+    128-512 channels (64 registers, 4 bytes; ``tests/test_tsra_aot.py``, compat venv); the
+    heuristic holds 16-32.
     """
     from cobkern.kernels.tsra import specialization
 
     c, p, cl = problem(shape, nhwc)
+    if cl and cfg and cfg[1] > 32:
+        return False
     spec = specialization(c, p, c // 2, cl, direction, False, itemsize, **_tuning(cfg))
     return _tile_fits(spec, cfg)
 
@@ -651,6 +662,44 @@ def part_biasgrad(rec: dict) -> None:
     rec["biasgrad"] = rows
 
 
+def part_nhwcsplit(rec: dict) -> None:
+    from cobkern.kernels import tsra as ktsra
+    from cobkern.ops._checks import channel_geometry
+
+    rows = []
+    align = ktsra.SPLIT_ALIGN
+    for shape in [s for s in SHAPES if len(s) == 3]:
+        for dname, dtype in DTYPES.items():
+            for direction in ("forward", "backward"):
+                tensors = _tensors(shape, dtype, direction, nhwc=True)
+                x = tensors[0] if direction == "forward" else tensors[1]
+                geo, split = channel_geometry(x, 1), shape[0] // 2
+                b = torch.randn(shape[0], device=DEVICE)
+                args = (*CONSTS[:5], shape[0], 1e-6)
+                row = {"shape": [BATCH, *shape], "dtype": dname, "direction": direction}
+                for label, a in (("split", align), ("tile", 1 << 30)):
+                    ktsra.SPLIT_ALIGN = a  # read by specialization(), which is cached
+                    ktsra.specialization.cache_clear()
+                    try:
+                        p = ktsra.plan(direction, geo, split, True, x.element_size(),
+                                       has_bias=True)
+                        row[label + "_kernel"] = p.kernel.__name__
+                        def fn(p=p, t=tensors, b=b, args=args):
+                            ktsra.run(p, t, *args, b)
+
+                        row[label + "_ms"] = _graph_ms(fn) if DEVICE == "cuda" else _wall_ms(fn)
+                    except Exception as e:  # report, keep the other rows
+                        row[label + "_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                    finally:
+                        ktsra.SPLIT_ALIGN = align
+                        ktsra.specialization.cache_clear()
+                if "split_ms" in row and "tile_ms" in row:
+                    row["tile_over_split"] = row["tile_ms"] / row["split_ms"]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    rec["nhwcsplit"] = rows
+
+
 def _markdown(rec: dict) -> str:
     lines = [f"# GPU diagnostics — {rec.get('device')}, torch {rec.get('torch')}, "
              f"triton {rec.get('triton')}, {rec.get('date')}", ""]
@@ -698,6 +747,18 @@ def _markdown(rec: dict) -> str:
                          f"{'NHWC' if r['nhwc'] else 'NCHW'} | " + " | ".join(cells)
                          + f" | {ratio} | {r['fused_by_default']} | {r['max_rel_diff']:.1e} |")
         lines.append("")
+    if "nhwcsplit" in rec:
+        lines += ["Channels-last RMSNorm→TSRA with a bias (CUDA-graph replay): split kernels "
+                  "vs the single tile.", "",
+                  "| shape | dtype | pass | split kernels ms | single tile ms | tile / split |",
+                  "|---|---|---|---:|---:|---:|"]
+        for r in rec["nhwcsplit"]:
+            cells = [f"{r[k]:.4f}" if k in r else r.get(k.replace("_ms", "_error"), "—")
+                     for k in ("split_ms", "tile_ms")]
+            ratio = f"{r['tile_over_split']:.2f}×" if "tile_over_split" in r else "—"
+            lines.append(f"| {'×'.join(map(str, r['shape']))} (NHWC) | {r['dtype']} | "
+                         f"{r['direction']} | " + " | ".join(cells) + f" | {ratio} |")
+        lines.append("")
     if "covariance" in rec:
         lines += [f"Covariance kernel alone, batch {COV_BATCH} (CUDA-graph replay):", "",
                   "| layer (C×H×W) | dtype | variant | tile | ms | TFLOP/s computed |",
@@ -719,7 +780,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="bench-results")
     # tiles first: its tuning table feeds the session's next step (bench_tsra --tuning)
-    p.add_argument("--parts", default="tiles,covariance,overhead,biasgrad,calibration")
+    p.add_argument("--parts",
+                   default="tiles,covariance,overhead,nhwcsplit,biasgrad,calibration")
     p.add_argument("--table-from", default=None, metavar="GPU_DIAG_JSON",
                    help="only (re)write OUT/tsra_tuning.json from an earlier run's "
                         "gpu_diag.json (no GPU needed)")
@@ -746,7 +808,8 @@ def main(argv: list[str] | None = None) -> int:
            "date": dt.date.today().isoformat()}
     os.makedirs(args.out, exist_ok=True)
     parts = {"tiles": part_tiles, "overhead": part_overhead, "covariance": part_covariance,
-             "calibration": part_calibration, "biasgrad": part_biasgrad}
+             "calibration": part_calibration, "biasgrad": part_biasgrad,
+             "nhwcsplit": part_nhwcsplit}
     for name in args.parts.split(","):
         t = time.perf_counter()
         try:

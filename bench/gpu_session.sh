@@ -113,6 +113,7 @@ if want tests; then
   cap 150 python3 -m pytest -q -p no:cacheprovider $XDIST -rfEs \
     tests/test_tsra_kernels.py tests/test_tsra_properties.py tests/test_tsra_compile.py \
     tests/test_covariance.py tests/test_cob.py tests/test_tuning.py tests/test_launch.py \
+    tests/test_tsra_bias.py \
     "tests/test_training.py::test_resume_in_a_fresh_process_is_bit_identical[cuda]" \
     tests/test_readme.py::test_api_example_runs \
     > "$FINAL/tests.log"
@@ -141,8 +142,9 @@ steps" | tee -a "$LOG" "$FINAL/tests.log"
 fi
 if want diag; then
   step "diagnostics: tile sweep, host overhead, calibration profile"
-  # GPU_DIAG_PARTS picks parts (e.g. "tiles"); GPU_DIAG_LAYOUTS the sweep's conv layouts
-  cap 240 python3 bench/gpu_diag.py --out "$FINAL" ${GPU_DIAG_PARTS:+--parts "$GPU_DIAG_PARTS"}
+  # GPU_DIAG_PARTS picks parts (e.g. "tiles"); GPU_DIAG_LAYOUTS the sweep's conv layouts;
+  # GPU_DIAG_CAP its seconds (each part's results are written as it ends)
+  cap "${GPU_DIAG_CAP:-240}" python3 bench/gpu_diag.py --out "$FINAL" ${GPU_DIAG_PARTS:+--parts "$GPU_DIAG_PARTS"}
 fi
 if want tuned; then  # the goals again, every shape launched with the sweep's fastest config
   step "TSRA benchmark with the tile sweep's winners (bench_tsra.py --tuning)"

@@ -410,3 +410,37 @@ def test_kernel_family_by_layout_and_split():
     assert kernel(64, 4096, 40, True) == "_tsra_bwd_kernel"
     assert kernel(12, 4096, 11, True) == "_tsra_bwd_kernel"
     assert kernel(MAX_TILE_CHANNELS + 16, 64, 32, True) == "_tsra_bwd_chunked_kernel"
+
+
+def test_gpu_diag_layout_and_bias_grad_parts_run(monkeypatch, device):
+    """``bench/gpu_diag.py``'s ``nhwcsplit`` and ``biasgrad`` parts (run only on a rare GPU
+    lease) on small shapes here: each row times both launches, the channels-last rows name
+    the split kernel and the single tile it is compared with, and the bias gradient from
+    the partial sums matches the sum of ``dx`` (float32: 1e-5 relative to the largest; bf16:
+    the partials sum ``dx`` before its rounding to bf16, so 2^-7)."""
+    if device.type == "cpu" and not cobkern.ops.backend.interpreter_enabled():
+        pytest.skip("the kernels run on CPU tensors only under TRITON_INTERPRET=1")
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench import gpu_diag
+
+    monkeypatch.setattr(gpu_diag, "DEVICE", device.type)
+    monkeypatch.setattr(gpu_diag, "BATCH", 2)
+    monkeypatch.setattr(gpu_diag, "SHAPES", [(64, 4, 4), (96, 2, 2), (4096,)])
+    if device.type == "cuda":
+        monkeypatch.setattr(gpu_diag, "_graph_ms", gpu_diag._wall_ms)
+    rec: dict = {}
+    gpu_diag.part_nhwcsplit(rec)
+    gpu_diag.part_biasgrad(rec)
+    assert len(rec["nhwcsplit"]) == 2 * 2 * 2  # conv shapes × dtypes × directions
+    for r in rec["nhwcsplit"]:
+        assert r["split_kernel"].endswith("_split_kernel"), r
+        assert r["tile_kernel"] in ("_tsra_fwd_kernel", "_tsra_bwd_kernel"), r
+        assert r["split_ms"] > 0 and r["tile_ms"] > 0
+    assert len(rec["biasgrad"]) == 2 * 2 * 2  # conv shapes × dtypes × layouts
+    for r in rec["biasgrad"]:
+        assert {"backward_ms", "sum_dx_ms", "partials_ms"} <= set(r), r
+        assert r["max_rel_diff"] <= (1e-5 if r["dtype"] == "fp32" else 2**-7), r
+    assert "split kernels vs the single tile" in gpu_diag._markdown(rec)
