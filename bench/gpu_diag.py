@@ -73,10 +73,12 @@ LAYOUTS = tuple(x.strip() for x in os.environ.get("GPU_DIAG_LAYOUTS", "nchw,nhwc
 if not LAYOUTS or set(LAYOUTS) - {"nchw", "nhwc"}:
     raise SystemExit(f"GPU_DIAG_LAYOUTS must list nchw and/or nhwc, got {LAYOUTS!r}")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-# (tile elements, elements per thread[, warps[, VEC_P]]); the first of each list is the
-# shipped default (since the 2026-11-26 sweep: forward 16 KiB tiles with 64 B per thread —
-# 4096/16 fp32, 8192/32 bf16; backward 4096/16). Not yet measured: 4- and 2-warp tiles (7
-# barriers per bf16 forward program at 64×32×32 instead of 15), 1-warp tiles (channel
+# (tile elements, elements per thread[, warps[, VEC_P]]); the heuristic's launch is among
+# them and marked in the results (forward 16 KiB tiles with 64 B per thread — 4096/16 fp32,
+# 8192/32 bf16 — since the 2026-11-26 sweep; backward 4096/32 since the 2026-11-27 one, which
+# timed it faster than 4096/16 at every conv shape). When first listed, not yet measured:
+# 4- and 2-warp tiles (7 barriers per bf16 forward program at 64×32×32 instead of 15),
+# 1-warp tiles (channel
 # reductions all warp shuffles, no shared memory or barrier), and 1- and 2-warp tiles with a
 # capped position vector (VEC_P: far fewer repeated per-position ops — `kernel_proxies.py
 # --vec`; a 1-warp program of 1,024 elements is small, so launch and block scheduling may

@@ -460,10 +460,17 @@ MAX_TILE_CHANNELS = 4096
 #: replay of the kernels alone at the VGG-16 shapes, batch 1024; BENCHMARKS.md): forward is
 #: best at 16 KiB tiles with 64 bytes per thread in both fp32 (4096 elements, 16 per thread)
 #: and bf16 (8192, 32): a bf16 tile of 4096 elements left the 512×4×4 layer at 0.017 ms
-#: against 0.011. Backward holds x and dy: 4096 elements with 16 per thread was fastest at
-#: most shapes in both dtypes (1024×128×16×16 bf16: 0.156 ms against 0.261 for 2048/8).
+#: against 0.011. Backward holds x and dy: 4096-element tiles. With 16 per thread (8 warps)
+#: they beat 2048/8 on 2026-11-26 (1024×128×16×16 bf16: 0.156 ms against 0.261); the sweep
+#: of 2026-11-27 (``bench/results/h200-2026-11-27``, NCHW and the linear rows) timed 32 per
+#: thread (4 warps), never slower and faster at every conv shape: bf16 0.224 / 0.109 /
+#: 0.056 / 0.032 ms against 0.388 / 0.153 / 0.079 / 0.034 at 64×32×32 … 512×4×4, fp32
+#: 0.189 / 0.098 / 0.056 / 0.031 against 0.333 / 0.115 / 0.058 / 0.032 — and offline SASS
+#: agrees for the channels-last launches (bf16 backward 23.5 → 21.2 instructions per element
+#: at 64×32×32, with the bias gradient's partial sums 40.0 → 29.5: fewer warps for the sum
+#: over positions to cross). So the backward holds 32 per thread (128 / 64 bytes).
 TILE_BYTES = {"forward": 16384, "backward": {4: 16384, 2: 8192}}
-BYTES_PER_THREAD = {"forward": 64, "backward": {4: 64, 2: 32}}
+BYTES_PER_THREAD = {"forward": 64, "backward": {4: 128, 2: 64}}
 #: The backward kernels write the bias gradient's partial sums (``BIAS_GRAD``: one float32
 #: per channel and program) only where a program's rows are at least this many bytes of
 #: ``dx`` (``BLOCK_P`` × itemsize): the partials are then at most a quarter of ``dx``'s
