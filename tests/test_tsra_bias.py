@@ -9,6 +9,8 @@ rounded ``x`` plus the exact bias. Tolerances: outputs and input gradients as in
 ``x + b`` add itself is one more float32 rounding, 2^-24 relative). The bias gradient is the
 input gradient summed over the positions, each term already rounded to the storage dtype,
 so its error is bounded by ``rtol`` times the sum of the terms' magnitudes (plus ``atol``).
+Where the backward kernel sums it itself (per-program partial sums of the unrounded float32
+terms, section "bias gradient" below), the same bound holds with room to spare.
 """
 
 from __future__ import annotations
