@@ -628,10 +628,10 @@ def part_biasgrad(rec: dict) -> None:
                 row = {"shape": [BATCH, *shape], "dtype": dname, "nhwc": nhwc,
                        "fused_by_default": bool(fused.constexprs["BIAS_GRAD"])}
                 if not fused.constexprs["BIAS_GRAD"]:  # time the partials all the same
-                    fused = ktsra.LaunchPlan(*ktsra.specialization(
+                    kernel, constexprs, warps, _ = ktsra.specialization(
                         geo.C, geo.P, split, geo.channels_contig, "backward", True, itemsize,
-                        has_bias=True, bias_grad=True)[:1], fused.grid, fused.ints,
-                        {**fused.constexprs, "BIAS_GRAD": True}, fused.num_warps)
+                        has_bias=True, bias_grad=True)
+                    fused = ktsra.LaunchPlan(kernel, fused.grid, fused.ints, constexprs, warps)
                 buf = ktsra.bias_grad_buffer(fused, DEVICE)
                 row["partials_bytes"] = buf.numel() * 4
                 row["dx_bytes"] = dx.numel() * itemsize
