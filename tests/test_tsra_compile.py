@@ -265,7 +265,8 @@ def test_inline_on_cpu_honours_a_forced_backend(forced):
     """Traced on CPU tensors, the inline ops compile the reference formula — unless the
     kernels would run on them (the Triton interpreter, on in this suite without a GPU, with
     the ``"triton"`` backend forced), which only run eagerly: the graph then calls the
-    opaque op. With ``"reference"`` forced no cobkern op is left."""
+    opaque op. With ``"reference"`` forced no cobkern op is left. Without the interpreter
+    (the CUDA machines' suite) forcing ``"triton"`` on CPU tensors is a clear error."""
     from torch._functorch.aot_autograd import aot_function
 
     graphs = []
@@ -275,6 +276,13 @@ def test_inline_on_cpu_honours_a_forced_backend(forced):
         return gm
 
     x = torch.randn(2, 8, 3, 3)
+    if forced == "triton" and not backend.interpreter_enabled():
+        # a CUDA machine runs this suite without the interpreter: no kernel runs on CPU
+        # tensors there, and forcing one is an error that names the device
+        with backend.use_compile_kernels("inline"), cobkern.use_backend(forced), \
+                pytest.raises(RuntimeError, match="forced but Triton cannot run on cpu"):
+            aot_function(lambda t: cobkern.tsra(t, 3), fw_compiler=keep)(x)
+        return
     with backend.use_compile_kernels("inline"), cobkern.use_backend(forced):
         y = aot_function(lambda t: cobkern.tsra(t, 3), fw_compiler=keep)(x)
         want = cobkern.tsra(x, 3)
