@@ -473,10 +473,17 @@ TILE_BYTES = {"forward": 16384, "backward": {4: 16384, 2: 8192}}
 BYTES_PER_THREAD = {"forward": 64, "backward": {4: 128, 2: 64}}
 #: The backward kernels write the bias gradient's partial sums (``BIAS_GRAD``: one float32
 #: per channel and program) only where a program's rows are at least this many bytes of
-#: ``dx`` (``BLOCK_P`` × itemsize): the partials are then at most a quarter of ``dx``'s
-#: bytes, written once and read once by their sum — at most half the read of ``dx`` they
-#: replace. Narrower tiles (the linear layers: one position per program) sum ``dx`` instead.
-BIAS_GRAD_MIN_ROW_BYTES = 16
+#: ``dx`` (``BLOCK_P`` × itemsize), keyed by whether channels are the contiguous axis: the
+#: partials are then at most a quarter of ``dx``'s bytes, written once and read once by
+#: their sum — at most half the read of ``dx`` they replace. Narrower tiles (the linear
+#: layers: one position per program) sum ``dx`` instead. Channel-major (NCHW) rows sum along
+#: the axis each thread holds; channels-last rows sum across threads. Timed on an H200
+#: (2026-11-27, CUDA-graph replay, batch 1024, ``bench/results/h200-2026-11-27b``):
+#: channel-major, the partials beat a separate sum of ``dx`` at every VGG conv shape down to
+#: 16-byte rows (1.16× for bf16 512×4×4, 1.87× for fp32 512×2×2); channels-last, they lost
+#: at 16-byte rows (bf16 512×4×4 and 512×2×2: 0.060 / 0.024 ms against 0.038 / 0.015) and
+#: won from 32 (bf16 256×8×8 1.48×, fp32 512×4×4 1.31×; fp32 512×2×2 0.96×, even).
+BIAS_GRAD_MIN_ROW_BYTES = {"channel_major": 16, "channels_last": 32}
 #: Chunked kernels (``C > MAX_TILE_CHANNELS``; not in the sweep) keep ``(elements per
 #: chunk, per thread)`` of 4096/16 forward and 2048/8 backward: the fp32 backward at
 #: 4096/16 spills (AOT test), and these were the spill-free shipped configuration.
@@ -588,15 +595,15 @@ def plan(direction: str, geo, split: int, rmsnorm: bool, itemsize: int,
 
     ``bias_grad`` (backward): the bias gradient is wanted too. The plan then has the kernel
     write its partial sums (``constexprs["BIAS_GRAD"]``; :func:`bias_grad_buffer`) where a
-    program's rows hold at least :data:`BIAS_GRAD_MIN_ROW_BYTES` of ``dx``; elsewhere
-    ``BIAS_GRAD`` stays off and the caller sums ``dx`` itself."""
+    program's rows hold at least :data:`BIAS_GRAD_MIN_ROW_BYTES` of ``dx`` (by layout);
+    elsewhere ``BIAS_GRAD`` stays off and the caller sums ``dx`` itself."""
     if bias_grad and direction != "backward":
         raise ValueError("tsra launch: bias_grad is a backward option")
     spec = dict(has_bias=has_bias, **(tuning or {}))
     kernel, constexprs, num_warps, n_pblocks = specialization(
         geo.C, geo.P, split, geo.channels_contig, direction, rmsnorm, itemsize, **spec)
-    if bias_grad and constexprs["BLOCK_P"] * itemsize >= \
-            BIAS_GRAD_MIN_ROW_BYTES:
+    layout = "channels_last" if geo.channels_contig else "channel_major"
+    if bias_grad and constexprs["BLOCK_P"] * itemsize >= BIAS_GRAD_MIN_ROW_BYTES[layout]:
         kernel, constexprs, num_warps, n_pblocks = specialization(
             geo.C, geo.P, split, geo.channels_contig, direction, rmsnorm, itemsize,
             bias_grad=True, **spec)

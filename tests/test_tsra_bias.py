@@ -261,7 +261,8 @@ def partials_everywhere(monkeypatch):
         made.append(p.kernel.__name__)
         return real(p, device)
 
-    monkeypatch.setattr(ktsra, "BIAS_GRAD_MIN_ROW_BYTES", 0)
+    monkeypatch.setattr(ktsra, "BIAS_GRAD_MIN_ROW_BYTES",
+                        dict.fromkeys(ktsra.BIAS_GRAD_MIN_ROW_BYTES, 0))
     monkeypatch.setattr(ktsra, "bias_grad_buffer", counted)
     _ops_module()._PLANS.clear()
     yield made
@@ -297,11 +298,14 @@ def test_kernel_bias_gradient_from_partial_sums(case, dtype, device, partials_ev
 
 def test_partial_sums_are_made_where_they_pay():
     """The plan writes partial sums where a program's rows hold at least
-    ``BIAS_GRAD_MIN_ROW_BYTES`` of dx: every VGG-16 convolution at batch 1024, bf16 and
-    fp32, NCHW and channels-last, but the bf16 NCHW 2×2 maps (a program holds one image's
-    4 positions, 8 bytes a row: writing and reading the partials would move as many bytes
-    as reading dx); not the 4096-wide linear layers (one row per program: the partials
-    would be twice dx's bytes), nor without a bias gradient or in the forward."""
+    ``BIAS_GRAD_MIN_ROW_BYTES`` of dx for the layout — 16 bytes channel-major, 32
+    channels-last (where the sum over a row crosses threads; the H200 timed the partials
+    slower there at 16-byte rows): every VGG-16 convolution at batch 1024, bf16 and fp32,
+    NCHW and channels-last, but the bf16 NCHW 2×2 maps (a program holds one image's 4
+    positions, 8 bytes a row: writing and reading the partials would move as many bytes as
+    reading dx) and the bf16 channels-last 512-channel maps (8 positions a program, 16
+    bytes); not the 4096-wide linear layers (one row per program: the partials would be
+    twice dx's bytes), nor without a bias gradient or in the forward."""
     from cobkern.kernels import tsra as ktsra
     from cobkern.ops._checks import channel_geometry
 
@@ -316,8 +320,10 @@ def test_partial_sums_are_made_where_they_pay():
     for c, hw in ((64, 32), (128, 16), (256, 8), (512, 4), (512, 2)):
         for cl in (False, True):
             for itemsize in (2, 4):
-                want = not (hw == 2 and not cl and itemsize == 2)
-                assert fused((1024, c, hw, hw), cl, itemsize) is want, (c, hw, cl, itemsize)
+                skipped = (hw == 2 and not cl and itemsize == 2) or \
+                    (c == 512 and cl and itemsize == 2)
+                assert fused((1024, c, hw, hw), cl, itemsize) is not skipped, \
+                    (c, hw, cl, itemsize)
     for itemsize in (2, 4):
         assert fused((1024, 4096), False, itemsize) is False
     assert fused((1024, 64, 8, 8), False, 2, bias_grad=False) is False
