@@ -24,7 +24,7 @@ tensors they trace to the reference formula, which inductor compiles like any ot
 (with the Triton interpreter on, ``TRITON_INTERPRET=1``, to the opaque op, whose
 interpreted kernels then run as in eager mode).
 Which pair compiled code uses is :func:`cobkern.ops.set_compile_kernels` (default
-``"auto"``: inline on CPU tensors, opaque on CUDA); eager calls take the fast path below
+``"auto"``: inline, timed faster on a CPU and on an H200); eager calls take the fast path below
 either way. The inline ops also take the backend and the ``COBKERN_TSRA_TUNING`` setting as
 arguments (:func:`_op_call`), so a compiled graph records what it was traced with. A launch
 is planned from the traced sizes (its block sizes depend on them): with symbolic sizes
