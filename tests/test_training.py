@@ -65,6 +65,10 @@ def test_presets() -> None:
     assert relu.steps == 120_000 and relu.arch == "relu"
     fast = get_preset("fast")
     assert fast.bf16 and fast.compile and fast.steps < paper.steps
+    # the conv bias inside the TSRA kernel: a GPU setting (timed faster on an H200), and
+    # only where a TSRA block follows the convolution
+    assert fast.fuse_conv_bias and not get_preset("fast", "relu").fuse_conv_bias
+    assert not paper.fuse_conv_bias and not get_preset("quick").fuse_conv_bias
     assert get_preset("quick").width < 0.5
     with pytest.raises(ValueError, match="available presets: fast, paper, quick"):
         get_preset("slow")
