@@ -1,8 +1,10 @@
 """Benchmark TSRA and RMSNorm→TSRA: cobkern's fused kernels vs eager PyTorch vs torch.compile.
 
-Run: ``python bench/bench_tsra.py [--out bench-results] [--dtypes bf16,fp32] [--quick]``.
+Run: ``python bench/bench_tsra.py [--out bench-results] [--dtypes bf16,fp32]
+[--layouts nchw,channels_last] [--ops tsra,rmsnorm_tsra] [--passes fwd,fwd+bwd]
+[--batch N]``.
 
-On a GPU it times, at the VGG-16 shapes at batch 1024 (NCHW conv activations and the
+On a GPU it times, at the VGG-16 shapes at batch 1024 (the conv activations and the
 4096-wide classifier), forward and forward+backward of
 
 * ``eager``    — the method written as its authors write it in plain PyTorch (norms,
@@ -13,19 +15,38 @@ On a GPU it times, at the VGG-16 shapes at batch 1024 (NCHW conv activations and
 next to the bandwidth ceiling measured in the same run: the faster of ``torch``'s device
 copy and a simple Triton copy kernel moving the same bytes. Bytes are the minimum traffic:
 forward reads x and writes y; forward+backward additionally reads x and dy and writes dx.
+
 Timing: ``triton.testing.do_bench`` (median, after warm-up). Each row also checks the fused
 result against the eager function evaluated in float64 on the same input
 (``‖out − ref‖ / ‖ref‖``, forward output and, for forward+backward, the input gradient), so a
-timing is never reported for a wrong kernel. On CUDA every variant is also replayed from a
-CUDA graph ("graph ms", ``triton.testing.do_bench_cudagraph``): the same work without host
-overhead, which dominates rows of a few tens of microseconds. Every ``torch.compile`` row
-starts from a reset Dynamo cache, so a recompile limit can never silently turn the
-``compile`` column into eager.
+timing is never reported for a wrong kernel; the reference is computed once from the NCHW
+tensors (x and dy) and the channels-last rows are checked against that same reference. On
+CUDA every variant is also replayed from a CUDA graph ("graph ms",
+``triton.testing.do_bench_cudagraph``): the same work without host overhead, which dominates
+rows of a few tens of microseconds. Every ``torch.compile`` row starts from a reset Dynamo
+cache, so a recompile limit can never silently turn the ``compile`` column into eager.
+
+``--layouts`` (comma list of ``nchw``, ``channels_last``; default both on a GPU, ``nchw`` on
+a CPU) picks the memory layouts of the conv activations. ``nchw`` is the contiguous tensor;
+``channels_last`` is the same values made ``.contiguous(memory_format=torch.channels_last)``
+— x, and dy for forward+backward — for every contender alike (eager, compile, cobkern), the
+layout training with channels-last runs. The 2-D classifier rows (N × C) have no
+channels-last form: they run once, labelled ``nchw``, and are skipped for ``channels_last``
+(with ``--layouts channels_last`` alone they are not run). A layout does not change the
+minimum bytes, so the ceiling is measured once per shape, dtype and pass and shared by both
+ops and both layouts. Each row names its ``layout``; the two layouts of a shape, op and pass
+are adjacent rows. On a GPU the default thus has 44 rows per dtype where ``nchw`` alone has 24
+(2 ops × 2 passes × (5 conv shapes × 2 layouts + the classifier)).
+
 Results go to ``OUT/bench_tsra.json`` and ``OUT/bench_tsra.md``, rewritten after every row so an
 interrupted run keeps what it measured.
 
-On a CPU the script still runs (small shapes, wall-clock timing; the cobkern column then is
-the reference path), which checks the harness, not the kernels' speed.
+On a CPU the script still runs (small shapes, batch 8, fp32, ``nchw`` only unless
+``--layouts`` says otherwise: each row compiles its own ``torch.compile`` graph, seconds each
+on a CPU, and the second layout would double that; wall-clock timing; the cobkern column then
+is the reference path, or the Triton interpreter under ``TRITON_INTERPRET=1``), which checks
+the harness, not the kernels' speed. ``--ops tsra`` or ``--passes fwd+bwd`` (the pass that
+runs both kernels) halves it again, on a GPU as on a CPU.
 """
 
 from __future__ import annotations
@@ -48,6 +69,10 @@ VGG_SHAPES = [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 2, 2)
 CPU_SHAPES = [(64, 8, 8), (512, 2, 2), (1024,)]
 SPEC_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s, vendor specs (SXM)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+#: ``--layouts``: the memory format each 4-D input (x, and dy for forward+backward) is made in
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+#: ``--passes``: forward alone, and forward+backward (the input gradient for an upstream dy)
+PASSES = ("fwd", "fwd+bwd")
 
 
 def eager_tsra(x: torch.Tensor, split: int, a_u=5.0, b_u=0.5, a_v=5.0, b_v=0.7, eps=1e-12):
@@ -135,20 +160,31 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
-def _accuracy(op: str, mode: str, x: torch.Tensor, split: int) -> float:
-    """Largest relative error of the fused op (output, and input gradient for fwd+bwd)
-    against the eager formula evaluated in float64 on the same input."""
+def _reference(op: str, mode: str, x: torch.Tensor, dy: torch.Tensor,
+               split: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The eager formula evaluated in float64 on ``x``: its output and, for fwd+bwd, the
+    input gradient for the upstream gradient ``dy`` (else ``None``). Computed once from the
+    NCHW tensors and shared by every layout's row (the values do not depend on the layout)."""
     eager = eager_tsra if op == "tsra" else eager_rmsnorm_tsra
-    ours = cobkern.tsra if op == "tsra" else cobkern.rmsnorm_tsra
     x64 = x.detach().double().requires_grad_(mode != "fwd")
+    ref = eager(x64, split)
+    if mode == "fwd":
+        return ref.detach(), None
+    (g64,) = torch.autograd.grad(ref, x64, dy.double())
+    return ref.detach(), g64
+
+
+def _accuracy(op: str, mode: str, x: torch.Tensor, dy: torch.Tensor, split: int,
+              ref: tuple[torch.Tensor, torch.Tensor | None]) -> float:
+    """Largest relative error of the fused op on ``x`` (output, and input gradient for
+    ``dy`` for fwd+bwd) against ``ref`` (:func:`_reference` of the same values)."""
+    ours = cobkern.tsra if op == "tsra" else cobkern.rmsnorm_tsra
     xg = x.detach().requires_grad_(mode != "fwd")
-    ref, out = eager(x64, split), ours(xg, split)
-    err = _rel_err(out, ref)
+    out = ours(xg, split)
+    err = _rel_err(out, ref[0])
     if mode != "fwd":
-        dy = torch.randn_like(x)
-        (g64,) = torch.autograd.grad(ref, x64, dy.double())
         (g,) = torch.autograd.grad(out, xg, dy)
-        err = max(err, _rel_err(g, g64))
+        err = max(err, _rel_err(g, ref[1]))
     return err
 
 
@@ -167,7 +203,9 @@ def _write(out_dir: str | None, env: dict, rows: list[dict]) -> None:
 
 
 def run(shapes, batch, dtypes, device, ops=("tsra", "rmsnorm_tsra"), out_dir=None,
-        env=None) -> list[dict]:
+        env=None, layouts=("nchw",), passes=PASSES) -> list[dict]:
+    """Time every (dtype, shape, op, pass, layout) row; ``layouts`` and ``passes`` as
+    ``--layouts`` (2-D shapes run under ``nchw`` only) and ``--passes``."""
     import torch._dynamo
 
     # each row compiles its own graph; never let Dynamo's recompile limit fall back to eager
@@ -182,50 +220,78 @@ def run(shapes, batch, dtypes, device, ops=("tsra", "rmsnorm_tsra"), out_dir=Non
     for dname in dtypes:
         dtype = DTYPES[dname]
         for shape in shapes:
+            # 2-D (N × C) rows have no channels-last form: they run once, as nchw
+            shape_layouts = [lay for lay in layouts if len(shape) == 3 or lay == "nchw"]
+            if not shape_layouts:
+                print(f"# {'×'.join(map(str, (batch, *shape)))}: no channels-last form, "
+                      "skipped (add nchw to --layouts to time it)", flush=True)
+                continue
             x = torch.randn((batch, *shape), device=device, dtype=dtype)
+            dy = torch.randn_like(x)  # the upstream gradient of the fwd+bwd rows
+            # the same values in each layout, x and dy alike, for every contender
+            inputs = {lay: (x.contiguous(memory_format=LAYOUTS[lay]),
+                            dy.contiguous(memory_format=LAYOUTS[lay])) for lay in shape_layouts}
             split = shape[0] // 2
             elem = x.element_size()
+            ceilings: dict[str, tuple[float, str]] = {}  # per pass: the layout moves no bytes
             for op in ops:
-                for mode in ("fwd", "fwd+bwd"):
+                for mode in passes:
                     # minimum bytes: fwd = read x + write y; bwd = read x, dy + write dx
                     nbytes = x.numel() * elem * (2 if mode == "fwd" else 5)
-                    ceil_ms, ceil_how = _copy_ceiling(x.numel(), dtype, device, timer,
-                                                      1 if mode == "fwd" else 3)
-                    if mode == "fwd+bwd":  # copy moved 3 × (r + w) = 6 units; we need 5
-                        ceil_ms *= 5 / 6
-                    row = dict(op=op, mode=mode, dtype=dname, shape=[batch, *shape],
-                               bytes=nbytes, ceiling_ms=ceil_ms, ceiling_kind=ceil_how,
-                               rel_err=_accuracy(op, mode, x, split))
-                    torch._dynamo.reset()
-                    for name, fn in _variants(op, split).items():
-                        if mode == "fwd":
-                            def call(fn=fn, x=x):
-                                with torch.no_grad():
-                                    return fn(x)
-                        else:
-                            xg = x.detach().requires_grad_(True)
-                            dy = torch.randn_like(x)
-
-                            def call(fn=fn, xg=xg, dy=dy):
-                                return torch.autograd.grad(fn(xg), xg, dy)
-                        ms = timer(call)
-                        row[f"{name}_ms"] = ms
-                        row[f"{name}_GBps"] = nbytes / ms / 1e6
-                        if graph is not None:  # the same work without host overhead
-                            row[f"{name}_graph_ms"] = graph(call)
-                    row["pct_of_ceiling"] = 100 * ceil_ms / row["cobkern_ms"]
-                    row["pct_of_spec"] = (100 * nbytes / (row["cobkern_ms"] * 1e-3) / spec
-                                          if spec else None)
-                    row["speedup_vs_eager"] = row["eager_ms"] / row["cobkern_ms"]
-                    row["speedup_vs_compile"] = row["compile_ms"] / row["cobkern_ms"]
-                    g_ours, g_comp = row.get("cobkern_graph_ms"), row.get("compile_graph_ms")
-                    row["graph_speedup_vs_compile"] = (g_comp / g_ours if g_ours and g_comp
-                                                       else None)
-                    rows.append(row)
-                    print(_fmt_row(row), flush=True)
-                    _write(out_dir, env or {}, rows)
-            del x
+                    if mode not in ceilings:
+                        ceil_ms, ceil_how = _copy_ceiling(x.numel(), dtype, device, timer,
+                                                          1 if mode == "fwd" else 3)
+                        if mode == "fwd+bwd":  # copy moved 3 × (r + w) = 6 units; we need 5
+                            ceil_ms *= 5 / 6
+                        ceilings[mode] = (ceil_ms, ceil_how)
+                    ceil_ms, ceil_how = ceilings[mode]
+                    # every layout against one float64 reference, from the NCHW tensors
+                    ref = _reference(op, mode, x, dy, split)
+                    errs = {lay: _accuracy(op, mode, xl, dyl, split, ref)
+                            for lay, (xl, dyl) in inputs.items()}
+                    del ref  # not held while timing
+                    for layout, (xl, dyl) in inputs.items():
+                        row = dict(op=op, mode=mode, dtype=dname, shape=[batch, *shape],
+                                   layout=layout, bytes=nbytes, ceiling_ms=ceil_ms,
+                                   ceiling_kind=ceil_how, rel_err=errs[layout])
+                        _time_row(row, op, mode, xl, dyl, split, timer, graph, spec)
+                        rows.append(row)
+                        print(_fmt_row(row), flush=True)
+                        _write(out_dir, env or {}, rows)
+            del x, dy, inputs
     return rows
+
+
+def _time_row(row: dict, op: str, mode: str, x: torch.Tensor, dy: torch.Tensor, split: int,
+              timer, graph, spec: float | None) -> None:
+    """Time eager, compile and cobkern on ``x`` (and ``dy`` for fwd+bwd), both already in the
+    row's layout; fill in ``row``'s timing, bandwidth and speed-up fields."""
+    import torch._dynamo
+
+    nbytes, ceil_ms = row["bytes"], row["ceiling_ms"]
+    torch._dynamo.reset()
+    for name, fn in _variants(op, split).items():
+        if mode == "fwd":
+            def call(fn=fn, x=x):
+                with torch.no_grad():
+                    return fn(x)
+        else:
+            xg = x.detach().requires_grad_(True)
+
+            def call(fn=fn, xg=xg, dy=dy):
+                return torch.autograd.grad(fn(xg), xg, dy)
+        ms = timer(call)
+        row[f"{name}_ms"] = ms
+        row[f"{name}_GBps"] = nbytes / ms / 1e6
+        if graph is not None:  # the same work without host overhead
+            row[f"{name}_graph_ms"] = graph(call)
+    row["pct_of_ceiling"] = 100 * ceil_ms / row["cobkern_ms"]
+    row["pct_of_spec"] = (100 * nbytes / (row["cobkern_ms"] * 1e-3) / spec
+                          if spec else None)
+    row["speedup_vs_eager"] = row["eager_ms"] / row["cobkern_ms"]
+    row["speedup_vs_compile"] = row["compile_ms"] / row["cobkern_ms"]
+    g_ours, g_comp = row.get("cobkern_graph_ms"), row.get("compile_graph_ms")
+    row["graph_speedup_vs_compile"] = g_comp / g_ours if g_ours and g_comp else None
 
 
 def _fmt_row(r: dict) -> str:
@@ -234,16 +300,16 @@ def _fmt_row(r: dict) -> str:
     gs = r.get("graph_speedup_vs_compile")
     graph = (f"{g:.4f}" if g else "n/a") + " | " + (f"{gs:.2f}×" if gs else "n/a")
     return (f"| {r['op']} | {r['mode']} | {r['dtype']} | {'×'.join(map(str, r['shape']))} | "
-            f"{r['eager_ms']:.3f} | {r['compile_ms']:.3f} | {r['cobkern_ms']:.3f} | "
-            f"{r['ceiling_ms']:.3f} | {r['cobkern_GBps']:.0f} | {r['pct_of_ceiling']:.0f}% | "
-            f"{spec} | {r['speedup_vs_eager']:.2f}× | {r['speedup_vs_compile']:.2f}× | "
-            f"{graph} | {r['rel_err']:.1e} |")
+            f"{r['layout']} | {r['eager_ms']:.3f} | {r['compile_ms']:.3f} | "
+            f"{r['cobkern_ms']:.3f} | {r['ceiling_ms']:.3f} | {r['cobkern_GBps']:.0f} | "
+            f"{r['pct_of_ceiling']:.0f}% | {spec} | {r['speedup_vs_eager']:.2f}× | "
+            f"{r['speedup_vs_compile']:.2f}× | {graph} | {r['rel_err']:.1e} |")
 
 
-HEADER = ("| op | pass | dtype | shape | eager ms | compile ms | cobkern ms | ceiling ms | "
-          "cobkern GB/s | % ceiling | % spec | vs eager | vs compile | cobkern graph ms | "
-          "vs compile (graphs) | rel. error |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| op | pass | dtype | shape | layout | eager ms | compile ms | cobkern ms | "
+          "ceiling ms | cobkern GB/s | % ceiling | % spec | vs eager | vs compile | "
+          "cobkern graph ms | vs compile (graphs) | rel. error |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def environment(device: torch.device) -> dict:
@@ -271,6 +337,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=None, help="default 1024 on GPU, 8 on CPU")
     p.add_argument("--device", default="auto")
     p.add_argument("--ops", default="tsra,rmsnorm_tsra", help="comma list of tsra,rmsnorm_tsra")
+    p.add_argument("--layouts", default=None,
+                   help="comma list of nchw,channels_last: the memory layout of the 4-D inputs "
+                        "(x and dy) for every contender; 2-D shapes run under nchw only "
+                        "(default: nchw,channels_last on GPU, nchw on CPU)")
+    p.add_argument("--passes", default=",".join(PASSES),
+                   help="comma list of fwd,fwd+bwd (fwd+bwd alone: the training pass, both "
+                        "kernels, half the rows)")
     p.add_argument("--tuning", default=None, metavar="TABLE_JSON",
                    help="launch through this TSRA tuning table (bench/gpu_diag.py's "
                         "tsra_tuning.json) instead of the device's shipped one or the "
@@ -283,9 +356,20 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [d for d in dtypes if d not in DTYPES]
     if unknown:
         p.error(f"unknown dtype(s) {unknown}; choose from {list(DTYPES)}")
+    if args.layouts is None:
+        args.layouts = "nchw,channels_last" if gpu else "nchw"
+    layouts = list(dict.fromkeys(args.layouts.split(",")))  # in the order given, once each
+    bad = [lay for lay in layouts if lay not in LAYOUTS]
+    if bad:
+        p.error(f"--layouts: unknown layout(s) {bad}; choose from {list(LAYOUTS)}")
+    passes = list(dict.fromkeys(args.passes.split(",")))
+    bad = [m for m in passes if m not in PASSES]
+    if bad:
+        p.error(f"--passes: unknown pass(es) {bad}; choose from {list(PASSES)}")
     batch = args.batch or (1024 if gpu else 8)
     shapes = VGG_SHAPES if gpu else CPU_SHAPES
     env = environment(device)
+    env["layouts"], env["passes"] = layouts, passes
     if args.tuning:
         from cobkern.ops.tuning import ENV_VAR, load_table
 
@@ -305,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     ops = args.ops.split(",")
     if set(ops) - {"tsra", "rmsnorm_tsra"}:
         p.error(f"unknown op(s) {sorted(set(ops) - {'tsra', 'rmsnorm_tsra'})}")
-    run(shapes, batch, dtypes, device, ops=ops, out_dir=args.out, env=env)
+    run(shapes, batch, dtypes, device, ops=ops, out_dir=args.out, env=env, layouts=layouts,
+        passes=passes)
     return 0
 
 
