@@ -20,8 +20,9 @@ forward, cross-entropy, backward, AdamW/SGD step):
   model with ``cobkern.ops.set_compile_kernels("inline")``: inductor traces into the ops
   and launches the Triton kernels from its own generated code (no dispatcher round trip,
   outputs in its memory plan), without and with CUDA graphs.
-* ``...-fusedbias`` (``tsra-fused``, ``tsra-fused-compiled``, ``tsra-fused-compiled-inline``)
-  — the same with ``VGG.fuse_conv_bias``: every convolution runs without its bias, which
+* ``...-fusedbias`` (``tsra-fused``, ``tsra-fused-compiled``, ``tsra-fused-compiled-inline``,
+  and ``tsra-fused-compiled-inline-fusedbias-cg``: the ``fast`` preset's setting as CUDA
+  graphs) — the same with ``VGG.fuse_conv_bias``: every convolution runs without its bias, which
   the RMSNorm→TSRA kernel adds as it loads the convolution's output (PyTorch and inductor
   otherwise add it in a pass of its own; in the ReLU model inductor fuses that add into
   BatchNorm).
@@ -68,7 +69,7 @@ VARIANTS = ("tsra-fused", "tsra-reference-op", "tsra-eager", "tsra-eager-compile
             "tsra-fused-heuristic", "tsra-fused-compiled-cg", "relu-compiled-cg",
             "tsra-fused-compiled-inline", "tsra-fused-compiled-inline-cg",
             "tsra-fused-fusedbias", "tsra-fused-compiled-fusedbias",
-            "tsra-fused-compiled-inline-fusedbias")
+            "tsra-fused-compiled-inline-fusedbias", "tsra-fused-compiled-inline-fusedbias-cg")
 #: ``tsra-fused-heuristic``: ``tsra-fused`` with the TSRA tuning table switched off
 #: (``COBKERN_TSRA_TUNING=off`` during its steps), so a table's effect on a training step —
 #: the shipped one, or one named by ``COBKERN_TSRA_TUNING`` for the whole run — is measured
@@ -131,7 +132,7 @@ def build(variant: str, width: float) -> tuple[nn.Module, str]:
     model = vgg16_tsra(width=width)
     if variant.startswith("tsra-eager"):
         return eager_copy(model), "auto"
-    model.fuse_conv_bias = variant.endswith("-fusedbias")
+    model.fuse_conv_bias = "-fusedbias" in variant
     return model, "reference" if variant == "tsra-reference-op" else "auto"
 
 

@@ -13,6 +13,8 @@
 #   GPU_SESSION_STEPS=tests,diag bash bench/gpu_session.sh  # some steps only (default: all
 #                                 but diag, tuned, ncu, pruned and fast:
 #                                 tests,tsra,calibration,training)
+#   GPU_SESSION_TSRA_LAYOUTS=channels_last ...  # bench_tsra's --layouts in the tsra and tuned
+#                                 steps (default nchw,channels_last)
 #
 # Results are written as they are produced. On the device ($OUT set: its output folder returns
 # at most 8 files) two files come back: steps.log (streamed) and results.tar.gz, every result
@@ -76,6 +78,9 @@ export PYTHONPATH="$SITE" PYTHONUNBUFFERED=1
 cd "$SITE"
 LOG="$DEST/steps.log"
 STEPS=",$REQ,"
+# bench_tsra's layouts (GPU_SESSION_TSRA_LAYOUTS): both take ~1.8x the time of one — the
+# 2026-11-27 NCHW bf16+fp32 run took 174 s of the tsra step's 210 s cap
+TSRA_LAYOUTS=${GPU_SESSION_TSRA_LAYOUTS:-nchw,channels_last}
 want() { [[ $STEPS == *",$1,"* ]]; }
 
 step() { pack; echo "== $1 (t=${SECONDS}s, $(date +%T))" | tee -a "$LOG"; }
@@ -150,6 +155,7 @@ if want tuned; then  # the goals again, every shape launched with the sweep's fa
   step "TSRA benchmark with the tile sweep's winners (bench_tsra.py --tuning)"
   if [[ -f $FINAL/tsra_tuning.json ]]; then
     cap 250 python3 bench/bench_tsra.py --out "$FINAL/tuned" --dtypes bf16,fp32 \
+      --layouts "$TSRA_LAYOUTS" \
       --tuning "$FINAL/tsra_tuning.json"
   else
     echo "skipped: no tsra_tuning.json (run the diag step first)" | tee -a "$LOG"
@@ -172,7 +178,7 @@ if want calibration; then
 fi
 if want tsra; then
   step "TSRA kernels vs eager / torch.compile / copy ceiling (bf16, then fp32)"
-  cap 210 python3 bench/bench_tsra.py --out "$FINAL" --dtypes bf16,fp32
+  cap 210 python3 bench/bench_tsra.py --out "$FINAL" --dtypes bf16,fp32 --layouts "$TSRA_LAYOUTS"
 fi
 if want training; then
   step "training throughput"
@@ -182,11 +188,13 @@ if want training; then
     export COBKERN_TSRA_TUNING="$FINAL/tsra_tuning.json"
     echo "training with this call's tuning table $COBKERN_TSRA_TUNING" | tee -a "$LOG"
   fi
-  # issue 5's comparisons first (a capped run keeps the variants done); tsra-reference-op
-  # and tsra-eager-compiled were measured on 2026-11-26 and -27 and are left out
+  # the fast preset's step (inline ops, conv bias in the TSRA kernel) and its CUDA-graph
+  # form beside the ReLU control first (a capped run keeps the variants done); the opaque
+  # compiled variants, tsra-reference-op and tsra-eager-compiled were measured on
+  # 2026-11-26 and -27 (bench/results/) and are left out
   cap 240 python3 bench/bench_training.py --out "$FINAL/bench_training" --steps 30 \
-    --warmup 5 --variants tsra-fused-compiled,relu-compiled,tsra-fused-compiled-inline,tsra-fused-compiled-inline-fusedbias,tsra-fused-compiled-fusedbias,tsra-fused-compiled-cg,tsra-fused-compiled-inline-cg,relu-compiled-cg,tsra-fused,tsra-fused-fusedbias,relu,relu-adamw,tsra-eager,tsra-fused-heuristic \
-    --profile tsra-fused-compiled,relu-compiled,tsra-fused-compiled-inline,tsra-fused-compiled-inline-fusedbias
+    --warmup 5 --variants tsra-fused-compiled-inline-fusedbias,relu-compiled,tsra-fused-compiled-inline-fusedbias-cg,relu-compiled-cg,tsra-fused-compiled-inline,tsra-fused-compiled-inline-cg,tsra-fused-fusedbias,tsra-fused,relu,tsra-eager,tsra-fused-heuristic \
+    --profile tsra-fused-compiled-inline-fusedbias,relu-compiled
   cap 30 python3 bench/bench_optimizer.py --out "$FINAL/bench_optimizer"
 fi
 
