@@ -739,7 +739,7 @@ def test_calibrate_channels_last_flag_reaches_calibrate(run_dir: Path, tmp_path:
 
     out = _copy(run_dir, tmp_path)
     before = Context(out, device="cpu", progress=False)
-    assert before.config.calib_channels_last is False
+    assert before.config.calib_channels_last is None  # calibrate's automatic layout
     seen: list[bool] = []
     real = context_module.calibrate
 
@@ -756,6 +756,61 @@ def test_calibrate_channels_last_flag_reaches_calibrate(run_dir: Path, tmp_path:
     off = Context(out, ctx.config.with_overrides({"calib_channels_last": False}),
                   device="cpu", progress=False)
     assert off.calibration_is_current()
+    assert main(["calibrate", "--out", str(out), "--samples", "100", "--no-channels-last",
+                 "--no-progress"]) == 0
+    assert seen == [True, False]
+    assert Context(out, device="cpu", progress=False).config.calib_channels_last is False
+
+
+def test_calibrate_passes_the_automatic_layout_through(run_dir: Path, tmp_path: Path,
+                                                       monkeypatch) -> None:
+    """Without the flag, the config's ``None`` reaches ``calibrate`` as it is (its automatic
+    choice: NCHW on this CPU) and stays ``null`` in ``config.json``."""
+    from cobkern.experiments import context as context_module
+
+    out = _copy(run_dir, tmp_path)
+    seen: list[bool | None] = []
+    real = context_module.calibrate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("channels_last"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(context_module, "calibrate", spy)
+    assert main(["calibrate", "--out", str(out), "--samples", "100", "--no-progress"]) == 0
+    assert seen == [None]
+    assert json.loads((out / "config.json").read_text())["experiment"][
+        "calib_channels_last"] is None
+
+
+@pytest.mark.parametrize("flags,expected", [([], None), (["--channels-last"], True),
+                                            (["--no-channels-last"], False)])
+def test_channels_last_flags_parse_to_true_false_or_auto(tmp_path: Path, flags: list[str],
+                                                         expected: bool | None) -> None:
+    args = build_parser().parse_args(["calibrate", "--out", str(tmp_path), *flags])
+    assert args.channels_last is expected
+
+
+@pytest.mark.parametrize("text,expected", [("true", True), ("false", False), ("null", None)])
+def test_set_calib_channels_last_takes_true_false_and_null(tmp_path: Path, text: str,
+                                                          expected: bool | None) -> None:
+    """``--set calib_channels_last=null`` puts a config back on the automatic layout."""
+    from cobkern.cli.main import _experiment_config
+
+    cfg = _experiment_config(build_parser().parse_args(
+        ["run", "--out", str(tmp_path / "o"), "--set", f"calib_channels_last={text}"]))
+    assert cfg.calib_channels_last is expected
+    with pytest.raises(ValueError, match="calib_channels_last: expected true, false or null"):
+        _experiment_config(build_parser().parse_args(
+            ["run", "--out", str(tmp_path / "o"), "--set", "calib_channels_last=yes"]))
+
+
+def test_channels_last_help_says_the_default_is_automatic(capsys) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["calibrate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--no-channels-last" in text
+    assert "normally auto: channels-last for a float32 model on CUDA" in text
 
 
 def test_calibrate_f32_dot_is_recorded_and_decides_whether_statistics_are_current(

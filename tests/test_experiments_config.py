@@ -99,6 +99,48 @@ def test_wrong_types_and_values_are_value_errors() -> None:
     assert ok.peer_criteria == ["l2", "l1-first"]
 
 
+@pytest.mark.parametrize("name", ["quick", "fast", "paper"])
+def test_calib_channels_last_defaults_to_calibrates_auto(name: str) -> None:
+    """``None``: ``calibrate`` picks the layout (channels-last for float32 on CUDA)."""
+    assert ExperimentConfig().calib_channels_last is None
+    assert get_experiment_preset(name).calib_channels_last is None
+
+
+@pytest.mark.parametrize("value", [None, True, False])
+def test_calib_channels_last_accepts_true_false_and_null(value, tmp_path) -> None:
+    """Through overrides, ``from_dict`` and a JSON ``config.json`` (``null`` → ``None``)."""
+    import json
+
+    from cobkern.experiments import load_experiment_config
+
+    quick = get_experiment_preset("quick")
+    assert quick.with_overrides({"calib_channels_last": value}).calib_channels_last is value
+    d = {**quick.to_dict(), "calib_channels_last": value}
+    assert ExperimentConfig.from_dict(d).calib_channels_last is value
+    f = tmp_path / "config.json"
+    f.write_text(json.dumps({"experiment": d}))
+    assert f"\"calib_channels_last\": {json.dumps(value)}" in f.read_text()
+    assert load_experiment_config(f).calib_channels_last is value
+
+
+def test_a_config_without_calib_channels_last_gets_auto(tmp_path) -> None:
+    import json
+
+    from cobkern.experiments import load_experiment_config
+
+    d = get_experiment_preset("quick").to_dict()
+    del d["calib_channels_last"]
+    f = tmp_path / "config.json"
+    f.write_text(json.dumps(d))
+    assert load_experiment_config(f).calib_channels_last is None
+
+
+@pytest.mark.parametrize("bad", ["yes", "auto", 1, 0, 1.0, [True]])
+def test_calib_channels_last_rejects_other_values_by_name(bad) -> None:
+    with pytest.raises(ValueError, match=r"calib_channels_last: expected true, false or null"):
+        get_experiment_preset("quick").with_overrides({"calib_channels_last": bad})
+
+
 def test_recipe_description_states_the_warmup_actually_used() -> None:
     r = get_experiment_preset("quick").with_overrides({"finetune": {"steps": 4}}).finetune
     assert r.warmup_steps == 10

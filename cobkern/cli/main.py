@@ -4,7 +4,7 @@ Commands (each reads the previous step's files from ``--out``)::
 
     cobkern train      --out OUT [--preset quick] [--arch tsra|relu] [--set steps=100 ...]
     cobkern calibrate  --out OUT [--samples N] [--augment] [--f32-dot MODE]
-                       [--channels-last]
+                       [--channels-last | --no-channels-last]
     cobkern prune      --out OUT --strategy NAME --value V [--value-v V] [--importance l2|l1]
                        [--baseline] [--normalizer kept|original] [--round-to N] [--name NAME]
     cobkern finetune   --out OUT --name NAME [--steps N] [--lr LR]
@@ -159,8 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(float64 tensor cores: exact products, float64 sums)")
     s.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="feed the images in channels-last format, so the covariance kernel "
-                        "reads channel-contiguous activations (same statistics up to "
-                        "summation order; default: the config's, off)")
+                        "reads channel-contiguous activations (--channels-last), or NCHW "
+                        "(--no-channels-last); the same statistics up to float round-off. "
+                        "default: the config's, normally auto: channels-last for a float32 "
+                        "model on CUDA (1.44-1.48x faster calibration on an H200), NCHW "
+                        "otherwise (a bfloat16 model was 1.84x slower channels-last; CPU "
+                        "untimed; BENCHMARKS.md)")
     _common(s)
 
     s = sub.add_parser("prune", formatter_class=fmt,

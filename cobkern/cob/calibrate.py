@@ -18,17 +18,28 @@ instead of following them. Each activation is kept alive by the caching allocato
 its kernel has read it (``record_stream``), and a batch's forward starts only when the
 previous batch's kernels are done, so at most one batch of activations is in flight.
 
-Layout (``channels_last=True``, off by default until timed): 4-D input batches are put in
-channels-last memory format before the forward pass, so the convolutions produce NHWC
-activations and the covariance kernel reads slabs whose contiguous axis is the channels —
-the layout of the linear layers' ``(N, C)`` activations, on which one float32 kernel
-launch (64×64 tiles, 8 warps) ran 3× more FLOP/s than on NCHW maps on an H200
-(``BENCHMARKS.md``). On NCHW maps the kernel's float32 products (the CUDA-core ``tl.dot``)
-read both operands from unswizzled shared memory along the samples, mostly as scalar,
-bank-conflicting loads; on NHWC maps they read them as conflict-free vectors (offline sm_90
-PTX). The model's weights are not touched: cuDNN (and the CPU convolutions) follow the
-input's layout. No activation is copied; the statistics are the same up to float summation
-order.
+Layout (``channels_last``; by default chosen from the model's dtype and device, below):
+with ``channels_last=True`` 4-D input batches are put in channels-last memory format before
+the forward pass, so the convolutions produce NHWC activations and the covariance kernel
+reads slabs whose contiguous axis is the channels — the layout of the linear layers'
+``(N, C)`` activations, on which one float32 kernel launch (64×64 tiles, 8 warps) ran 3×
+more FLOP/s than on NCHW maps on an H200 (``BENCHMARKS.md``). On NCHW maps the kernel's
+float32 products (the CUDA-core ``tl.dot``) read both operands from unswizzled shared memory
+along the samples, mostly as scalar, bank-conflicting loads; on NHWC maps they read them as
+conflict-free vectors (offline sm_90 PTX). The model's weights are not touched: cuDNN (and
+the CPU convolutions) follow the input's layout. No activation is copied; the statistics
+are the same up to float round-off: other convolution kernels, other summation order (on
+the H200 run below the float32 Grams differed from NCHW's by up to 2.2e-4 relative, and the
+default lossless rule kept the same directions in both layouts).
+
+Automatic layout, measured end to end (``BENCHMARKS.md``; H200, torch 2.11, 2026-11-27,
+VGG-16 TSRA width 1.0, 10,000 images, batch 500, forward pass included): a float32 model
+calibrated in 0.091–0.094 s channels-last against 0.135 s NCHW (IEEE float32 products),
+1.44–1.48× faster (``f32_dot="fp64"`` did not gain from it: 0.111–0.113 s); a bfloat16
+model took 0.122 s channels-last against 0.066 s NCHW, 1.84× slower (cause not yet known).
+CPU calibration was never timed either way. So ``channels_last=None`` means channels-last
+exactly for a float32 model on a CUDA device, NCHW otherwise; pass ``True`` / ``False`` to
+choose.
 
 Distributed: when ``torch.distributed`` is initialised each rank should iterate over its own
 shard (e.g. a ``DistributedSampler``) and takes ``max_samples / world_size`` images (the
@@ -51,6 +62,9 @@ from .stats import CalibrationStats, LayerStats, weight_fingerprint
 
 __all__ = ["calibrate", "batch_inputs"]
 
+#: The only parameter dtype for which ``channels_last=None`` picks channels-last (on CUDA).
+_AUTO_CHANNELS_LAST_DTYPE = torch.float32
+
 
 def batch_inputs(batch: Any) -> Tensor:
     """The input tensor of a batch: ``x`` itself, or the first element of ``(x, y, ...)``."""
@@ -64,6 +78,45 @@ def batch_inputs(batch: Any) -> Tensor:
                 return batch[key]
     raise TypeError(f"calibrate: cannot find the input tensor in a batch of type "
                     f"{type(batch).__name__}; yield x or (x, y)")
+
+
+def _auto_channels_last(dtype: torch.dtype, device: torch.device | str) -> bool:
+    """The layout ``channels_last=None`` picks for a model of parameter ``dtype`` on
+    ``device``: channels-last exactly for float32 on CUDA, where it was measured 1.44–1.48×
+    faster end to end on an H200; NCHW for bfloat16 (measured 1.84× slower channels-last)
+    and for every other dtype and device (not measured; CPU included). See the module
+    docstring and ``BENCHMARKS.md``."""
+    return dtype == _AUTO_CHANNELS_LAST_DTYPE and torch.device(device).type == "cuda"
+
+
+def _layout_probe(model: nn.Module, input_device: torch.device) -> tuple[torch.dtype,
+                                                                          torch.device]:
+    """The dtype and device the automatic layout is decided on: those of the model's first
+    floating-point parameter (its activations follow them). A model without one (it can
+    have no CoB layer, so :func:`calibrate` never meets one) computes in its inputs' dtype,
+    unknown before the first batch: :func:`torch.get_default_dtype` is assumed, on
+    ``input_device``, the device the inputs are moved to."""
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if p is None:
+        return torch.get_default_dtype(), input_device
+    return p.dtype, p.device
+
+
+def _resolve_channels_last(model: nn.Module, channels_last: bool | None,
+                           input_device: torch.device | str) -> bool:
+    """:func:`calibrate`'s ``channels_last`` as a bool: ``True`` / ``False`` as given,
+    ``None`` by :func:`_auto_channels_last` on the model's parameters (:func:`_layout_probe`).
+
+    Raises:
+        TypeError: ``channels_last`` is neither a bool nor ``None`` (e.g. the string
+            ``"yes"``, or ``1``).
+    """
+    if channels_last is None:
+        return _auto_channels_last(*_layout_probe(model, torch.device(input_device)))
+    if not isinstance(channels_last, bool):
+        raise TypeError(f"calibrate: channels_last must be True or False, or None for the "
+                        f"automatic choice, got {channels_last!r}")
+    return channels_last
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -85,7 +138,7 @@ def calibrate(
     meta: dict[str, Any] | None = None,
     overlap: bool = False,
     f32_dot: str | None = None,
-    channels_last: bool = False,
+    channels_last: bool | None = None,
 ) -> CalibrationStats:
     """Collect per-subspace second moments of the CoB layers' activations.
 
@@ -112,22 +165,26 @@ def calibrate(
             low-rate float64). Recorded in the statistics' ``meta`` when not IEEE; another
             name is a ``ValueError`` (from the accumulators, built before any forward pass).
         channels_last: put 4-D input batches in channels-last memory format, so the
-            convolutions' activations reach the covariance kernel channel-contiguous (see
-            the module docstring; the same statistics up to summation order). Other inputs
-            pass unchanged.
+            convolutions' activations reach the covariance kernel channel-contiguous (the
+            same statistics up to float round-off; other inputs pass unchanged), or not
+            (``False``: NCHW as given). ``None`` (default): channels-last exactly when the
+            model's first floating-point parameter is float32 on a CUDA device — measured
+            1.44–1.48× faster there end to end (0.091–0.094 s against 0.135 s on an H200),
+            while a bfloat16 model was 1.84× slower channels-last (0.122 s against
+            0.066 s) and CPU calibration is untimed (module docstring, ``BENCHMARKS.md``).
+            Anything but a bool or ``None`` is a ``TypeError``.
 
     Returns:
         :class:`CalibrationStats` with one float64 :class:`LayerStats` per layer (on CPU).
     """
     chosen = select_layers(model, layers)
-    if not isinstance(channels_last, bool):
-        raise TypeError(f"calibrate: channels_last must be True or False, got {channels_last!r}")
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"calibrate: max_samples must be >= 1 or None, got {max_samples}")
     if device is None:
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
     device = torch.device(device)
+    channels_last = _resolve_channels_last(model, channels_last, device)
     rank, world = _rank_and_world()
     if distributed is None:
         distributed = world > 1

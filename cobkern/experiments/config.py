@@ -120,10 +120,14 @@ class ExperimentConfig:
             calib_f32_dot: the covariance kernel's products for float32 activations on a
             GPU (:data:`cobkern.ops.covariance.F32_DOTS`; default ``"ieee"``; ``"fp64"``:
             float64 tensor cores, float64-exact statistics on A100/H100-class GPUs);
-            calib_channels_last: feed the calibration images in channels-last format, so
-            the convolutions' activations reach the covariance kernel channel-contiguous
-            (``calibrate(channels_last=...)``; the same statistics up to summation order,
-            so it is not part of their identity; default off until timed on a GPU).
+            calib_channels_last: feed the calibration images in channels-last format
+            (``true``), so the convolutions' activations reach the covariance kernel
+            channel-contiguous, or NCHW (``false``); ``null`` / ``None`` (default):
+            ``calibrate``'s automatic choice, channels-last exactly for a float32 model on
+            CUDA (1.44–1.48× faster calibration there on an H200; a bfloat16 model was 1.84×
+            slower channels-last; CPU untimed — ``BENCHMARKS.md``). The same statistics up
+            to float round-off, so it is not part of their identity
+            (``calibrate(channels_last=...)``).
         eval_subset: test images used for every sweep evaluation (0: all 10,000).
         eval_batch_size: evaluation batch.
         fractions: parameter fractions ``P`` of the fixed-ratio sweep.
@@ -160,7 +164,7 @@ class ExperimentConfig:
     calib_samples: int = 10_000
     calib_augment: bool = False
     calib_f32_dot: str = "ieee"
-    calib_channels_last: bool = False
+    calib_channels_last: bool | None = None
     calib_batch_size: int = 500
     eval_subset: int = 0
     eval_batch_size: int = 1000
@@ -202,10 +206,14 @@ class ExperimentConfig:
                 raise ValueError(f"{name}: expected a JSON object of TrainConfig settings, "
                                  f"e.g. {name}={{\"steps\": 100}}, got {getattr(self, name)!r}")
         _check_train_settings(self)
-        for name in ("train_relu", "calib_augment", "calib_channels_last", "threshold_baseline",
-                     "peer_finetune"):
+        for name in ("train_relu", "calib_augment", "threshold_baseline", "peer_finetune"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
+        if self.calib_channels_last is not None and not isinstance(self.calib_channels_last,
+                                                                   bool):
+            raise ValueError(f"calib_channels_last: expected true, false or null (automatic: "
+                             f"channels-last for a float32 model on CUDA), got "
+                             f"{self.calib_channels_last!r}")
         _check_int("calib_samples", self.calib_samples, minimum=1)
         from cobkern.ops.covariance import F32_DOTS  # no triton import
 
