@@ -180,8 +180,14 @@ TARGET_PROGRAMS_INTERPRETER = 4
 #: float64 tensor cores (``mma.sync ... .f64``, DMMA, on sm_80/sm_90 — 67 TFLOP/s on an
 #: H100/H200, against the FMA path's 3.8–6.5 TFLOP/s measured on the convolutions): a
 #: product of two float32 values is exact in float64 and the tile sums in float64, so it is
-#: more accurate than ``"ieee"`` (no Kahan step needed). Not yet timed on a GPU; consumer
-#: GPUs run float64 at 1/64 rate, where it would be slow.
+#: more accurate than ``"ieee"`` (no Kahan step needed). Timed on an H200 (2026-11-27,
+#: batch 500, CUDA-graph replay, ``BENCHMARKS.md``): on NCHW conv maps 1.1–2.7× faster
+#: than ``"ieee"`` (0.293 / 0.123 / 0.079 / 0.077 / 0.043 ms against 0.324 / 0.244 / 0.216
+#: / 0.202 / 0.066 from 64×32×32 to 512×2×2), but slower on the 4096-wide linear layers
+#: (0.225 against 0.185) and on channels-last maps (0.234 against 0.123 at 64×32×32), where
+#: IEEE reads vectors — and channels-last IEEE is the fastest of all, hence the default
+#: (and channels-last calibration for float32 models on CUDA). Consumer GPUs run float64 at
+#: 1/64 rate, where it would be slow.
 F32_DOT_DEFAULT = "ieee"
 
 
