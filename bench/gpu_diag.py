@@ -86,6 +86,13 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # Dropped after an offline sm_90 check of every candidate at every timed shape
 # (tests/test_tsra_aot.py): forward 16384/32 and backward 8192/16 spill in bf16 (16-warp
 # programs, which the 2026-11-26 sweep had already found 1.7-2.1x slower than 8-warp ones).
+# Added after the H200's second lease of 2026-11-27 (not yet timed): backward 8192/32 (8
+# warps) with VEC_P 0 / 2 / 4 and 4096/32 with VEC_P 4 — the NCHW bf16 backward at
+# 1024×128×16×16 ran at 71 % of the copy rate with the table's 2048/32/2w VEC_P=2 launch
+# (16-position rows: 32 bytes of each channel per program, 4-byte loads), against 100 %
+# channels-last; these give each program 64-position rows (whole 128-byte lines) and, with
+# VEC_P=4, 8-byte loads, at 28.2-32.8 SASS instructions per element offline (issue floor
+# 0.68-0.78 of the memory floor), no spills under triton 3.8 or 3.6.
 CONFIGS = {"forward": [(4096, 16), (8192, 16), (8192, 32), (2048, 8), (4096, 8),
                        (4096, 32), (8192, 64), (2048, 16),
                        (2048, 32, 2), (1024, 16, 2), (1024, 32, 1), (512, 16, 1),
@@ -94,7 +101,8 @@ CONFIGS = {"forward": [(4096, 16), (8192, 16), (8192, 32), (2048, 8), (4096, 8),
            "backward": [(2048, 8), (4096, 8), (4096, 16), (1024, 4), (2048, 4),
                         (2048, 16), (4096, 32), (1024, 16, 2), (512, 16, 1),
                         (1024, 32, 1, 2), (1024, 32, 1, 4), (512, 16, 1, 2),
-                        (2048, 32, 2, 2)]}
+                        (2048, 32, 2, 2), (8192, 32), (8192, 32, 8, 2), (8192, 32, 8, 4),
+                        (4096, 32, 4, 4)]}
 # VGG-16 CoB layer activations (C, H, W) at calibration batch 500, for the covariance sweep
 COV_SHAPES = [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 2, 2), (4096,)]
 COV_BATCH = int(os.environ.get("GPU_DIAG_COV_BATCH", "500"))
