@@ -379,8 +379,15 @@ def _cov_jobs():
             if len(shape) > 1:  # the conv maps channels_last too (calibrate(channels_last=))
                 variants["NHWC"] = {"nhwc": True}
                 variants[f"NHWC {other}×{other} tiles"] = {"nhwc": True, "block": other}
+                # channels-last is float32 calibration's CUDA default since the H200's second
+                # lease of 2026-11-27, which timed only these three NHWC rows: the program
+                # counts (tuned on NCHW), and for float32 the tensor-core products
+                for n in (TARGET_PROGRAMS_GPU // 4, TARGET_PROGRAMS_GPU * 4):
+                    variants[f"NHWC {n} programs"] = {"nhwc": True, "target_programs": n}
                 if dname == "fp32":
                     variants["NHWC fp64"] = {"nhwc": True, "f32_dot": "fp64"}
+                    variants["NHWC tf32x3"] = {"nhwc": True, "f32_dot": "tf32x3"}
+                    variants["NHWC bf16x6"] = {"nhwc": True, "f32_dot": "bf16x6"}
             jobs += [(shape, dname, label, tuple(sorted(over.items())))
                      for label, over in variants.items()]
     return jobs
