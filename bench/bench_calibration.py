@@ -13,10 +13,13 @@ linears) on the same images, in one run, side by side:
   on a side CUDA stream, under the forward pass (on a CPU the same as ``streaming``);
 * ``streaming, f32_dot=fp64`` (float32 only) — the same with the covariance kernel's
   products on the float64 tensor cores (``calibrate(..., f32_dot="fp64")``);
-* ``..., channels_last`` — the forward pass and the streaming rows again with the images in
-  channels-last format (``calibrate(..., channels_last=True)``): the convolutions then give
-  NHWC activations, whose channel-contiguous slabs the float32 Gram products read as
-  conflict-free vectors (``--layouts nchw`` leaves these rows out);
+* ``streaming, f32_dot=tf32`` (float32 only) — one TF32 tensor-core product per float32
+  product (``f32_dot="tf32"``: operands truncated by up to 2^-10; the cheapest mode);
+* ``..., channels_last`` — the forward pass and the streaming rows (overlapped, ``fp64``
+  and ``tf32`` too) again with the images in channels-last format
+  (``calibrate(..., channels_last=True)``): the convolutions then give NHWC activations,
+  whose channel-contiguous slabs the float32 Gram products read as conflict-free vectors
+  (``--layouts nchw`` leaves these rows out);
 * ``materialize`` — what the authors' notebook does: keep every layer's activations of all
   images, then flatten each to ``(N·H·W, C)`` and form ``H_Uᵀ H_U``, ``H_Vᵀ H_V`` in float32.
 
@@ -51,6 +54,8 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: the row of float32 runs whose Grams use the float64 tensor cores
 FP64 = "streaming, f32_dot=fp64"
+#: ... and the row whose Grams use one TF32 tensor-core product per float32 product
+TF32 = "streaming, f32_dot=tf32"
 #: the channels-last rows (calibrate(channels_last=True) and its yardstick)
 CL = "streaming, channels_last"
 FWD_CL = "forward only, channels_last"
@@ -159,8 +164,9 @@ def main(argv: list[str] | None = None) -> dict:
         for cl in (False, True) if nhwc else (False,):
             calibrate(model, loader[:1], max_samples=None, progress=False, channels_last=cl)
             if dtype == torch.float32:
-                calibrate(model, loader[:1], max_samples=None, progress=False,
-                          f32_dot="fp64", channels_last=cl)
+                for dot in ("fp64", "tf32"):
+                    calibrate(model, loader[:1], max_samples=None, progress=False,
+                              f32_dot=dot, channels_last=cl)
             fmt = torch.channels_last if cl else torch.contiguous_format
             model(loader[0].contiguous(memory_format=fmt))
 
@@ -170,14 +176,18 @@ def main(argv: list[str] | None = None) -> dict:
         methods.append((FWD_CL, functools.partial(run_forward, channels_last=True)))
     methods += [("streaming", run_streaming),
                 ("streaming, overlapped", functools.partial(run_streaming, overlap=True))]
-    if dtype == torch.float32:  # the float64 tensor-core products (f32_dot="fp64")
+    if dtype == torch.float32:  # the float64 and the TF32 tensor-core products
         methods.append((FP64, functools.partial(run_streaming, f32_dot="fp64")))
+        methods.append((TF32, functools.partial(run_streaming, f32_dot="tf32")))
     if nhwc:
         methods.append((CL, functools.partial(run_streaming, channels_last=True)))
+        methods.append(("streaming, overlapped, channels_last",
+                        functools.partial(run_streaming, overlap=True, channels_last=True)))
         if dtype == torch.float32:
-            methods.append((FP64 + ", channels_last",
-                            functools.partial(run_streaming, f32_dot="fp64",
-                                              channels_last=True)))
+            for name, dot in ((FP64, "fp64"), (TF32, "tf32")):
+                methods.append((name + ", channels_last",
+                                functools.partial(run_streaming, f32_dot=dot,
+                                                  channels_last=True)))
     methods.append(("materialize", run_materialize))
     outs: dict = {}  # each method's statistics / Grams, for the comparisons at the end
     record = {
@@ -193,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
         "max_rel_diff_gram": None,
         "max_rel_diff_overlapped_vs_streaming": None,
         "max_rel_diff_fp64_vs_streaming": None,
+        "max_rel_diff_tf32_vs_streaming": None,
         "max_rel_diff_channels_last_vs_streaming": None,
         "layouts": layouts,
         "results": results,
@@ -218,8 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     stats, grams = outs["streaming"], outs["materialize"]
     stats_overlapped, stats_cl = outs["streaming, overlapped"], outs.get(CL)
-    stats_fp64 = outs.get(FP64)
-    worst = worst_overlap = worst_fp64 = worst_cl = 0.0
+    stats_fp64, stats_tf32 = outs.get(FP64), outs.get(TF32)
+    worst = worst_overlap = worst_fp64 = worst_tf32 = worst_cl = 0.0
     for n, (gu, gv) in grams.items():
         for a, b, o in ((stats[n].gram_u, gu, stats_overlapped[n].gram_u),
                         (stats[n].gram_v, gv, stats_overlapped[n].gram_v)):
@@ -232,10 +243,14 @@ def main(argv: list[str] | None = None) -> dict:
         if stats_fp64 is not None:  # against IEEE streaming: the two float32-exact products
             worst_fp64 = max(worst_fp64, _rel(stats_fp64[n].gram_u, stats[n].gram_u),
                              _rel(stats_fp64[n].gram_v, stats[n].gram_v))
+        if stats_tf32 is not None:
+            worst_tf32 = max(worst_tf32, _rel(stats_tf32[n].gram_u, stats[n].gram_u),
+                             _rel(stats_tf32[n].gram_v, stats[n].gram_v))
     record.update({
         "max_rel_diff_gram": worst,
         "max_rel_diff_overlapped_vs_streaming": worst_overlap,
         "max_rel_diff_fp64_vs_streaming": worst_fp64 if stats_fp64 is not None else None,
+        "max_rel_diff_tf32_vs_streaming": worst_tf32 if stats_tf32 is not None else None,
         "max_rel_diff_channels_last_vs_streaming": worst_cl if stats_cl is not None else None,
         "partial": False,
     })
@@ -311,6 +326,9 @@ def _markdown(r: dict) -> str:
     if r.get("max_rel_diff_fp64_vs_streaming") is not None:
         lines[-1] += (f" `f32_dot=fp64` vs IEEE streaming: "
                       f"{r['max_rel_diff_fp64_vs_streaming']:.2e}.")
+    if r.get("max_rel_diff_tf32_vs_streaming") is not None:
+        lines[-1] += (f" `f32_dot=tf32` vs IEEE streaming: "
+                      f"{r['max_rel_diff_tf32_vs_streaming']:.2e}.")
     if r.get("max_rel_diff_channels_last_vs_streaming") is not None:
         lines[-1] += (f" channels_last vs NCHW streaming (different convolution kernels "
                       f"too): {r['max_rel_diff_channels_last_vs_streaming']:.2e}.")

@@ -20,9 +20,11 @@ smoke run: ``TRITON_INTERPRET=1 GPU_DIAG_DEVICE=cpu GPU_DIAG_BATCH=1 GPU_DIAG_CO
   activation shape, batch 500, fp32 and bf16: the shipped launch against the same launch
   with one pipeline stage (float32's launch before 2026-11-26), with the other Gram tile
   size (32 vs 64), with a quarter / four times the programs (each program ends with one
-  tile of float64 atomic adds), and with ``tf32x3`` / ``bf16x6`` float32 products (three
-  TF32 / six bf16 tensor-core products per float32 product), with ``fp64`` products (float64
-  tensor cores), and on channels_last maps (``NHWC``: channel-contiguous slabs, as
+  tile of float64 atomic adds), with more samples a step (bf16: 128, 256; float32: 64) and
+  fewer warps a program (float32 IEEE: 2 and 1, with 2× and 4× the programs), and with
+  ``tf32`` / ``tf32x3`` / ``bf16x6`` float32 products (one or three TF32 / six bf16
+  tensor-core products per float32 product), with ``fp64`` products (float64 tensor
+  cores), and on channels_last maps (``NHWC``: channel-contiguous slabs, as
   ``calibrate(channels_last=True)`` gives the kernel); achieved TFLOP/s of the products
   actually computed.
 * ``biasgrad``    — the RMSNorm→TSRA backward with a convolution's bias (CUDA-graph replay)
@@ -36,8 +38,9 @@ smoke run: ``TRITON_INTERPRET=1 GPU_DIAG_DEVICE=cpu GPU_DIAG_BATCH=1 GPU_DIAG_CO
   2026-11-27) against the single tile with per-element subspace selects (shipped before),
   each with the launch heuristic.
 * ``calibration`` — a plain forward pass vs streaming calibration (float32 ``ieee``,
-  ``tf32x3``, ``bf16x6`` and ``fp64`` products, and a bf16 model; ``ieee``, ``fp64`` and bf16
-  also with channels_last inputs, against a channels_last forward) on 10,000 images of
+  ``tf32``, ``tf32x3``, ``bf16x6`` and ``fp64`` products, and a bf16 model; ``ieee``,
+  ``tf32``, ``fp64`` and bf16 also with channels_last inputs, against a channels_last
+  forward) on 10,000 images of
   VGG-16, each
   Gram's error against float64, and the profiler's top CUDA kernels of a streaming
   calibration.
@@ -350,6 +353,31 @@ def write_tuning_table(rec: dict, path: str, min_gain: float = MIN_GAIN) -> dict
     return table
 
 
+def _cov_step_variants(dname: str, scalar_loads: bool = False) -> dict[str, dict]:
+    """The samples-per-step and warps-per-program overrides of one dtype's shipped launch
+    (offline, sm_90, SASS instructions per sample across VGG-16's layers: bf16 at 128
+    samples a step 22–36 % fewer, at 256 31–54 %; float32 IEEE on channel-contiguous slabs
+    on 2 warps 19–21 % fewer, on 1 warp 25–28 %, with 2.7× and 3.8× the FMAs per
+    shared-memory load; ``bench/kernel_proxies.py --covariance``).
+    Fewer warps a program get proportionally more programs, so an SM holds as many warps.
+    ``scalar_loads`` (NCHW 2×2 maps: the slabs load element by element into registers):
+    without the widest step and the 1-warp program, which spill there (1,764 and 376 bytes)."""
+    from cobkern.kernels.covariance import TARGET_PROGRAMS_GPU
+
+    if dname == "bf16":
+        out = {"128 samples a step": {"block_k": 128}}
+        if not scalar_loads:
+            out["256 samples a step"] = {"block_k": 256}
+        return out
+    out = {"64 samples a step": {"block_k": 64},
+           f"2 warps, {2 * TARGET_PROGRAMS_GPU} programs":
+               {"num_warps": 2, "target_programs": 2 * TARGET_PROGRAMS_GPU}}
+    if not scalar_loads:
+        out[f"1 warp, {4 * TARGET_PROGRAMS_GPU} programs"] = {
+            "num_warps": 1, "target_programs": 4 * TARGET_PROGRAMS_GPU}
+    return out
+
+
 def _cov_jobs():
     """Per layer and dtype: the shipped launch, then one change at a time against it:
     ``(shape, dtype, label, overrides)`` with the overrides as sorted ``(key, value)`` pairs
@@ -369,7 +397,11 @@ def _cov_jobs():
                         **{f"{n} programs": {"target_programs": n}
                            for n in (TARGET_PROGRAMS_GPU // 4, TARGET_PROGRAMS_GPU,
                                      TARGET_PROGRAMS_GPU * 4)}}
+            # NCHW maps whose positions are not a multiple of 16 load their slabs as scalars
+            variants.update(_cov_step_variants(dname, len(shape) > 1
+                                               and (shape[1] * shape[2]) % 16 != 0))
             if dname == "fp32":
+                variants["tf32"] = {"f32_dot": "tf32"}
                 variants["tf32x3"] = {"f32_dot": "tf32x3"}
                 variants["bf16x6"] = {"f32_dot": "bf16x6"}
                 wide = launch_config(shape[0] // 2, DTYPES[dname], f32_dot="fp64")[0]
@@ -384,8 +416,13 @@ def _cov_jobs():
                 # counts (tuned on NCHW), and for float32 the tensor-core products
                 for n in (TARGET_PROGRAMS_GPU // 4, TARGET_PROGRAMS_GPU * 4):
                     variants[f"NHWC {n} programs"] = {"nhwc": True, "target_programs": n}
+                variants.update({f"NHWC {label}": {"nhwc": True, **over}
+                                 for label, over in _cov_step_variants(dname).items()})
                 if dname == "fp32":
                     variants["NHWC fp64"] = {"nhwc": True, "f32_dot": "fp64"}
+                    variants["NHWC tf32"] = {"nhwc": True, "f32_dot": "tf32"}
+                    variants["NHWC tf32 64 samples a step"] = {"nhwc": True, "f32_dot": "tf32",
+                                                               "block_k": 64}
                     variants["NHWC tf32x3"] = {"nhwc": True, "f32_dot": "tf32x3"}
                     variants["NHWC bf16x6"] = {"nhwc": True, "f32_dot": "bf16x6"}
             jobs += [(shape, dname, label, tuple(sorted(over.items())))
@@ -540,9 +577,11 @@ def part_calibration(rec: dict) -> None:
         g = torch.Generator().manual_seed(0)
         data = torch.randn(images, 3, 32, 32, generator=g)
         loader = [data[i:i + batch].to(DEVICE).to(dtype) for i in range(0, images, batch)]
-        modes = ["ieee", "tf32x3", "bf16x6", "fp64"] if dtype == torch.float32 else ["bf16"]
+        modes = (["ieee", "tf32", "tf32x3", "bf16x6", "fp64"] if dtype == torch.float32
+                 else ["bf16"])
         # channels_last inputs: NHWC activations, channel-contiguous Gram slabs
-        modes += ["ieee-nhwc", "fp64-nhwc"] if dtype == torch.float32 else ["bf16-nhwc"]
+        modes += (["ieee-nhwc", "tf32-nhwc", "fp64-nhwc"] if dtype == torch.float32
+                  else ["bf16-nhwc"])
         with torch.no_grad():
             model(loader[0])
             for m in modes:  # compile every layer's kernel variant outside the timings

@@ -179,8 +179,9 @@ def covariance() -> None:
     """The covariance kernel per VGG-16 layer (batch 500, split C/2): the shipped launch
     against the same launch with one pipeline stage (the launch before 2026-11-26 for
     float32) and with the other tile size, and for float32 the ``fp64`` products (float64
-    tensor cores) at both tile sizes; the conv layers also channels_last (``NHWC``, what
-    ``calibrate(channels_last=True)`` feeds the kernel), shipped and ``fp64``. "SASS per
+    tensor cores) at both tile sizes, ``tf32`` products, 64 samples a step and 2 or 1 warps
+    a program, for bf16 128 and 256 samples a step; the conv layers also channels_last
+    (``NHWC``, what ``calibrate(channels_last=True)`` feeds the kernel). "SASS per
     sample" = loop body × threads / samples per step × Gram tiles of the layer: the
     instructions the whole layer issues per sample (lower is better). "shared ld" = the
     PTX's shared-memory loads, scalar / vector (``ld.shared`` v2 and v4; ``ldmatrix`` not
@@ -196,20 +197,33 @@ def covariance() -> None:
         s = shape[0] // 2
         for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
             shipped = launch_config(s, dt)[0]
-            variants = [("shipped", None, None, None, False), ("1 stage", None, 1, None, False),
-                        (f"{96 - shipped}×{96 - shipped} tiles", 96 - shipped, None, None,
-                         False)]
+            # (label, overrides of _spec): one change at a time against the shipped launch
+            variants = [("shipped", {}), ("1 stage", {"num_stages": 1}),
+                        (f"{96 - shipped}×{96 - shipped} tiles", {"block": 96 - shipped})]
             if dt == torch.float32:  # the float64 tensor-core products, both tile sizes
                 wide = launch_config(s, dt, f32_dot="fp64")[0]
-                variants += [("fp64", None, None, "fp64", False),
-                             (f"fp64 {96 - wide}×{96 - wide}", 96 - wide, None, "fp64", False)]
+                variants += [("fp64", {"f32_dot": "fp64"}),
+                             (f"fp64 {96 - wide}×{96 - wide}",
+                              {"f32_dot": "fp64", "block": 96 - wide}),
+                             ("tf32", {"f32_dot": "tf32"}),
+                             ("64 samples a step", {"block_k": 64}),
+                             ("2 warps", {"num_warps": 2}), ("1 warp", {"num_warps": 1})]
+            else:
+                variants += [("128 samples a step", {"block_k": 128}),
+                             ("256 samples a step", {"block_k": 256})]
             if len(shape) > 1:  # conv maps, channels_last
-                variants.append(("NHWC", None, None, None, True))
+                variants.append(("NHWC", {"nhwc": True}))
                 if dt == torch.float32:
-                    variants.append(("NHWC fp64", None, None, "fp64", True))
-            for label, block, stages, f32_dot, nhwc in variants:
-                spec = _spec((500, *shape), nhwc, dt, f32_dot=f32_dot, block=block,
-                             num_stages=stages)
+                    variants += [("NHWC fp64", {"nhwc": True, "f32_dot": "fp64"}),
+                                 ("NHWC tf32", {"nhwc": True, "f32_dot": "tf32"}),
+                                 ("NHWC tf32x3", {"nhwc": True, "f32_dot": "tf32x3"}),
+                                 ("NHWC 2 warps", {"nhwc": True, "num_warps": 2}),
+                                 ("NHWC 1 warp", {"nhwc": True, "num_warps": 1})]
+                else:
+                    variants.append(("NHWC 128 samples a step", {"nhwc": True, "block_k": 128}))
+            for label, over in variants:
+                over = dict(over)
+                spec = _spec((500, *shape), over.pop("nhwc", False), dt, **over)
                 spec["sass"] = True
                 specs.append(spec)
                 cx = spec["constexprs"]

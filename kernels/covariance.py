@@ -170,7 +170,17 @@ TARGET_PROGRAMS_INTERPRETER = 4
 
 
 #: ``tl.dot`` precision for float32 activations: exact IEEE products (no TF32 rounding).
-#: Tensor-core alternatives for sweeps: ``"tf32x3"`` (three TF32 products; 1.7e-7 relative
+#: Tensor-core alternatives: ``"tf32"`` (one TF32 product: no conversion is emitted, the
+#: tensor cores read the float32 bits and ignore the 13 low mantissa bits, so every
+#: operand is truncated by up to 2^-10 relative; the cheapest float32 mode offline — 4,560
+#: SASS instructions per sample on a 128×16×16 channels-last layer against 11,928 for
+#: ``"ieee"`` and 8,832 for ``"tf32x3"``, sm_90, triton 3.8. Emulated on a CPU
+#: (``bench/dot_split_error.py --lossless``) the leading Gram eigenvalues shrink by ~7e-4
+#: relative (Gram error 7e-4 of its largest entry, against 5e-8 for tf32x3), the leading
+#: eigenvectors and the lossless rule's counts do not change, and the null directions of a
+#: saturated layer rise to at most 4e-9 of the largest eigenvalue, well under the float32
+#: tolerance of 1e-7 — on a 512 → 4096 TSRA layer and the CoB layers of the README's
+#: trained ``quick`` model; not yet timed), ``"tf32x3"`` (three TF32 products; 1.7e-7 relative
 #: Gram error on an H200) and ``"bf16x6"`` (each float32 value split into three bf16
 #: parts, the six largest of the nine partial products: dropped terms are 2^-24 relative;
 #: an exact-arithmetic emulation on 20,000×128 samples put its Gram error at 2e-10–3e-9
@@ -192,7 +202,8 @@ F32_DOT_DEFAULT = "ieee"
 
 
 def launch_config(subspace: int, dtype: torch.dtype, block: int | None = None,
-                  f32_dot: str | None = None) -> tuple[int, int, int, int]:
+                  f32_dot: str | None = None, block_k: int | None = None,
+                  num_warps: int | None = None) -> tuple[int, int, int, int]:
     """``(BLOCK, BLOCK_K, num_warps, num_stages)`` for a subspace of this size and dtype.
 
     16-bit inputs: tiles of 64×64 (8 warps), or 32×32 (4 warps) when the wider subspace has
@@ -218,23 +229,29 @@ def launch_config(subspace: int, dtype: torch.dtype, block: int | None = None,
     samples on 64×64 tiles and 32 on 32×32 ones: offline sm_90, triton 3.6 (whose float64
     ``mma`` is m16n8k16) spilled 84 bytes at 64×64 with 32-sample steps and 24 bytes at
     32×32 with 4 warps; these settings are spill-free on 3.6 and 3.8 (102–118 and 46–80
-    registers). These configurations are compiled and checked for spills, tensor-core
-    products and pipelined loads in the test suite. ``block`` overrides the tile size
-    (tuning sweeps).
+    registers). ``f32_dot="tf32"`` (untimed) takes the tensor-core modes' tiles, 32
+    samples a step (120 registers at 64×64, 8 warps). These configurations are compiled and
+    checked for spills, tensor-core products and pipelined loads in the test suite.
+    ``block``, ``block_k`` (samples a step) and ``num_warps`` override the defaults (tuning
+    sweeps: offline, sm_90, 128 samples a step cut bf16's SASS instructions per sample by
+    22–36 % across VGG-16's layers, and 2 warps cut float32 IEEE's by 19–21 % on
+    channel-contiguous slabs, with 2.7× the FMAs per shared-memory load —
+    ``bench/kernel_proxies.py --covariance``; neither is timed yet).
     """
     if dtype == torch.float32 and f32_dot == "fp64":
         block = block or (32 if subspace <= 32 else 64)
-        return block, 16 if block >= 64 else 32, 8, 2
-    ieee = dtype == torch.float32 and f32_dot in (None, "", "ieee")
-    block = block or (32 if subspace <= 32 or ieee else 64)
-    block_k = 32 if dtype == torch.float32 else 64
-    num_warps = 8 if block >= 64 else 4
-    return block, block_k, num_warps, 2
+        default_k, default_warps = (16 if block >= 64 else 32), 8
+    else:
+        ieee = dtype == torch.float32 and f32_dot in (None, "", "ieee")
+        block = block or (32 if subspace <= 32 or ieee else 64)
+        default_k = 32 if dtype == torch.float32 else 64
+        default_warps = 8 if block >= 64 else 4
+    return block, block_k or default_k, num_warps or default_warps, 2
 
 
 #: Products the float32 path accepts (both triton 3.6 and 3.8 on sm_90): ``tl.dot`` input
 #: precisions, and ``"fp64"`` (float64 tensor cores; see :data:`F32_DOT_DEFAULT`).
-F32_DOTS = ("ieee", "tf32x3", "bf16x6", "fp64")
+F32_DOTS = ("ieee", "tf32", "tf32x3", "bf16x6", "fp64")
 
 
 def _f32_dot(mode: str, on_gpu: bool) -> str:
@@ -248,7 +265,8 @@ def _f32_dot(mode: str, on_gpu: bool) -> str:
 @functools.lru_cache(maxsize=1024)
 def specialization(geo, split: int, dtype: torch.dtype, numel: int, on_gpu: bool = True,
                    f32_dot: str | None = None, block: int | None = None,
-                   num_stages: int | None = None) -> tuple[dict, int, int]:
+                   num_stages: int | None = None, block_k: int | None = None,
+                   num_warps: int | None = None) -> tuple[dict, int, int]:
     """``(constexprs, num_warps, num_stages)`` of one launch on a ``geo``-shaped input.
 
     The single source of the launch decisions, shared by the launcher and the
@@ -256,13 +274,13 @@ def specialization(geo, split: int, dtype: torch.dtype, numel: int, on_gpu: bool
     where the slab loads vectorise (see the module docstring): with scalar loads the
     second stage adds registers (float32: 154 instead of 128 at 8 warps, one program per SM
     instead of two) and no prefetch. Cached: it runs on every calibration batch and layer.
-    The returned dict is shared; do not mutate it. ``block`` / ``num_stages`` override the
-    defaults (tuning sweeps).
+    The returned dict is shared; do not mutate it. ``block`` / ``num_stages`` /
+    ``block_k`` / ``num_warps`` override the defaults (tuning sweeps).
     """
     n = geo.B * geo.P
     mode = _f32_dot(f32_dot or "ieee", on_gpu) if dtype == torch.float32 else ""
     block, block_k, num_warps, stages = launch_config(max(split, geo.C - split), dtype, block,
-                                                      mode)
+                                                      mode, block_k, num_warps)
     vector_q = geo.stride_p == 1 and geo.P % 16 == 0 and (geo.B == 1 or geo.stride_b % 16 == 0)
     vector_c = geo.stride_c == 1 and split % 16 == 0 and geo.C % 16 == 0
     if num_stages is None:
@@ -317,7 +335,8 @@ def subspace_moments(x: torch.Tensor, geo, split: int, packed: torch.Tensor,
                      sum_abs: torch.Tensor, sum_sq: torch.Tensor,
                      target_programs: int | None = None, mirror: bool = True,
                      f32_dot: str | None = None, block: int | None = None,
-                     num_stages: int | None = None) -> None:
+                     num_stages: int | None = None, block_k: int | None = None,
+                     num_warps: int | None = None) -> None:
     """Add the moments of ``x`` into the outputs (float32, or float64 running sums).
 
     Args:
@@ -336,6 +355,8 @@ def subspace_moments(x: torch.Tensor, geo, split: int, packed: torch.Tensor,
             default :data:`F32_DOT_DEFAULT`.
         block: Gram tile size override (tuning sweeps; see :func:`launch_config`).
         num_stages: pipeline stages override (tuning sweeps; see :func:`specialization`).
+        block_k: samples per step override (tuning sweeps; a power of two, at least 16).
+        num_warps: warps per program override (tuning sweeps).
     """
     C, n = geo.C, geo.B * geo.P
     su, sv = split, C - split
@@ -343,7 +364,8 @@ def subspace_moments(x: torch.Tensor, geo, split: int, packed: torch.Tensor,
     # F32_DOT_DEFAULT (the diag's mode switch) must reach the next launch
     f32_dot = f32_dot or F32_DOT_DEFAULT
     constexprs, num_warps, num_stages = specialization(
-        geo, split, x.dtype, x.numel(), x.device.type == "cuda", f32_dot, block, num_stages)
+        geo, split, x.dtype, x.numel(), x.device.type == "cuda", f32_dot, block, num_stages,
+        block_k, num_warps)
     table = tile_table(su, sv, constexprs["BLOCK"], x.device)
     n_tiles = table.numel() // 3
     if target_programs is None:

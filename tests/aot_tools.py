@@ -69,6 +69,7 @@ def _compile_one(spec: dict[str, Any]) -> dict[str, Any]:
         **_memory_ops(ptx, "ld", "shared"),
         "wgmma": ptx.count("wgmma.mma_async"),
         "cp_async": len(re.findall(r"\bcp\.async\.c[ag]\.", ptx)),
+        "cvt_rna_tf32": len(re.findall(r"\bcvt\.rna\.tf32\.f32", ptx)),
         "mma": len(re.findall(r"\bmma\.sync", ptx)),
         "mma_f64": len(re.findall(r"\bmma\.sync\S*\.f64\.f64", ptx)),
         # float64 arithmetic (conversions, loads and moves not counted)

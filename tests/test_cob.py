@@ -231,7 +231,7 @@ def test_calibrate_f32_dot_reaches_every_kernel_launch(device, request):
         torch.testing.assert_close(got[n].gram_u, ieee[n].gram_u, rtol=1e-5,
                                    atol=1e-5 * ieee[n].gram_u.abs().max().item())
     with pytest.raises(ValueError, match="f32_dot must be one of"):
-        calibrate(m, data, progress=False, f32_dot="tf32")
+        calibrate(m, data, progress=False, f32_dot="fp16")
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

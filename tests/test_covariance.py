@@ -207,6 +207,64 @@ def test_launcher_tuning_options_compute_the_same_moments(device, dtype, block, 
     _close(got, subspace_moments_reference(x, split, accum_dtype=torch.float64))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("over", [{"block_k": 16}, {"block_k": 128}, {"num_warps": 2},
+                                  {"num_warps": 1, "block": 32}, {"block_k": 64, "block": 64}],
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_step_and_warp_overrides_compute_the_same_moments(device, dtype, over):
+    """The sweep's samples-per-step (``block_k``) and warps-per-program overrides change
+    the work split, not the sums: the suite's 2e-6 against float64. A step wider than a
+    sample chunk and a 1-warp program are among them."""
+    from cobkern.kernels import covariance as k
+
+    x = _make((3, 70, 3, 5), dtype, False, device)
+    split, c = 30, 70
+    packed = torch.zeros(split**2 + (c - split) ** 2, device=device, dtype=torch.float64)
+    sa = torch.zeros(c, device=device, dtype=torch.float64)
+    sq = torch.zeros(c, device=device, dtype=torch.float64)
+    k.subspace_moments(x, channel_geometry(x, 1), split, packed, sa, sq, **over)
+    got = (packed[: split**2].view(split, split), packed[split**2:].view(c - split, c - split),
+           sa, sq)
+    _close(got, subspace_moments_reference(x, split, accum_dtype=torch.float64))
+    cx, warps, _ = k.specialization(channel_geometry(x, 1), split, dtype, x.numel(),
+                                    x.device.type == "cuda", None, over.get("block"), None,
+                                    over.get("block_k"), over.get("num_warps"))
+    for key, want in (("block_k", cx["BLOCK_K"]), ("num_warps", warps),
+                      ("block", cx["BLOCK"])):
+        if key in over:
+            assert want == over[key], f"{key} override not applied"
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_tf32_products_truncate_within_their_bound(device, channels_last):
+    """``f32_dot="tf32"``: one TF32 tensor-core product per float32 product. The tensor
+    cores ignore each operand's 13 low mantissa bits (no conversion is emitted), so each
+    operand loses up to 2^-10 of itself, toward zero, and a product up to 2·2^-10 ≈ 2e-3:
+    on a GPU every output is within 2.5e-3 of the float64 reference (the bound plus the
+    float32 sums' error), and ``Σa²`` — the Gram diagonal, a sum of truncated squares —
+    is never above it (1e-6 of slack for the float32 sums). ``Σ|a|`` reads the operands
+    themselves, not the products: the suite's 2e-6. The interpreter computes every float32
+    dot exactly: there the whole result meets 2e-6."""
+    from cobkern.kernels import covariance as k
+
+    x = _make((4, 70, 6, 5), torch.float32, channels_last, device)
+    split, c = 30, 70
+    packed = torch.zeros(split**2 + (c - split) ** 2, device=device, dtype=torch.float64)
+    sa = torch.zeros(c, device=device, dtype=torch.float64)
+    sq = torch.zeros(c, device=device, dtype=torch.float64)
+    k.subspace_moments(x, channel_geometry(x, 1), split, packed, sa, sq, f32_dot="tf32")
+    got = (packed[: split**2].view(split, split), packed[split**2:].view(c - split, c - split),
+           sa, sq)
+    ref = subspace_moments_reference(x, split, accum_dtype=torch.float64)
+    if device.type != "cuda":
+        _close(got, ref)
+        return
+    _close(got, ref, rtol=2.5e-3)
+    err = ((sa.cpu() - ref.sum_abs.cpu()).abs().max() / ref.sum_abs.abs().max()).item()
+    assert err <= RTOL, f"sum_abs: relative error {err:.3g} > {RTOL}"
+    assert (sq.cpu() <= ref.sum_sq.cpu() * (1 + 1e-6)).all(), "a TF32 square above the exact"
+
+
 @pytest.mark.parametrize("shape,split,channels_last", [((4, 70, 6, 5), 30, False),
                                                        ((4, 70, 6, 5), 40, True),
                                                        ((300, 96), 33, False)])
@@ -320,7 +378,7 @@ def test_gpu_grid_targets_follow_dtype_and_tile():
     assert target(torch.bfloat16, (500, 256, 8, 8)) == wide
     assert target(torch.float16, (500, 4096)) == wide
     assert target(torch.bfloat16, (500, 64, 32, 32)) == few  # 32×32 tiles
-    for dot in (None, "tf32x3", "bf16x6", "fp64"):
+    for dot in (None, "tf32", "tf32x3", "bf16x6", "fp64"):
         assert target(torch.float32, (500, 256, 8, 8), dot) == few
     assert target(torch.bfloat16, (500, 256, 8, 8), on_gpu=False) == \
         k.TARGET_PROGRAMS_INTERPRETER

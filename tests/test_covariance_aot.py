@@ -3,9 +3,10 @@
 Every shipped variant — the launch decisions of :func:`cobkern.kernels.covariance.
 specialization` for VGG-16's activation shapes in each dtype and layout, adding into float64
 running sums as the calibration accumulator does or into float32 one-batch outputs, the
-``tf32x3``, ``bf16x6`` and ``fp64`` float32 product modes, 64-bit indexing, and shapes whose
-unit-stride axis is not a multiple of 16 — must compile, assemble with ptxas with **0 bytes
-of spill**, and for bf16/fp16 (and the two float32 tensor-core modes) run its products on
+``tf32``, ``tf32x3``, ``bf16x6`` and ``fp64`` float32 product modes, 64-bit indexing, and
+shapes whose unit-stride axis is not a multiple of 16 — must compile, assemble with ptxas
+with **0 bytes of spill**, and for bf16/fp16 (and the float32 tensor-core modes) run its
+products on
 the tensor cores (``wgmma`` for 64×64 tiles, ``mma`` for 32×32; float64 ``mma`` for
 ``fp64``). Where the launcher asks
 for two stages (every VGG shape but the 2×2 maps) the slab loads must really be vectorised
@@ -33,9 +34,11 @@ TILE_TABLE_LOADS = 3
 
 def _spec(shape: tuple[int, ...], channels_last: bool, dtype: torch.dtype, out: str = "fp64",
           f32_dot: str | None = None, index64: bool = False, block: int | None = None,
-          num_stages: int | None = None) -> dict:
+          num_stages: int | None = None, block_k: int | None = None,
+          num_warps: int | None = None) -> dict:
     """What the JIT compiles for an activation of this shape (batch dimension included);
-    ``block`` / ``num_stages`` are the launcher's sweep overrides (``kernel_proxies.py``)."""
+    ``block`` / ``num_stages`` / ``block_k`` / ``num_warps`` are the launcher's sweep
+    overrides (``kernel_proxies.py``, ``gpu_diag.py``)."""
     from cobkern.kernels.covariance import specialization
 
     x = torch.empty(shape, device="meta")
@@ -44,7 +47,7 @@ def _spec(shape: tuple[int, ...], channels_last: bool, dtype: torch.dtype, out: 
     geo = channel_geometry(x, 1)
     split = geo.C // 2
     cx, warps, stages = specialization(geo, split, dtype, x.numel(), True, f32_dot, block,
-                                       num_stages)
+                                       num_stages, block_k, num_warps)
     cx = dict(cx, INDEX64=index64 or cx["INDEX64"])
     n = geo.B * geo.P
     ints = {"C": geo.C, "P": geo.P, "split": split, "n_samples": n, "n_tiles": 1,
@@ -81,6 +84,11 @@ VARIANTS += [
     ("bf16-nchw-to-fp32", (500, 256, 8, 8), False, torch.bfloat16, "fp32", None, False),
     ("fp32-nchw-to-fp32", (500, 256, 8, 8), False, torch.float32, "fp32", None, False),
     ("fp32-nchw-tf32x3", (500, 256, 8, 8), False, torch.float32, "fp64", "tf32x3", False),
+    ("fp32-nchw-tf32", (500, 256, 8, 8), False, torch.float32, "fp64", "tf32", False),
+    ("fp32-nhwc-256x8x8-tf32", (500, 256, 8, 8), True, torch.float32, "fp64", "tf32", False),
+    ("fp32-nhwc-64x32x32-tf32", (500, 64, 32, 32), True, torch.float32, "fp64", "tf32",
+     False),
+    ("fp32-rows-4096-tf32", (500, 4096), False, torch.float32, "fp64", "tf32", False),
     ("fp32-nchw-bf16x6", (500, 256, 8, 8), False, torch.float32, "fp64", "bf16x6", False),
     ("fp32-nchw-64x32x32-bf16x6", (500, 64, 32, 32), False, torch.float32, "fp64", "bf16x6",
      False),
@@ -141,7 +149,8 @@ def test_compiles_for_sm90_without_spills(compiled, i):
     assert spill == 0, f"{spill} bytes spilled ({r['registers']} registers)\n{r['ptxas_log']}"
     if VARIANTS[i][5] == "fp64":  # float64 tensor cores: Hopper has no float64 wgmma
         assert r["mma_f64"] > 0, "fp64 products should run on the float64 tensor cores (DMMA)"
-    elif dtype in (torch.bfloat16, torch.float16) or VARIANTS[i][5] in ("tf32x3", "bf16x6"):
+    elif dtype in (torch.bfloat16, torch.float16) or VARIANTS[i][5] in ("tf32", "tf32x3",
+                                                                         "bf16x6"):
         if r["block"] >= 64:
             assert r["wgmma"] > 0, "64×64 tensor-core tiles should use wgmma (Hopper)"
         else:
@@ -182,3 +191,56 @@ def test_channel_contiguous_float32_products_read_shared_memory_as_vectors(compi
     vec = r["ld_shared_v4"] + r["ld_shared_v2"]
     assert vec >= 0.9 * (vec + r["ld_shared_scalar"]), (
         f"{r['ld_shared_scalar']} scalar against {vec} vector shared loads")
+
+
+def test_tf32_products_read_the_float32_bits_unconverted(compiled):
+    """``f32_dot="tf32"`` emits no ``cvt.rna.tf32.f32``: the tensor cores read the float32
+    bits and ignore the 13 low mantissa bits — the truncation its accuracy notes, the CPU
+    emulation (``bench/dot_split_error.py``) and the GPU test of its bound assume.
+    ``tf32x3`` rounds its splits with that conversion (the check can fail)."""
+    names = [v[0] for v in VARIANTS]
+    for name in ("fp32-nchw-tf32", "fp32-nhwc-256x8x8-tf32", "fp32-rows-4096-tf32"):
+        r = compiled[names.index(name)]
+        assert "error" not in r, r.get("error")
+        assert r["cvt_rna_tf32"] == 0, f"{name}: {r['cvt_rna_tf32']} TF32 conversions"
+    assert compiled[names.index("fp32-nchw-tf32x3")]["cvt_rna_tf32"] > 0
+
+
+def _sweep_specs() -> list[tuple[str, dict]]:
+    """The distinct launches of ``bench/gpu_diag.py``'s covariance rows that override the
+    samples a step or the warps a program, or use ``tf32`` products: a GPU lease should not
+    spend a row on a launch that does not compile or spills."""
+    import json
+
+    from bench.gpu_diag import DTYPES, _cov_jobs
+
+    seen, out = set(), []
+    for shape, dname, label, over in _cov_jobs():
+        over = dict(over)
+        if not ({"block_k", "num_warps"} & over.keys() or over.get("f32_dot") == "tf32"):
+            continue
+        spec = _spec((500, *shape), bool(over.get("nhwc")), DTYPES[dname],
+                     f32_dot=over.get("f32_dot"), block=over.get("block"),
+                     num_stages=over.get("num_stages"), block_k=over.get("block_k"),
+                     num_warps=over.get("num_warps"))
+        key = json.dumps(spec, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append((f"{'×'.join(map(str, shape))} {dname} {label}", spec))
+    return out
+
+
+def test_sweep_step_and_warp_variants_compile_without_spills():
+    """Every distinct launch of the covariance sweep's samples-a-step, warps-a-program and
+    ``tf32`` rows compiles for sm_90 without spilling (offline registers: 116–168 for bf16
+    at 128–256 samples a step, 96 / 179 for float32 IEEE on 2 / 1 warps)."""
+    specs = _sweep_specs()
+    assert len(specs) >= 10, "the sweep lost its step / warp / tf32 rows"
+    bad = []
+    for (name, _), r in zip(specs, compile_specs([s for _, s in specs]), strict=True):
+        if "error" in r:
+            bad.append(f"{name}: {r['error'][:120]}")
+        elif r["spill_stores"] + r["spill_loads"]:
+            bad.append(f"{name}: {r['spill_stores'] + r['spill_loads']} bytes spilled "
+                       f"({r['registers']} registers)")
+    assert not bad, "\n".join(bad)

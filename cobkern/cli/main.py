@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "notebook did; default: no)")
     s.add_argument("--f32-dot", default=None, choices=F32_DOTS, metavar="MODE",
                    help="the covariance kernel's products for float32 activations on a GPU: "
-                        "ieee (default), tf32x3, bf16x6 (tensor cores, less exact) or fp64 "
+                        "ieee (default), tf32 (one TF32 product, operands truncated by up to "
+                        "2^-10), tf32x3, bf16x6 (tensor cores, less exact) or fp64 "
                         "(float64 tensor cores: exact products, float64 sums)")
     s.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="feed the images in channels-last format, so the covariance kernel "

@@ -158,12 +158,16 @@ def calibrate(
             forward pass (see the module docstring); ignored on other devices.
         f32_dot: products of the covariance kernel for float32 activations, one of
             :data:`cobkern.ops.covariance.F32_DOTS`: ``None`` / ``"ieee"`` (exact float32
-            products, the default), ``"tf32x3"`` / ``"bf16x6"`` (tensor cores: faster,
-            less exact — check that the lossless rule keeps what it keeps with IEEE before
-            relying on them), or ``"fp64"`` (float64 tensor cores of A100/H100-class GPUs:
-            exact products, float64 sums — more exact than IEEE; slow on GPUs with
-            low-rate float64). Recorded in the statistics' ``meta`` when not IEEE; another
-            name is a ``ValueError`` (from the accumulators, built before any forward pass).
+            products, the default), ``"tf32"`` (one TF32 tensor-core product per float32
+            product: operands truncated by up to 2^-10 relative, leading eigenvalues ~7e-4
+            low, eigenvectors and lossless counts unchanged in a CPU emulation; the
+            cheapest mode offline, not yet timed), ``"tf32x3"`` / ``"bf16x6"`` (tensor
+            cores: faster, less exact — check that the lossless rule keeps what it keeps
+            with IEEE before relying on them), or ``"fp64"`` (float64 tensor cores of
+            A100/H100-class GPUs: exact products, float64 sums — more exact than IEEE; slow
+            on GPUs with low-rate float64). Recorded in the statistics' ``meta`` when not
+            IEEE; another name is a ``ValueError`` (from the accumulators, built before any
+            forward pass).
         channels_last: put 4-D input batches in channels-last memory format, so the
             convolutions' activations reach the covariance kernel channel-contiguous (the
             same statistics up to float round-off; other inputs pass unchanged), or not

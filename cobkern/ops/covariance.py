@@ -57,6 +57,9 @@ __all__ = [
 #: Products the kernel can use for float32 batches (``f32_dot``; the same names as
 #: ``cobkern.kernels.covariance.F32_DOTS``, kept here so that checking an argument does not
 #: import Triton): ``"ieee"`` — exact float32 products on the CUDA cores (the default);
+#: ``"tf32"`` — one TF32 tensor-core product (operands truncated by up to 2^-10 relative:
+#: the cheapest mode, emulated accuracy and offline cost in
+#: ``cobkern.kernels.covariance.F32_DOT_DEFAULT``'s notes; not yet timed on a GPU);
 #: ``"tf32x3"`` / ``"bf16x6"`` — float32 emulated on the tensor cores, faster on the
 #: convolutions, with Gram errors of 1.7e-7 / 5.7e-8 relative against 1.5e-9 (H200,
 #: 2026-11-27, ``BENCHMARKS.md``); ``"fp64"`` — the slabs widened to float64 and multiplied
@@ -64,7 +67,7 @@ __all__ = [
 #: accurate than ``"ieee"``; on an H200 1.1–2.7× faster than ``"ieee"`` per conv layer on
 #: NCHW maps, slower on channels-last maps and on the linear layers — the second lease of
 #: 2026-11-27 in ``BENCHMARKS.md``). Under the interpreter ``bf16x6`` runs as ``"ieee"``.
-F32_DOTS = ("ieee", "tf32x3", "bf16x6", "fp64")
+F32_DOTS = ("ieee", "tf32", "tf32x3", "bf16x6", "fp64")
 
 
 class Moments(NamedTuple):
