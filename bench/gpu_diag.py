@@ -4,7 +4,8 @@ Run: ``python bench/gpu_diag.py --out DIR [--parts covariance,tiles]``. CUDA onl
 smoke run: ``TRITON_INTERPRET=1 GPU_DIAG_DEVICE=cpu GPU_DIAG_BATCH=1 GPU_DIAG_COV_BATCH=1``).
 
 * ``tiles``       — the TSRA kernels alone (CUDA-graph replay, no host overhead) at the VGG-16
-  shapes, batch 1024, bf16 and fp32, forward and backward, for the shipped tile configuration
+  shapes, batch 1024, bf16 and fp32, forward and backward, of the ops in ``TILE_OPS``
+  (RMSNorm→TSRA by default, the layer the models run), for the shipped tile configuration
   and alternatives (elements per program tile × elements per thread, and 1-/2-/4-warp
   programs), as % of the device-copy
   bandwidth measured in the same run. Variants are compiled in parallel worker processes
@@ -76,6 +77,16 @@ LAYOUTS = tuple(x.strip() for x in os.environ.get("GPU_DIAG_LAYOUTS", "nchw,nhwc
 if not LAYOUTS or set(LAYOUTS) - {"nchw", "nhwc"}:
     raise SystemExit(f"GPU_DIAG_LAYOUTS must list nchw and/or nhwc, got {LAYOUTS!r}")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+#: Ops of the tile sweep (``GPU_DIAG_TILE_OPS``, comma list of ``rmsnorm_tsra`` and
+#: ``tsra``). Default RMSNorm→TSRA, the layer the VGG-16 models run: the sweeps up to the
+#: second lease of 2026-11-27 timed plain TSRA only, and with their tile the bf16 NCHW
+#: RMSNorm→TSRA backward at 1024×64×32×32 took 0.129 ms against TSRA's 0.098 (0.195 / 0.164
+#: ms forward+backward, CUDA graphs). The table entries record the op they were timed on
+#: (``cobkern.ops.tuning``).
+TILE_OPS = tuple(x.strip() for x in os.environ.get("GPU_DIAG_TILE_OPS", "rmsnorm_tsra")
+                 .split(",") if x.strip())
+if not TILE_OPS or set(TILE_OPS) - {"tsra", "rmsnorm_tsra"}:
+    raise SystemExit(f"GPU_DIAG_TILE_OPS must list tsra and/or rmsnorm_tsra, got {TILE_OPS!r}")
 # (tile elements, elements per thread[, warps[, VEC_P]]); the heuristic's launch is among
 # them and marked in the results (forward 16 KiB tiles with 64 B per thread — 4096/16 fp32,
 # 8192/32 bf16 — since the 2026-11-26 sweep; backward 4096/32 since the 2026-11-27 one, which
@@ -113,6 +124,7 @@ BATCH = int(os.environ.get("GPU_DIAG_BATCH", "1024"))
 #: ``GPU_DIAG_DEVICE=cpu`` (with ``TRITON_INTERPRET=1``) smoke-tests the script without a GPU
 DEVICE = os.environ.get("GPU_DIAG_DEVICE", "cuda")
 CONSTS = (5.0, 0.5, 5.0, 0.7, 1e-12, 0, 0.0)  # a_u, b_u, a_v, b_v, eps, norm_size, rms_eps
+RMS_EPS = 1e-6  # RMSNorm→TSRA launches: norm_size = C (the unpruned default), this eps
 
 
 def tile_cases() -> list[tuple[tuple[int, ...], bool]]:
@@ -174,18 +186,20 @@ def _tuning(cfg) -> dict:
     return dict(tile_elems=tile, elems_per_thread=ept, num_warps=warps, vec_p=vec_p)
 
 
-def _launch(direction, tensors, cfg):
+def _launch(direction, tensors, cfg, rmsnorm: bool = False):
     from cobkern.kernels import tsra as k
     from cobkern.ops._checks import channel_geometry
 
     geo = channel_geometry(tensors[0], 1)
     split = tensors[0].shape[1] // 2
-    k._launch(direction, tensors, geo, split, *CONSTS, **_tuning(cfg))
+    consts = (*CONSTS[:5], geo.C, RMS_EPS) if rmsnorm else CONSTS
+    k._launch(direction, tensors, geo, split, *consts, **_tuning(cfg))
 
 
 def _run_tile_job(job) -> None:
-    shape, nhwc, dname, direction, cfg = job
-    _launch(direction, _tensors(shape, DTYPES[dname], direction, nhwc), cfg)
+    shape, nhwc, dname, direction, cfg, op = job
+    _launch(direction, _tensors(shape, DTYPES[dname], direction, nhwc), cfg,
+            op == "rmsnorm_tsra")
 
 
 def _run_cov_job(job) -> None:
@@ -249,8 +263,8 @@ def part_tiles(rec: dict) -> None:
     from cobkern.kernels.tsra import specialization
     from cobkern.ops._checks import channel_geometry
 
-    jobs = [(s, nhwc, d, dr, cfg) for s, nhwc in tile_cases() for d in DTYPES
-            for dr in CONFIGS for cfg in CONFIGS[dr]
+    jobs = [(s, nhwc, d, dr, cfg, op) for s, nhwc in tile_cases() for d in DTYPES
+            for dr in CONFIGS for cfg in CONFIGS[dr] for op in TILE_OPS
             if fits(s, DTYPES[d].itemsize, dr, cfg, nhwc)]
     t0 = time.perf_counter()
     compiled = precompile(_run_tile_job, jobs)
@@ -260,14 +274,15 @@ def part_tiles(rec: dict) -> None:
     bw = copy_bandwidth()
     rec["copy_GBps"] = bw / 1e9
     rows = []
-    for shape, nhwc in tile_cases():
+    for (shape, nhwc), op in ((case, op) for case in tile_cases() for op in TILE_OPS):
+        rms = op == "rmsnorm_tsra"
         for dname, dtype in DTYPES.items():
             for direction, cfgs in CONFIGS.items():
                 tensors = _tensors(shape, dtype, direction, nhwc)
                 nbytes = tensors[0].numel() * tensors[0].element_size() * (
                     2 if direction == "forward" else 3)
                 geo = channel_geometry(tensors[0], 1)
-                args = (geo.C, geo.P, geo.C // 2, geo.channels_contig, direction, False,
+                args = (geo.C, geo.P, geo.C // 2, geo.channels_contig, direction, rms,
                         dtype.itemsize)
                 heuristic = specialization(*args)
                 timed = set()
@@ -287,12 +302,12 @@ def part_tiles(rec: dict) -> None:
                                C=geo.C, split=geo.C // 2, P=geo.P,
                                channels_last=geo.channels_contig,
                                layout="nhwc" if nhwc else "nchw",
-                               itemsize=dtype.itemsize,
+                               itemsize=dtype.itemsize, rmsnorm=rms,
                                # the same launch as without overrides (the heuristic's)
                                default=spec[1:] == heuristic[1:])
                     try:
-                        ms = _graph_ms(lambda d=direction, ts=tensors, cfg=cfg:
-                                       _launch(d, ts, cfg))
+                        ms = _graph_ms(lambda d=direction, ts=tensors, cfg=cfg, rms=rms:
+                                       _launch(d, ts, cfg, rms))
                         row.update(ms=ms, pct_copy=100 * nbytes / (ms * 1e-3) / bw)
                     except Exception as e:
                         row.update(error=str(e)[:200])
@@ -306,48 +321,104 @@ def part_tiles(rec: dict) -> None:
 MIN_GAIN = 0.03
 
 
-def tuning_table(rec: dict, min_gain: float = MIN_GAIN) -> dict:
+def _problem(e: dict) -> tuple:
+    """A table entry's or sweep row's problem: (direction, itemsize, layout, C, split, P)."""
+    return (e["direction"], e["itemsize"], e["channels_last"], e["C"], e["split"], e["P"])
+
+
+def merge_tables(new: dict, base: dict | None) -> dict:
+    """``new`` (a sweep's table) with ``base``'s entries (an earlier table of the device)
+    for what the sweep did not time: an entry of ``base`` stays unless the sweep timed its
+    problem on its op — and an entry without an op (tables before the sweep recorded one:
+    measured on TSRA, serving both ops) keeps serving only the op the sweep did not time,
+    or goes when the sweep timed both. A problem the sweep timed on an op drops ``base``'s
+    entries for it even where the heuristic won (then no entry is the right answer).
+    ``new["timed"]`` lists the ``[problem..., rmsnorm]`` pairs the sweep timed."""
+    if not base:
+        return new
+    timed = {(*t[:6],): set() for t in new.get("timed", [])}
+    for t in new.get("timed", []):
+        timed[(*t[:6],)].add(t[6])
+    kept = []
+    for e in base.get("entries", []):
+        ops = timed.get(_problem(e), set())
+        if e.get("rmsnorm") is None:
+            left = {True, False} - {bool(o) for o in ops if o is not None}
+            if None in ops:  # an op-less sweep row: it timed this problem for both
+                left = set()
+            if not left:
+                continue
+            e = dict(e, **({} if len(left) == 2 else {"rmsnorm": left.pop()}))
+        elif e["rmsnorm"] in ops or None in ops:
+            continue
+        kept.append(e)
+    out = dict(new, entries=sorted(new["entries"] + kept, key=lambda e: (
+        _problem(e), e.get("rmsnorm") is None, bool(e.get("rmsnorm")))))
+    out["merged_from"] = base.get("source_file") or base.get("date")
+    return out
+
+
+def tuning_table(rec: dict, min_gain: float = MIN_GAIN, base: dict | None = None) -> dict:
     """The tile sweep as a ``cobkern.ops.tuning`` table (JSON-ready dict).
 
     ``rec`` is ``gpu_diag.json``'s content (``"tiles"`` rows plus device and versions). For
-    each problem (direction, element size, layout, C, split, P) the fastest candidate becomes an
-    entry when it beats the heuristic's launch (the row marked ``default``) by more than
-    ``min_gain``; problems where the heuristic is as good get no entry. The sweep times
-    plain TSRA; the table serves RMSNorm→TSRA too (same loads and stores, a few more
-    per-position flops).
+    each problem (direction, element size, layout, C, split, P) and op (``rmsnorm``: rows
+    since the sweep recorded it) the fastest candidate becomes an entry when it beats the
+    heuristic's launch (the row marked ``default``) by more than ``min_gain``; problems
+    where the heuristic is as good get no entry. Entries carry the op they were timed on
+    (rows without one: an entry for either op). ``base``: an earlier table of the device,
+    whose entries for what this sweep did not time are kept (:func:`merge_tables`).
     """
     from cobkern.ops.tuning import FORMAT
 
     by_problem: dict[tuple, list[dict]] = {}
     for r in rec.get("tiles", []):
         if "ms" in r and "split" in r:  # timed, with its problem recorded (since 2026-11-26)
-            key = (r["direction"], r["itemsize"], r["channels_last"], r["C"], r["split"],
-                   r["P"])
+            key = (*_problem(r), r.get("rmsnorm"))
             by_problem.setdefault(key, []).append(r)
     entries = []
-    for (direction, itemsize, cl, c, split, p), rows in sorted(by_problem.items()):
+    for key, rows in sorted(by_problem.items(), key=lambda kv: (kv[0][:6], str(kv[0][6]))):
+        direction, itemsize, cl, c, split, p, rms = key
         best = min(rows, key=lambda r: r["ms"])
         # several candidates can resolve to the heuristic's launch: credit it the best
         default = min((r for r in rows if r.get("default")), key=lambda r: r["ms"],
                       default=None)
         if default is not None and best["ms"] >= default["ms"] * (1 - min_gain):
             continue
-        entries.append(dict(direction=direction, itemsize=itemsize, channels_last=cl, C=c,
-                            split=split, P=p, tile_elems=best["tile"], elems_per_thread=best["ept"],
-                            num_warps=best["warps"], vec_p=best.get("vec_p") or 0,
-                            ms=round(best["ms"], 5),
+        entry = dict(direction=direction, itemsize=itemsize, channels_last=cl, C=c,
+                     split=split, P=p, tile_elems=best["tile"], elems_per_thread=best["ept"],
+                     num_warps=best["warps"], vec_p=best.get("vec_p") or 0)
+        if rms is not None:
+            entry["rmsnorm"] = rms
+        entries.append(dict(entry, ms=round(best["ms"], 5),
                             default_ms=None if default is None else round(default["ms"], 5)))
-    return {"format": FORMAT, "device": rec.get("device"), "torch": rec.get("torch"),
-            "triton": rec.get("triton"), "date": rec.get("date"),
-            "source": "bench/gpu_diag.py tile sweep (CUDA-graph replay, median)",
-            "min_gain": min_gain, "entries": entries}
+    new = {"format": FORMAT, "device": rec.get("device"), "torch": rec.get("torch"),
+           "triton": rec.get("triton"), "date": rec.get("date"),
+           "source": "bench/gpu_diag.py tile sweep (CUDA-graph replay, median)",
+           "min_gain": min_gain, "entries": entries,
+           "timed": [list(k) for k in by_problem]}
+    out = merge_tables(new, base)
+    out.pop("timed")
+    return out
 
 
-def write_tuning_table(rec: dict, path: str, min_gain: float = MIN_GAIN) -> dict:
-    """Write :func:`tuning_table` atomically to ``path``; returns it."""
+def shipped_table(device: str | None) -> dict | None:
+    """The shipped tuning table of a device name (``cobkern/ops/tuning_tables``), as JSON,
+    with ``source_file`` added; ``None`` if there is none."""
+    from cobkern.ops.tuning import TABLE_DIR, table_name
+
+    path = TABLE_DIR / f"{table_name(device or '')}.json"
+    if not device or not path.is_file():
+        return None
+    return dict(json.loads(path.read_text()), source_file=f"cobkern/ops/tuning_tables/{path.name}")
+
+
+def write_tuning_table(rec: dict, path: str, min_gain: float = MIN_GAIN,
+                       base: dict | None = None) -> dict:
+    """Write :func:`tuning_table` (merged with ``base``) atomically to ``path``; returns it."""
     from cobkern._atomic import atomic_path
 
-    table = tuning_table(rec, min_gain)
+    table = tuning_table(rec, min_gain, base)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(table, indent=1) + "\n")
     return table
@@ -768,16 +839,19 @@ def _markdown(rec: dict) -> str:
     if "tiles" in rec:
         lines += [f"Copy bandwidth (2 GiB, CUDA graph): {rec['copy_GBps']:.0f} GB/s. "
                   "Kernel times from CUDA-graph replay (median).", "",
-                  "| shape | dtype | pass | tile/elems-per-thread/warps | ms | % of copy BW |",
-                  "|---|---|---|---|---:|---:|"]
+                  "| op | shape | dtype | pass | tile/elems-per-thread/warps | ms | "
+                  "% of copy BW |",
+                  "|---|---|---|---|---|---:|---:|"]
         for r in rec["tiles"]:
-            shp = "×".join(map(str, [BATCH, *r["shape"]]))
+            op = {True: "rmsnorm_tsra", False: "tsra"}.get(r.get("rmsnorm"), "—")
+            shp = "×".join(map(str, [BATCH, *r["shape"]])) + (
+                " (NHWC)" if r.get("layout") == "nhwc" else "")
             cfg = f"{r['tile']}/{r['ept']}/{r['warps']}w" + (
                 f" VEC_P={r['vec_p']}" if r.get("vec_p") else "") + (
                 " (heuristic)" if r.get("default") else "")
             v = ("error | " + r["error"][:60] if "error" in r
                  else f"{r['ms']:.4f} | {r['pct_copy']:.0f}%")
-            lines.append(f"| {shp} | {r['dtype']} | {r['direction']} | {cfg} | {v} |")
+            lines.append(f"| {op} | {shp} | {r['dtype']} | {r['direction']} | {cfg} | {v} |")
         lines.append("")
     if "overhead" in rec:
         lines += ["| shape (bf16, fwd+bwd) | fast path ms | custom op ms | fast path, "
@@ -849,6 +923,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table-from", default=None, metavar="GPU_DIAG_JSON",
                    help="only (re)write OUT/tsra_tuning.json from an earlier run's "
                         "gpu_diag.json (no GPU needed)")
+    p.add_argument("--no-base", action="store_true",
+                   help="write the sweep's entries alone, without the shipped table's "
+                        "entries for what it did not time (ops, layouts, shapes)")
     args = p.parse_args(argv)
     if args.table_from:
         with open(args.table_from) as f:
@@ -856,8 +933,12 @@ def main(argv: list[str] | None = None) -> int:
         if not any("ms" in r and "split" in r for r in rec.get("tiles", [])):
             p.error(f"{args.table_from} holds no tile-sweep timings with problem sizes")
         os.makedirs(args.out, exist_ok=True)
-        table = write_tuning_table(rec, os.path.join(args.out, "tsra_tuning.json"))
-        print(f"{len(table['entries'])} entries -> {args.out}/tsra_tuning.json")
+        base = None if args.no_base else shipped_table(rec.get("device"))
+        table = write_tuning_table(rec, os.path.join(args.out, "tsra_tuning.json"),
+                                   base=base)
+        print(f"{len(table['entries'])} entries -> {args.out}/tsra_tuning.json"
+              + (f" (with {base['source_file']}'s for what the sweep did not time)"
+                 if base else ""))
         return 0
     if DEVICE == "cuda" and not torch.cuda.is_available():
         p.error("gpu_diag needs a CUDA device")
@@ -889,9 +970,13 @@ def main(argv: list[str] | None = None) -> int:
         with atomic_path(os.path.join(args.out, "gpu_diag.md")) as tmp:
             tmp.write_text(_markdown(rec))
         if name == "tiles" and "tiles" in rec:
-            table = write_tuning_table(rec, os.path.join(args.out, "tsra_tuning.json"))
-            print(f"tuning table: {len(table['entries'])} entries beat the heuristic "
-                  f"-> {args.out}/tsra_tuning.json", flush=True)
+            base = None if args.no_base else shipped_table(rec.get("device"))
+            table = write_tuning_table(rec, os.path.join(args.out, "tsra_tuning.json"),
+                                       base=base)
+            print(f"tuning table: {len(table['entries'])} entries "
+                  f"(the sweep's winners over the heuristic"
+                  + (f", and {base['source_file']}'s for what it did not time"
+                     if base else "") + f") -> {args.out}/tsra_tuning.json", flush=True)
         print(f"== part {name} done in {rec[f'{name}_s']:.1f}s", flush=True)
     return 0
 

@@ -15,6 +15,11 @@
 #                                 tests,tsra,calibration,training)
 #   GPU_SESSION_TSRA_LAYOUTS=channels_last ...  # bench_tsra's --layouts in the tsra and tuned
 #                                 steps (default nchw,channels_last)
+#   GPU_DIAG_PARTS=tiles,covariance GPU_DIAG_CAP=300 ...  # the diag step's parts and cap;
+#                                 gpu_diag.py also reads GPU_DIAG_TILE_OPS (the tile sweep's
+#                                 ops: rmsnorm_tsra by default, tsra, or both) and
+#                                 GPU_DIAG_LAYOUTS; its tsra_tuning.json keeps the shipped
+#                                 table's entries for what the sweep did not time
 #
 # Results are written as they are produced. On the device ($OUT set: its output folder returns
 # at most 8 files) two files come back: steps.log (streamed) and results.tar.gz, every result

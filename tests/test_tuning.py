@@ -82,6 +82,11 @@ def test_shipped_tables_are_valid_and_named_after_their_device():
      "entry 0: channels_last must be true or false"),
     (json.dumps({"format": FORMAT, "entries": [_entry(), _entry(num_warps=2)]}),
      "entries 0 and 1 both describe"),
+    (json.dumps({"format": FORMAT, "entries": [_entry(rmsnorm="yes")]}),
+     "entry 0: rmsnorm must be true, false or absent"),
+    (json.dumps({"format": FORMAT, "entries": [_entry(rmsnorm=True),
+                                               _entry(rmsnorm=True, num_warps=2)]}),
+     "entries 0 and 1 both describe"),
 ])
 def test_bad_tables_are_refused_naming_file_and_entry(tmp_path, content, message):
     path = tmp_path / "bad.json"
@@ -141,6 +146,32 @@ def test_lookup_ties_go_to_the_smaller_batch(tmp_path):
     table = load_table(_write(tmp_path, [_entry(P=2048, num_warps=2, channels_last=True),
                                          _entry(P=512, num_warps=1, channels_last=True)]))
     assert table.lookup("forward", 4, True, 64, 32, 1024)["num_warps"] == 1
+
+
+def test_lookup_prefers_the_launch_s_own_op_and_never_the_other_one(tmp_path):
+    """``rmsnorm``: an entry timed on RMSNorm→TSRA serves only its launches, one timed on
+    TSRA only TSRA's, one without the field (the tables before the sweep recorded the op)
+    either; where both kinds match, the launch's own op wins."""
+    table = load_table(_write(tmp_path, [
+        _entry(num_warps=1),                                    # either op
+        _entry(num_warps=2, rmsnorm=True),
+        _entry(direction="backward", num_warps=4, rmsnorm=False),
+        _entry(C=128, split=64, P=256, num_warps=8, rmsnorm=True),
+    ]))
+
+    def warps(rms, direction="forward", c=64, split=32, p=1024):
+        return table.lookup(direction, 4, False, c, split, p, rmsnorm=rms).get("num_warps")
+
+    assert (warps(True), warps(False)) == (2, 1)
+    assert (warps(False, "backward"), warps(True, "backward")) == (4, None)
+    assert (warps(True, c=128, split=64, p=256), warps(False, c=128, split=64, p=256)) == (
+        8, None)
+    assert table.lookup("forward", 4, False, 64, 32, 1024)["num_warps"] == 1  # default: TSRA
+    cpu = torch.device("cpu")
+    path = str(tmp_path / "table.json")
+    assert launch_tuning(cpu, "forward", 4, False, 64, 32, 1024, path,
+                         rmsnorm=True)["num_warps"] == 2
+    assert launch_tuning(cpu, "forward", 4, False, 64, 32, 1024, path)["num_warps"] == 1
 
 
 def test_environment_selects_or_disables_the_table(tmp_path, monkeypatch):
@@ -279,8 +310,16 @@ def test_gpu_diag_table_from_an_earlier_run(gpu_diag, tmp_path):
     src = tmp_path / "gpu_diag.json"
     src.write_text(json.dumps({"device": "NVIDIA H200", "tiles": _diag_rows(
         {default: 0.4, (1024, 32, 1, 2): 0.1}, default)}))
-    assert gpu_diag.main(["--table-from", str(src), "--out", str(tmp_path / "o")]) == 0
+    assert gpu_diag.main(["--table-from", str(src), "--out", str(tmp_path / "o"),
+                          "--no-base"]) == 0
     assert len(load_table(tmp_path / "o" / "tsra_tuning.json").entries) == 1
+    # by default merged with the device's shipped table: its entries for every other
+    # problem stay, and the one for this problem (timed again, op-less rows) is replaced
+    shipped = load_table(TABLE_DIR / "NVIDIA_H200.json").entries
+    assert gpu_diag.main(["--table-from", str(src), "--out", str(tmp_path / "o")]) == 0
+    merged = load_table(tmp_path / "o" / "tsra_tuning.json").entries
+    assert len(merged) == len(shipped)
+    assert merged[0].tuning["num_warps"] == 1 and {e.P for e in merged} == {e.P for e in shipped}
     src.write_text(json.dumps({"device": "x", "tiles": []}))
     with pytest.raises(SystemExit):
         gpu_diag.main(["--table-from", str(src), "--out", str(tmp_path / "o")])
@@ -302,3 +341,82 @@ def test_env_setting_reads_what_os_environ_holds_now(monkeypatch, fast_read):
         assert tuning.env_setting() == value == os.environ.get(ENV_VAR)
     monkeypatch.delenv(ENV_VAR)
     assert tuning.env_setting() is None
+
+
+def test_gpu_diag_table_records_the_op_and_keeps_the_base_for_what_it_did_not_time(
+        gpu_diag, tmp_path):
+    """A sweep of RMSNorm→TSRA at one problem, merged with a base table (the shipped one on
+    a GPU): the new entry is marked ``rmsnorm``; the base's op-less entry for that problem
+    now serves TSRA only; its entries for other problems stay as they were, and an entry the
+    sweep re-timed on its own op goes even though the heuristic won this time."""
+    default = (4096, 16, 8, 0)
+    rows = [dict(r, rmsnorm=True) for r in _diag_rows(
+        {default: 0.400, (1024, 32, 1, 2): 0.100}, default)]
+    # a forward problem timed on RMSNorm→TSRA where the heuristic won: no new entry
+    rows += [dict(r, direction="forward", rmsnorm=True) for r in _diag_rows(
+        {default: 0.100, (1024, 32, 1, 2): 0.120}, default)]
+    base = {"format": FORMAT, "device": "NVIDIA H200", "source_file": "shipped.json",
+            "entries": [
+                _entry(direction="backward", itemsize=2, num_warps=2),      # op-less, timed
+                _entry(direction="forward", itemsize=2, num_warps=4, rmsnorm=True),  # re-timed
+                _entry(direction="forward", itemsize=2, num_warps=8, rmsnorm=False),  # other op
+                _entry(C=128, split=64, P=256, itemsize=2, num_warps=1)]}  # not timed
+    table = gpu_diag.write_tuning_table({"device": "NVIDIA H200", "tiles": rows},
+                                        str(tmp_path / "t.json"), base=base)
+    got = {(e["direction"], e["C"], e.get("rmsnorm")): e["num_warps"] for e in table["entries"]}
+    assert got == {("backward", 64, True): 1, ("backward", 64, False): 2,
+                   ("forward", 64, False): 8, ("forward", 128, None): 1}
+    assert table["merged_from"] == "shipped.json" and "timed" not in table
+    loaded = load_table(tmp_path / "t.json")
+    assert loaded.lookup("backward", 2, False, 64, 32, 1024, rmsnorm=True)["num_warps"] == 1
+    assert loaded.lookup("backward", 2, False, 64, 32, 1024, rmsnorm=False)["num_warps"] == 2
+    assert loaded.lookup("forward", 2, False, 64, 32, 1024, rmsnorm=True) == {}
+    # both ops timed (or rows without an op, as before): the op-less base entry goes
+    both = rows[:2] + [dict(r, rmsnorm=False) for r in rows[:2]]
+    table = gpu_diag.write_tuning_table({"tiles": both}, str(tmp_path / "t2.json"),
+                                        base=base)
+    assert [(e["C"], e["direction"], e.get("rmsnorm")) for e in table["entries"]
+            if e["direction"] == "backward"] == [(64, "backward", False),
+                                                 (64, "backward", True)]
+    legacy = [{k: v for k, v in r.items() if k != "rmsnorm"} for r in rows[:2]]
+    table = gpu_diag.write_tuning_table({"tiles": legacy}, str(tmp_path / "t3.json"),
+                                        base=base)
+    assert [e.get("rmsnorm") for e in table["entries"] if e["direction"] == "backward"
+            and e["C"] == 64] == [None]
+
+
+def test_gpu_diag_tile_sweep_times_the_chosen_ops(gpu_diag, monkeypatch, device):
+    """The tile sweep's plumbing on a tiny problem (the interpreter on a CPU): each op of
+    ``TILE_OPS`` is launched as itself (RMSNorm→TSRA with ``norm_size = C``) and recorded,
+    and the table's entries carry the op."""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs the Triton interpreter on a CPU")
+    from cobkern.kernels import tsra as k
+
+    launched = []
+    run = k.run
+
+    def spy(p, tensors, *args, **kw):
+        launched.append(p.constexprs["RMSNORM"])
+        return run(p, tensors, *args, **kw)
+
+    monkeypatch.setattr(k, "run", spy)
+    monkeypatch.setattr(gpu_diag, "DEVICE", device.type)
+    monkeypatch.setattr(gpu_diag, "BATCH", 2)
+    monkeypatch.setattr(gpu_diag, "SHAPES", [(64, 4, 4)])
+    monkeypatch.setattr(gpu_diag, "LAYOUTS", ("nchw",))
+    monkeypatch.setattr(gpu_diag, "DTYPES", {"fp32": torch.float32})
+    monkeypatch.setattr(gpu_diag, "TILE_OPS", ("tsra", "rmsnorm_tsra"))
+    monkeypatch.setattr(gpu_diag, "CONFIGS", {"forward": [(4096, 16), (1024, 16, 2)],
+                                              "backward": [(4096, 32)]})
+    monkeypatch.setattr(gpu_diag, "precompile", lambda run_job, jobs: [run_job(j) for j in jobs])
+    monkeypatch.setattr(gpu_diag, "copy_bandwidth", lambda: 1e12)
+    monkeypatch.setattr(gpu_diag, "_graph_ms", gpu_diag._wall_ms)
+    rec: dict = {}
+    gpu_diag.part_tiles(rec)
+    assert {r["rmsnorm"] for r in rec["tiles"]} == {True, False}
+    assert all("ms" in r for r in rec["tiles"]), [r.get("error") for r in rec["tiles"]]
+    assert set(launched) == {True, False}
+    for e in gpu_diag.tuning_table(rec, min_gain=-1.0)["entries"]:
+        assert e["rmsnorm"] in (True, False)
+    assert "rmsnorm_tsra" in gpu_diag._markdown(dict(rec, copy_GBps=1000.0))

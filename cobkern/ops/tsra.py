@@ -259,7 +259,7 @@ def _plan(kernels, fwd: bool, x: Tensor, geo, split: int, norm_size: int,
     of the tuning table that ``setting`` (:data:`.tuning.ENV_VAR`'s value) selects."""
     direction = "forward" if fwd else "backward"
     tuning = launch_tuning(x.device, direction, x.element_size(), geo.channels_contig, geo.C,
-                           split, geo.P, setting)
+                           split, geo.P, setting, rmsnorm=norm_size > 0)
     return kernels.plan(direction, geo, split, norm_size > 0, x.element_size(), tuning,
                         has_bias=has_bias, bias_grad=bias_grad)
 
