@@ -8,6 +8,9 @@ with Kahan-compensated tiles that is a few float32 ulps of the largest entry —
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 
@@ -455,3 +458,30 @@ def test_accumulator_counts_samples_with_channels_on_another_axis(device):
     assert acc.count == 12
     ref = subspace_moments_reference(x.movedim(-1, 1), 4, accum_dtype=torch.float64)
     _close((acc.gram_u, acc.gram_v, acc.sum_abs, acc.sum_sq), ref)
+
+
+def test_gpu_diag_covariance_sweep_rows_run(monkeypatch, device):
+    """``bench/gpu_diag.py``'s covariance part (run only on a rare GPU lease) on tiny shapes
+    here: every row — the tile, stage, program-count, samples-a-step, warps-a-program and
+    float32 product variants, NCHW and channels-last — launches and is timed, none fails,
+    and the sweep still has the rows the next lease is to time."""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the kernel runs on CPU tensors only under TRITON_INTERPRET=1")
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench import gpu_diag
+
+    monkeypatch.setattr(gpu_diag, "DEVICE", device.type)
+    monkeypatch.setattr(gpu_diag, "COV_SHAPES", [(64, 4, 4), (96,)])
+    monkeypatch.setattr(gpu_diag, "COV_BATCH", 2)
+    monkeypatch.setattr(gpu_diag, "precompile", lambda run_job, jobs: [run_job(j) for j in jobs])
+    monkeypatch.setattr(gpu_diag, "_graph_ms", gpu_diag._wall_ms)
+    rec: dict = {}
+    gpu_diag.part_covariance(rec)
+    rows = rec["covariance"]
+    assert [r for r in rows if "error" in r] == []
+    assert all(r["ms"] > 0 for r in rows)
+    labels = {(r["dtype"], r["variant"]) for r in rows}
+    for want in [("fp32", "tf32"), ("fp32", "NHWC tf32"), ("fp32", "64 samples a step"),
+                 ("fp32", "NHWC 2 warps, 1056 programs"), ("bf16", "128 samples a step"),
+                 ("bf16", "NHWC 256 samples a step")]:
+        assert want in labels, want
