@@ -153,3 +153,40 @@ def test_calibrate_default_is_auto() -> None:
     import inspect
 
     assert inspect.signature(calibrate).parameters["channels_last"].default is None
+
+
+def test_gpu_diag_host_copy_cost_restores_the_host_copy(monkeypatch) -> None:
+    """``bench/gpu_diag.py`` times calibration with the statistics' host copy replaced by
+    device copies. It must put the real copy back, even when a run fails, and report both
+    timings and their difference."""
+    import importlib
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench import gpu_diag
+
+    cal_mod = importlib.import_module("cobkern.cob.calibrate")  # the module, not the function
+    monkeypatch.setattr(gpu_diag, "DEVICE", "cpu")  # no CUDA synchronisation here
+
+    to_cpu = cal_mod._to_cpu
+    m, data = tiny_net().eval(), [x for x, _ in tiny_batches()]
+    out = gpu_diag._host_copy_cost(calibrate, m, data, repeats=1)
+    assert cal_mod._to_cpu is to_cpu
+    assert out["fp32_ieee-nhwc_best_s"] > 0 and out["fp32_ieee-nhwc_stats_on_device_s"] > 0
+    assert out["fp32_host_copy_s"] == pytest.approx(
+        out["fp32_ieee-nhwc_best_s"] - out["fp32_ieee-nhwc_stats_on_device_s"])
+
+    def broken(*_a, **_k):
+        raise RuntimeError("a failing run")
+
+    calls = iter([0])
+
+    def fails_second(*a, **k):  # the shipped run passes; the patched one fails
+        if next(calls, None) is None:
+            broken()
+        return calibrate(*a, **k)
+
+    with pytest.raises(RuntimeError, match="a failing run"):
+        gpu_diag._host_copy_cost(fails_second, m, data, repeats=1)
+    assert cal_mod._to_cpu is to_cpu
