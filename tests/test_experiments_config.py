@@ -175,3 +175,21 @@ def test_every_fraction_list_and_name_is_validated() -> None:
     ok = quick.with_overrides({"fractions": [0.0, 0.999], "frontier_tolerance": 0.005,
                                "normalizer": "original", "normalizer_importance": "l1"})
     assert ok.fractions == [0.0, 0.999] and ok.normalizer == "original"
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_layout_model_file_names_what_training_writes(tmp_path, monkeypatch, installed) -> None:
+    """With no model yet, ``Layout.model_file`` names the file training would write: a
+    ``.safetensors`` path without the package could not be saved to (it was the fallback
+    whatever was installed). An existing file of either kind wins."""
+    from cobkern.experiments import Layout
+    from cobkern.models import io
+
+    monkeypatch.setattr(io, "safetensors_available", lambda: installed)
+    layout = Layout(tmp_path)
+    want = "model.safetensors" if installed else "model.pt"
+    assert layout.model_file("relu") == tmp_path / "train-relu" / want
+    (tmp_path / "train").mkdir()
+    other = "model.pt" if installed else "model.safetensors"
+    (tmp_path / "train" / other).write_bytes(b"")
+    assert layout.model_file() == tmp_path / "train" / other

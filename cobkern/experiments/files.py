@@ -133,12 +133,16 @@ class Layout:
         return self.root / ("train" if arch == "tsra" else f"train-{arch}")
 
     def model_file(self, arch: str = "tsra") -> Path:
-        """The trained model's file (safetensors or .pt, whichever exists)."""
+        """The trained model's file (safetensors or .pt, whichever exists); when neither
+        does, the one training writes (``model.safetensors`` where the package is
+        installed, else ``model.pt``)."""
+        from cobkern.models.io import default_model_filename
+
         d = self.train_dir(arch)
         for name in ("model.safetensors", "model.pt"):
             if (d / name).is_file():
                 return d / name
-        return d / "model.safetensors"
+        return d / default_model_filename()
 
     @property
     def calibration(self) -> Path:
