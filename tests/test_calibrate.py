@@ -41,7 +41,10 @@ def tiny_batches(n_batches: int = 2, n: int = 5) -> list[tuple[torch.Tensor, tor
 
 def fake_cuda_linear(dtype: torch.dtype) -> nn.Linear:
     """A linear layer whose parameters report ``cuda:0`` and ``dtype`` (fake tensors: no
-    GPU and no memory needed)."""
+    GPU and no memory needed — but a torch built with CUDA: a CPU-only build refuses even
+    fake CUDA tensors, and the test is skipped there)."""
+    if not torch.backends.cuda.is_built():
+        pytest.skip("fake CUDA tensors need a CUDA build of torch")
     with FakeTensorMode():
         return nn.Linear(2, 2, device="cuda", dtype=dtype)
 
