@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -274,7 +275,7 @@ def part_tiles(rec: dict) -> None:
     bw = copy_bandwidth()
     rec["copy_GBps"] = bw / 1e9
     rows = []
-    for (shape, nhwc), op in ((case, op) for case in tile_cases() for op in TILE_OPS):
+    for (shape, nhwc), op in itertools.product(tile_cases(), TILE_OPS):
         rms = op == "rmsnorm_tsra"
         for dname, dtype in DTYPES.items():
             for direction, cfgs in CONFIGS.items():
@@ -326,26 +327,25 @@ def _problem(e: dict) -> tuple:
     return (e["direction"], e["itemsize"], e["channels_last"], e["C"], e["split"], e["P"])
 
 
-def merge_tables(new: dict, base: dict | None) -> dict:
+def merge_tables(new: dict, base: dict | None, timed: set[tuple]) -> dict:
     """``new`` (a sweep's table) with ``base``'s entries (an earlier table of the device)
     for what the sweep did not time: an entry of ``base`` stays unless the sweep timed its
     problem on its op — and an entry without an op (tables before the sweep recorded one:
     measured on TSRA, serving both ops) keeps serving only the op the sweep did not time,
     or goes when the sweep timed both. A problem the sweep timed on an op drops ``base``'s
     entries for it even where the heuristic won (then no entry is the right answer).
-    ``new["timed"]`` lists the ``[problem..., rmsnorm]`` pairs the sweep timed."""
+    ``timed``: the ``(problem..., rmsnorm)`` keys the sweep timed (``rmsnorm`` ``None`` for
+    rows without an op, which count for both)."""
     if not base:
         return new
-    timed = {(*t[:6],): set() for t in new.get("timed", [])}
-    for t in new.get("timed", []):
-        timed[(*t[:6],)].add(t[6])
+    ops_timed: dict[tuple, set] = {}
+    for key in timed:
+        ops_timed.setdefault(key[:6], set()).add(key[6])
     kept = []
     for e in base.get("entries", []):
-        ops = timed.get(_problem(e), set())
+        ops = ops_timed.get(_problem(e), set())
         if e.get("rmsnorm") is None:
-            left = {True, False} - {bool(o) for o in ops if o is not None}
-            if None in ops:  # an op-less sweep row: it timed this problem for both
-                left = set()
+            left = set() if None in ops else {True, False} - ops
             if not left:
                 continue
             e = dict(e, **({} if len(left) == 2 else {"rmsnorm": left.pop()}))
@@ -395,11 +395,8 @@ def tuning_table(rec: dict, min_gain: float = MIN_GAIN, base: dict | None = None
     new = {"format": FORMAT, "device": rec.get("device"), "torch": rec.get("torch"),
            "triton": rec.get("triton"), "date": rec.get("date"),
            "source": "bench/gpu_diag.py tile sweep (CUDA-graph replay, median)",
-           "min_gain": min_gain, "entries": entries,
-           "timed": [list(k) for k in by_problem]}
-    out = merge_tables(new, base)
-    out.pop("timed")
-    return out
+           "min_gain": min_gain, "entries": entries}
+    return merge_tables(new, base, set(by_problem))
 
 
 def shipped_table(device: str | None) -> dict | None:
