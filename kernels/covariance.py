@@ -173,9 +173,9 @@ TARGET_PROGRAMS_INTERPRETER = 4
 #: Tensor-core alternatives: ``"tf32"`` (one TF32 product: no conversion is emitted, the
 #: tensor cores read the float32 bits and ignore the 13 low mantissa bits — PyTorch's
 #: numerical-accuracy notes, triton-lang/triton#4574 — so every operand is truncated by up
-#: to 2^-10 relative; the cheapest float32 mode offline — 4,560
-#: SASS instructions per sample on a 128×16×16 channels-last layer against 11,928 for
-#: ``"ieee"`` and 8,832 for ``"tf32x3"``, sm_90, triton 3.8. Emulated on a CPU
+#: to 2^-10 relative; the cheapest float32 mode offline — 4,560 SASS instructions per
+#: sample on a 128×16×16 channels-last layer against 11,928 for ``"ieee"`` and 8,832 for
+#: ``"tf32x3"``, sm_90, triton 3.8. Emulated on a CPU
 #: (``bench/dot_split_error.py --lossless``) the leading Gram eigenvalues shrink by ~7e-4
 #: relative (Gram error 7e-4 of its largest entry, against 5e-8 for tf32x3), the leading
 #: eigenvectors and the lossless rule's counts do not change, and the null directions of a
