@@ -220,7 +220,8 @@ def covariance() -> None:
                                  ("NHWC 2 warps", {"nhwc": True, "num_warps": 2}),
                                  ("NHWC 1 warp", {"nhwc": True, "num_warps": 1})]
                 else:
-                    variants.append(("NHWC 128 samples a step", {"nhwc": True, "block_k": 128}))
+                    variants += [("NHWC 128 samples a step", {"nhwc": True, "block_k": 128}),
+                                 ("NHWC 256 samples a step", {"nhwc": True, "block_k": 256})]
             for label, over in variants:
                 over = dict(over)
                 spec = _spec((500, *shape), over.pop("nhwc", False), dt, **over)
