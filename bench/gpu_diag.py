@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import functools
 import itertools
 import json
 import multiprocessing as mp
@@ -240,6 +241,21 @@ def _wall_ms(fn, n: int = 3) -> float:
     for _ in range(n):
         fn()
     return (time.perf_counter() - t) / n * 1e3
+
+
+def _fastest_s(fn, repeats: int = 3):
+    """``(seconds, result)``: the fastest of ``repeats`` CUDA-synchronised runs of ``fn``
+    (one ~0.1 s calibration or forward pass is noisy) and the last run's result; a run's
+    result is released before the next run starts."""
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        result = None
+        _sync()
+        t = time.perf_counter()
+        result = fn()
+        _sync()
+        best = min(best, time.perf_counter() - t)
+    return best, result
 
 
 def _graph_ms(fn, rep_ms: float = 30.0) -> float:
@@ -643,14 +659,8 @@ def _host_copy_cost(calibrate, model, loader, repeats: int = 3) -> dict:
     cal_mod = importlib.import_module("cobkern.cob.calibrate")  # the module, not the function
 
     def best() -> float:
-        t_best = float("inf")
-        for _ in range(repeats):
-            _sync()
-            t = time.perf_counter()
-            calibrate(model, loader, max_samples=None, progress=False, channels_last=True)
-            _sync()
-            t_best = min(t_best, time.perf_counter() - t)
-        return t_best
+        return _fastest_s(lambda: calibrate(model, loader, max_samples=None, progress=False,
+                                            channels_last=True), repeats)[0]
 
     shipped = best()
     to_cpu = cal_mod._to_cpu
@@ -692,29 +702,22 @@ def part_calibration(rec: dict) -> None:
             fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
             with torch.no_grad():
                 model(loader[0].contiguous(memory_format=fmt))
-            fwd[layout] = float("inf")
-            for _ in range(3):  # the fastest of three, as the calibrations below
-                _sync()
-                t = time.perf_counter()
+
+            def forward(model=model, loader=loader, fmt=fmt):
                 with torch.no_grad():
                     for xb in loader:
                         model(xb.contiguous(memory_format=fmt))
-                _sync()
-                fwd[layout] = min(fwd[layout], time.perf_counter() - t)
+
+            fwd[layout] = _fastest_s(forward)[0]  # as the calibrations below
         out[f"{dname}_forward_s"] = fwd["nchw"]
         out[f"{dname}_forward_nhwc_s"] = fwd["nhwc"]
         for m in modes:
             f32_dot = _mode_f32_dot(m)  # the calibrate() arguments, as a user sets them
             cl = m.endswith("-nhwc")
-            s = float("inf")
-            for _ in range(3):  # the fastest of three: one ~0.1 s pass is noisy
-                stats = None  # the previous run's statistics are not held during the next
-                _sync()
-                t = time.perf_counter()
-                stats = calibrate(model, loader, max_samples=None, progress=False,
-                                  f32_dot=f32_dot, channels_last=cl)
-                _sync()
-                s = min(s, time.perf_counter() - t)
+            stats = None  # the previous mode's statistics are not held while timing
+            s, stats = _fastest_s(functools.partial(
+                calibrate, model, loader, max_samples=None, progress=False, f32_dot=f32_dot,
+                channels_last=cl))
             f = fwd["nhwc" if cl else "nchw"]  # against the forward pass in the same layout
             out[f"{dname}_{m}_calibrate_s"] = s
             out[f"{dname}_{m}_x_forward"] = s / f
