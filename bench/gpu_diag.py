@@ -437,6 +437,12 @@ def write_tuning_table(rec: dict, path: str, min_gain: float = MIN_GAIN,
     return table
 
 
+def _scalar_slab_loads(shape) -> bool:
+    """Whether the covariance kernel loads a ``(C, H, W)`` NCHW map's slabs as scalars: the
+    positions are not a multiple of 16 (VGG-16's 2×2 maps; kernels/covariance.py)."""
+    return len(shape) > 1 and (shape[1] * shape[2]) % 16 != 0
+
+
 def _cov_step_variants(dname: str, scalar_loads: bool = False) -> dict[str, dict]:
     """The samples-per-step and warps-per-program overrides of one dtype's shipped launch
     (offline, sm_90, SASS instructions per sample across VGG-16's layers: bf16 at 128
@@ -481,9 +487,7 @@ def _cov_jobs():
                         **{f"{n} programs": {"target_programs": n}
                            for n in (TARGET_PROGRAMS_GPU // 4, TARGET_PROGRAMS_GPU,
                                      TARGET_PROGRAMS_GPU * 4)}}
-            # NCHW maps whose positions are not a multiple of 16 load their slabs as scalars
-            variants.update(_cov_step_variants(dname, len(shape) > 1
-                                               and (shape[1] * shape[2]) % 16 != 0))
+            variants.update(_cov_step_variants(dname, _scalar_slab_loads(shape)))
             if dname == "fp32":
                 variants["tf32"] = {"f32_dot": "tf32"}
                 variants["tf32x3"] = {"f32_dot": "tf32x3"}

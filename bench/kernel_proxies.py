@@ -190,7 +190,15 @@ def covariance() -> None:
     import torch
     from test_covariance_aot import _spec
 
+    from bench.gpu_diag import _cov_step_variants, _scalar_slab_loads
     from cobkern.kernels.covariance import launch_config, tile_table
+
+    def steps(name: str, scalar_loads: bool = False) -> list[tuple[str, dict]]:
+        """gpu_diag's samples-a-step and warps-a-program rows, without its program
+        counts (they change the grid, not what compiles)."""
+        return [(label.split(",")[0], {k: v for k, v in over.items()
+                                       if k != "target_programs"})
+                for label, over in _cov_step_variants(name, scalar_loads).items()]
 
     rows, specs = [], []
     for shape in COV_LAYERS:
@@ -205,23 +213,16 @@ def covariance() -> None:
                 variants += [("fp64", {"f32_dot": "fp64"}),
                              (f"fp64 {96 - wide}×{96 - wide}",
                               {"f32_dot": "fp64", "block": 96 - wide}),
-                             ("tf32", {"f32_dot": "tf32"}),
-                             ("64 samples a step", {"block_k": 64}),
-                             ("2 warps", {"num_warps": 2}), ("1 warp", {"num_warps": 1})]
-            else:
-                variants += [("128 samples a step", {"block_k": 128}),
-                             ("256 samples a step", {"block_k": 256})]
+                             ("tf32", {"f32_dot": "tf32"})]
+            variants += steps(name, _scalar_slab_loads(shape))
             if len(shape) > 1:  # conv maps, channels_last
                 variants.append(("NHWC", {"nhwc": True}))
                 if dt == torch.float32:
                     variants += [("NHWC fp64", {"nhwc": True, "f32_dot": "fp64"}),
                                  ("NHWC tf32", {"nhwc": True, "f32_dot": "tf32"}),
-                                 ("NHWC tf32x3", {"nhwc": True, "f32_dot": "tf32x3"}),
-                                 ("NHWC 2 warps", {"nhwc": True, "num_warps": 2}),
-                                 ("NHWC 1 warp", {"nhwc": True, "num_warps": 1})]
-                else:
-                    variants += [("NHWC 128 samples a step", {"nhwc": True, "block_k": 128}),
-                                 ("NHWC 256 samples a step", {"nhwc": True, "block_k": 256})]
+                                 ("NHWC tf32x3", {"nhwc": True, "f32_dot": "tf32x3"})]
+                variants += [(f"NHWC {label}", {"nhwc": True, **over})
+                             for label, over in steps(name)]
             for label, over in variants:
                 over = dict(over)
                 spec = _spec((500, *shape), over.pop("nhwc", False), dt, **over)
