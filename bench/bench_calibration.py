@@ -20,12 +20,18 @@ linears) on the same images, in one run, side by side:
   (``calibrate(..., channels_last=True)``): the convolutions then give NHWC activations,
   whose channel-contiguous slabs the float32 Gram products read as conflict-free vectors
   (``--layouts nchw`` leaves these rows out);
+* ``..., cuda graphs`` (CUDA only) — ``calibrate(..., cuda_graphs=True)``: each batch's
+  forward pass and covariance kernels replayed as one CUDA graph (IEEE NCHW, IEEE
+  channels-last, and ``tf32`` channels-last), beside ``forward only, cuda graph`` (and its
+  channels-last twin): the plain forward pass replayed the same way, with the same policy
+  (first batch eager, second captured, the rest replayed; capture inside the timing);
 * ``materialize`` — what the authors' notebook does: keep every layer's activations of all
   images, then flatten each to ``(N·H·W, C)`` and form ``H_Uᵀ H_U``, ``H_Vᵀ H_V`` in float32.
 
 A plain forward pass over the same images (no hooks) is timed first in the same run: the
 issue's goal is calibration at ≤ 1.2× its cost. "× forward pass" divides by the forward
-pass in the same layout; "× NCHW forward" by the NCHW one.
+pass in the same layout; "× NCHW forward" by the NCHW one; "× graphed forward" (graph rows
+only) by the graphed forward pass in the same layout.
 
 Reported per method: wall time (CUDA-synchronised), peak memory — measured
 (``torch.cuda.max_memory_allocated`` above the model) on CUDA; on CPU the bytes the method
@@ -48,6 +54,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 
 import torch
 
@@ -59,6 +66,9 @@ TF32 = "streaming, f32_dot=tf32"
 #: the channels-last rows (calibrate(channels_last=True) and its yardstick)
 CL = "streaming, channels_last"
 FWD_CL = "forward only, channels_last"
+#: the graph rows (calibrate(cuda_graphs=True)) and their yardsticks
+GRAPHS = "streaming, cuda graphs"
+FWD_GRAPH = "forward only, cuda graph"
 
 
 def _sync(device: torch.device) -> None:
@@ -85,18 +95,47 @@ def run_forward(model, loader, device, channels_last=False):
     return time.perf_counter() - t, None, 0
 
 
-def run_streaming(model, loader, device, overlap=False, f32_dot=None, channels_last=False):
+def run_forward_graphed(model, loader, device, channels_last=False):
+    """The forward pass replayed as a CUDA graph, by the runner ``calibrate(cuda_graphs=True)``
+    uses (no accumulators): the yardstick of the graph rows. The third value notes a
+    failed capture (then the rows are eager)."""
+    from cobkern.cob.graphs import ForwardReplay
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    run = ForwardReplay(model, [])
+    _sync(device)
+    t = time.perf_counter()
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        for x in loader:
+            run(x.contiguous(memory_format=fmt))
+    _sync(device)
+    elapsed = time.perf_counter() - t
+    run.close()
+    return elapsed, None, 0, _capture_note(caught)
+
+
+def _capture_note(caught) -> dict:
+    failed = [str(w.message) for w in caught if "capture" in str(w.message)]
+    return {"graph_capture_failed": failed[0]} if failed else {}
+
+
+def run_streaming(model, loader, device, overlap=False, f32_dot=None, channels_last=False,
+                  cuda_graphs=False):
     from cobkern.cob import calibrate
 
     _sync(device)
     t = time.perf_counter()
-    stats = calibrate(model, loader, max_samples=None, progress=False, overlap=overlap,
-                      f32_dot=f32_dot, channels_last=channels_last)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        stats = calibrate(model, loader, max_samples=None, progress=False, overlap=overlap,
+                          f32_dot=f32_dot, channels_last=channels_last,
+                          cuda_graphs=cuda_graphs)
     _sync(device)
     elapsed = time.perf_counter() - t
     held = sum((s.gram_u.numel() + s.gram_v.numel() + 2 * s.sum_sq.numel() + 1) * 8
                for s in stats)
-    return elapsed, stats, held
+    return elapsed, stats, held, _capture_note(caught)
 
 
 def run_materialize(model, loader, device):
@@ -188,6 +227,20 @@ def main(argv: list[str] | None = None) -> dict:
                 methods.append((name + ", channels_last",
                                 functools.partial(run_streaming, f32_dot=dot,
                                                   channels_last=True)))
+    if cuda:  # CUDA graphs: the graphed forward passes, then the graphed calibrations
+        methods.append((FWD_GRAPH, run_forward_graphed))
+        if nhwc:
+            methods.append((FWD_GRAPH + ", channels_last",
+                            functools.partial(run_forward_graphed, channels_last=True)))
+        methods.append((GRAPHS, functools.partial(run_streaming, cuda_graphs=True)))
+        if nhwc:
+            methods.append((GRAPHS + ", channels_last",
+                            functools.partial(run_streaming, cuda_graphs=True,
+                                              channels_last=True)))
+            if dtype == torch.float32:
+                methods.append((TF32 + ", cuda graphs, channels_last",
+                                functools.partial(run_streaming, f32_dot="tf32",
+                                                  cuda_graphs=True, channels_last=True)))
     methods.append(("materialize", run_materialize))
     outs: dict = {}  # each method's statistics / Grams, for the comparisons at the end
     record = {
@@ -205,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
         "max_rel_diff_fp64_vs_streaming": None,
         "max_rel_diff_tf32_vs_streaming": None,
         "max_rel_diff_channels_last_vs_streaming": None,
+        "max_rel_diff_cuda_graphs_vs_streaming": None,
         "layouts": layouts,
         "results": results,
         "partial": True,
@@ -216,21 +270,23 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
-        elapsed = float("inf")
+        elapsed, notes = float("inf"), {}
         for _ in range(args.repeats):  # the same policy for every method: the fastest run
             outs[name] = None  # the previous repeat's output is not held during the next one
-            t, outs[name], held = fn(model, loader, device)
+            t, outs[name], held, *extra = fn(model, loader, device)
             elapsed = min(elapsed, t)
+            notes.update(*extra)
         peak = (torch.cuda.max_memory_allocated(device) - base) if cuda else None
         results[name] = {"seconds": elapsed, "images_per_s": args.images / elapsed,
-                         "peak_bytes_measured": peak, "bytes_held": held}
+                         "peak_bytes_measured": peak, "bytes_held": held, **notes}
         _ratios(results)
         _write(args.out, record)  # a run stopped by a deadline keeps the rows it timed
 
     stats, grams = outs["streaming"], outs["materialize"]
     stats_overlapped, stats_cl = outs["streaming, overlapped"], outs.get(CL)
     stats_fp64, stats_tf32 = outs.get(FP64), outs.get(TF32)
-    worst = worst_overlap = worst_fp64 = worst_tf32 = worst_cl = 0.0
+    stats_graphs = outs.get(GRAPHS)
+    worst = worst_overlap = worst_fp64 = worst_tf32 = worst_cl = worst_graphs = 0.0
     for n, (gu, gv) in grams.items():
         for a, b, o in ((stats[n].gram_u, gu, stats_overlapped[n].gram_u),
                         (stats[n].gram_v, gv, stats_overlapped[n].gram_v)):
@@ -243,6 +299,9 @@ def main(argv: list[str] | None = None) -> dict:
         if stats_fp64 is not None:  # against IEEE streaming: the two float32-exact products
             worst_fp64 = max(worst_fp64, _rel(stats_fp64[n].gram_u, stats[n].gram_u),
                              _rel(stats_fp64[n].gram_v, stats[n].gram_v))
+        if stats_graphs is not None:
+            worst_graphs = max(worst_graphs, _rel(stats_graphs[n].gram_u, stats[n].gram_u),
+                               _rel(stats_graphs[n].gram_v, stats[n].gram_v))
         if stats_tf32 is not None:
             worst_tf32 = max(worst_tf32, _rel(stats_tf32[n].gram_u, stats[n].gram_u),
                              _rel(stats_tf32[n].gram_v, stats[n].gram_v))
@@ -252,6 +311,8 @@ def main(argv: list[str] | None = None) -> dict:
         "max_rel_diff_fp64_vs_streaming": worst_fp64 if stats_fp64 is not None else None,
         "max_rel_diff_tf32_vs_streaming": worst_tf32 if stats_tf32 is not None else None,
         "max_rel_diff_channels_last_vs_streaming": worst_cl if stats_cl is not None else None,
+        "max_rel_diff_cuda_graphs_vs_streaming": (worst_graphs if stats_graphs is not None
+                                                  else None),
         "partial": False,
     })
     _write(args.out, record)
@@ -260,13 +321,19 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _ratios(results: dict) -> None:
-    """Each row's time over the forward pass in its own layout and over the NCHW one."""
+    """Each row's time over the forward pass in its own layout and over the NCHW one, and
+    (graph rows) over the graphed forward pass in its own layout."""
     fwd = results["forward only"]["seconds"]
     fwd_cl = results.get(FWD_CL, {}).get("seconds")
     for name, v in results.items():
-        own = fwd_cl if name.endswith("channels_last") else fwd
+        cl = name.endswith("channels_last")
+        own = fwd_cl if cl else fwd
         v["x_forward"] = v["seconds"] / own if own else None
         v["x_nchw_forward"] = v["seconds"] / fwd
+        if "cuda graph" in name:
+            graphed = results.get(FWD_GRAPH + (", channels_last" if cl else ""), {})
+            v["x_forward_graphed"] = (v["seconds"] / graphed["seconds"] if graphed
+                                      else None)
 
 
 def _write(out: str, record: dict) -> None:
@@ -306,16 +373,23 @@ def _markdown(r: dict) -> str:
         f"{r['dtype']}, {r['layers']} CoB layers; torch {r['torch']}, triton {r['triton']}; "
         f"{r['date']}. Time: the fastest of {r.get('repeats', 1)} run(s) per method.",
         "",
-        "| method | time (s) | × forward pass | × NCHW forward | images/s "
-        "| peak memory measured (MiB) | bytes held (MiB) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| method | time (s) | × forward pass | × NCHW forward | × graphed forward "
+        "| images/s | peak memory measured (MiB) | bytes held (MiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    failed = []
     for name, v in r["results"].items():
         own = "—" if v.get("x_forward") is None else f"{v['x_forward']:.2f}"
+        graphed = ("—" if v.get("x_forward_graphed") is None
+                   else f"{v['x_forward_graphed']:.2f}")
+        if v.get("graph_capture_failed"):
+            failed.append(f"{name}: {v['graph_capture_failed']}")
         lines.append(f"| {name} | {v['seconds']:.3f} | {own} | "
-                     f"{v.get('x_nchw_forward', v['x_forward']):.2f} | "
+                     f"{v.get('x_nchw_forward', v['x_forward']):.2f} | {graphed} | "
                      f"{v['images_per_s']:,.0f} | "
                      f"{_mib(v['peak_bytes_measured'])} | {_mib(v['bytes_held'])} |")
+    if failed:
+        lines += ["", "**Graph capture failed** (these rows ran eagerly): " + "; ".join(failed)]
     if r.get("partial"):
         lines += ["", "**Partial**: the run stopped before every method was timed (rows so "
                   "far; no Gram comparison)."]
@@ -329,6 +403,9 @@ def _markdown(r: dict) -> str:
     if r.get("max_rel_diff_tf32_vs_streaming") is not None:
         lines[-1] += (f" `f32_dot=tf32` vs IEEE streaming: "
                       f"{r['max_rel_diff_tf32_vs_streaming']:.2e}.")
+    if r.get("max_rel_diff_cuda_graphs_vs_streaming") is not None:
+        lines[-1] += (f" cuda graphs vs streaming: "
+                      f"{r['max_rel_diff_cuda_graphs_vs_streaming']:.2e}.")
     if r.get("max_rel_diff_channels_last_vs_streaming") is not None:
         lines[-1] += (f" channels_last vs NCHW streaming (different convolution kernels "
                       f"too): {r['max_rel_diff_channels_last_vs_streaming']:.2e}.")

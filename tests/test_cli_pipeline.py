@@ -783,6 +783,36 @@ def test_calibrate_passes_the_automatic_layout_through(run_dir: Path, tmp_path: 
         "calib_channels_last"] is None
 
 
+def test_calibrate_cuda_graphs_flag_reaches_calibrate(run_dir: Path, tmp_path: Path,
+                                                     monkeypatch) -> None:
+    """``cobkern calibrate --cuda-graphs`` is kept in the config and reaches ``calibrate``;
+    the default is off, and the flag does not make existing statistics stale (replays run
+    the same kernels)."""
+    from cobkern.experiments import context as context_module
+
+    out = _copy(run_dir, tmp_path)
+    assert Context(out, device="cpu", progress=False).config.calib_cuda_graphs is False
+    seen: list[bool] = []
+    real = context_module.calibrate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("cuda_graphs"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(context_module, "calibrate", spy)
+    assert main(["calibrate", "--out", str(out), "--samples", "100", "--no-progress"]) == 0
+    assert main(["calibrate", "--out", str(out), "--samples", "100", "--cuda-graphs",
+                 "--no-progress"]) == 0
+    assert seen == [False, True]
+    ctx = Context(out, device="cpu", progress=False)
+    assert ctx.config.calib_cuda_graphs is True and ctx.calibration_is_current()
+    off = Context(out, ctx.config.with_overrides({"calib_cuda_graphs": False}),
+                  device="cpu", progress=False)
+    assert off.calibration_is_current()
+    with pytest.raises(ValueError, match="calib_cuda_graphs: expected true or false"):
+        ctx.config.with_overrides({"calib_cuda_graphs": "yes"})
+
+
 @pytest.mark.parametrize("flags,expected", [([], None), (["--channels-last"], True),
                                             (["--no-channels-last"], False)])
 def test_channels_last_flags_parse_to_true_false_or_auto(tmp_path: Path, flags: list[str],

@@ -4,7 +4,7 @@ Commands (each reads the previous step's files from ``--out``)::
 
     cobkern train      --out OUT [--preset quick] [--arch tsra|relu] [--set steps=100 ...]
     cobkern calibrate  --out OUT [--samples N] [--augment] [--f32-dot MODE]
-                       [--channels-last | --no-channels-last]
+                       [--channels-last | --no-channels-last] [--cuda-graphs]
     cobkern prune      --out OUT --strategy NAME --value V [--value-v V] [--importance l2|l1]
                        [--baseline] [--normalizer kept|original] [--round-to N] [--name NAME]
     cobkern finetune   --out OUT --name NAME [--steps N] [--lr LR]
@@ -166,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "model on CUDA (1.44-1.48x faster calibration on an H200), NCHW "
                         "otherwise (a bfloat16 model was 1.84x slower channels-last; CPU "
                         "untimed; BENCHMARKS.md)")
+    s.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="on CUDA, replay each batch's forward pass and covariance kernels "
+                        "as one CUDA graph (no Python per layer and batch; the same "
+                        "statistics up to float round-off; a model that cannot be captured "
+                        "warns and runs eagerly). default: the config's, normally off")
     _common(s)
 
     s = sub.add_parser("prune", formatter_class=fmt,
@@ -453,6 +458,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         over["calib_f32_dot"] = args.f32_dot
     if args.channels_last is not None:
         over["calib_channels_last"] = args.channels_last
+    if args.cuda_graphs is not None:
+        over["calib_cuda_graphs"] = args.cuda_graphs
     if over:
         cfg = cfg.with_overrides(over)
     ctx = _context(args, cfg)

@@ -18,6 +18,13 @@ instead of following them. Each activation is kept alive by the caching allocato
 its kernel has read it (``record_stream``), and a batch's forward starts only when the
 previous batch's kernels are done, so at most one batch of activations is in flight.
 
+CUDA graphs (``cuda_graphs=True``, CUDA only; off by default until timed): a calibration
+batch is ~60 small launches behind Python (custom-op dispatch, hooks, launchers); in an
+H200 profile of four float32 NCHW batches the host's time (30.2 ms, profiler included) was
+as long as the GPU's (28.3 ms, ``bench/results/h200-2026-11-27b/gpu_diag.md``). With graphs the
+first repeated batch's forward pass and covariance kernels are recorded once and replayed
+for every later batch of that shape (:mod:`cobkern.cob.graphs`).
+
 Layout (``channels_last``; by default chosen from the model's dtype and device, below):
 with ``channels_last=True`` 4-D input batches are put in channels-last memory format before
 the forward pass, so the convolutions produce NHWC activations and the covariance kernel
@@ -58,6 +65,7 @@ from torch import Tensor, nn
 from cobkern.ops.covariance import CovarianceAccumulator
 
 from .discovery import select_layers
+from .graphs import ForwardReplay
 from .stats import CalibrationStats, LayerStats, weight_fingerprint
 
 __all__ = ["calibrate", "batch_inputs"]
@@ -119,6 +127,11 @@ def _resolve_channels_last(model: nn.Module, channels_last: bool | None,
     return channels_last
 
 
+def _graphs_on(device: torch.device) -> bool:
+    """Whether ``calibrate(cuda_graphs=True)`` records graphs on ``device``: on CUDA only."""
+    return device.type == "cuda"
+
+
 def _rank_and_world() -> tuple[int, int]:
     import torch.distributed as dist
 
@@ -139,6 +152,7 @@ def calibrate(
     overlap: bool = False,
     f32_dot: str | None = None,
     channels_last: bool | None = None,
+    cuda_graphs: bool = False,
 ) -> CalibrationStats:
     """Collect per-subspace second moments of the CoB layers' activations.
 
@@ -177,11 +191,25 @@ def calibrate(
             while a bfloat16 model was 1.84× slower channels-last (0.122 s against
             0.066 s) and CPU calibration is untimed (module docstring, ``BENCHMARKS.md``).
             Anything but a bool or ``None`` is a ``TypeError``.
+        cuda_graphs: on CUDA, record the first repeated batch's forward pass with its
+            covariance kernels as one CUDA graph and replay it for every later batch of
+            that shape (:mod:`cobkern.cob.graphs`: no Python per layer and batch; the same
+            kernels, so the same statistics up to the order of atomic float adds; a
+            smaller trailing batch runs eagerly; a model that cannot be captured warns and
+            runs eagerly). Off by default until timed (``BENCHMARKS.md``); ignored on
+            other devices. Not with ``overlap=True`` (a ``ValueError``); anything but a
+            bool is a ``TypeError``.
 
     Returns:
         :class:`CalibrationStats` with one float64 :class:`LayerStats` per layer (on CPU).
     """
     chosen = select_layers(model, layers)
+    if not isinstance(cuda_graphs, bool):
+        raise TypeError(f"calibrate: cuda_graphs must be True or False, got {cuda_graphs!r}")
+    if cuda_graphs and overlap:
+        raise ValueError("calibrate: overlap=True and cuda_graphs=True cannot be combined "
+                         "(a replayed graph already runs the covariance kernels without "
+                         "host gaps); choose one")
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"calibrate: max_samples must be >= 1 or None, got {max_samples}")
     if device is None:
@@ -203,6 +231,8 @@ def calibrate(
             for lay in chosen}
     handles = []
     side = torch.cuda.Stream(device) if overlap and device.type == "cuda" else None
+    run = (ForwardReplay(model, list(accs.values())) if cuda_graphs and _graphs_on(device)
+           else model)
 
     def make_hook(acc: CovarianceAccumulator):
         def hook(_module, _inputs, output):
@@ -241,11 +271,13 @@ def calibrate(
                 x = x.to(device, non_blocking=True)
                 if channels_last and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
-                model(x)
+                run(x)
                 seen += x.shape[0]
                 if bar is not None:
                     bar.update(x.shape[0] * world)
     finally:
+        if isinstance(run, ForwardReplay):
+            run.close()
         for h in handles:
             h.remove()
         if side is not None:  # the sums are complete once the side stream has drained

@@ -127,7 +127,11 @@ class ExperimentConfig:
             CUDA (1.44–1.48× faster calibration there on an H200; a bfloat16 model was 1.84×
             slower channels-last; CPU untimed — ``BENCHMARKS.md``). The same statistics up
             to float round-off, so it is not part of their identity
-            (``calibrate(channels_last=...)``).
+            (``calibrate(channels_last=...)``);
+            calib_cuda_graphs: on CUDA, replay each calibration batch's forward pass and
+            covariance kernels as one CUDA graph (``calibrate(cuda_graphs=...)``; default
+            ``false`` until timed; the same statistics up to float round-off, so not part
+            of their identity either).
         eval_subset: test images used for every sweep evaluation (0: all 10,000).
         eval_batch_size: evaluation batch.
         fractions: parameter fractions ``P`` of the fixed-ratio sweep.
@@ -165,6 +169,7 @@ class ExperimentConfig:
     calib_augment: bool = False
     calib_f32_dot: str = "ieee"
     calib_channels_last: bool | None = None
+    calib_cuda_graphs: bool = False
     calib_batch_size: int = 500
     eval_subset: int = 0
     eval_batch_size: int = 1000
@@ -206,7 +211,8 @@ class ExperimentConfig:
                 raise ValueError(f"{name}: expected a JSON object of TrainConfig settings, "
                                  f"e.g. {name}={{\"steps\": 100}}, got {getattr(self, name)!r}")
         _check_train_settings(self)
-        for name in ("train_relu", "calib_augment", "threshold_baseline", "peer_finetune"):
+        for name in ("train_relu", "calib_augment", "calib_cuda_graphs", "threshold_baseline",
+                     "peer_finetune"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         if self.calib_channels_last is not None and not isinstance(self.calib_channels_last,

@@ -256,7 +256,8 @@ class Context:
         stats = calibrate(model, self.calibration_loader(), max_samples=self.config.calib_samples,
                           progress=self.progress, device=self.device,
                           meta=self.calibration_settings(), f32_dot=cfg_f32_dot(self.config),
-                          channels_last=self.config.calib_channels_last)
+                          channels_last=self.config.calib_channels_last,
+                          cuda_graphs=self.config.calib_cuda_graphs)
         stats.save(path)
         if self.layout.calibration_rotated.is_file():
             self.layout.calibration_rotated.unlink()  # stale now
@@ -295,7 +296,8 @@ class Context:
                     progress=self.progress, device=self.device,
                     meta={"basis": "rotated", **self.calibration_settings(),
                           "calibration": cid}, f32_dot=cfg_f32_dot(self.config),
-                          channels_last=self.config.calib_channels_last)
+                          channels_last=self.config.calib_channels_last,
+                          cuda_graphs=self.config.calib_cuda_graphs)
                 cached.save(path)
             self._rotated_l1 = cached
         return self._rotated_l1

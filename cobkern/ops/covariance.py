@@ -232,6 +232,26 @@ class CovarianceAccumulator:
         """Samples accumulated so far."""
         return self._count
 
+    def count_samples(self, n: int) -> None:
+        """Add ``n`` to :attr:`count` without adding any sums.
+
+        For CUDA-graph replays of :meth:`update` (:mod:`cobkern.cob.graphs`): a replay runs
+        the recorded kernel, which adds the batch's sums, but not this method's Python,
+        which counts its samples. A negative ``n`` takes back the count of a capture that
+        recorded an update but never ran it.
+
+        Raises:
+            TypeError: ``n`` is not an int.
+            ValueError: the count would drop below zero.
+        """
+        if not is_int(n):
+            raise TypeError(f"CovarianceAccumulator.count_samples: n must be an int, got "
+                            f"{type(n).__name__}")
+        if self._count + n < 0:
+            raise ValueError(f"CovarianceAccumulator.count_samples: the count {self._count} "
+                             f"cannot drop by {-n}")
+        self._count += int(n)
+
     def update(self, x: Tensor, dim: int = 1) -> None:
         """Add one batch (shape ``(N, C, *)``, channels on ``dim``).
 

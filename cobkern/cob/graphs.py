@@ -1,0 +1,140 @@
+"""CUDA-graph replay of calibration's forward passes (``calibrate(..., cuda_graphs=True)``).
+
+A calibration batch is a no-grad forward pass whose hooks launch one covariance kernel per
+CoB layer: on VGG-16, about 60 small launches per batch, each behind some Python (the
+custom ops' dispatch, the hooks, the launchers). Where the host cannot issue them as fast
+as the GPU runs them, the GPU waits. :class:`ForwardReplay` records the whole batch —
+forward pass and covariance kernels — as one CUDA graph and replays it for every later
+batch of the same shape: one launch per batch, no Python per layer.
+
+Replay re-runs the recorded kernels on the recorded buffers: each batch is copied into
+one static input tensor, and the kernels add into the accumulators' own sums, which do not
+move. What a replay does not re-run is Python, so the host-side sample counts of the
+:class:`~cobkern.ops.covariance.CovarianceAccumulator` s are advanced by
+:meth:`~cobkern.ops.covariance.CovarianceAccumulator.count_samples` with what the
+captured batch added.
+
+Policy, per input signature (shape, strides, dtype, device):
+
+1. the first batch runs eagerly — the warm-up capture needs: Triton compiles, cuDNN picks
+   its algorithms, the covariance kernel caches its tile tables on the device;
+2. the next batch with the same signature is captured, then replayed once (capture records
+   kernels without running them);
+3. every later batch with that signature is copied in and replayed.
+
+One graph is kept: batches of another signature (e.g. a smaller trailing batch) run
+eagerly. If capture fails (a model that synchronises with the host, e.g. ``.item()``, or
+does anything else a stream capture forbids), the counts are restored, a ``RuntimeWarning``
+names the error, and every batch runs eagerly from then on: the statistics do not depend
+on whether a batch was replayed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from cobkern.ops.covariance import CovarianceAccumulator
+
+__all__ = ["ForwardReplay", "cuda_capture"]
+
+#: ``capture(fn) -> replay``: record ``fn()`` without running it, return a callable that runs
+#: what was recorded.
+Capture = Callable[[Callable[[], object]], Callable[[], None]]
+
+
+def cuda_capture(fn: Callable[[], object]) -> Callable[[], None]:
+    """Record ``fn()`` as a CUDA graph (``torch.cuda.graph``, private memory pool) and
+    return its ``replay``. Nothing ``fn`` launches runs during the capture."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _signature(x: Tensor) -> tuple:
+    return tuple(x.shape), x.stride(), x.dtype, x.device
+
+
+class ForwardReplay:
+    """Run ``forward(x)`` for calibration batches, as a replayed CUDA graph where it can.
+
+    Args:
+        forward: runs one batch, e.g. ``model`` with the calibration hooks registered; its
+            return value is ignored. Its only effects that last must be kernels writing
+            into buffers that outlive the call (the accumulators' sums) and the
+            accumulators' sample counts.
+        accumulators: every accumulator the forward's hooks update (their counts are
+            advanced by hand after a replay).
+        capture: how to record a graph (default :func:`cuda_capture`; tests pass a fake).
+
+    Attributes:
+        replays: batches run by replaying the graph (the captured one included).
+        failure: the error of a failed capture (``None`` if none failed); after one, every
+            batch runs eagerly.
+    """
+
+    def __init__(self, forward: Callable[[Tensor], object],
+                 accumulators: Sequence[CovarianceAccumulator],
+                 capture: Capture | None = None) -> None:
+        self.forward = forward
+        self.accumulators = list(accumulators)
+        self.capture = capture or cuda_capture
+        self.replays = 0
+        self.failure: str | None = None
+        self._warm: set[tuple] = set()
+        self._signature: tuple | None = None
+        self._static: Tensor | None = None
+        self._replay: Callable[[], None] | None = None
+        self._added: list[int] = []
+
+    def __call__(self, x: Tensor) -> None:
+        """Process one batch ``x`` (on the model's device, in the layout to calibrate in)."""
+        sig = _signature(x)
+        if self._replay is not None:
+            if sig == self._signature:
+                self._static.copy_(x)
+                self._replay()
+                for acc, n in zip(self.accumulators, self._added, strict=True):
+                    acc.count_samples(n)
+                self.replays += 1
+            else:
+                self.forward(x)
+            return
+        if self.failure is None and sig in self._warm:
+            self._capture(x, sig)
+            return
+        self.forward(x)
+        self._warm.add(sig)
+
+    def _capture(self, x: Tensor, sig: tuple) -> None:
+        static = torch.empty_like(x)  # the loader's own tensor is never overwritten
+        static.copy_(x)
+        before = [acc.count for acc in self.accumulators]
+        try:
+            replay = self.capture(lambda: self.forward(static))
+        except Exception as e:  # noqa: BLE001 - any capture error: fall back, say why
+            for acc, n in zip(self.accumulators, before, strict=True):
+                acc.count_samples(n - acc.count)  # the capture ran none of them
+            self.failure = f"{type(e).__name__}: {e}"
+            warnings.warn(f"calibrate: CUDA-graph capture of the forward pass failed "
+                          f"({self.failure}); calibrating eagerly", RuntimeWarning,
+                          stacklevel=3)
+            self.forward(x)
+            return
+        # the capture ran the hooks' Python (the counts of this batch) but no kernel
+        self._added = [acc.count - n for acc, n in zip(self.accumulators, before, strict=True)]
+        self._static, self._replay, self._signature = static, replay, sig
+        replay()
+        self.replays += 1
+
+    def close(self) -> None:
+        """Drop the graph and its memory pool (the batch's activations), after the last
+        replay has finished."""
+        if self._replay is not None and self._signature[3].type == "cuda":
+            torch.cuda.synchronize(self._signature[3])
+        self._replay = self._static = None
+        self._signature = None

@@ -1,0 +1,276 @@
+"""``calibrate(cuda_graphs=True)``: the forward pass and its covariance kernels replayed as
+one CUDA graph per batch (:mod:`cobkern.cob.graphs`).
+
+This machine has no GPU, so the replay bookkeeping is tested with a fake capture that
+keeps CUDA graphs' two rules on CPU tensors: a capture runs the hooks' Python (the sample
+counts) but no kernel (the sums are restored), and a replay runs the kernels (the sums
+grow, from whatever the static input holds) but no Python (the counts are restored). The
+statistics must then equal eager calibration's exactly (``torch.equal``): the same
+computations in the same order. The real capture runs in the CUDA tests at the end.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from cobkern.cob import calibrate, graphs
+from cobkern.nn import TSRA, RMSNormTSRA
+from cobkern.ops import use_backend
+from cobkern.ops.covariance import CovarianceAccumulator
+
+#: the module itself (the package attribute ``cobkern.cob.calibrate`` is the function)
+calibrate_module = importlib.import_module("cobkern.cob.calibrate")
+
+def tiny_net() -> nn.Sequential:
+    """Two CoB layers: a conv activation (4-D) and a linear one (2-D)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), RMSNormTSRA(6, split=2), nn.AvgPool2d(2),
+        nn.Flatten(), nn.Linear(6 * 4 * 4, 10), TSRA(10, split=4), nn.Linear(10, 3),
+    ).eval()
+
+
+def batches(sizes: list[int]) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return [torch.randn(n, 3, 8, 8, generator=g) for n in sizes]
+
+
+class FakeCapture:
+    """``capture(fn) -> replay`` with CUDA graphs' semantics for the accumulators it is
+    given (see the module docstring). Counts its captures and replays."""
+
+    def __init__(self, accs: list[CovarianceAccumulator], fail: Exception | None = None):
+        self.accs, self.fail = accs, fail
+        self.captures = self.replays = 0
+
+    def _sums(self) -> list[torch.Tensor]:
+        return [t for a in self.accs for t in (a._packed, a.sum_abs, a.sum_sq)]
+
+    def __call__(self, fn):
+        self.captures += 1
+        saved = [t.clone() for t in self._sums()]
+        fn()  # the Python runs (counts advance) ...
+        for t, s in zip(self._sums(), saved, strict=True):
+            t.copy_(s)  # ... but no kernel did
+        if self.fail is not None:
+            raise self.fail
+
+        def replay() -> None:
+            self.replays += 1
+            counts = [a.count for a in self.accs]
+            fn()  # the kernels run ...
+            for a, c in zip(self.accs, counts, strict=True):
+                a.count_samples(c - a.count)  # ... the Python does not
+        return replay
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    """Make calibrate record "graphs" on CPU with a :class:`FakeCapture` over the
+    accumulators it creates; yields a dict that receives the capture object."""
+    made: list[CovarianceAccumulator] = []
+    original = CovarianceAccumulator.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    box: dict = {"fail": None}
+
+    def capture(fn):
+        if "fake" not in box:
+            box["fake"] = FakeCapture(made, box["fail"])
+        return box["fake"](fn)
+
+    monkeypatch.setattr(CovarianceAccumulator, "__init__", init)
+    monkeypatch.setattr(calibrate_module, "_graphs_on", lambda device: True)
+    monkeypatch.setattr(graphs, "cuda_capture", capture)
+    return box
+
+
+def assert_same_stats(a, b) -> None:
+    assert list(a.layers) == list(b.layers) and a.num_images == b.num_images
+    for name in a.layers:
+        x, y = a[name], b[name]
+        assert (x.count, x.accumulation) == (y.count, y.accumulation), name
+        for p, q in zip((x.gram_u, x.gram_v, x.sum_abs, x.sum_sq),
+                        (y.gram_u, y.gram_v, y.sum_abs, y.sum_sq), strict=True):
+            assert torch.equal(p, q), name
+
+
+# ------------------------------------------------------------------ replay bookkeeping
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_replayed_calibration_equals_eager(backend: str, fake_graphs) -> None:
+    """Batch 1 eager (warm-up), batch 2 captured and replayed once, batches 3–6 replayed,
+    the smaller trailing batch eager: five replays, one capture, and the statistics and
+    counts of eager calibration, bit for bit."""
+    m, data = tiny_net(), batches([4, 4, 4, 4, 4, 4, 3])
+    with use_backend(backend):
+        eager = calibrate(m, data, max_samples=None, progress=False)
+        replayed = calibrate(m, data, max_samples=None, progress=False, cuda_graphs=True)
+    fake = fake_graphs["fake"]
+    assert (fake.captures, fake.replays) == (1, 5)
+    assert replayed["0"].count == 27 * 8 * 8 and replayed["4"].count == 27
+    assert_same_stats(replayed, eager)
+
+
+def test_the_loader_batches_are_not_overwritten(fake_graphs) -> None:
+    """Replays read a static copy: the loader's own tensors keep their values."""
+    m, data = tiny_net(), batches([4, 4, 4])
+    before = [x.clone() for x in data]
+    calibrate(m, data, max_samples=None, progress=False, cuda_graphs=True)
+    assert all(torch.equal(x, y) for x, y in zip(data, before, strict=True))
+    assert fake_graphs["fake"].replays == 2
+
+
+def test_a_batch_of_another_shape_between_replays_runs_eagerly(fake_graphs) -> None:
+    m, data = tiny_net(), batches([4, 4, 2, 4, 2])
+    eager = calibrate(m, data, max_samples=None, progress=False)
+    replayed = calibrate(m, data, max_samples=None, progress=False, cuda_graphs=True)
+    assert fake_graphs["fake"].replays == 2  # the second 4 (captured) and the third
+    assert_same_stats(replayed, eager)
+
+
+def test_a_sample_cap_cuts_the_last_batch_which_then_runs_eagerly(fake_graphs) -> None:
+    m, data = tiny_net(), batches([4, 4, 4, 4])
+    eager = calibrate(m, data, max_samples=14, progress=False)
+    replayed = calibrate(m, data, max_samples=14, progress=False, cuda_graphs=True)
+    assert fake_graphs["fake"].replays == 2 and replayed.num_images == 14
+    assert_same_stats(replayed, eager)
+
+
+def test_a_failed_capture_warns_restores_the_counts_and_goes_on_eagerly(fake_graphs) -> None:
+    """A capture error (here the one a host sync raises) costs nothing but the graphs:
+    the counts it advanced are taken back, the batch runs eagerly, no further capture is
+    tried, and the statistics equal eager calibration's."""
+    fake_graphs["fail"] = RuntimeError("operation not permitted when stream is capturing")
+    m, data = tiny_net(), batches([4, 4, 4, 4])
+    eager = calibrate(m, data, max_samples=None, progress=False)
+    with pytest.warns(RuntimeWarning, match="capture of the forward pass failed.*"
+                                            "operation not permitted"):
+        replayed = calibrate(m, data, max_samples=None, progress=False, cuda_graphs=True)
+    fake = fake_graphs["fake"]
+    assert (fake.captures, fake.replays) == (1, 0)
+    assert_same_stats(replayed, eager)
+
+
+def test_forward_replay_reports_its_replays_and_failure() -> None:
+    """The runner on its own: a capture that raises is recorded in ``failure``."""
+    acc = CovarianceAccumulator(4, 2)
+
+    def forward(x):
+        acc.update(x)
+
+    run = graphs.ForwardReplay(forward, [acc],
+                               capture=FakeCapture([acc], RuntimeError("no graphs here")))
+    x = torch.randn(3, 4)
+    run(x)
+    with pytest.warns(RuntimeWarning, match="no graphs here"):
+        run(x)
+    run(x)
+    assert run.failure == "RuntimeError: no graphs here" and run.replays == 0
+    assert acc.count == 9
+    ref = CovarianceAccumulator(4, 2)
+    for _ in range(3):
+        ref.update(x)
+    assert torch.equal(acc.gram_u, ref.gram_u) and torch.equal(acc.gram_v, ref.gram_v)
+
+
+# ------------------------------------------------------------------------ the defaults
+def test_on_cpu_cuda_graphs_is_ignored() -> None:
+    """Without the monkeypatch, a CPU device never records graphs: plain eager calibration."""
+    m, data = tiny_net(), batches([4, 4, 4])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a = calibrate(m, data, max_samples=None, progress=False, cuda_graphs=True)
+    assert_same_stats(a, calibrate(m, data, max_samples=None, progress=False))
+
+
+def test_cuda_graphs_is_off_by_default() -> None:
+    import inspect
+
+    assert inspect.signature(calibrate).parameters["cuda_graphs"].default is False
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_cuda_graphs_must_be_a_bool(bad) -> None:
+    with pytest.raises(TypeError, match="cuda_graphs must be True or False"):
+        calibrate(tiny_net(), batches([2]), progress=False, cuda_graphs=bad)
+
+
+def test_cuda_graphs_and_overlap_are_exclusive() -> None:
+    with pytest.raises(ValueError, match="overlap=True and cuda_graphs=True"):
+        calibrate(tiny_net(), batches([2]), progress=False, cuda_graphs=True, overlap=True)
+
+
+def test_count_samples_checks_its_argument() -> None:
+    acc = CovarianceAccumulator(4, 2)
+    acc.count_samples(5)
+    acc.count_samples(-2)
+    assert acc.count == 3
+    with pytest.raises(ValueError, match="cannot drop by 4"):
+        acc.count_samples(-4)
+    with pytest.raises(TypeError, match="must be an int"):
+        acc.count_samples(1.0)
+    assert acc.count == 3
+
+
+# ------------------------------------------------------------------------------- CUDA
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+class HostSync(nn.Module):
+    """Reads a value back to the host in its forward: not capturable."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.abs().max().item() < 0:  # never true; the .item() is the point
+            raise AssertionError
+        return x
+
+
+@cuda
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_graphs_give_the_statistics_of_eager_calibration(channels_last: bool) -> None:
+    """Real CUDA graphs (VGG-16 TSRA, width 1/8, float32): the same kernels on the same
+    data. The covariance kernel adds its float32 partial sums with atomics, in an order
+    that varies from run to run, so the bound is float32 round-off of the sums: 1e-5 of
+    each matrix's largest entry (the eager runs' own run-to-run spread is ~1e-7)."""
+    from cobkern.models import vgg16_tsra
+
+    model = vgg16_tsra(width=0.125).cuda().eval()
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(32, 3, 32, 32, generator=g).cuda() for _ in range(5)]
+    data.append(torch.randn(8, 3, 32, 32, generator=g).cuda())
+    eager = calibrate(model, data, max_samples=None, progress=False,
+                      channels_last=channels_last)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the capture must succeed
+        replayed = calibrate(model, data, max_samples=None, progress=False,
+                             channels_last=channels_last, cuda_graphs=True)
+    assert list(replayed.layers) == list(eager.layers)
+    for name in eager.layers:
+        a, b = replayed[name], eager[name]
+        assert a.count == b.count
+        for p, q in zip((a.gram_u, a.gram_v, a.sum_abs, a.sum_sq),
+                        (b.gram_u, b.gram_v, b.sum_abs, b.sum_sq), strict=True):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-5 * q.abs().max().item())
+
+
+@cuda
+def test_cuda_graphs_fall_back_for_a_model_that_syncs() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), HostSync(), RMSNormTSRA(8, split=3),
+                          nn.AvgPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 4)).cuda().eval()
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(16, 3, 8, 8, generator=g).cuda() for _ in range(4)]
+    eager = calibrate(model, data, max_samples=None, progress=False)
+    with pytest.warns(RuntimeWarning, match="capture of the forward pass failed"):
+        replayed = calibrate(model, data, max_samples=None, progress=False, cuda_graphs=True)
+    for name in eager.layers:
+        assert replayed[name].count == eager[name].count
+        torch.testing.assert_close(replayed[name].gram_u, eager[name].gram_u,
+                                   rtol=0, atol=1e-5 * eager[name].gram_u.abs().max().item())
