@@ -17,7 +17,9 @@ captured batch added.
 Policy, per input signature (shape, strides, dtype, device):
 
 1. the first batch runs eagerly — the warm-up capture needs: Triton compiles, cuDNN picks
-   its algorithms, the covariance kernel caches its tile tables on the device;
+   its algorithms, the covariance kernel caches its tile tables on the device. On CUDA it
+   runs on a side stream, joined at once, as PyTorch's CUDA-graph notes advise, so that
+   state created lazily per stream exists before the capture (itself on a side stream);
 2. the next batch with the same signature is captured, then replayed once (capture records
    kernels without running them);
 3. every later batch with that signature is copied in and replayed.
@@ -94,21 +96,31 @@ class ForwardReplay:
     def __call__(self, x: Tensor) -> None:
         """Process one batch ``x`` (on the model's device, in the layout to calibrate in)."""
         sig = _signature(x)
-        if self._replay is not None:
-            if sig == self._signature:
-                self._static.copy_(x)
-                self._replay()
-                for acc, n in zip(self.accumulators, self._added, strict=True):
-                    acc.count_samples(n)
-                self.replays += 1
+        if self._replay is not None and sig == self._signature:
+            self._static.copy_(x)
+            self._replay()
+            for acc, n in zip(self.accumulators, self._added, strict=True):
+                acc.count_samples(n)
+            self.replays += 1
+        elif self._replay is None and self.failure is None:
+            if sig in self._warm:
+                self._capture(x, sig)
             else:
-                self.forward(x)
+                self._warm_up(x)
+                self._warm.add(sig)
+        else:  # another shape than the graph's, or after a failed capture
+            self.forward(x)
+
+    def _warm_up(self, x: Tensor) -> None:
+        if x.device.type != "cuda":
+            self.forward(x)
             return
-        if self.failure is None and sig in self._warm:
-            self._capture(x, sig)
-            return
-        self.forward(x)
-        self._warm.add(sig)
+        current = torch.cuda.current_stream(x.device)
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(current)  # x (and the sums) are written
+        with torch.cuda.stream(side):
+            self.forward(x)
+        current.wait_stream(side)  # later work, and x's reuse, wait for the warm-up
 
     def _capture(self, x: Tensor, sig: tuple) -> None:
         static = torch.empty_like(x)  # the loader's own tensor is never overwritten
