@@ -730,24 +730,31 @@ def test_finetune_steps_flag_wins_over_the_set_recipe(tmp_path: Path) -> None:
     assert (cfg.finetune.steps, cfg.finetune.batch_size) == (3, 128)  # quick's batch
 
 
+def _spy_calibrate(monkeypatch, keyword: str) -> list:
+    """Record the ``keyword`` argument of every ``calibrate`` call the pipeline makes (the
+    calls themselves go through)."""
+    from cobkern.experiments import context as context_module
+
+    seen: list = []
+    real = context_module.calibrate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get(keyword))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(context_module, "calibrate", spy)
+    return seen
+
+
 def test_calibrate_channels_last_flag_reaches_calibrate(run_dir: Path, tmp_path: Path,
                                                      monkeypatch) -> None:
     """``cobkern calibrate --channels-last`` is kept in the config and calibrates with
     channels-last inputs; the statistics are the same ones (a layout is not part of their
     identity), so the flag does not make existing statistics stale."""
-    from cobkern.experiments import context as context_module
-
     out = _copy(run_dir, tmp_path)
     before = Context(out, device="cpu", progress=False)
     assert before.config.calib_channels_last is None  # calibrate's automatic layout
-    seen: list[bool] = []
-    real = context_module.calibrate
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("channels_last"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(context_module, "calibrate", spy)
+    seen = _spy_calibrate(monkeypatch, "channels_last")
     assert main(["calibrate", "--out", str(out), "--samples", "100", "--channels-last",
                  "--no-progress"]) == 0
     assert seen == [True]
@@ -766,17 +773,8 @@ def test_calibrate_passes_the_automatic_layout_through(run_dir: Path, tmp_path: 
                                                        monkeypatch) -> None:
     """Without the flag, the config's ``None`` reaches ``calibrate`` as it is (its automatic
     choice: NCHW on this CPU) and stays ``null`` in ``config.json``."""
-    from cobkern.experiments import context as context_module
-
     out = _copy(run_dir, tmp_path)
-    seen: list[bool | None] = []
-    real = context_module.calibrate
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("channels_last"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(context_module, "calibrate", spy)
+    seen = _spy_calibrate(monkeypatch, "channels_last")
     assert main(["calibrate", "--out", str(out), "--samples", "100", "--no-progress"]) == 0
     assert seen == [None]
     assert json.loads((out / "config.json").read_text())["experiment"][
@@ -788,18 +786,9 @@ def test_calibrate_cuda_graphs_flag_reaches_calibrate(run_dir: Path, tmp_path: P
     """``cobkern calibrate --cuda-graphs`` is kept in the config and reaches ``calibrate``;
     the default is off, and the flag does not make existing statistics stale (replays run
     the same kernels)."""
-    from cobkern.experiments import context as context_module
-
     out = _copy(run_dir, tmp_path)
     assert Context(out, device="cpu", progress=False).config.calib_cuda_graphs is False
-    seen: list[bool] = []
-    real = context_module.calibrate
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("cuda_graphs"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(context_module, "calibrate", spy)
+    seen = _spy_calibrate(monkeypatch, "cuda_graphs")
     assert main(["calibrate", "--out", str(out), "--samples", "100", "--no-progress"]) == 0
     assert main(["calibrate", "--out", str(out), "--samples", "100", "--cuda-graphs",
                  "--no-progress"]) == 0
