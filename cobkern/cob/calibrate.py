@@ -235,6 +235,9 @@ def calibrate(
            else model)
 
     def make_hook(acc: CovarianceAccumulator):
+        # a compiled model (torch.compile) runs the hook eagerly, between its graphs: the
+        # accumulator's update is host bookkeeping around a Triton launch, not a traceable op
+        @torch.compiler.disable
         def hook(_module, _inputs, output):
             out = output.detach()
             if side is None:

@@ -20,6 +20,11 @@ TSRA is simply not a CoB layer, whatever lies in it (a ReLU head may follow a TS
 A linear consumer must see its input as ``(N, features)``; :func:`~cobkern.cob.calibrate`
 checks this on the data (a functional ``torch.flatten`` in ``forward`` is invisible here).
 
+Wrappers: ``torch.compile``'s ``OptimizedModule`` and ``DistributedDataParallel`` /
+``DataParallel`` are looked through (:func:`cobkern._wrappers.unwrap_model`), so a layer
+has the same name whether the model is wrapped or not, and statistics computed through a
+wrapper apply to the plain model.
+
 Leaf order: containers are walked in registration order (``named_children``), which is the
 execution order of ``nn.Sequential`` and of models built from Sequentials (the project's
 :class:`cobkern.models.VGG`: ``classifier(features(x))``). A custom container whose
@@ -35,6 +40,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
+from cobkern._wrappers import unwrap_model
 from cobkern.nn import TSRA, RMSNorm, RMSNormTSRA
 
 __all__ = ["CoBLayer", "find_cob_layers", "leaf_modules", "ROTATION_COMPATIBLE"]
@@ -102,6 +108,7 @@ def leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     out: list[tuple[str, nn.Module]] = []
 
     def walk(prefix: str, m: nn.Module) -> None:
+        m = unwrap_model(m)  # a compiled or DDP-wrapped part: named as the plain one
         children = [(n, c) for n, c in m._modules.items() if c is not None]
         if not children or isinstance(m, ROTATION_COMPATIBLE + _WEIGHTED):
             out.append((prefix, m))

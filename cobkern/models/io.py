@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from cobkern._atomic import atomic_path
+from cobkern._wrappers import unwrap_model
 from cobkern.nn import TSRA, RMSNorm, RMSNormTSRA
 
 from .vgg import VGG
@@ -81,17 +82,6 @@ def torch_file_kind(path: str | os.PathLike) -> str:
 def default_model_filename() -> str:
     """``"model.safetensors"`` when safetensors is installed, else ``"model.pt"``."""
     return "model.safetensors" if safetensors_available() else "model.pt"
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip ``torch.compile`` and ``DistributedDataParallel``/``DataParallel`` wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        else:
-            return model
 
 
 # ----------------------------------------------------------------------------- layer specs

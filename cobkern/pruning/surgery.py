@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cobkern._wrappers import get_submodule, named_modules
 from cobkern.cob.discovery import CoBLayer
 from cobkern.nn import RMSNorm, RMSNormTSRA
 
@@ -200,8 +201,7 @@ def _shrunk(m: nn.Module, out_idx: Tensor | None, in_idx: Tensor | None) -> nn.M
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
+    setattr(get_submodule(model, parent_name), attr, new)
 
 
 def _check_keep(lay: CoBLayer, k: KeepSet) -> None:
@@ -236,7 +236,7 @@ def apply_keep_sets(model: nn.Module, layers: list[CoBLayer], keep: dict[str, Ke
     if unknown:
         raise ValueError(f"keep sets for unknown layers {unknown}")
     total_before = sum(p.numel() for p in model.parameters())
-    named = dict(model.named_modules())
+    named = dict(named_modules(model))  # wrappers looked through, as in cob.discovery
     out_idx: dict[str, Tensor] = {}
     in_idx: dict[str, Tensor] = {}
     layer_reports = []
