@@ -15,7 +15,11 @@ from collections.abc import Iterator
 
 from torch import nn
 
-__all__ = ["unwrap_model", "named_modules", "get_submodule"]
+__all__ = ["unwrap_model", "named_modules", "get_submodule", "PARALLEL_WRAPPERS",
+           "parallel_wrapped"]
+
+#: The wrappers that split work across devices or processes.
+PARALLEL_WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -24,7 +28,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     while True:
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        elif isinstance(model, PARALLEL_WRAPPERS):
             model = model.module
         else:
             return model
@@ -47,3 +51,14 @@ def get_submodule(model: nn.Module, name: str) -> nn.Module:
     for part in name.split(".") if name else ():
         m = unwrap_model(m.get_submodule(part))
     return m
+
+
+def parallel_wrapped(model: nn.Module) -> bool:
+    """Whether ``model`` is, or wraps (through ``torch.compile`` too), a DataParallel or
+    DistributedDataParallel module."""
+    while True:
+        if isinstance(model, PARALLEL_WRAPPERS):
+            return True
+        if not hasattr(model, "_orig_mod"):
+            return False
+        model = model._orig_mod

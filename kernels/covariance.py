@@ -308,12 +308,14 @@ def default_target_programs(on_gpu: bool, constexprs: dict) -> int:
     return TARGET_PROGRAMS_GPU
 
 
-@functools.lru_cache(maxsize=256)
+@functools.cache
 def tile_table(su: int, sv: int, block: int, device: torch.device) -> torch.Tensor:
     """Flat int32 ``(n_tiles·3,)`` table of ``(subspace, tile_row, tile_col)``, block-upper.
 
     Cached per device: a calibration calls the kernel once per layer and batch, and a
-    host-to-device copy each time would cost more than a small layer's kernel.
+    host-to-device copy each time would cost more than a small layer's kernel. Never
+    evicted: a recorded CUDA graph (``calibrate(cuda_graphs=True)``) reads the table at the
+    address it had when captured (a process meets a handful of layer shapes).
     """
     rows = []
     for sub, size in ((0, su), (1, sv)):

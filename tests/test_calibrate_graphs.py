@@ -42,21 +42,30 @@ def batches(sizes: list[int]) -> list[torch.Tensor]:
 
 class FakeCapture:
     """``capture(fn) -> replay`` with CUDA graphs' semantics for the accumulators it is
-    given (see the module docstring). Counts its captures and replays."""
+    given (see the module docstring). Counts its captures and replays. ``fail``: raise it
+    after the capture; ``runs_kernels``: let the capture's "kernels" run (as kernels
+    launched outside the capture stream would), which the runner must notice.
 
-    def __init__(self, accs: list[CovarianceAccumulator], fail: Exception | None = None):
-        self.accs, self.fail = accs, fail
+    What it cannot emulate: a replay here re-runs the Python, so it would not catch code
+    that moves a buffer the graph points at (e.g. reallocating the sums) — the CUDA tests
+    below use real graphs for that."""
+
+    def __init__(self, accs: list[CovarianceAccumulator], fail: Exception | None = None,
+                 runs_kernels: bool = False):
+        self.accs, self.fail, self.runs_kernels = accs, fail, runs_kernels
         self.captures = self.replays = 0
+        self.static_strides: list[tuple] = []
 
     def _sums(self) -> list[torch.Tensor]:
-        return [t for a in self.accs for t in (a._packed, a.sum_abs, a.sum_sq)]
+        return [t for a in self.accs for t in a.sums()]
 
     def __call__(self, fn):
         self.captures += 1
         saved = [t.clone() for t in self._sums()]
         fn()  # the Python runs (counts advance) ...
-        for t, s in zip(self._sums(), saved, strict=True):
-            t.copy_(s)  # ... but no kernel did
+        if not self.runs_kernels:
+            for t, s in zip(self._sums(), saved, strict=True):
+                t.copy_(s)  # ... but no kernel did
         if self.fail is not None:
             raise self.fail
 
@@ -80,11 +89,11 @@ def fake_graphs(monkeypatch):
         original(self, *args, **kwargs)
         made.append(self)
 
-    box: dict = {"fail": None}
+    box: dict = {"fail": None, "runs_kernels": False}
 
     def capture(fn):
         if "fake" not in box:
-            box["fake"] = FakeCapture(made, box["fail"])
+            box["fake"] = FakeCapture(made, box["fail"], box["runs_kernels"])
         return box["fake"](fn)
 
     monkeypatch.setattr(CovarianceAccumulator, "__init__", init)
@@ -157,6 +166,38 @@ def test_a_failed_capture_warns_restores_the_counts_and_goes_on_eagerly(fake_gra
     fake = fake_graphs["fake"]
     assert (fake.captures, fake.replays) == (1, 0)
     assert_same_stats(replayed, eager)
+
+
+def test_a_capture_during_which_kernels_ran_is_undone(fake_graphs) -> None:
+    """Kernels that ran instead of being recorded (e.g. launched on another device's stream)
+    changed the sums during the capture: the runner puts the sums and counts back, warns,
+    and the batch is added once, eagerly."""
+    fake_graphs["runs_kernels"] = True
+    m, data = tiny_net(), batches([4, 4, 4])
+    eager = calibrate(m, data, max_samples=None, progress=False)
+    with pytest.warns(RuntimeWarning, match="kernels ran during the capture"):
+        replayed = calibrate(m, data, max_samples=None, progress=False, cuda_graphs=True)
+    assert fake_graphs["fake"].replays == 0
+    assert_same_stats(replayed, eager)
+
+
+def test_the_static_input_keeps_the_batch_layout() -> None:
+    """The captured input has the batch's strides (channels-last here, and a gapped slice),
+    so the capture records the layout the warm-up compiled for."""
+    acc = CovarianceAccumulator(4, 2)
+    seen: list[tuple] = []
+
+    def forward(x):
+        seen.append(x.stride())
+        acc.update(x)
+
+    for x in (torch.randn(3, 4, 5, 5).contiguous(memory_format=torch.channels_last),
+              torch.randn(3, 8, 5, 5)[:, ::2]):
+        seen.clear()
+        run = graphs.ForwardReplay(forward, [acc], capture=FakeCapture([acc]))
+        run(x)  # warm-up, then the capture
+        run(x)
+        assert run.replays == 1 and seen[0] == seen[1] == x.stride()
 
 
 def test_forward_replay_reports_its_replays_and_failure() -> None:
@@ -233,6 +274,16 @@ class HostSync(nn.Module):
         return x
 
 
+def _cold_caches() -> None:
+    """Forget compiled launches and device tile tables, so the graphed run meets them cold
+    (its warm-up must create them before the capture: a tile table is a host-to-device
+    copy, which a capture forbids)."""
+    from cobkern.kernels import _launch, covariance
+
+    covariance.tile_table.cache_clear()
+    _launch.clear_cache()
+
+
 @cuda
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_cuda_graphs_give_the_statistics_of_eager_calibration(channels_last: bool) -> None:
@@ -248,12 +299,15 @@ def test_cuda_graphs_give_the_statistics_of_eager_calibration(channels_last: boo
     g = torch.Generator().manual_seed(0)
     data = [torch.randn(32, 3, 32, 32, generator=g).cuda() for _ in range(5)]
     data.append(torch.randn(8, 3, 32, 32, generator=g).cuda())
-    eager = calibrate(model, data, max_samples=None, progress=False,
-                      channels_last=channels_last)
+    _cold_caches()
+    stream = torch.cuda.current_stream()
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # the capture must succeed
         replayed = calibrate(model, data, max_samples=None, progress=False,
                              channels_last=channels_last, cuda_graphs=True)
+    assert torch.cuda.current_stream() == stream
+    eager = calibrate(model, data, max_samples=None, progress=False,
+                      channels_last=channels_last)
     assert list(replayed.layers) == list(eager.layers)
     for name in eager.layers:
         a, b = replayed[name], eager[name]
@@ -270,10 +324,33 @@ def test_cuda_graphs_fall_back_for_a_model_that_syncs() -> None:
     g = torch.Generator().manual_seed(1)
     data = [torch.randn(16, 3, 8, 8, generator=g).cuda() for _ in range(4)]
     eager = calibrate(model, data, max_samples=None, progress=False)
+    stream = torch.cuda.current_stream()
     with pytest.warns(RuntimeWarning, match="capture of the forward pass failed"):
         replayed = calibrate(model, data, max_samples=None, progress=False, cuda_graphs=True)
+    assert torch.cuda.current_stream() == stream  # not left on the capture stream
     for name in eager.layers:
         assert replayed[name].count == eager[name].count
         # the same eager computation twice: float64 atomic order only (see above)
         torch.testing.assert_close(replayed[name].gram_u, eager[name].gram_u,
                                    rtol=0, atol=1e-11 * eager[name].gram_u.abs().max().item())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_cuda_graphs_on_a_gpu_that_is_not_the_current_one() -> None:
+    """A model on ``cuda:1`` while ``cuda:0`` is current is captured and replayed on its own
+    GPU: the statistics of eager calibration, no fallback."""
+    from cobkern.models import vgg16_tsra
+
+    torch.cuda.set_device(0)
+    model = vgg16_tsra(width=0.125).to("cuda:1").eval()
+    g = torch.Generator().manual_seed(2)
+    data = [torch.randn(16, 3, 32, 32, generator=g).to("cuda:1") for _ in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        replayed = calibrate(model, data, max_samples=None, progress=False, cuda_graphs=True)
+    eager = calibrate(model, data, max_samples=None, progress=False)
+    for name in eager.layers:
+        assert replayed[name].count == eager[name].count
+        q = eager[name].gram_u
+        torch.testing.assert_close(replayed[name].gram_u, q, rtol=0,
+                                   atol=1e-11 * q.abs().max().item())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -102,3 +103,41 @@ def test_pruning_a_compiled_model_cuts_the_model_inside() -> None:
     x = torch.cat(data)
     with torch.no_grad():
         torch.testing.assert_close(wrapper(x), plain(x))
+
+
+def test_calibrate_runs_the_model_inside_a_dataparallel_wrapper(monkeypatch) -> None:
+    """DataParallel would run the hooks in one thread per GPU; calibration runs the plain
+    model instead (the wrapper's forward is never called), with the plain statistics."""
+    m, data = tiny_net(), batches()
+    wrapper = nn.DataParallel(m)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("calibrate ran the DataParallel wrapper")
+
+    monkeypatch.setattr(wrapper, "forward", refuse)
+    through = calibrate(compiled(wrapper), data, max_samples=None, progress=False)
+    plain = calibrate(m, data, max_samples=None, progress=False)
+    for n in plain.layers:
+        assert torch.equal(through[n].gram_u, plain[n].gram_u)
+
+
+def test_pruning_refuses_a_ddp_module_before_touching_the_weights(tmp_path) -> None:
+    """DDP's gradient sync is bound to the parameters surgery would replace: ``prune``
+    refuses it up front (the weights are not rotated either), naming the way out."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        m, data = tiny_net(), batches()
+        stats = calibrate(m, data, max_samples=None, progress=False)
+        before = [p.detach().clone() for p in m.parameters()]
+        ddp = nn.parallel.DistributedDataParallel(m)
+        for model in (ddp, nn.Sequential(ddp)):
+            with pytest.raises(ValueError, match=r"prune the module inside \(ddp.module\)"):
+                prune(model, stats, ("ratio", 0.5))
+        assert all(torch.equal(p, q) for p, q in zip(m.parameters(), before, strict=True))
+        prune(ddp.module, stats, ("ratio", 0.5))  # the way out
+        assert m[0].out_channels < 6
+    finally:
+        dist.destroy_process_group()

@@ -62,6 +62,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cobkern._wrappers import parallel_wrapped, unwrap_model
 from cobkern.ops.covariance import CovarianceAccumulator
 
 from .discovery import select_layers
@@ -197,8 +198,9 @@ def calibrate(
             kernels, so the same statistics up to the order of atomic float adds; a
             smaller trailing batch runs eagerly; a model that cannot be captured warns and
             runs eagerly). Off by default until timed (``BENCHMARKS.md``); ignored on
-            other devices. Not with ``overlap=True`` (a ``ValueError``); anything but a
-            bool is a ``TypeError``.
+            other devices. A replay runs kernels only: Python in the model's forward
+            (hooks of your own, prints) runs for the eager batches alone. Not with
+            ``overlap=True`` (a ``ValueError``); anything but a bool is a ``TypeError``.
 
     Returns:
         :class:`CalibrationStats` with one float64 :class:`LayerStats` per layer (on CPU).
@@ -231,8 +233,11 @@ def calibrate(
             for lay in chosen}
     handles = []
     side = torch.cuda.Stream(device) if overlap and device.type == "cuda" else None
-    run = (ForwardReplay(model, list(accs.values())) if cuda_graphs and _graphs_on(device)
-           else model)
+    # DataParallel would run the hooks in one thread per GPU, updating the accumulators at
+    # once, and there are no gradients for DDP to synchronise: run the plain model
+    net = unwrap_model(model) if parallel_wrapped(model) else model
+    run = (ForwardReplay(net, list(accs.values())) if cuda_graphs and _graphs_on(device)
+           else net)
 
     def make_hook(acc: CovarianceAccumulator):
         # a compiled model (torch.compile) runs the hook eagerly, between its graphs: the

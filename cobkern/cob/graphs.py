@@ -26,13 +26,21 @@ Policy, per input signature (shape, strides, dtype, device):
 
 One graph is kept: batches of another signature (e.g. a smaller trailing batch) run
 eagerly. If capture fails (a model that synchronises with the host, e.g. ``.item()``, or
-does anything else a stream capture forbids), the counts are restored, a ``RuntimeWarning``
-names the error, and every batch runs eagerly from then on: the statistics do not depend
-on whether a batch was replayed.
+does anything else a stream capture forbids) — or records nothing while the sums change,
+i.e. kernels ran instead of being recorded — the sums and counts are put back as they were
+before it, the caller's stream is restored, a ``RuntimeWarning`` names the problem, and
+every batch runs eagerly from then on: the statistics do not depend on whether a batch was
+replayed.
+
+A replay runs kernels only: hooks, prints or any other Python in the model's forward run
+for the eager batches (the first, the captured one while it is recorded, and batches of
+another shape), not for replayed ones. Everything runs with the input's GPU as the current
+device, so a model on ``cuda:1`` is captured and replayed there whichever GPU is current.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -49,11 +57,22 @@ Capture = Callable[[Callable[[], object]], Callable[[], None]]
 
 
 def cuda_capture(fn: Callable[[], object]) -> Callable[[], None]:
-    """Record ``fn()`` as a CUDA graph (``torch.cuda.graph``, private memory pool) and
-    return its ``replay``. Nothing ``fn`` launches runs during the capture."""
+    """Record ``fn()`` as a CUDA graph on the current device (``torch.cuda.graph`` on a new
+    stream of that device, private memory pool) and return its ``replay``. Nothing ``fn``
+    launches on the capture stream runs during the capture.
+
+    On an error the caller's current stream is put back: ``torch.cuda.graph`` leaves its
+    capture stream current when ending an invalidated capture raises."""
+    current = torch.cuda.current_stream()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    try:
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream()):
+            fn()
+    except BaseException:
+        torch.cuda.set_stream(current)
+        with contextlib.suppress(Exception):  # free what a partial capture holds
+            graph.reset()
+        raise
     return graph.replay
 
 
@@ -95,6 +114,11 @@ class ForwardReplay:
 
     def __call__(self, x: Tensor) -> None:
         """Process one batch ``x`` (on the model's device, in the layout to calibrate in)."""
+        on = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+        with on:
+            self._run(x)
+
+    def _run(self, x: Tensor) -> None:
         sig = _signature(x)
         if self._replay is not None and sig == self._signature:
             self._static.copy_(x)
@@ -123,20 +147,30 @@ class ForwardReplay:
         current.wait_stream(side)  # later work, and x's reuse, wait for the warm-up
 
     def _capture(self, x: Tensor, sig: tuple) -> None:
-        static = torch.empty_like(x)  # the loader's own tensor is never overwritten
+        # a copy with x's strides (the layout the warm-up ran); the loader's own tensor is
+        # never overwritten by later batches
+        static = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
         static.copy_(x)
         before = [acc.count for acc in self.accumulators]
+        sums = [t for acc in self.accumulators for t in acc.sums()]
+        saved = [t.clone() for t in sums]
         try:
             replay = self.capture(lambda: self.forward(static))
+            if not all(torch.equal(t, s) for t, s in zip(sums, saved, strict=True)):
+                raise RuntimeError("kernels ran during the capture instead of being "
+                                   "recorded (launched on another stream or device?)")
         except Exception as e:  # noqa: BLE001 - any capture error: fall back, say why
+            for t, s in zip(sums, saved, strict=True):
+                t.copy_(s)
             for acc, n in zip(self.accumulators, before, strict=True):
-                acc.count_samples(n - acc.count)  # the capture ran none of them
+                acc.count_samples(n - acc.count)  # the batch was not added: count it once
             self.failure = f"{type(e).__name__}: {e}"
             warnings.warn(f"calibrate: CUDA-graph capture of the forward pass failed "
                           f"({self.failure}); calibrating eagerly", RuntimeWarning,
-                          stacklevel=3)
+                          stacklevel=4)
             self.forward(x)
             return
+        del saved
         # the capture ran the hooks' Python (the counts of this batch) but no kernel
         self._added = [acc.count - n for acc, n in zip(self.accumulators, before, strict=True)]
         self._static, self._replay, self._signature = static, replay, sig

@@ -232,6 +232,12 @@ class CovarianceAccumulator:
         """Samples accumulated so far."""
         return self._count
 
+    def sums(self) -> list[Tensor]:
+        """The running-sum buffers themselves (not copies; the Gram buffer packed, its lower
+        triangles possibly stale): what a kernel adds into. For code that must check or
+        restore them around a CUDA-graph capture (:mod:`cobkern.cob.graphs`)."""
+        return [self._packed, self.sum_abs, self.sum_sq]
+
     def count_samples(self, n: int) -> None:
         """Add ``n`` to :attr:`count` without adding any sums.
 

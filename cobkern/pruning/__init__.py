@@ -50,6 +50,7 @@ from .surgery import (
     PruneReport,
     apply_keep_sets,
     count_params_after,
+    refuse_ddp,
 )
 
 __all__ = [
@@ -136,6 +137,7 @@ def prune(
     normalizer = normalizer or default_normalizer(strategy)
     if normalizer not in NORMALIZERS:
         raise ValueError(f"unknown normalizer {normalizer!r}; expected one of {NORMALIZERS}")
+    refuse_ddp(model, "prune")
     found = select_layers(model, None)
     stats.check_model(found)
     if layers is None:

@@ -34,7 +34,7 @@ from cobkern.cob.discovery import CoBLayer
 from cobkern.nn import RMSNorm, RMSNormTSRA
 
 __all__ = ["KeepSet", "PruneReport", "ModuleReport", "LayerReport", "apply_keep_sets",
-           "count_params_after", "NORMALIZERS"]
+           "refuse_ddp", "count_params_after", "NORMALIZERS"]
 
 NORMALIZERS = ("kept", "original")
 
@@ -204,6 +204,20 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(get_submodule(model, parent_name), attr, new)
 
 
+def refuse_ddp(model: nn.Module, who: str) -> None:
+    """Raise ``ValueError`` if ``model`` is or holds a ``DistributedDataParallel`` module:
+    its gradient synchronisation is bound to the parameters it was built with, which
+    surgery replaces. (``torch.compile`` and ``DataParallel``, which replicates its module
+    at every forward, are fine.)"""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.parallel.DistributedDataParallel):
+            where = f"at {name!r}" if name else "the model itself"
+            raise ValueError(f"{who}: cannot prune a DistributedDataParallel module ({where}): "
+                             "its gradient synchronisation is bound to the parameters it was "
+                             "built with; prune the module inside (ddp.module) and wrap the "
+                             "pruned model again")
+
+
 def _check_keep(lay: CoBLayer, k: KeepSet) -> None:
     su, sv = lay.split, lay.num_channels - lay.split
     for sub, idx, size in (("U", k.u, su), ("V", k.v, sv)):
@@ -235,6 +249,7 @@ def apply_keep_sets(model: nn.Module, layers: list[CoBLayer], keep: dict[str, Ke
     unknown = [n for n in keep if n not in by_name]
     if unknown:
         raise ValueError(f"keep sets for unknown layers {unknown}")
+    refuse_ddp(model, "apply_keep_sets")
     total_before = sum(p.numel() for p in model.parameters())
     named = dict(named_modules(model))  # wrappers looked through, as in cob.discovery
     out_idx: dict[str, Tensor] = {}
