@@ -72,9 +72,12 @@ REQ=${REQ// /}  # "tests, diag" is "tests,diag"
 for s in ${REQ//,/ }; do  # a typo would silently run nothing of a rare lease
   [[ $ALL_STEPS == *" $s "* ]] || { echo "unknown step '$s' in GPU_SESSION_STEPS; the steps are:$ALL_STEPS"; exit 2; }
 done
+CAL_DRY=()
 if [[ ${GPU_SESSION_DRY_RUN:-0} == 1 ]]; then  # gpu_diag's CPU settings, unless given
   export TRITON_INTERPRET=${TRITON_INTERPRET:-1} GPU_DIAG_DEVICE=${GPU_DIAG_DEVICE:-cpu} \
     GPU_DIAG_BATCH=${GPU_DIAG_BATCH:-1} GPU_DIAG_COV_BATCH=${GPU_DIAG_COV_BATCH:-1}
+  # bench_calibration on the reference path: under the interpreter even 32 images take ~3 min
+  CAL_DRY=(env -u TRITON_INTERPRET)
 fi
 SITE=$(mktemp -d)
 cp -r "$REPO/cobkern" "$REPO/bench" "$REPO/tests" "$REPO/pyproject.toml" "$REPO/README.md" "$SITE/"
@@ -179,7 +182,7 @@ if want ncu; then  # hardware counters of the bf16/fp32 NCHW kernels at 1024×64
 fi
 if want calibration; then
   step "calibration: forward pass vs streaming vs materialising"
-  cap 90 python3 bench/bench_calibration.py --out "$FINAL"
+  cap 90 "${CAL_DRY[@]}" python3 bench/bench_calibration.py --out "$FINAL"
 fi
 if want tsra; then
   step "TSRA kernels vs eager / torch.compile / copy ceiling (bf16, then fp32)"
