@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 import tarfile
 from pathlib import Path
@@ -417,3 +418,91 @@ def test_cifar_module_still_exports_the_names_that_moved_out_of_it() -> None:
     for name in cifar.__all__:
         assert getattr(cifar, name) is getattr(cobkern.data, name), name
     assert issubclass(cifar.CacheError, cifar.DataError)
+
+
+# ------------------------------------------------------------------- archive and tree edge cases
+def _tar(folder: Path, archive: Path, mode: str, reverse: bool = False) -> None:
+    """Pack ``folder``'s files (as ``cifar10-jpeg/...``), in name order or reversed."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    with tarfile.open(archive, mode) as tf:
+        for p in reversed(files) if reverse else files:
+            tf.add(p, arcname=f"cifar10-jpeg/{p.relative_to(folder)}")
+
+
+def test_an_archive_not_packed_in_name_order_decodes_the_same(tmp_path) -> None:
+    """Members are read in archive order (a gzip stream read backwards is decompressed
+    again from the start each time: quadratic) and sorted by name afterwards."""
+    arrays = _make_folder(tmp_path / "tree")
+    _tar(tmp_path / "tree", tmp_path / "sorted.tar.gz", "w:gz")
+    _tar(tmp_path / "tree", tmp_path / "reversed.tar.gz", "w:gz", reverse=True)
+    a, _ = load_cifar10("shipped", tmp_path / "sorted.tar.gz", cache_dir=tmp_path / "c")
+    b, b_test = load_cifar10("shipped", tmp_path / "reversed.tar.gz", cache_dir=tmp_path / "c")
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert torch.equal(b.images, torch.from_numpy(arrays["train"]))
+    assert torch.equal(b_test.images, torch.from_numpy(arrays["test"]))
+
+
+def test_a_truncated_plain_tar_is_an_error_not_a_smaller_dataset(tmp_path) -> None:
+    """A plain ``.tar`` cut at a member header used to end the member list without a word
+    (tarfile stops there), loading — and caching — part of the data."""
+    _make_folder(tmp_path / "tree")
+    whole = tmp_path / "whole.tar"
+    _tar(tmp_path / "tree", whole, "w")
+    with tarfile.open(whole) as tf:
+        cut = tf.getmembers()[10].offset  # the 11th member's header
+    cut_file = tmp_path / "cut.tar"
+    cut_file.write_bytes(whole.read_bytes()[:cut])
+    with pytest.raises(DataError, match="truncated or damaged"):
+        load_cifar10("shipped", cut_file, cache_dir=tmp_path / "c")
+    train, test = load_cifar10("shipped", whole, cache_dir=tmp_path / "c")
+    assert len(train) == len(test) == 12
+
+
+def test_a_file_name_that_is_not_utf8_loads(tmp_path) -> None:
+    """A name from a Windows zip (Latin-1 byte 0xE9) used to crash the cache key."""
+    _make_folder(tmp_path / "tree")
+    odd = tmp_path / "tree" / "train" / "cat" / os.fsdecode(b"caf\xe9.png")
+    Image.fromarray(_images(1, 7)[0]).save(odd)
+    train, _ = load_cifar10("imagefolder", tmp_path / "tree", cache_dir=tmp_path / "c")
+    assert len(train) == 13
+
+
+def test_two_trees_with_the_same_names_sizes_and_times_do_not_share_a_cache(tmp_path) -> None:
+    """Uncompressed images have one size whatever their pixels, and reproducible packs set
+    one modification time: the cache key includes the tree's own path."""
+    for name, value in (("a", 10), ("b", 200)):
+        for split in ("train", "test"):
+            d = tmp_path / name / split / "cat"
+            d.mkdir(parents=True)
+            Image.fromarray(np.full((32, 32, 3), value, np.uint8)).save(d / "0.bmp")
+            os.utime(d / "0.bmp", ns=(1_000_000_000, 1_000_000_000))
+    a, _ = load_cifar10("imagefolder", tmp_path / "a", cache_dir=tmp_path / "c")
+    b, _ = load_cifar10("imagefolder", tmp_path / "b", cache_dir=tmp_path / "c")
+    assert int(a.images.float().mean()) == 10 and int(b.images.float().mean()) == 200
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_val_stands_for_test_only_where_there_is_no_test(tmp_path, packed: bool) -> None:
+    """train/val/test: the validation images are not test data (left out, with a warning);
+    train/val: val is the test split."""
+    _make_folder(tmp_path / "tree")
+    extra = tmp_path / "tree" / "val" / "cat"
+    extra.mkdir(parents=True)
+    Image.fromarray(_images(1, 5)[0]).save(extra / "0.png")
+
+    def load(folder: Path):
+        if not packed:
+            return load_cifar10("imagefolder", folder, cache_dir=tmp_path / "c")
+        archive = tmp_path / f"{folder.name}.tar.gz"
+        _tar(folder, archive, "w:gz")
+        return load_cifar10("shipped", archive, cache_dir=tmp_path / "c")
+
+    with pytest.warns(UserWarning, match="both test/ and val/"):
+        _, test = load(tmp_path / "tree")
+    assert len(test) == 12
+    import shutil
+
+    shutil.rmtree(tmp_path / "tree" / "test")
+    (tmp_path / "tree").rename(tmp_path / "no-test")
+    _, test = load(tmp_path / "no-test")
+    assert len(test) == 1

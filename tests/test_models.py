@@ -272,6 +272,22 @@ def test_relu_and_unfused_configs_round_trip(tmp_path) -> None:
     assert model_config(vgg16_tsra(width=0.0625, fused=False))["fused"] is False
 
 
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_model_loads_in_its_dtype(tmp_path, suffix: str, dtype) -> None:
+    """The weights come back in the dtype they were saved in (they used to be copied into
+    a float32 model: twice the memory, another numeric path), as trainable parameters."""
+    if suffix == ".safetensors" and not safetensors_available():
+        pytest.skip("safetensors is not installed")
+    m = vgg16_tsra(width=0.0625).to(dtype)
+    save_model(m, tmp_path / f"m{suffix}")
+    m2 = load_model(tmp_path / f"m{suffix}")
+    assert {p.dtype for p in m2.parameters()} == {dtype}
+    assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in m2.parameters())
+    for a, b in zip(m.state_dict().values(), m2.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_bad_model_files_give_clear_errors(tmp_path) -> None:
     import pytest
 

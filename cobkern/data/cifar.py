@@ -79,7 +79,8 @@ def load_cifar10(
             ``.tar.gz`` in the same layout); ``"torchvision"`` — the official python pickles
             under ``root/cifar-10-batches-py`` (downloaded with torchvision only when
             ``download=True``); ``"imagefolder"`` — ``root/{train,test}/<class>/<image>``
-            (``val`` is accepted for ``test``; other sizes are resized to 32×32);
+            (``val`` is accepted for ``test`` where there is no ``test``; other sizes are
+            resized to 32×32);
             ``"auto"`` — picks one from what ``root`` is (archive file, pickles folder,
             ImageFolder tree) or, without ``root``, the shipped archive.
         root: path for the chosen source (see above).

@@ -68,30 +68,62 @@ def _assemble(items: dict[str, list[tuple[str, np.ndarray]]], source: str) -> di
     return out
 
 
+#: split folder name → split (``val`` stands in for a missing ``test``)
+_SPLITS = {"train": "train", "test": "test", "val": "test"}
+
+
 def _split_and_class(parts: tuple[str, ...]) -> tuple[str, str] | None:
     """``(split, class)`` from ``.../<train|test|val>/<class>/<file>``."""
     if len(parts) < 3:
         return None
-    split = {"train": "train", "test": "test", "val": "test"}.get(parts[-3])
+    split = _SPLITS.get(parts[-3])
     return (split, parts[-2]) if split else None
 
 
 def _decode_archive(path: Path) -> dict[str, object]:
-    items: dict[str, list[tuple[str, np.ndarray]]] = {"train": [], "test": []}
+    found: list[tuple[str, str, str, np.ndarray]] = []
     try:
         with tarfile.open(path, "r:*") as tf:
-            members = sorted((m for m in tf if m.isfile()), key=lambda m: m.name)
-            for m in members:
-                parts = Path(m.name).parts
-                sc = _split_and_class(parts)
+            # Members in archive order: a compressed archive seeks backwards only by
+            # decompressing again from the start, so reading them in name order is
+            # quadratic for an archive not packed sorted (GNU tar's readdir order).
+            for m in tf:
+                if not m.isfile():
+                    continue
+                sc = _split_and_class(Path(m.name).parts)
                 if sc is None or Path(m.name).suffix.lower() not in _IMAGE_EXTS:
                     continue
                 f = tf.extractfile(m)
                 assert f is not None
-                items[sc[0]].append((sc[1], _decode(f.read(), m.name)))
+                found.append((m.name, Path(m.name).parts[-3], sc[1],
+                              _decode(f.read(), m.name)))
+            # tarfile ends its iteration without a word at a truncated or damaged header:
+            # the members must end at the end-of-archive marker (a zero block).
+            tf.fileobj.seek(tf.offset)
+            if tf.fileobj.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
+                raise DataError(f"archive {path} is truncated or damaged: no end-of-archive "
+                                f"marker after its first {len(found)} images")
+            while tf.fileobj.read(1 << 20):  # to the end: a compressed stream's checksum
+                pass
     except (tarfile.TarError, EOFError, OSError) as e:
         raise DataError(f"cannot read archive {path}: {e}") from None
+    items: dict[str, list[tuple[str, np.ndarray]]] = {"train": [], "test": []}
+    skip_val = _val_is_not_test({d for _, d, _, _ in found}, str(path))
+    for _, split_dir, cls, image in sorted(found, key=lambda t: t[0]):
+        if not (skip_val and split_dir == "val"):
+            items[_SPLITS[split_dir]].append((cls, image))
     return _assemble(items, str(path))
+
+
+def _val_is_not_test(split_dirs: set[str], where: str) -> bool:
+    """Whether a tree with these split folders has ``val`` images to leave out: ``val``
+    stands in for ``test`` only where there is no ``test`` (a train/val/test tree's
+    validation images are not test data); a warning says so."""
+    if {"val", "test"} <= split_dirs:
+        warnings.warn(f"{where} has both test/ and val/ images: val/ is left out (it stands "
+                      "for test/ only where there is none)", stacklevel=4)
+        return True
+    return False
 
 
 def _image_files(root: Path) -> Iterator[tuple[str, str, Path]]:
@@ -101,9 +133,11 @@ def _image_files(root: Path) -> Iterator[tuple[str, str, Path]]:
     images, numbered in sorted order); a warning names it, since the labels of the classes
     after it shift by one (torchvision's ``ImageFolder`` refuses such a tree).
     """
-    for split_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        split = {"train": "train", "test": "test", "val": "test"}.get(split_dir.name)
-        if split is None:
+    split_dirs = sorted(p for p in root.iterdir() if p.is_dir())
+    skip_val = _val_is_not_test({p.name for p in split_dirs}, str(root))
+    for split_dir in split_dirs:
+        split = _SPLITS.get(split_dir.name)
+        if split is None or (skip_val and split_dir.name == "val"):
             continue
         for cls_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
             empty = True
@@ -125,10 +159,12 @@ def _decode_folder(root: Path, files: Iterable[tuple[str, str, Path]]) -> dict[s
 
 
 def _folder_key(root: Path, files: list[tuple[str, str, Path]]) -> str:
-    h = hashlib.sha256()
+    h = hashlib.sha256(os.fsencode(root.resolve()) + b"\0\n")
     for _, _, f in files:
         st = f.stat()
-        h.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        # fsencode: a file name that is not valid UTF-8 (surrogate-escaped) hashes too
+        h.update(os.fsencode(f.relative_to(root)))
+        h.update(f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 

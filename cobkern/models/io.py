@@ -361,7 +361,8 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     """Rebuild a model from a file written by :func:`save_model` and load its weights.
 
     Returns:
-        The model on ``map_location``, in training mode (call ``.eval()`` for inference).
+        The model on ``map_location``, in training mode (call ``.eval()`` for inference),
+        its tensors in the dtypes they were saved in.
 
     Raises:
         FileNotFoundError: no such file.
@@ -373,7 +374,8 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
                              f"{type(state).__name__}")
     model = build_model(config).to(map_location)
     try:
-        model.load_state_dict(state, strict=True)
+        # assign: the saved dtypes (a bf16/fp16 model stays one) instead of a float32 copy
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise ModelFileError(f"{path}: weights do not match the stored architecture: {e}") from None
     return model
