@@ -390,7 +390,9 @@ def test_sweep_with_another_eval_subset_does_not_mix_curves(run_dir: Path,
     assert main(["sweep", "--out", str(out), "--no-progress", "--eval-subset", "60",
                  "--experiments", "fixed"]) == 0
     new = _records(out)[n:]
-    assert len(new) == 13 and all(r["n_eval"] == 60 for r in new)  # reference + 12 points
+    assert len(new) == 14 and all(r["n_eval"] == 60 for r in new)  # 2 references + 12
+    # the ReLU control's reference is measured with the fixed sweep (the report's gap)
+    assert "reference|relu" in {r["key"] for r in new}
     assert main(["report", "--out", str(out)]) == 0
     rows = _fixed_csv(out)
     assert len(rows) == 12 and {r["n_eval"] for r in rows} == {"60"}
@@ -408,7 +410,7 @@ def test_stale_records_are_neither_reused_nor_reported(run_dir: Path, tmp_path: 
     assert json.loads((out / "summary.json").read_text())["unpruned_accuracy"] is None
     assert _fixed_csv(out) == []
     assert main(["sweep", "--out", str(out), "--no-progress", "--experiments", "fixed"]) == 0
-    assert len(_records(out)) == len(recs) + 13
+    assert len(_records(out)) == len(recs) + 14  # + reference|relu
     assert main(["report", "--out", str(out)]) == 0
     assert len(_fixed_csv(out)) == 12
 
@@ -808,6 +810,19 @@ def test_channels_last_flags_parse_to_true_false_or_auto(tmp_path: Path, flags: 
                                                          expected: bool | None) -> None:
     args = build_parser().parse_args(["calibrate", "--out", str(tmp_path), *flags])
     assert args.channels_last is expected
+
+
+def test_set_preset_is_refused_like_a_config_file_of_another_preset(tmp_path: Path) -> None:
+    """``--set preset=fast`` on a quick run used to give quick's experiments with fast's
+    training (width 1.0, hours on a CPU) and a report that says "fast"."""
+    from cobkern.cli.main import _experiment_config
+
+    with pytest.raises(ValueError, match="--set preset=fast conflicts"):
+        _experiment_config(build_parser().parse_args(
+            ["run", "--out", str(tmp_path / "o"), "--set", "preset=fast"]))
+    cfg = _experiment_config(build_parser().parse_args(
+        ["run", "--out", str(tmp_path / "o"), "--set", "preset=quick"]))
+    assert cfg.preset == "quick"
 
 
 @pytest.mark.parametrize("text,expected", [("true", True), ("false", False), ("null", None)])

@@ -347,3 +347,43 @@ def test_records_of_another_eval_seed_are_not_current() -> None:
     cur = {"model": {"tsra": "m1", "relu": None}, "calibration": None}
     assert record_is_current(rec, {**cur, "eval": plain(eval_inputs(cfg0))})
     assert not record_is_current(rec, {**cur, "eval": plain(eval_inputs(cfg1))})
+
+
+def test_threshold_and_peer_records_of_another_normaliser_are_not_this_runs() -> None:
+    """The tables have no normaliser column: a record measured with the other normaliser
+    would show as a duplicate row with other numbers."""
+    other = dict(_threshold("cob", 2000, 0.61), normalizer="original",
+                 key="cob|tsra|l2|original|max:0.1,0.1|ft2000")
+    s = summarize(_records() + [_threshold("cob", 2000, 0.83), other], ExperimentConfig())
+    assert [r["accuracy"] for r in s["threshold"]] == [0.83]
+    s = summarize(_records() + [_threshold("cob", 2000, 0.83), other],
+                  ExperimentConfig(normalizer="original"))
+    assert [r["accuracy"] for r in s["threshold"]] == [0.61]
+
+
+def _lossless(tol: float, frac: float) -> dict:
+    return {"experiment": "lossless", "key": f"lossless|{tol}", "method": "cob",
+            "arch": "tsra", "strategy": "lossless", "value": [tol, tol],
+            "fraction_pruned": frac, "params_after": 1, "accuracy": 0.9}
+
+
+def test_lossless_summary_is_the_configured_tolerance_not_the_last_key() -> None:
+    """Records are deduplicated where each key first appeared, so the last one need not be
+    the latest: the summary takes the record of the config's tolerance (or the default)."""
+    recs = _records() + [_lossless(1e-10, 0.50), _lossless(1e-3, 0.74)]
+    assert summarize(recs, ExperimentConfig())["lossless"]["tol"] == 1e-10
+    s = summarize(recs, ExperimentConfig(lossless_tol=1e-3))["lossless"]
+    assert (s["tol"], s["fraction_pruned"]) == (1e-3, 0.74)
+
+
+def test_speed_section_states_the_repeats_that_were_measured(tmp_path: Path) -> None:
+    """speed_repeats is not part of a speed record's identity (old records are reused):
+    the report states the records' own count."""
+    out = tmp_path / "out"
+    cfg = ExperimentConfig(fractions=[0.0, 0.3, 0.5, 0.7, 0.9], speed_repeats=50)
+    atomic_write_json(out / "config.json", {"experiment": cfg.to_dict()})
+    for r in _records():
+        append_jsonl(out / "metrics.jsonl", dict(r, repeats=5) if r["experiment"] == "speed"
+                     else r)
+    text = build_report(out).read_text()
+    assert "median of 5 timed runs" in text and "median of 50" not in text

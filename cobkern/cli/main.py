@@ -302,6 +302,9 @@ def _experiment_config(args: argparse.Namespace, preset: str | None = None) -> A
             raise ValueError(f"--config {args.config} is for preset {named!r}, but this run's "
                              f"preset is {cfg.preset!r}; pass --preset {named}")
     for k, v in getattr(args, "overrides", []) if args.command in ("run", "sweep") else []:
+        if k == "preset" and v != cfg.preset:  # as for --config: the preset is chosen above
+            raise ValueError(f"--set preset={v} conflicts with this run's preset "
+                             f"{cfg.preset!r}; use --preset {v} (and another --out)")
         over[k] = v
     if getattr(args, "experiments", None):
         over["experiments"] = args.experiments

@@ -88,6 +88,15 @@ def reference(ctx: Context) -> dict[str, Any]:
         rec = ctx.log(_base_record("reference", key, method="unpruned", arch="tsra",
                                    finetuned=False, target=0.0, **_measure(ctx, model, n),
                                    widths=layer_widths(model), inputs=inputs))
+    # the ReLU control's accuracy on the same images (the report's accuracy gap), whenever it
+    # was trained -- not only when the peer comparison runs
+    if ctx.config.train_relu and ctx.layout.model_file("relu").is_file():
+        rkey, rinputs = "reference|relu", ctx.inputs(arch="relu")
+        if ctx.done(rkey, rinputs) is None:
+            m = ctx.model("relu")
+            ctx.log(_base_record("reference", rkey, method="unpruned", arch="relu",
+                                 finetuned=False, target=0.0,
+                                 **_measure(ctx, m, count_params(m)), inputs=rinputs))
     return rec
 
 

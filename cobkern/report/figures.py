@@ -56,6 +56,9 @@ def fig_accuracy_vs_pruned(records: list[dict[str, Any]], importances: list[str]
             f = frontiers.get(f"{imp}/{method}")
             if f is not None:
                 ax.axvline(100 * f["achieved"], color=COLORS[method], lw=0.8, alpha=0.6)
+        if not ax.lines:  # say so rather than draw an empty panel
+            ax.text(0.5, 0.5, f"{imp.upper()}: not measured", ha="center", va="center",
+                    transform=ax.transAxes)
         _ref_lines(ax, ref, tol)
         ax.set_title(f"fixed ratio, no fine-tuning — {imp.upper()} importance")
         ax.set_xlabel("% of parameters pruned")

@@ -222,7 +222,9 @@ def _speed_section(s: dict[str, Any], cfg: ExperimentConfig,
     sp = s["speed"]
     if not sp:
         return None
-    L = [f"Measured on {sp[0].get('device')}, random inputs, median of {cfg.speed_repeats} "
+    reps = sorted({n for r in sp for n in r.get("repeats") or []})
+    nrep = "/".join(map(str, reps)) if reps else str(cfg.speed_repeats)  # what was measured
+    L = [f"Measured on {sp[0].get('device')}, random inputs, median of {nrep} "
          "timed runs after warm-up.", ""]
     L += _figure(figs, "speed", "speed")
     L += [_md_table(

@@ -32,6 +32,10 @@ def matches_recipe(r: dict[str, Any], cfg: ExperimentConfig) -> bool:
     of an earlier recipe stay in ``metrics.jsonl`` but are not reported as this run's)."""
     if r.get("experiment") not in ("threshold", "peers"):
         return True
+    # the tables have no normaliser column: only this config's normaliser (records of another
+    # one would show as duplicate rows with other numbers)
+    if r.get("normalizer", cfg.normalizer) != cfg.normalizer:
+        return False
     steps = r.get("finetune_steps", 0) if r.get("finetuned") else 0
     return steps == _expected_steps(r, cfg)
 
@@ -94,6 +98,12 @@ def summarize(records: list[dict[str, Any]], cfg: ExperimentConfig,
                               "cob_better": sum(cob[t] > base[t] for t in common),
                               "ties": sum(cob[t] == base[t] for t in common)}
     ll = select(records, experiment="lossless")
+    if cfg.lossless_tol is not None:  # the config's tolerance, not whichever key came last
+        ll = [r for r in ll if (r.get("value") or [None])[0] == cfg.lossless_tol]
+    else:
+        from cobkern.pruning.strategy import DEFAULT_RANK_TOL
+        ll = [r for r in ll if (r.get("value") or [None])[0] in DEFAULT_RANK_TOL.values()]
+    ll.sort(key=lambda r: str(r.get("time", "")))
     if ll:
         r = ll[-1]
         s["lossless"] = {k: r.get(k) for k in ("fraction_pruned", "params_after", "accuracy",
@@ -147,7 +157,8 @@ def _speed_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                "flops": any_r["flops"], "device": any_r.get("device"),
                "latency_ms_b1": rs[b1]["latency_ms"] if b1 in rs else None,
                "throughput_bmax": rs[bmax]["throughput"] if bmax in rs else None,
-               "batch_small": b1, "batch_large": bmax}
+               "batch_small": b1, "batch_large": bmax,
+               "repeats": sorted({x.get("repeats") for x in rs.values()} - {None})}
         if n != 1:
             row["round_to"] = n
         if base:
