@@ -16,23 +16,16 @@ import warnings
 
 import pytest
 import torch
+from cob_tools import tiny_net
 from torch import nn
 
 from cobkern.cob import calibrate, graphs
-from cobkern.nn import TSRA, RMSNormTSRA
+from cobkern.nn import RMSNormTSRA
 from cobkern.ops import use_backend
 from cobkern.ops.covariance import CovarianceAccumulator
 
 #: the module itself (the package attribute ``cobkern.cob.calibrate`` is the function)
 calibrate_module = importlib.import_module("cobkern.cob.calibrate")
-
-def tiny_net() -> nn.Sequential:
-    """Two CoB layers: a conv activation (4-D) and a linear one (2-D)."""
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), RMSNormTSRA(6, split=2), nn.AvgPool2d(2),
-        nn.Flatten(), nn.Linear(6 * 4 * 4, 10), TSRA(10, split=4), nn.Linear(10, 3),
-    ).eval()
 
 
 def batches(sizes: list[int]) -> list[torch.Tensor]:

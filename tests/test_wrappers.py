@@ -14,21 +14,13 @@ import copy
 
 import pytest
 import torch
+from cob_tools import tiny_net
 from torch import nn
 
 from cobkern._wrappers import get_submodule, named_modules, unwrap_model
 from cobkern.cob import calibrate, find_cob_layers, leaf_modules, rotate_model
 from cobkern.models import unwrap_model as public_unwrap_model
-from cobkern.nn import TSRA, RMSNormTSRA
 from cobkern.pruning import prune
-
-
-def tiny_net() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), RMSNormTSRA(6, split=2), nn.AvgPool2d(2),
-        nn.Flatten(), nn.Linear(6 * 4 * 4, 10), TSRA(10, split=4), nn.Linear(10, 3),
-    ).eval()
 
 
 def batches(n: int = 3) -> list[torch.Tensor]:
