@@ -506,3 +506,38 @@ def test_original_normaliser_is_the_first_width_across_repeated_prunes():
                         normalizer="original")
         assert m[1].norm_size == once[1].norm_size == 10
         assert rel_err(m(x), once(x)) <= 1e-6
+
+
+def test_derived_rotated_statistics_are_refused_for_the_unrotated_model(tmp_path):
+    """``CalibrationStats.rotated()`` carries no fingerprint of the rotated weights (it is
+    derived, not measured), but remembers the un-rotated model's: with that model it is
+    refused (it would rank the original channels by eigenvalue index), with the rotated
+    model it is accepted — also after a save/load round trip."""
+    from cobkern.cob import CalibrationStats
+
+    torch.manual_seed(0)
+    m = net().eval()
+    with use_backend("reference"):
+        st = calibrate(m, data(), progress=False)
+    derived = st.rotated()
+    derived.save(tmp_path / "rot.pt")
+    for s in (derived, CalibrationStats.load(tmp_path / "rot.pt")):
+        with pytest.raises(ValueError, match="rotated basis .* un-rotated ones"):
+            prune(copy.deepcopy(m), s, FixedRatio((0.5, 0.5)))
+        rotated = copy.deepcopy(m)
+        rotate_model(rotated, st)
+        _, rep = prune(rotated, s, FixedRatio((0.5, 0.5)))
+        assert rep.total_after < rep.total_before
+
+
+@pytest.mark.parametrize("attr,cut", [("sum_sq", slice(0, -1)), ("sum_abs", slice(0, -1)),
+                                      ("gram_v", (slice(0, -1), slice(0, -1)))])
+def test_statistics_of_the_wrong_shape_are_named(attr, cut):
+    """A sum vector one entry short used to prune a channel at ratio 0 without a word."""
+    torch.manual_seed(0)
+    m = net().eval()
+    with use_backend("reference"):
+        st = calibrate(m, data(), progress=False)
+    setattr(st["0"], attr, getattr(st["0"], attr)[cut])
+    with pytest.raises(ValueError, match=f"{attr} has shape .* the statistics are malformed"):
+        prune(copy.deepcopy(m), st, FixedRatio((0.0, 0.0)), cob=False)

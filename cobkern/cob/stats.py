@@ -134,6 +134,7 @@ class LayerStats:
     basis: str = "original"
     accumulation: str = "float64"
     fingerprint: Tensor | None = None
+    unrotated_fingerprint: Tensor | None = None
     _eigen: Eigen | None = field(default=None, repr=False, compare=False)
 
     def eigh(self) -> Eigen:
@@ -154,19 +155,22 @@ class LayerStats:
         e = self.eigh()
         return LayerStats(self.name, self.num_channels, self.split, torch.diag(e.values_u),
                           torch.diag(e.values_v), torch.full_like(self.sum_abs, float("nan")),
-                          e.values.clone(), self.count, "rotated", self.accumulation)
+                          e.values.clone(), self.count, "rotated", self.accumulation,
+                          unrotated_fingerprint=self.fingerprint)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "num_channels": self.num_channels, "split": self.split,
                 "gram_u": self.gram_u, "gram_v": self.gram_v, "sum_abs": self.sum_abs,
                 "sum_sq": self.sum_sq, "count": self.count, "basis": self.basis,
-                "accumulation": self.accumulation, "fingerprint": self.fingerprint}
+                "accumulation": self.accumulation, "fingerprint": self.fingerprint,
+                "unrotated_fingerprint": self.unrotated_fingerprint}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LayerStats:
         return cls(d["name"], int(d["num_channels"]), int(d["split"]), d["gram_u"], d["gram_v"],
                    d["sum_abs"], d["sum_sq"], int(d["count"]), d.get("basis", "original"),
-                   d.get("accumulation", "float64"), d.get("fingerprint"))
+                   d.get("accumulation", "float64"), d.get("fingerprint"),
+                   d.get("unrotated_fingerprint"))
 
 
 def _plain(v: Any, where: str) -> Any:
@@ -249,6 +253,25 @@ class CalibrationStats:
                     f"statistics for {lay.name!r} have {s.num_channels} channels / split "
                     f"{s.split}, but the model's layer has {lay.num_channels} / {lay.split}; "
                     "the statistics come from another (or an already pruned) model")
+            c, sp = s.num_channels, s.split
+            shapes = {"gram_u": (sp, sp), "gram_v": (c - sp, c - sp), "sum_sq": (c,),
+                      "sum_abs": (c,)}
+            for attr, want in shapes.items():
+                got = tuple(getattr(s, attr).shape)
+                if got != want:
+                    raise ValueError(f"statistics for {lay.name!r}: {attr} has shape {got}, "
+                                     f"expected {want} for {c} channels / split {sp}; the "
+                                     "statistics are malformed")
+            if (s.basis == "rotated" and s.fingerprint is None
+                    and s.unrotated_fingerprint is not None
+                    and _fingerprint_difference(s.unrotated_fingerprint,
+                                                weight_fingerprint(lay.producer))
+                    <= FINGERPRINT_RTOL):
+                raise ValueError(
+                    f"statistics for {lay.name!r} are in the rotated basis "
+                    "(CalibrationStats.rotated()), but the model's weights are the un-rotated "
+                    "ones they were derived from; pass the original statistics (prune rotates), "
+                    "or rotate the model with rotate_model and use the statistics it returns")
             if s.fingerprint is not None:
                 diff = _fingerprint_difference(s.fingerprint, weight_fingerprint(lay.producer))
                 if diff > FINGERPRINT_RTOL:
