@@ -408,10 +408,14 @@ DEFAULT_RANK_TOL = {"float64": 1e-10, "float32": 1e-7}
 class RankTolerance(Strategy):
     """"Lossless" pruning (``method.md`` §5): drop directions with ``λ ≤ tol · λ_max``.
 
-    With a small ``tol`` this removes exactly the directions the layer's input cannot
-    reach (a saturated width: at most ``2(d + 1)`` directions carry energy), leaving the
-    function unchanged up to round-off. ``value`` is ``tol``; ``None`` (default) picks, per
-    layer, the
+    With a small ``tol`` this removes the directions the layer's input cannot reach (a
+    saturated width: at most ``2(d + 1)`` directions carry energy), leaving the function
+    unchanged up to round-off. It cuts every direction below ``tol · λ_max``, reachable or
+    not: on a steep spectrum real directions can lie there too, and the function then
+    changes by about the share of energy they carried (a float64 VGG-16 of width 1/16 on
+    256 random images: ``classifier.4`` kept 132 of its 134 reachable directions at the
+    default 1e-10, and the logits moved 2.6e-6 relative). ``value`` is ``tol``; ``None``
+    (default) picks, per layer, the
     tolerance for the precision its statistics were accumulated in
     (:data:`DEFAULT_RANK_TOL`: 1e-10 for float64 sums, 1e-7 for the float32 kernel's),
     applied per subspace (each subspace's directions against its own largest eigenvalue,
