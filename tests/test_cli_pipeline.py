@@ -440,6 +440,47 @@ def test_train_force_drops_the_statistics_of_the_old_model(run_dir: Path,
     assert json.loads((out / "config.json").read_text())["training"]["steps"] == 3
 
 
+def test_an_interrupted_train_force_leaves_no_old_model_behind(run_dir: Path, tmp_path: Path,
+                                                               monkeypatch,
+                                                               capsys: pytest.CaptureFixture
+                                                               ) -> None:
+    """``train --force`` switches the settings at once: the old model file goes too, so no
+    later step can use it under the new settings if the new run is killed."""
+    from cobkern.experiments import pipeline
+
+    out = _copy(run_dir, tmp_path)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "train", killed)
+    assert main(["train", "--out", str(out), "--force", "--set", "steps=300",
+                 "--no-progress"]) != 0  # "interrupted; run the same command again"
+    assert not any((out / "train").glob("model.*"))
+    assert main(["evaluate", "--out", str(out), "--no-progress"]) == 2
+    assert "trained tsra model not found" in capsys.readouterr().err
+
+
+def test_finetune_checkpoints_and_keeps_a_finished_run_when_the_recipe_cannot_run(
+        run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A fine-tune writes checkpoints along the way (resumable after a kill), and a new
+    recipe the data cannot run is refused before the finished fine-tune is deleted."""
+    out = _copy(run_dir, tmp_path)
+    o = str(out)
+    assert main(["prune", "--out", o, "--strategy", "ratio", "--value", "0.3", "--name", "p",
+                 "--no-eval", "--no-progress"]) == 0
+    assert main(["finetune", "--out", o, "--name", "p", "--steps", "20",
+                 "--no-progress"]) == 0
+    ft = out / "pruned" / "p" / "finetune"
+    cfg = json.loads((ft / "config.json").read_text())
+    assert cfg["checkpoint_every"] == 2  # steps // 10
+    kept = sorted(p.name for p in ft.iterdir())
+    assert main(["finetune", "--out", o, "--name", "p", "--steps", "20", "--batch-size",
+                 "100000", "--no-progress"]) == 2
+    assert "make no full fine-tuning batch of 100000" in capsys.readouterr().err
+    assert sorted(p.name for p in ft.iterdir()) == kept
+
+
 def test_unreadable_final_json_finishes_from_the_checkpoint(run_dir: Path, tmp_path: Path,
                                                             capsys: pytest.CaptureFixture
                                                             ) -> None:

@@ -994,3 +994,39 @@ def test_resume_may_switch_the_optimizer_implementation(tmp_path) -> None:
     plain = build_optimizer(model, _tiny_config(optimizer_impl="fused"))
     plain.load_state_dict(saved.state_dict())
     assert plain.param_groups[0]["foreach"] is True  # the control
+
+
+def test_resume_with_other_training_images_is_an_error(tmp_path) -> None:
+    """Same settings, other data (another COBKERN_DATA, files replaced): the checkpoint
+    records a fingerprint of the training images and labels and refuses them."""
+    data = _toy_data()
+    other = ImageSet(data[0].images, data[0].labels.flip(0))  # the same images, relabelled
+    cfg = _tiny_config(steps=8)
+    with cobkern.use_backend("reference"):
+        with pytest.raises(_Stop):
+            train(cfg, tmp_path / "r", data=data, on_step=_stop_at(6))
+        with pytest.raises(CheckpointError, match="written for other training images"):
+            train(cfg, tmp_path / "r", data=(other, data[1]), resume=True)
+        assert train(cfg, tmp_path / "r", data=data, resume=True)["steps"] == 8
+
+
+def test_min_lr_above_lr_is_refused_under_the_cosine_schedule() -> None:
+    with pytest.raises(ConfigError, match=r"min_lr \(0.01\) must not exceed lr"):
+        _tiny_config(lr=2e-3, min_lr=0.01)
+    assert _tiny_config(lr=2e-3, min_lr=1e-3).min_lr == 1e-3
+
+
+def test_a_resume_removes_the_temporary_file_of_a_killed_checkpoint_write(tmp_path) -> None:
+    """A kill during the checkpoint's write leaves ``.checkpoint.pt.tmp-<pid>`` (weights and
+    optimizer state: ~400 MB at full width); the next run in that folder removes it."""
+    from cobkern.training.trainer import CHECKPOINT_NAME
+
+    data = _toy_data()
+    cfg = _tiny_config(steps=8)
+    with cobkern.use_backend("reference"):
+        with pytest.raises(_Stop):
+            train(cfg, tmp_path / "r", data=data, on_step=_stop_at(6))
+        stale = tmp_path / "r" / f".{CHECKPOINT_NAME}.tmp-999999"
+        stale.write_bytes(b"half a checkpoint")
+        train(cfg, tmp_path / "r", data=data, resume=True)
+    assert not stale.exists()

@@ -22,6 +22,7 @@ from cobkern.data import DeviceLoader, ImageSet, calibration_set, load_cifar10, 
 from cobkern.models import load_model
 from cobkern.pruning import PruneReport, Strategy, as_strategy, default_normalizer, prune
 from cobkern.training import TrainConfig, apply_overrides, evaluate, get_preset
+from cobkern.training.config import ConfigError
 from cobkern.training.evaluation import check_num_classes
 
 from .config import ExperimentConfig, get_experiment_preset, load_experiment_config
@@ -347,7 +348,10 @@ class Context:
             "steps": r.steps, "batch_size": r.batch_size,
             "warmup_steps": min(r.warmup_steps, r.steps),
             "weight_decay": r.weight_decay, "train_subset": r.train_subset, "test_subset": 0,
-            "eval_every": 0, "checkpoint_every": 0, "log_every": max(1, min(20, r.steps)),
+            "eval_every": 0,
+            # resumable: about ten checkpoints per run (checkpoint_every may change on resume,
+            # so start.json does not depend on it)
+            "checkpoint_every": max(1, r.steps // 10), "log_every": max(1, min(20, r.steps)),
             "eval_batch_size": self.config.eval_batch_size, "schedule": "cosine",
             "min_lr": 0.0}
         if arch == "tsra":
@@ -372,6 +376,11 @@ class Context:
             except (OSError, ValueError):
                 resume = False
         if not resume and out.exists():
+            # refuse a recipe the data cannot run before deleting the previous fine-tuning
+            n = len(subset(train, r.train_subset or None, seed=config.seed))
+            if n < config.batch_size:
+                raise ConfigError(f"{n} training images make no full fine-tuning batch of "
+                                  f"{config.batch_size}; {out} is left as it was")
             shutil.rmtree(out)
         if not resume:
             atomic_write_json(start_file, start)

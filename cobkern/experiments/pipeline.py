@@ -147,7 +147,10 @@ def train_step(ctx: Context, arch: str = "tsra", force: bool = False) -> dict[st
     config = ctx.train_config(arch)
     resume = (d / CHECKPOINT_NAME).is_file() and not force
     if force and d.exists():
-        for name in (CHECKPOINT_NAME, "final.json", "metrics.jsonl"):
+        # the old model file too: until the new run finishes, no step may use the old model
+        # under the new settings (calibrate / prune / evaluate only check that it exists)
+        for name in (CHECKPOINT_NAME, "final.json", "metrics.jsonl", "model.safetensors",
+                     "model.pt"):
             if (d / name).exists():
                 (d / name).unlink()
     if force and arch == "tsra":

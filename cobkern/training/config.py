@@ -167,6 +167,9 @@ class TrainConfig:
                      "eval_every", "checkpoint_every", "train_subset", "test_subset",
                      "num_threads", "momentum", "seed"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        need(self.schedule != "cosine" or self.min_lr <= self.lr,
+             f"min_lr ({self.min_lr}) must not exceed lr ({self.lr}): the cosine schedule "
+             "would raise the learning rate instead of decaying it")
         for name in ("beta1", "beta2"):
             need(0 <= getattr(self, name) < 1,
                  f"{name} must be in [0, 1), got {getattr(self, name)}")

@@ -98,6 +98,17 @@ def _prepare_data(config: TrainConfig, data: tuple[ImageSet, ImageSet] | None,
     return train_set, test_set
 
 
+def _data_fingerprint(train_set: ImageSet) -> str:
+    """sha256 of the training images and labels a run uses (after subsetting)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in (train_set.images, train_set.labels):
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def _build_model(config: TrainConfig) -> nn.Module:
     if config.arch == "tsra":
         return vgg16_tsra(config.num_classes, config.width, fused=config.fused)
@@ -152,6 +163,9 @@ def train(
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     d = DistContext(config)
+    if d.rank == 0:  # a run killed while writing its checkpoint left the temporary file
+        for stale in out.glob(f".{CHECKPOINT_NAME}.tmp-*"):
+            stale.unlink(missing_ok=True)
     given = unwrap_model(model) if model is not None else None
     fused_before = getattr(given, "fuse_conv_bias", None)
     try:
@@ -190,6 +204,7 @@ def _train(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
                           f"with {d.world} processes (DistributedDataParallel); use "
                           "compile_mode=default or max-autotune-no-cudagraphs")
     train_set, test_set = _prepare_data(config, data, d)
+    data_id = _data_fingerprint(train_set)
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     if model is None:
         model = _build_model(config)
@@ -225,6 +240,11 @@ def _train(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
     if resume:
         ckpt = load_checkpoint(ckpt_path, base, device)
         check_resume_config(ckpt.get("config"), config, ckpt_path)
+        if ckpt.get("data_id", data_id) != data_id:  # older checkpoints record none
+            raise CheckpointError(f"checkpoint {ckpt_path} was written for other training "
+                                  "images (same settings, different data: e.g. another "
+                                  "COBKERN_DATA or changed files); resume with that data or "
+                                  "start a new run in another output directory")
         try:
             base.load_state_dict(ckpt["model"])
             # The checkpoint is read onto the CPU; load_state_dict casts the optimizer state
@@ -277,7 +297,7 @@ def _train(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
                 "format": CKPT_FORMAT, "version": CKPT_VERSION, "step": step,
                 "model": base.state_dict(), "model_config": model_config(base),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "loader": loader.state_dict(),
+                "loader": loader.state_dict(), "data_id": data_id,
                 "rng": ranks[0]["rng"],  # rank 0's, as in a one-process checkpoint
                 "rank_state": ranks, "last_train": last_train, "last_eval": last_eval,
                 "config": asdict(config),
