@@ -26,6 +26,8 @@ import os
 from dataclasses import asdict
 from typing import Any
 
+from cobkern._digest import tensor_digest
+
 from .config import ExperimentConfig
 from .files import Layout
 
@@ -57,14 +59,7 @@ def model_fingerprint(path: str | os.PathLike) -> str:
 
 def state_fingerprint(model: Any) -> str:
     """SHA-256 (16 hex digits) of a model's state dict: names, shapes, dtypes and bytes."""
-    import torch
-
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    return tensor_digest(model.state_dict().items())[:16]
 
 
 def calibration_meta_id(meta: dict[str, Any], num_images: int) -> str | None:

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cobkern._digest import tensor_digest
 from cobkern.data import DeviceLoader, ImageSet, load_cifar10, subset
 from cobkern.models import (
     VGG,
@@ -99,14 +100,8 @@ def _prepare_data(config: TrainConfig, data: tuple[ImageSet, ImageSet] | None,
 
 
 def _data_fingerprint(train_set: ImageSet) -> str:
-    """sha256 of the training images and labels a run uses (after subsetting)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for t in (train_set.images, train_set.labels):
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    """SHA-256 of the training images and labels a run uses (after subsetting)."""
+    return tensor_digest([("images", train_set.images), ("labels", train_set.labels)])
 
 
 def _build_model(config: TrainConfig) -> nn.Module:
