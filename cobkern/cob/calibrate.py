@@ -21,9 +21,9 @@ previous batch's kernels are done, so at most one batch of activations is in fli
 CUDA graphs (``cuda_graphs=True``, CUDA only; off by default until timed): a calibration
 batch is ~60 small launches behind Python (custom-op dispatch, hooks, launchers); in an
 H200 profile of four float32 NCHW batches the host's time (30.2 ms, profiler included) was
-as long as the GPU's (28.3 ms, ``bench/results/h200-2026-11-27b/gpu_diag.md``). With graphs the
-first repeated batch's forward pass and covariance kernels are recorded once and replayed
-for every later batch of that shape (:mod:`cobkern.cob.graphs`).
+as long as the GPU's (28.3 ms; ``bench/results/h200-2026-11-27b/gpu_diag.md``). With
+graphs the first repeated batch's forward pass and covariance kernels are recorded once
+and replayed for every later batch of that shape (:mod:`cobkern.cob.graphs`).
 
 Layout (``channels_last``; by default chosen from the model's dtype and device, below):
 with ``channels_last=True`` 4-D input batches are put in channels-last memory format before
