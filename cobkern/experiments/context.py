@@ -377,7 +377,8 @@ class Context:
                 resume = False
         if not resume and out.exists():
             # refuse a recipe the data cannot run before deleting the previous fine-tuning
-            n = len(subset(train, r.train_subset or None, seed=config.seed))
+            # (the count of the trainer's subset, without building it)
+            n = min(r.train_subset, len(train)) if r.train_subset else len(train)
             if n < config.batch_size:
                 raise ConfigError(f"{n} training images make no full fine-tuning batch of "
                                   f"{config.batch_size}; {out} is left as it was")
