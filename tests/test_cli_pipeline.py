@@ -239,6 +239,20 @@ def test_missing_previous_step_names_the_command(tmp_path: Path,
     assert "cobkern prune" in capsys.readouterr().err
 
 
+def test_pipeline_refuses_several_processes(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # under torchrun every rank would write (and delete) the same output folder
+    out = tmp_path / "run"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["finetune", "--out", str(out), "--name", "p"]) == 2
+    err = capsys.readouterr().err
+    assert "WORLD_SIZE=2" in err and "-m cobkern.training" in err
+    assert not out.exists()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(["finetune", "--out", str(out), "--name", "p"]) == 2
+    assert "WORLD_SIZE" not in capsys.readouterr().err  # one process: the usual path
+
+
 def test_missing_calibration_names_the_command(run_dir: Path, tmp_path: Path,
                                                capsys: pytest.CaptureFixture) -> None:
     import shutil

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -626,6 +627,15 @@ def main(argv: list[str] | None = None) -> int:
     # OSError: e.g. --out under a file, a full disk, no permission — the message names it
     user_errors = (OSError, ValueError, DataError, ModelFileError, CheckpointError,
                    ConfigError)
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.strip() not in ("", "0", "1"):
+        # every process would write the same output folder (metrics, models, reports) and
+        # delete what another is writing; only the trainer itself is data-parallel
+        print(f"error: the cobkern pipeline runs in one process, but WORLD_SIZE={world} "
+              "(torchrun?); train data-parallel with `torchrun --nproc_per_node=N -m "
+              "cobkern.training ...`, then run the other steps in one process",
+              file=sys.stderr)
+        return 2
     try:
         return COMMANDS[args.command](args)
     except user_errors as e:
