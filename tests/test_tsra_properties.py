@@ -443,6 +443,9 @@ def test_torch_func_transforms_and_forward_ad_match_autograd(fused):
     (lambda: TSRA(6.0), None, TypeError, "num_channels must be an int"),
     (lambda: RMSNorm(6.0), None, TypeError, "RMSNorm: num_channels must be an int"),
     (lambda: RMSNorm(0), None, ValueError, "RMSNorm: num_channels must be positive"),
+    (lambda: TSRA(6, dim=1.0), None, TypeError, "TSRA: dim must be an int, got float"),
+    (lambda: RMSNormTSRA(6, dim="1"), None, TypeError, "RMSNormTSRA: dim must be an int, got str"),
+    (lambda: RMSNorm(6, dim=1.0), None, TypeError, "RMSNorm: dim must be an int, got float"),
 ])
 def test_module_errors_name_the_problem(make, call, exc, match):
     """A wrong rank or negative dim gave a bare ``IndexError: tuple index out of range``
@@ -483,6 +486,41 @@ def test_explicit_backward_under_torch_func_matches_autograd(fused):
     _, tangent = torch.func.jvp(fn, (x,), (v,))
     torch.testing.assert_close(tangent, torch.einsum("ijkl,kl->ij", jac, v), **tol)
     torch.testing.assert_close(torch.func.jacrev(fn)(x), jac, **tol)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_vmapped_backward_matches_one_cotangent_at_a_time(backend, fused, with_bias, device):
+    """``torch.autograd.grad(..., is_grads_batched=True)`` and ``jacobian`` / ``hessian``
+    with ``vectorize=True`` vmap the backward over a batch of cotangents; the eager fast
+    path's backward raised there on every backend ("Cannot access storage of
+    BatchedTensorImpl" from the kernels, "vmap: aten::copy_(self, ...) is not possible"
+    from the reference). Reference: the same gradients one cotangent at a time."""
+    x = torch.randn(3, 7, 2, device=device, requires_grad=True)
+    b = torch.randn(7, device=device, requires_grad=True) if with_bias else None
+    op = rmsnorm_tsra if fused else tsra
+    inputs = (x, b) if with_bias else (x,)
+    with cobkern.use_backend(backend):
+        y = op(x, 3, bias=b)
+        v = torch.randn(4, *y.shape, device=device)
+        batched = torch.autograd.grad(y, inputs, v, is_grads_batched=True, retain_graph=True)
+        one_by_one = [torch.autograd.grad(y, inputs, vi, retain_graph=True) for vi in v]
+        for i, got in enumerate(batched):
+            torch.testing.assert_close(got, torch.stack([g[i] for g in one_by_one]))
+
+        def f(t):
+            return op(t, 3, bias=None if b is None else b.detach())
+
+        x0 = x.detach()
+        jac = torch.autograd.functional.jacobian(f, x0)
+        torch.testing.assert_close(torch.autograd.functional.jacobian(f, x0, vectorize=True),
+                                   jac)
+        # the two Hessians sum the same float32 terms in another order (vmapped vs one row
+        # at a time): float32 rounding of an O(1)-sized sum, not a loosened check
+        hess = torch.autograd.functional.hessian(lambda t: f(t).square().sum(), x0)
+        torch.testing.assert_close(torch.autograd.functional.hessian(
+            lambda t: f(t).square().sum(), x0, vectorize=True), hess, rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------- modules pass on what they are given

@@ -43,6 +43,9 @@ class _TSRABase(nn.Module):
         super().__init__()
         self.num_channels = num_channels
         self.split = _default_split(num_channels, split)
+        if not is_int(dim):  # a float or str dim failed at forward with no word of dim
+            raise TypeError(f"{type(self).__name__}: dim must be an int, got "
+                            f"{type(dim).__name__} {dim!r}")
         self.dim = dim
         self.a_u, self.b_u, self.a_v, self.b_v = a_u, b_u, a_v, b_v
         self.tsra_eps = check_tsra_eps(type(self).__name__, tsra_eps, eps_arg)

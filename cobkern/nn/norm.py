@@ -42,6 +42,8 @@ class RMSNorm(nn.Module):
         if num_channels < 1:
             raise ValueError(f"RMSNorm: num_channels must be positive, got {num_channels}")
         self.num_channels = num_channels
+        if not is_int(dim):  # a float or str dim failed at forward with no word of dim
+            raise TypeError(f"RMSNorm: dim must be an int, got {type(dim).__name__} {dim!r}")
         self.dim = dim
         self.eps = check_rms_eps("RMSNorm", eps)
         check_norm_size("RMSNorm", norm_size, num_channels)

@@ -555,6 +555,8 @@ class _TSRAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         (x,) = ctx.saved_tensors
+        if _batched_backward(grad):  # vmapped: is_grads_batched, vectorized jacobian
+            return _plain_backward(grad, x, None, ctx.params, False)[0], None
         if torch.is_grad_enabled():  # create_graph=True: dx must carry its own graph
             dx = _TSRABackwardFunction.apply(grad, x, None, ctx.params)
         else:
@@ -576,6 +578,8 @@ class _TSRABiasFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, bias = ctx.saved_tensors
+        if _batched_backward(grad):  # vmapped: is_grads_batched, vectorized jacobian
+            return (*_plain_backward(grad, x, bias, ctx.params, ctx.needs_input_grad[1]), None)
         if torch.is_grad_enabled():  # create_graph=True: dx must carry its own graph
             if ctx.needs_input_grad[1]:
                 dx, db = _TSRABackwardBiasFunction.apply(grad, x, bias, ctx.params)
@@ -634,6 +638,30 @@ def _plain_formula() -> bool:
     AD is active, outside ``torch.compile`` tracing (which keeps the registered ops)."""
     return not torch.compiler.is_compiling() and (
         torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0)
+
+
+#: ``torch.autograd.grad(..., is_grads_batched=True)`` and ``jacobian`` / ``hessian`` with
+#: ``vectorize=True`` vmap the backward with the legacy vmap, whose batched cotangents are
+#: not seen by :func:`_plain_formula` (no ``torch.func`` transform is active)
+_is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
+
+
+def _batched_backward(grad: Tensor) -> bool:
+    """Whether the eager fast path's backward runs vmapped over a batch of cotangents
+    (legacy vmap, or ``torch.func.vmap`` around ``torch.autograd.grad``)."""
+    return _is_legacy_batched(grad) or torch._C._are_functorch_transforms_active()
+
+
+def _plain_backward(grad: Tensor, x: Tensor, bias: Tensor | None, params: tuple,
+                    need_bias: bool) -> tuple[Tensor, Tensor | None]:
+    """``(dx, dbias)`` of the eager fast path by the plain-PyTorch formula, out of place and
+    differentiable: its backward under ``torch.func`` transforms, i.e. when autograd vmaps
+    it over a batch of cotangents (``torch.autograd.grad(..., is_grads_batched=True)``,
+    ``torch.autograd.functional.jacobian`` / ``hessian`` with ``vectorize=True``). The
+    cotangent is then a batched tensor, which has no storage for a kernel to read and
+    cannot be copied into an unbatched output."""
+    dx = reference.tsra_backward(grad, x, *params, differentiable=True, bias=bias)
+    return dx, (_bias_grad(dx, params[1], bias) if need_bias else None)
 
 
 def _backward_apply(grad: Tensor, x: Tensor, *params, bias: Tensor | None = None) -> Tensor:
