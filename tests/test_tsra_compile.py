@@ -244,6 +244,7 @@ def test_inline_graphs_record_backend_and_tuning_setting(monkeypatch):
 
     torch._dynamo.reset()
     monkeypatch.delenv("COBKERN_TSRA_TUNING", raising=False)
+    auto = "auto" if backend.interpreter_enabled() else "reference"  # CPU tensors
     f = torch.compile(lambda t: cobkern.tsra(t, 3), backend=capture, fullgraph=True)
     x = torch.randn(2, 8, 3, 3)
     with backend.use_compile_kernels("inline"):
@@ -256,8 +257,19 @@ def test_inline_graphs_record_backend_and_tuning_setting(monkeypatch):
         f(x)  # nothing changed: no new graph
         monkeypatch.setenv("COBKERN_TSRA_TUNING", "OFF")
         f(x)
+        # without the interpreter "auto" means the formula on CPU tensors, and says so: the
+        # graph traced with the interpreter (kernels) and the one without then differ, so an
+        # on-disk compile cache cannot serve one for the other
+        torch._dynamo.reset()
+        monkeypatch.delenv("COBKERN_TSRA_TUNING")
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        f(x)
+        if auto == "auto":  # (the interpreter cannot be switched on after triton's import)
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+            f(x)
     torch._dynamo.reset()
-    assert seen == [("auto", ""), ("reference", ""), ("auto", "off"), ("auto", "OFF")]
+    assert seen == [(auto, ""), ("reference", ""), (auto, "off"), (auto, "OFF"),
+                    ("reference", ""), *([("auto", "")] if auto == "auto" else [])]
 
 
 @pytest.mark.parametrize("forced", ["triton", "reference"])

@@ -87,7 +87,13 @@ from ._checks import (
     check_tsra_eps,
     is_int,
 )
-from .backend import BACKENDS, compile_kernels_for, get_backend, use_triton
+from .backend import (
+    BACKENDS,
+    compile_kernels_for,
+    get_backend,
+    interpreter_enabled,
+    use_triton,
+)
 from .tuning import ENV_VAR as TUNING_ENV
 from .tuning import FROM_ENV, env_setting, launch_tuning
 
@@ -698,10 +704,16 @@ def _op_call(x: Tensor, direction: int, args: tuple, bias: Tensor | None = None)
     read here, where dynamo traces: the graph holds them, so every compile cache keys on
     them, and a compiled function is recompiled when the backend or the variable's value
     changes — not when an unset ``COBKERN_TSRA_TUNING`` is set afterwards (dynamo does not
-    guard on a variable's absence; ``torch._dynamo.reset()`` then)."""
+    guard on a variable's absence; ``torch._dynamo.reset()`` then). On a CPU tensor without
+    the Triton interpreter ``"auto"`` is recorded as what it means there, ``"reference"``:
+    a graph traced with the interpreter (which calls the kernels) and one traced without
+    (the formula) then differ, so a compile cache never serves one for the other."""
     mode = compile_kernels_for(x)
     if mode == "inline":
-        args = (*args, get_backend(), os.environ.get(TUNING_ENV) or "")
+        b = get_backend()
+        if b == "auto" and x.device.type == "cpu" and not interpreter_enabled():
+            b = "reference"
+        args = (*args, b, os.environ.get(TUNING_ENV) or "")
     return _OPS[mode][direction](*args, bias)
 
 
