@@ -633,3 +633,125 @@ def test_eigenvalues_of_a_rank_deficient_layer_are_clamped_at_zero():
     assert torch.isfinite(sc.scores).all()
     keep = FixedRatio((0.5, 0.5)).select(sc)
     assert keep.u.tolist() == [0, 1, 2, 3] and keep.v.tolist() == [0, 1, 2, 3]
+
+
+# ------------------------------------------------------------ audit: loader and arguments
+def test_calibrate_reads_no_batch_beyond_max_samples():
+    """Once ``max_samples`` images are in, the loop stops without fetching another batch:
+    an iterator handed in as the loader keeps its remaining batches (the old loop fetched
+    one more and dropped it), and nothing is read when the share is already full."""
+    m = small_net().eval()
+    xs = [x for x, _ in batches(n_batches=5, n=4)]
+    fetched = []
+
+    def loader():
+        for i, x in enumerate(xs):
+            fetched.append(i)
+            yield x
+
+    it = loader()
+    with use_backend("reference"):
+        st = calibrate(m, it, max_samples=8, progress=False)  # exactly two batches
+        assert st.num_images == 8 and fetched == [0, 1]
+        assert torch.equal(next(it), xs[2])  # the caller's iterator lost nothing
+        fetched.clear()
+        st = calibrate(m, loader(), max_samples=6, progress=False)  # the 2nd batch is cut
+    assert st.num_images == 6 and fetched == [0, 1]
+
+
+@pytest.mark.parametrize("bad", [1e4, 12.0, True, "12"])
+def test_calibrate_refuses_a_max_samples_that_is_not_an_int(bad):
+    """``max_samples=1e4`` used to be accepted and to fail only when a batch had to be cut,
+    mid-pass, with "slice indices must be integers"; ``True`` counted as one image. Refused
+    up front now, before any batch is read; numpy ints still pass."""
+    np = pytest.importorskip("numpy")
+    m = small_net().eval()
+    read = []
+
+    def loader():
+        for x, _ in batches(n_batches=3, n=5):
+            read.append(1)
+            yield x
+
+    with pytest.raises(TypeError, match="max_samples must be an int"):
+        calibrate(m, loader(), max_samples=bad, progress=False)
+    assert read == []
+    with use_backend("reference"):
+        assert calibrate(m, loader(), max_samples=np.int64(12), progress=False).num_images == 12
+
+
+def test_calibrate_refuses_distributed_true_without_a_process_group():
+    """``distributed=True`` with no initialised process group used to run the whole pass
+    and only then fail in the all-reduce ("Default process group has not been
+    initialized"), losing the statistics; refused before any batch now."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("a process group is initialised in this process")
+    read = []
+
+    def loader():
+        for x, _ in batches(n_batches=3):
+            read.append(1)
+            yield x
+
+    with pytest.raises(ValueError, match="distributed=True needs an initialised"):
+        calibrate(small_net().eval(), loader(), progress=False, distributed=True)
+    assert read == []
+
+
+def test_calibrate_never_copies_a_batch_to_the_cpu_asynchronously(monkeypatch):
+    """A batch is moved to the model's device with ``non_blocking=True`` only when that is
+    an accelerator. Into CPU memory a non-blocking copy from a GPU lands in pinned memory
+    *after* ``to`` returns (PyTorch's non_blocking / pin_memory notes), and the CPU forward
+    would read it first: a GPU-side loader with a CPU model (or ``device="cpu"``) would be
+    calibrated on partly copied images. The race needs a GPU; here every ``Tensor.to`` into
+    the CPU that calibrate makes is recorded and must be blocking."""
+    nonblocking = []
+    real_to = torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        dev = next((a for a in (*args, kwargs.get("device"))
+                    if isinstance(a, (torch.device, str))), None)
+        if dev is not None and torch.device(dev).type == "cpu":
+            nonblocking.append(bool(kwargs.get("non_blocking", False)))
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    with use_backend("reference"):
+        calibrate(small_net().eval(), batches(2), progress=False, device="cpu")
+    assert nonblocking and not any(nonblocking)
+
+
+def _flip_a_bit_of_the_first_tensor(path) -> None:
+    """Flip one bit inside the first tensor's bytes of a ``torch.save`` zip (not its
+    headers: the file still opens, and torch does not check the zip's CRCs)."""
+    import struct
+    import zipfile
+
+    raw = bytearray(path.read_bytes())
+    info = next(i for i in zipfile.ZipFile(path).infolist() if "/data/" in i.filename)
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26:
+                                                   info.header_offset + 30])
+    raw[info.header_offset + 30 + name_len + extra_len + 6] ^= 0x40  # a float64 exponent bit
+    path.write_bytes(bytes(raw))
+
+
+def test_stats_load_refuses_a_file_whose_tensors_were_damaged(tmp_path):
+    """A bit flipped inside a saved Gram matrix used to load silently as other numbers (a
+    Gram entry off by ~1e2 here), to be rotated and pruned with; the checksum saved with
+    the statistics catches it. A file without the checksum (an older one) still loads."""
+    m = small_net().eval()
+    with use_backend("reference"):
+        st = calibrate(m, batches(1), progress=False, meta={"source": "test"})
+    path = tmp_path / "s.pt"
+    st.save(path)
+    assert CalibrationStats.load(path).meta == {"source": "test"}  # intact: loads
+    _flip_a_bit_of_the_first_tensor(path)
+    with pytest.raises(ValueError, match=r"s\.pt: .*checksum.*damaged"):
+        CalibrationStats.load(path)
+    old = tmp_path / "old.pt"  # the format before the checksum
+    torch.save({"format": "cobkern.calibration_stats/1", "num_images": st.num_images,
+                "meta": {}, "layers": [s.to_dict() for s in st.layers.values()]}, old)
+    back = CalibrationStats.load(old)
+    assert torch.equal(back["0"].gram_u, st["0"].gram_u)

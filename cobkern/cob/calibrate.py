@@ -56,6 +56,7 @@ the statistics of the whole sample set, and N ranks calibrate N× faster.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from typing import Any
 
@@ -133,10 +134,16 @@ def _graphs_on(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def _dist_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def _rank_and_world() -> tuple[int, int]:
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if _dist_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
@@ -163,11 +170,12 @@ def calibrate(
             pass ``meta={"basis": "rotated"}`` then).
         loader: iterable of ``x`` or ``(x, y, ...)`` batches, ``x`` of shape ``(N, ...)``.
         layers: producer names of the CoB layers to calibrate; ``None`` = all.
-        max_samples: images to use in total (over all ranks); ``None`` = the whole loader.
+        max_samples: images to use in total (over all ranks), an int; ``None`` = the whole
+            loader. No batch is read beyond the one that reaches it.
         progress: show a tqdm progress bar (rank 0 only).
         device: where to run; default: the device of the model's first parameter.
         distributed: all-reduce across ranks; default: when ``torch.distributed`` is
-            initialised.
+            initialised (``True`` without a process group is a ``ValueError``).
         meta: extra provenance stored with the statistics.
         overlap: on CUDA, run the covariance kernels on a side stream, overlapping the
             forward pass (see the module docstring); ignored on other devices.
@@ -212,8 +220,19 @@ def calibrate(
         raise ValueError("calibrate: overlap=True and cuda_graphs=True cannot be combined "
                          "(a replayed graph already runs the covariance kernels without "
                          "host gaps); choose one")
-    if max_samples is not None and max_samples < 1:
-        raise ValueError(f"calibrate: max_samples must be >= 1 or None, got {max_samples}")
+    if max_samples is not None:
+        # an int (numpy ints too); a float such as 1e4 used to pass here and fail only when
+        # a batch had to be cut, in the middle of the pass ("slice indices must be
+        # integers"), and True counted as 1
+        try:
+            if isinstance(max_samples, bool):
+                raise TypeError
+            max_samples = operator.index(max_samples)
+        except TypeError:
+            raise TypeError(f"calibrate: max_samples must be an int or None, got "
+                            f"{type(max_samples).__name__} {max_samples!r}") from None
+        if max_samples < 1:
+            raise ValueError(f"calibrate: max_samples must be >= 1 or None, got {max_samples}")
     if device is None:
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
@@ -222,6 +241,12 @@ def calibrate(
     rank, world = _rank_and_world()
     if distributed is None:
         distributed = world > 1
+    elif distributed and not _dist_initialized():
+        # checked before the pass: the all-reduce after it would fail only then, with the
+        # whole pass's statistics lost
+        raise ValueError("calibrate: distributed=True needs an initialised torch.distributed "
+                         "process group (torch.distributed.init_process_group); pass "
+                         "distributed=None or False for a single process")
     if not distributed:
         rank, world = 0, 1
     quota = None
@@ -268,21 +293,27 @@ def calibrate(
     seen = 0
     try:
         with torch.no_grad():
-            for batch in loader:
-                if quota is not None and seen >= quota:
-                    break
+            # stop as soon as the quota is reached: no batch is fetched (and dropped) beyond
+            # it, so an iterator passed as the loader keeps its remaining batches, and a
+            # rank whose share is zero reads none
+            for batch in (loader if quota is None or quota > 0 else ()):
                 x = batch_inputs(batch)
                 if quota is not None and seen + x.shape[0] > quota:
                     x = x[: quota - seen]
                 if side is not None:  # back-pressure: one batch of activations in flight
                     torch.cuda.current_stream(device).wait_stream(side)
-                x = x.to(device, non_blocking=True)
+                # asynchronous only into accelerator memory: a non-blocking copy from a GPU
+                # to the CPU returns before the data has arrived (into pinned memory), and
+                # the CPU forward would read it at once
+                x = x.to(device, non_blocking=device.type != "cpu")
                 if channels_last and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
                 run(x)
                 seen += x.shape[0]
                 if bar is not None:
                     bar.update(x.shape[0] * world)
+                if quota is not None and seen >= quota:
+                    break
     finally:
         if isinstance(run, ForwardReplay):
             run.close()

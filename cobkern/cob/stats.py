@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from cobkern._atomic import atomic_path
+from cobkern._digest import tensor_digest
 
 __all__ = ["LayerStats", "CalibrationStats", "Eigen", "weight_fingerprint",
            "FINGERPRINT_RTOL"]
@@ -173,6 +174,26 @@ class LayerStats:
                    d.get("unrotated_fingerprint"))
 
 
+def _content_digest(num_images: Any, meta: Any, layers: list[dict[str, Any]]) -> str:
+    """SHA-256 of what a statistics file holds: every tensor's bytes (with its shape and
+    dtype) and every scalar. :meth:`CalibrationStats.save` stores it, :meth:`~CalibrationStats.
+    load` checks it: ``torch.load`` does not verify the zip's checksums, so a damaged tensor
+    would otherwise load as other numbers."""
+    items = [(f"num_images={num_images!r}|meta={meta!r}", torch.zeros(0))]
+    for d in layers:
+        scalars = "|".join(f"{k}={d[k]!r}" for k in ("name", "num_channels", "split", "count",
+                                                   "basis", "accumulation"))
+        for k in ("gram_u", "gram_v", "sum_abs", "sum_sq", "fingerprint",
+                  "unrotated_fingerprint"):
+            t = d.get(k)
+            if t is not None:
+                if not isinstance(t, Tensor):
+                    raise TypeError(f"{d.get('name')!r}: {k} is a {type(t).__name__}, not a "
+                                    "tensor")
+                items.append((f"{scalars}|{k}", t))
+    return tensor_digest(items)
+
+
 def _plain(v: Any, where: str) -> Any:
     """``v`` as plain Python data that ``torch.load(weights_only=True)`` accepts."""
     if v is None or isinstance(v, (torch.device, torch.dtype)):
@@ -304,9 +325,12 @@ class CalibrationStats:
                 reads with ``weights_only=True``).
         """
         meta = _plain(self.meta, "meta")
+        layers = [s.to_dict() for s in self.layers.values()]
+        num_images = int(self.num_images)
         with atomic_path(path) as tmp:
-            torch.save({"format": _FORMAT, "num_images": self.num_images, "meta": meta,
-                        "layers": [s.to_dict() for s in self.layers.values()]}, tmp)
+            torch.save({"format": _FORMAT, "num_images": num_images, "meta": meta,
+                        "layers": layers,
+                        "digest": _content_digest(num_images, meta, layers)}, tmp)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CalibrationStats:
@@ -314,8 +338,10 @@ class CalibrationStats:
 
         Raises:
             FileNotFoundError: no such file.
-            ValueError: the file is not readable statistics (truncated, damaged, or another
-                kind of file); the message names it.
+            ValueError: the file is not readable statistics (truncated, damaged — its
+                content no longer matches the checksum saved with it — or another kind of
+                file); the message names it. Files written before the checksum load
+                unchecked.
         """
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no calibration statistics at {path}")
@@ -332,9 +358,15 @@ class CalibrationStats:
         if not isinstance(d, dict) or d.get("format") != _FORMAT:
             raise ValueError(f"{path}: not a cobkern calibration-statistics file")
         try:
+            intact = "digest" not in d or d["digest"] == _content_digest(
+                d["num_images"], d["meta"], d["layers"])
             layers = [LayerStats.from_dict(x) for x in d["layers"]]
-            return cls({s.name: s for s in layers}, int(d["num_images"]),
-                       dict(d.get("meta", {})))
-        except (KeyError, TypeError, ValueError) as e:
+            out = cls({s.name: s for s in layers}, int(d["num_images"]),
+                      dict(d.get("meta", {})))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"{path}: malformed calibration statistics ({type(e).__name__}: "
                              f"{e})") from None
+        if not intact:
+            raise ValueError(f"{path}: the calibration statistics do not match the checksum "
+                             "saved with them; the file is damaged — calibrate again")
+        return out
