@@ -195,3 +195,23 @@ def test_original_normalizer_keeps_the_unpruned_width_over_repeated_prunes() -> 
     dg.get_pruning_group(net[0], tp.prune_conv_out_channels, idxs=[3]).prune()
     dg.get_pruning_group(net[0], tp.prune_conv_out_channels, idxs=[0]).prune()
     assert net[1].num_channels == 6 and net[1].norm_size == 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_default_example_input_follows_the_model_dtype(dtype: torch.dtype) -> None:
+    """Without example_inputs the tracing image is made in the model's dtype: a float32
+    image failed to trace a float64 or bf16 model ("Input type (float) and bias type ...")."""
+    model = vgg16_tsra(width=1 / 16).to(dtype).eval()
+    prune_with_torch_pruning(model, 0.25)
+    _check_widths(model)
+    assert model(torch.randn(2, 3, 32, 32, dtype=dtype)).shape == (2, 10)
+
+
+def test_failed_trace_restores_training_mode() -> None:
+    """The helper puts the model in eval mode to trace it; a failure there (here a wrong
+    example input) must not leave a model that was training in eval mode."""
+    model = vgg16_tsra(width=1 / 16).train()
+    with pytest.raises(RuntimeError):
+        prune_with_torch_pruning(model, 0.25, example_inputs=torch.randn(1, 3, 32, 32,
+                                                                          dtype=torch.float64))
+    assert model.training and all(m.training for m in model.modules())

@@ -119,6 +119,51 @@ def test_bad_strategy_values(bad):
         bad()
 
 
+def test_strategy_values_accept_numpy_scalars():
+    """Values from numpy (a sweep over ``np.linspace``, counts from ``np.arange``) are real
+    numbers: they were refused as "expected a finite number" / "count must be a
+    non-negative int" (np.int64, np.float32), as round_to already accepted them."""
+    np = pytest.importorskip("numpy")
+    s = LayerScores("x", 4, torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64),
+                    torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64), None, None, "l2",
+                    False)
+    for value, plain in [((np.float32(0.5), np.float64(0.25)), (0.5, 0.25)),
+                         (np.float32(0.5), 0.5)]:
+        a, b = FixedRatio(value), FixedRatio(plain)
+        assert a.values == b.values and all(type(v) is float for v in a.values)
+        assert torch.equal(a.select(s).indices(4), b.select(s).indices(4))
+    c = AbsoluteCount((np.int64(2), np.int32(1)))
+    assert c.values == (2, 1) and all(type(v) is int for v in c.values)
+    assert c.select(s).u.tolist() == [0, 1] and c.select(s).v.tolist() == [1, 2, 3]
+    for make in (ZScore, RelativeThreshold, EnergyBudget, RankTolerance,
+                 ExactParameterTarget, ParameterTarget):
+        assert make(np.float32(0.5)).values == make(0.5).values
+    assert RelativeThreshold(np.int64(1)).values == (1,)
+    assert ParameterTarget(np.float32(0.36)).describe()["target"] == pytest.approx(0.36)
+
+
+@pytest.mark.parametrize("bad", [
+    lambda: ParameterTarget(False), lambda: ParameterTarget("0.5"), lambda: ParameterTarget(None),
+    lambda: ParameterTarget(float("nan")), lambda: ParameterTarget((0.5,)),
+    lambda: AbsoluteCount(2.0), lambda: AbsoluteCount(True),
+    lambda: ExactParameterTarget(0.3, 0), lambda: ExactParameterTarget(0.3, -1),
+])
+def test_bad_parameter_targets_counts_and_iterations(bad):
+    """ParameterTarget checks its targets as the other strategies check their values
+    (``False`` read as 0, and a str or None gave a bare TypeError from a comparison), and
+    ExactParameterTarget refuses ``iterations < 1``, with which it skipped the bisection and
+    pruned the most it could (95% of the parameters for a target of 0.3)."""
+    with pytest.raises(ValueError):
+        bad()
+
+
+def test_parameter_target_errors_name_the_targets_given():
+    with pytest.raises(ValueError, match=r"got \(0\.1, 0\.2, 0\.3\)"):
+        ParameterTarget((0.1, 0.2, 0.3))
+    with pytest.raises(TypeError, match="iterations"):
+        ExactParameterTarget(0.3, 2.5)
+
+
 # ------------------------------------------------------------------------- surgery
 def _expected_params(c, fc_hidden=12, s=4):
     """Parameters of ``net`` with widths c = (c0, c1, c2)."""
@@ -541,3 +586,66 @@ def test_statistics_of_the_wrong_shape_are_named(attr, cut):
     setattr(st["0"], attr, getattr(st["0"], attr)[cut])
     with pytest.raises(ValueError, match=f"{attr} has shape .* the statistics are malformed"):
         prune(copy.deepcopy(m), st, FixedRatio((0.0, 0.0)), cob=False)
+
+
+def test_a_keep_set_refused_by_surgery_leaves_the_model_unrotated():
+    """A custom strategy whose plan empties a subspace is refused; the refusal used to come
+    from the surgery, after the rotation, which was not undone: the model stayed rotated
+    and a retry with the same statistics was refused as "taken with other weights"."""
+
+    class EmptiesV(FixedRatio):
+        def plan(self, scores, layers=None, model=None):
+            keep = super().plan(scores, layers, model)
+            keep["0"] = KeepSet(keep["0"].u, keep["0"].v[:0])
+            return keep
+
+    torch.manual_seed(0)
+    m = net().eval()
+    with use_backend("reference"):
+        st = calibrate(m, data(), progress=False)
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        with pytest.raises(ValueError, match="empty"):
+            prune(m, st, EmptiesV((0.5, 0.5)))
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, before[k]), k
+        prune(m, st, FixedRatio((0.5, 0.5)))  # the retry is not refused
+
+
+def test_keep_sets_take_index_sequences_and_refuse_non_integers():
+    """apply_keep_sets is public: lists and numpy arrays of indices work (they raised
+    AttributeError: 'list' object has no attribute 'numel'); float indices were truncated
+    (2.7 → 2) and a bool mask was read as indices — both are refused, the model unchanged."""
+    np = pytest.importorskip("numpy")
+    base = net().eval()
+    ref = copy.deepcopy(base)
+    apply_keep_sets(ref, find_cob_layers(ref), {"0": KeepSet(torch.tensor([0, 2]),
+                                                             torch.tensor([1]))})
+    for u, v in [([0, 2], [1]), (np.array([0, 2]), np.array([1])), ((0, 2), torch.tensor([1]))]:
+        m = copy.deepcopy(base)
+        report = apply_keep_sets(m, find_cob_layers(m), {"0": KeepSet(u, v)})
+        assert report.layers[0].split_after == 2
+        for (k, a), b in zip(m.state_dict().items(), ref.state_dict().values(), strict=True):
+            assert torch.equal(a, b), k
+    for bad in [KeepSet(torch.tensor([0.0, 2.7]), torch.tensor([1])),
+                KeepSet(torch.tensor([True, False]), torch.tensor([1])),
+                KeepSet(["a"], [1])]:
+        m = net().eval()
+        with pytest.raises(TypeError, match="integer indices"):
+            apply_keep_sets(m, find_cob_layers(m), {"0": bad})
+        assert m[0].out_channels == 10
+
+
+def test_pruning_under_inference_mode_leaves_a_trainable_model():
+    """Pruned under torch.inference_mode() (as evaluation code often runs), the new
+    Conv2d/Linear parameters were inference tensors: the pruned model could not be
+    fine-tuned ("Inference tensors cannot be saved for backward")."""
+    torch.manual_seed(0)
+    m = net().eval()
+    xs = data()
+    with use_backend("reference"):
+        st = calibrate(m, xs, progress=False)
+        with torch.inference_mode():
+            prune(m, st, FixedRatio((0.5, 0.5)))
+        assert not any(p.is_inference() for p in m.parameters())
+        m.train()(xs[0]).square().mean().backward()
+    assert all(p.grad is not None for p in m.parameters())

@@ -236,7 +236,8 @@ def prune_with_torch_pruning(
             remove a fraction ``P`` of parameters use ``1 - sqrt(1 - P)``.
         importance: a name for :func:`make_importance` or a Torch-Pruning importance.
         example_inputs: a batch for tracing; default one random ``(1, 3, 32, 32)`` image
-            (tracing only needs the shapes).
+            in the dtype and on the device of the model's parameters (tracing only needs
+            the shapes).
         normalizer: RMSNorm normaliser after pruning, see :class:`TSRAPruner`.
         ignored_layers: extra layers to leave alone.
 
@@ -257,18 +258,22 @@ def prune_with_torch_pruning(
                 f"channel_ratio={channel_ratio} keeps {int(m.num_channels * (1 - channel_ratio))}"
                 f" of {m.num_channels} channels in {name}; TSRA needs at least 2 (one per "
                 f"subspace)")
-    device = next(model.parameters()).device
+    first = next(model.parameters())
     if example_inputs is None:
+        # in the model's floating dtype: a float32 image would not trace a bf16/float64 model
+        dtype = first.dtype if first.is_floating_point() else torch.get_default_dtype()
         gen = torch.Generator().manual_seed(0)
-        example_inputs = torch.randn(1, 3, 32, 32, generator=gen).to(device)
+        example_inputs = torch.randn(1, 3, 32, 32, generator=gen).to(first.device, dtype)
     imp = make_importance(importance) if isinstance(importance, str) else importance
     was_training = model.training
     model.eval()
-    pruner = tp.pruner.MetaPruner(
-        model, example_inputs, importance=SubspaceGuard(imp), pruning_ratio=channel_ratio,
-        ignored_layers=[_logits_layer(model), *(ignored_layers or [])],
-        customized_pruners=customized_pruners(normalizer))
-    with torch.enable_grad():
-        pruner.step()
-    model.train(was_training)
+    try:
+        pruner = tp.pruner.MetaPruner(
+            model, example_inputs, importance=SubspaceGuard(imp), pruning_ratio=channel_ratio,
+            ignored_layers=[_logits_layer(model), *(ignored_layers or [])],
+            customized_pruners=customized_pruners(normalizer))
+        with torch.enable_grad():
+            pruner.step()
+    finally:  # a failed trace (e.g. a wrong example input) must not leave it in eval mode
+        model.train(was_training)
     return model

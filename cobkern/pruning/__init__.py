@@ -49,6 +49,7 @@ from .surgery import (
     ModuleReport,
     PruneReport,
     apply_keep_sets,
+    check_keep_sets,
     count_params_after,
     refuse_ddp,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "ModuleReport",
     "LayerReport",
     "apply_keep_sets",
+    "check_keep_sets",
     "count_params_after",
     "NORMALIZERS",
 ]
@@ -166,7 +168,9 @@ def prune(
                 stats = calibrate(model, loader, layers, max_samples=max_samples,
                                   progress=progress, meta={"basis": "rotated"})
         scores = compute_importance(stats, importance, cob, layers)
-        keep = strategy.plan(scores, chosen, model)
+        # checked here, not only by the surgery: a keep set it refused (a custom strategy's)
+        # would otherwise leave the model rotated and the statistics no longer its own
+        keep = check_keep_sets(chosen, strategy.plan(scores, chosen, model))
     except BaseException:
         if saved is not None:
             _restore(saved)

@@ -111,6 +111,16 @@ def _check_round_to(round_to: Any, owner: str = "round_to") -> int:
     return int(round_to)
 
 
+def _as_number(v: Any, integral: bool = False) -> Any:
+    """``v`` as a plain ``int`` (an integer) or ``float`` (another real number) if it is a
+    real number — numpy scalars included (``np.int64(2)``, ``np.float32(0.5)``), a bool
+    not — and, with ``integral``, an integer; else ``v`` unchanged, for the caller's check
+    to refuse."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral if integral else numbers.Real):
+        return v
+    return int(v) if isinstance(v, numbers.Integral) else float(v)
+
+
 def _lowest(scores: Tensor, k: int) -> Tensor:
     """Boolean mask of the ``k`` lowest scores (ties: lower index first)."""
     mask = torch.zeros(scores.numel(), dtype=torch.bool)
@@ -137,8 +147,14 @@ class Strategy:
         else:
             self.values = (value,)
             self.per_subspace = False
+        self.values = tuple(self._coerce(v) for v in self.values)
         for v in self.values:
             self._check_value(v)
+
+    def _coerce(self, v: Any) -> Any:
+        """A real number (numpy scalars included) as a plain ``float``; anything else as
+        it is, for :meth:`_check_value` to refuse."""
+        return _as_number(v)
 
     def _check_value(self, v: Any) -> None:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -230,12 +246,28 @@ class ParameterTarget(FixedRatio):
     """The authors' map: prune a fixed ratio ``p = 1 − sqrt(1 − P)`` for a target ``P``."""
 
     def __init__(self, value: Value, *, round_to: int = 1) -> None:
-        self.targets = value
+        # check the targets themselves (as FixedRatio checks ratios), so that errors name
+        # what was passed, not the converted ratios
         if isinstance(value, (tuple, list)):
-            conv: Value = tuple(parameter_target_ratio(v) for v in value)
+            if len(value) != 2:
+                raise ValueError(f"ParameterTarget: a pair needs exactly two values (U, V), "
+                                 f"got {value!r}")
+            targets: Value = tuple(self._target(v) for v in value)
+            conv: Value = tuple(parameter_target_ratio(v) for v in targets)
         else:
-            conv = parameter_target_ratio(value)
+            targets = self._target(value)
+            conv = parameter_target_ratio(targets)
+        self.targets = targets
         super().__init__(conv, round_to=round_to)
+
+    @staticmethod
+    def _target(v: Any) -> float:
+        t = _as_number(v)
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+            raise ValueError(f"ParameterTarget: expected a finite number, got {v!r}")
+        if not 0.0 <= t < 1.0:
+            raise ValueError(f"ParameterTarget: parameter target P must be in [0, 1), got {v!r}")
+        return t
 
     def __repr__(self) -> str:
         return f"ParameterTarget({self.targets!r}{self._repr_round_to()})"
@@ -267,7 +299,13 @@ class ExactParameterTarget(Strategy):
         if self.per_subspace and self.values[0] != self.values[1]:
             raise ValueError("ExactParameterTarget: the target is one fraction for the whole "
                              f"model; a pair must repeat it (got {value!r})")
-        self.iterations = iterations
+        if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral):
+            raise TypeError(f"ExactParameterTarget: iterations must be a positive int, got "
+                            f"{iterations!r} ({type(iterations).__name__})")
+        if iterations < 1:  # no bisection step would return the largest ratio tried
+            raise ValueError(f"ExactParameterTarget: iterations must be a positive int, got "
+                             f"{iterations!r}")
+        self.iterations = int(iterations)
         self.ratio: float | None = None
         self.achieved: float | None = None
 
@@ -319,6 +357,9 @@ class ExactParameterTarget(Strategy):
 
 class AbsoluteCount(Strategy):
     """Prune the ``n`` lowest-scoring channels (``n`` a non-negative int)."""
+
+    def _coerce(self, v: Any) -> Any:
+        return _as_number(v, integral=True)
 
     def _check_value(self, v: Any) -> None:
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:

@@ -34,7 +34,7 @@ from cobkern.cob.discovery import CoBLayer
 from cobkern.nn import RMSNorm, RMSNormTSRA
 
 __all__ = ["KeepSet", "PruneReport", "ModuleReport", "LayerReport", "apply_keep_sets",
-           "refuse_ddp", "count_params_after", "NORMALIZERS"]
+           "check_keep_sets", "refuse_ddp", "count_params_after", "NORMALIZERS"]
 
 NORMALIZERS = ("kept", "original")
 
@@ -169,7 +169,16 @@ def count_params_after(model: nn.Module, layers: list[CoBLayer], kept: dict[str,
 
 
 def _shrunk(m: nn.Module, out_idx: Tensor | None, in_idx: Tensor | None) -> nn.Module:
-    """A new Conv2d/Linear with rows ``out_idx`` and input columns ``in_idx`` of ``m``."""
+    """A new Conv2d/Linear with rows ``out_idx`` and input columns ``in_idx`` of ``m``.
+
+    Its parameters are ordinary tensors even when pruning runs under
+    ``torch.inference_mode()``: inference tensors could not be trained (fine-tuned) later.
+    """
+    with torch.inference_mode(False):
+        return _shrunk_impl(m, out_idx, in_idx)
+
+
+def _shrunk_impl(m: nn.Module, out_idx: Tensor | None, in_idx: Tensor | None) -> nn.Module:
     w = m.weight.detach()
     b = m.bias.detach() if m.bias is not None else None
     if out_idx is not None:
@@ -218,6 +227,44 @@ def refuse_ddp(model: nn.Module, who: str) -> None:
                              "pruned model again")
 
 
+def _as_indices(lay: CoBLayer, sub: str, idx: Any) -> Tensor:
+    """One subspace's kept indices as a 1-D int64 CPU tensor: a tensor, numpy array or
+    sequence of integers; ``TypeError`` for anything else (a float index would be truncated
+    and a bool mask read as the indices 0 and 1)."""
+    try:
+        t = idx if isinstance(idx, Tensor) else torch.as_tensor(idx)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"{lay.name}: keep set of {sub} must be integer indices (a tensor, "
+                        f"array or sequence of ints), got {idx!r}") from e
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex() or t.dim() > 1:
+        raise TypeError(f"{lay.name}: keep set of {sub} must be a 1-D tensor of integer "
+                        f"indices, got {t.dim()}-D {t.dtype}: {idx!r}")
+    return t.detach().reshape(-1).to("cpu", torch.int64)
+
+
+def check_keep_sets(layers: list[CoBLayer], keep: dict[str, KeepSet]) -> dict[str, KeepSet]:
+    """``keep`` checked against ``layers`` (every name a layer of them, indices distinct and
+    in range, at least one per subspace), with int64 CPU index tensors. Changes nothing, so
+    callers run it before any surgery.
+
+    Raises:
+        ValueError: an unknown layer name, an empty subspace, or repeated / out-of-range
+            indices.
+        TypeError: indices that are not integers.
+    """
+    by_name = {lay.name: lay for lay in layers}
+    unknown = [n for n in keep if n not in by_name]
+    if unknown:
+        raise ValueError(f"keep sets for unknown layers {unknown}")
+    out = {}
+    for n, k in keep.items():
+        lay = by_name[n]
+        k = KeepSet(_as_indices(lay, "U", k.u), _as_indices(lay, "V", k.v))
+        _check_keep(lay, k)
+        out[n] = k
+    return out
+
+
 def _check_keep(lay: CoBLayer, k: KeepSet) -> None:
     su, sv = lay.split, lay.num_channels - lay.split
     for sub, idx, size in (("U", k.u, su), ("V", k.v, sv)):
@@ -236,19 +283,20 @@ def apply_keep_sets(model: nn.Module, layers: list[CoBLayer], keep: dict[str, Ke
     Args:
         model: the model ``layers`` were found in (by :func:`~cobkern.cob.find_cob_layers`).
         layers: the CoB layers (only those named in ``keep`` are pruned).
-        keep: ``name → KeepSet``.
+        keep: ``name → KeepSet``; the indices a tensor, numpy array or sequence of ints.
         normalizer: ``"kept"`` (default, authors') or ``"original"``; see the module docstring.
 
     Returns:
         :class:`PruneReport`. The ``CoBLayer`` objects are stale afterwards (their modules
         were replaced); call ``find_cob_layers`` again.
+
+    Raises:
+        ValueError, TypeError: an unknown normalizer, or keep sets that
+            :func:`check_keep_sets` refuses — before the model is changed.
     """
     if normalizer not in NORMALIZERS:
         raise ValueError(f"unknown normalizer {normalizer!r}; expected one of {NORMALIZERS}")
-    by_name = {lay.name: lay for lay in layers}
-    unknown = [n for n in keep if n not in by_name]
-    if unknown:
-        raise ValueError(f"keep sets for unknown layers {unknown}")
+    keep = check_keep_sets(layers, keep)  # before anything is changed
     refuse_ddp(model, "apply_keep_sets")
     total_before = sum(p.numel() for p in model.parameters())
     named = dict(named_modules(model))  # wrappers looked through, as in cob.discovery
@@ -259,8 +307,7 @@ def apply_keep_sets(model: nn.Module, layers: list[CoBLayer], keep: dict[str, Ke
         if lay.name not in keep:
             continue
         k = keep[lay.name]
-        _check_keep(lay, k)
-        idx = k.indices(lay.split).to(torch.int64)
+        idx = k.indices(lay.split)
         out_idx[lay.name] = idx
         cols = idx
         if lay.spatial > 1:
