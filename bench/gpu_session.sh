@@ -29,6 +29,8 @@
 #   tests.log                  pytest on CUDA
 #   bench_tsra.{md,json}       TSRA / RMSNorm→TSRA vs eager / torch.compile / copy ceiling
 #   bench_calibration.{md,json}   streaming vs materialising calibration vs a forward pass
+#                              (batch 500; calibration-b2000/ the same at batch 2000:
+#                              GPU_SESSION_CAL_BATCHES="500 2000")
 #   bench_training.{md,json}   training throughput, fused vs eager vs ReLU
 #   gpu_diag.{md,json}         (step diag) tile sweeps, host overhead, calibration profile
 #   tsra_tuning.json           (step diag) the tile sweep as a cobkern.ops.tuning table: ship
@@ -78,6 +80,7 @@ if [[ ${GPU_SESSION_DRY_RUN:-0} == 1 ]]; then  # gpu_diag's CPU settings, unless
     GPU_DIAG_BATCH=${GPU_DIAG_BATCH:-1} GPU_DIAG_COV_BATCH=${GPU_DIAG_COV_BATCH:-1}
   # bench_calibration on the reference path: under the interpreter even 32 images take ~3 min
   CAL_DRY=(env -u TRITON_INTERPRET)
+  GPU_SESSION_CAL_BATCHES=${GPU_SESSION_CAL_BATCHES:-64 256}  # bench_calibration's 256 images
 fi
 SITE=$(mktemp -d)
 cp -r "$REPO/cobkern" "$REPO/bench" "$REPO/tests" "$REPO/pyproject.toml" "$REPO/README.md" "$SITE/"
@@ -182,7 +185,14 @@ if want ncu; then  # hardware counters of the bf16/fp32 NCHW kernels at 1024×64
 fi
 if want calibration; then
   step "calibration: forward pass vs streaming vs materialising"
-  cap 90 "${CAL_DRY[@]}" python3 bench/bench_calibration.py --out "$FINAL"
+  # GPU_SESSION_CAL_BATCHES: the batch sizes to time (the ratio to a forward pass at the same
+  # batch is issue 4's goal; host time per image falls with the batch), the first into
+  # $FINAL, the others in calibration-b<batch>/ with a shorter cap
+  first=1
+  for b in ${GPU_SESSION_CAL_BATCHES:-500 2000}; do
+    dest="$FINAL"; c=90; ((first)) || { dest="$FINAL/calibration-b$b"; c=60; }; first=0
+    cap "$c" "${CAL_DRY[@]}" python3 bench/bench_calibration.py --out "$dest" --batch "$b"
+  done
 fi
 if want tsra; then
   step "TSRA kernels vs eager / torch.compile / copy ceiling (bf16, then fp32)"
