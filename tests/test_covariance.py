@@ -84,6 +84,34 @@ def test_kernel_several_chunks_and_big_subspace(device):
     _close(got, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,split,channels_last", [((3, 10, 5, 7), 4, False),
+                                                       ((1, 10, 5, 7), 4, False),
+                                                       ((3, 10, 5, 7), 3, True),
+                                                       ((37, 9), 5, False)],
+                         ids=["nchw", "nchw-b1", "nhwc", "rows"])
+def test_64_bit_offsets_compute_the_same_moments(monkeypatch, device, dtype, shape, split,
+                                                 channels_last):
+    """``INDEX64`` (64-bit sample offsets) is compiled only for batches of 2^31 elements or
+    more, which no test can allocate, so its branch of the kernel went unchecked (a wrong
+    stride in it survived mutation testing). Forced on for small batches — NCHW with B > 1
+    and B = 1, channels-last, (N, C) rows: both of its offset formulas — it must add the
+    same moments: the suite's 2e-6 against float64."""
+    from cobkern.kernels import covariance as kcov
+
+    original = kcov.specialization
+
+    def index64(*args, **kwargs):
+        constexprs, num_warps, num_stages = original(*args, **kwargs)
+        return dict(constexprs, INDEX64=True), num_warps, num_stages
+
+    monkeypatch.setattr(kcov, "specialization", index64)
+    x = _make(shape, dtype, channels_last, device)
+    with use_backend("triton"):
+        got = subspace_moments(x, split)
+    _close(got, subspace_moments_reference(x, split, accum_dtype=torch.float64))
+
+
 def test_gram_is_symmetric_and_psd(device):
     x = _make((2, 40, 4, 4), torch.float32, False, device)
     with use_backend("triton"):

@@ -219,6 +219,53 @@ def test_inline_ops_trace_to_the_eager_launch_plan(inline_traces):
             assert (launch["args"]["a_u"], launch["args"]["b_v"]) == (5.0, 0.7)
 
 
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_traced_launch_binds_each_constant_to_its_own_parameter(monkeypatch, direction):
+    """``run_traced`` (what inductor launches under ``torch.compile`` on CUDA, so never run
+    by the CPU suite) must pass every argument to the kernel parameter ``run`` passes it to:
+    both launches recorded and bound to the kernel's parameter names, with six distinct
+    constants — the inline trace above compares only ``a_u`` and ``b_v`` at their defaults,
+    where ``a_u == a_v``, so ``a_u, a_v, b_u, b_v`` passed in that order went unnoticed
+    (found by mutation testing). Exact: the same Python floats, no arithmetic between."""
+    import torch.library
+
+    from cobkern.kernels import tsra as k
+    from cobkern.ops._checks import channel_geometry
+
+    x = torch.randn(2, 8, 3, 3)
+    geo = channel_geometry(x, 1)
+    p = k.plan(direction, geo, 3, True, 4)
+    tensors = (x, torch.empty_like(x)) if direction == "forward" else \
+        (torch.randn_like(x), x, torch.empty_like(x))
+    consts = (2.0, 0.25, 7.0, 0.75, 0.125, 8, 1e-3)  # a_u, b_u, a_v, b_v, eps, n, rms_eps
+    names = p.kernel.arg_names
+    bound = {}
+
+    def eager(kernel, grid, ptrs, ints, floats, constexprs, num_warps, *rest):
+        bound["run"] = dict(zip(names, (*ptrs, *ints, *floats), strict=False))
+
+    class Traced:
+        def __init__(self, kernel):
+            assert kernel is p.kernel
+
+        def __getitem__(self, grid):
+            def call(*args, num_warps, **constexprs):
+                assert num_warps == p.num_warps and constexprs == p.constexprs
+                bound["traced"] = dict(zip(names, args, strict=False))
+            return call
+
+    monkeypatch.setattr(k, "launch", eager)
+    monkeypatch.setattr(torch.library, "wrap_triton", Traced)
+    k.run(p, tensors, *consts)
+    k.run_traced(p, tensors, *consts)
+    floats = ("a_u", "b_u", "a_v", "b_v", "eps", "inv_norm_size", "rms_eps")
+    want = dict(zip(floats, (2.0, 0.25, 7.0, 0.75, 0.125, 1 / 8, 1e-3), strict=True))
+    assert {n: bound["run"][n] for n in floats} == want
+    assert bound["traced"].keys() == bound["run"].keys()
+    for n, v in bound["run"].items():
+        assert bound["traced"][n] is v or bound["traced"][n] == v, n
+
+
 def test_inline_ops_with_symbolic_sizes_run_the_opaque_ops(inline_traces):
     """With a symbolic batch size (``torch.compile``'s dynamic shapes, ``mark_dynamic``) a
     launch cannot be planned at trace time — its block sizes depend on the sizes — and

@@ -393,6 +393,69 @@ def test_launch_plans_are_made_once_per_layout_and_cached_within_bounds(monkeypa
         assert made == ["forward", "backward"] * 2 and not ops._PLANS
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["tsra", "rmsnorm_tsra"])
+def test_cached_plans_tell_channel_axes_of_one_shape_apart(fused, device):
+    """A square ``(8, 8)`` tensor is channel-major for ``dim=0`` and ``(N, C)`` rows for
+    ``dim=1``: the same shape, strides, dtype and split, but another geometry, so the plan
+    cache must key on the channel axis too — a plan reused across them reads the tensor
+    transposed (found by mutation testing). Both axes, both orders, forward and backward,
+    against the float64 reference with the module's float32 tolerances."""
+    import importlib
+
+    ops = importlib.import_module("cobkern.ops.tsra")
+    x = torch.randn(8, 8, device=device) * 1.5
+    dy = torch.randn_like(x)
+    kw = dict(norm_size=None, rms_eps=1e-6) if fused else {}
+    fn, bwd = (rmsnorm_tsra, rmsnorm_tsra_backward) if fused else (tsra, tsra_backward)
+    with cobkern.use_backend("triton"):
+        for dims in ((0, 1), (1, 0)):
+            ops._PLANS.clear()
+            for dim in dims:
+                y64, dx64 = tsra64_grad(x.cpu(), dy.cpu(), 3, dim, **kw)
+                torch.testing.assert_close(fn(x, 3, dim).cpu().double(), y64,
+                                           **TOL[torch.float32])
+                torch.testing.assert_close(bwd(dy, x, 3, dim).cpu().double(), dx64,
+                                           **TOL[torch.float32])
+    ops._PLANS.clear()
+
+
+def test_cached_plans_are_made_per_dtype(monkeypatch, device):
+    """float32 and bfloat16 tensors of one shape and layout get launch plans of their own:
+    tiles are sized in bytes (``TILE_BYTES``, ``BYTES_PER_THREAD``), so at 2×20×16×16 the
+    forward tile holds 128 float32 positions but 256 bfloat16 ones, and a plan cached for
+    one dtype must not launch the other (the values would not change — the spill-free tile
+    sizes would; found by mutation testing). Each launch runs the plan ``plan`` makes for
+    its own element size; the outputs are checked too (module tolerances)."""
+    import importlib
+
+    from cobkern.kernels import tsra as k
+    from cobkern.ops._checks import channel_geometry
+
+    ops = importlib.import_module("cobkern.ops.tsra")
+    launched = []
+    original = k.run
+
+    def spy(p, tensors, *args, **kw):
+        launched.append((tensors[0].dtype, p.constexprs))
+        return original(p, tensors, *args, **kw)
+
+    monkeypatch.setattr(k, "run", spy)
+    monkeypatch.setattr(ops, "_PLANS", {})
+    monkeypatch.setenv("COBKERN_TSRA_TUNING", "off")
+    x32 = torch.randn(2, 20, 16, 16, device=device)
+    geo = channel_geometry(x32, 1)
+    want = {dt: k.plan("forward", geo, 7, False, torch.empty((), dtype=dt).element_size())
+            .constexprs for dt in (torch.float32, torch.bfloat16)}
+    assert want[torch.float32]["BLOCK_P"] != want[torch.bfloat16]["BLOCK_P"]
+    with cobkern.use_backend("triton"):
+        for dtype in (torch.float32, torch.bfloat16, torch.float32):
+            x = x32.to(dtype)
+            y64, _ = tsra64_grad(x.cpu(), torch.ones_like(x).cpu(), 7, 1)
+            torch.testing.assert_close(tsra(x, 7).cpu().double(), y64, **TOL[dtype])
+    assert [(dt, c) for dt, c in launched] == [(dt, want[dt]) for dt in
+                                                (torch.float32, torch.bfloat16, torch.float32)]
+
+
 def test_kernel_family_by_layout_and_split():
     """Channel-major inputs take the split kernels; channels-last ones too when the split is
     a multiple of ``SPLIT_ALIGN`` (V's channel vectors then start aligned), else the single
