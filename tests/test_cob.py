@@ -531,6 +531,29 @@ def test_statistics_refuse_other_weights_of_the_same_shape(tmp_path):
         rotate_model(other, loaded)
 
 
+def test_fingerprint_checks_every_row_when_the_biases_agree():
+    """The fingerprint has a weight row and a bias row, and a difference in either refuses
+    the statistics. Zero-initialised biases (common) are identical across models and left
+    unchanged by a rotation (R·0 = 0): then only the weight row tells the weights apart, so
+    a check that looked at the bias row alone would accept other weights, or the model
+    rotate_model already rotated. The weights differ by order 1 (other random init, or an
+    output rotation), far above FINGERPRINT_RTOL (1e-2), so no tolerance is at stake."""
+    torch.manual_seed(0)
+    m = small_net().eval()
+    other = small_net().eval()  # same shapes, other random weights
+    with torch.no_grad():
+        for mod in (*m.modules(), *other.modules()):
+            if isinstance(mod, (nn.Conv2d, nn.Linear)):
+                mod.bias.zero_()
+    with use_backend("reference"):
+        st = calibrate(m, batches(), progress=False)
+        with pytest.raises(ValueError, match="other weights"):
+            rotate_model(other, st)
+        rotate_model(m, st)
+        with pytest.raises(ValueError, match="already rotated"):
+            rotate_model(m, st)
+
+
 def test_fingerprint_ignores_rotations_of_the_input_channels():
     """Rotating layer l rewrites the next producer's input columns (W_next Rᵀ) without
     changing layer l+1's activations: its statistics must still be accepted."""

@@ -500,6 +500,19 @@ def test_thresholds_are_strict_and_lossless_is_inclusive():
     assert RankTolerance((0.0, 0.0)).select(s).v.tolist() == [0]  # energy 0 <= 0·4
 
 
+def test_zscore_uses_the_population_std():
+    """The z-score divides by the population std (the strategy's docstring): scores 0 and 2
+    have std 1, so score 0 has z = −1 exactly and goes at t = −0.9; with the sample std
+    (√2) its z would be −0.707 and it would stay. Exact in binary floating point, so the
+    keep sets are compared exactly; the whole-layer (pooled) value too: 0, 2, 2, 0 have
+    mean 1 and population std 1 (sample std 1.155, z = −0.866 > −0.9)."""
+    s = scores([0.0, 2.0], [2.0, 0.0])
+    assert ZScore((-0.9, -0.9)).select(s).u.tolist() == [1]
+    assert ZScore((-0.9, -0.9)).select(s).v.tolist() == [0]
+    k = ZScore(-0.9).select(s)
+    assert k.u.tolist() == [1] and k.v.tolist() == [0]
+
+
 def test_the_at_least_one_guard_keeps_the_best_channel():
     """When a rule would empty a subspace, the channel that stays is the best one: the
     highest score, or for the eigenvalue rules the highest energy (which can differ from the
