@@ -100,15 +100,20 @@ def _ratio_count(p: float, n: int) -> int:
     return k if abs(x - k) <= 1e-12 * max(1.0, abs(x)) else math.floor(x)
 
 
+def _check_positive_int(v: Any, name: str, owner: str) -> int:
+    """``v`` as an int; ``TypeError`` unless an integer (numpy ones too; bool is not one
+    here), ``ValueError`` unless ``>= 1``. ``name`` is the argument, ``owner`` its user."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{owner}: {name} must be a positive int, got {v!r} "
+                        f"({type(v).__name__})")
+    if v < 1:
+        raise ValueError(f"{owner}: {name} must be a positive int, got {v!r}")
+    return int(v)
+
+
 def _check_round_to(round_to: Any, owner: str = "round_to") -> int:
-    """``round_to`` as an int; ``TypeError`` unless an integer (bool is not one here),
-    ``ValueError`` unless ``>= 1``."""
-    if isinstance(round_to, bool) or not isinstance(round_to, numbers.Integral):
-        raise TypeError(f"{owner}: round_to must be a positive int, got {round_to!r} "
-                        f"({type(round_to).__name__})")
-    if round_to < 1:
-        raise ValueError(f"{owner}: round_to must be a positive int, got {round_to!r}")
-    return int(round_to)
+    """``round_to`` as an int (:func:`_check_positive_int`)."""
+    return _check_positive_int(round_to, "round_to", owner)
 
 
 def _as_number(v: Any, integral: bool = False) -> Any:
@@ -299,13 +304,8 @@ class ExactParameterTarget(Strategy):
         if self.per_subspace and self.values[0] != self.values[1]:
             raise ValueError("ExactParameterTarget: the target is one fraction for the whole "
                              f"model; a pair must repeat it (got {value!r})")
-        if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral):
-            raise TypeError(f"ExactParameterTarget: iterations must be a positive int, got "
-                            f"{iterations!r} ({type(iterations).__name__})")
-        if iterations < 1:  # no bisection step would return the largest ratio tried
-            raise ValueError(f"ExactParameterTarget: iterations must be a positive int, got "
-                             f"{iterations!r}")
-        self.iterations = int(iterations)
+        # iterations < 1: no bisection step would return the largest ratio tried
+        self.iterations = _check_positive_int(iterations, "iterations", "ExactParameterTarget")
         self.ratio: float | None = None
         self.achieved: float | None = None
 
