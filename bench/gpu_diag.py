@@ -443,26 +443,32 @@ def _scalar_slab_loads(shape) -> bool:
     return len(shape) > 1 and (shape[1] * shape[2]) % 16 != 0
 
 
-def _cov_step_variants(dname: str, scalar_loads: bool = False) -> dict[str, dict]:
+def _cov_step_variants(dname: str, scalar_loads: bool = False,
+                       nhwc: bool = False) -> dict[str, dict]:
     """The samples-per-step and warps-per-program overrides of one dtype's shipped launch
     (offline, sm_90, SASS instructions per sample across VGG-16's layers: bf16 at 128
-    samples a step 22–36 % fewer, at 256 31–54 %; float32 IEEE on channel-contiguous slabs
-    on 2 warps 19–21 % fewer, on 1 warp 25–28 %, with 2.7× and 3.8× the FMAs per
-    shared-memory load; ``bench/kernel_proxies.py --covariance``).
-    Fewer warps a program get proportionally more programs, so an SM holds as many warps.
-    ``scalar_loads`` (NCHW 2×2 maps: the slabs load element by element into registers):
-    without the widest step and the 1-warp program, which spill there (1,764 and 376 bytes)."""
+    samples a step 22–36 % fewer than at 64, at 256 31–54 %; float32 IEEE on
+    channel-contiguous slabs on 2 warps 19–21 % fewer, on 1 warp 25–28 %, with 2.7× and
+    3.8× the FMAs per shared-memory load; ``bench/kernel_proxies.py --covariance``).
+    The steps around the shipped ones (since the 2026-11-28 sweep: 128 samples for bf16,
+    64 for float32 IEEE NHWC, 32 for float32 NCHW): the previous default and the next
+    wider step. Fewer warps a program get proportionally more programs, so an SM holds as
+    many warps. ``scalar_loads`` (NCHW 2×2 maps: the slabs load element by element into
+    registers): without the widest step and the 1-warp program, which spill there (1,764
+    and 376 bytes)."""
     from cobkern.kernels.covariance import TARGET_PROGRAMS_GPU
 
     if dname == "bf16":
-        out = {"128 samples a step": {"block_k": 128}}
+        out = {"64 samples a step": {"block_k": 64}}
         if not scalar_loads:
             out["256 samples a step"] = {"block_k": 256}
         return out
-    out = {"64 samples a step": {"block_k": 64},
+    steps = {"32 samples a step": {"block_k": 32}, "128 samples a step": {"block_k": 128}}
+    out = {**(steps if nhwc else {"64 samples a step": {"block_k": 64}}),
            f"2 warps, {2 * TARGET_PROGRAMS_GPU} programs":
                {"num_warps": 2, "target_programs": 2 * TARGET_PROGRAMS_GPU}}
-    if not scalar_loads:
+    if not (scalar_loads or nhwc):  # on NHWC slabs 21-47 % more time than 4 warps on the
+        # H200 (2026-11-28), and with their 64 samples a step it spills (offline, sm_90)
         out[f"1 warp, {4 * TARGET_PROGRAMS_GPU} programs"] = {
             "num_warps": 1, "target_programs": 4 * TARGET_PROGRAMS_GPU}
     return out
@@ -487,7 +493,9 @@ def _cov_jobs():
                         **{f"{n} programs": {"target_programs": n}
                            for n in (TARGET_PROGRAMS_GPU // 4, TARGET_PROGRAMS_GPU,
                                      TARGET_PROGRAMS_GPU * 4)}}
-            variants.update(_cov_step_variants(dname, _scalar_slab_loads(shape)))
+            # (N, C) rows are channel-contiguous, like NHWC maps
+            variants.update(_cov_step_variants(dname, _scalar_slab_loads(shape),
+                                               nhwc=len(shape) == 1))
             if dname == "fp32":
                 variants["tf32"] = {"f32_dot": "tf32"}
                 variants["tf32x3"] = {"f32_dot": "tf32x3"}
@@ -505,7 +513,8 @@ def _cov_jobs():
                 for n in (TARGET_PROGRAMS_GPU // 4, TARGET_PROGRAMS_GPU * 4):
                     variants[f"NHWC {n} programs"] = {"nhwc": True, "target_programs": n}
                 variants.update({f"NHWC {label}": {"nhwc": True, **over}
-                                 for label, over in _cov_step_variants(dname).items()})
+                                 for label, over in _cov_step_variants(dname,
+                                                                       nhwc=True).items()})
                 if dname == "fp32":
                     variants["NHWC fp64"] = {"nhwc": True, "f32_dot": "fp64"}
                     variants["NHWC tf32"] = {"nhwc": True, "f32_dot": "tf32"}
@@ -679,6 +688,29 @@ def _host_copy_cost(calibrate, model, loader, repeats: int = 3) -> dict:
             "fp32_host_copy_s": shipped - on_device}
 
 
+def _per_batch_s(calibrate, model, loader, **kwargs) -> list[float]:
+    """Seconds each batch of one ``calibrate(model, loader, **kwargs)`` took, the device
+    synchronised between batches (the loader is read through a generator that waits for
+    the GPU before handing out the next batch; the last entry ends with the statistics'
+    copy to the host). With ``cuda_graphs=True`` entry 0 is the eager warm-up, entry 1 the
+    capture and its first replay, the rest replays: whether graphed calibration is slower
+    (2026-11-28: 0.154 s against 0.091 s eager, channels-last, 20 batches of 500) by a cost
+    paid once or by every replay."""
+    marks: list[float] = []
+
+    def timed():
+        for xb in loader:
+            _sync()
+            marks.append(time.perf_counter())
+            yield xb
+        _sync()
+
+    calibrate(model, timed(), max_samples=None, progress=False, **kwargs)
+    _sync()
+    marks.append(time.perf_counter())
+    return [b - a for a, b in itertools.pairwise(marks)]
+
+
 def part_calibration(rec: dict) -> None:
 
     from cobkern.cob import calibrate, find_cob_layers
@@ -756,6 +788,14 @@ def part_calibration(rec: dict) -> None:
                 out[f"{dname}_{m}_max_rel_err"] = err
         if dtype == torch.float32:  # what copying the statistics to the host costs
             out.update(_host_copy_cost(calibrate, model, loader))
+            # eager against graphed (CUDA only), batch by batch, channels-last
+            for graphs in (False, True) if DEVICE == "cuda" else (False,):
+                key = f"fp32_ieee-nhwc{'-graphs' if graphs else ''}_per_batch_s"
+                _per_batch_s(calibrate, model, loader, channels_last=True,
+                             cuda_graphs=graphs)  # warm: the timed run's first batch
+                out[key] = _per_batch_s(calibrate, model, loader, channels_last=True,
+                                        cuda_graphs=graphs)
+                print(key, " ".join(f"{t * 1e3:.2f}" for t in out[key]), "ms", flush=True)
         del stats
     # where the streaming time goes: float32 NCHW, and the bf16 model channels-last (on the
     # H200 of 2026-11-27 it calibrated in 0.122 s against 0.066 s NCHW, which its covariance

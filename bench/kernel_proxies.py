@@ -193,12 +193,13 @@ def covariance() -> None:
     from bench.gpu_diag import _cov_step_variants, _scalar_slab_loads
     from cobkern.kernels.covariance import launch_config, tile_table
 
-    def steps(name: str, scalar_loads: bool = False) -> list[tuple[str, dict]]:
+    def steps(name: str, scalar_loads: bool = False,
+              nhwc: bool = False) -> list[tuple[str, dict]]:
         """gpu_diag's samples-a-step and warps-a-program rows, without its program
         counts (they change the grid, not what compiles)."""
         return [(label.split(",")[0], {k: v for k, v in over.items()
                                        if k != "target_programs"})
-                for label, over in _cov_step_variants(name, scalar_loads).items()]
+                for label, over in _cov_step_variants(name, scalar_loads, nhwc).items()]
 
     rows, specs = [], []
     for shape in COV_LAYERS:
@@ -214,7 +215,7 @@ def covariance() -> None:
                              (f"fp64 {96 - wide}×{96 - wide}",
                               {"f32_dot": "fp64", "block": 96 - wide}),
                              ("tf32", {"f32_dot": "tf32"})]
-            variants += steps(name, _scalar_slab_loads(shape))
+            variants += steps(name, _scalar_slab_loads(shape), nhwc=len(shape) == 1)
             if len(shape) > 1:  # conv maps, channels_last
                 variants.append(("NHWC", {"nhwc": True}))
                 if dt == torch.float32:
@@ -222,7 +223,7 @@ def covariance() -> None:
                                  ("NHWC tf32", {"nhwc": True, "f32_dot": "tf32"}),
                                  ("NHWC tf32x3", {"nhwc": True, "f32_dot": "tf32x3"})]
                 variants += [(f"NHWC {label}", {"nhwc": True, **over})
-                             for label, over in steps(name)]
+                             for label, over in steps(name, nhwc=True)]
             for label, over in variants:
                 over = dict(over)
                 spec = _spec((500, *shape), over.pop("nhwc", False), dt, **over)

@@ -204,8 +204,12 @@ F32_DOT_DEFAULT = "ieee"
 
 def launch_config(subspace: int, dtype: torch.dtype, block: int | None = None,
                   f32_dot: str | None = None, block_k: int | None = None,
-                  num_warps: int | None = None) -> tuple[int, int, int, int]:
+                  num_warps: int | None = None,
+                  channels_contig: bool = False) -> tuple[int, int, int, int]:
     """``(BLOCK, BLOCK_K, num_warps, num_stages)`` for a subspace of this size and dtype.
+
+    ``channels_contig``: the slabs' channel axis is the unit-stride one (``(N, C)`` rows and
+    NHWC maps; NCHW maps have unit-stride positions), which sets float32 IEEE's step.
 
     16-bit inputs: tiles of 64×64 (8 warps), or 32×32 (4 warps) when the wider subspace has
     at most 32 channels — a 64×64 tile of a 32-channel subspace is three quarters padding
@@ -217,8 +221,14 @@ def launch_config(subspace: int, dtype: torch.dtype, block: int | None = None,
     4096-wide layers), so bf16 keeps 64×64, and so do float32's tensor-core modes
     (``tf32x3``, ``bf16x6``: timed with 64×64 tiles; with 32×32 ones ``bf16x6`` spills 12
     bytes on the 4096-wide layers under triton 3.6, offline). Wider subspaces get more
-    tiles rather than bigger ones. A step takes 64 samples for 16-bit inputs and 32 for
-    float32 (twice the bytes per slab); two pipeline
+    tiles rather than bigger ones. Samples a step (H200, 2026-11-28, batch 500, CUDA-graph
+    replay, every VGG-16 CoB layer): 128 for 16-bit inputs — against 64, bf16 NHWC 16–27 %
+    less time at every layer (0.0578 against 0.0744 ms at 64×32×32), NCHW 2–10 % less at
+    every layer but 64×32×32 (1.6 % more), the 4096-wide linears 10 % less (256 was faster
+    still on NHWC maps but took 27 % more than 64 on the linears; fp16 takes bf16's
+    settings, untimed); float32 IEEE 64 on channel-contiguous slabs — against 32, 3–13 %
+    less time at every NHWC layer, 4 % on the linears — and 32 on NCHW ones (64 within
+    ±3.2 % there); the tensor-core modes 32; two pipeline
     stages (``cp.async`` on sm_90; :func:`specialization` keeps one where the loads are
     scalar). The fp32 tile accumulator, its Kahan compensation and each
     step's product tile live in registers: with 4 warps a 64×64 tile needs more than 255
@@ -230,14 +240,14 @@ def launch_config(subspace: int, dtype: torch.dtype, block: int | None = None,
     samples on 64×64 tiles and 32 on 32×32 ones: offline sm_90, triton 3.6 (whose float64
     ``mma`` is m16n8k16) spilled 84 bytes at 64×64 with 32-sample steps and 24 bytes at
     32×32 with 4 warps; these settings are spill-free on 3.6 and 3.8 (102–118 and 46–80
-    registers). ``f32_dot="tf32"`` (untimed) takes the tensor-core modes' tiles, 32
+    registers). ``f32_dot="tf32"`` takes the tensor-core modes' tiles, 32
     samples a step (120 registers at 64×64, 8 warps). These configurations are compiled and
     checked for spills, tensor-core products and pipelined loads in the test suite.
     ``block``, ``block_k`` (samples a step) and ``num_warps`` override the defaults (tuning
-    sweeps: offline, sm_90, 128 samples a step cut bf16's SASS instructions per sample by
-    22–36 % across VGG-16's layers, and 2 warps cut float32 IEEE's by 19–21 % on
-    channel-contiguous slabs, with 2.7× the FMAs per shared-memory load —
-    ``bench/kernel_proxies.py --covariance``; neither is timed yet).
+    sweeps, ``bench/gpu_diag.py --parts covariance``; 2 warps a program, twice the
+    programs, on float32 IEEE NHWC slabs — 19–21 % fewer SASS instructions per sample
+    offline — took 14 % less to 9 % more time than 4 warps on the H200, and beat 64
+    samples a step by 2 % at one layer only).
     """
     if dtype == torch.float32 and f32_dot == "fp64":
         block = block or (32 if subspace <= 32 else 64)
@@ -245,7 +255,7 @@ def launch_config(subspace: int, dtype: torch.dtype, block: int | None = None,
     else:
         ieee = dtype == torch.float32 and f32_dot in (None, "", "ieee")
         block = block or (32 if subspace <= 32 or ieee else 64)
-        default_k = 32 if dtype == torch.float32 else 64
+        default_k = 128 if dtype != torch.float32 else 64 if ieee and channels_contig else 32
         default_warps = 8 if block >= 64 else 4
     return block, block_k or default_k, num_warps or default_warps, 2
 
@@ -281,7 +291,8 @@ def specialization(geo, split: int, dtype: torch.dtype, numel: int, on_gpu: bool
     n = geo.B * geo.P
     mode = _f32_dot(f32_dot or "ieee", on_gpu) if dtype == torch.float32 else ""
     block, block_k, num_warps, stages = launch_config(max(split, geo.C - split), dtype, block,
-                                                      mode, block_k, num_warps)
+                                                      mode, block_k, num_warps,
+                                                      channels_contig=geo.stride_c == 1)
     vector_q = geo.stride_p == 1 and geo.P % 16 == 0 and (geo.B == 1 or geo.stride_b % 16 == 0)
     vector_c = geo.stride_c == 1 and split % 16 == 0 and geo.C % 16 == 0
     if num_stages is None:

@@ -158,6 +158,33 @@ def test_calibrate_default_is_auto() -> None:
     assert inspect.signature(calibrate).parameters["channels_last"].default is None
 
 
+def test_gpu_diag_per_batch_timing_reads_every_batch_once(monkeypatch) -> None:
+    """``bench/gpu_diag.py``'s per-batch timing of a calibration (eager against CUDA graphs
+    on a lease) hands the loader's batches through a timing generator: one duration per
+    batch, and the statistics are those of the plain call (no batch dropped or repeated)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench import gpu_diag
+
+    monkeypatch.setattr(gpu_diag, "DEVICE", "cpu")
+    m, data = tiny_net().eval(), [x for x, _ in tiny_batches()]
+    seen: list[int] = []
+
+    def spy(model, loader, **kw):
+        stats = calibrate(model, (seen.append(x.shape[0]) or x for x in loader), **kw)
+        spy.stats = stats
+        return stats
+
+    times = gpu_diag._per_batch_s(spy, m, data, channels_last=False)
+    assert len(times) == len(data) and all(t > 0 for t in times)
+    assert seen == [x.shape[0] for x in data]
+    ref = calibrate(m, data, max_samples=None, progress=False)
+    for name in ref.layers:
+        assert torch.equal(spy.stats[name].gram_u, ref[name].gram_u), name
+
+
 def test_gpu_diag_host_copy_cost_restores_the_host_copy(monkeypatch) -> None:
     """``bench/gpu_diag.py`` times calibration with the statistics' host copy replaced by
     device copies. It must put the real copy back, even when a run fails, and report both
