@@ -688,6 +688,21 @@ def _host_copy_cost(calibrate, model, loader, repeats: int = 3) -> dict:
             "fp32_host_copy_s": shipped - on_device}
 
 
+def _context_capture(fn):
+    """``cobkern.cob.graphs.cuda_capture`` as it was until 2026-11-28: the capture through
+    ``torch.cuda.graph``'s context manager (device synchronisation, device and pinned-host
+    caches emptied before it), for the per-batch comparison."""
+    current = torch.cuda.current_stream()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream()):
+            fn()
+    except BaseException:
+        torch.cuda.set_stream(current)
+        raise
+    return graph.replay
+
+
 def _per_batch_s(calibrate, model, loader, **kwargs) -> list[float]:
     """Seconds each batch of one ``calibrate(model, loader, **kwargs)`` took, the device
     synchronised between batches (the loader is read through a generator that waits for
@@ -788,13 +803,24 @@ def part_calibration(rec: dict) -> None:
                 out[f"{dname}_{m}_max_rel_err"] = err
         if dtype == torch.float32:  # what copying the statistics to the host costs
             out.update(_host_copy_cost(calibrate, model, loader))
-            # eager against graphed (CUDA only), batch by batch, channels-last
-            for graphs in (False, True) if DEVICE == "cuda" else (False,):
-                key = f"fp32_ieee-nhwc{'-graphs' if graphs else ''}_per_batch_s"
-                _per_batch_s(calibrate, model, loader, channels_last=True,
-                             cuda_graphs=graphs)  # warm: the timed run's first batch
-                out[key] = _per_batch_s(calibrate, model, loader, channels_last=True,
-                                        cuda_graphs=graphs)
+            # eager against graphed (CUDA only), batch by batch, channels-last; graphed
+            # twice: captured as shipped, and through torch.cuda.graph's context manager
+            # (which empties the allocators' caches before each capture)
+            from cobkern.cob import graphs as graphs_mod
+
+            shipped_capture = graphs_mod.cuda_capture
+            variants = (("", False, None), ("-graphs", True, None),
+                        ("-graphs-context", True, _context_capture))
+            for suffix, graphs, capture in variants if DEVICE == "cuda" else variants[:1]:
+                key = f"fp32_ieee-nhwc{suffix}_per_batch_s"
+                graphs_mod.cuda_capture = capture or shipped_capture
+                try:
+                    _per_batch_s(calibrate, model, loader, channels_last=True,
+                                 cuda_graphs=graphs)  # warm: the timed run's first batch
+                    out[key] = _per_batch_s(calibrate, model, loader, channels_last=True,
+                                            cuda_graphs=graphs)
+                finally:
+                    graphs_mod.cuda_capture = shipped_capture
                 print(key, " ".join(f"{t * 1e3:.2f}" for t in out[key]), "ms", flush=True)
         del stats
     # where the streaming time goes: float32 NCHW, and the bf16 model channels-last (on the

@@ -11,6 +11,7 @@ computations in the same order. The real capture runs in the CUDA tests at the e
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import warnings
 
@@ -252,6 +253,101 @@ def test_count_samples_checks_its_argument() -> None:
     with pytest.raises(TypeError, match="must be an int"):
         acc.count_samples(1.0)
     assert acc.count == 3
+
+
+# --------------------------------------------------------- cuda_capture's control flow
+class _FakeCudaAPI:
+    """Stand-ins for the ``torch.cuda`` calls :func:`graphs.cuda_capture` makes, recording
+    them in order: it runs here without a GPU (the real capture runs in the CUDA tests)."""
+
+    def __init__(self, end_fails: bool = False) -> None:
+        self.log: list[str] = []
+        self.current = "caller"
+        self.end_fails = end_fails
+        api = self
+
+        class Stream:
+            def __init__(self) -> None:
+                self.name = "side"
+
+            def wait_stream(self, other) -> None:
+                api.log.append(f"side waits for {other}")
+
+        class Graph:
+            def capture_begin(self) -> None:
+                api.log.append(f"begin on {api.current}")
+
+            def capture_end(self) -> None:
+                api.log.append(f"end on {api.current}")
+                if api.end_fails:
+                    raise RuntimeError("capture invalidated")
+
+            def reset(self) -> None:
+                api.log.append("reset")
+
+            def replay(self) -> None:
+                api.log.append("replay")
+
+        @contextlib.contextmanager
+        def stream(s):
+            before, api.current = api.current, s.name
+            yield
+            api.current = before
+
+        def set_stream(s) -> None:
+            api.log.append(f"set {s}")
+            api.current = s
+
+        def forbidden(name):
+            def call(*_a, **_k):
+                raise AssertionError(f"cuda_capture called torch.cuda.{name}")
+            return call
+
+        self.patches = {"current_stream": lambda: self.current, "Stream": Stream,
+                        "CUDAGraph": Graph, "stream": stream, "set_stream": set_stream,
+                        "synchronize": forbidden("synchronize"),
+                        "empty_cache": forbidden("empty_cache"),
+                        "graph": forbidden("graph")}
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    def make(**kw) -> _FakeCudaAPI:
+        api = _FakeCudaAPI(**kw)
+        for name, value in api.patches.items():
+            monkeypatch.setattr(torch.cuda, name, value, raising=False)
+        return api
+    return make
+
+
+def test_cuda_capture_records_on_a_side_stream_without_emptying_caches(fake_cuda) -> None:
+    """The capture begins and ends on a side stream that first waits for the caller's, runs
+    ``fn`` in between, returns the graph's replay and leaves the caller's stream current —
+    without ``torch.cuda.graph``'s device synchronisation and cache emptying (which would
+    make calibration pin its statistics' host buffers anew)."""
+    api = fake_cuda()
+    replay = graphs.cuda_capture(lambda: api.log.append(f"fn on {api.current}"))
+    assert api.log == ["side waits for caller", "begin on side", "fn on side", "end on side"]
+    assert api.current == "caller"
+    replay()
+    assert api.log[-1] == "replay"
+
+
+@pytest.mark.parametrize("end_fails", [False, True])
+def test_cuda_capture_failure_raises_fn_error_and_restores_the_stream(fake_cuda,
+                                                                     end_fails) -> None:
+    """``fn`` fails mid-capture: the capture is ended (an invalidated one may fail to end:
+    that error is not the one raised), the partial graph freed, the caller's stream made
+    current again, and ``fn``'s own error raised — ForwardReplay's fallback names it."""
+    api = fake_cuda(end_fails=end_fails)
+
+    def fn() -> None:
+        raise ValueError("synchronised inside the capture")
+
+    with pytest.raises(ValueError, match="synchronised inside the capture"):
+        graphs.cuda_capture(fn)
+    assert api.log[-3:] == ["end on side", "set caller", "reset"]
+    assert api.current == "caller"
 
 
 # ------------------------------------------------------------------------------- CUDA
