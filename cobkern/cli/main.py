@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(--no-channels-last); the same statistics up to float round-off. "
                         "default: the config's, normally auto: channels-last for a float32 "
                         "model on CUDA (1.44-1.48x faster calibration on an H200), NCHW "
-                        "otherwise (a bfloat16 model was 1.84x slower channels-last; CPU "
+                        "otherwise (a bfloat16 model: 1.84x slower channels-last on one lease, "
+                        "1.07x faster on the next; CPU "
                         "untimed; BENCHMARKS.md)")
     s.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="on CUDA, replay each batch's forward pass and covariance kernels "

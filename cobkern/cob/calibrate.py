@@ -18,7 +18,9 @@ instead of following them. Each activation is kept alive by the caching allocato
 its kernel has read it (``record_stream``), and a batch's forward starts only when the
 previous batch's kernels are done, so at most one batch of activations is in flight.
 
-CUDA graphs (``cuda_graphs=True``, CUDA only; off by default until timed): a calibration
+CUDA graphs (``cuda_graphs=True``, CUDA only; off by default: on an H200, 2026-11-28, graphed
+calibration took 0.154 s against 0.091 s eager, channels-last, by a cost that did not grow
+with the number of batches; the capture has changed since, untimed): a calibration
 batch is ~60 small launches behind Python (custom-op dispatch, hooks, launchers); in an
 H200 profile of four float32 NCHW batches the host's time (30.2 ms, profiler included) was
 as long as the GPU's (28.3 ms; ``bench/results/h200-2026-11-27b/gpu_diag.md``). With
@@ -43,10 +45,11 @@ Automatic layout, measured end to end (``BENCHMARKS.md``; H200, torch 2.11, 2026
 VGG-16 TSRA width 1.0, 10,000 images, batch 500, forward pass included): a float32 model
 calibrated in 0.091–0.094 s channels-last against 0.135 s NCHW (IEEE float32 products),
 1.44–1.48× faster (``f32_dot="fp64"`` did not gain from it: 0.111–0.113 s); a bfloat16
-model took 0.122 s channels-last against 0.066 s NCHW, 1.84× slower (cause not yet known).
-CPU calibration was never timed either way. So ``channels_last=None`` means channels-last
-exactly for a float32 model on a CUDA device, NCHW otherwise; pass ``True`` / ``False`` to
-choose.
+model took 0.122 s channels-last against 0.066 s NCHW, 1.84× slower — but 0.061 s against
+0.065 s on the lease of 2026-11-28 (``BENCHMARKS.md``): bfloat16 stays NCHW by default until
+two leases agree. CPU calibration was never timed either way. So ``channels_last=None``
+means channels-last exactly for a float32 model on a CUDA device, NCHW otherwise; pass
+``True`` / ``False`` to choose.
 
 Distributed: when ``torch.distributed`` is initialised each rank should iterate over its own
 shard (e.g. a ``DistributedSampler``) and takes ``max_samples / world_size`` images (the
@@ -93,9 +96,9 @@ def batch_inputs(batch: Any) -> Tensor:
 def _auto_channels_last(dtype: torch.dtype, device: torch.device | str) -> bool:
     """The layout ``channels_last=None`` picks for a model of parameter ``dtype`` on
     ``device``: channels-last exactly for float32 on CUDA, where it was measured 1.44–1.48×
-    faster end to end on an H200; NCHW for bfloat16 (measured 1.84× slower channels-last)
-    and for every other dtype and device (not measured; CPU included). See the module
-    docstring and ``BENCHMARKS.md``."""
+    faster end to end on an H200; NCHW for bfloat16 (measured 1.84× slower channels-last on
+    one lease, 7 % faster on the next) and for every other dtype and device (not measured;
+    CPU included). See the module docstring and ``BENCHMARKS.md``."""
     return dtype == _AUTO_CHANNELS_LAST_DTYPE and torch.device(device).type == "cuda"
 
 
@@ -197,15 +200,16 @@ def calibrate(
             (``False``: NCHW as given). ``None`` (default): channels-last exactly when the
             model's first floating-point parameter is float32 on a CUDA device — measured
             1.44–1.48× faster there end to end (0.091–0.094 s against 0.135 s on an H200),
-            while a bfloat16 model was 1.84× slower channels-last (0.122 s against
-            0.066 s) and CPU calibration is untimed (module docstring, ``BENCHMARKS.md``).
-            Anything but a bool or ``None`` is a ``TypeError``.
+            while a bfloat16 model was 1.84× slower channels-last on one lease (0.122 s
+            against 0.066 s) and 7 % faster on the next (0.061 s against 0.065 s); CPU
+            calibration is untimed (module docstring, ``BENCHMARKS.md``). Anything but a
+            bool or ``None`` is a ``TypeError``.
         cuda_graphs: on CUDA, record the first repeated batch's forward pass with its
             covariance kernels as one CUDA graph and replay it for every later batch of
             that shape (:mod:`cobkern.cob.graphs`: no Python per layer and batch; the same
             kernels, so the same statistics up to the order of atomic float adds; a
             smaller trailing batch runs eagerly; a model that cannot be captured warns and
-            runs eagerly). Off by default until timed (``BENCHMARKS.md``); ignored on
+            runs eagerly). Off by default: measured slower (``BENCHMARKS.md``); ignored on
             other devices. A replay runs kernels only: Python in the model's forward
             (hooks of your own, prints) runs for the eager batches alone. Not with
             ``overlap=True`` (a ``ValueError``); anything but a bool is a ``TypeError``.

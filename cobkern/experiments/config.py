@@ -125,13 +125,14 @@ class ExperimentConfig:
             channel-contiguous, or NCHW (``false``); ``null`` / ``None`` (default):
             ``calibrate``'s automatic choice, channels-last exactly for a float32 model on
             CUDA (1.44–1.48× faster calibration there on an H200; a bfloat16 model was 1.84×
-            slower channels-last; CPU untimed — ``BENCHMARKS.md``). The same statistics up
+            slower channels-last on one lease, 7 % faster on the next; CPU untimed —
+            ``BENCHMARKS.md``). The same statistics up
             to float round-off, so it is not part of their identity
             (``calibrate(channels_last=...)``);
             calib_cuda_graphs: on CUDA, replay each calibration batch's forward pass and
             covariance kernels as one CUDA graph (``calibrate(cuda_graphs=...)``; default
-            ``false`` until timed; the same statistics up to float round-off, so not part
-            of their identity either).
+            ``false``: slower on an H200, ``BENCHMARKS.md``; the same statistics up to float
+            round-off, so not part of their identity either).
         eval_subset: test images used for every sweep evaluation (0: all 10,000).
         eval_batch_size: evaluation batch.
         fractions: parameter fractions ``P`` of the fixed-ratio sweep.
