@@ -515,7 +515,15 @@ def _cov_jobs():
                 variants.update({f"NHWC {label}": {"nhwc": True, **over}
                                  for label, over in _cov_step_variants(dname,
                                                                        nhwc=True).items()})
+                # a third pipeline stage: NHWC float32 Grams moved 43 % of the copy rate on
+                # the H200 (2026-11-28, 64×32×32), so more loads in flight may pay
+                variants["NHWC 3 stages"] = {"nhwc": True, "num_stages": 3}
                 if dname == "fp32":
+                    # tf32 on the IEEE tiles (32×32, 64 samples a step): on 64×32×32, where
+                    # they are tf32's own tiles too, 0.0859 ms against IEEE's 0.1040; the
+                    # wider layers were timed only with 64×64 tiles (0.185 ms at 128×16×16)
+                    variants["NHWC tf32 32×32 tiles"] = {"nhwc": True, "f32_dot": "tf32",
+                                                         "block": 32, "block_k": 64}
                     variants["NHWC fp64"] = {"nhwc": True, "f32_dot": "fp64"}
                     variants["NHWC tf32"] = {"nhwc": True, "f32_dot": "tf32"}
                     variants["NHWC tf32 64 samples a step"] = {"nhwc": True, "f32_dot": "tf32",

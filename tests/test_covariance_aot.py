@@ -208,8 +208,8 @@ def test_tf32_products_read_the_float32_bits_unconverted(compiled):
 
 def _sweep_specs() -> list[tuple[str, dict]]:
     """The distinct launches of ``bench/gpu_diag.py``'s covariance rows that override the
-    samples a step or the warps a program, or use ``tf32`` products: a GPU lease should not
-    spend a row on a launch that does not compile or spills."""
+    samples a step or the warps a program, add a pipeline stage, or use ``tf32`` products: a
+    GPU lease should not spend a row on a launch that does not compile or spills."""
     import json
 
     from bench.gpu_diag import DTYPES, _cov_jobs
@@ -217,7 +217,8 @@ def _sweep_specs() -> list[tuple[str, dict]]:
     seen, out = set(), []
     for shape, dname, label, over in _cov_jobs():
         over = dict(over)
-        if not ({"block_k", "num_warps"} & over.keys() or over.get("f32_dot") == "tf32"):
+        if not ({"block_k", "num_warps"} & over.keys() or over.get("f32_dot") == "tf32"
+                or over.get("num_stages", 0) > 2):
             continue
         spec = _spec((500, *shape), bool(over.get("nhwc")), DTYPES[dname],
                      f32_dot=over.get("f32_dot"), block=over.get("block"),
@@ -231,9 +232,9 @@ def _sweep_specs() -> list[tuple[str, dict]]:
 
 
 def test_sweep_step_and_warp_variants_compile_without_spills():
-    """Every distinct launch of the covariance sweep's samples-a-step, warps-a-program and
-    ``tf32`` rows compiles for sm_90 without spilling (offline registers: 116–168 for bf16
-    at 128–256 samples a step, 96 / 179 for float32 IEEE on 2 / 1 warps)."""
+    """Every distinct launch of the covariance sweep's samples-a-step, warps-a-program,
+    three-stage and ``tf32`` rows compiles for sm_90 without spilling (offline registers:
+    116–168 for bf16 at 128–256 samples a step, 96 / 179 for float32 IEEE on 2 / 1 warps)."""
     specs = _sweep_specs()
     assert len(specs) >= 10, "the sweep lost its step / warp / tf32 rows"
     bad = []
