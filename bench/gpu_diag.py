@@ -734,6 +734,32 @@ def _per_batch_s(calibrate, model, loader, **kwargs) -> list[float]:
     return [b - a for a, b in itertools.pairwise(marks)]
 
 
+def _per_batch_variants(calibrate, model, loader, graphs: bool) -> dict:
+    """Channels-last IEEE calibration batch by batch (:func:`_per_batch_s`, after a warm-up
+    run): eager, and with ``graphs`` also graphed twice — captured as shipped, and through
+    ``torch.cuda.graph``'s context manager (:func:`_context_capture`). Keys
+    ``fp32_ieee-nhwc[-graphs[-context]]_per_batch_s``; the shipped capture is restored
+    whatever happens."""
+    from cobkern.cob import graphs as graphs_mod
+
+    shipped_capture = graphs_mod.cuda_capture
+    variants = (("", False, None), ("-graphs", True, None),
+                ("-graphs-context", True, _context_capture))
+    out = {}
+    for suffix, cuda_graphs, capture in variants if graphs else variants[:1]:
+        key = f"fp32_ieee-nhwc{suffix}_per_batch_s"
+        graphs_mod.cuda_capture = capture or shipped_capture
+        try:
+            _per_batch_s(calibrate, model, loader, channels_last=True,
+                         cuda_graphs=cuda_graphs)  # warm: the timed run's first batch
+            out[key] = _per_batch_s(calibrate, model, loader, channels_last=True,
+                                    cuda_graphs=cuda_graphs)
+        finally:
+            graphs_mod.cuda_capture = shipped_capture
+        print(key, " ".join(f"{t * 1e3:.2f}" for t in out[key]), "ms", flush=True)
+    return out
+
+
 def part_calibration(rec: dict) -> None:
 
     from cobkern.cob import calibrate, find_cob_layers
@@ -811,25 +837,7 @@ def part_calibration(rec: dict) -> None:
                 out[f"{dname}_{m}_max_rel_err"] = err
         if dtype == torch.float32:  # what copying the statistics to the host costs
             out.update(_host_copy_cost(calibrate, model, loader))
-            # eager against graphed (CUDA only), batch by batch, channels-last; graphed
-            # twice: captured as shipped, and through torch.cuda.graph's context manager
-            # (which empties the allocators' caches before each capture)
-            from cobkern.cob import graphs as graphs_mod
-
-            shipped_capture = graphs_mod.cuda_capture
-            variants = (("", False, None), ("-graphs", True, None),
-                        ("-graphs-context", True, _context_capture))
-            for suffix, graphs, capture in variants if DEVICE == "cuda" else variants[:1]:
-                key = f"fp32_ieee-nhwc{suffix}_per_batch_s"
-                graphs_mod.cuda_capture = capture or shipped_capture
-                try:
-                    _per_batch_s(calibrate, model, loader, channels_last=True,
-                                 cuda_graphs=graphs)  # warm: the timed run's first batch
-                    out[key] = _per_batch_s(calibrate, model, loader, channels_last=True,
-                                            cuda_graphs=graphs)
-                finally:
-                    graphs_mod.cuda_capture = shipped_capture
-                print(key, " ".join(f"{t * 1e3:.2f}" for t in out[key]), "ms", flush=True)
+            out.update(_per_batch_variants(calibrate, model, loader, DEVICE == "cuda"))
         del stats
     # where the streaming time goes: float32 NCHW, and the bf16 model channels-last (on the
     # H200 of 2026-11-27 it calibrated in 0.122 s against 0.066 s NCHW, which its covariance

@@ -185,6 +185,45 @@ def test_gpu_diag_per_batch_timing_reads_every_batch_once(monkeypatch) -> None:
         assert torch.equal(spy.stats[name].gram_u, ref[name].gram_u), name
 
 
+def test_gpu_diag_per_batch_variants_restore_the_shipped_capture(monkeypatch) -> None:
+    """The per-batch comparison swaps ``cobkern.cob.graphs.cuda_capture`` for the old
+    context-manager capture in one variant: every variant is timed batch by batch, and the
+    shipped capture is back afterwards — also when a run fails. (On CPU ``cuda_graphs`` is
+    ignored, so the graphed variants calibrate eagerly here.)"""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench import gpu_diag
+    from cobkern.cob import graphs
+
+    monkeypatch.setattr(gpu_diag, "DEVICE", "cpu")
+    shipped = graphs.cuda_capture
+    m, data = tiny_net().eval(), [x for x, _ in tiny_batches()]
+    seen = []
+
+    def spy(*a, **k):
+        seen.append((k["cuda_graphs"], graphs.cuda_capture))
+        return calibrate(*a, **k)
+
+    out = gpu_diag._per_batch_variants(spy, m, data, graphs=True)
+    assert set(out) == {f"fp32_ieee-nhwc{s}_per_batch_s"
+                        for s in ("", "-graphs", "-graphs-context")}
+    assert all(len(v) == len(data) for v in out.values())
+    assert [g for g, _ in seen] == [False, False, True, True, True, True]
+    assert seen[-1][1] is gpu_diag._context_capture and seen[2][1] is shipped
+    assert graphs.cuda_capture is shipped
+    assert list(gpu_diag._per_batch_variants(spy, m, data, graphs=False)) == [
+        "fp32_ieee-nhwc_per_batch_s"]
+
+    def broken(*_a, **_k):
+        raise RuntimeError("a failing run")
+
+    with pytest.raises(RuntimeError, match="a failing run"):
+        gpu_diag._per_batch_variants(broken, m, data, graphs=True)
+    assert graphs.cuda_capture is shipped
+
+
 def test_gpu_diag_host_copy_cost_restores_the_host_copy(monkeypatch) -> None:
     """``bench/gpu_diag.py`` times calibration with the statistics' host copy replaced by
     device copies. It must put the real copy back, even when a run fails, and report both
