@@ -25,6 +25,11 @@ linears) on the same images, in one run, side by side:
   channels-last, and ``tf32`` channels-last), beside ``forward only, cuda graph`` (and its
   channels-last twin): the plain forward pass replayed the same way, with the same policy
   (first batch eager, second captured, the rest replayed; capture inside the timing);
+* ``..., fused conv bias`` / ``..., conv bias unfused`` (CUDA only, channels-last) —
+  ``calibrate()`` sets a VGG's ``fuse_conv_bias`` for its pass on CUDA by default (each
+  convolution's bias added inside the TSRA kernel behind it; since 2026-11-28, so the
+  ``streaming`` rows on CUDA have it): the forward pass that way, and the calibration
+  without it (``fuse_conv_bias=False``), side by side with the default;
 * ``materialize`` — what the authors' notebook does: keep every layer's activations of all
   images, then flatten each to ``(N·H·W, C)`` and form ``H_Uᵀ H_U``, ``H_Vᵀ H_V`` in float32.
 
@@ -66,6 +71,10 @@ TF32 = "streaming, f32_dot=tf32"
 #: the channels-last rows (calibrate(channels_last=True) and its yardstick)
 CL = "streaming, channels_last"
 FWD_CL = "forward only, channels_last"
+#: calibrate()'s default on CUDA adds the VGG's conv biases inside the TSRA kernels: the
+#: forward pass that way, and the calibration without it (CUDA only)
+FWD_FUSED_CL = "forward only, fused conv bias, channels_last"
+UNFUSED_CL = "streaming, conv bias unfused, channels_last"
 #: the graph rows (calibrate(cuda_graphs=True)) and their yardsticks
 GRAPHS = "streaming, cuda graphs"
 FWD_GRAPH = "forward only, cuda graph"
@@ -82,16 +91,22 @@ def _loader(images: int, batch: int, device: torch.device, dtype: torch.dtype, s
     return [data[i:i + batch].to(device=device, dtype=dtype) for i in range(0, images, batch)]
 
 
-def run_forward(model, loader, device, channels_last=False):
+def run_forward(model, loader, device, channels_last=False, fuse_conv_bias=False):
     """A plain forward pass over the same images: the yardstick for calibration's cost
-    (channels_last: each batch converted as ``calibrate(channels_last=True)`` does)."""
+    (channels_last: each batch converted as ``calibrate(channels_last=True)`` does;
+    fuse_conv_bias: the VGG's biases added inside the TSRA kernels, as calibration does on
+    CUDA by default)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    _sync(device)
-    t = time.perf_counter()
-    with torch.no_grad():
-        for x in loader:
-            model(x.contiguous(memory_format=fmt))
-    _sync(device)
+    model.fuse_conv_bias = fuse_conv_bias
+    try:
+        _sync(device)
+        t = time.perf_counter()
+        with torch.no_grad():
+            for x in loader:
+                model(x.contiguous(memory_format=fmt))
+        _sync(device)
+    finally:
+        del model.fuse_conv_bias  # back to the class default (off)
     return time.perf_counter() - t, None, 0
 
 
@@ -121,7 +136,7 @@ def _capture_note(caught) -> dict:
 
 
 def run_streaming(model, loader, device, overlap=False, f32_dot=None, channels_last=False,
-                  cuda_graphs=False):
+                  cuda_graphs=False, fuse_conv_bias=None):
     from cobkern.cob import calibrate
 
     _sync(device)
@@ -130,7 +145,7 @@ def run_streaming(model, loader, device, overlap=False, f32_dot=None, channels_l
         warnings.simplefilter("always", RuntimeWarning)
         stats = calibrate(model, loader, max_samples=None, progress=False, overlap=overlap,
                           f32_dot=f32_dot, channels_last=channels_last,
-                          cuda_graphs=cuda_graphs)
+                          cuda_graphs=cuda_graphs, fuse_conv_bias=fuse_conv_bias)
     _sync(device)
     elapsed = time.perf_counter() - t
     held = sum((s.gram_u.numel() + s.gram_v.numel() + 2 * s.sum_sq.numel() + 1) * 8
@@ -220,6 +235,11 @@ def main(argv: list[str] | None = None) -> dict:
         methods.append((TF32, functools.partial(run_streaming, f32_dot="tf32")))
     if nhwc:
         methods.append((CL, functools.partial(run_streaming, channels_last=True)))
+        if cuda:  # calibrate() fuses the convolutions' biases there by default: both ways
+            methods.append((FWD_FUSED_CL, functools.partial(
+                run_forward, channels_last=True, fuse_conv_bias=True)))
+            methods.append((UNFUSED_CL, functools.partial(
+                run_streaming, channels_last=True, fuse_conv_bias=False)))
         methods.append(("streaming, overlapped, channels_last",
                         functools.partial(run_streaming, overlap=True, channels_last=True)))
         if dtype == torch.float32:

@@ -129,7 +129,7 @@ if want tests; then
   cap 150 python3 -m pytest -q -p no:cacheprovider $XDIST -rfEs \
     tests/test_tsra_kernels.py tests/test_tsra_properties.py tests/test_tsra_compile.py \
     tests/test_covariance.py tests/test_cob.py tests/test_tuning.py tests/test_launch.py \
-    tests/test_tsra_bias.py \
+    tests/test_tsra_bias.py tests/test_calibrate_fuse_bias.py tests/test_calibrate_graphs.py \
     "tests/test_training.py::test_resume_in_a_fresh_process_is_bit_identical[cuda]" \
     tests/test_readme.py::test_api_example_runs \
     > "$FINAL/tests.log"
