@@ -262,8 +262,9 @@ def calibrate(
         fuse_conv_bias: for the pass, set a cobkern VGG's ``fuse_conv_bias`` (each
             convolution's bias added inside the TSRA kernel behind it, not in a pass of its
             own: an H200 profile of float32 calibration spent 0.44 ms a batch of 500 in
-            those 13 adds, 6 % of its CUDA time). The same activations — for float32 the
-            same additions, rounded once — so the same statistics. ``None`` (default): on
+            those 13 adds, 6 % of its CUDA time). In float32 the same additions, rounded
+            once, so the same statistics; in 16-bit models the bias is added in float32
+            before the output's one rounding, not to a rounded output. ``None`` (default): on
             for a VGG run as it is on CUDA, otherwise the model's own setting; ``True`` /
             ``False`` force it (``True`` on another model is a ``ValueError``). The
             model's setting is restored afterwards.
