@@ -31,6 +31,18 @@ def images(n_batches: int = 2, n: int = 3) -> list[torch.Tensor]:
     return [torch.randn(n, 3, 32, 32, generator=g) for _ in range(n_batches)]
 
 
+def assert_close_stats(got, want) -> None:
+    """The same layers and sample counts, and every sum within 1e-6 of its matrix's (or
+    vector's) largest entry: float32 round-off, reordered (see the tests' docstrings)."""
+    assert list(got.layers) == list(want.layers)
+    for name in want.layers:
+        a, b = got[name], want[name]
+        assert a.count == b.count, name
+        for x, y in zip((a.gram_u, a.gram_v, a.sum_abs, a.sum_sq),
+                        (b.gram_u, b.gram_v, b.sum_abs, b.sum_sq), strict=True):
+            assert (x - y).abs().max() <= 1e-6 * y.abs().max(), name
+
+
 def test_auto_fuses_a_plain_vgg_on_cuda_only() -> None:
     vgg = small_vgg()
     assert _resolve_fuse_conv_bias(vgg, None, CUDA) is True
@@ -86,13 +98,7 @@ def test_fused_pass_skips_the_convolutions_forward_and_keeps_the_statistics() ->
         handle.remove()
     assert n_plain == len(data) and len(calls) == n_plain  # no conv forward when fused
     assert "fuse_conv_bias" not in vars(vgg)
-    assert list(fused.layers) == list(plain.layers)
-    for name in plain.layers:
-        a, b = fused[name], plain[name]
-        assert a.count == b.count, name
-        for x, y in zip((a.gram_u, a.gram_v, a.sum_abs, a.sum_sq),
-                        (b.gram_u, b.gram_v, b.sum_abs, b.sum_sq), strict=True):
-            assert (x - y).abs().max() <= 1e-6 * y.abs().max(), name
+    assert_close_stats(fused, plain)
 
 
 def test_the_setting_comes_back_after_a_failed_pass() -> None:
@@ -127,9 +133,4 @@ def test_on_cuda_the_default_fuses_and_keeps_the_statistics(channels_last: bool)
         assert len(calls) == len(data)
     finally:
         handle.remove()
-    for name in plain.layers:
-        a, b = fused[name], plain[name]
-        assert a.count == b.count, name
-        for x, y in zip((a.gram_u, a.gram_v, a.sum_abs, a.sum_sq),
-                        (b.gram_u, b.gram_v, b.sum_abs, b.sum_sq), strict=True):
-            assert (x - y).abs().max() <= 1e-6 * y.abs().max(), name
+    assert_close_stats(fused, plain)
