@@ -156,6 +156,78 @@ def test_fusing_conv_bias_computes_the_same_function(backend_name) -> None:
         torch.testing.assert_close(forward_fusing_conv_bias(relu.features, x), relu.features(x))
 
 
+def _fused_pairs(m: VGG, x: torch.Tensor) -> list[bool]:
+    """For each RMSNormTSRA of ``m.features``, whether the forward pass fused its
+    convolution's bias into it (a fused activation is called with ``(conv output, bias)``)."""
+    acts = [a for a in m.features if isinstance(a, RMSNormTSRA)]
+    seen: dict[int, bool] = {}
+    handles = [a.register_forward_hook(
+        lambda mod, inputs, _out, i=i: seen.__setitem__(i, len(inputs) == 2))
+        for i, a in enumerate(acts)]
+    try:
+        with torch.no_grad():
+            m(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return [seen[i] for i in range(len(acts))]
+
+
+def test_fusing_conv_bias_keeps_convolutions_with_hooks_unfused() -> None:
+    """A convolution with a pre-forward hook (``torch.nn.utils.prune``'s, which recomputes
+    ``weight = weight_orig * weight_mask`` before each call) or a forward hook runs as it
+    is under ``fuse_conv_bias``: skipping it would compute with a stale ``weight``. The
+    other pairs still fuse. Logits within 1e-4 relative of the unfused pass (float32 over
+    16 layers, the bias added at another point: a few ulps per layer)."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    m = vgg16_tsra(width=0.0625).eval()
+    prune.l1_unstructured(m.features[0], "weight", amount=0.5)
+    with torch.no_grad():
+        m.features[0].weight_orig.mul_(2.0)  # `weight` is stale until the pre-hook runs
+    calls = []
+    m.features[2].register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), cobkern.use_backend("reference"):
+        want = m(x)
+        m.fuse_conv_bias = True
+        got = m(x)
+        fused = _fused_pairs(m, x)
+    assert fused[:2] == [False, False] and all(fused[2:])
+    assert len(calls) == 3  # the hooked convolution ran in every pass
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_fusing_conv_bias_steps_aside_for_hooks_and_compiled_features() -> None:
+    """``VGG.fuse_conv_bias`` runs ``features`` as it is when it has hooks of its own, when
+    a global module hook is registered (either would be skipped), and when it is not a plain
+    ``nn.Sequential`` (a ``torch.compile`` wrapper is not iterable) or was compiled in
+    place (its layers one by one would bypass the compiled graph)."""
+    torch.manual_seed(0)
+    m = vgg16_tsra(width=0.0625).eval()
+    m.fuse_conv_bias = True
+    x = torch.randn(2, 3, 32, 32)
+    n = sum(isinstance(a, RMSNormTSRA) for a in m.features)
+    assert _fused_pairs(m, x) == [True] * n
+    calls = []
+    h = m.features.register_forward_hook(lambda *_: calls.append(1))
+    assert _fused_pairs(m, x) == [False] * n and calls == [1]
+    h.remove()
+    h = nn.modules.module.register_module_forward_pre_hook(lambda *_: None)
+    try:
+        assert _fused_pairs(m, x) == [False] * n
+    finally:
+        h.remove()
+    plain = m.features
+    m.features = torch.compile(plain, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), m.classifier(plain(x)))  # no TypeError
+    m.features = plain
+    plain.compile(backend="eager")
+    assert _fused_pairs(m, x) == [False] * n
+
+
 def test_forward_backward_default_backend() -> None:
     # "auto" backend: Triton interpreter on CPU under the test conftest, kernels on CUDA.
     m = vgg16_tsra(width=0.0625)

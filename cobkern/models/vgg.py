@@ -50,7 +50,11 @@ class VGG(nn.Module):
         fuse_conv_bias: run ``features`` through :func:`forward_fusing_conv_bias` (each
             convolution's bias added inside the TSRA kernel behind it). Default ``False``;
             a runtime switch, not part of the state dict or the model file. The function is
-            the same; the convolutions' own forward hooks do not run while it is on.
+            the same. ``features`` runs as it is (``self.features(x)``) while it is off and
+            also when it is not a plain ``nn.Sequential`` (e.g. a ``torch.compile`` wrapper),
+            was compiled in place (``features.compile()``) or has hooks of its own, or
+            when global module hooks are registered; a convolution with hooks keeps its bias
+            (see :func:`forward_fusing_conv_bias`).
     """
 
     fuse_conv_bias: bool = False
@@ -61,9 +65,11 @@ class VGG(nn.Module):
         self.classifier = classifier
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fuse_conv_bias:
-            return self.classifier(forward_fusing_conv_bias(self.features, x))
-        return self.classifier(self.features(x))
+        f = self.features
+        if (self.fuse_conv_bias and type(f) is nn.Sequential and not _compiled_in_place(f)
+                and not _has_hooks(f)):
+            return self.classifier(forward_fusing_conv_bias(f, x))
+        return self.classifier(f(x))
 
     @property
     def num_classes(self) -> int:
@@ -83,8 +89,15 @@ def forward_fusing_conv_bias(seq: nn.Sequential, x: Tensor) -> Tensor:
     CUDA (inductor peels the bias off into a pointwise add, which in a BatchNorm/ReLU model
     fuses into the next kernel but cannot fuse into a cobkern op). The same function up to
     rounding (the add happens in float32 in the kernel; under bf16 autocast the bias is no
-    longer rounded to bf16 first) and the same gradients, the bias's included. Forward
-    hooks of the convolutions concerned do not run (the activations' do).
+    longer rounded to bf16 first) and the same gradients, the bias's included.
+
+    Hooks: a pair is fused only when the convolution has no hooks (forward, pre-forward or
+    backward — e.g. :mod:`torch.nn.utils.prune` recomputes ``weight`` in a pre-hook, which
+    a fused call would skip) and the activation no pre-forward or backward hooks, and when
+    no global module hooks are registered; otherwise both run as they are. The
+    activation's forward hooks do run on a fused pair, with the inputs ``(convolution
+    output without its bias, bias)`` and the same output. The hooks of ``seq`` itself are
+    not called: it is not called, only its layers.
 
     Args:
         seq: the layers, applied in order.
@@ -96,13 +109,35 @@ def forward_fusing_conv_bias(seq: nn.Sequential, x: Tensor) -> Tensor:
         m = mods[i]
         nxt = mods[i + 1] if i + 1 < len(mods) else None
         if (type(m) is nn.Conv2d and m.bias is not None and isinstance(nxt, (TSRA, RMSNormTSRA))
-                and nxt.dim == 1):
+                and nxt.dim == 1 and not _has_hooks(m)
+                and not _has_hooks(nxt, forward=False)):
             x = nxt(m._conv_forward(x, m.weight, None), m.bias)
             i += 2
         else:
             x = m(x)
             i += 1
     return x
+
+
+def _has_hooks(m: nn.Module, forward: bool = True) -> bool:
+    """Whether calling ``m`` runs hooks besides its ``forward``: its own pre-forward and
+    backward (and, with ``forward=True``, forward) hooks, or any global module hook
+    (``torch.nn.modules.module.register_module_*_hook``), which fire for every module."""
+    from torch.nn.modules import module as mm
+
+    own = [m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks]
+    if forward:
+        own.append(m._forward_hooks)
+    glob = [getattr(mm, n, None) for n in ("_global_forward_pre_hooks", "_global_forward_hooks",
+                                            "_global_backward_hooks",
+                                            "_global_backward_pre_hooks")]
+    return any(own) or any(glob)
+
+
+def _compiled_in_place(m: nn.Module) -> bool:
+    """Whether ``m.compile()`` was called (``nn.Module.compile`` compiles ``__call__`` in
+    place: calling its layers one by one would bypass the compiled graph)."""
+    return getattr(m, "_compiled_call_impl", None) is not None
 
 
 def scaled_width(channels: int, width: float) -> int:
