@@ -59,6 +59,7 @@ the statistics of the whole sample set, and N ranks calibrate N× faster.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from collections.abc import Iterable
 from typing import Any
@@ -138,10 +139,13 @@ def _resolve_fuse_conv_bias(net: nn.Module, fuse_conv_bias: bool | None,
     for the pass, or ``None`` to leave the model as it is.
 
     ``None`` (auto): ``True`` for a cobkern :class:`~cobkern.models.VGG` run as it is (not
-    through ``torch.compile``, whose graphs would be traced again for the switch) on CUDA,
-    where the bias then rides in the TSRA kernel's load instead of a pass of its own;
-    otherwise the model's own setting. ``True`` / ``False``: that, for the pass; ``True``
-    needs a cobkern VGG (inside wrappers too).
+    through ``torch.compile`` — wrapped or compiled in place with ``.compile()`` — whose
+    graphs would be traced again for the switch) on CUDA, where the bias then rides in the
+    TSRA kernel's load instead of a pass of its own; otherwise the model's own setting.
+    The VGG itself keeps a convolution with hooks unfused, and its whole ``features`` when
+    that is not a plain ``nn.Sequential`` (:class:`~cobkern.models.VGG`). ``True`` /
+    ``False``: that, for the pass; ``True`` needs a cobkern VGG (inside wrappers too);
+    ``False`` on another model leaves it untouched (it has no such switch).
 
     Raises:
         TypeError: ``fuse_conv_bias`` is neither a bool nor ``None``.
@@ -150,7 +154,8 @@ def _resolve_fuse_conv_bias(net: nn.Module, fuse_conv_bias: bool | None,
     from cobkern.models.vgg import VGG  # deferred: the models import cobkern.nn only
 
     if fuse_conv_bias is None:
-        return True if isinstance(net, VGG) and device.type == "cuda" else None
+        compiled = getattr(net, "_compiled_call_impl", None) is not None  # net.compile()
+        return True if isinstance(net, VGG) and device.type == "cuda" and not compiled else None
     if not isinstance(fuse_conv_bias, bool):
         raise TypeError(f"calibrate: fuse_conv_bias must be True or False, or None for the "
                         f"automatic choice, got {fuse_conv_bias!r}")
@@ -158,6 +163,8 @@ def _resolve_fuse_conv_bias(net: nn.Module, fuse_conv_bias: bool | None,
         raise ValueError(f"calibrate: fuse_conv_bias=True needs a cobkern VGG model (whose "
                          f"forward can add each convolution's bias inside the TSRA kernel "
                          f"behind it), got {type(unwrap_model(net)).__name__}")
+    if not isinstance(unwrap_model(net), VGG):
+        return None  # False: nothing to switch off
     return fuse_conv_bias
 
 
@@ -265,9 +272,12 @@ def calibrate(
             those 13 adds, 6 % of its CUDA time). In float32 the same additions, rounded
             once, so the same statistics; in 16-bit models the bias is added in float32
             before the output's one rounding, not to a rounded output. ``None`` (default): on
-            for a VGG run as it is on CUDA, otherwise the model's own setting; ``True`` /
-            ``False`` force it (``True`` on another model is a ``ValueError``). The
-            model's setting is restored afterwards.
+            for a VGG run as it is on CUDA (not compiled), otherwise the model's own
+            setting; ``True`` / ``False`` force it (``True`` on another model is a
+            ``ValueError``). The model's setting is restored afterwards. Hooks are kept: a
+            convolution with hooks of its own (e.g. :mod:`torch.nn.utils.prune`'s weight
+            recomputation) keeps its bias, and so does every one while global module hooks
+            are registered (:func:`cobkern.models.forward_fusing_conv_bias`).
 
     Returns:
         :class:`CalibrationStats` with one float64 :class:`LayerStats` per layer (on CPU).
@@ -315,14 +325,11 @@ def calibrate(
     accs = {lay.name: CovarianceAccumulator(lay.num_channels, lay.split, device=device,
                                             f32_dot=f32_dot)
             for lay in chosen}
-    handles = []
     side = torch.cuda.Stream(device) if overlap and device.type == "cuda" else None
     # DataParallel would run the hooks in one thread per GPU, updating the accumulators at
     # once, and there are no gradients for DDP to synchronise: run the plain model
     net = unwrap_model(model) if parallel_wrapped(model) else model
     fused = _resolve_fuse_conv_bias(net, fuse_conv_bias, device)
-    run = (ForwardReplay(net, list(accs.values())) if cuda_graphs and _graphs_on(device)
-           else net)
 
     def make_hook(acc: CovarianceAccumulator):
         # a compiled model (torch.compile) runs the hook eagerly, between its graphs: the
@@ -339,20 +346,33 @@ def calibrate(
             out.record_stream(side)  # not reused by the forward until the kernel read it
         return hook
 
-    for lay in chosen:
-        handles.append(lay.activation.register_forward_hook(make_hook(accs[lay.name])))
-        if isinstance(lay.consumer, nn.Linear):
-            handles.append(lay.consumer.register_forward_pre_hook(_flat_input_check(lay)))
-    modes = [(m, m.training) for m in model.modules()]  # each submodule's own flag
-    model.eval()
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=max_samples, desc="calibrate", unit="img")
     seen = 0
-    restore_fused = _switch_fuse_conv_bias(unwrap_model(net), fused)
-    try:
+    # each change to the model (hooks, modes, the fused-bias switch) and each resource (the
+    # graph, the progress bar) registers its undoing as soon as it is made, and the stack
+    # runs every undoing even when one of them (or the pass) raises: the model comes back
+    # as it was whatever fails
+    with contextlib.ExitStack() as undo:
+        if side is not None:  # the sums are complete once the side stream has drained
+            undo.callback(lambda: torch.cuda.current_stream(device).wait_stream(side))
+        for lay in chosen:
+            undo.callback(lay.activation.register_forward_hook(
+                make_hook(accs[lay.name])).remove)
+            if isinstance(lay.consumer, nn.Linear):
+                undo.callback(lay.consumer.register_forward_pre_hook(
+                    _flat_input_check(lay)).remove)
+        undo.callback(_restore_modes, [(m, m.training) for m in model.modules()])
+        model.eval()
+        undo.callback(_switch_fuse_conv_bias(unwrap_model(net), fused))
+        run = net
+        if cuda_graphs and _graphs_on(device):
+            run = ForwardReplay(net, list(accs.values()))
+            undo.callback(run.close)
+        bar = None
+        if progress and rank == 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=max_samples, desc="calibrate", unit="img")
+            undo.callback(_close_bar, bar)
         with torch.no_grad():
             # stop as soon as the quota is reached: no batch is fetched (and dropped) beyond
             # it, so an iterator passed as the loader keeps its remaining batches, and a
@@ -375,21 +395,6 @@ def calibrate(
                     bar.update(x.shape[0] * world)
                 if quota is not None and seen >= quota:
                     break
-    finally:
-        if isinstance(run, ForwardReplay):
-            run.close()
-        for h in handles:
-            h.remove()
-        if side is not None:  # the sums are complete once the side stream has drained
-            torch.cuda.current_stream(device).wait_stream(side)
-        for m, mode in modes:
-            m.training = mode
-        restore_fused()
-        if bar is not None:
-            if bar.total is not None and bar.n < bar.total:  # the loader ran out first
-                bar.total = bar.n
-                bar.refresh()
-            bar.close()
     total = seen
     if distributed:
         import torch.distributed as dist
@@ -421,6 +426,21 @@ def calibrate(
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the pinned copies below were queued asynchronously
     return CalibrationStats(out, total, meta)
+
+
+def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
+    """Put back each submodule's own ``training`` flag."""
+    for m, mode in modes:
+        m.training = mode
+
+
+def _close_bar(bar) -> None:
+    """Close a tqdm bar; one the loader ran out before (its total not reached) first ends
+    at what was seen, so it does not show an unfinished pass."""
+    if bar.total is not None and bar.n < bar.total:
+        bar.total = bar.n
+        bar.refresh()
+    bar.close()
 
 
 def _flat_input_check(lay):
