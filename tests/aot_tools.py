@@ -1,4 +1,5 @@
-"""Ahead-of-time compilation of Triton kernels for an sm_90 target, on a machine without a GPU.
+"""Ahead-of-time compilation of Triton kernels for an sm_90 target (or another, per spec), on
+a machine without a GPU.
 
 ``TRITON_INTERPRET=1`` (set by conftest on CPU machines) turns every ``@triton.jit``
 function into an interpreted one that ``triton.compile`` cannot take, so compilation runs in
@@ -8,7 +9,8 @@ a subprocess with the interpreter off. Each spec names a kernel and one configur
      "signature": {"X": "*bf16", ..., "BLOCK_C": "constexpr"},
      "constexprs": {"BLOCK_C": 64, ...}, "num_warps": 8,
      "divisible": ["X", "Y", "P"],            # args JIT-specialised as multiples of 16
-     "sass": True}                            # optional: SASS instruction counts
+     "sass": True,                            # optional: SASS instruction counts
+     "arch": 80}                              # optional: another target (default sm_90)
 
 and the result holds the PTX-level facts the suite checks: vectorised and scalar global
 loads/stores, asynchronous (pipelined) ``cp.async`` copies, ``wgmma`` / ``mma`` instructions,
@@ -43,13 +45,15 @@ def _compile_one(spec: dict[str, Any]) -> dict[str, Any]:
     options = {"num_warps": spec.get("num_warps", 4)}
     if "num_stages" in spec:
         options["num_stages"] = spec["num_stages"]
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    arch = spec.get("arch", 90)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     ptx = compiled.asm["ptx"]
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
     try:
-        proc = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+        sm = "sm_90a" if arch == 90 else f"sm_{arch}"
+        proc = subprocess.run([ptxas, f"-arch={sm}", "-v", f.name, "-o", os.devnull],
                               capture_output=True, text=True, check=False)
     finally:
         os.unlink(f.name)

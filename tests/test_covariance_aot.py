@@ -35,10 +35,11 @@ TILE_TABLE_LOADS = 3
 def _spec(shape: tuple[int, ...], channels_last: bool, dtype: torch.dtype, out: str = "fp64",
           f32_dot: str | None = None, index64: bool = False, block: int | None = None,
           num_stages: int | None = None, block_k: int | None = None,
-          num_warps: int | None = None) -> dict:
+          num_warps: int | None = None, arch: int = 90) -> dict:
     """What the JIT compiles for an activation of this shape (batch dimension included);
     ``block`` / ``num_stages`` / ``block_k`` / ``num_warps`` are the launcher's sweep
-    overrides (``kernel_proxies.py``, ``gpu_diag.py``)."""
+    overrides (``kernel_proxies.py``, ``gpu_diag.py``); ``arch`` the compile target
+    (sm_80 … sm_90; the launch decisions do not depend on it)."""
     from cobkern.kernels.covariance import specialization
 
     x = torch.empty(shape, device="meta")
@@ -66,7 +67,7 @@ def _spec(shape: tuple[int, ...], channels_last: bool, dtype: torch.dtype, out: 
                                                 if v % 16 == 0 and k not in cx]
     return {"module": "cobkern.kernels.covariance", "kernel": "_moments_kernel",
             "signature": sig, "constexprs": cx, "divisible": div, "num_warps": warps,
-            "num_stages": stages}
+            "num_stages": stages, "arch": arch}
 
 
 # (id, shape, channels_last, dtype, output dtype, float32 product mode, 64-bit indexing)
@@ -247,3 +248,33 @@ def test_sweep_step_and_warp_variants_compile_without_spills():
             bad.append(f"{name}: {r['spill_stores'] + r['spill_loads']} bytes spilled "
                        f"({r['registers']} registers)")
     assert not bad, "\n".join(bad)
+
+
+#: 16-bit activations whose slab loads are scalar (no unit-stride axis a multiple of 16):
+#: NCHW 2×2 maps, and channels-last maps and rows of pruned widths
+SCALAR_16BIT = [("nchw-512x2x2", (500, 512, 2, 2), False),
+                ("nhwc-pruned-200x8x8", (500, 200, 8, 8), True),
+                ("rows-pruned-1000", (500, 1000), False)]
+
+
+@pytest.mark.parametrize("arch", [80, 86, 89, 90])
+def test_scalar_16_bit_launches_fit_the_registers_of_each_architecture(arch):
+    """Where the slab loads are scalar, 128 samples a step took 216–255 registers and the
+    NCHW 2×2 launch spilled 32–116 bytes (fp16 on sm_90 and sm_80, bf16 on sm_80/86/89,
+    triton 3.8): the launcher takes 64 samples a step for them, which compiles without
+    spills for each of these targets."""
+    specs = [_spec(shape, cl, dt, arch=arch) for dt in (torch.bfloat16, torch.float16)
+             for _, shape, cl in SCALAR_16BIT]
+    for spec in specs:
+        spec["constexprs"]["SLICED"] = False
+        assert spec["constexprs"]["BLOCK_K"] == 64
+        assert spec["num_stages"] == 1  # scalar loads: no pipelining
+    names = [f"{dt}-{n}" for dt in ("bf16", "fp16") for n, _, _ in SCALAR_16BIT]
+    bad = []
+    for name, r in zip(names, compile_specs(specs), strict=True):
+        if "error" in r:
+            bad.append(f"{name}: {r['error'][:120]}")
+        elif r["spill_stores"] + r["spill_loads"]:
+            bad.append(f"{name}: {r['spill_stores'] + r['spill_loads']} bytes spilled "
+                       f"({r['registers']} registers)")
+    assert not bad, f"sm_{arch}:\n" + "\n".join(bad)
