@@ -25,11 +25,12 @@ linears) on the same images, in one run, side by side:
   channels-last, and ``tf32`` channels-last), beside ``forward only, cuda graph`` (and its
   channels-last twin): the plain forward pass replayed the same way, with the same policy
   (first batch eager, second captured, the rest replayed; capture inside the timing);
-* ``..., fused conv bias`` / ``..., conv bias unfused`` (CUDA only, channels-last) —
+* ``..., fused conv bias`` / ``..., conv bias unfused`` (CUDA only, both layouts) —
   ``calibrate()`` sets a VGG's ``fuse_conv_bias`` for its pass on CUDA by default (each
   convolution's bias added inside the TSRA kernel behind it; since 2026-11-28, so the
-  ``streaming`` rows on CUDA have it): the forward pass that way, and the calibration
-  without it (``fuse_conv_bias=False``), side by side with the default;
+  ``streaming`` rows on CUDA have it, while ``forward only`` is the model's own, unfused
+  forward): the forward pass that way — the yardstick without the fusion's gain — and the
+  calibration without it (``fuse_conv_bias=False``), side by side with the default;
 * ``materialize`` — what the authors' notebook does: keep every layer's activations of all
   images, then flatten each to ``(N·H·W, C)`` and form ``H_Uᵀ H_U``, ``H_Vᵀ H_V`` in float32.
 
@@ -73,8 +74,10 @@ CL = "streaming, channels_last"
 FWD_CL = "forward only, channels_last"
 #: calibrate()'s default on CUDA adds the VGG's conv biases inside the TSRA kernels: the
 #: forward pass that way, and the calibration without it (CUDA only)
-FWD_FUSED_CL = "forward only, fused conv bias, channels_last"
-UNFUSED_CL = "streaming, conv bias unfused, channels_last"
+FWD_FUSED = "forward only, fused conv bias"
+UNFUSED = "streaming, conv bias unfused"
+FWD_FUSED_CL = FWD_FUSED + ", channels_last"
+UNFUSED_CL = UNFUSED + ", channels_last"
 #: the graph rows (calibrate(cuda_graphs=True)) and their yardsticks
 GRAPHS = "streaming, cuda graphs"
 FWD_GRAPH = "forward only, cuda graph"
@@ -230,6 +233,9 @@ def main(argv: list[str] | None = None) -> dict:
         methods.append((FWD_CL, functools.partial(run_forward, channels_last=True)))
     methods += [("streaming", run_streaming),
                 ("streaming, overlapped", functools.partial(run_streaming, overlap=True))]
+    if cuda:  # calibrate() fuses the convolutions' biases there by default: both ways
+        methods.append((FWD_FUSED, functools.partial(run_forward, fuse_conv_bias=True)))
+        methods.append((UNFUSED, functools.partial(run_streaming, fuse_conv_bias=False)))
     if dtype == torch.float32:  # the float64 and the TF32 tensor-core products
         methods.append((FP64, functools.partial(run_streaming, f32_dot="fp64")))
         methods.append((TF32, functools.partial(run_streaming, f32_dot="tf32")))
@@ -431,6 +437,11 @@ def _markdown(r: dict) -> str:
                       f"too): {r['max_rel_diff_channels_last_vs_streaming']:.2e}.")
     lines += ["", "× forward pass: against the forward pass in the same layout (the "
               "channels_last rows against `forward only, channels_last`)."]
+    if FWD_FUSED in r["results"]:
+        lines[-1] += (" On CUDA the streaming rows add the convolutions' biases inside the "
+                      "TSRA kernels (calibrate's default there) while `forward only` is "
+                      "the model's plain forward; `forward only, fused conv bias` is that "
+                      "forward with the same fusion.")
     lines += ["", r["note"], ""]
     return "\n".join(lines)
 
