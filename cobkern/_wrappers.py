@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from torch import nn
 
 __all__ = ["unwrap_model", "named_modules", "get_submodule", "PARALLEL_WRAPPERS",
-           "parallel_wrapped"]
+           "parallel_wrapped", "compiled_in_place"]
 
 #: The wrappers that split work across devices or processes.
 PARALLEL_WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)
@@ -51,6 +51,13 @@ def get_submodule(model: nn.Module, name: str) -> nn.Module:
     for part in name.split(".") if name else ():
         m = unwrap_model(m.get_submodule(part))
     return m
+
+
+def compiled_in_place(model: nn.Module) -> bool:
+    """Whether ``model.compile()`` was called: ``nn.Module.compile`` compiles ``__call__``
+    in place, with no wrapper to unwrap (calling its submodules one by one would bypass
+    the compiled graph; switching its attributes would trace it again)."""
+    return getattr(model, "_compiled_call_impl", None) is not None
 
 
 def parallel_wrapped(model: nn.Module) -> bool:

@@ -211,8 +211,8 @@ def launch_config(subspace: int, dtype: torch.dtype, block: int | None = None,
 
     ``channels_contig``: the slabs' channel axis is the unit-stride one (``(N, C)`` rows and
     NHWC maps; NCHW maps have unit-stride positions), which sets float32 IEEE's step.
-    ``vector_loads``: the slab loads vectorise (:func:`specialization`); where they do not,
-    16-bit inputs take 64 samples a step, not 128.
+    ``vector_loads``: the slab loads vectorise (:func:`specialization`: a unit-stride axis
+    in multiples of 16); where they do not, 16-bit inputs take 64 samples a step, not 128.
 
     16-bit inputs: tiles of 64×64 (8 warps), or 32×32 (4 warps) when the wider subspace has
     at most 32 channels — a 64×64 tile of a 32-channel subspace is three quarters padding
@@ -229,18 +229,18 @@ def launch_config(subspace: int, dtype: torch.dtype, block: int | None = None,
     less time at every layer (0.0578 against 0.0744 ms at 64×32×32), NCHW 2–10 % less at
     every layer but 64×32×32 (1.6 % more), the 4096-wide linears 10 % less (256 was faster
     still on NHWC maps but took 27 % more than 64 on the linears; fp16 takes bf16's
-    settings, untimed) — where the slab loads vectorise. With scalar ones (NCHW 2×2 maps,
-    pruned widths that are not multiples of 16) 128 samples took 216–255 registers
-    offline and the NCHW 2×2 launch spilled 32–116 bytes (fp16 on sm_90 and sm_80, bf16
-    on sm_80/86/89), so those take 64 (125–239 registers, no spills): 8 % slower than 128
-    in bf16 at 512×2×2 on the H200 (0.0247 against 0.0228 ms, ~2 µs a batch); float32 IEEE 64 on
-    channel-contiguous slabs — against 32, 3–13 % less time at every NHWC layer, 4 % on
-    the linears — and 32 on NCHW ones (64 within ±3.2 % there); the tensor-core modes 32;
-    two pipeline stages
+    settings, untimed) — where the slab loads vectorise. With scalar ones (no unit-stride
+    axis in multiples of 16: NCHW maps whose H·W is not, e.g. VGG-16's 2×2, and pruned
+    widths) 128 samples took 216–255 registers offline and the NCHW 2×2 launch spilled
+    32–116 bytes (fp16 on sm_90 and sm_80, bf16 on sm_80/86/89), so those take 64
+    (125–239 registers, no spills): 8 % slower than 128 in bf16 at 512×2×2 on the H200
+    (0.0247 against 0.0228 ms, ~2 µs a batch). float32 IEEE: 64 on channel-contiguous
+    slabs — against 32, 3–13 % less time at every NHWC layer, 4 % on the linears — and 32
+    on NCHW ones (64 within ±3.2 % there); the tensor-core modes 32. Two pipeline stages
     (``cp.async`` on sm_90; :func:`specialization` keeps one where the loads are scalar).
     The fp32 tile accumulator, its Kahan compensation and each step's product tile live
-    in registers: with 4 warps a 64×64 tile needs more than 255
-    registers per thread and spills; with 8 warps float32 uses 128 registers (two programs
+    in registers: with 4 warps a 64×64 tile needs more than 255 registers per thread and
+    spills; with 8 warps float32 uses 128 registers (two programs
     per SM) and bf16 ~100, no spills. float32 with ``f32_dot="fp64"`` takes the 16-bit
     tiles (64×64 above 32 channels): each step widens both slabs to float64 (conversions
     run at a fraction of the DMMA rate), and a wider tile converts fewer elements per
@@ -303,12 +303,13 @@ def specialization(geo, split: int, dtype: torch.dtype, numel: int, on_gpu: bool
     mode = _f32_dot(f32_dot or "ieee", on_gpu) if dtype == torch.float32 else ""
     vector_q = geo.stride_p == 1 and geo.P % 16 == 0 and (geo.B == 1 or geo.stride_b % 16 == 0)
     vector_c = geo.stride_c == 1 and split % 16 == 0 and geo.C % 16 == 0
+    vector = vector_q or vector_c
     block, block_k, num_warps, stages = launch_config(max(split, geo.C - split), dtype, block,
                                                       mode, block_k, num_warps,
                                                       channels_contig=geo.stride_c == 1,
-                                                      vector_loads=vector_q or vector_c)
+                                                      vector_loads=vector)
     if num_stages is None:
-        num_stages = stages if vector_q or vector_c else 1
+        num_stages = stages if vector else 1
     constexprs = {
         "BLOCK": block, "BLOCK_K": block_k, "FLAT": geo.B == 1,
         "F32_DOT": mode,

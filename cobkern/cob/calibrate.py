@@ -67,7 +67,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cobkern._wrappers import parallel_wrapped, unwrap_model
+from cobkern._wrappers import compiled_in_place, parallel_wrapped, unwrap_model
 from cobkern.ops.covariance import CovarianceAccumulator
 
 from .discovery import select_layers
@@ -154,8 +154,8 @@ def _resolve_fuse_conv_bias(net: nn.Module, fuse_conv_bias: bool | None,
     from cobkern.models.vgg import VGG  # deferred: the models import cobkern.nn only
 
     if fuse_conv_bias is None:
-        compiled = getattr(net, "_compiled_call_impl", None) is not None  # net.compile()
-        return True if isinstance(net, VGG) and device.type == "cuda" and not compiled else None
+        auto = isinstance(net, VGG) and device.type == "cuda" and not compiled_in_place(net)
+        return True if auto else None
     if not isinstance(fuse_conv_bias, bool):
         raise TypeError(f"calibrate: fuse_conv_bias must be True or False, or None for the "
                         f"automatic choice, got {fuse_conv_bias!r}")
@@ -352,6 +352,12 @@ def calibrate(
     # runs every undoing even when one of them (or the pass) raises: the model comes back
     # as it was whatever fails
     with contextlib.ExitStack() as undo:
+        bar = None
+        if progress and rank == 0:  # closed last: after the graph's final synchronize
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=max_samples, desc="calibrate", unit="img")
+            undo.callback(_close_bar, bar)
         if side is not None:  # the sums are complete once the side stream has drained
             undo.callback(lambda: torch.cuda.current_stream(device).wait_stream(side))
         for lay in chosen:
@@ -367,12 +373,6 @@ def calibrate(
         if cuda_graphs and _graphs_on(device):
             run = ForwardReplay(net, list(accs.values()))
             undo.callback(run.close)
-        bar = None
-        if progress and rank == 0:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=max_samples, desc="calibrate", unit="img")
-            undo.callback(_close_bar, bar)
         with torch.no_grad():
             # stop as soon as the quota is reached: no batch is fetched (and dropped) beyond
             # it, so an iterator passed as the loader keeps its remaining batches, and a

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from cobkern._wrappers import compiled_in_place
 from cobkern.nn import TSRA, RMSNorm, RMSNormTSRA
 
 __all__ = ["VGG", "VGG_CFG_D", "vgg16_tsra", "vgg16_relu", "scaled_width",
@@ -66,7 +67,7 @@ class VGG(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         f = self.features
-        if (self.fuse_conv_bias and type(f) is nn.Sequential and not _compiled_in_place(f)
+        if (self.fuse_conv_bias and type(f) is nn.Sequential and not compiled_in_place(f)
                 and not _has_hooks(f)):
             return self.classifier(forward_fusing_conv_bias(f, x))
         return self.classifier(f(x))
@@ -132,12 +133,6 @@ def _has_hooks(m: nn.Module, forward: bool = True) -> bool:
                                             "_global_backward_hooks",
                                             "_global_backward_pre_hooks")]
     return any(own) or any(glob)
-
-
-def _compiled_in_place(m: nn.Module) -> bool:
-    """Whether ``m.compile()`` was called (``nn.Module.compile`` compiles ``__call__`` in
-    place: calling its layers one by one would bypass the compiled graph)."""
-    return getattr(m, "_compiled_call_impl", None) is not None
 
 
 def scaled_width(channels: int, width: float) -> int:
