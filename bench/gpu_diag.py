@@ -455,14 +455,14 @@ def _cov_step_variants(dname: str, scalar_loads: bool = False,
     wider step. Fewer warps a program get proportionally more programs, so an SM holds as
     many warps. ``scalar_loads`` (NCHW 2×2 maps: the slabs load element by element into
     registers): without the widest step and the 1-warp program, which spill there (1,764
-    and 376 bytes)."""
+    and 376 bytes); bf16 there ships 64 samples a step (128 spilled on sm_80/86/89, not on
+    sm_90), so its one step row is the 128 that bf16 took on this layer before."""
     from cobkern.kernels.covariance import TARGET_PROGRAMS_GPU
 
     if dname == "bf16":
-        out = {"64 samples a step": {"block_k": 64}}
-        if not scalar_loads:
-            out["256 samples a step"] = {"block_k": 256}
-        return out
+        if scalar_loads:
+            return {"128 samples a step": {"block_k": 128}}
+        return {"64 samples a step": {"block_k": 64}, "256 samples a step": {"block_k": 256}}
     steps = {"32 samples a step": {"block_k": 32}, "128 samples a step": {"block_k": 128}}
     out = {**(steps if nhwc else {"64 samples a step": {"block_k": 64}}),
            f"2 warps, {2 * TARGET_PROGRAMS_GPU} programs":
