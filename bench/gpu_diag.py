@@ -79,6 +79,14 @@ LAYOUTS = tuple(x.strip() for x in os.environ.get("GPU_DIAG_LAYOUTS", "nchw,nhwc
 if not LAYOUTS or set(LAYOUTS) - {"nchw", "nhwc"}:
     raise SystemExit(f"GPU_DIAG_LAYOUTS must list nchw and/or nhwc, got {LAYOUTS!r}")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+#: Directions of the tile sweep (``GPU_DIAG_TILE_DIRECTIONS``, comma list of ``forward`` and
+#: ``backward``; default both). A sweep of one direction leaves the tuning table's entries of
+#: the other as they were (:func:`merge_tables`).
+TILE_DIRECTIONS = tuple(x.strip() for x in os.environ.get(
+    "GPU_DIAG_TILE_DIRECTIONS", "forward,backward").split(",") if x.strip())
+if not TILE_DIRECTIONS or set(TILE_DIRECTIONS) - {"forward", "backward"}:
+    raise SystemExit(f"GPU_DIAG_TILE_DIRECTIONS must list forward and/or backward, got "
+                     f"{TILE_DIRECTIONS!r}")
 #: Ops of the tile sweep (``GPU_DIAG_TILE_OPS``, comma list of ``rmsnorm_tsra`` and
 #: ``tsra``). Default RMSNorm→TSRA, the layer the VGG-16 models run: the sweeps up to the
 #: second lease of 2026-11-27 timed plain TSRA only, and with their tile the bf16 NCHW
@@ -89,10 +97,26 @@ TILE_OPS = tuple(x.strip() for x in os.environ.get("GPU_DIAG_TILE_OPS", "rmsnorm
                  .split(",") if x.strip())
 if not TILE_OPS or set(TILE_OPS) - {"tsra", "rmsnorm_tsra"}:
     raise SystemExit(f"GPU_DIAG_TILE_OPS must list tsra and/or rmsnorm_tsra, got {TILE_OPS!r}")
-# (tile elements, elements per thread[, warps[, VEC_P]]); the heuristic's launch is among
-# them and marked in the results (forward 16 KiB tiles with 64 B per thread — 4096/16 fp32,
-# 8192/32 bf16 — since the 2026-11-26 sweep; backward 4096/32 since the 2026-11-27 one, which
-# timed it faster than 4096/16 at every conv shape). When first listed, not yet measured:
+#: Backward candidates of the streaming kernel (a fixed grid of programs per SM, each
+#: loading its next tile while it computes the current one; added 2026-11-28, not yet
+#: timed). The bf16 NCHW RMSNorm→TSRA backward at 1024×64×32×32 took 0.127 ms on the H200
+#: (2026-11-28) with the 2048/32/2w VEC_P=2 tile that ran plain TSRA in 0.098 (2026-11-27):
+#: the same bytes, 8 % more instructions (offline sm_90: 27.3 against 25.3 per element), so the
+#: longer per-position chain between a program's loads and its stores, with no load in
+#: flight, is the lead. Offline (sm_90, triton 3.8, bf16 at that shape): the streaming
+#: 2048/32/2w takes 191 registers (5 programs fit an SM), 1024/16/2w 115 (8), 2048/16/4w 124
+#: (4), with 26.9 / 37.8 / 38.8 SASS instructions per element in the loop; channels-last
+#: 64 registers at 16 per thread (hence 8 programs of 4 warps too). NCHW tiles need the
+#: capped position vector here: with ``VEC_P=0`` the 16-per-thread loops issued 88-106 per
+#: element. No spills at any sweep shape (``tests/test_tsra_aot.py`` compiles every
+#: candidate).
+STREAM_CONFIGS = [(2048, 32, 2, 2, 4), (1024, 16, 2, 2, 8), (2048, 16, 4, 2, 4),
+                  (2048, 16, 4, 2, 8), (4096, 16, 8, 2, 2)]
+# (tile elements, elements per thread[, warps[, VEC_P[, programs per SM]]]); the heuristic's
+# launch is among them and marked in the results (forward 16 KiB tiles with 64 B per
+# thread — 4096/16 fp32, 8192/32 bf16 — since the 2026-11-26 sweep; backward 4096/32 since
+# the 2026-11-27 one, which timed it faster than 4096/16 at every conv shape). When first
+# listed, not yet measured:
 # 4- and 2-warp tiles (7 barriers per bf16 forward program at 64×32×32 instead of 15),
 # 1-warp tiles (channel
 # reductions all warp shuffles, no shared memory or barrier), and 1- and 2-warp tiles with a
@@ -118,7 +142,7 @@ CONFIGS = {"forward": [(4096, 16), (8192, 16), (8192, 32), (2048, 8), (4096, 8),
                         (2048, 16), (4096, 32), (1024, 16, 2), (512, 16, 1),
                         (1024, 32, 1, 2), (1024, 32, 1, 4), (512, 16, 1, 2),
                         (2048, 32, 2, 2), (8192, 32), (8192, 32, 8, 2), (8192, 32, 8, 4),
-                        (4096, 32, 4, 4)]}
+                        (4096, 32, 4, 4), *STREAM_CONFIGS]}
 # VGG-16 CoB layer activations (C, H, W) at calibration batch 500, for the covariance sweep
 COV_SHAPES = [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 2, 2), (4096,)]
 COV_BATCH = int(os.environ.get("GPU_DIAG_COV_BATCH", "500"))
@@ -183,9 +207,11 @@ def _tensors(shape, dtype, direction, nhwc: bool = False):
 
 
 def _tuning(cfg) -> dict:
-    """Launch overrides of a ``(tile, elems per thread[, warps[, VEC_P]])`` entry."""
-    tile, ept, warps, vec_p = (*cfg, None, None)[:4] if cfg else (None,) * 4
-    return dict(tile_elems=tile, elems_per_thread=ept, num_warps=warps, vec_p=vec_p)
+    """Launch overrides of a ``(tile, elems per thread[, warps[, VEC_P[, programs per
+    SM]]])`` entry (``programs_per_sm`` only where given: the streaming backward)."""
+    tile, ept, warps, vec_p, pps = (*cfg, None, None, None)[:5] if cfg else (None,) * 5
+    over = dict(tile_elems=tile, elems_per_thread=ept, num_warps=warps, vec_p=vec_p)
+    return dict(over, programs_per_sm=pps) if pps else over
 
 
 def _launch(direction, tensors, cfg, rmsnorm: bool = False):
@@ -281,7 +307,7 @@ def part_tiles(rec: dict) -> None:
     from cobkern.ops._checks import channel_geometry
 
     jobs = [(s, nhwc, d, dr, cfg, op) for s, nhwc in tile_cases() for d in DTYPES
-            for dr in CONFIGS for cfg in CONFIGS[dr] for op in TILE_OPS
+            for dr in TILE_DIRECTIONS for cfg in CONFIGS[dr] for op in TILE_OPS
             if fits(s, DTYPES[d].itemsize, dr, cfg, nhwc)]
     t0 = time.perf_counter()
     compiled = precompile(_run_tile_job, jobs)
@@ -294,7 +320,8 @@ def part_tiles(rec: dict) -> None:
     for (shape, nhwc), op in itertools.product(tile_cases(), TILE_OPS):
         rms = op == "rmsnorm_tsra"
         for dname, dtype in DTYPES.items():
-            for direction, cfgs in CONFIGS.items():
+            for direction in TILE_DIRECTIONS:
+                cfgs = CONFIGS[direction]
                 tensors = _tensors(shape, dtype, direction, nhwc)
                 nbytes = tensors[0].numel() * tensors[0].element_size() * (
                     2 if direction == "forward" else 3)
@@ -316,6 +343,7 @@ def part_tiles(rec: dict) -> None:
                     _, consts, warps, _ = spec
                     row = dict(shape=list(shape), dtype=dname, direction=direction,
                                tile=cfg[0], ept=cfg[1], warps=warps, vec_p=consts["VEC_P"],
+                               pps=_tuning(cfg).get("programs_per_sm", 0),
                                C=geo.C, split=geo.C // 2, P=geo.P,
                                channels_last=geo.channels_contig,
                                layout="nhwc" if nhwc else "nchw",
@@ -404,6 +432,8 @@ def tuning_table(rec: dict, min_gain: float = MIN_GAIN, base: dict | None = None
         entry = dict(direction=direction, itemsize=itemsize, channels_last=cl, C=c,
                      split=split, P=p, tile_elems=best["tile"], elems_per_thread=best["ept"],
                      num_warps=best["warps"], vec_p=best.get("vec_p") or 0)
+        if best.get("pps"):
+            entry["programs_per_sm"] = best["pps"]
         if rms is not None:
             entry["rmsnorm"] = rms
         entries.append(dict(entry, ms=round(best["ms"], 5),
@@ -977,6 +1007,7 @@ def _markdown(rec: dict) -> str:
                 " (NHWC)" if r.get("layout") == "nhwc" else "")
             cfg = f"{r['tile']}/{r['ept']}/{r['warps']}w" + (
                 f" VEC_P={r['vec_p']}" if r.get("vec_p") else "") + (
+                f" stream {r['pps']}/SM" if r.get("pps") else "") + (
                 " (heuristic)" if r.get("default") else "")
             v = ("error | " + r["error"][:60] if "error" in r
                  else f"{r['ms']:.4f} | {r['pct_copy']:.0f}%")

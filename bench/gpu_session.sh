@@ -17,7 +17,8 @@
 #                                 steps (default nchw,channels_last)
 #   GPU_DIAG_PARTS=tiles,covariance GPU_DIAG_CAP=300 ...  # the diag step's parts and cap;
 #                                 gpu_diag.py also reads GPU_DIAG_TILE_OPS (the tile sweep's
-#                                 ops: rmsnorm_tsra by default, tsra, or both) and
+#                                 ops: rmsnorm_tsra by default, tsra, or both),
+#                                 GPU_DIAG_TILE_DIRECTIONS (forward, backward or both) and
 #                                 GPU_DIAG_LAYOUTS; its tsra_tuning.json keeps the shipped
 #                                 table's entries for what the sweep did not time
 #

@@ -16,6 +16,13 @@ one ``[BLOCK_C, BLOCK_P]`` tile that tells U from V per element. Nothing but ``x
 for backward: the norms are recomputed from the ``x`` tile that the backward loads
 anyway.
 
+Streaming backward (``programs_per_sm`` in the launch's tuning; split layouts only): a
+fixed grid of that many programs per multiprocessor, each looping over the tiles ``pid,
+pid + programs, ...`` and issuing the loads of its next tile before it computes the current
+one, so a program has ``x`` and ``dy`` in flight during the per-position gain chain, where a
+one-tile program has none. A tuning-sweep candidate (``bench/gpu_diag.py``), not yet timed;
+the heuristic never takes it.
+
 Chunked kernels (wider ``C``, e.g. a 16,384-wide linear layer): a register tile cannot hold
 a whole row of ``x`` and ``dy`` without spilling, so the program loops over channel chunks
 twice — once to reduce, once to write. The second read of the row hits L2 on the GPU.
@@ -66,8 +73,8 @@ from ._host import cdiv, next_pow2
 from ._launch import launch
 
 __all__ = ["tsra_forward", "tsra_backward", "launch_config", "specialization", "plan", "run",
-           "run_traced", "bias_grad_buffer", "LaunchPlan", "KERNELS", "MAX_TILE_CHANNELS",
-           "BIAS_GRAD_MIN_ROW_BYTES"]
+           "run_traced", "grid_size", "bias_grad_buffer", "LaunchPlan", "KERNELS",
+           "MAX_TILE_CHANNELS", "BIAS_GRAD_MIN_ROW_BYTES"]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -128,13 +135,18 @@ def _rows(pid_b, c0, hi, offs_p, P, stride_b, stride_c, stride_p, BLOCK: tl.cons
 
 
 @triton.jit
-def _program_coords(n_pblocks, BLOCK_P: tl.constexpr, VEC_P: tl.constexpr):
-    pid = tl.program_id(0)
-    pid_b = pid // n_pblocks
-    offs_p = (pid % n_pblocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+def _tile_coords(t, n_pblocks, BLOCK_P: tl.constexpr, VEC_P: tl.constexpr):
+    """Row (image) index and positions of tile ``t``: ``n_pblocks`` tiles per row."""
+    pid_b = t // n_pblocks
+    offs_p = (t % n_pblocks) * BLOCK_P + tl.arange(0, BLOCK_P)
     if VEC_P > 0:  # cap the vector width along positions (see the module docstring)
         offs_p = tl.max_contiguous(offs_p, VEC_P)
     return pid_b, offs_p
+
+
+@triton.jit
+def _program_coords(n_pblocks, BLOCK_P: tl.constexpr, VEC_P: tl.constexpr):
+    return _tile_coords(tl.program_id(0), n_pblocks, BLOCK_P, VEC_P)
 
 
 @triton.jit
@@ -159,15 +171,20 @@ def _channel_bias(BIAS, c0, hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _bias_partials(DB, dx, mask, c0, hi, C, BLOCK: tl.constexpr):
-    """Store this program's sums of ``dx`` (a float32 ``[BLOCK, BLOCK_P]`` tile of channels
-    ``c0 .. c0 + BLOCK``, those below ``hi`` kept) over its positions in row
-    ``program_id`` of the ``(programs, C)`` float32 buffer ``DB``: the partial sums of the
-    bias gradient. Positions outside ``mask`` (past the end of a row, where ``x`` is the
-    bias alone) add nothing."""
+def _store_partials(DB, part, c0, hi, C, BLOCK: tl.constexpr):
+    """Store per-channel sums ``part`` (``BLOCK`` float32 values of channels ``c0 .. c0 +
+    BLOCK``, those below ``hi`` kept) in row ``program_id`` of the ``(programs, C)`` float32
+    buffer ``DB``: this program's partial sums of the bias gradient."""
     offs_c = c0 + tl.arange(0, BLOCK)
-    part = tl.sum(tl.where(mask, dx, 0.0), axis=1)
     tl.store(DB + tl.program_id(0).to(tl.int64) * C + offs_c, part, mask=offs_c < hi)
+
+
+@triton.jit
+def _bias_partials(DB, dx, mask, c0, hi, C, BLOCK: tl.constexpr):
+    """:func:`_store_partials` of the sums of ``dx`` (a float32 ``[BLOCK, BLOCK_P]`` tile)
+    over its positions. Positions outside ``mask`` (past the end of a row, where ``x`` is
+    the bias alone) add nothing."""
+    _store_partials(DB, tl.sum(tl.where(mask, dx, 0.0), axis=1), c0, hi, C, BLOCK)
 
 
 @triton.jit
@@ -297,7 +314,18 @@ def _split_blocks(n_pblocks, C, P, split, stride_b, stride_c, stride_p, BLOCK_U:
                   CHANNELS_CONTIG: tl.constexpr):
     """This program's U block (channels ``[0, split)``) and V block (``[split, C)``):
     ``(offs_u, mask_u, offs_v, mask_v)``."""
-    pid_b, offs_p = _program_coords(n_pblocks, BLOCK_P, VEC_P)
+    return _split_tile(tl.program_id(0), n_pblocks, C, P, split, stride_b, stride_c,
+                       stride_p, BLOCK_U, BLOCK_V, BLOCK_P, EVEN_U, EVEN_V, SMALL_P, VEC_P,
+                       CHANNELS_CONTIG)
+
+
+@triton.jit
+def _split_tile(t, n_pblocks, C, P, split, stride_b, stride_c, stride_p, BLOCK_U: tl.constexpr,
+                BLOCK_V: tl.constexpr, BLOCK_P: tl.constexpr, EVEN_U: tl.constexpr,
+                EVEN_V: tl.constexpr, SMALL_P: tl.constexpr, VEC_P: tl.constexpr,
+                CHANNELS_CONTIG: tl.constexpr):
+    """:func:`_split_blocks` of tile ``t``."""
+    pid_b, offs_p = _tile_coords(t, n_pblocks, BLOCK_P, VEC_P)
     offs_u, mask_u = _rows(pid_b, 0, split, offs_p, P, stride_b, stride_c, stride_p, BLOCK_U,
                            BLOCK_P, EVEN_U, SMALL_P, CHANNELS_CONTIG)
     offs_v, mask_v = _rows(pid_b, split, C, offs_p, P, stride_b, stride_c, stride_p, BLOCK_V,
@@ -356,6 +384,79 @@ def _tsra_bwd_split_kernel(
     if BIAS_GRAD:
         _bias_partials(DB, dxu, mask_u, 0, split, C, BLOCK_U)
         _bias_partials(DB, dxv, mask_v, split, C, C, BLOCK_V)
+
+
+@triton.jit
+def _tsra_bwd_stream_kernel(
+    DY, X, DX, BIAS, DB, C, P, split, n_pblocks, n_tiles, stride_b, stride_c, stride_p,
+    a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
+    BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_P: tl.constexpr,
+    RMSNORM: tl.constexpr, EVEN_U: tl.constexpr, EVEN_V: tl.constexpr, SMALL_P: tl.constexpr,
+    VEC_P: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    CHANNELS_CONTIG: tl.constexpr,
+):
+    """The split backward as a fixed grid of programs, each looping over tiles ``pid,
+    pid + programs, ...`` of the ``n_tiles`` (``B · n_pblocks``): it issues the loads of
+    its next tile before it computes the current one, so the next tile's ``x`` and ``dy``
+    are in flight during the per-position gain chain (square roots, reciprocals, two
+    sigmoids and RMSNorm's terms), where a one-tile program has no load outstanding. The
+    prefetched tile stays in the storage dtype until its turn. With ``BIAS_GRAD`` each
+    program sums ``dx`` over all its tiles and stores one row of partials at the end."""
+    pid = tl.program_id(0)
+    step = tl.num_programs(0)
+    ou, mu, ov, mv = _split_tile(pid, n_pblocks, C, P, split, stride_b, stride_c, stride_p,
+                                 BLOCK_U, BLOCK_V, BLOCK_P, EVEN_U, EVEN_V, SMALL_P, VEC_P,
+                                 CHANNELS_CONTIG)
+    xu = tl.load(X + ou, mask=mu, other=0.0)
+    xv = tl.load(X + ov, mask=mv, other=0.0)
+    dyu = tl.load(DY + ou, mask=mu, other=0.0)
+    dyv = tl.load(DY + ov, mask=mv, other=0.0)
+    if HAS_BIAS:
+        bu = _channel_bias(BIAS, 0, split, BLOCK_U)
+        bv = _channel_bias(BIAS, split, C, BLOCK_V)
+    if BIAS_GRAD:
+        part_u = tl.zeros([BLOCK_U], tl.float32)
+        part_v = tl.zeros([BLOCK_V], tl.float32)
+    for t in range(pid, n_tiles, step):
+        # the next tile's loads first (masked off past the last tile)
+        nu, nmu, nv, nmv = _split_tile(t + step, n_pblocks, C, P, split, stride_b, stride_c,
+                                       stride_p, BLOCK_U, BLOCK_V, BLOCK_P, EVEN_U, EVEN_V,
+                                       SMALL_P, VEC_P, CHANNELS_CONTIG)
+        more = t + step < n_tiles
+        nxu = tl.load(X + nu, mask=nmu & more, other=0.0)
+        nxv = tl.load(X + nv, mask=nmv & more, other=0.0)
+        ndyu = tl.load(DY + nu, mask=nmu & more, other=0.0)
+        ndyv = tl.load(DY + nv, mask=nmv & more, other=0.0)
+        fxu = xu.to(tl.float32)
+        fxv = xv.to(tl.float32)
+        if HAS_BIAS:
+            fxu += bu
+            fxv += bv
+        fdu = dyu.to(tl.float32)
+        fdv = dyv.to(tl.float32)
+        gu, gv, ku, kv = _backward_coefs(
+            tl.sum(fxu * fxu, axis=0), tl.sum(fxv * fxv, axis=0), tl.sum(fdu * fxu, axis=0),
+            tl.sum(fdv * fxv, axis=0), a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
+            RMSNORM)
+        dxu = gu[None, :] * fdu + ku[None, :] * fxu
+        dxv = gv[None, :] * fdv + kv[None, :] * fxv
+        # this tile's offsets again (cheaper to recompute than to hold across the loop)
+        # (new names: reassigning the first tile's would carry them through the loop)
+        cu, cmu, cv, cmv = _split_tile(t, n_pblocks, C, P, split, stride_b, stride_c,
+                                       stride_p, BLOCK_U, BLOCK_V, BLOCK_P, EVEN_U, EVEN_V,
+                                       SMALL_P, VEC_P, CHANNELS_CONTIG)
+        tl.store(DX + cu, dxu.to(DX.dtype.element_ty), mask=cmu)
+        tl.store(DX + cv, dxv.to(DX.dtype.element_ty), mask=cmv)
+        if BIAS_GRAD:
+            part_u += tl.sum(tl.where(cmu, dxu, 0.0), axis=1)
+            part_v += tl.sum(tl.where(cmv, dxv, 0.0), axis=1)
+        xu = nxu
+        xv = nxv
+        dyu = ndyu
+        dyv = ndyv
+    if BIAS_GRAD:
+        _store_partials(DB, part_u, 0, split, C, BLOCK_U)
+        _store_partials(DB, part_v, split, C, C, BLOCK_V)
 
 
 # ----------------------------------------------------------------------------- chunked
@@ -443,6 +544,7 @@ KERNELS = {
     ("backward", "tile"): _tsra_bwd_kernel,
     ("forward", "split"): _tsra_fwd_split_kernel,
     ("backward", "split"): _tsra_bwd_split_kernel,
+    ("backward", "stream"): _tsra_bwd_stream_kernel,
     ("forward", "chunked"): _tsra_fwd_chunked_kernel,
     ("backward", "chunked"): _tsra_bwd_chunked_kernel,
 }
@@ -534,6 +636,7 @@ def launch_config(C: int, P: int, direction: str = "forward", itemsize: int = 4,
 def specialization(C: int, P: int, split: int, channels_contig: bool, direction: str,
                    rmsnorm: bool, itemsize: int = 4, vec_p: int | None = None,
                    has_bias: bool = False, bias_grad: bool = False,
+                   programs_per_sm: int | None = None,
                    **tuning: int | None) -> tuple[object, dict, int, int]:
     """What one launch compiles: ``(kernel, constexprs, num_warps, n_pblocks)``.
 
@@ -547,14 +650,26 @@ def specialization(C: int, P: int, split: int, channels_contig: bool, direction:
     :func:`launch_config`; ``vec_p`` caps the vector width along NCHW positions (``VEC_P``,
     module docstring; tuning sweeps); ``has_bias`` compiles the bias add in
     (``HAS_BIAS``); ``bias_grad`` (backward only) the partial sums of the bias gradient
-    (``BIAS_GRAD``; :func:`plan` decides where they pay). Cached: it runs on every
-    launch, and host time is what limits the small layers. The returned ``constexprs`` dict
-    is shared between calls; do not mutate it.
+    (``BIAS_GRAD``; :func:`plan` decides where they pay). ``programs_per_sm`` (a positive
+    int; backward split launches only, else a ``ValueError``) takes the streaming kernel
+    (``_tsra_bwd_stream_kernel``: that many programs per multiprocessor, each looping over
+    tiles and loading the next while it computes the current; :func:`plan` sizes the grid).
+    Cached: it runs on every launch, and host time is what limits the small layers. The
+    returned ``constexprs`` dict is shared between calls; do not mutate it.
     """
     if bias_grad and direction != "backward":
         raise ValueError("tsra launch: bias_grad is a backward option")
     kind = ("chunked" if C > MAX_TILE_CHANNELS
             else "split" if not channels_contig or split % SPLIT_ALIGN == 0 else "tile")
+    if programs_per_sm:
+        if isinstance(programs_per_sm, bool) or not isinstance(programs_per_sm, int) \
+                or programs_per_sm < 0:
+            raise ValueError(f"tsra launch: programs_per_sm must be a positive int, got "
+                             f"{programs_per_sm!r}")
+        if direction != "backward" or kind != "split":
+            raise ValueError(f"tsra launch: programs_per_sm (the streaming kernel) applies to "
+                             f"backward launches of the split kernels only, not to this "
+                             f"{direction} {kind} launch")
     block_u, block_v = next_pow2(split), next_pow2(C - split)
     rows = block_u + block_v if kind == "split" else None
     block_c, block_p, num_warps, _ = launch_config(C, P, direction, itemsize, rows=rows,
@@ -573,7 +688,25 @@ def specialization(C: int, P: int, split: int, channels_contig: bool, direction:
                       "HAS_BIAS": has_bias}
     if direction == "backward":
         constexprs["BIAS_GRAD"] = bias_grad
+    if programs_per_sm:
+        kind = "stream"
     return KERNELS[(direction, kind)], constexprs, num_warps, cdiv(P, block_p)
+
+
+@functools.lru_cache(maxsize=64)
+def _multiprocessors(device_type: str, index: int | None) -> int:
+    """Multiprocessors of a CUDA device; 1 elsewhere (the interpreter's CPU launches)."""
+    if device_type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(
+        index if index is not None else torch.cuda.current_device()).multi_processor_count
+
+
+def grid_size(n_tiles: int, programs_per_sm: int, device: torch.device | str) -> int:
+    """Programs of a streaming launch: ``programs_per_sm`` per multiprocessor of ``device``
+    (1 multiprocessor off CUDA), at most one per tile."""
+    device = torch.device(device)
+    return max(1, min(n_tiles, programs_per_sm * _multiprocessors(device.type, device.index)))
 
 
 class LaunchPlan(NamedTuple):
@@ -589,14 +722,16 @@ class LaunchPlan(NamedTuple):
 
 def plan(direction: str, geo, split: int, rmsnorm: bool, itemsize: int,
          tuning: Mapping[str, int] | None = None, has_bias: bool = False,
-         bias_grad: bool = False) -> LaunchPlan:
+         bias_grad: bool = False, device: torch.device | str | None = None) -> LaunchPlan:
     """The launch of ``direction`` on a ``geo``-shaped activation (see :func:`specialization`;
     ``tuning`` as in :func:`tsra_forward`; ``has_bias``: a bias is added to ``x``).
 
     ``bias_grad`` (backward): the bias gradient is wanted too. The plan then has the kernel
     write its partial sums (``constexprs["BIAS_GRAD"]``; :func:`bias_grad_buffer`) where a
     program's rows hold at least :data:`BIAS_GRAD_MIN_ROW_BYTES` of ``dx`` (by layout);
-    elsewhere ``BIAS_GRAD`` stays off and the caller sums ``dx`` itself."""
+    elsewhere ``BIAS_GRAD`` stays off and the caller sums ``dx`` itself. ``device``: where
+    the launch runs; needed (for its multiprocessor count, :func:`grid_size`) when
+    ``tuning`` has ``programs_per_sm``."""
     if bias_grad and direction != "backward":
         raise ValueError("tsra launch: bias_grad is a backward option")
     spec = dict(has_bias=has_bias, **(tuning or {}))
@@ -607,8 +742,16 @@ def plan(direction: str, geo, split: int, rmsnorm: bool, itemsize: int,
         kernel, constexprs, num_warps, n_pblocks = specialization(
             geo.C, geo.P, split, geo.channels_contig, direction, rmsnorm, itemsize,
             bias_grad=True, **spec)
-    return LaunchPlan(kernel, (n_pblocks * geo.B,),
-                      (geo.C, geo.P, split, n_pblocks, geo.stride_b, geo.stride_c,
+    n_tiles = n_pblocks * geo.B
+    if kernel is not KERNELS[("backward", "stream")]:
+        return LaunchPlan(kernel, (n_tiles,),
+                          (geo.C, geo.P, split, n_pblocks, geo.stride_b, geo.stride_c,
+                           geo.stride_p), constexprs, num_warps)
+    if device is None:
+        raise ValueError("tsra launch: a programs_per_sm launch needs the device (its "
+                         "multiprocessor count sizes the grid)")
+    return LaunchPlan(kernel, (grid_size(n_tiles, spec["programs_per_sm"], device),),
+                      (geo.C, geo.P, split, n_pblocks, n_tiles, geo.stride_b, geo.stride_c,
                        geo.stride_p), constexprs, num_warps)
 
 
@@ -679,7 +822,7 @@ def run_traced(p: LaunchPlan, tensors: tuple[torch.Tensor, ...], a_u: float, b_u
 def _launch(direction, tensors, geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps,
             bias=None, bias_grad=False, **tuning):
     p = plan(direction, geo, split, norm_size > 0, tensors[0].element_size(), tuning,
-             has_bias=bias is not None, bias_grad=bias_grad)
+             has_bias=bias is not None, bias_grad=bias_grad, device=tensors[0].device)
     partials = bias_grad_buffer(p, tensors[0].device) if p.constexprs.get("BIAS_GRAD") else None
     run(p, tensors, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps, bias, partials)
     return partials
@@ -692,7 +835,8 @@ def tsra_forward(x: torch.Tensor, y: torch.Tensor, geo, split: int, a_u: float, 
     """Write TSRA(x) (RMSNorm→TSRA when ``norm_size > 0``) into ``y``; same geometry.
 
     ``tuning``: launch overrides (``tile_elems``, ``elems_per_thread``, ``num_warps``,
-    ``vec_p``; ``cobkern.ops.tuning``), ``None`` for the heuristic. ``bias``: a contiguous
+    ``vec_p``, and for the backward ``programs_per_sm``; ``cobkern.ops.tuning``), ``None``
+    for the heuristic. ``bias``: a contiguous
     ``(C,)`` tensor added to ``x`` first (TSRA of ``x + bias``).
     """
     _launch("forward", (x, y), geo, split, a_u, b_u, a_v, b_v, eps, norm_size, rms_eps, bias,

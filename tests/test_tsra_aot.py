@@ -51,8 +51,10 @@ def _signature(kernel: str, dtype: str) -> dict[str, str]:
     sig = {p: f"*{dtype}" for p in ptrs}  # unused: ``_spec`` makes BIAS / DB None constexprs
     if "DB" in sig:
         sig["DB"] = "*fp32"  # the bias gradient's float32 partial sums
-    sig.update({k: "i32" for k in ["C", "P", "split", "n_pblocks", "stride_b", "stride_c",
-                                   "stride_p"]})
+    ints = ["C", "P", "split", "n_pblocks", "stride_b", "stride_c", "stride_p"]
+    if "_stream_" in kernel:  # the streaming backward also takes the tile count
+        ints.insert(4, "n_tiles")
+    sig.update({k: "i32" for k in ints})
     sig.update({k: "fp32" for k in ["a_u", "b_u", "a_v", "b_v", "eps", "inv_norm_size",
                                     "rms_eps"]})
     return sig
@@ -308,4 +310,26 @@ def test_bias_launches_compile_without_spills_and_keep_vector_accesses():
                        or (r["st_scalar"] and not s["constexprs"].get("BIAS_GRAD"))):
             bad.append(f"{_name(s)}: ld v4={r['ld_v4']} scalar={r['ld_scalar']}; "
                        f"st v4={r['st_v4']} scalar={r['st_scalar']}")
+    assert not bad, "\n".join(bad)
+
+
+def test_streaming_backward_with_bias_gradient_compiles_without_spills():
+    """The streaming backward candidates (``bench/gpu_diag.py``'s ``STREAM_CONFIGS``) also
+    hold a bias and their running per-channel sums of ``dx`` (the bias gradient's partials,
+    stored once at the end) in registers: what training with ``fuse_conv_bias`` would
+    launch, were a sweep to ship them. sm_90, the first and a small VGG-16 map, both
+    layouts, both dtypes."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench.gpu_diag import STREAM_CONFIGS, _tuning, problem
+
+    specs = [_spec(*problem(shape, nhwc), "backward", dtype, True, has_bias=True,
+                   bias_grad=True, **_tuning(cfg))
+             for cfg in STREAM_CONFIGS for dtype in ("bf16", "fp32")
+             for shape, nhwc in [((64, 32, 32), False), ((64, 32, 32), True),
+                                 ((256, 8, 8), False)]]
+    assert all("_stream_" in s["kernel"] and s["constexprs"]["BIAS_GRAD"] for s in specs)
+    results = compile_specs([{k: v for k, v in s.items() if k != "meta"} for s in specs])
+    bad = [f"{_name(s)} {s['num_warps']}w: {r.get('error') or r['ptxas_log'][-300:]}"
+           for s, r in zip(specs, results, strict=True)
+           if "error" in r or not r["ptxas_ok"] or r["spill_stores"] or r["spill_loads"]]
     assert not bad, "\n".join(bad)

@@ -507,3 +507,90 @@ def test_gpu_diag_layout_and_bias_grad_parts_run(monkeypatch, device):
         assert {"backward_ms", "sum_dx_ms", "partials_ms"} <= set(r), r
         assert r["max_rel_diff"] <= (1e-5 if r["dtype"] == "fp32" else 2**-7), r
     assert "split kernels vs the single tile" in gpu_diag._markdown(rec)
+
+
+# the streaming backward: (shape, split, layout, tile elements); small tiles so that a
+# program loops over several tiles on a CPU (one "multiprocessor" there) and on a GPU
+STREAM_CASES = [((3, 64, 6, 6), 32, "nchw", 256),  # 4 tiles an image, 12 in all
+                ((3, 40, 5, 3), 13, "nchw", 128),  # P = 15: a masked tail in each image
+                ((7, 10, 2, 2), 4, "nchw", 64),  # 2×2 rows compiled as constants: a tile an image
+                ((2, 64, 5, 3), 32, "channels_last", 256),  # 30 positions, masked tail
+                ((37, 48), 16, "2d", 128)]  # linear rows, a masked V block
+
+
+@pytest.mark.parametrize("programs_per_sm", [1, 3])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("rms", [False, True], ids=["tsra", "rmsnorm"])
+@pytest.mark.parametrize("case", STREAM_CASES, ids=lambda c: f"{c[2]}-{'x'.join(map(str, c[0]))}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_streaming_backward_matches_float64(case, rms, with_bias, programs_per_sm, dtype,
+                                            device):
+    """``programs_per_sm`` (the streaming backward: a fixed grid of programs that load the
+    next tile while computing the current one) computes the same gradient as float64, and
+    with a bias its per-program partial sums add up to the bias gradient, however many
+    tiles each program walks (one program on a CPU: all of them) — with the tolerances of
+    the one-tile launch (module docstring)."""
+    from cobkern.kernels import tsra as k
+    from cobkern.ops._checks import channel_geometry
+
+    shape, split, layout, tile = case
+    x = _make(shape, layout, dtype, device)
+    dy = torch.randn(shape).to(device=device, dtype=dtype)
+    if layout == "channels_last":
+        dy = dy.to(memory_format=torch.channels_last)
+    c = shape[1]
+    bias = torch.randn(c, device=device) if with_bias else None
+    view = [1, c] + [1] * (len(shape) - 2)
+    x64 = x.cpu().double() + (0 if bias is None else bias.cpu().double().view(view))
+    kw = dict(norm_size=c, rms_eps=1e-6) if rms else {}
+    _, dx64 = tsra64_grad(x64, dy.cpu(), split, 1, **kw)
+    geo = channel_geometry(x, 1)
+    consts = (5.0, 0.5, 5.0, 0.7, 1e-12, c if rms else 0, 1e-6 if rms else 0.0)
+    over = dict(tile_elems=tile, elems_per_thread=16, num_warps=2, vec_p=2,
+                programs_per_sm=programs_per_sm)
+    p = k.plan("backward", geo, split, rms, x.element_size(), over, has_bias=with_bias,
+               bias_grad=with_bias, device=x.device)
+    assert p.kernel is k.KERNELS[("backward", "stream")]
+    n_tiles = p.ints[4]
+    assert p.grid[0] == k.grid_size(n_tiles, programs_per_sm, x.device)
+    if device.type == "cpu":  # one "multiprocessor": each program walks several tiles
+        assert p.grid[0] < n_tiles
+    dx = torch.empty_like(x)
+    partials = k.tsra_backward(dy, x, dx, geo, split, *consts, tuning=over, bias=bias,
+                               bias_grad=with_bias)
+    torch.testing.assert_close(dx.cpu().double(), dx64, **TOL[dtype])
+    assert (partials is not None) == p.constexprs["BIAS_GRAD"]  # rows of >= 16 / 32 bytes
+    if partials is not None:
+        assert partials.shape == (p.grid[0], c)
+        dims = [d for d in range(len(shape)) if d != 1]
+        # float32 sums of the float32 gradient (before its rounding to the storage dtype)
+        # over at most 90 positions: float32 accumulation, whatever the dtype
+        torch.testing.assert_close(partials.sum(0).cpu().double(), dx64.sum(dims),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_streaming_launch_is_a_backward_split_option():
+    """``programs_per_sm`` is refused where there is no streaming kernel (forward, the
+    single tile of an unaligned channels-last split, the chunked kernels), with a value that
+    is not a positive int, and in a plan without the device that sizes its grid."""
+    from cobkern.kernels import tsra as k
+    from cobkern.ops._checks import channel_geometry
+
+    spec = k.specialization
+    assert spec(64, 1024, 32, False, "backward", True, 2,
+                programs_per_sm=4)[0] is k.KERNELS[("backward", "stream")]
+    assert spec(64, 4096, 32, True, "backward", True, 2,
+                programs_per_sm=4)[0] is k.KERNELS[("backward", "stream")]
+    with pytest.raises(ValueError, match="backward launches of the split kernels only"):
+        spec(64, 1024, 32, False, "forward", True, 2, programs_per_sm=4)
+    with pytest.raises(ValueError, match="not to this backward tile launch"):
+        spec(64, 4096, 40, True, "backward", True, 2, programs_per_sm=4)
+    with pytest.raises(ValueError, match="backward chunked launch"):
+        spec(k.MAX_TILE_CHANNELS + 16, 64, 32, True, "backward", True, 2, programs_per_sm=4)
+    with pytest.raises(ValueError, match="positive int"):
+        spec(64, 1024, 32, False, "backward", True, 2, programs_per_sm=-2)
+    geo = channel_geometry(torch.empty(2, 64, 4, 4), 1)
+    with pytest.raises(ValueError, match="needs the device"):
+        k.plan("backward", geo, 32, True, 4, {"programs_per_sm": 2})
+    assert k.grid_size(10, 3, "cpu") == 3  # one multiprocessor off CUDA
+    assert k.grid_size(2, 3, "cpu") == 2  # never more programs than tiles

@@ -84,6 +84,14 @@ def test_shipped_tables_are_valid_and_named_after_their_device():
      "entries 0 and 1 both describe"),
     (json.dumps({"format": FORMAT, "entries": [_entry(rmsnorm="yes")]}),
      "entry 0: rmsnorm must be true, false or absent"),
+    (json.dumps({"format": FORMAT, "entries": [_entry(programs_per_sm=4)]}),
+     "entry 0: programs_per_sm (the streaming kernel) is a backward option"),
+    (json.dumps({"format": FORMAT, "entries": [_entry(direction="backward",
+                                                      programs_per_sm=-1)]}),
+     "entry 0: programs_per_sm must be an int in [0, 64]"),
+    (json.dumps({"format": FORMAT, "entries": [_entry(direction="backward",
+                                                      programs_per_sm="4")]}),
+     "entry 0: programs_per_sm must be an int in [0, 64]"),
     (json.dumps({"format": FORMAT, "entries": [_entry(rmsnorm=True),
                                                _entry(rmsnorm=True, num_warps=2)]}),
      "entries 0 and 1 both describe"),
@@ -196,13 +204,19 @@ def test_environment_pointing_at_a_bad_table_fails_loudly(tmp_path, monkeypatch)
         launch_tuning(torch.device("cpu"), "forward", 4, False, 64, 32, 16)
 
 
+@pytest.mark.parametrize("stream", [0, 2], ids=["tiles", "streaming"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_ops_launch_through_the_table_and_compute_the_same_function(tmp_path, monkeypatch,
-                                                                      dtype, device):
+                                                                      dtype, stream, device):
     """RMSNorm→TSRA forward and backward through the public op with a table whose entries
-    change warps, tile and vector width: the launch
-    receives the overrides, and the result still matches float64."""
+    change warps, tile and vector width (and, ``streaming``, put the backward on the
+    streaming kernel, 2 programs per multiprocessor): the launch receives the overrides,
+    and the result still matches float64."""
+    import importlib
+
     from cobkern.kernels import tsra as k
+
+    ops_tsra = importlib.import_module("cobkern.ops.tsra")  # the module, not the op
 
     if device.type == "cpu":
         import os
@@ -215,7 +229,7 @@ def test_ops_launch_through_the_table_and_compute_the_same_function(tmp_path, mo
         _entry(C=48, split=20, P=30, itemsize=size, tile_elems=1024, elems_per_thread=16,
                num_warps=1, vec_p=2),
         _entry(C=48, split=20, P=30, itemsize=size, direction="backward", tile_elems=512,
-               elems_per_thread=16, num_warps=2, vec_p=0),
+               elems_per_thread=16, num_warps=2, vec_p=0, programs_per_sm=stream),
     ])
     seen = []
     shipped = k.specialization
@@ -226,15 +240,17 @@ def test_ops_launch_through_the_table_and_compute_the_same_function(tmp_path, mo
         return shipped(*args, **tuning)
 
     monkeypatch.setattr(k, "specialization", spy)
+    monkeypatch.setattr(ops_tsra, "_PLANS", {})  # plans of other tests' runs not reused
     monkeypatch.setenv(ENV_VAR, str(path))
     x = torch.randn(shape).to(device=device, dtype=dtype)
     dy = torch.randn(shape).to(device=device, dtype=dtype)
     xg = x.clone().requires_grad_(True)
     y = rmsnorm_tsra(xg, split)
     (dx,) = torch.autograd.grad(y, xg, dy)
+    bwd = dict(tile_elems=512, elems_per_thread=16, num_warps=2, vec_p=0)
     assert seen == [
         ("forward", dict(tile_elems=1024, elems_per_thread=16, num_warps=1, vec_p=2)),
-        ("backward", dict(tile_elems=512, elems_per_thread=16, num_warps=2, vec_p=0)),
+        ("backward", dict(bwd, programs_per_sm=stream) if stream else bwd),
     ]
     y64, dx64 = tsra64_grad(x.cpu(), dy.cpu(), split, 1, norm_size=None, rms_eps=1e-6)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-2)
@@ -298,11 +314,15 @@ def test_every_sweep_candidate_is_a_valid_table_entry(gpu_diag, tmp_path):
             over = gpu_diag._tuning(cfg)
             _, consts, warps, _ = specialization(64, 1024, 32, False, direction, False, 2,
                                                  **over)
+            pps = over.get("programs_per_sm", 0)
             row = dict(tile=cfg[0], ept=cfg[1], warps=warps, vec_p=consts["VEC_P"], C=64,
                        split=32, P=1024, channels_last=False, itemsize=2, direction=direction,
-                       default=False, ms=0.1)
+                       default=False, ms=0.1, pps=pps)
             table = gpu_diag.write_tuning_table({"tiles": [row]}, str(tmp_path / "t.json"))
-            assert len(load_table(tmp_path / "t.json").entries) == 1, (direction, cfg, table)
+            (entry,) = load_table(tmp_path / "t.json").entries
+            # a streaming winner ships as one (and the lookup hands the launcher its grid)
+            assert entry.tuning.get("programs_per_sm", 0) == pps, (direction, cfg, table)
+    assert any(len(c) == 5 for c in gpu_diag.CONFIGS["backward"]), "no streaming candidate"
 
 
 def test_gpu_diag_table_from_an_earlier_run(gpu_diag, tmp_path):

@@ -267,7 +267,7 @@ def _plan(kernels, fwd: bool, x: Tensor, geo, split: int, norm_size: int,
     tuning = launch_tuning(x.device, direction, x.element_size(), geo.channels_contig, geo.C,
                            split, geo.P, setting, rmsnorm=norm_size > 0)
     return kernels.plan(direction, geo, split, norm_size > 0, x.element_size(), tuning,
-                        has_bias=has_bias, bias_grad=bias_grad)
+                        has_bias=has_bias, bias_grad=bias_grad, device=x.device)
 
 
 def _check_grad(name: str, grad: Tensor, x: Tensor) -> None:

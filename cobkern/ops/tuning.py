@@ -55,8 +55,10 @@ File format (JSON; ``…`` stands for the measured values)::
                   "rmsnorm": true, "ms": …, "default_ms": …}]}
 
 ``ms`` / ``default_ms`` (the winner's and the heuristic's kernel time) are a record and are
-not used for the lookup; ``rmsnorm`` is optional (absent: either op); the other entry
-fields are required.
+not used for the lookup; ``rmsnorm`` is optional (absent: either op); so is
+``programs_per_sm`` (backward entries only; absent or ``0``: one program per tile, else the
+streaming backward kernel with that many programs per multiprocessor,
+:func:`cobkern.kernels.tsra.specialization`); the other entry fields are required.
 """
 
 from __future__ import annotations
@@ -134,7 +136,8 @@ class TuningEntry:
             (``cobkern.ops._checks.ChannelGeometry``).
         split: size of the first subspace.
         tuning: the launcher overrides: ``tile_elems``, ``elems_per_thread``, ``num_warps``
-            and ``vec_p`` (``0``: uncapped position vectors).
+            and ``vec_p`` (``0``: uncapped position vectors), and ``programs_per_sm`` where
+            the entry streams (backward only; absent: one program per tile).
         rmsnorm: the op it was measured on — ``True`` RMSNorm→TSRA, ``False`` TSRA —
             and serves; ``None``: either (module docstring).
     """
@@ -215,6 +218,12 @@ def _entry(source: str, i: int, raw: object) -> TuningEntry:
         "vec_p": integer("vec_p", lambda v: v == 0 or (_pow2(v) and v <= 16),
                          "0 or a power of two <= 16"),
     }
+    if raw.get("programs_per_sm", 0) != 0:
+        tuning["programs_per_sm"] = integer("programs_per_sm", lambda v: 0 <= v <= 64,
+                                            "an int in [0, 64]")
+        if raw["direction"] != "backward":
+            raise ValueError(f"{where}: programs_per_sm (the streaming kernel) is a backward "
+                             f"option, got it on a {raw['direction']} entry")
     return TuningEntry(
         direction=raw["direction"],
         itemsize=integer("itemsize", lambda v: v in (2, 4), "2 or 4"),
@@ -305,7 +314,8 @@ def launch_tuning(device: torch.device, direction: str, itemsize: int, channels_
 
     Returns:
         A read-only mapping of ``tile_elems``, ``elems_per_thread``, ``num_warps``,
-        ``vec_p`` — or an empty one. Cached; do not mutate.
+        ``vec_p`` (and ``programs_per_sm`` for a streaming entry) — or an empty one.
+        Cached; do not mutate.
     """
     if setting is FROM_ENV:
         setting = env_setting()
