@@ -331,7 +331,8 @@ def part_tiles(rec: dict) -> None:
                 heuristic = specialization(*args)
                 timed = set()
                 for cfg in cfgs:
-                    spec = specialization(*args, **_tuning(cfg))
+                    over = _tuning(cfg)
+                    spec = specialization(*args, **over)
                     if not _tile_fits(spec, cfg):  # not timed (see fits)
                         continue
                     # candidates that resolve to one launch are timed once (channels_last
@@ -343,7 +344,7 @@ def part_tiles(rec: dict) -> None:
                     _, consts, warps, _ = spec
                     row = dict(shape=list(shape), dtype=dname, direction=direction,
                                tile=cfg[0], ept=cfg[1], warps=warps, vec_p=consts["VEC_P"],
-                               pps=_tuning(cfg).get("programs_per_sm", 0),
+                               pps=over.get("programs_per_sm", 0),
                                C=geo.C, split=geo.C // 2, P=geo.P,
                                channels_last=geo.channels_contig,
                                layout="nhwc" if nhwc else "nchw",

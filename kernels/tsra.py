@@ -356,6 +356,17 @@ def _tsra_fwd_split_kernel(
 
 
 @triton.jit
+def _split_grads(xu, xv, dyu, dyv, a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
+                 RMSNORM: tl.constexpr):
+    """``(dx_U, dx_V)`` of float32 ``[BLOCK_U, BLOCK_P]`` / ``[BLOCK_V, BLOCK_P]`` blocks of
+    ``x`` (bias added) and ``dy``: the split kernels' gradient of one tile."""
+    gu, gv, ku, kv = _backward_coefs(
+        tl.sum(xu * xu, axis=0), tl.sum(xv * xv, axis=0), tl.sum(dyu * xu, axis=0),
+        tl.sum(dyv * xv, axis=0), a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps, RMSNORM)
+    return gu[None, :] * dyu + ku[None, :] * xu, gv[None, :] * dyv + kv[None, :] * xv
+
+
+@triton.jit
 def _tsra_bwd_split_kernel(
     DY, X, DX, BIAS, DB, C, P, split, n_pblocks, stride_b, stride_c, stride_p,
     a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
@@ -374,11 +385,8 @@ def _tsra_bwd_split_kernel(
         xv += _channel_bias(BIAS, split, C, BLOCK_V)
     dyu = tl.load(DY + offs_u, mask=mask_u, other=0.0).to(tl.float32)
     dyv = tl.load(DY + offs_v, mask=mask_v, other=0.0).to(tl.float32)
-    gu, gv, ku, kv = _backward_coefs(
-        tl.sum(xu * xu, axis=0), tl.sum(xv * xv, axis=0), tl.sum(dyu * xu, axis=0),
-        tl.sum(dyv * xv, axis=0), a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps, RMSNORM)
-    dxu = gu[None, :] * dyu + ku[None, :] * xu
-    dxv = gv[None, :] * dyv + kv[None, :] * xv
+    dxu, dxv = _split_grads(xu, xv, dyu, dyv, a_u, b_u, a_v, b_v, eps, inv_norm_size,
+                            rms_eps, RMSNORM)
     tl.store(DX + offs_u, dxu.to(DX.dtype.element_ty), mask=mask_u)
     tl.store(DX + offs_v, dxv.to(DX.dtype.element_ty), mask=mask_v)
     if BIAS_GRAD:
@@ -432,14 +440,8 @@ def _tsra_bwd_stream_kernel(
         if HAS_BIAS:
             fxu += bu
             fxv += bv
-        fdu = dyu.to(tl.float32)
-        fdv = dyv.to(tl.float32)
-        gu, gv, ku, kv = _backward_coefs(
-            tl.sum(fxu * fxu, axis=0), tl.sum(fxv * fxv, axis=0), tl.sum(fdu * fxu, axis=0),
-            tl.sum(fdv * fxv, axis=0), a_u, b_u, a_v, b_v, eps, inv_norm_size, rms_eps,
-            RMSNORM)
-        dxu = gu[None, :] * fdu + ku[None, :] * fxu
-        dxv = gv[None, :] * fdv + kv[None, :] * fxv
+        dxu, dxv = _split_grads(fxu, fxv, dyu.to(tl.float32), dyv.to(tl.float32), a_u, b_u,
+                                a_v, b_v, eps, inv_norm_size, rms_eps, RMSNORM)
         # this tile's offsets again (cheaper to recompute than to hold across the loop)
         # (new names: reassigning the first tile's would carry them through the loop)
         cu, cmu, cv, cmv = _split_tile(t, n_pblocks, C, P, split, stride_b, stride_c,
