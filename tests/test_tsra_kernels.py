@@ -334,6 +334,46 @@ def test_plain_tsra_custom_constants_and_eps_match_float64(shape, backend, devic
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("tiny", ["u", "all"])
+@pytest.mark.parametrize("shape, split, layout", [
+    ((2, 12, 4, 4), 3, "nchw"),  # split kernels
+    ((3, 7, 5, 3), 3, "channels_last"),  # single tile (unaligned split)
+    ((37, 64), 32, "2d"),
+    ((2, 4100), 3, "2d"),  # chunked (C > MAX_TILE_CHANNELS)
+], ids=["nchw", "nhwc", "2d", "chunked"])
+@pytest.mark.parametrize("fused", [False, True], ids=["tsra", "rmsnorm_tsra"])
+def test_subnormal_squared_norms_keep_the_norms_gradient(fused, shape, split, layout, tiny,
+                                                         backend, device):
+    """x_U (or all of x) with entries of 0.5e-20 to 1.5e-20: the float32 squared norm is
+    subnormal, but the gradient of ||x_U|| is still the unit vector x_U / ||x_U|| — an O(1)
+    term of dx_U. The kernels take each norm and its inverse from one ``rsqrt``, which on
+    the GPU (``rsqrt.approx.ftz``) flushes a subnormal input to zero; they scale such an
+    input first, so the term is kept (treating the norm as 0 fails here in the interpreter
+    too: the last assertion). float32 tolerances of the module docstring: the subnormal
+    sums of squares still hold 15 or more significant bits at this size."""
+    x = _make(shape, layout, torch.float32, device)
+    tiny_part = x if tiny == "all" else x.narrow(1, 0, split)
+    tiny_part.copy_((torch.rand(tiny_part.shape) + 0.5) * torch.randn(tiny_part.shape).sign()
+                    * 1e-20)
+    s2u = x.narrow(1, 0, split).double().square().sum(1)
+    assert (s2u > 0).all() and (s2u < 1.1754943508222875e-38).all()  # subnormal in float32
+    dy = torch.randn(shape).to(device)
+    kw = dict(norm_size=None, rms_eps=1e-6) if fused else {}
+    y64, dx64 = tsra64_grad(x.cpu(), dy.cpu(), split, 1, **kw)
+    with cobkern.use_backend(backend):
+        if fused:
+            y, dx = rmsnorm_tsra(x, split), rmsnorm_tsra_backward(dy, x, split)
+        else:
+            y, dx = tsra(x, split), tsra_backward(dy, x, split)
+    torch.testing.assert_close(y.cpu().double(), y64, **TOL[torch.float32])
+    torch.testing.assert_close(dx.cpu().double(), dx64, **TOL[torch.float32])
+    if tiny == "u":  # the kept term is far above the tolerance: x_U = 0 gives another dx
+        x0 = x.cpu().clone()
+        x0.narrow(1, 0, split).zero_()
+        assert (tsra64_grad(x0, dy.cpu(), split, 1, **kw)[1] - dx64).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_smallest_rms_normaliser_is_still_rmsnorm(backend, device):
     """norm_size = 1 (x / sqrt(sum(x²) + eps)) is the smallest valid normaliser and must
     still normalise: "RMSNorm on" is norm_size > 0 in the raw op, and a launcher testing
