@@ -54,9 +54,10 @@ access holds (8 in bf16), so few lanes span the positions and many span the chan
 every lane holding a position repeats that position's gain arithmetic (square roots,
 reciprocals, two sigmoids). Narrower vectors put more lanes on positions and fewer on the
 channels. Offline sm_90 SASS of the bf16 RMSNorm→TSRA backward at 1024×64×32×32 (split
-kernels): the shipped 8-warp tile issues 94.5 instructions and 5.6 special-function ops per
-element and 31 barriers per program; a 1-warp ``64×16`` tile with ``VEC_P=2`` issues 26 and
-0.8, with no barrier (``python bench/kernel_proxies.py --vec``). Not yet timed on a GPU.
+kernels, triton 3.8): the heuristic's 4-warp 4096-element tile issues 42.5 instructions and
+2.0 special-function ops per element with ``VEC_P=0``, 26.3 and 0.53 with ``VEC_P=2``
+(``python bench/kernel_proxies.py --vec``). The H200 tuning table takes ``VEC_P`` 2 or 4
+for most channel-major backward launches (timed sweeps, ``BENCHMARKS.md``).
 """
 
 from __future__ import annotations
