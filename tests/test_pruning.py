@@ -662,3 +662,30 @@ def test_pruning_under_inference_mode_leaves_a_trainable_model():
         assert not any(p.is_inference() for p in m.parameters())
         m.train()(xs[0]).square().mean().backward()
     assert all(p.grad is not None for p in m.parameters())
+
+
+def test_surgery_keeps_the_modules_and_their_hooks():
+    """The cut Conv2d/Linear stay the same module objects: their forward hooks (and the
+    handles that remove them), and references held elsewhere, still apply. Surgery used to
+    replace them with new modules, dropping every hook silently."""
+    torch.manual_seed(0)
+    m = net().eval()
+    prod, cons = m[0], m[3]
+    seen = []
+    handle = prod.register_forward_hook(lambda mod, inp, out: seen.append(out.shape[1]))
+    cons.register_forward_pre_hook(lambda mod, inp: (inp[0] * 0.0,))  # a hook that matters
+    x = data()[0]
+    with use_backend("reference"):
+        apply_keep_sets(m, find_cob_layers(m), {"0": KeepSet(torch.tensor([0, 2]),
+                                                             torch.tensor([1, 3]))})
+        y = m(x)
+        assert m[0] is prod and m[3] is cons
+        assert prod.weight.shape == (4, 3, 3, 3) and prod.out_channels == 4
+        assert cons.weight.shape == (8, 4, 3, 3) and cons.in_channels == 4
+        assert seen == [4]  # the producer's hook ran on the pruned output
+        # the consumer's hook zeroed its input: what follows sees only the biases
+        ref = m[4:](m[3].bias.view(1, -1, 1, 1).expand(x.shape[0], -1, 4, 4))
+        assert torch.equal(y, ref)
+        handle.remove()
+        m(x)
+    assert seen == [4]

@@ -3,10 +3,9 @@
 For each CoB layer with keep sets ``K_U ⊆ [0, split)``, ``K_V ⊆ [0, C-split)``, the kept
 channels are ``idx = K_U ∪ (split + K_V)`` (in order). Then
 
-* the producer is replaced by a new ``Conv2d``/``Linear`` with ``len(idx)`` outputs
-  (rows ``idx`` of the weight and bias);
-* the consumer is replaced by one with the matching input columns (through a ``Flatten``,
-  the columns ``c·S + s`` of the kept ``c``); a module that is both gets both cuts;
+* the producer keeps ``len(idx)`` outputs (rows ``idx`` of the weight and bias);
+* the consumer keeps the matching input columns (through a ``Flatten``, the columns
+  ``c·S + s`` of the kept ``c``); a module that is both gets both cuts;
 * every TSRA / RMSNormTSRA of the chain gets ``num_channels = len(idx)``,
   ``split = len(K_U)``; every RMSNorm gets ``num_channels = len(idx)``;
 * the RMSNorm normaliser (``norm_size`` of RMSNorm and RMSNormTSRA): ``"kept"`` (default,
@@ -15,8 +14,10 @@ channels are ``idx = K_U ∪ (split + K_V)`` (in order). Then
   ``sqrt(C / C_kept)``); ``"original"`` keeps the
   pre-pruning width (``norm_size = C`` unless it was already set), so the scale is kept.
 
-The model is edited in place (modules replaced by ``setattr`` on their parents). Input RGB
-channels and the logits are never touched: only CoB producers lose outputs.
+The model is edited in place: each cut Conv2d/Linear is the same module object with new,
+smaller ``weight``/``bias`` parameters (so its hooks stay; an optimizer built before holds
+the old parameters and must be built again). Input RGB channels and the logits are never
+touched: only CoB producers lose outputs.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cobkern._wrappers import get_submodule, named_modules
+from cobkern._wrappers import named_modules
 from cobkern.cob.discovery import CoBLayer
 from cobkern.nn import RMSNorm, RMSNormTSRA
 
@@ -168,49 +169,34 @@ def count_params_after(model: nn.Module, layers: list[CoBLayer], kept: dict[str,
     return total
 
 
-def _shrunk(m: nn.Module, out_idx: Tensor | None, in_idx: Tensor | None) -> nn.Module:
-    """A new Conv2d/Linear with rows ``out_idx`` and input columns ``in_idx`` of ``m``.
+def _shrink(m: nn.Module, out_idx: Tensor | None, in_idx: Tensor | None) -> None:
+    """Cut ``m`` (a plain Conv2d/Linear) in place to rows ``out_idx`` and input columns
+    ``in_idx``: new ``weight``/``bias`` parameters and the matching size attributes. The
+    module itself stays, so its hooks (and their handles), its training flag and every
+    reference to it still hold.
 
-    Its parameters are ordinary tensors even when pruning runs under
+    The new parameters are ordinary tensors even when pruning runs under
     ``torch.inference_mode()``: inference tensors could not be trained (fine-tuned) later.
     """
     with torch.inference_mode(False):
-        return _shrunk_impl(m, out_idx, in_idx)
-
-
-def _shrunk_impl(m: nn.Module, out_idx: Tensor | None, in_idx: Tensor | None) -> nn.Module:
-    w = m.weight.detach()
-    b = m.bias.detach() if m.bias is not None else None
-    if out_idx is not None:
-        w = w.index_select(0, out_idx.to(w.device))
-        b = b.index_select(0, out_idx.to(w.device)) if b is not None else None
-    if in_idx is not None:
-        w = w.index_select(1, in_idx.to(w.device))
-    kw = {"device": w.device, "dtype": w.dtype, "bias": b is not None}
-    if isinstance(m, nn.Conv2d):
-        new = nn.Conv2d(w.shape[1], w.shape[0], m.kernel_size, stride=m.stride,
-                        padding=m.padding, dilation=m.dilation, groups=1,
-                        padding_mode=m.padding_mode, **kw)
-    else:
-        new = nn.Linear(w.shape[1], w.shape[0], **kw)
-    cl = torch.channels_last
-    if (isinstance(m, nn.Conv2d) and not m.weight.is_contiguous()
-            and m.weight.is_contiguous(memory_format=cl)):
-        new = new.to(memory_format=cl)  # keep a channels_last model channels_last
-    with torch.no_grad():
-        new.weight.copy_(w)
+        w = m.weight.detach()
+        b = m.bias.detach() if m.bias is not None else None
+        if out_idx is not None:
+            w = w.index_select(0, out_idx.to(w.device))
+            b = b.index_select(0, out_idx.to(w.device)) if b is not None else None
+        if in_idx is not None:
+            w = w.index_select(1, in_idx.to(w.device))
+        cl = torch.channels_last
+        keep_cl = (isinstance(m, nn.Conv2d) and not m.weight.is_contiguous()
+                   and m.weight.is_contiguous(memory_format=cl))  # a channels_last model
+        w = w.clone(memory_format=cl if keep_cl else torch.contiguous_format)
+        m.weight = nn.Parameter(w, requires_grad=m.weight.requires_grad)
         if b is not None:
-            new.bias.copy_(b)
-    new.weight.requires_grad_(m.weight.requires_grad)
-    if b is not None:
-        new.bias.requires_grad_(m.bias.requires_grad)
-    new.train(m.training)
-    return new
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(get_submodule(model, parent_name), attr, new)
+            m.bias = nn.Parameter(b.clone(), requires_grad=m.bias.requires_grad)
+    if isinstance(m, nn.Conv2d):
+        m.out_channels, m.in_channels = w.shape[0], w.shape[1]
+    else:
+        m.out_features, m.in_features = w.shape[0], w.shape[1]
 
 
 def refuse_ddp(model: nn.Module, who: str) -> None:
@@ -287,8 +273,8 @@ def apply_keep_sets(model: nn.Module, layers: list[CoBLayer], keep: dict[str, Ke
         normalizer: ``"kept"`` (default, authors') or ``"original"``; see the module docstring.
 
     Returns:
-        :class:`PruneReport`. The ``CoBLayer`` objects are stale afterwards (their modules
-        were replaced); call ``find_cob_layers`` again.
+        :class:`PruneReport`. The ``CoBLayer`` objects still name the same modules, now
+        smaller; call ``find_cob_layers`` again for a fresh list.
 
     Raises:
         ValueError, TypeError: an unknown normalizer, or keep sets that
@@ -322,9 +308,7 @@ def apply_keep_sets(model: nn.Module, layers: list[CoBLayer], keep: dict[str, Ke
         before = list(m.weight.shape)
         pb = _module_params(m)
         if n in out_idx or n in in_idx:
-            new = _shrunk(m, out_idx.get(n), in_idx.get(n))
-            _set_module(model, n, new)
-            m = new
+            _shrink(m, out_idx.get(n), in_idx.get(n))
         reports.append(ModuleReport(n, type(m).__name__, before, list(m.weight.shape), pb,
                                     _module_params(m)))
     for lay in layers:
