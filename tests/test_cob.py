@@ -778,3 +778,101 @@ def test_stats_load_refuses_a_file_whose_tensors_were_damaged(tmp_path):
                 "meta": {}, "layers": [s.to_dict() for s in st.layers.values()]}, old)
     back = CalibrationStats.load(old)
     assert torch.equal(back["0"].gram_u, st["0"].gram_u)
+
+
+class _ScaledLinear(nn.Linear):
+    """A Linear subclass whose forward scales its output: rebuilt as a plain Linear it
+    would compute another function."""
+
+    def forward(self, x):
+        return 0.5 * super().forward(x)
+
+
+@pytest.mark.parametrize("where", [0, 2])
+def test_discovery_refuses_a_subclass_of_linear_or_conv(where):
+    """A subclass's forward may use its weight (or state of its own) in ways a rotation or
+    a cut does not preserve, and pruning rebuilt such a module as a plain one: the pruned
+    model computed another function even when nothing was cut."""
+    m = nn.Sequential(nn.Linear(4, 6), TSRA(6), nn.Linear(6, 2))
+    m[where] = _ScaledLinear(m[where].in_features, m[where].out_features)
+    with pytest.raises(ValueError, match=rf"'{where}' is a .*_ScaledLinear, a subclass of "
+                                         r"nn.Linear"):
+        find_cob_layers(m)
+    conv = nn.Sequential(nn.LazyConv2d(4, 3), RMSNormTSRA(4), nn.Conv2d(4, 2, 1))
+    with pytest.raises(ValueError, match=r"'0' is an uninitialized LazyConv2d; run one "
+                                         r"forward pass"):
+        find_cob_layers(conv)
+    conv(torch.randn(1, 3, 6, 6))  # materialized: a plain Conv2d now
+    assert [lay.name for lay in find_cob_layers(conv)] == ["0"]
+
+
+@pytest.mark.parametrize("where", [0, 2])
+def test_discovery_refuses_a_weight_pruned_with_torch_nn_utils_prune(where):
+    """torch.nn.utils.prune recomputes weight = weight_orig * mask before every forward: a
+    rotation written into weight was overwritten (the rotated model computed another
+    function) and the mask kept cutting the original channels."""
+    m = nn.Sequential(nn.Linear(4, 6), TSRA(6), nn.Linear(6, 2))
+    torch.nn.utils.prune.l1_unstructured(m[where], "weight", amount=0.2)
+    with pytest.raises(ValueError, match=rf"'{where}' \(Linear\) is pruned with "
+                                         r"torch.nn.utils.prune.*prune.remove"):
+        rotate_model(m, calibrate(m, [torch.randn(8, 4)], progress=False))
+    torch.nn.utils.prune.remove(m[where], "weight")  # made permanent: a plain weight
+    assert [lay.name for lay in find_cob_layers(m)] == ["0"]
+
+
+class _WithEmptyContainers(nn.Module):
+    """conv → (empty Sequential) → RMSNormTSRA → pool → conv, with an empty ModuleList and
+    ModuleDict registered between them (e.g. optional taps left unused)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.pre = nn.Sequential()
+        self.act = RMSNormTSRA(6)
+        self.taps = nn.ModuleList()
+        self.heads = nn.ModuleDict()
+        self.pool = nn.AvgPool2d(2)
+        self.out = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        return self.out(self.pool(self.act(self.pre(self.conv(x)))))
+
+
+def test_discovery_skips_empty_containers():
+    """An empty Sequential is the identity and an empty ModuleList / ModuleDict computes
+    nothing: between a producer and its consumer they do not stop the rotation (they were
+    refused as modules that do not commute with it)."""
+    torch.manual_seed(0)
+    m = _WithEmptyContainers().double().eval()
+    assert [(lay.name, lay.consumer_name) for lay in find_cob_layers(m)] == [("conv", "out")]
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    with use_backend("reference"):
+        y0 = m(x)
+        rotate_model(m, calibrate(m, [x], progress=False))
+        assert rel_err(m(x), y0) <= 1e-10  # float64, as the module docstring states
+    with pytest.raises(ValueError, match=r"'2.0' \(ReLU\)"):  # a non-empty one still counts
+        find_cob_layers(nn.Sequential(nn.Linear(4, 6), TSRA(6), nn.Sequential(nn.ReLU()),
+                                      nn.Linear(6, 2)))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_last_axis_tsra_between_two_linears_is_a_cob_layer(fused):
+    """Between two Linear modules the activation is (N, C): dim=-1 is the channel axis, so
+    the layer rotates (function kept) like dim=1; on a conv's (N, C, H, W) output dim=-1 is
+    the width and stays refused, as does a Flatten between the linears."""
+    torch.manual_seed(0)
+    acts = [RMSNormTSRA(6, split=2, dim=-1)] if fused else [RMSNorm(6, dim=-1),
+                                                          TSRA(6, split=2, dim=-1)]
+    m = nn.Sequential(nn.Linear(4, 6), *acts, nn.Linear(6, 3)).double().eval()
+    x = torch.randn(16, 4, dtype=torch.float64)
+    with use_backend("reference"):
+        y0 = m(x)
+        rotate_model(m, calibrate(m, [x], progress=False))
+        assert rel_err(m(x), y0) <= 1e-10  # float64, as the module docstring states
+    assert [lay.name for lay in find_cob_layers(m)] == ["0"]
+    conv = nn.Sequential(nn.Conv2d(3, 6, 1), TSRA(6, dim=-1), nn.Conv2d(6, 2, 1))
+    with pytest.raises(ValueError, match=r"'1' acts on dim -1.*needs dim=1$"):
+        find_cob_layers(conv)
+    flat = nn.Sequential(nn.Linear(4, 6), TSRA(6, dim=-1), nn.Flatten(), nn.Linear(6, 2))
+    with pytest.raises(ValueError, match=r"'1' acts on dim -1"):
+        find_cob_layers(flat)

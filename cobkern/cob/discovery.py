@@ -8,9 +8,13 @@ A *CoB layer* is a chain ``producer → ops → consumer`` in the model's leaf m
   modules that commute with a block-diagonal rotation ``diag(R_U, R_V)`` of the channels:
   :class:`cobkern.nn.RMSNorm`, ``AvgPool1d/2d/3d``, ``AdaptiveAvgPool1d/2d/3d``,
   ``Dropout*`` (identity in eval mode), ``Flatten`` (only after the last TSRA, from a
-  conv into a linear, and only of every axis after the batch), ``Identity``;
-* the weights of producer and consumer are plain parameters (no ``weight_norm`` /
-  parametrization, which would recompute them and lose the merged rotation).
+  conv into a linear, and only of every axis after the batch), ``Identity`` (and an empty
+  ``Sequential``, which is one; empty ``ModuleList`` / ``ModuleDict`` run nothing);
+* producer and consumer are plain ``nn.Conv2d`` / ``nn.Linear``, not subclasses (whose
+  ``forward`` may use the weight in ways a rotation or a channel cut does not preserve,
+  and which pruning would have to rebuild), and their weights are plain parameters (no
+  ``weight_norm`` / parametrization / ``torch.nn.utils.prune`` mask, which would recompute
+  them and lose the merged rotation).
 
 The CoB activation (what calibration records) is the output of the last TSRA module of
 the chain. A producer with no consumer (the logits) is never a CoB layer. A module that
@@ -37,6 +41,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
@@ -46,6 +51,9 @@ from cobkern.nn import TSRA, RMSNorm, RMSNormTSRA
 __all__ = ["CoBLayer", "find_cob_layers", "leaf_modules", "ROTATION_COMPATIBLE"]
 
 _WEIGHTED = (nn.Conv2d, nn.Linear)
+#: Containers that, empty, are skipped: an empty Sequential returns its input; an empty
+#: ModuleList / ModuleDict is never called.
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _ACTIVATIONS = (TSRA, RMSNormTSRA)
 #: Modules that commute with any (block-diagonal) rotation of the channel axis.
 ROTATION_COMPATIBLE: tuple[type[nn.Module], ...] = (
@@ -103,13 +111,17 @@ def leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
     cobkern's own modules (TSRA, RMSNorm, RMSNormTSRA) count as leaves. A module registered
     at several places (``nn.Sequential(lin, act, lin2, act, ...)``) is listed at each of
-    them, as the forward pass runs it (``named_children`` would list it once).
+    them, as the forward pass runs it (``named_children`` would list it once). Empty
+    ``Sequential`` / ``ModuleList`` / ``ModuleDict`` containers are left out: they compute
+    nothing.
     """
     out: list[tuple[str, nn.Module]] = []
 
     def walk(prefix: str, m: nn.Module) -> None:
         m = unwrap_model(m)  # a compiled or DDP-wrapped part: named as the plain one
         children = [(n, c) for n, c in m._modules.items() if c is not None]
+        if not children and type(m) in _CONTAINERS:
+            return  # an empty container (a subclass may have a forward of its own: a leaf)
         if not children or isinstance(m, ROTATION_COMPATIBLE + _WEIGHTED):
             out.append((prefix, m))
             return
@@ -145,20 +157,40 @@ def _in_channels(m: nn.Module) -> int:
 
 
 def _check_weights(name: str, m: nn.Module) -> None:
-    """Refuse producers/consumers whose weight the rotation merge cannot rewrite."""
+    """Refuse producers/consumers whose weight the rotation merge cannot rewrite, or that
+    pruning could not rebuild as the same module."""
     if isinstance(m, nn.Conv2d) and m.groups != 1:
         raise ValueError(f"find_cob_layers: {name} ({m}) is a grouped convolution "
                          f"(groups={m.groups}); only groups=1 can be rotated")
+    hooks = list(m._forward_pre_hooks.values())
+    if any(isinstance(h, BasePruningMethod) for h in hooks):
+        # weight = weight_orig * weight_mask is recomputed before every forward: a rotation
+        # written into weight would be overwritten, and the mask cuts the original channels
+        raise ValueError(f"find_cob_layers: {name!r} ({type(m).__name__}) is pruned with "
+                         "torch.nn.utils.prune (its weight is recomputed from weight_orig and "
+                         "a mask before every forward, so a merged rotation would be lost); "
+                         "make the pruning permanent first: torch.nn.utils.prune.remove("
+                         "module, 'weight')")
     # a parametrized weight (weight_norm, spectral_norm, ...) is recomputed on every
     # access, so an in-place rotation of it would be silently lost
-    legacy = [type(h).__name__ for h in m._forward_pre_hooks.values()
-              if isinstance(h, (WeightNorm, SpectralNorm))]
+    legacy = [type(h).__name__ for h in hooks if isinstance(h, (WeightNorm, SpectralNorm))]
     if parametrize.is_parametrized(m) or legacy:
         how = legacy[0] if legacy else "a parametrization"
         raise ValueError(f"find_cob_layers: {name!r} ({type(m).__name__}) has its weight "
                          f"computed by {how}; the rotation merge rewrites weights in place — "
                          "remove it first (e.g. torch.nn.utils.parametrize."
                          "remove_parametrizations)")
+    base = nn.Conv2d if isinstance(m, nn.Conv2d) else nn.Linear
+    if type(m) is not base:
+        if isinstance(m, nn.modules.lazy.LazyModuleMixin):
+            raise ValueError(f"find_cob_layers: {name!r} is an uninitialized "
+                             f"{type(m).__name__}; run one forward pass to materialize it "
+                             f"(it then becomes an nn.{base.__name__})")
+        raise ValueError(f"find_cob_layers: {name!r} is a {type(m).__qualname__}, a subclass "
+                         f"of nn.{base.__name__}; CoB rotates and cuts only plain "
+                         f"nn.{base.__name__} modules (a subclass's forward may use its weight "
+                         "or per-channel state in ways a rotation or a channel cut does not "
+                         "preserve); build the model with plain modules")
 
 
 def find_cob_layers(model: nn.Module) -> list[CoBLayer]:
@@ -203,18 +235,27 @@ def find_cob_layers(model: nn.Module) -> list[CoBLayer]:
         _check_weights(pname, prod)
         _check_weights(cname, cons)
         c = _out_channels(prod)
+        # the channel axis: dim 1; between two linears (no Flatten) the activation is
+        # (N, C) — calibrate checks the consumer's input — so dim=-1 is the same axis
+        linear = (isinstance(prod, nn.Linear) and isinstance(cons, nn.Linear)
+                  and not any(isinstance(m, nn.Flatten) for _, m in between))
+        dims = (1, -1) if linear else (1,)
+        need = "dim=1 (or -1 between two Linear modules)" if linear else "dim=1"
         for n, m in acts:
             if m.num_channels != c or m.split != acts[0][1].split:
                 raise ValueError(f"find_cob_layers: {n!r} has {m.num_channels} channels / split "
                                  f"{m.split}, but {pname!r} outputs {c} channels and the chain's "
                                  f"first TSRA has split {acts[0][1].split}")
-            if getattr(m, "dim", 1) != 1:
-                raise ValueError(f"find_cob_layers: {n!r} acts on dim {m.dim}; need dim=1")
+            if getattr(m, "dim", 1) not in dims:
+                raise ValueError(f"find_cob_layers: {n!r} acts on dim {m.dim}; between "
+                                 f"{pname!r} and {cname!r} the channels are on dim 1, so it "
+                                 f"needs {need}")
         norms = [(n, m) for n, m in between if isinstance(m, RMSNorm)]
         for n, m in norms:
-            if m.num_channels != c or m.dim != 1:
+            if m.num_channels != c or m.dim not in dims:
                 raise ValueError(f"find_cob_layers: {n!r} normalises {m.num_channels} channels "
-                                 f"on dim {m.dim}; {pname!r} outputs {c} channels on dim 1")
+                                 f"on dim {m.dim}; {pname!r} outputs {c} channels on dim 1 "
+                                 f"(it needs {need})")
         last_act = max(idx for idx, (n, m) in enumerate(between) if isinstance(m, _ACTIVATIONS))
         flat = [idx for idx, (_, m) in enumerate(between) if isinstance(m, nn.Flatten)]
         if flat and min(flat) < last_act:
