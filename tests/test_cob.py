@@ -16,6 +16,7 @@ from torch import nn
 
 from cobkern.cob import (
     CalibrationStats,
+    LayerStats,
     calibrate,
     find_cob_layers,
     rotate_model,
@@ -807,17 +808,33 @@ def test_discovery_refuses_a_subclass_of_linear_or_conv(where):
 
 
 @pytest.mark.parametrize("where", [0, 2])
-def test_discovery_refuses_a_weight_pruned_with_torch_nn_utils_prune(where):
+def test_rotation_and_surgery_refuse_a_weight_pruned_with_torch_nn_utils_prune(where):
     """torch.nn.utils.prune recomputes weight = weight_orig * mask before every forward: a
     rotation written into weight was overwritten (the rotated model computed another
-    function) and the mask kept cutting the original channels."""
+    function) and the mask kept cutting the original channels. Calibrating such a model is
+    fine; rotating or cutting it is refused, before anything changes."""
+    from torch.nn.utils import prune as torch_prune
+
+    from cobkern.pruning import FixedRatio, prune
+
+    torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(4, 6), TSRA(6), nn.Linear(6, 2))
-    torch.nn.utils.prune.l1_unstructured(m[where], "weight", amount=0.2)
-    with pytest.raises(ValueError, match=rf"'{where}' \(Linear\) is pruned with "
-                                         r"torch.nn.utils.prune.*prune.remove"):
-        rotate_model(m, calibrate(m, [torch.randn(8, 4)], progress=False))
-    torch.nn.utils.prune.remove(m[where], "weight")  # made permanent: a plain weight
-    assert [lay.name for lay in find_cob_layers(m)] == ["0"]
+    torch_prune.l1_unstructured(m[where], "weight", amount=0.2)
+    x = torch.randn(8, 4)
+    with use_backend("reference"):
+        st = calibrate(m, [x], progress=False)
+        y0 = m(x)
+        for call, who in ((lambda: rotate_model(m, st), "rotate_model"),
+                          (lambda: prune(m, st, FixedRatio((0.5, 0.5))), "rotate_model"),
+                          (lambda: prune(m, st, FixedRatio((0.5, 0.5)), cob=False),
+                           "apply_keep_sets")):
+            with pytest.raises(ValueError, match=rf"{who}: '{where}' \(Linear\) is pruned "
+                                                 r"with torch.nn.utils.prune.*prune.remove"):
+                call()
+            assert torch.equal(m(x), y0)
+        torch_prune.remove(m[where], "weight")  # made permanent: a plain weight
+        rotate_model(m, st)  # the statistics still match: the same effective weight
+        assert rel_err(m(x), y0) <= LOGIT_RTOL
 
 
 class _WithEmptyContainers(nn.Module):
@@ -876,3 +893,57 @@ def test_a_last_axis_tsra_between_two_linears_is_a_cob_layer(fused):
     flat = nn.Sequential(nn.Linear(4, 6), TSRA(6, dim=-1), nn.Flatten(), nn.Linear(6, 2))
     with pytest.raises(ValueError, match=r"'1' acts on dim -1"):
         find_cob_layers(flat)
+
+
+def test_a_misspelt_basis_is_refused():
+    """Only "original" and "rotated" exist; any other string used to count as rotated
+    wherever the code asked "original?" (pruning would skip the rotation, the baseline
+    would be refused with a misleading message)."""
+    m = small_net().eval()
+
+    def never():
+        raise AssertionError("the loader was read: the basis must be checked before the pass")
+        yield
+
+    with pytest.raises(ValueError, match=r"meta\['basis'\] must be one of .*'rotatd'"):
+        calibrate(m, never(), meta={"basis": "rotatd"}, progress=False)
+    with use_backend("reference"):
+        st = calibrate(m, batches(1), meta={"basis": "rotated"}, progress=False)
+    d = st["0"].to_dict()
+    assert LayerStats.from_dict(d).basis == "rotated"
+    with pytest.raises(ValueError, match=r"statistics for '0': basis must be one of .*'Rotated'"):
+        LayerStats.from_dict({**d, "basis": "Rotated"})
+
+
+def test_non_finite_activations_are_named_not_ranked():
+    """NaN inputs (or weights) give NaN sums: calibrate names the layer, and statistics
+    that hold NaN anyway (made by hand, a damaged model) are refused by the importance and
+    eigen paths, which used to rank NaN scores or fail inside eigh without a word of why."""
+    from cobkern.pruning import FixedRatio, compute_importance, prune
+
+    torch.manual_seed(0)
+    m = small_net().eval()
+    bad = batches(2)
+    bad[1][0][3, 0, 2, 2] = float("nan")
+    with use_backend("reference"):
+        with pytest.raises(ValueError, match=r"statistics for '0': gram_u, gram_v, sum_sq, "
+                                             r"sum_abs hold non-finite values"):
+            calibrate(m, bad, progress=False)
+        st = calibrate(m, batches(2), progress=False)
+    st["3"].gram_v[1, 1] = float("inf")
+    st["3"].sum_sq[0] = float("nan")
+    for cob in (True, False):
+        with pytest.raises(ValueError, match=r"statistics for '3': gram_v, sum_sq hold "
+                                             "non-finite"):
+            compute_importance(st, cob=cob)
+    with pytest.raises(ValueError, match=r"statistics for '3': gram_v, sum_sq hold non-finite"):
+        st["3"].eigh()
+    before = copy.deepcopy(m.state_dict())
+    with pytest.raises(ValueError, match=r"statistics for '3'.*non-finite"):
+        prune(m, st, FixedRatio((0.5, 0.5)))
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+    # rotated statistics derived from the eigen-decomposition mark Σ|a| unknown with NaN
+    with use_backend("reference"):
+        derived = calibrate(m, batches(2), progress=False).rotated()
+    assert torch.isnan(derived["0"].sum_abs).all()
+    derived["0"].check_finite()

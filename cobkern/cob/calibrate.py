@@ -72,7 +72,7 @@ from cobkern.ops.covariance import CovarianceAccumulator
 
 from .discovery import select_layers
 from .graphs import ForwardReplay
-from .stats import CalibrationStats, LayerStats, weight_fingerprint
+from .stats import BASES, CalibrationStats, LayerStats, weight_fingerprint
 
 __all__ = ["calibrate", "batch_inputs"]
 
@@ -281,8 +281,16 @@ def calibrate(
 
     Returns:
         :class:`CalibrationStats` with one float64 :class:`LayerStats` per layer (on CPU).
+
+    Raises:
+        ValueError: among others (each names its cause), ``meta["basis"]`` not one of
+            :data:`~cobkern.cob.stats.BASES` (checked before the pass), or a layer whose
+            activations were not finite (NaN/Inf weights or inputs, a float16 overflow).
     """
     chosen = select_layers(model, layers)
+    basis = (meta or {}).get("basis", "original")
+    if not isinstance(basis, str) or basis not in BASES:  # before the pass, not after it
+        raise ValueError(f"calibrate: meta['basis'] must be one of {BASES}, got {basis!r}")
     if not isinstance(cuda_graphs, bool):
         raise TypeError(f"calibrate: cuda_graphs must be True or False, got {cuda_graphs!r}")
     if cuda_graphs and overlap:
@@ -425,6 +433,8 @@ def calibrate(
                                    weight_fingerprint(lay.producer))
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the pinned copies below were queued asynchronously
+    for s in out.values():
+        s.check_finite()  # NaN/Inf activations: say so now, not as odd rankings later
     return CalibrationStats(out, total, meta)
 
 

@@ -13,8 +13,9 @@ A *CoB layer* is a chain ``producer → ops → consumer`` in the model's leaf m
 * producer and consumer are plain ``nn.Conv2d`` / ``nn.Linear``, not subclasses (whose
   ``forward`` may use the weight in ways a rotation or a channel cut does not preserve,
   and which pruning would have to rebuild), and their weights are plain parameters (no
-  ``weight_norm`` / parametrization / ``torch.nn.utils.prune`` mask, which would recompute
-  them and lose the merged rotation).
+  ``weight_norm`` / parametrization, which would recompute them and lose the merged
+  rotation; a ``torch.nn.utils.prune`` mask may be calibrated but not rotated or cut:
+  :func:`refuse_masked_weights`).
 
 The CoB activation (what calibration records) is the output of the last TSRA module of
 the chain. A producer with no consumer (the logits) is never a CoB layer. A module that
@@ -48,7 +49,8 @@ from torch.nn.utils.weight_norm import WeightNorm
 from cobkern._wrappers import unwrap_model
 from cobkern.nn import TSRA, RMSNorm, RMSNormTSRA
 
-__all__ = ["CoBLayer", "find_cob_layers", "leaf_modules", "ROTATION_COMPATIBLE"]
+__all__ = ["CoBLayer", "find_cob_layers", "leaf_modules", "refuse_masked_weights",
+           "ROTATION_COMPATIBLE"]
 
 _WEIGHTED = (nn.Conv2d, nn.Linear)
 #: Containers that, empty, are skipped: an empty Sequential returns its input; an empty
@@ -162,18 +164,10 @@ def _check_weights(name: str, m: nn.Module) -> None:
     if isinstance(m, nn.Conv2d) and m.groups != 1:
         raise ValueError(f"find_cob_layers: {name} ({m}) is a grouped convolution "
                          f"(groups={m.groups}); only groups=1 can be rotated")
-    hooks = list(m._forward_pre_hooks.values())
-    if any(isinstance(h, BasePruningMethod) for h in hooks):
-        # weight = weight_orig * weight_mask is recomputed before every forward: a rotation
-        # written into weight would be overwritten, and the mask cuts the original channels
-        raise ValueError(f"find_cob_layers: {name!r} ({type(m).__name__}) is pruned with "
-                         "torch.nn.utils.prune (its weight is recomputed from weight_orig and "
-                         "a mask before every forward, so a merged rotation would be lost); "
-                         "make the pruning permanent first: torch.nn.utils.prune.remove("
-                         "module, 'weight')")
     # a parametrized weight (weight_norm, spectral_norm, ...) is recomputed on every
     # access, so an in-place rotation of it would be silently lost
-    legacy = [type(h).__name__ for h in hooks if isinstance(h, (WeightNorm, SpectralNorm))]
+    legacy = [type(h).__name__ for h in m._forward_pre_hooks.values()
+              if isinstance(h, (WeightNorm, SpectralNorm))]
     if parametrize.is_parametrized(m) or legacy:
         how = legacy[0] if legacy else "a parametrization"
         raise ValueError(f"find_cob_layers: {name!r} ({type(m).__name__}) has its weight "
@@ -191,6 +185,23 @@ def _check_weights(name: str, m: nn.Module) -> None:
                          f"nn.{base.__name__} modules (a subclass's forward may use its weight "
                          "or per-channel state in ways a rotation or a channel cut does not "
                          "preserve); build the model with plain modules")
+
+
+def refuse_masked_weights(layers: list[CoBLayer], who: str) -> None:
+    """Raise ``ValueError`` if a producer or consumer of ``layers`` is pruned with
+    :mod:`torch.nn.utils.prune`: its ``weight`` is recomputed from ``weight_orig`` and a
+    mask before every forward, so a rotation or a cut written into it would be overwritten
+    (and the mask would keep cutting the original channels). Calibrating such a model is
+    fine; rotating or pruning it (``who``) is not, until the pruning is made permanent."""
+    for lay in layers:
+        for name, m in ((lay.name, lay.producer), (lay.consumer_name, lay.consumer)):
+            if any(isinstance(h, BasePruningMethod) for h in m._forward_pre_hooks.values()):
+                raise ValueError(
+                    f"{who}: {name!r} ({type(m).__name__}) is pruned with "
+                    "torch.nn.utils.prune (its weight is recomputed from weight_orig and a "
+                    "mask before every forward, so a merged rotation or a channel cut would "
+                    "be lost); make the pruning permanent first: "
+                    "torch.nn.utils.prune.remove(module, 'weight')")
 
 
 def find_cob_layers(model: nn.Module) -> list[CoBLayer]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .discovery import CoBLayer, select_layers
+from .discovery import CoBLayer, refuse_masked_weights, select_layers
 from .stats import CalibrationStats, weight_fingerprint
 
 __all__ = ["rotate_model", "RotationResult", "rotate_output", "rotate_input"]
@@ -83,7 +83,8 @@ def rotate_model(model: nn.Module, stats: CalibrationStats,
 
     Raises:
         ValueError: statistics already in the rotated basis, or not matching the model (in
-            width, split or weights: e.g. a model this function already rotated).
+            width, split or weights: e.g. a model this function already rotated), or a
+            weight masked by ``torch.nn.utils.prune`` (:func:`refuse_masked_weights`).
     """
     if stats.basis != "original":
         raise ValueError(f"rotate_model needs statistics of the un-rotated model, got basis "
@@ -93,6 +94,7 @@ def rotate_model(model: nn.Module, stats: CalibrationStats,
     if layers is None:
         layers = [lay.name for lay in found if lay.name in stats]
     chosen: list[CoBLayer] = select_layers(model, layers)
+    refuse_masked_weights(chosen, "rotate_model")
     stats.check_matches(chosen)
     rotations = {lay.name: stats[lay.name].eigh().rotation() for lay in chosen}
     with torch.no_grad():

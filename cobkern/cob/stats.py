@@ -35,7 +35,10 @@ from cobkern._atomic import atomic_path
 from cobkern._digest import tensor_digest
 
 __all__ = ["LayerStats", "CalibrationStats", "Eigen", "weight_fingerprint",
-           "FINGERPRINT_RTOL"]
+           "FINGERPRINT_RTOL", "BASES"]
+
+#: The bases statistics can be taken in (see the module docstring).
+BASES = ("original", "rotated")
 
 _FORMAT = "cobkern.calibration_stats/1"
 
@@ -138,9 +141,38 @@ class LayerStats:
     unrotated_fingerprint: Tensor | None = None
     _eigen: Eigen | None = field(default=None, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        # a misspelt basis used to count as rotated wherever the code asked "original?"
+        if not isinstance(self.basis, str) or self.basis not in BASES:
+            raise ValueError(f"statistics for {self.name!r}: basis must be one of {BASES}, "
+                             f"got {self.basis!r}")
+
+    def check_finite(self) -> None:
+        """Raise ``ValueError`` naming the layer and the sums that hold NaN or Inf (from NaN
+        weights or inputs, or float16 activations that overflowed): ranked or
+        eigen-decomposed, they would pick channels at random or fail in ``eigh`` without a
+        word of why. ``Σ|a|`` may be all NaN in rotated statistics derived from the
+        eigen-decomposition (:meth:`rotated`), which marks it as unknown."""
+        bad = [k for k in ("gram_u", "gram_v", "sum_sq")
+               if not bool(torch.isfinite(getattr(self, k)).all())]
+        sa = self.sum_abs
+        unknown = self.basis == "rotated" and bool(torch.isnan(sa).all())
+        if not unknown and not bool(torch.isfinite(sa).all()):
+            bad.append("sum_abs")
+        if bad:
+            raise ValueError(f"statistics for {self.name!r}: {', '.join(bad)} hold non-finite "
+                             "values (NaN or Inf): the layer's activations were not finite "
+                             "during calibration (NaN/Inf weights or inputs, or a float16 "
+                             "overflow); fix the model or data and calibrate again")
+
     def eigh(self) -> Eigen:
-        """Eigen-decomposition in float64 (cached): descending values, vectors as rows."""
+        """Eigen-decomposition in float64 (cached): descending values, vectors as rows.
+
+        Raises:
+            ValueError: the Gram matrices hold NaN or Inf (:meth:`check_finite`).
+        """
         if self._eigen is None:
+            self.check_finite()
             vu, ru = _eigh_desc(self.gram_u)
             vv, rv = _eigh_desc(self.gram_v)
             self._eigen = Eigen(vu, ru, vv, rv)
@@ -263,7 +295,7 @@ class CalibrationStats:
         the same width and split (statistics from another model, or a pruned one), taken with
         the same producer weights (:func:`weight_fingerprint`, where the stats record one:
         another model of the same shape, the model before :func:`~cobkern.cob.rotate_model`
-        or before further training)."""
+        or before further training), and finite sums (:meth:`LayerStats.check_finite`)."""
         for lay in layers:
             if lay.name not in self.layers:
                 raise ValueError(f"the statistics have no layer {lay.name!r} (they hold "
@@ -283,6 +315,7 @@ class CalibrationStats:
                     raise ValueError(f"statistics for {lay.name!r}: {attr} has shape {got}, "
                                      f"expected {want} for {c} channels / split {sp}; the "
                                      "statistics are malformed")
+            s.check_finite()
             if (s.basis == "rotated" and s.fingerprint is None
                     and s.unrotated_fingerprint is not None
                     and _fingerprint_difference(s.unrotated_fingerprint,

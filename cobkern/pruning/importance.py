@@ -63,6 +63,7 @@ class LayerScores:
 
 
 def _layer_scores(s: LayerStats, kind: str, cob: bool) -> LayerScores:
+    s.check_finite()  # NaN sums would rank channels at random
     sp = s.split
     if not cob:
         if s.basis != "original":

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from cobkern._wrappers import named_modules
-from cobkern.cob.discovery import CoBLayer
+from cobkern.cob.discovery import CoBLayer, refuse_masked_weights
 from cobkern.nn import RMSNorm, RMSNormTSRA
 
 __all__ = ["KeepSet", "PruneReport", "ModuleReport", "LayerReport", "apply_keep_sets",
@@ -277,13 +277,15 @@ def apply_keep_sets(model: nn.Module, layers: list[CoBLayer], keep: dict[str, Ke
         smaller; call ``find_cob_layers`` again for a fresh list.
 
     Raises:
-        ValueError, TypeError: an unknown normalizer, or keep sets that
-            :func:`check_keep_sets` refuses — before the model is changed.
+        ValueError, TypeError: an unknown normalizer, keep sets that
+            :func:`check_keep_sets` refuses, or a weight masked by ``torch.nn.utils.prune``
+            — before the model is changed.
     """
     if normalizer not in NORMALIZERS:
         raise ValueError(f"unknown normalizer {normalizer!r}; expected one of {NORMALIZERS}")
     keep = check_keep_sets(layers, keep)  # before anything is changed
     refuse_ddp(model, "apply_keep_sets")
+    refuse_masked_weights([lay for lay in layers if lay.name in keep], "apply_keep_sets")
     total_before = sum(p.numel() for p in model.parameters())
     named = dict(named_modules(model))  # wrappers looked through, as in cob.discovery
     out_idx: dict[str, Tensor] = {}
