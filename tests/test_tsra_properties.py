@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -376,11 +377,55 @@ def test_module_eps_attribute_and_repr():
     assert (rebuilt.eps, rebuilt.tsra_eps) == (1e-5, 1.0) and repr(rebuilt) == repr(d)
 
 
-@pytest.mark.parametrize("norm_size", [True, 2.5, 0])
-def test_rmsnorm_rejects_non_int_norm_size(norm_size):
-    """norm_size=True was taken as 1 and 2.5 as a float normaliser; 0 was rejected before."""
-    with pytest.raises(ValueError, match="norm_size must be"):
+@pytest.mark.parametrize("norm_size, exc", [(True, TypeError), (2.5, TypeError),
+                                             ("4", TypeError), (0, ValueError),
+                                             (np.int64(0), ValueError)])
+def test_rmsnorm_rejects_non_int_norm_size(norm_size, exc):
+    """norm_size=True was taken as 1 and 2.5 as a float normaliser; 0 was rejected before.
+    Not an integer: a TypeError (as for split and dim); an integer below 1: a ValueError."""
+    with pytest.raises(exc, match="norm_size must be a positive int or None"):
         cobkern.ops.rmsnorm(torch.randn(2, 4), norm_size=norm_size)
+
+
+def test_numpy_integer_norm_size_is_an_int():
+    """A numpy integer (e.g. read from an array of widths) was refused with a ValueError
+    saying it must be an int; it is one, and the modules store it as a Python int."""
+    x = torch.randn(3, 6, dtype=torch.float64)
+    want = cobkern.ops.rmsnorm(x, norm_size=8)
+    torch.testing.assert_close(cobkern.ops.rmsnorm(x, norm_size=np.int64(8)), want,
+                               rtol=0, atol=0)  # the same normaliser: bit-identical
+    for mod in (RMSNorm(6, norm_size=np.int64(8)), RMSNormTSRA(6, norm_size=np.int32(8))):
+        assert type(mod.norm_size) is int and mod.norm_size == 8
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    ({"a_u": "5"}, TypeError, "a_u must be a float, got str"),
+    ({"b_u": None}, TypeError, "b_u must be a float, got NoneType"),
+    ({"a_v": True}, TypeError, "a_v must be a float, got bool"),
+    ({"b_v": float("nan")}, ValueError, "gain constant b_v must be a finite number, got nan"),
+    ({"a_u": float("inf")}, ValueError, "gain constant a_u must be a finite number"),
+])
+def test_gain_constants_are_checked(kw, exc, match):
+    """The four gain constants went through a bare float(): a string was parsed, None gave
+    a TypeError naming no argument, and NaN gave an all-NaN output."""
+    x, g = torch.randn(3, 6), torch.randn(3, 6)
+    calls = [lambda: tsra(x, 2, **kw), lambda: rmsnorm_tsra(x, 2, **kw),
+             lambda: tsra_backward(g, x, 2, **kw),
+             lambda: cobkern.ops.rmsnorm_tsra_backward(g, x, 2, **kw),
+             lambda: TSRA(6, **kw), lambda: RMSNormTSRA(6, **kw)]
+    for call in calls:
+        with pytest.raises(exc, match=match):
+            call()
+    # numbers of other types are numbers: numpy and 0-d tensor scalars
+    k = next(iter(kw))
+    y = tsra(x, 2, **{k: np.float64(0.6)})
+    torch.testing.assert_close(y, tsra(x, 2, **{k: torch.tensor(0.6, dtype=torch.float64)}),
+                               rtol=0, atol=0)  # the same constant: bit-identical
+
+
+def test_rmsnorm_names_a_non_tensor_input():
+    with pytest.raises(TypeError, match=r"cobkern.rmsnorm: expected a torch.Tensor, got list"):
+        cobkern.ops.rmsnorm([[1.0, 2.0]])
 
 
 @pytest.mark.parametrize("eps", [-1.0, float("nan")])
@@ -438,7 +483,7 @@ def test_torch_func_transforms_and_forward_ad_match_autograd(fused):
     (lambda: RMSNormTSRA(6, norm_size=0), None, ValueError, "norm_size must be"),
     (lambda: RMSNorm(6, eps=-1.0), None, ValueError, "eps must be >= 0"),
     (lambda: RMSNorm(6, eps=None), None, TypeError, "eps must be a float, got NoneType"),
-    (lambda: RMSNorm(6, norm_size=2.5), None, ValueError, "norm_size must be"),
+    (lambda: RMSNorm(6, norm_size=2.5), None, TypeError, "norm_size must be .*got float"),
     (lambda: TSRA(6, split=2.0), None, TypeError, "split must be an int, got float"),
     (lambda: TSRA(6.0), None, TypeError, "num_channels must be an int"),
     (lambda: RMSNorm(6.0), None, TypeError, "RMSNorm: num_channels must be an int"),

@@ -5,7 +5,13 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from cobkern.ops import rmsnorm_tsra, tsra
-from cobkern.ops._checks import check_norm_size, check_rms_eps, check_tsra_eps, is_int
+from cobkern.ops._checks import (
+    check_gain,
+    check_norm_size,
+    check_rms_eps,
+    check_tsra_eps,
+    is_int,
+)
 from cobkern.ops.tsra import (
     DEFAULT_A_U,
     DEFAULT_A_V,
@@ -47,7 +53,8 @@ class _TSRABase(nn.Module):
             raise TypeError(f"{type(self).__name__}: dim must be an int, got "
                             f"{type(dim).__name__} {dim!r}")
         self.dim = dim
-        self.a_u, self.b_u, self.a_v, self.b_v = a_u, b_u, a_v, b_v
+        self.a_u, self.b_u, self.a_v, self.b_v = check_gain(type(self).__name__, a_u, b_u,
+                                                            a_v, b_v)
         self.tsra_eps = check_tsra_eps(type(self).__name__, tsra_eps, eps_arg)
 
     def _check(self, x: Tensor) -> None:
@@ -144,8 +151,8 @@ class RMSNormTSRA(_TSRABase):
                  b_v: float = DEFAULT_B_V, tsra_eps: float = DEFAULT_EPS) -> None:
         super().__init__(num_channels, split, dim, a_u, b_u, a_v, b_v, tsra_eps, "tsra_eps")
         self.eps = check_rms_eps(type(self).__name__, eps)
-        check_norm_size(type(self).__name__, norm_size, num_channels)
-        self.norm_size = norm_size
+        self.norm_size = (None if norm_size is None
+                          else check_norm_size(type(self).__name__, norm_size, num_channels))
 
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         """``x``: the input; ``bias``: optional ``(C,)``, added to ``x`` first inside the

@@ -46,8 +46,8 @@ class RMSNorm(nn.Module):
             raise TypeError(f"RMSNorm: dim must be an int, got {type(dim).__name__} {dim!r}")
         self.dim = dim
         self.eps = check_rms_eps("RMSNorm", eps)
-        check_norm_size("RMSNorm", norm_size, num_channels)
-        self.norm_size = norm_size
+        self.norm_size = (None if norm_size is None
+                          else check_norm_size("RMSNorm", norm_size, num_channels))
 
     def forward(self, x: Tensor) -> Tensor:
         # an out-of-range dim is left to rmsnorm, whose error names it

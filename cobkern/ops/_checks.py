@@ -11,6 +11,7 @@ A tensor is viewed, without copying, as ``(B, C, P)`` with three strides:
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -110,13 +111,45 @@ def check_tsra_eps(name: str, eps: float, arg: str = "eps") -> float:
 
 
 def check_norm_size(name: str, norm_size: int | None, c: int) -> int:
-    """RMSNorm's normaliser ``n`` in ``sum(x²) / n``: a positive int, or ``None`` for ``c``
-    (the channel count). Returns ``n``."""
+    """RMSNorm's normaliser ``n`` in ``sum(x²) / n``: an int ``>= 1`` (numpy integers too),
+    or ``None`` for ``c`` (the channel count). Returns ``n`` as an ``int``.
+
+    Raises:
+        TypeError: anything but ``None`` or an integer (a bool, a float such as 2.5).
+        ValueError: an integer below 1.
+    """
     if norm_size is None:
         return c
-    if isinstance(norm_size, bool) or not isinstance(norm_size, int) or norm_size < 1:
+    if isinstance(norm_size, torch.SymInt):  # traced: its range was checked eagerly
+        return norm_size
+    try:
+        if isinstance(norm_size, bool) or isinstance(norm_size, torch.Tensor):
+            raise TypeError
+        n = operator.index(norm_size)
+    except TypeError:
+        raise TypeError(f"{name}: norm_size must be a positive int or None, got "
+                        f"{type(norm_size).__name__} {norm_size!r}") from None
+    if n < 1:
         raise ValueError(f"{name}: norm_size must be a positive int or None, got {norm_size!r}")
-    return norm_size
+    return n
+
+
+def check_gain(name: str, a_u: float, b_u: float, a_v: float, b_v: float
+               ) -> tuple[float, float, float, float]:
+    """TSRA's logistic gain constants ``g_U = σ(a_U (r - b_U))``, ``g_V = σ(a_V (r - b_V))``:
+    finite numbers (numpy and 0-d tensor scalars included). Returns them as ``float``.
+
+    Raises:
+        TypeError: a constant that is not a number (a string, ``None``, a bool), named.
+        ValueError: NaN or ±inf, which would make every output NaN or a step function.
+    """
+    out = []
+    for arg, v in (("a_u", a_u), ("b_u", b_u), ("a_v", a_v), ("b_v", b_v)):
+        f = _as_float(name, arg, v)
+        if not (-math.inf < f < math.inf):  # NaN fails both; comparisons trace under dynamo
+            raise ValueError(f"{name}: the gain constant {arg} must be a finite number, got {v!r}")
+        out.append(f)
+    return out[0], out[1], out[2], out[3]
 
 
 def check_rms_eps(name: str, rms_eps: float) -> float:

@@ -22,6 +22,8 @@ def rmsnorm(x: Tensor, dim: int = 1, *, eps: float = 1e-6, norm_size: int | None
     Returns:
         Tensor of ``x``'s shape and dtype.
     """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"cobkern.rmsnorm: expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"cobkern.rmsnorm: expected a floating-point tensor, got dtype {x.dtype}")
     if not is_int(dim):

@@ -80,6 +80,7 @@ from ._checks import (
     channel_geometry,
     check_activation_input,
     check_bias,
+    check_gain,
     check_norm_size,
     check_rms_eps,
     check_same_device,
@@ -755,7 +756,8 @@ def tsra(
         (the second-order terms go through the plain-PyTorch reference formula).
 
     Raises:
-        TypeError, ValueError, IndexError: for a bad ``x``, ``split``, ``dim`` or ``eps``.
+        TypeError, ValueError, IndexError: for a bad ``x``, ``split``, ``dim``, ``eps``,
+        gain constant (not a finite number) or ``bias``.
 
     Range:
         The per-position sums of squares accumulate in float32 (float64 for float64
@@ -770,9 +772,9 @@ def tsra(
     """
     dim = check_activation_input("cobkern.tsra", x, split, dim)
     eps = check_tsra_eps("cobkern.tsra", eps)
+    gain = check_gain("cobkern.tsra", a_u, b_u, a_v, b_v)
     check_bias("cobkern.tsra", bias, x, dim)
-    return _apply(x, split, dim, float(a_u), float(b_u), float(a_v), float(b_v), eps, 0, 0.0,
-                  bias=bias)
+    return _apply(x, split, dim, *gain, eps, 0, 0.0, bias=bias)
 
 
 def rmsnorm_tsra(
@@ -820,9 +822,9 @@ def rmsnorm_tsra(
     dim = check_activation_input(name, x, split, dim)
     n = check_norm_size(name, norm_size, x.shape[dim])
     tsra_eps = check_tsra_eps(name, tsra_eps, "tsra_eps")
+    gain = check_gain(name, a_u, b_u, a_v, b_v)
     check_bias(name, bias, x, dim)
-    return _apply(x, split, dim, float(a_u), float(b_u), float(a_v), float(b_v),
-                  tsra_eps, n, check_rms_eps(name, eps), bias=bias)
+    return _apply(x, split, dim, *gain, tsra_eps, n, check_rms_eps(name, eps), bias=bias)
 
 
 def _check_backward_inputs(name: str, grad: Tensor, x: Tensor, split: int, dim: int) -> int:
@@ -855,9 +857,9 @@ def tsra_backward(
     name = "cobkern.tsra_backward"
     dim = _check_backward_inputs(name, grad, x, split, dim)
     eps = check_tsra_eps(name, eps)
+    gain = check_gain(name, a_u, b_u, a_v, b_v)
     check_bias(name, bias, x, dim)
-    return _backward_apply(grad, x, split, dim, float(a_u), float(b_u), float(a_v), float(b_v),
-                           eps, 0, 0.0, bias=bias)
+    return _backward_apply(grad, x, split, dim, *gain, eps, 0, 0.0, bias=bias)
 
 
 def rmsnorm_tsra_backward(
@@ -881,6 +883,7 @@ def rmsnorm_tsra_backward(
     dim = _check_backward_inputs(name, grad, x, split, dim)
     n = check_norm_size(name, norm_size, x.shape[dim])
     tsra_eps = check_tsra_eps(name, tsra_eps, "tsra_eps")
+    gain = check_gain(name, a_u, b_u, a_v, b_v)
     check_bias(name, bias, x, dim)
-    return _backward_apply(grad, x, split, dim, float(a_u), float(b_u), float(a_v), float(b_v),
-                           tsra_eps, n, check_rms_eps(name, eps), bias=bias)
+    return _backward_apply(grad, x, split, dim, *gain, tsra_eps, n, check_rms_eps(name, eps),
+                           bias=bias)
