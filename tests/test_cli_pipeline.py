@@ -824,6 +824,24 @@ def test_calibrate_channels_last_flag_reaches_calibrate(run_dir: Path, tmp_path:
                  "--no-progress"]) == 0
     assert seen == [True, False]
     assert Context(out, device="cpu", progress=False).config.calib_channels_last is False
+    # once set, the choice stays in config.json: 'auto' is the way back to the default
+    for word, want in (("on", True), ("off", False), ("auto", None)):
+        assert main(["calibrate", "--out", str(out), "--samples", "100", "--channels-last",
+                     word, "--no-progress"]) == 0
+        assert seen[-1] is want
+        assert Context(out, device="cpu", progress=False).config.calib_channels_last is want
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--out", str(out), "--channels-last", "sometimes"])
+
+
+def test_evaluate_no_finetuned_needs_a_name(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture) -> None:
+    """--no-finetuned picks a pruned model's version before fine-tuning; without --name it
+    was ignored, and the trained model was evaluated as if the flag meant nothing."""
+    assert main(["evaluate", "--out", str(tmp_path / "o"), "--no-finetuned"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: --no-finetuned needs --name (it picks a pruned model's version "
+                   "before fine-tuning)\n")
 
 
 def test_calibrate_passes_the_automatic_layout_through(run_dir: Path, tmp_path: Path,

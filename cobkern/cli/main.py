@@ -4,7 +4,7 @@ Commands (each reads the previous step's files from ``--out``)::
 
     cobkern train      --out OUT [--preset quick] [--arch tsra|relu] [--set steps=100 ...]
     cobkern calibrate  --out OUT [--samples N] [--augment] [--f32-dot MODE]
-                       [--channels-last | --no-channels-last] [--cuda-graphs]
+                       [--channels-last [auto|on|off] | --no-channels-last] [--cuda-graphs]
     cobkern prune      --out OUT --strategy NAME --value V [--value-v V] [--importance l2|l1]
                        [--baseline] [--normalizer kept|original] [--round-to N] [--name NAME]
     cobkern finetune   --out OUT --name NAME [--steps N] [--lr LR]
@@ -65,6 +65,21 @@ def _floats(text: str) -> list[float]:
 
 def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
+
+
+_AUTO = "auto"
+
+
+def _tristate(text: str) -> bool | str:
+    """``on`` / ``off`` / ``auto`` (also true/false, yes/no, 1/0) → True / False / "auto"."""
+    t = text.strip().lower()
+    if t in ("on", "true", "yes", "1"):
+        return True
+    if t in ("off", "false", "no", "0"):
+        return False
+    if t == _AUTO:
+        return _AUTO
+    raise argparse.ArgumentTypeError(f"expected auto, on or off, got {text!r}")
 
 
 def _kv(text: str) -> tuple[str, Any]:
@@ -159,15 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "ieee (default), tf32 (one TF32 product, operands truncated by up to "
                         "2^-10), tf32x3, bf16x6 (tensor cores, less exact) or fp64 "
                         "(float64 tensor cores: exact products, float64 sums)")
-    s.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+    s.add_argument("--channels-last", nargs="?", const=True, default=None, type=_tristate,
+                   metavar="auto|on|off",
                    help="feed the images in channels-last format, so the covariance kernel "
-                        "reads channel-contiguous activations (--channels-last), or NCHW "
-                        "(--no-channels-last); the same statistics up to float round-off. "
-                        "default: the config's, normally auto: channels-last for a float32 "
-                        "model on CUDA (1.44-1.48x faster calibration on an H200), NCHW "
-                        "otherwise (a bfloat16 model: 1.84x slower channels-last on one lease, "
-                        "1.07x faster on the next; CPU "
-                        "untimed; BENCHMARKS.md)")
+                        "reads channel-contiguous activations (--channels-last, or 'on'), or "
+                        "NCHW (--no-channels-last, or 'off'); the same statistics up to float "
+                        "round-off. default: the config's, normally auto: channels-last for a "
+                        "float32 model on CUDA (1.44-1.48x faster calibration on an H200), "
+                        "NCHW otherwise (a bfloat16 model: 1.84x slower channels-last on one "
+                        "lease, 1.07x faster on the next; CPU untimed; BENCHMARKS.md). The "
+                        "choice is kept in OUT/config.json; 'auto' goes back to the automatic "
+                        "one")
+    s.add_argument("--no-channels-last", dest="channels_last", action="store_const",
+                   const=False, help="feed the images in NCHW format (same as "
+                                     "--channels-last off)")
     s.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="on CUDA, replay each batch's forward pass and covariance kernels "
                         "as one CUDA graph (no Python per layer and batch; the same "
@@ -461,8 +481,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         over["calib_augment"] = args.augment
     if args.f32_dot is not None:
         over["calib_f32_dot"] = args.f32_dot
-    if args.channels_last is not None:
-        over["calib_channels_last"] = args.channels_last
+    if args.channels_last is not None:  # "auto": back to the config's automatic choice
+        over["calib_channels_last"] = None if args.channels_last == _AUTO else args.channels_last
     if args.cuda_graphs is not None:
         over["calib_cuda_graphs"] = args.cuda_graphs
     if over:
@@ -556,6 +576,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from cobkern.experiments.files import MissingStepError, append_jsonl
     from cobkern.models import load_model
 
+    if args.no_finetuned and args.name is None:  # it would silently evaluate another model
+        raise ValueError("--no-finetuned needs --name (it picks a pruned model's version "
+                         "before fine-tuning)")
     cfg = _experiment_config(args)
     if args.test_subset is not None:
         cfg = cfg.with_overrides({"eval_subset": args.test_subset})
