@@ -60,7 +60,6 @@ the statistics of the whole sample set, and N ranks calibrate N× faster.
 from __future__ import annotations
 
 import contextlib
-import operator
 from collections.abc import Iterable
 from typing import Any
 
@@ -68,6 +67,7 @@ import torch
 from torch import Tensor, nn
 
 from cobkern._wrappers import compiled_in_place, parallel_wrapped, unwrap_model
+from cobkern.ops._checks import as_int
 from cobkern.ops.covariance import CovarianceAccumulator
 
 from .discovery import select_layers
@@ -301,13 +301,7 @@ def calibrate(
         # an int (numpy ints too); a float such as 1e4 used to pass here and fail only when
         # a batch had to be cut, in the middle of the pass ("slice indices must be
         # integers"), and True counted as 1
-        try:
-            if isinstance(max_samples, bool):
-                raise TypeError
-            max_samples = operator.index(max_samples)
-        except TypeError:
-            raise TypeError(f"calibrate: max_samples must be an int or None, got "
-                            f"{type(max_samples).__name__} {max_samples!r}") from None
+        max_samples = as_int("calibrate", "max_samples", max_samples, "an int or None")
         if max_samples < 1:
             raise ValueError(f"calibrate: max_samples must be >= 1 or None, got {max_samples}")
     if device is None:

@@ -110,6 +110,19 @@ def check_tsra_eps(name: str, eps: float, arg: str = "eps") -> float:
     return value
 
 
+def as_int(name: str, arg: str, v: object, expected: str = "an int") -> int:
+    """``v`` as a Python ``int``: an ``int`` or anything with ``__index__`` (numpy integers,
+    one-element integer tensors), never a bool. Anything else, floats such as ``1e4``
+    included, is a ``TypeError``: ``"{name}: {arg} must be {expected}, got ..."``."""
+    try:
+        if isinstance(v, bool):
+            raise TypeError
+        return operator.index(v)
+    except TypeError:
+        raise TypeError(f"{name}: {arg} must be {expected}, got {type(v).__name__} "
+                        f"{v!r}") from None
+
+
 def check_norm_size(name: str, norm_size: int | None, c: int) -> int:
     """RMSNorm's normaliser ``n`` in ``sum(x²) / n``: an int ``>= 1`` (numpy integers too),
     or ``None`` for ``c`` (the channel count). Returns ``n`` as an ``int``.
@@ -122,13 +135,7 @@ def check_norm_size(name: str, norm_size: int | None, c: int) -> int:
         return c
     if isinstance(norm_size, torch.SymInt):  # traced: its range was checked eagerly
         return norm_size
-    try:
-        if isinstance(norm_size, bool) or isinstance(norm_size, torch.Tensor):
-            raise TypeError
-        n = operator.index(norm_size)
-    except TypeError:
-        raise TypeError(f"{name}: norm_size must be a positive int or None, got "
-                        f"{type(norm_size).__name__} {norm_size!r}") from None
+    n = as_int(name, "norm_size", norm_size, "a positive int or None")
     if n < 1:
         raise ValueError(f"{name}: norm_size must be a positive int or None, got {norm_size!r}")
     return n
