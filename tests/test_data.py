@@ -506,3 +506,36 @@ def test_val_stands_for_test_only_where_there_is_no_test(tmp_path, packed: bool)
     (tmp_path / "tree").rename(tmp_path / "no-test")
     _, test = load(tmp_path / "no-test")
     assert len(test) == 1
+
+
+def test_archive_members_stored_as_links_are_images_too(tmp_path) -> None:
+    """tar stores a file's second name (a tree deduplicated with ``cp -l``) as a hard-link
+    member, and may hold symlinks: they were skipped without a word, so the archive gave a
+    smaller dataset than the same tree read as a folder. A link to nothing is an error."""
+    arrays = _make_folder(tmp_path / "tree")
+    first = tmp_path / "tree" / "train" / "cat" / "0000.png"
+    os.link(first, tmp_path / "tree" / "train" / "dog" / "0009.png")
+    os.symlink("../cat/0001.png", tmp_path / "tree" / "train" / "frog" / "0009.png")
+    archive = tmp_path / "links.tar"
+    with tarfile.open(archive, "w") as tf:  # add() stores the second name as a hard link
+        tf.add(tmp_path / "tree", arcname="cifar10-jpeg")
+        kinds = sorted(m.type for m in tf.getmembers() if m.islnk() or m.issym())
+    assert kinds == [tarfile.LNKTYPE, tarfile.SYMTYPE]
+    packed, _ = load_cifar10("shipped", archive, cache_dir=tmp_path / "c1")
+    folder, _ = load_cifar10("imagefolder", tmp_path / "tree", cache_dir=tmp_path / "c2")
+    assert len(packed) == len(folder) == 14
+    assert torch.equal(packed.images, folder.images)
+    assert torch.equal(packed.labels, folder.labels)
+    assert torch.equal(packed.images[8], torch.from_numpy(arrays["train"][0]))  # dog/0009
+    assert torch.equal(packed.images[13], torch.from_numpy(arrays["train"][1]))  # frog/0009
+
+    dangling = tmp_path / "dangling.tar"
+    with tarfile.open(dangling, "w") as tf:
+        tf.add(tmp_path / "tree" / "test", arcname="cifar10-jpeg/test")
+        tf.add(tmp_path / "tree" / "train" / "cat", arcname="cifar10-jpeg/train/cat")
+        link = tarfile.TarInfo("cifar10-jpeg/train/dog/0000.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "../nowhere/0000.png"
+        tf.addfile(link)
+    with pytest.raises(DataError, match=r"dog/0000.png is a link to '../nowhere/0000.png', "
+                                        "which is not a file in the archive"):
+        load_cifar10("shipped", dangling, cache_dir=tmp_path / "c3")

@@ -118,7 +118,9 @@ def load_cifar10(
         if not archive.is_file():
             raise DataError(f"CIFAR-10 archive not found: {archive} (set COBKERN_DATA or pass "
                             "--data-root)")
-        key = _sha256_file(archive)
+        # "l" marks caches decoded with link members (hard links, symlinks) read as
+        # images: a cache from before skipped them, a smaller dataset for such an archive
+        key = "l" + _sha256_file(archive)
         arrays = _cached(key, cache_dir, f"archive:{archive}",
                          lambda: _decode_archive(archive), rebuild_cache)
     elif source == "imagefolder":

@@ -88,13 +88,21 @@ def _decode_archive(path: Path) -> dict[str, object]:
             # decompressing again from the start, so reading them in name order is
             # quadratic for an archive not packed sorted (GNU tar's readdir order).
             for m in tf:
-                if not m.isfile():
+                # a hard link is how tar stores a file's second name (a tree deduplicated
+                # with `cp -l`), a symlink another's; both are images of the tree, as the
+                # folder source reads them
+                if not (m.isfile() or m.islnk() or m.issym()):
                     continue
                 sc = _split_and_class(Path(m.name).parts)
                 if sc is None or Path(m.name).suffix.lower() not in _IMAGE_EXTS:
                     continue
-                f = tf.extractfile(m)
-                assert f is not None
+                try:
+                    f = tf.extractfile(m)
+                except KeyError:  # a link to a member the archive does not hold
+                    f = None
+                if f is None:
+                    raise DataError(f"archive {path}: {m.name} is a link to {m.linkname!r}, "
+                                    "which is not a file in the archive")
                 found.append((m.name, Path(m.name).parts[-3], sc[1],
                               _decode(f.read(), m.name)))
             # tarfile ends its iteration without a word at a truncated or damaged header:
