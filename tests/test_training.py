@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -578,6 +579,27 @@ def test_config_values_are_not_coerced_silently() -> None:
     assert (ok.cache_dir, ok.data_root, ok.lr, ok.steps, ok.batch_size) == \
         (None, "/data", 3e-4, 1000, 32)
     assert ok.width == 1.0 and isinstance(ok.width, float)
+
+
+@pytest.mark.parametrize(("field", "value", "words"), [
+    ("augment", "false", "true or false"), ("bf16", "off", "true or false"),
+    ("batch_size", 2.5, "an integer"), ("eval_every", 0.5, "an integer"),
+    ("steps", True, "an integer"), ("lr", "1e-3", "a number"), ("lr", True, "a number"),
+    ("device", 0, "a string"), ("data_root", 5, "a string or None"),
+    ("device", "cuda:x", "auto, cpu or cuda"), ("device", "cudafoo", "auto, cpu or cuda")])
+def test_a_config_built_in_python_is_type_checked(field, value, words) -> None:
+    """TrainConfig(...) skips the strict coercion of files and flags: the string "false"
+    (truthy) turned augmentation and bf16 *on*, batch_size=2.5 failed deep in the loader,
+    eval_every=0.5 evaluated at every step, and lr="1e-3" failed with a bare TypeError."""
+    from cobkern.training import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"^{field} must be {words}"):
+        _tiny_config(**{field: value})
+    for dev in ("cuda", "cuda:1", "auto"):  # well-formed (whether present is checked later)
+        assert TrainConfig(device=dev).validate().device == dev
+    ok = _tiny_config(lr=1, batch_size=np.int64(8), width=np.float32(0.0625), data_root=None)
+    assert ok.lr == 1 and type(ok.batch_size) is int and ok.batch_size == 8  # stored as int
+    assert type(ok.width) is float and json.dumps(ok.to_dict())  # JSON can write it
 
 
 def test_non_finite_metrics_are_written_as_null(tmp_path) -> None:

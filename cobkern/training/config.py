@@ -28,7 +28,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -140,6 +142,10 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Check every value; raises :class:`ConfigError` naming the bad setting.
 
+        Every value must have its annotated type (a bool, an integer, a number, a string):
+        a config built in Python gets no coercion, and ``augment="false"`` would be truthy.
+        numpy integers and floats are taken and stored as Python ``int`` / ``float``.
+
         Besides the choices and ranges below, every float setting must be finite. The
         ranges follow what PyTorch accepts, narrowed where a value would train nothing:
         ``0 <= beta1, beta2 < 1`` and ``momentum >= 0`` (as ``torch.optim`` checks);
@@ -153,6 +159,16 @@ class TrainConfig:
 
         for f in fields(self):
             value = getattr(self, f.name)
+            kind = _kind(f)
+            # types first: a TrainConfig built in Python skips _coerce, and "false" is truthy
+            need(_has_type(value, kind), f"{f.name} must be {_KIND_WORDS[kind]}, got "
+                                         f"{type(value).__name__} {value!r}")
+            if kind == "int" and type(value) is not int:  # numpy: JSON cannot write it
+                value = int(value)
+                setattr(self, f.name, value)
+            elif kind == "float" and not isinstance(value, (int, float)):
+                value = float(value)
+                setattr(self, f.name, value)
             if isinstance(value, float):
                 need(math.isfinite(value), f"{f.name} must be a finite number, got {value}")
         need(self.arch in ("tsra", "relu"), f"arch must be 'tsra' or 'relu', got {self.arch!r}")
@@ -179,7 +195,7 @@ class TrainConfig:
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.data_source in ("auto", "shipped", "torchvision", "imagefolder"),
              f"unknown data_source {self.data_source!r}")
-        need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+        need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
              f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         need(self.compile_mode in COMPILE_MODES,
              f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got "
@@ -244,6 +260,29 @@ def get_preset(name: str, arch: str = "tsra") -> TrainConfig:
     return TrainConfig(arch=arch, **PRESETS[name][arch]).validate()
 
 
+def _kind(f: dataclasses.Field) -> str:
+    """A field's annotation as one of ``bool``, ``int``, ``float``, ``str``, ``str | None``."""
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    return t.replace(" ", "").replace("|", " | ")
+
+
+_KIND_WORDS = {"bool": "true or false (a bool)", "int": "an integer", "float": "a number",
+               "str": "a string", "str | None": "a string or None"}
+
+
+def _has_type(value: Any, kind: str) -> bool:
+    """Whether ``value`` is of the annotation ``kind`` (ints are numbers; bools are not)."""
+    if kind == "bool":
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if kind == "int":
+        return isinstance(value, numbers.Integral)
+    if kind == "float":
+        return isinstance(value, numbers.Real)
+    return isinstance(value, str) or (value is None and kind == "str | None")
+
+
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 
@@ -260,8 +299,7 @@ def _coerce(name: str, value: Any) -> Any:
       of an integer (command-line flags arrive as text); never a boolean;
     * floats: an integer, float or numeric string; never a boolean.
     """
-    f = _FIELDS[name]
-    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    kind = _kind(_FIELDS[name])
     try:
         if value is None:
             if "None" in kind:
