@@ -258,6 +258,39 @@ def test_loader_names_an_empty_set_a_negative_seed_and_a_negative_position() -> 
         loader.load_state_dict({**loader.state_dict(), "batch": -3})
 
 
+def test_labels_and_positions_out_of_range_are_named() -> None:
+    """Labels without a class (7 of 3 classes, -1) were accepted by ImageSet; float labels
+    were truncated by the loader (1.7 → 1); a resumed batch past the epoch's end (a state
+    saved with drop_last=False loaded into a drop_last=True loader) skipped an epoch."""
+    images = torch.zeros(4, 32, 32, 3, dtype=torch.uint8)
+    for bad, shown in (([0, 1, 2, 7], "from 0 to 7"), ([-1, 0, 1, 2], "from -1 to 2")):
+        with pytest.raises(DataError, match=rf"labels must be in \[0, 3\) for 3 classes, "
+                                            rf"got labels {shown}"):
+            ImageSet(images, torch.tensor(bad), list(CLASSES))
+    assert len(ImageSet(images, torch.tensor([0, 1, 2, 2]), list(CLASSES))) == 4
+    for dtype in (torch.float32, torch.bool):
+        with pytest.raises(DataError, match=f"integer labels, got {dtype}"):
+            DeviceLoader(images, torch.tensor([0.9, 1.7, 2.2, 3.99]).to(dtype), 2,
+                         augment=False, shuffle=False, drop_last=False)
+    loader = DeviceLoader(torch.zeros(5, 32, 32, 3, dtype=torch.uint8),
+                          torch.tensor([0, 1, 2, 0, 1], dtype=torch.int32), 2, augment=False,
+                          shuffle=False, drop_last=True)
+    assert loader.labels.dtype == torch.int64 and len(loader) == 2
+    loader.load_state_dict({"epoch": 0, "batch": 2})  # the epoch just ended: fine
+    with pytest.raises(DataError, match=r"batch=3, but an epoch of this loader has 2 batches "
+                                        r"\(drop_last=True\)"):
+        loader.load_state_dict({"epoch": 0, "batch": 3})
+
+
+@pytest.mark.parametrize("bad", [torch.rand(2, 32, 32, 3), torch.zeros(2, 3, 32, 32,
+                                                                      dtype=torch.uint8)])
+def test_normalize_names_images_it_cannot_take(bad) -> None:
+    """Float images in [0, 1] came out as if they were 0..255 (about -1.98 for 0.5);
+    NCHW images failed with a broadcast error naming no argument."""
+    with pytest.raises(DataError, match=r"normalize expects uint8 NHWC images \(N, H, W, 3\)"):
+        normalize(bad)
+
+
 
 
 def _cache_files(cache: Path) -> tuple[Path, Path]:
@@ -392,7 +425,8 @@ def test_augmentation_differs_between_batches_and_epochs() -> None:
 
 def test_subset_keeps_the_original_order_without_repeats() -> None:
     data = _toy(100)
-    data = ImageSet(data.images, torch.arange(100))  # label = index in the full set
+    # label = index in the full set (one class per image)
+    data = ImageSet(data.images, torch.arange(100), [str(i) for i in range(100)])
     for seed in range(3):
         idx = subset(data, 40, seed=seed).labels
         assert idx.unique().numel() == 40
@@ -401,7 +435,7 @@ def test_subset_keeps_the_original_order_without_repeats() -> None:
 
 
 def test_calibration_set_follows_its_seed_and_is_not_augmented() -> None:
-    data = ImageSet(_toy(100).images, torch.arange(100))
+    data = ImageSet(_toy(100).images, torch.arange(100), [str(i) for i in range(100)])
     a, b = calibration_set(data, n=30, seed=1), calibration_set(data, n=30, seed=2)
     assert torch.equal(a.labels, subset(data, 30, seed=1).labels)
     assert not torch.equal(a.labels, b.labels)

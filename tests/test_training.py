@@ -852,24 +852,28 @@ def test_a_hook_that_stops_at_a_checkpoint_step_keeps_that_checkpoint(tmp_path) 
 
 
 def test_evaluate_scores_the_whole_set_from_any_loader_position() -> None:
-    """A loader passed to evaluate() is rewound (a partly consumed or shuffled training
-    loader still scores every image once), and the model's mode is restored."""
+    """A loader passed to evaluate() scores every image once, un-augmented (a partly
+    consumed, shuffled, augmenting, tail-dropping training loader too: it used to score
+    augmented images and skip the tail), leaves the loader where it was (it used to reset
+    it to epoch 0 and leave it at epoch 1), and the model's mode is restored."""
     from cobkern.data import DeviceLoader
 
     _, test = _toy_data(n_test=20)
     torch.manual_seed(0)
     model = vgg16_tsra(num_classes=4, width=0.0625)
-    loader = DeviceLoader.from_imageset(test, 8, augment=False, shuffle=True,
-                                        drop_last=False, seed=1)
     with cobkern.use_backend("reference"):
         want = evaluate(model, test, batch_size=20)
-        next(iter(loader))  # one batch consumed: the loader sits at batch 1 of epoch 0
-        got = evaluate(model, loader)
-        assert model.training  # restored
-        assert got["n"] == 20 == want["n"]
-        # another batch order sums the same per-image losses in another order (float64)
-        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
-        assert got["accuracy"] == want["accuracy"]
+        for augment, drop_last in ((False, False), (True, True)):
+            loader = DeviceLoader.from_imageset(test, 8, augment=augment, shuffle=True,
+                                                drop_last=drop_last, seed=1)
+            loader.load_state_dict({"epoch": 5, "batch": 1})  # a training loader's position
+            got = evaluate(model, loader)
+            assert model.training  # restored
+            assert (loader.epoch, loader.batch) == (5, 1)  # the caller's position kept
+            assert got["n"] == 20 == want["n"]
+            # batches of 8 sum the same per-image losses in another grouping (float64)
+            assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+            assert got["accuracy"] == want["accuracy"]
         model.eval()
         evaluate(model, test)
         assert not model.training

@@ -44,6 +44,11 @@ class ImageSet:
         if self.labels.dtype != torch.int64 or self.labels.shape != self.images.shape[:1]:
             raise DataError(f"ImageSet.labels must be int64 ({self.images.shape[0]},), got "
                             f"{self.labels.dtype} {tuple(self.labels.shape)}")
+        if self.labels.numel():  # a label without a class would fail (or wrap) in the loss
+            lo, hi = int(self.labels.min()), int(self.labels.max())
+            if lo < 0 or hi >= len(self.classes):
+                raise DataError(f"ImageSet.labels must be in [0, {len(self.classes)}) for "
+                                f"{len(self.classes)} classes, got labels from {lo} to {hi}")
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

@@ -39,11 +39,24 @@ def _seed(*words: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
+def _check_images(who: str, images: Tensor) -> None:
+    if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.dim() != 4 \
+            or images.shape[-1] != 3:
+        got = (f"{images.dtype} {tuple(images.shape)}" if isinstance(images, Tensor)
+               else type(images).__name__)
+        raise DataError(f"{who} expects uint8 NHWC images (N, H, W, 3), got {got}")
+
+
 def normalize(images: Tensor, channels_last: bool = False) -> Tensor:
     """``uint8 (N, H, W, 3)`` NHWC → ``float32 (N, 3, H, W)`` normalised with §3 mean/std.
 
     The result is NCHW-contiguous, or channels_last-contiguous if ``channels_last``.
+
+    Raises:
+        DataError: anything but a uint8 ``(N, H, W, 3)`` tensor (float images in [0, 1]
+            would be normalised as if they were 0..255, NCHW ones not at all).
     """
+    _check_images("normalize", images)
     mean = torch.tensor(CIFAR10_MEAN, device=images.device)
     std = torch.tensor(CIFAR10_STD, device=images.device)
     x = images.float().mul_(1.0 / (255.0 * std)).sub_(mean / std)  # NHWC, broadcast over C
@@ -91,9 +104,10 @@ class DeviceLoader:
         world_size: int = 1,
         channels_last: bool = False,
     ) -> None:
-        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
-            raise DataError(f"DeviceLoader expects uint8 NHWC images (N, H, W, 3), got "
-                            f"{images.dtype} {tuple(images.shape)}")
+        _check_images("DeviceLoader", images)
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or \
+                labels.dtype == torch.bool:  # .to(int64) would truncate 1.7 to 1
+            raise DataError(f"DeviceLoader expects integer labels, got {labels.dtype}")
         if labels.shape != images.shape[:1]:
             raise DataError(f"labels {tuple(labels.shape)} do not match {images.shape[0]} images")
         if batch_size < 1:
@@ -118,6 +132,15 @@ class DeviceLoader:
             raise DataError("no images to load" if not len(self.labels) else
                             f"{len(self.labels)} images make no full batch of "
                             f"{self.global_batch_size} (drop_last=True)")
+
+    def plain(self) -> DeviceLoader:
+        """A loader over the same images (no copy), ranks, batch size and layout that
+        yields every image once, in order, un-augmented (``augment``, ``shuffle`` and
+        ``drop_last`` off), from the start; this loader's position is not touched."""
+        return DeviceLoader(self.images, self.labels, self.batch_size, augment=False,
+                            shuffle=False, drop_last=False, seed=self.seed, device=self.device,
+                            rank=self.rank, world_size=self.world_size,
+                            channels_last=self.channels_last)
 
     @classmethod
     def from_imageset(cls, data: ImageSet, batch_size: int, **kwargs: Any) -> DeviceLoader:
@@ -208,4 +231,7 @@ class DeviceLoader:
         epoch, batch = int(state["epoch"]), int(state["batch"])
         if epoch < 0 or batch < 0:
             raise DataError(f"loader state has epoch={epoch}, batch={batch}; both must be >= 0")
+        if batch > len(self):  # iterating would yield nothing: an epoch silently skipped
+            raise DataError(f"loader state has batch={batch}, but an epoch of this loader has "
+                            f"{len(self)} batches (drop_last={self.drop_last})")
         self.epoch, self.batch = epoch, batch

@@ -43,7 +43,9 @@ def evaluate(
     Args:
         model: any classifier returning ``(B, num_classes)`` logits. Put in eval mode for the
             call and restored afterwards.
-        data: an :class:`ImageSet` (wrapped in a plain :class:`DeviceLoader`) or a loader.
+        data: an :class:`ImageSet` (wrapped in a plain :class:`DeviceLoader`) or a loader,
+            whose images are scored the same way (:meth:`DeviceLoader.plain`: each once, in
+            order, un-augmented — also from a training loader — and its position kept).
         device: where to run (default: the model's device).
         batch_size: batch size when ``data`` is an ImageSet.
         bf16: run under bf16 autocast.
@@ -60,7 +62,9 @@ def evaluate(
                                           drop_last=False, device=device,
                                           channels_last=channels_last)
     else:
-        data.epoch, data.batch = 0, 0  # always the full set, from the start
+        # every image once, un-augmented, whatever the loader's settings (a training loader
+        # would augment and drop its tail), and without moving the caller's loader
+        data = data.plain()
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
