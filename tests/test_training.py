@@ -791,8 +791,9 @@ def test_training_loop_matches_a_hand_written_reference(tmp_path, optimizer) -> 
         # the window mean of the per-step batch losses (float64 sums vs Python floats)
         assert r["loss"] == pytest.approx(sum(losses[a:b]) / (b - a), rel=1e-9)
         assert r["accuracy"] == sum(correct[a:b]) / (cfg.batch_size * (b - a))
-        # the learning rate after step r["step"], i.e. the one of the next step
-        assert r["lr"] == pytest.approx(_spec_lr(r["step"], cfg), rel=1e-9)
+        # the learning rate step r["step"] used (0-based s = step - 1); it used to log the
+        # next step's, ending on min_lr, which no step used
+        assert r["lr"] == pytest.approx(_spec_lr(r["step"] - 1, cfg), rel=1e-9)
 
 
 #: The TrainConfig fields a resume may change (checkpoint.py documents why each one does not
@@ -1056,3 +1057,22 @@ def test_a_resume_removes_the_temporary_file_of_a_killed_checkpoint_write(tmp_pa
         stale.write_bytes(b"half a checkpoint")
         train(cfg, tmp_path / "r", data=data, resume=True)
     assert not stale.exists()
+
+
+def test_num_threads_is_set_for_the_run_only(tmp_path) -> None:
+    """torch.set_num_threads stayed in effect after train() returned (or failed), so a
+    later run with num_threads=0 ("torch's default") inherited this run's count."""
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    seen: list[int] = []
+    with cobkern.use_backend("reference"):
+        train(_tiny_config(steps=2, num_threads=want), tmp_path / "a", data=_toy_data(),
+              on_step=lambda s: seen.append(torch.get_num_threads()))
+    assert seen == [want, want] and torch.get_num_threads() == before
+    with pytest.raises(RuntimeError, match="stop here"):
+        def stop(_s):
+            raise RuntimeError("stop here")
+        with cobkern.use_backend("reference"):
+            train(_tiny_config(steps=2, num_threads=want), tmp_path / "b", data=_toy_data(),
+                  on_step=stop)
+    assert torch.get_num_threads() == before

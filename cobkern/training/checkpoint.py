@@ -42,8 +42,8 @@ CKPT_VERSION = 2  # 2: per-rank RNG state and metrics window, last evaluation
 #: ``fuse_conv_bias``, ``eval_batch_size``, ``optimizer_impl``)
 #: and where the decoded data is cached (``cache_dir``, ``download``) — not the
 #: optimisation itself. (``compile``, ``compile_mode``, ``compile_kernels`` — on a CPU —,
-#: ``channels_last``, ``fuse_conv_bias``, ``eval_batch_size``, ``optimizer_impl`` and another
-#: device may change
+#: ``channels_last``, ``fuse_conv_bias``, ``eval_batch_size``, ``optimizer_impl``,
+#: ``num_threads`` — CPU reductions split by thread — and another device may change
 #: float rounding, so such a resume is no longer bit-identical to an uninterrupted run.)
 #: Every other field (model, optimizer and its hyper-parameters, schedule, steps, batch,
 #: data, augmentation, seed, bf16) must match: the optimizer and scheduler state restored

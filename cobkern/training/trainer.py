@@ -9,8 +9,10 @@ live beside it: :mod:`.optim` (optimizer, schedule), :mod:`.evaluation`,
 * ``config.json`` — the resolved :class:`TrainConfig`;
 * ``metrics.jsonl`` — one strict JSON object per line: ``{"event": "train", "step",
   "epoch", "loss", "accuracy", "lr", "images_per_s", "elapsed_s"}`` every ``log_every``
-  steps and ``{"event": "eval", "step", "epoch", "test_loss", "test_accuracy"}`` per
-  evaluation. ``epoch`` is the 0-based index of the epoch the step belongs to; a
+  steps (``loss`` / ``accuracy`` over the steps since the last line, ``lr`` the learning
+  rate of the line's step) and ``{"event": "eval", "step", "epoch", "test_loss",
+  "test_accuracy"}`` per evaluation. ``epoch`` is the 0-based index of the epoch the step
+  belongs to; a
   non-finite number (a diverged loss) is written as ``null``. A fresh run starts a new
   file; a resumed one drops the lines logged after its checkpoint and appends;
 * ``checkpoint.pt`` — model, optimizer, scheduler, loader position, every rank's RNG state
@@ -32,9 +34,10 @@ of the checkpoint, except the fields in :data:`~.checkpoint.RESUME_MAY_CHANGE`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -155,8 +158,27 @@ def train(
                               "continue that run or choose another output directory")
     if resume and not ckpt_path.is_file():
         raise CheckpointError(f"cannot resume: no checkpoint at {ckpt_path}")
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
+    with _cpu_threads(config.num_threads):
+        return _train_in(config, out, ckpt_path, resume, model, data, on_step)
+
+
+@contextlib.contextmanager
+def _cpu_threads(n: int) -> Iterator[None]:
+    """torch's CPU threads set to ``n`` (0: left as they are) for the block, then put back,
+    so that a later run with ``num_threads=0`` gets the default, not this run's count."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_in(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
+              model: nn.Module | None, data: tuple[ImageSet, ImageSet] | None,
+              on_step: Callable[[int], None] | None) -> dict[str, Any]:
+    """:func:`train` once its arguments are checked: the process group, then the run."""
     d = DistContext(config)
     if d.rank == 0:  # a run killed while writing its checkpoint left the temporary file
         for stale in out.glob(f".{CHECKPOINT_NAME}.tmp-*"):
@@ -337,6 +359,7 @@ def _train(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
                 loss.backward()
                 if config.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(base.parameters(), config.grad_clip)
+                step_lr = opt.param_groups[0]["lr"]  # the rate this step uses (logged)
                 opt.step()
                 sched.step()
                 step += 1
@@ -353,7 +376,7 @@ def _train(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
                     last_train = {
                         "event": "train", "step": step, "epoch": loader.epoch,
                         "loss": s_loss / s_n, "accuracy": s_correct / s_n,
-                        "lr": opt.param_groups[0]["lr"],
+                        "lr": step_lr,
                         "images_per_s": s_n / max(now - t_window, 1e-9),
                         "elapsed_s": elapsed_before + now - t_start}
                     log(last_train)
