@@ -387,3 +387,98 @@ def test_speed_section_states_the_repeats_that_were_measured(tmp_path: Path) -> 
                      else r)
     text = build_report(out).read_text()
     assert "median of 5 timed runs" in text and "median of 50" not in text
+
+
+def test_a_cob_model_at_zero_pruning_has_a_speed_row_of_its_own() -> None:
+    """speed_fractions may hold 0.0: the CoB model at P = 0 shares the unpruned model's
+    target and round_to, and rows grouped by those two merged them — the unpruned row (the
+    one every ratio is relative to) disappeared."""
+    recs = [r for r in _records() if r["experiment"] != "speed"]
+    cpu = [r for r in _records() if r["experiment"] == "speed"]
+    p0 = {**cpu[1], "key": "speed|cob|0|b1|cpu", "target": 0.0, "params": 990, "flops": 7900,
+          "latency_ms": 2.2}
+    s = summarize(recs + [cpu[0], p0, cpu[1]], ExperimentConfig())
+    assert [(r["method"], r["target"]) for r in s["speed"]] == \
+        [("unpruned", 0.0), ("cob", 0.0), ("cob", 0.7)]
+    assert s["speed"][0]["speedup_b1"] == 1.0
+    assert s["speed"][1]["speedup_b1"] == pytest.approx(2.0 / 2.2)
+    assert s["speed"][1]["params"] == 990
+
+
+def _lossless_record(**kw) -> dict:
+    return {"experiment": "lossless", "key": "cob|tsra|l2|original|lossless:1e-07,1e-07|ft0",
+            "method": "cob", "arch": "tsra", "strategy": "lossless", "value": [1e-7, 1e-7],
+            "target": None, "finetuned": False, "fraction_pruned": 0.2, "params_after": 800,
+            "accuracy": 0.89, "agreement": 0.99, "max_logit_diff": 0.1, "logit_scale": 10.0,
+            "layers": [], "saturation_bound": {}, **kw}
+
+
+def _write_records(out: Path, records: list[dict], config: bool = True) -> None:
+    if config:
+        atomic_write_json(out / "config.json", {"experiment": ExperimentConfig(
+            fractions=[0.0, 0.3, 0.5, 0.7, 0.9]).to_dict()})
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    for r in records:
+        append_jsonl(out / "metrics.jsonl", r)
+
+
+def test_a_rebuilt_report_leaves_no_stale_tables_or_figures(tmp_path: Path) -> None:
+    """Optional tables and figures were written only when their section existed, so after
+    a section went away (its records no longer current) the old files stayed, with the old
+    numbers, next to a report that no longer had the section."""
+    out = tmp_path / "out"
+    _write_records(out, _records() + [_lossless_record()])
+    build_report(out)
+    for f in ("tables/speed.csv", "tables/lossless_layers.csv", "figures/speed.png",
+              "figures/accuracy_vs_pruned.png"):
+        assert (out / f).is_file(), f
+    _write_records(out, [r for r in _records() if r["experiment"] == "reference"])
+    text = build_report(out).read_text()
+    for f in ("tables/speed.csv", "tables/lossless_layers.csv", "figures/speed.png",
+              "figures/accuracy_vs_pruned.png"):
+        assert not (out / f).exists(), f
+    assert (out / "tables/published.csv").is_file()  # always written
+    # no fixed-ratio records: no fixed-ratio section (it used to show "none" frontiers,
+    # which means "measured, failing at once"), and the claims table says "not run"
+    assert "Fixed-ratio pruning" not in text and "| none |" not in text
+    assert "not run" in text
+
+
+def test_report_without_config_json_reads_the_records_with_the_steps_settings(
+        tmp_path: Path) -> None:
+    """Without OUT/config.json the pipeline's steps run the quick preset, but the report
+    judged their records by ExperimentConfig()'s defaults (another eval_subset and
+    fine-tuning recipe): every record looked stale and the report came out empty."""
+    from cobkern.experiments import get_experiment_preset
+    from cobkern.experiments.identity import eval_inputs
+
+    quick = get_experiment_preset("quick")
+    out = tmp_path / "out"
+    recs = _records()
+    for r in recs:  # records as the steps write them: with the inputs they depend on
+        r["inputs"] = {"eval": eval_inputs(quick)}
+    _write_records(out, recs, config=False)
+    text = build_report(out).read_text()
+    assert "(no reference record)" not in text and "68.6%" in text
+
+
+def test_setup_states_the_calibration_and_width_used_and_tolerates_null_logits(
+        tmp_path: Path) -> None:
+    """The setup stated the configured calibration count (not the images the pass used)
+    and always a width-1/8 model; a lossless record whose logits were not finite (written
+    as null) crashed the report with a TypeError."""
+    import torch
+
+    from cobkern.cob.stats import CalibrationStats, LayerStats
+
+    out = tmp_path / "out"
+    _write_records(out, _records() + [_lossless_record(max_logit_diff=None, logit_scale=None)])
+    g = torch.eye(2, dtype=torch.float64)
+    layer = LayerStats("features.0", 4, 2, g, g, torch.ones(4, dtype=torch.float64),
+                       torch.ones(4, dtype=torch.float64), 100)
+    CalibrationStats({"features.0": layer}, 240, {}).save(out / "calibration.pt")
+    atomic_write_json(out / "train" / "config.json", {"width": 0.0625})  # Layout.train_dir
+    text = build_report(out).read_text()
+    assert "Calibration: 240 training images" in text
+    assert "A width-1/16 model" in text
+    assert "largest logit change – (logits up to –;" in text

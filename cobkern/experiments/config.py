@@ -19,7 +19,11 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["ExperimentConfig", "EXPERIMENTS", "get_experiment_preset", "load_experiment_config",
-           "FinetuneRecipe", "check_device", "PEER_CRITERIA"]
+           "saved_or_default_config", "DEFAULT_PRESET", "FinetuneRecipe", "check_device",
+           "PEER_CRITERIA"]
+
+#: The preset an experiment directory without ``config.json`` is read with.
+DEFAULT_PRESET = "quick"
 
 #: Experiment names, in the order ``sweep`` runs them.
 EXPERIMENTS = ("fixed", "normalizer", "lossless", "threshold", "peers", "speed")
@@ -389,3 +393,11 @@ def load_experiment_config(path: str | os.PathLike) -> ExperimentConfig:
     if isinstance(data, dict) and "experiment" in data:
         data = data["experiment"]
     return ExperimentConfig.from_dict(data)
+
+
+def saved_or_default_config(path: str | os.PathLike) -> ExperimentConfig:
+    """``OUT/config.json``'s settings (:func:`load_experiment_config`), or the
+    :data:`DEFAULT_PRESET`'s where there is no such file: what the pipeline's steps run
+    with, so the report judges their records by the same settings."""
+    p = Path(path)
+    return load_experiment_config(p) if p.is_file() else get_experiment_preset(DEFAULT_PRESET)

@@ -25,7 +25,7 @@ from cobkern.training import TrainConfig, apply_overrides, evaluate, get_preset
 from cobkern.training.config import ConfigError
 from cobkern.training.evaluation import check_num_classes
 
-from .config import ExperimentConfig, get_experiment_preset, load_experiment_config
+from .config import ExperimentConfig, saved_or_default_config
 from .files import Layout, MissingStepError, append_jsonl, atomic_write_json, read_jsonl
 from .identity import (
     calibration_meta_id,
@@ -80,8 +80,7 @@ class Context:
                  data: tuple[ImageSet, ImageSet] | None = None) -> None:
         self.layout = Layout(out)
         if config is None:
-            config = (load_experiment_config(self.layout.config) if self.layout.config.is_file()
-                      else get_experiment_preset("quick"))
+            config = saved_or_default_config(self.layout.config)
         self.config = config.validate()
         self.device = resolve_device(device or config.device)
         self.progress = progress

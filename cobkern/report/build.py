@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cobkern.experiments.config import ExperimentConfig, load_experiment_config
+from cobkern.experiments.config import saved_or_default_config
 from cobkern.experiments.files import Layout, atomic_write_json, atomic_write_text, read_jsonl
 from cobkern.experiments.identity import current_inputs, record_is_current
 
@@ -45,9 +45,10 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _spectra(layout: Layout) -> list[dict[str, Any]]:
+def _spectra(layout: Layout) -> tuple[list[dict[str, Any]], int | None]:
+    """Every calibrated layer's eigenvalues, and the images the calibration used."""
     if not layout.calibration.is_file():
-        return []
+        return [], None
     from cobkern.cob import CalibrationStats
 
     stats = CalibrationStats.load(layout.calibration)
@@ -56,7 +57,22 @@ def _spectra(layout: Layout) -> list[dict[str, Any]]:
         e = s.eigh()
         out.append({"name": s.name, "channels": s.num_channels, "split": s.split,
                     "u": e.values_u.tolist(), "v": e.values_v.tolist()})
-    return out
+    return out, stats.num_images
+
+
+#: Figure key (``summary.json``'s ``figures``) → file under ``figures/``.
+_FIGURES = {"fixed": "accuracy_vs_pruned.png", "normalizer": "normalizer.png",
+            "spectra": "eigen_spectra.png", "kept": "kept_channels.png",
+            "threshold": "threshold_finetune.png", "peers": "peers.png", "speed": "speed.png"}
+
+
+def _remove_unwritten(folder: Path, made: dict[str, bool]) -> None:
+    """Remove the optional outputs (file name → written by this build) not written now:
+    their section is gone (its records are no longer current), and a file left from an
+    earlier build would still show its old numbers."""
+    for name, written in made.items():
+        if not written:
+            (folder / name).unlink(missing_ok=True)
 
 
 def build_report(out: str | Path) -> Path:
@@ -67,8 +83,7 @@ def build_report(out: str | Path) -> Path:
     """
     layout = Layout(out)
     layout.require(layout.metrics, f"cobkern sweep --out {layout.root}", "sweep results")
-    cfg = (load_experiment_config(layout.config) if layout.config.is_file()
-           else ExperimentConfig())
+    cfg = saved_or_default_config(layout.config)  # as the steps that wrote the records
     # only what was measured from the files and settings now in OUT (the trained model,
     # calibration.pt, eval_subset, the fine-tuning recipe); see cobkern.experiments.identity
     current = current_inputs(layout, cfg)
@@ -77,6 +92,9 @@ def build_report(out: str | Path) -> Path:
     train_final = _read_json(layout.train_dir("tsra") / "final.json")
     relu_final = _read_json(layout.train_dir("relu") / "final.json")
     s = summarize(records, cfg, train_final, relu_final)
+    spectra, s["calibration_images"] = _spectra(layout)
+    train_cfg = _read_json(layout.train_dir("tsra") / "config.json") or {}
+    s["train_width"] = train_cfg.get("width")
     ref = s["unpruned_accuracy"]
     tol = cfg.frontier_tolerance
     figs: dict[str, str] = {}
@@ -126,14 +144,13 @@ def build_report(out: str | Path) -> Path:
     if fixed:
         figs["fixed"] = rel(F.fig_accuracy_vs_pruned(
             records, cfg.importances, cfg.normalizer, ref, tol, s["frontiers"],
-            fig_dir / "accuracy_vs_pruned.png"))
+            fig_dir / _FIGURES["fixed"]))
     norm_fr = cfg.normalizer_fractions if cfg.normalizer_fractions is not None else cfg.fractions
     if select(records, experiment="normalizer"):
         figs["normalizer"] = rel(F.fig_normalizer(records, cfg.normalizer_importance, ref,
-                                                  norm_fr, fig_dir / "normalizer.png"))
-    spectra = _spectra(layout)
+                                                  norm_fr, fig_dir / _FIGURES["normalizer"]))
     if spectra:
-        figs["spectra"] = rel(F.fig_spectra(spectra, fig_dir / "eigen_spectra.png"))
+        figs["spectra"] = rel(F.fig_spectra(spectra, fig_dir / _FIGURES["spectra"]))
     kept_cfgs = []
     if "lossless" in s and s["lossless"]["layers"]:
         kept_cfgs.append({"label": "CoB lossless (rank tolerance)",
@@ -146,18 +163,22 @@ def build_report(out: str | Path) -> Path:
         r = max(big, key=lambda r: r["target"])
         kept_cfgs.append({"label": f"CoB fixed {100 * r['target']:.0f}%", "layers": r["layers"]})
     if kept_cfgs:
-        figs["kept"] = rel(F.fig_kept_channels(kept_cfgs, fig_dir / "kept_channels.png"))
+        figs["kept"] = rel(F.fig_kept_channels(kept_cfgs, fig_dir / _FIGURES["kept"]))
     if "threshold" in s:
-        figs["threshold"] = rel(F.fig_threshold(records, ref, fig_dir / "threshold_finetune.png"))
+        figs["threshold"] = rel(F.fig_threshold(records, ref, fig_dir / _FIGURES["threshold"]))
     if "peers" in s:
         refs = {"tsra": ref} if ref is not None else {}
         if s["relu_accuracy"] is not None:
             refs["relu"] = s["relu_accuracy"]
-        figs["peers"] = rel(F.fig_peers(records, refs, fig_dir / "peers.png"))
+        figs["peers"] = rel(F.fig_peers(records, refs, fig_dir / _FIGURES["peers"]))
     if s["speed"]:
         figs["speed"] = rel(F.fig_speed([r for r in s["speed"] if r["method"] != "unpruned"],
-                                        fig_dir / "speed.png"))
+                                        fig_dir / _FIGURES["speed"]))
     s["figures"] = figs
+    _remove_unwritten(tab_dir, {"threshold_finetune.csv": "threshold" in s,
+                                "peers.csv": "peers" in s, "lossless_layers.csv": "lossless" in s,
+                                "speed.csv": bool(s["speed"])})
+    _remove_unwritten(fig_dir, {name: key in figs for key, name in _FIGURES.items()})
     atomic_write_json(layout.summary, s)
     text = render_markdown(s, cfg, records, figs)
     return atomic_write_text(layout.report, text)

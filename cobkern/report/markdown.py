@@ -8,12 +8,14 @@ so a run without (say) the normaliser sweep still reads 1, 2, 3, ...
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Any
 
 from cobkern.experiments.config import ExperimentConfig
 
 from .analysis import curve
 from .published import PAPER_CLAIMS, PUBLISHED, PUBLISHED_CAVEAT
+from .summary import fixed_rows
 
 __all__ = ["render_markdown"]
 
@@ -23,6 +25,12 @@ Section = tuple[str, list[str]]
 
 def _pct(x: float | None, nd: int = 1) -> str:
     return "–" if x is None else f"{100 * x:.{nd}f}"
+
+
+def _num(x: float | None, spec: str, scale: float = 1.0) -> str:
+    """``x * scale`` formatted with ``spec``, or ``"–"`` for ``None`` (a NaN or infinity
+    written as JSON null, or a value with no reference to compare against)."""
+    return "–" if x is None else format(scale * x, spec)
 
 
 def _md_table(header: list[str], rows: list[list[Any]]) -> str:
@@ -86,20 +94,42 @@ def _setup_body(s: dict[str, Any], cfg: ExperimentConfig) -> list[str]:
     L.append(f"- Every pruned model is evaluated on {s['eval_images'] or '?'} test images "
              f"(`eval_subset` = {cfg.eval_subset or 'all'}); the unpruned model scores "
              f"**{_pct(ref, 2)}%** on them.")
-    L.append(f"- Calibration: {cfg.calib_samples:,} training images "
+    calib_n = s.get("calibration_images") or cfg.calib_samples  # what the pass used
+    L.append(f"- Calibration: {calib_n:,} training images "
              f"({'with' if cfg.calib_augment else 'without'} crop/flip augmentation), one pass, "
              "uncentered second moments per subspace (`calibration.pt`"
              + ("" if cfg.calib_f32_dot == "ieee" else
                 f"; float32 products on the GPU: `{cfg.calib_f32_dot}`") + ").")
     if cfg.preset == "quick":
-        L += ["", "> **Quick preset.** A width-1/8 model trained for a few minutes on a CPU: "
+        L += ["", f"> **Quick preset.** A {_width_words(s.get('train_width'))} model trained "
+              "for a few minutes on a CPU: "
               "the numbers show the pipeline working and the qualitative trends, not the "
               "paper's accuracies. Run `cobkern run --preset paper` on a GPU for those."]
     return L + [""]
 
 
+def _width_words(width: float | None) -> str:
+    """``"width-1/8"`` for 0.125, ``"full-width"`` for 1; ``"small"`` when unknown."""
+    if width is None:
+        return "small"
+    if width == 1:
+        return "full-width"
+    f = Fraction(width).limit_denominator(256)
+    return f"width-{f.numerator}/{f.denominator}" if float(f) == width else f"width-{width:g}"
+
+
+def _frontier_cell(s: dict[str, Any], key: str) -> str:
+    """A curve's frontier (:func:`_frontier_text`), or ``"not measured"`` for a curve with no
+    points (``"none"`` means measured, and failing at its smallest fraction)."""
+    if key not in s["frontiers"]:
+        return "not measured"
+    return _frontier_text(s["frontiers"][key])
+
+
 def _fixed_section(s: dict[str, Any], cfg: ExperimentConfig, records: list[dict[str, Any]],
-                   figs: dict[str, str]) -> Section:
+                   figs: dict[str, str]) -> Section | None:
+    if not fixed_rows(records):
+        return None  # the fixed-ratio sweep was not run (or none of it is current)
     L = ["Every CoB layer loses the same fraction `p = 1 − sqrt(1 − P)` of its channels, "
          "separately in U and in V, for a target fraction `P` of parameters; CoB rotates "
          "each layer into its principal basis first, the TSRA baseline prunes the original "
@@ -109,9 +139,9 @@ def _fixed_section(s: dict[str, Any], cfg: ExperimentConfig, records: list[dict[
     L += [f"**Reliable frontier** — {s['frontier_definition']}.", ""]
     rows = []
     for imp in cfg.importances:
-        fc, fb = s["frontiers"].get(f"{imp}/cob"), s["frontiers"].get(f"{imp}/baseline")
         w = s["cob_wins"].get(imp, {})
-        rows.append([imp.upper(), _frontier_text(fb), _frontier_text(fc),
+        rows.append([imp.upper(), _frontier_cell(s, f"{imp}/baseline"),
+                     _frontier_cell(s, f"{imp}/cob"),
                      f"{w['cob_better']} of {w['ratios']}" if w.get("ratios") else "not run"])
     L += [_md_table(["importance", "baseline frontier", "CoB frontier", "ratios where CoB > "
                      "baseline"], rows), ""]
@@ -164,10 +194,10 @@ def _lossless_section(s: dict[str, Any]) -> Section | None:
          "layer with input width d spans at most 2(d + 1) directions).", "",
          f"- Parameters removed: **{_pct(ll['fraction_pruned'], 2)}%** "
          f"({ll['params_after']:,} left).",
-         f"- Accuracy change: {100 * (ll['accuracy_change'] or 0):+.2f} points; "
+         f"- Accuracy change: {_num(ll['accuracy_change'], '+.2f', 100)} points; "
          f"predictions identical on {_pct(ll['agreement'], 2)}% of the evaluation images; "
-         f"largest logit change {ll['max_logit_diff']:.2e} (logits up to "
-         f"{ll['logit_scale']:.2f}).", ""]
+         f"largest logit change {_num(ll['max_logit_diff'], '.2e')} (logits up to "
+         f"{_num(ll['logit_scale'], '.2f')}; – where not finite or not measured).", ""]
     bounds = ll.get("saturation_bound") or {}
     rows = [[x["name"], x["before"], x["after"], bounds.get(x["name"], "–")]
             for x in ll["layers"] if x["after"] != x["before"]]
@@ -342,9 +372,9 @@ def _side_by_side(s: dict[str, Any], cfg: ExperimentConfig) -> list[list[str]]:
     rows.append([PAPER_CLAIMS["fixed"], wins or "not run"])
     fr = []
     for imp in cfg.importances:
-        fb, fc = s["frontiers"].get(f"{imp}/baseline"), s["frontiers"].get(f"{imp}/cob")
         if f"{imp}/cob" in s["frontiers"]:
-            fr.append(f"{imp.upper()}: {_frontier_text(fb)} → {_frontier_text(fc)}")
+            fr.append(f"{imp.upper()}: {_frontier_cell(s, f'{imp}/baseline')} → "
+                      f"{_frontier_cell(s, f'{imp}/cob')}")
     rows.append([PAPER_CLAIMS["frontier"], "; ".join(fr) or "not run"])
     th = [r for r in s.get("threshold", []) if r["method"] == "cob"]
     if th:

@@ -150,8 +150,12 @@ def _speed_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     b1, bmax = batches[0], batches[-1]
     base = {r["batch"]: r for r in sp if r["method"] == "unpruned"}
     rows = []
-    for t, n in sorted({(r["target"], _round_to(r)) for r in sp}):
-        rs = {r["batch"]: r for r in sp if r["target"] == t and _round_to(r) == n}
+    # the unpruned model first; a CoB model at P = 0 has the unpruned one's target and
+    # round_to, so the method is part of a row's key (it merged the two rows)
+    keys = {(r["method"] != "unpruned", r["target"], _round_to(r), r["method"]) for r in sp}
+    for _, t, n, method in sorted(keys):
+        rs = {r["batch"]: r for r in sp
+              if r["method"] == method and r["target"] == t and _round_to(r) == n}
         any_r = next(iter(rs.values()))
         row = {"method": any_r["method"], "target": t, "params": any_r["params"],
                "flops": any_r["flops"], "device": any_r.get("device"),
