@@ -948,6 +948,25 @@ def test_calibrate_f32_dot_is_recorded_and_decides_whether_statistics_are_curren
     assert Context(out, device="cpu", progress=False).calibration_id() != fp64_id
 
 
+def test_augmented_statistics_are_tied_to_the_calibration_batch_size(
+        run_dir: Path, tmp_path: Path) -> None:
+    """Crops and flips are drawn per (seed, epoch, batch index): with calib_augment another
+    calib_batch_size gives other statistics, but they were still taken as current (and as
+    the same calibration in the records' identity). Un-augmented, the batch size changes
+    nothing and stays out of the identity (earlier statistics stay current)."""
+    out = _copy(run_dir, tmp_path)
+    assert main(["calibrate", "--out", str(out), "--samples", "100", "--augment",
+                 "--no-progress"]) == 0
+    ctx = Context(out, device="cpu", progress=False)
+    assert ctx.config.calib_augment and ctx.calibration_is_current()
+    other = Context(out, ctx.config.with_overrides(
+        {"calib_batch_size": ctx.config.calib_batch_size // 2}), device="cpu", progress=False)
+    assert not other.calibration_is_current()
+    plain_ctx = Context(out, ctx.config.with_overrides({"calib_augment": False}),
+                        device="cpu", progress=False)
+    assert "batch_size" not in plain_ctx.calibration_settings()
+
+
 def test_calibration_identity_is_unchanged_for_ieee_and_names_other_products() -> None:
     from cobkern.experiments.identity import calibration_meta_id
 
@@ -955,3 +974,6 @@ def test_calibration_identity_is_unchanged_for_ieee_and_names_other_products() -
     ieee = calibration_meta_id(meta, 100)
     assert calibration_meta_id(dict(meta, f32_dot=None), 100) == ieee  # older files: no key
     assert calibration_meta_id(dict(meta, f32_dot="fp64"), 100) != ieee
+    augmented = dict(meta, augment=True)
+    assert calibration_meta_id(dict(augmented, batch_size=50), 100) != \
+        calibration_meta_id(dict(augmented, batch_size=25), 100)

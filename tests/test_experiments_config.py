@@ -193,3 +193,15 @@ def test_layout_model_file_names_what_training_writes(tmp_path, monkeypatch, ins
     other = "model.pt" if installed else "model.safetensors"
     (tmp_path / "train" / other).write_bytes(b"")
     assert layout.model_file() == tmp_path / "train" / other
+
+
+def test_record_keys_tell_close_strategy_values_apart() -> None:
+    """Keys wrote values with :g (six digits): 0.1234567 and 0.1234568 had one key, so the
+    second value silently reused the first one's record. Values :g writes exactly keep
+    their earlier keys (records of earlier runs stay reusable)."""
+    from cobkern.experiments.sweeps import json_value
+
+    assert json_value([0.1234567, 0.1234568]) == "0.1234567,0.1234568"
+    assert json_value(0.9999995) != json_value(0.9999999)
+    assert json_value([0.5, 0.7]) == "0.5,0.7" and json_value(1e-07) == "1e-07"
+    assert json_value(3) == "3" and json_value("max") == "max"

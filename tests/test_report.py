@@ -333,8 +333,13 @@ def test_peers_without_finetuning_are_reported_when_the_config_says_so() -> None
     peer = {"experiment": "peers", "key": "tp-l2|tsra|l2|kept|tp_ratio:0.5|ft0",
             "method": "tp-l2", "arch": "tsra", "importance": "l2", "strategy": "tp_ratio",
             "target": 0.5, "finetuned": False, "fraction_pruned": 0.5, "accuracy": 0.4}
-    s = summarize(_records() + [peer], ExperimentConfig(peer_finetune=False))
-    assert [(r["method"], r["finetune_steps"]) for r in s["peers"]] == [("tp-l2", 0)]
+    cfg = ExperimentConfig(peer_finetune=False, peer_fractions=[0.5, 0.7])
+    s = summarize(_records() + [peer], cfg)
+    # CoB at the same budgets, un-fine-tuned like the peers: the fixed sweep's records of
+    # those keys (the comparison had no CoB point at all)
+    assert [(r["method"], r["target"], r["finetune_steps"]) for r in s["peers"]] == \
+        [("tp-l2", 0.5, 0), ("cob", 0.5, 0), ("cob", 0.7, 0)]
+    assert [r["accuracy"] for r in s["peers"][1:]] == [0.895, 0.893]
     assert "peers" not in summarize(_records() + [peer], ExperimentConfig())
 
 

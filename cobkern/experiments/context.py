@@ -198,14 +198,18 @@ class Context:
     def calibration_settings(self) -> dict[str, Any]:
         """What ``calibration.pt`` must have been made with: this model and these settings."""
         cfg = self.config
-        return {"model": self.model_fingerprint("tsra"), "samples": cfg.calib_samples,
-                "augment": cfg.calib_augment, "seed": cfg.seed,
-                # calibrate() records the products only when not IEEE (older files: none)
-                "f32_dot": cfg_f32_dot(cfg)}
+        out = {"model": self.model_fingerprint("tsra"), "samples": cfg.calib_samples,
+               "augment": cfg.calib_augment, "seed": cfg.seed,
+               # calibrate() records the products only when not IEEE (older files: none)
+               "f32_dot": cfg_f32_dot(cfg)}
+        if cfg.calib_augment:  # crops and flips are drawn per batch: another batch size,
+            out["batch_size"] = cfg.calib_batch_size  # other images (un-augmented: the same)
+        return out
 
     def calibration_is_current(self) -> bool:
         """Whether ``OUT/calibration.pt`` exists and was made from the current model with the
-        current ``calib_samples`` / ``calib_augment`` / ``calib_f32_dot`` / ``seed``."""
+        current ``calib_samples`` / ``calib_augment`` / ``calib_f32_dot`` / ``seed`` (and,
+        with augmentation, ``calib_batch_size``)."""
         path = self.layout.calibration
         if not path.is_file():
             return False

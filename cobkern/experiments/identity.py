@@ -71,6 +71,8 @@ def calibration_meta_id(meta: dict[str, Any], num_images: int) -> str | None:
     key["num_images"] = int(num_images)
     if meta.get("f32_dot"):  # other products, other statistics (IEEE's: no key, older ids)
         key["f32_dot"] = meta["f32_dot"]
+    if meta.get("batch_size") is not None:  # augmented: the draws depend on the batches
+        key["batch_size"] = meta["batch_size"]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -136,10 +136,15 @@ def _prune_eval(ctx: Context, experiment: str, *, method: str, importance: str,
 
 
 def json_value(v: Any) -> str:
-    """A stable text form of a strategy value for record keys."""
+    """A stable text form of a strategy value for record keys: ``:g`` (the keys of earlier
+    runs), or the exact ``repr`` where ``:g``'s six digits would give two values one key
+    (0.1234567 and 0.1234568, whose records would then stand for each other)."""
     if isinstance(v, (list, tuple)):
         return ",".join(json_value(x) for x in v)
-    return f"{float(v):g}" if isinstance(v, float) else str(v)
+    if not isinstance(v, float):
+        return str(v)
+    short = f"{v:g}"
+    return short if float(short) == v else repr(v)
 
 
 # ---------------------------------------------------------------------------- experiments
@@ -225,13 +230,16 @@ def peers(ctx: Context, bar: Any = None) -> None:
     steps = ft.steps if cfg.peer_finetune else 0
     for P in cfg.peer_fractions:
         P = float(P)
-        if cfg.peer_finetune:
-            _prune_eval(ctx, "peers", method="cob", importance="l2", normalizer=cfg.normalizer,
-                        strategy="param_target", value=[P, P], target=P, finetune=True)
+        # CoB at the budget, fine-tuned as the peers are (without fine-tuning: the record of
+        # the fixed-ratio sweep's key, measured here if that sweep did not run)
+        _prune_eval(ctx, "peers", method="cob", importance="l2", normalizer=cfg.normalizer,
+                    strategy="param_target", value=[P, P], target=P,
+                    finetune=cfg.peer_finetune)
         _tick(bar)
         for arch in cfg.peer_archs:
             for crit in cfg.peer_criteria:
-                key = f"tp-{crit}|{arch}|{crit}|{cfg.normalizer}|tp_ratio:{P:g}|ft{steps}"
+                key = (f"tp-{crit}|{arch}|{crit}|{cfg.normalizer}|tp_ratio:{json_value(P)}"
+                       f"|ft{steps}")
                 inputs = ctx.inputs(arch=arch, finetune=bool(steps))
                 if ctx.done(key, inputs) is None:
                     base = ctx.model(arch)
@@ -292,7 +300,7 @@ def speed(ctx: Context, bar: Any = None) -> None:
         # the device's name in the key: another GPU (or CPU) measures everything again, so a
         # speed-up never divides one machine's time by another's
         def key(b: int, method: str = method, P: float = P, rpart: str = rpart) -> str:
-            return f"speed|{method}|{P:g}{rpart}|b{b}|{dev_name}"
+            return f"speed|{method}|{json_value(P)}{rpart}|b{b}|{dev_name}"
 
         todo = [b for b in cfg.speed_batches if ctx.done(key(b), inputs) is None]
         if not todo:

@@ -23,7 +23,7 @@ from . import figures as F
 from .analysis import dedupe, select
 from .markdown import render_markdown
 from .published import PUBLISHED
-from .summary import fixed_rows, matches_recipe, summarize
+from .summary import fixed_rows, matches_recipe, peer_records, summarize
 
 __all__ = ["build_report"]
 
@@ -170,7 +170,8 @@ def build_report(out: str | Path) -> Path:
         refs = {"tsra": ref} if ref is not None else {}
         if s["relu_accuracy"] is not None:
             refs["relu"] = s["relu_accuracy"]
-        figs["peers"] = rel(F.fig_peers(records, refs, fig_dir / _FIGURES["peers"]))
+        figs["peers"] = rel(F.fig_peers(peer_records(records, cfg), refs,
+                                        fig_dir / _FIGURES["peers"]))
     if s["speed"]:
         figs["speed"] = rel(F.fig_speed([r for r in s["speed"] if r["method"] != "unpruned"],
                                         fig_dir / _FIGURES["speed"]))

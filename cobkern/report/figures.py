@@ -168,10 +168,11 @@ def fig_threshold(records: list[dict[str, Any]], ref: float | None, path: Path) 
 
 
 def fig_peers(records: list[dict[str, Any]], refs: dict[str, float], path: Path) -> Path:
-    """Torch-Pruning (TSRA and ReLU models) vs CoB at the same budgets."""
+    """Torch-Pruning (TSRA and ReLU models) vs CoB at the same budgets; ``records``: the
+    comparison's (:func:`~.summary.peer_records`)."""
     fig, ax = plt.subplots(figsize=(6, 4.2))
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in select(records, experiment="peers"):
+    for r in records:
         groups.setdefault((r["method"], r["arch"]), []).append(r)
     markers = {"tsra": "o", "relu": "s"}
     for (method, arch), pts in sorted(groups.items()):

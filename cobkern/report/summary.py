@@ -50,6 +50,23 @@ def fixed_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                        str(r.get("method")), r["target"]))
 
 
+def peer_records(records: list[dict[str, Any]], cfg: ExperimentConfig) -> list[dict[str, Any]]:
+    """The peer comparison's records: Torch-Pruning's and CoB's (L2, fixed ratio, this
+    config's normaliser) at :attr:`~ExperimentConfig.peer_fractions`. Without peer
+    fine-tuning the CoB point is the fixed-ratio sweep's record of that budget (the same
+    key: one measurement, logged by whichever experiment ran first)."""
+    pe = select(records, experiment="peers")
+    if cfg.peer_finetune:
+        return pe
+    have = {r["key"] for r in pe}
+    budgets = {round(float(p), 6) for p in cfg.peer_fractions}
+    cob = [r for r in fixed_rows(records)
+           if r["key"] not in have and r.get("method") == "cob" and r.get("arch") == "tsra"
+           and r.get("importance") == "l2" and r.get("normalizer") == cfg.normalizer
+           and round(r["target"], 6) in budgets]
+    return pe + cob
+
+
 def summarize(records: list[dict[str, Any]], cfg: ExperimentConfig,
               train_final: dict[str, Any] | None = None,
               relu_final: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -121,7 +138,7 @@ def summarize(records: list[dict[str, Any]], cfg: ExperimentConfig,
                            "accuracy": r["accuracy"],
                            "drop_points": None if ref_acc is None
                            else 100 * (ref_acc - r["accuracy"])} for r in th]
-    pe = select(records, experiment="peers")
+    pe = peer_records(records, cfg)
     if pe:
         s["peers"] = [{"method": r["method"], "arch": r["arch"], "target": r["target"],
                        "fraction_pruned": r["fraction_pruned"],
