@@ -473,6 +473,34 @@ def test_torch_func_transforms_and_forward_ad_match_autograd(fused):
     torch.testing.assert_close(tz, gz, **tol)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_torch_func_transforms_under_torch_compile_match_eager(fused):
+    """Compiled around the op, ``torch.func.jvp`` returned an all-zero tangent without a
+    word (the plain-formula switch was off while Dynamo traced, so the registered op, which
+    has no forward-mode rule, ran) and ``grad`` with ``fullgraph=True`` raised. Reference:
+    the same transforms in eager mode (float32; the compiled formula may fuse differently,
+    so 1e-5 relative is float32 round-off over a few operations)."""
+    from cobkern.ops import rmsnorm_tsra_backward
+
+    torch._dynamo.reset()
+    x = torch.randn(3, 7)
+    v = torch.randn_like(x)
+    g0 = torch.randn_like(x)
+    fn = (lambda t: rmsnorm_tsra(t, 3, norm_size=9)) if fused else (lambda t: tsra(t, 3))
+    bw = ((lambda t: rmsnorm_tsra_backward(g0, t, 3, norm_size=9)) if fused
+          else (lambda t: tsra_backward(g0, t, 3)))
+    tol = {"rtol": 1e-5, "atol": 1e-6}
+    for f in (fn, bw):
+        def jvp(t, u, f=f):
+            return torch.func.jvp(f, (t,), (u,))[1]
+
+        want = jvp(x, v)
+        assert want.abs().max() > 0.1
+        torch.testing.assert_close(torch.compile(jvp, fullgraph=True)(x, v), want, **tol)
+    grad = torch.func.grad(lambda t: fn(t).square().sum())
+    torch.testing.assert_close(torch.compile(grad, fullgraph=True)(x), grad(x), **tol)
+
+
 # ------------------------------------------------------- module errors name the problem
 @pytest.mark.parametrize("make, call, exc, match", [
     (lambda: RMSNorm(6), lambda m: m(torch.randn(6)), IndexError, "dim=1 is out of range"),

@@ -642,9 +642,11 @@ class _TSRABackwardBiasFunction(torch.autograd.Function):
 
 def _plain_formula() -> bool:
     """Whether to run the plain-PyTorch formula: a ``torch.func`` transform or forward-mode
-    AD is active, outside ``torch.compile`` tracing (which keeps the registered ops)."""
-    return not torch.compiler.is_compiling() and (
-        torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0)
+    AD is active. Also asked while ``torch.compile`` traces: a ``torch.func.jvp`` / ``grad``
+    compiled around the op reached the registered op, whose formula has no forward-mode or
+    functorch rule (a zero tangent without a word); Dynamo folds the answer into a constant,
+    so a plain compiled call still keeps the registered op."""
+    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
 
 
 #: ``torch.autograd.grad(..., is_grads_batched=True)`` and ``jacobian`` / ``hessian`` with
@@ -684,7 +686,7 @@ def _apply(x: Tensor, *params, bias: Tensor | None = None) -> Tensor:
     """Run TSRA through the eager fast path when that is safe, else through the custom op.
 
     Under ``torch.func`` transforms (``grad``, ``jvp``, ``jacrev``, ``vmap``, ...) and
-    forward-mode AD, outside ``torch.compile``, the plain-PyTorch formula runs instead: an
+    forward-mode AD, eager or compiled, the plain-PyTorch formula runs instead: an
     autograd formula registered with ``torch.library.register_autograd`` has no forward-mode
     rule and no ``torch.func`` support, so the custom op raised there, or — ``jvp`` — returned
     a zero tangent without a word.
