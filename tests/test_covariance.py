@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,6 +155,38 @@ def test_errors():
         acc.update(torch.randn(4, 7))
     with pytest.raises(ValueError, match="split"):
         CovarianceAccumulator(6, 0)
+
+
+def test_accumulator_sizes_are_checked_ints():
+    """A float split failed inside torch.zeros with no word of split; a bool or numpy one
+    was accepted and failed at the first update ("split must be an int")."""
+    with pytest.raises(TypeError, match="CovarianceAccumulator: split must be an int"):
+        CovarianceAccumulator(6, 2.0)
+    with pytest.raises(TypeError, match="CovarianceAccumulator: split must be an int"):
+        CovarianceAccumulator(6, True)
+    with pytest.raises(TypeError, match="CovarianceAccumulator: num_channels must be an int"):
+        CovarianceAccumulator(6.0, 2)
+    acc = CovarianceAccumulator(np.int64(6), np.int32(2), dtype=torch.float32)
+    assert (type(acc.num_channels), type(acc.split)) == (int, int)
+    acc.update(torch.randn(4, 6))
+    assert acc.count == 4
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_reference_moments_ignore_autocast(autocast_dtype):
+    """Under ``torch.autocast`` the reference path's products ran in bfloat16/float16: Grams
+    2.7e-3 off, returned in that dtype by subspace_moments (float32 when compiled, as its
+    fake says), and a float32 accumulator silently lost the precision. With autocast off
+    inside, the same RTOL as without autocast holds and the dtypes are float32."""
+    x = torch.randn(64, 8, 4, 4) * 3 + 1
+    ref = subspace_moments_reference(x, 4, accum_dtype=torch.float64)
+    with use_backend("reference"), torch.autocast("cpu", dtype=autocast_dtype):
+        m = subspace_moments(x, 4)
+        acc = CovarianceAccumulator(8, 4, dtype=torch.float32)
+        acc.update(x)
+    assert {t.dtype for t in m} == {torch.float32}
+    _close(m, ref)
+    _close((acc.gram_u, acc.gram_v, acc.sum_abs, acc.sum_sq), ref)
 
 
 @pytest.mark.gpu

@@ -236,7 +236,7 @@ _BAD_OP_CALLS = {
     "tsra-norm_size<0": (lambda x, g: torch.ops.cobkern.tsra(x, 2, 1, *_C5, -1, 1e-6),
                          ValueError, "norm_size must be an int >= 0"),
     "tsra-eps0": (lambda x, g: torch.ops.cobkern.tsra(x, 2, 1, 5.0, 0.5, 5.0, 0.7, 0.0, 0, 0.0),
-                  ValueError, "must be a finite number > 0"),
+                  ValueError, "must be a number from"),
     "tsra-rms_eps<0": (lambda x, g: torch.ops.cobkern.tsra(x, 2, 1, *_C5, 3, -1.0),
                        ValueError, "rms_eps must be >= 0"),
     "bwd-split>C": (lambda x, g: torch.ops.cobkern.tsra_backward(g, x, 9, 1, *_C5, 0, 0.0),
@@ -336,8 +336,36 @@ def test_registered_ops_on_the_kernel_path_normalise_dim_and_reject_bad_argument
 def test_tsra_eps_must_be_positive(call):
     """eps = 0 turned x = 0 into 0/0 = NaN (method.md §1: output 0 there); eps < 0 was
     accepted silently."""
-    with pytest.raises(ValueError, match=r"must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"must be a number from"):
         call()
+
+
+@pytest.mark.parametrize("eps", [1e-50, 1e-40, 1e39])
+def test_tsra_eps_must_stay_itself_in_float32(eps):
+    """An eps that rounds to 0 in float32 (1e-50; 1e-40 is subnormal, flushed to 0 on GPUs)
+    passed the check and gave a NaN output and gradient at x = 0 on both backends, the very
+    case the check is there for; 1e39 is inf in float32."""
+    with pytest.raises(ValueError, match=r"smallest normal float32"):
+        tsra(torch.zeros(2, 6), 3, eps=eps)
+    with pytest.raises(ValueError, match=r"smallest normal float32"):
+        TSRA(6, eps=eps)
+    z = torch.zeros(2, 6, requires_grad=True)
+    y = tsra(z, 3, eps=float(torch.finfo(torch.float32).tiny))  # the smallest one allowed
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(z.grad).all()
+
+
+def test_numpy_integer_module_sizes_are_ints():
+    """A numpy integer num_channels, split or dim (read from an array of widths) was
+    refused by the modules, where norm_size accepted one; they are stored as Python ints."""
+    mods = [TSRA(np.int64(6), split=np.int32(2), dim=np.int64(-1)),
+            RMSNormTSRA(np.int64(6), split=np.int64(4)),
+            RMSNorm(np.int16(6), dim=np.int64(1))]
+    for m in mods:
+        assert type(m.num_channels) is int and type(m.dim) is int
+    assert type(mods[0].split) is int and mods[0].split == 2 and mods[1].split == 4
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(mods[0](x), tsra(x, 2, dim=-1), rtol=0, atol=0)
 
 
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # padded tile lanes, as
@@ -362,7 +390,7 @@ def test_module_eps_attribute_and_repr():
     a.eps = 1e-3  # used to create an unused attribute and leave TSRA's epsilon alone
     assert a.tsra_eps == 1e-3 and repr(a) == repr(b) and torch.equal(a(x), b(x))
     torch.testing.assert_close(a(x), tsra(x, 4, eps=1e-3), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="> 0"):
+    with pytest.raises(ValueError, match="must be a number from"):
         a.eps = 0.0
     rebuilt = build_layer(layer_spec(b))
     assert isinstance(rebuilt, TSRA) and rebuilt.eps == 1e-3 and repr(rebuilt) == repr(b)
@@ -428,7 +456,7 @@ def test_rmsnorm_names_a_non_tensor_input():
         cobkern.ops.rmsnorm([[1.0, 2.0]])
 
 
-@pytest.mark.parametrize("eps", [-1.0, float("nan")])
+@pytest.mark.parametrize("eps", [-1.0, float("nan"), float("inf"), 1e39])
 def test_rmsnorm_rejects_a_negative_eps_like_the_fused_op(eps):
     """rmsnorm returned all-NaN for eps=-1 where rmsnorm_tsra raised: one rule for both."""
     x = torch.randn(2, 4)

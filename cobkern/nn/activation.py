@@ -6,11 +6,11 @@ from torch import Tensor, nn
 
 from cobkern.ops import rmsnorm_tsra, tsra
 from cobkern.ops._checks import (
+    as_int,
     check_gain,
     check_norm_size,
     check_rms_eps,
     check_tsra_eps,
-    is_int,
 )
 from cobkern.ops.tsra import (
     DEFAULT_A_U,
@@ -24,17 +24,18 @@ from cobkern.ops.tsra import (
 __all__ = ["TSRA", "RMSNormTSRA"]
 
 
-def _default_split(num_channels: int, split: int | None) -> int:
-    for arg, v in (("num_channels", num_channels), ("split", split)):
-        if v is not None and not is_int(v):  # a float or numpy split failed only at forward
-            raise TypeError(f"{arg} must be an int, got {type(v).__name__} {v!r}")
+def _default_split(name: str, num_channels: int, split: int | None) -> tuple[int, int]:
+    """``(num_channels, split)`` as ints (numpy integers accepted, as for ``norm_size``; a
+    float failed only at forward), ``split`` defaulting to ``num_channels // 2``."""
+    num_channels = as_int(name, "num_channels", num_channels)
+    split = None if split is None else as_int(name, "split", split)
     if num_channels < 2:
         raise ValueError(f"TSRA needs at least 2 channels, got num_channels={num_channels}")
     split = num_channels // 2 if split is None else split
     if not (1 <= split < num_channels):
         raise ValueError(f"split={split} is out of range for {num_channels} channels "
                          f"(need 1 <= split < {num_channels})")
-    return split
+    return num_channels, split
 
 
 class _TSRABase(nn.Module):
@@ -47,12 +48,9 @@ class _TSRABase(nn.Module):
     def __init__(self, num_channels: int, split: int | None, dim: int, a_u: float, b_u: float,
                  a_v: float, b_v: float, tsra_eps: float, eps_arg: str) -> None:
         super().__init__()
-        self.num_channels = num_channels
-        self.split = _default_split(num_channels, split)
-        if not is_int(dim):  # a float or str dim failed at forward with no word of dim
-            raise TypeError(f"{type(self).__name__}: dim must be an int, got "
-                            f"{type(dim).__name__} {dim!r}")
-        self.dim = dim
+        name = type(self).__name__
+        self.num_channels, self.split = _default_split(name, num_channels, split)
+        self.dim = as_int(name, "dim", dim)  # a float or str dim failed only at forward
         self.a_u, self.b_u, self.a_v, self.b_v = check_gain(type(self).__name__, a_u, b_u,
                                                             a_v, b_v)
         self.tsra_eps = check_tsra_eps(type(self).__name__, tsra_eps, eps_arg)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from cobkern.ops import rmsnorm
-from cobkern.ops._checks import check_norm_size, check_rms_eps, is_int
+from cobkern.ops._checks import as_int, check_norm_size, check_rms_eps
 from cobkern.ops.tsra import DEFAULT_RMS_EPS
 
 __all__ = ["RMSNorm"]
@@ -36,15 +36,12 @@ class RMSNorm(nn.Module):
         norm_size: int | None = None,
     ) -> None:
         super().__init__()
-        if not is_int(num_channels):  # the same exception types as TSRA's constructor
-            raise TypeError(f"RMSNorm: num_channels must be an int, got "
-                            f"{type(num_channels).__name__} {num_channels!r}")
+        # numpy integers are stored as ints (as norm_size); a float or str is a TypeError
+        num_channels = as_int("RMSNorm", "num_channels", num_channels)
         if num_channels < 1:
             raise ValueError(f"RMSNorm: num_channels must be positive, got {num_channels}")
         self.num_channels = num_channels
-        if not is_int(dim):  # a float or str dim failed at forward with no word of dim
-            raise TypeError(f"RMSNorm: dim must be an int, got {type(dim).__name__} {dim!r}")
-        self.dim = dim
+        self.dim = as_int("RMSNorm", "dim", dim)  # a float or str failed only at forward
         self.eps = check_rms_eps("RMSNorm", eps)
         self.norm_size = (None if norm_size is None
                           else check_norm_size("RMSNorm", norm_size, num_channels))

@@ -19,6 +19,11 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+#: The smallest normal and the largest finite float32: the range an ``eps`` must lie in to
+#: stay itself in the float32 arithmetic of the kernels (and not round to 0 or ``inf``).
+F32_TINY = float(torch.finfo(torch.float32).tiny)
+F32_MAX = float(torch.finfo(torch.float32).max)
+
 
 @dataclass(frozen=True)
 class ChannelGeometry:
@@ -98,15 +103,19 @@ def _as_float(name: str, arg: str, v: object) -> float:
 
 
 def check_tsra_eps(name: str, eps: float, arg: str = "eps") -> float:
-    """Validate TSRA's ``eps`` (added to ``||x||`` in ``r``): a finite number ``> 0``.
+    """Validate TSRA's ``eps`` (added to ``||x||`` in ``r``): a normal float32 number ``> 0``
+    (from :data:`F32_TINY` to :data:`F32_MAX`), the precision every path computes ``r`` in.
 
     ``eps = 0`` would turn ``x = 0`` into ``0 / 0 = NaN`` (``method.md`` §1 requires output 0
-    there), and a negative ``eps`` can make ``||x|| + eps`` vanish. Returns ``float(eps)``.
+    there), and so does an ``eps`` that rounds to 0 in float32 (``1e-50``; a subnormal one is
+    flushed to 0 on GPUs); a negative ``eps`` can make ``||x|| + eps`` vanish, one beyond
+    float32's range is ``inf``. Returns ``float(eps)``.
     """
     value = _as_float(name, arg, eps)
-    if not (0 < value < math.inf):  # also rejects NaN; comparisons trace under dynamo
+    if not (F32_TINY <= value <= F32_MAX):  # also rejects NaN; comparisons trace under dynamo
         raise ValueError(f"{name}: {arg} (TSRA's epsilon in r = ||x_U|| / (||x|| + {arg})) "
-                         f"must be a finite number > 0, got {eps!r}")
+                         f"must be a number from {F32_TINY:.6g} (the smallest normal float32, "
+                         f"which the kernels compute in) to {F32_MAX:.6g}, got {eps!r}")
     return value
 
 
@@ -163,10 +172,12 @@ def check_rms_eps(name: str, rms_eps: float) -> float:
     """RMSNorm's ``eps`` inside the square root: a number ``>= 0`` (a negative one can make
     the mean square plus ``eps`` negative, and the output NaN). ``eps = 0`` is allowed — the
     normalisation is then exactly scale-invariant — but divides ``0 / 0`` at ``x = 0``: the
-    output and gradient there are NaN. Returns ``float(eps)``."""
+    output and gradient there are NaN. It must be finite in float32 (up to :data:`F32_MAX`):
+    ``inf`` gave a zero output but a NaN gradient from the kernels. Returns ``float(eps)``."""
     value = _as_float(name, "eps", rms_eps)
-    if not value >= 0:
-        raise ValueError(f"{name}: eps must be >= 0, got {rms_eps!r}")
+    if not (0 <= value <= F32_MAX):  # also rejects NaN
+        raise ValueError(f"{name}: eps must be >= 0 and finite in float32 (<= {F32_MAX:.6g}), "
+                         f"got {rms_eps!r}")
     return value
 
 

@@ -36,12 +36,19 @@ Public API::
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from ._checks import KERNEL_DTYPES, channel_geometry, check_activation_input, is_int
+from ._checks import (
+    KERNEL_DTYPES,
+    as_int,
+    channel_geometry,
+    check_activation_input,
+    is_int,
+)
 from .backend import use_triton
 from .reference import compute_dtype
 
@@ -91,14 +98,24 @@ def subspace_moments_reference(
     """Plain-PyTorch reference of :func:`subspace_moments` (any device, any float dtype).
 
     It forms the ``(samples, C)`` matrix of this batch (one copy of the batch, in
-    ``accum_dtype``; default float32, float64 for float64 inputs) and multiplies.
+    ``accum_dtype``; default float32, float64 for float64 inputs) and multiplies — with
+    autocast off: under ``torch.autocast`` the products ran in bfloat16/float16 (Grams
+    2.7e-3 off, returned in that dtype, where the compiled op's float32 was promised).
     """
     dim = check_activation_input("cobkern.subspace_moments", x, split, dim)
     cd = accum_dtype or compute_dtype(x.dtype)
     c = x.shape[dim]
-    h = x.movedim(dim, -1).reshape(-1, c).to(cd)
-    hu, hv = h[:, :split], h[:, split:]
-    return Moments(hu.T @ hu, hv.T @ hv, h.abs().sum(0), h.square().sum(0))
+    with _no_autocast(x.device.type):
+        h = x.movedim(dim, -1).reshape(-1, c).to(cd)
+        hu, hv = h[:, :split], h[:, split:]
+        return Moments(hu.T @ hu, hv.T @ hv, h.abs().sum(0), h.square().sum(0))
+
+
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast switched off for ``device_type`` (nothing to switch where it has none)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 @torch.library.custom_op("cobkern::subspace_moments", mutates_args=())
@@ -181,6 +198,8 @@ class CovarianceAccumulator:
         if f32_dot is not None and f32_dot not in F32_DOTS:
             raise ValueError(f"CovarianceAccumulator: f32_dot must be one of {F32_DOTS} or "
                              f"None, got {f32_dot!r}")
+        num_channels = as_int("CovarianceAccumulator", "num_channels", num_channels)
+        split = as_int("CovarianceAccumulator", "split", split)  # 2.0 failed in zeros()
         if not (1 <= split < num_channels):
             raise ValueError(f"split={split} is out of range for {num_channels} channels")
         if dtype not in (torch.float32, torch.float64):
