@@ -977,3 +977,120 @@ def test_calibration_identity_is_unchanged_for_ieee_and_names_other_products() -
     augmented = dict(meta, augment=True)
     assert calibration_meta_id(dict(augmented, batch_size=50), 100) != \
         calibration_meta_id(dict(augmented, batch_size=25), 100)
+
+
+def _digests(out: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("bad", ["data_root=/nonexistent/cobkern-data", "num_classes=5"])
+def test_train_force_refused_for_bad_settings_keeps_the_trained_model(
+        run_dir: Path, tmp_path: Path, bad: str, capsys: pytest.CaptureFixture) -> None:
+    """``train --force`` deleted the model, checkpoint, metrics and calibration before the
+    trainer checked the new settings: one typo in --set cost the trained model. Now a run
+    refused before it starts leaves every file as it was (config.json included)."""
+    out = _copy(run_dir, tmp_path)
+    before = _digests(out)
+    assert main(["train", "--out", str(out), "--force", "--set", bad, "--set", "steps=1",
+                 "--no-progress"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    assert _digests(out) == before
+    assert not (out / "train" / ".replaced").exists()
+
+
+def test_train_relu_settings_reach_config_json(run_dir: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    """``train --arch relu --set ...`` in a directory with a config.json trained the control
+    with the overrides but kept them out of config.json, so the pipeline then refused the
+    model it had just made ("trained with warmup_steps=1, but these settings ask for 0")."""
+    out = _copy(run_dir, tmp_path)
+    o = str(out)
+    assert main(["train", "--out", o, "--arch", "relu", "--force", "--set", "steps=2",
+                 "--set", "warmup_steps=1", "--no-progress"]) == 0
+    saved = json.loads((out / "config.json").read_text())["experiment"]
+    assert saved["train_relu_overrides"]["steps"] == 2
+    assert saved["train_relu_overrides"]["warmup_steps"] == 1
+    capsys.readouterr()
+    # the pipeline accepts the model as trained with the settings it now reads
+    assert main(["train", "--out", o, "--arch", "relu", "--no-progress"]) == 0
+    assert "already trained" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--set", "arch=relu"], "'arch' is not a setting here"),
+    (["train", "--arch", "relu", "--set", "arch=tsra"], "'arch' is not a setting here"),
+    (["prune", "--strategy", "count", "--value", "inf"], "prunes a whole number"),
+    (["prune", "--strategy", "count", "--value", "nan"], "prunes a whole number"),
+])
+def test_more_bad_cli_input_is_refused_before_anything_changes(
+        run_dir: Path, tmp_path: Path, argv: list[str], message: str,
+        capsys: pytest.CaptureFixture) -> None:
+    """``--set arch=relu`` trained a ReLU network into the TSRA model's place (calibrate
+    then found no CoB layers); ``--value inf`` for a count gave an OverflowError
+    traceback."""
+    out = _copy(run_dir, tmp_path)
+    before = _digests(out)
+    assert main([argv[0], "--out", str(out), *argv[1:], "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert _digests(out) == before
+
+
+@pytest.mark.parametrize("text", ["[]", "5", "null", '{"experiment": [1]}'])
+def test_a_config_json_that_is_not_an_object_is_named(run_dir: Path, tmp_path: Path,
+                                                      text: str,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    """``[]`` ran every command with the preset's defaults (another dataset than the run's),
+    ``5`` / ``null`` gave a TypeError traceback."""
+    out = _copy(run_dir, tmp_path)
+    (out / "config.json").write_text(text)
+    assert main(["evaluate", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "must hold a JSON object" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("option", ["--experiments", "--fractions", "--importances"])
+@pytest.mark.parametrize("text", ["", ","])
+def test_an_empty_list_option_is_refused(option: str, text: str, tmp_path: Path) -> None:
+    """An empty list was read as "not given": ``--experiments ,`` ran every experiment."""
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["sweep", "--out", str(tmp_path), option, text])
+    assert e.value.code == 2
+
+
+def test_default_prune_names_keep_close_values_apart(tmp_path: Path) -> None:
+    """``:g`` kept six digits: --value 0.1234561 and 0.1234564 shared a directory, the
+    second prune replacing the first."""
+    from cobkern.cli.main import _default_name
+
+    def name(*value: str) -> str:
+        args = build_parser().parse_args(["prune", "--out", str(tmp_path), "--strategy",
+                                          "ratio", "--value", *value])
+        return _default_name(args, "kept")
+
+    assert name("0.1234561") != name("0.1234564")
+    assert name("0.5") == "cob-l2-ratio-0.5-0.5-kept"  # the names of earlier runs stay
+
+
+def test_reprune_keeps_the_old_finetune_when_its_evaluation_fails(
+        run_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """A re-prune deleted the old model's fine-tuning before evaluating the new model: a
+    failure (or Ctrl-C) there left the old pruned model without its fine-tuning."""
+    out = _copy(run_dir, tmp_path)
+    o = str(out)
+    assert main(["prune", "--out", o, "--strategy", "ratio", "--value", "0.3", "--name", "p",
+                 "--no-eval", "--no-progress"]) == 0
+    assert main(["finetune", "--out", o, "--name", "p", "--steps", "1", "--no-progress"]) == 0
+    before = _digests(out / "pruned" / "p")
+
+    def failing(self, *args, **kwargs):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(Context, "evaluate", failing)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        main(["prune", "--out", o, "--strategy", "ratio", "--value", "0.6", "--name", "p",
+              "--no-progress"])
+    assert _digests(out / "pruned" / "p") == before

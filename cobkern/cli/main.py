@@ -20,8 +20,8 @@ line naming the fix and exit with status 2; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -57,14 +57,20 @@ _STRATEGY_HELP = (
 
 def _floats(text: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        out = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") \
             from None
+    if not out:  # an empty list read as "not given": the preset's whole list ran
+        raise argparse.ArgumentTypeError(f"expected at least one number, got {text!r}")
+    return out
 
 
 def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
+    out = [x.strip() for x in text.split(",") if x.strip()]
+    if not out:  # an empty list read as "not given": every experiment ran
+        raise argparse.ArgumentTypeError(f"expected at least one name, got {text!r}")
+    return out
 
 
 _AUTO = "auto"
@@ -400,7 +406,7 @@ def _value(args: argparse.Namespace) -> Any:
     vv = args.value_v if args.value_v is not None else v
     if args.strategy == "count":
         for x in (v, vv):
-            if x != int(x) or x < 0:
+            if not math.isfinite(x) or x != int(x) or x < 0:  # int(inf): a traceback
                 raise ValueError(f"--strategy count prunes a whole number of channels; got "
                                  f"{x:g} (use a non-negative integer)")
         v, vv = int(v), int(vv)
@@ -418,12 +424,15 @@ def _round_to(args: argparse.Namespace) -> int:
 def _default_name(args: argparse.Namespace, normalizer: str) -> str:
     """E.g. ``cob-l2-ratio-0.5-0.5-kept`` (``-whole`` for --whole-layer, ``-r8`` for
     --round-to 8): every option that changes the pruned model is in the name, so different
-    prunes never share a directory."""
+    prunes never share a directory (values ``:g`` would merge, such as 0.1234561 and
+    0.1234564, are written out exactly)."""
+    from cobkern.experiments.sweeps import json_value
+
     v = _value(args)
     if v is None:
         vs = "auto"
     else:
-        vs = "-".join(f"{x:g}" for x in v) if isinstance(v, list) else f"{v:g}"
+        vs = "-".join(json_value(x) for x in (v if isinstance(v, list) else [v]))
     method = "baseline" if args.baseline else "cob"
     whole = "-whole" if args.whole_layer else ""
     rounded = f"-r{args.round_to}" if args.round_to != 1 else ""
@@ -458,11 +467,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     ctx = _context(args, cfg)
     if not args.force:  # before config.json claims settings the model was not trained with
         check_trained_settings(ctx, args.arch)
-    # config.json: written for the TSRA model (or when missing), kept on failure only once a
-    # run was started with these settings
-    saves = args.arch == "tsra" or not ctx.layout.config.is_file()
-    with (saved_config(ctx, keep=lambda: trained_with(ctx, args.arch)) if saves
-          else contextlib.nullcontext()):
+    # config.json (the ReLU control's --set too: the pipeline checks its model against
+    # train_relu_overrides), kept on failure only once a run was started with these settings
+    with saved_config(ctx, keep=lambda: trained_with(ctx, args.arch)):
         res = train_step(ctx, args.arch, force=args.force)
     print(f"{args.arch} model: test accuracy {100 * res['test_accuracy']:.2f}% after "
           f"{res['steps']} steps → {ctx.layout.model_file(args.arch)}")
@@ -515,9 +522,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
     normalizer = report.meta["normalizer"]
     name = args.name or _default_name(args, normalizer)
     d = ctx.layout.pruned_dir(name)
-    if (d / "finetune").exists():
-        # a fine-tuning run of the model this prune replaces: never resume or report it
-        shutil.rmtree(d / "finetune")
     info: dict[str, Any] = {"name": name, "strategy": args.strategy, "value": _value(args),
                             "importance": args.importance, "cob": not args.baseline,
                             "normalizer": normalizer, **rounding, **report.to_dict(),
@@ -525,6 +529,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if not args.no_eval:
         ev = ctx.evaluate(model)
         info.update(accuracy=ev["accuracy"], loss=ev["loss"], n_eval=ev["n"])
+    if (d / "finetune").exists():
+        # a fine-tuning run of the model this prune replaces: never resume or report it
+        # (removed only now: a failed or interrupted evaluation keeps both as they were)
+        shutil.rmtree(d / "finetune")
     save_model(model, d / default_model_filename(), extra={
         k: info[k] for k in ("strategy", "importance", "cob", "normalizer", "round_to")
         if k in info})

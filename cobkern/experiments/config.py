@@ -323,6 +323,10 @@ def _check_train_settings(cfg: ExperimentConfig) -> None:
     from cobkern.training import apply_overrides, get_preset
 
     for arch, key in (("tsra", "train"), ("relu", "train_relu_overrides")):
+        if "arch" in getattr(cfg, key):  # a ReLU net trained into the TSRA model's place
+            raise ValueError(f"{key}: 'arch' is not a setting here: {key} holds the "
+                             f"{arch} model's settings (the ReLU control is trained with "
+                             "`cobkern train --arch relu`, or by the pipeline)")
         try:
             apply_overrides(get_preset(cfg.preset, arch), getattr(cfg, key))
         except ValueError as e:
@@ -392,6 +396,9 @@ def load_experiment_config(path: str | os.PathLike) -> ExperimentConfig:
         raise ValueError(f"cannot read experiment config {p}: {e}") from None
     if isinstance(data, dict) and "experiment" in data:
         data = data["experiment"]
+    if not isinstance(data, dict):  # `[]` read as every default, `5` a TypeError
+        raise ValueError(f"experiment config {p} must hold a JSON object of settings (as "
+                         f"cobkern writes it), got {type(data).__name__} {data!r:.60}")
     return ExperimentConfig.from_dict(data)
 
 

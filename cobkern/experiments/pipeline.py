@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -146,21 +147,57 @@ def train_step(ctx: Context, arch: str = "tsra", force: bool = False) -> dict[st
             _say(f"{final} is unreadable; finishing the run from its checkpoint")
     config = ctx.train_config(arch)
     resume = (d / CHECKPOINT_NAME).is_file() and not force
-    if force and d.exists():
-        # the old model file too: until the new run finishes, no step may use the old model
-        # under the new settings (calibrate / prune / evaluate only check that it exists)
-        for name in (CHECKPOINT_NAME, "final.json", "metrics.jsonl", "model.safetensors",
-                     "model.pt"):
-            if (d / name).exists():
-                (d / name).unlink()
-    if force and arch == "tsra":
-        _remove_derived(ctx)
     _say(f"training the {arch} model ({config.steps} steps, width {config.width:g}, "
          f"batch {config.batch_size}) into {d}")
     data = ctx._data  # injected data (tests); None → the trainer loads config.data_source
-    result = train(config, d, resume=resume, data=data)
+    # With force the old run's files (the model too: until the new run finishes, no step
+    # may use the old model under the new settings; calibrate / prune / evaluate only check
+    # that it exists) are set aside, and deleted — with the TSRA model's calibration — once
+    # the trainer has checked the new settings and data. A run refused before that (a typo
+    # in --set) puts them back: it must not cost the trained model. An interrupt leaves them
+    # aside, as config.json keeps the new settings for the same command to run again.
+    moved = _set_aside(d) if force else []
+
+    def start() -> None:
+        shutil.rmtree(d / _REPLACED, ignore_errors=True)
+        if force and arch == "tsra":
+            _remove_derived(ctx)
+
+    try:
+        result = train(config, d, resume=resume, data=data, on_start=start)
+    except Exception:
+        _restore_replaced(d, moved)  # nothing to put back once the run has started
+        raise
     ctx.forget_model(arch)
     return result
+
+
+#: Where ``train --force`` keeps the old run's files until the new run starts.
+_REPLACED = ".replaced"
+_RUN_FILES = (CHECKPOINT_NAME, "final.json", "metrics.jsonl", "model.safetensors", "model.pt")
+
+
+def _set_aside(d: Path) -> list[str]:
+    """Move the run files of ``d`` into ``d/.replaced/`` (renames: atomic, no copies);
+    return their names."""
+    keep, moved = d / _REPLACED, []
+    for name in _RUN_FILES:
+        if (d / name).exists():
+            keep.mkdir(parents=True, exist_ok=True)
+            (d / name).replace(keep / name)
+            moved.append(name)
+    return moved
+
+
+def _restore_replaced(d: Path, names: list[str]) -> None:
+    """Put back the files ``names`` that :func:`_set_aside` moved (a forced run refused
+    before it started), where the run left no file of that name."""
+    for name in names:
+        src = d / _REPLACED / name
+        if src.exists() and not (d / name).exists():
+            src.replace(d / name)
+    with contextlib.suppress(OSError):  # left only if something is still in it
+        (d / _REPLACED).rmdir()
 
 
 def calibrate_step(ctx: Context, force: bool = False) -> Path:

@@ -122,6 +122,7 @@ def train(
     model: nn.Module | None = None,
     data: tuple[ImageSet, ImageSet] | None = None,
     on_step: Callable[[int], None] | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Train a model with ``config`` and write metrics, checkpoints and the model file.
 
@@ -137,6 +138,10 @@ def train(
         data: ``(train, test)`` image sets instead of loading ``config.data_source``.
         on_step: called with the step number after every optimizer step (and after any
             checkpoint at that step); may raise to stop the run.
+        on_start: called once, on the main rank, when the data, model, optimizer and any
+            checkpoint are ready and before anything is written to ``out_dir``: the moment
+            every check of the settings and data has passed (e.g. to remove an old run's
+            files only once the new run can start).
 
     Returns:
         Final metrics: ``{"test_accuracy", "test_loss", "train_loss", "train_accuracy",
@@ -159,7 +164,7 @@ def train(
     if resume and not ckpt_path.is_file():
         raise CheckpointError(f"cannot resume: no checkpoint at {ckpt_path}")
     with _cpu_threads(config.num_threads):
-        return _train_in(config, out, ckpt_path, resume, model, data, on_step)
+        return _train_in(config, out, ckpt_path, resume, model, data, on_step, on_start)
 
 
 @contextlib.contextmanager
@@ -177,7 +182,8 @@ def _cpu_threads(n: int) -> Iterator[None]:
 
 def _train_in(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
               model: nn.Module | None, data: tuple[ImageSet, ImageSet] | None,
-              on_step: Callable[[int], None] | None) -> dict[str, Any]:
+              on_step: Callable[[int], None] | None,
+              on_start: Callable[[], None] | None = None) -> dict[str, Any]:
     """:func:`train` once its arguments are checked: the process group, then the run."""
     d = DistContext(config)
     if d.rank == 0:  # a run killed while writing its checkpoint left the temporary file
@@ -187,7 +193,7 @@ def _train_in(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
     fused_before = getattr(given, "fuse_conv_bias", None)
     try:
         with use_compile_kernels(config.compile_kernels):  # read while torch.compile traces
-            return _train(config, out, ckpt_path, resume, model, data, on_step, d)
+            return _train(config, out, ckpt_path, resume, model, data, on_step, d, on_start)
     finally:
         if isinstance(given, VGG):  # fuse_conv_bias is set for the run only
             given.fuse_conv_bias = fused_before
@@ -208,7 +214,8 @@ def finetune(
 
 def _train(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
            model: nn.Module | None, data: tuple[ImageSet, ImageSet] | None,
-           on_step: Callable[[int], None] | None, d: DistContext) -> dict[str, Any]:
+           on_step: Callable[[int], None] | None, d: DistContext,
+           on_start: Callable[[], None] | None = None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     if config.batch_size % d.world:
@@ -291,6 +298,8 @@ def _train(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
         net = torch.compile(net, mode=mode)
 
     if d.main:
+        if on_start is not None:
+            on_start()
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", asdict(config))
         if not resume:
