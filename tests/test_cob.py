@@ -470,6 +470,23 @@ def test_stats_save_converts_or_refuses_metadata(tmp_path):
     assert back.meta == {"root": str(tmp_path), "t": 0.5, "pair": (1, 2),
                          "device": torch.device("cpu")}
     assert type(back.meta["t"]) is float
+    # a namedtuple failed in save (TypeError from its constructor); a (str, Enum) member was
+    # saved as its name "Mode.AUG", not its value
+    import collections
+    import enum
+
+    class Mode(str, enum.Enum):
+        AUG = "aug"
+
+    pair = collections.namedtuple("Pair", "a b")
+    st.meta.update(nt=pair(1, np.int64(2)), mode=Mode.AUG, size=torch.Size([2, 3]))
+    st.save(tmp_path / "s2.pt")
+    back = CalibrationStats.load(tmp_path / "s2.pt").meta
+    assert back["nt"] == (1, 2) and type(back["nt"]) is tuple
+    assert back["mode"] == "aug" and type(back["mode"]) is str
+    assert back["size"] == torch.Size([2, 3])
+    for k in ("nt", "mode", "size"):
+        del st.meta[k]
     st.meta["bad"] = object()
     with pytest.raises(TypeError, match=r"meta\['bad'\] is a object"):
         st.save(tmp_path / "bad.pt")
@@ -553,6 +570,52 @@ def test_fingerprint_checks_every_row_when_the_biases_agree():
         rotate_model(m, st)
         with pytest.raises(ValueError, match="already rotated"):
             rotate_model(m, st)
+
+
+def test_a_second_rotation_is_refused_where_the_fingerprint_cannot_see_it():
+    """With orthonormal rows (W Wᵀ = c·I, orthogonal init) and zero biases a rotation leaves
+    the weight fingerprint as it was (R W Wᵀ Rᵀ u = c·u, R·0 = 0): rotate_model accepted the
+    original statistics twice, leaving the layers out of their principal basis (a fresh
+    calibration's Gram had off-diagonal entries of 4 % of its diagonal). So did statistics
+    without a fingerprint. rotate_model now marks the producers it rotated. The function is
+    still preserved by the first rotation (float64: round-off)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), RMSNormTSRA(6, split=2), nn.AvgPool2d(2),
+                      nn.Flatten(), nn.Linear(6 * 4 * 4, 10), TSRA(10, split=4),
+                      nn.Linear(10, 3)).double().eval()
+    for mod in (m[0], m[4]):
+        nn.init.orthogonal_(mod.weight)
+        nn.init.zeros_(mod.bias)
+    x = torch.randn(16, 3, 8, 8, dtype=torch.float64)
+    with use_backend("reference"):
+        st = calibrate(m, [x], progress=False)
+        y0 = m(x)
+        twin = copy.deepcopy(m)
+        rotate_model(m, st)
+        assert rel_err(m(x), y0) <= 1e-10
+        with pytest.raises(ValueError, match="already rotated with these statistics"):
+            rotate_model(m, st)
+        for s in st:  # statistics without a fingerprint
+            s.fingerprint = None
+        with pytest.raises(ValueError, match="already rotated with these statistics"):
+            rotate_model(m, st)
+        # other statistics (a calibration of the rotated model) may rotate it again
+        rotate_model(m, calibrate(m, [x], progress=False))
+        assert rel_err(m(x), y0) <= 1e-10
+        # a prune that fails after its rotation puts the weights and the marks back
+        from cobkern.pruning import FixedRatio, prune
+
+        class Boom(RuntimeError):
+            pass
+
+        class Failing(FixedRatio):
+            def plan(self, *args):
+                raise Boom
+
+        with pytest.raises(Boom):
+            prune(twin, st, Failing(0.5), importance="l2")
+        rotate_model(twin, st)  # not rotated, so not refused
+        assert rel_err(twin(x), y0) <= 1e-10
 
 
 def test_fingerprint_ignores_rotations_of_the_input_channels():

@@ -22,10 +22,24 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .discovery import CoBLayer, refuse_masked_weights, select_layers
-from .stats import CalibrationStats, weight_fingerprint
+from cobkern._digest import tensor_digest
 
-__all__ = ["rotate_model", "RotationResult", "rotate_output", "rotate_input"]
+from .discovery import CoBLayer, refuse_masked_weights, select_layers
+from .stats import CalibrationStats, LayerStats, weight_fingerprint
+
+__all__ = ["rotate_model", "RotationResult", "rotate_output", "rotate_input", "ROTATION_MARK"]
+
+#: Attribute :func:`rotate_model` sets on each producer it rotated: a digest of the
+#: statistics it rotated with. The weight fingerprint cannot tell a second rotation by the
+#: same statistics when ``W Wᵀ = c·I`` and the bias is zero (orthogonal init: ``R W Wᵀ Rᵀ =
+#: c·I``), nor where the statistics record no fingerprint; the mark can.
+ROTATION_MARK = "_cobkern_rotated_with"
+
+
+def _stats_token(s: LayerStats) -> str:
+    """A digest of one layer's statistics (what marks a rotation by them)."""
+    return tensor_digest([(f"{s.name}|{s.num_channels}|{s.split}|{s.count}|sum_sq", s.sum_sq),
+                          ("sum_abs", s.sum_abs), ("gram_u", s.gram_u.diagonal())])
 
 
 @dataclass
@@ -83,8 +97,9 @@ def rotate_model(model: nn.Module, stats: CalibrationStats,
 
     Raises:
         ValueError: statistics already in the rotated basis, or not matching the model (in
-            width, split or weights: e.g. a model this function already rotated), or a
-            weight masked by ``torch.nn.utils.prune`` (:func:`refuse_masked_weights`).
+            width, split or weights: e.g. a model this function already rotated — its
+            weights, or the mark :data:`ROTATION_MARK` it leaves on the producers, tell),
+            or a weight masked by ``torch.nn.utils.prune`` (:func:`refuse_masked_weights`).
     """
     if stats.basis != "original":
         raise ValueError(f"rotate_model needs statistics of the un-rotated model, got basis "
@@ -96,12 +111,21 @@ def rotate_model(model: nn.Module, stats: CalibrationStats,
     chosen: list[CoBLayer] = select_layers(model, layers)
     refuse_masked_weights(chosen, "rotate_model")
     stats.check_matches(chosen)
+    tokens = {lay.name: _stats_token(stats[lay.name]) for lay in chosen}
+    for lay in chosen:
+        if getattr(lay.producer, ROTATION_MARK, None) == tokens[lay.name]:
+            raise ValueError(
+                f"rotate_model: {lay.name!r} was already rotated with these statistics; a "
+                "second rotation would leave it out of its principal basis. Use the "
+                "statistics rotate_model returned (RotationResult.stats), or calibrate the "
+                "rotated model anew")
     rotations = {lay.name: stats[lay.name].eigh().rotation() for lay in chosen}
     with torch.no_grad():
         for lay in chosen:
             r = rotations[lay.name]
             rotate_output(lay.producer, r)
             rotate_input(lay.consumer, r, lay.spatial)
+            setattr(lay.producer, ROTATION_MARK, tokens[lay.name])
     rotated = CalibrationStats({lay.name: stats[lay.name].rotated() for lay in chosen},
                                stats.num_images, dict(stats.meta))
     for lay in chosen:  # the rotated statistics belong to the rotated weights

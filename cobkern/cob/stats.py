@@ -22,6 +22,7 @@ and changes with a rotation of its output channels.
 
 from __future__ import annotations
 
+import enum
 import math
 import os
 import pickle
@@ -230,13 +231,17 @@ def _plain(v: Any, where: str) -> Any:
     """``v`` as plain Python data that ``torch.load(weights_only=True)`` accepts."""
     if v is None or isinstance(v, (torch.device, torch.dtype)):
         return v
+    if isinstance(v, enum.Enum):  # its value: str() of a (str, Enum) member is "E.A"
+        return _plain(v.value, where)
     for plain in (bool, int, float, str):  # subclasses too (numpy.float64 is a float)
         if isinstance(v, plain):
-            return plain(v)
+            return plain.__new__(plain, v) if plain is not bool else bool(v)
     if isinstance(v, os.PathLike):
         return os.fspath(v)
-    if isinstance(v, (list, tuple)):
-        return type(v)(_plain(x, f"{where}[{i}]") for i, x in enumerate(v))
+    if isinstance(v, (list, tuple)):  # a namedtuple becomes a tuple, torch.Size stays
+        items = [_plain(x, f"{where}[{i}]") for i, x in enumerate(v)]
+        return (list(items) if isinstance(v, list) else
+                torch.Size(items) if isinstance(v, torch.Size) else tuple(items))
     if isinstance(v, dict):
         out = {}
         for k, x in v.items():

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from cobkern.cob import CalibrationStats, calibrate, rotate_model, select_layers
+from cobkern.cob.rotate import ROTATION_MARK
 
 from .importance import IMPORTANCE_KINDS, LayerScores, compute_importance
 from .strategy import (
@@ -161,6 +162,7 @@ def prune(
     # Everything that can fail runs before the model is cut; if it fails after the rotation,
     # the weights are put back, so that a retry does not rotate an already rotated model.
     saved = _weights(chosen) if rotate else None
+    marks = [(lay.producer, getattr(lay.producer, ROTATION_MARK, None)) for lay in chosen]
     try:
         if rotate:
             stats = rotate_model(model, stats, layers).stats
@@ -174,6 +176,11 @@ def prune(
     except BaseException:
         if saved is not None:
             _restore(saved)
+            for m, mark in marks:  # un-rotated again: rotate_model may rotate it once more
+                if mark is None:
+                    m.__dict__.pop(ROTATION_MARK, None)
+                else:
+                    setattr(m, ROTATION_MARK, mark)
         raise
     report = apply_keep_sets(model, chosen, keep, normalizer)
     report.meta.update({"importance": importance, "cob": cob, **strategy.describe()})
