@@ -99,6 +99,8 @@ def test_rank_tolerance_default_follows_the_statistics_precision():
     assert RankTolerance().select(s).u.tolist() == [0]
     assert RankTolerance().select(s).v.tolist() == [0]
     assert RankTolerance().describe()["value"] == "auto"
+    # applied per subspace (above), and so described: prune.json said per_subspace false
+    assert RankTolerance().describe()["per_subspace"] is True
     assert make_strategy("lossless", None).select(s).u.tolist() == [0]
     # per subspace: a weak V (energies 1e-12, 9e-14) is measured against its own largest
     # eigenvalue, not against U's 1 (which would cut it to a single direction)

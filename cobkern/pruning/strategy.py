@@ -489,6 +489,7 @@ class RankTolerance(Strategy):
         if self.auto:
             d["value"] = "auto"
             d["tolerances"] = dict(DEFAULT_RANK_TOL)
+            d["per_subspace"] = True  # what select() applies (was reported as False)
         return d
 
     def _prune_mask(self, scores, energy, value):
