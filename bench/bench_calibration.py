@@ -189,20 +189,22 @@ def run_materialize(model, loader, device):
 
 def main(argv: list[str] | None = None) -> dict:
     cuda = torch.cuda.is_available()
+    from bench import _args
+    from bench._args import positive_float, positive_int
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="bench-results")
-    p.add_argument("--width", type=float, default=1.0 if cuda else 0.125)
-    p.add_argument("--images", type=int, default=10_000 if cuda else 256)
-    p.add_argument("--batch", type=int, default=500 if cuda else 64)
+    p.add_argument("--width", type=positive_float, default=1.0 if cuda else 0.125)
+    p.add_argument("--images", type=positive_int, default=10_000 if cuda else 256)
+    p.add_argument("--batch", type=positive_int, default=500 if cuda else 64)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--layouts", default="nchw,nhwc",
                    help="comma list: nchw, nhwc (channels-last images: the forward pass and "
                         "streaming rows again)")
-    p.add_argument("--repeats", type=int, default=3 if cuda else 1,
+    p.add_argument("--repeats", type=positive_int, default=3 if cuda else 1,
                    help="runs per method; the fastest counts (one ~0.1 s GPU pass is noisy)")
     args = p.parse_args(argv)
-    if args.repeats < 1:
-        p.error("--repeats must be >= 1")
+    _args.out_dir(p, args.out)
     layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
     if not layouts or set(layouts) - {"nchw", "nhwc"} or "nchw" not in layouts:
         p.error(f"--layouts must be nchw or nchw,nhwc, got {args.layouts!r}")
@@ -447,4 +449,5 @@ def _markdown(r: dict) -> str:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     main()

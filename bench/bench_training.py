@@ -48,6 +48,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -270,13 +271,19 @@ def profile_steps(step, sync, device: torch.device, n: int = 3) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench import _args
+    from bench._args import non_negative_int, positive_float, positive_int
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--width", type=float, default=None, help="default 1.0 GPU, 0.125 CPU")
-    p.add_argument("--batch", type=int, default=None, help="default 1024 GPU, 64 CPU")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 50 / 5)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 10 / 2)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--width", type=positive_float, default=None,
+                   help="default 1.0 GPU, 0.125 CPU")
+    p.add_argument("--batch", type=positive_int, default=None, help="default 1024 GPU, 64 CPU")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="timed steps (default 50 / 5)")
+    p.add_argument("--warmup", type=non_negative_int, default=None,
+                   help="untimed steps (default 10 / 2)")
     p.add_argument("--no-bf16", action="store_true", help="fp32 on CUDA")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--out", default="bench/results/training", help="output path stem")
@@ -287,11 +294,12 @@ def main(argv: list[str] | None = None) -> int:
                         "timing (top kernels by device time, in the JSON and Markdown), "
                         "e.g. tsra-fused-compiled,relu-compiled")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    device = _args.device(p, args.device)
+    _args.out_dir(p, os.path.dirname(args.out) or ".")  # a stem: its folder
     gpu = device.type == "cuda"
     width = args.width if args.width is not None else (1.0 if gpu else 0.125)
-    batch = args.batch or (1024 if gpu else 64)
-    steps = args.steps or (50 if gpu else 5)
+    batch = args.batch if args.batch is not None else (1024 if gpu else 64)
+    steps = args.steps if args.steps is not None else (50 if gpu else 5)
     warmup = args.warmup if args.warmup is not None else (10 if gpu else 2)
     bf16 = gpu and not args.no_bf16
     channels_last = not args.no_channels_last
@@ -369,4 +377,5 @@ def write_results(out: Path, meta: dict, rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     raise SystemExit(main())

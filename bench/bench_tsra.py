@@ -330,12 +330,16 @@ def environment(device: torch.device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench import _args
+    from bench._args import positive_int
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="bench-results", help="output folder (JSON + Markdown)")
     p.add_argument("--dtypes", default=None, help="comma list of bf16,fp32,fp16 "
                    "(default: bf16,fp32 on GPU, fp32 on CPU)")
-    p.add_argument("--batch", type=int, default=None, help="default 1024 on GPU, 8 on CPU")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch", type=positive_int, default=None,
+                   help="default 1024 on GPU, 8 on CPU")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--ops", default="tsra,rmsnorm_tsra", help="comma list of tsra,rmsnorm_tsra")
     p.add_argument("--layouts", default=None,
                    help="comma list of nchw,channels_last: the memory layout of the 4-D inputs "
@@ -349,8 +353,8 @@ def main(argv: list[str] | None = None) -> int:
                         "tsra_tuning.json) instead of the device's shipped one or the "
                         "heuristic; the same as COBKERN_TSRA_TUNING=TABLE_JSON")
     args = p.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
+    device = _args.device(p, args.device)
+    _args.out_dir(p, args.out)
     gpu = device.type == "cuda"
     dtypes = (args.dtypes or ("bf16,fp32" if gpu else "fp32")).split(",")
     unknown = [d for d in dtypes if d not in DTYPES]
@@ -366,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = [m for m in passes if m not in PASSES]
     if bad:
         p.error(f"--passes: unknown pass(es) {bad}; choose from {list(PASSES)}")
-    batch = args.batch or (1024 if gpu else 8)
+    batch = args.batch if args.batch is not None else (1024 if gpu else 8)
     shapes = VGG_SHAPES if gpu else CPU_SHAPES
     env = environment(device)
     env["layouts"], env["passes"] = layouts, passes

@@ -248,6 +248,22 @@ def covariance() -> None:
               f"{per_sample:,.0f} |")
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """Pick the table from the command line: one of ``--vec``, ``--nhwc``,
+    ``--covariance``, or none for the TSRA table. Anything else is a usage error (a typo
+    such as ``--covarience`` silently ran the default table)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--vec", dest="table", action="store_const", const=vec,
+                   help="SASS per element of the NCHW launches vs the VEC_P candidates")
+    g.add_argument("--nhwc", dest="table", action="store_const", const=nhwc,
+                   help="the same for the channels-last launches, bias gradient included")
+    g.add_argument("--covariance", dest="table", action="store_const", const=covariance,
+                   help="the covariance kernel per layer, with SASS instruction counts")
+    (p.parse_args(argv).table or main)()
+
+
 if __name__ == "__main__":
-    {"--covariance": covariance, "--vec": vec, "--nhwc": nhwc}.get(" ".join(sys.argv[1:]),
-                                                                  main)()
+    cli()
