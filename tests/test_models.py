@@ -548,3 +548,36 @@ def test_save_model_writes_through_the_atomic_writer(tmp_path, monkeypatch) -> N
         save_model(vgg16_tsra(width=1 / 16), tmp_path / name)
     assert written == names
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
+
+
+@pytest.mark.parametrize("how", ["prune", "parametrize"])
+def test_save_model_refuses_a_reparametrized_weight(tmp_path, how) -> None:
+    """A model carrying torch.nn.utils.prune masks (or a parametrization) saved fine, but its
+    state held weight_orig / weight_mask where load_model expects weight: the file never
+    loaded ("Missing key(s) ... weight"). Refused before anything is written, naming the
+    module and the call that makes the change permanent; after it, the round trip works."""
+    from torch.nn.utils import parametrize, prune
+
+    model = vgg16_tsra(width=0.0625).eval()
+    conv = model.features[0]
+    if how == "prune":
+        prune.l1_unstructured(conv, "weight", amount=0.5)
+    else:
+        class Scale(nn.Module):
+            def forward(self, w):
+                return 2 * w
+
+        parametrize.register_parametrization(conv, "weight", Scale())
+    path = tmp_path / "m.pt"
+    with pytest.raises(ValueError, match=r"'features.0' \((Parametrized)?Conv2d\) has a reparametrized "
+                                         r"weight.*" + ("prune.remove" if how == "prune"
+                                                        else "remove_parametrizations")):
+        save_model(model, path)
+    assert not path.exists()
+    if how == "prune":
+        prune.remove(conv, "weight")
+    else:
+        parametrize.remove_parametrizations(conv, "weight")
+    save_model(model, path)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(load_model(path).eval()(x), model(x), rtol=0, atol=0)

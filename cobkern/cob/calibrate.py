@@ -403,8 +403,10 @@ def calibrate(
 
         for acc in accs.values():
             acc.all_reduce()
+        # NCCL: on the device the accumulators reduce on (the model's), not the current one
+        nccl = dist.get_backend() == "nccl"
         t = torch.tensor([seen], dtype=torch.float64,
-                         device="cuda" if dist.get_backend() == "nccl" else "cpu")
+                         device=(device if device.type == "cuda" else "cuda") if nccl else "cpu")
         dist.all_reduce(t)
         total = int(t.item())
     if total == 0:

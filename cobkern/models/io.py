@@ -283,6 +283,26 @@ def _cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
 
+def _refuse_reparametrized(model: nn.Module) -> None:
+    """``ModelFileError`` naming the first module whose parameters are recomputed by a
+    ``torch.nn.utils.prune`` hook or a ``torch.nn.utils.parametrize`` parametrization: its
+    state dict holds ``weight_orig`` and ``weight_mask`` (or ``parametrizations.*``) where
+    :func:`load_model` expects ``weight``, so the file saved but never loaded."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.prune import BasePruningMethod
+
+    for name, m in model.named_modules():
+        pruned = any(isinstance(h, BasePruningMethod) for h in m._forward_pre_hooks.values())
+        if pruned or parametrize.is_parametrized(m):
+            how = ("torch.nn.utils.prune.remove(module, 'weight')" if pruned else
+                   "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')")
+            raise ModelFileError(
+                f"save_model: {name!r} ({type(m).__name__}) has a reparametrized weight "
+                f"({'pruning mask' if pruned else 'parametrization'}); its state would hold "
+                f"no plain 'weight' and the file would not load. Make it permanent first: "
+                f"{how}")
+
+
 def save_model(model: nn.Module, path: str | os.PathLike, extra: dict | None = None) -> Path:
     """Write a model's weights and derived config to one file, atomically.
 
@@ -294,9 +314,15 @@ def save_model(model: nn.Module, path: str | os.PathLike, extra: dict | None = N
 
     Returns:
         The path written.
+
+    Raises:
+        ValueError: a weight reparametrized by ``torch.nn.utils.prune`` or
+            ``torch.nn.utils.parametrize`` (the file would hold ``weight_orig`` / a mask and
+            not load), or a model :func:`model_config` cannot describe.
     """
     path = Path(path)
     base = unwrap_model(model)
+    _refuse_reparametrized(base)
     config = model_config(base)
     state = _cpu_state_dict(base)
     extra = dict(extra or {})
