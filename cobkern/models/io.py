@@ -13,11 +13,13 @@ Config format (a JSON-serialisable dict)::
      "features":   [{"type": "Conv2d", "in_channels": 3, ...}, {"type": "RMSNormTSRA", ...}, ...],
      "classifier": [{"type": "Flatten", ...}, {"type": "Linear", ...}, ...]}
 
-File formats, chosen by the suffix: ``*.safetensors`` (weights as safetensors, config and
-``extra`` as JSON in the header metadata; needs the ``safetensors`` package, else
+File formats, chosen by the suffix when writing: ``*.safetensors`` (weights as safetensors,
+config and ``extra`` as JSON in the header metadata; needs the ``safetensors`` package, else
 :class:`ModelFileError` and nothing is written); any other suffix is a ``torch.save`` pickle
 ``{"format", "config", "state_dict", "extra"}``. :func:`default_model_filename` picks
 ``model.safetensors`` when the package is installed, else ``model.pt``. Writes are atomic.
+Reading goes by the content (a renamed file still loads), the suffix only where the content
+is neither format.
 """
 
 from __future__ import annotations
@@ -350,9 +352,18 @@ def read_model_file(
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
     with open(path, "rb") as f:
-        head = f.read(8)
-    # safetensors files start with a little-endian u64 header length and then '{'.
-    is_safetensors = path.suffix == ".safetensors"
+        head = f.read(9)
+    # The format is the content's, whatever the suffix (a safetensors file renamed *.pt was
+    # "not a torch file"): torch.save writes a zip archive; safetensors files start with a
+    # little-endian u64 header length, then '{'. Neither: the suffix decides (for the error).
+    if head[:4] == b"PK\x03\x04":
+        is_safetensors = False
+    elif (len(head) == 9 and head[8:9] == b"{"
+          and int.from_bytes(head[:8], "little") <= path.stat().st_size - 8):
+        is_safetensors = True
+    else:
+        is_safetensors = path.suffix == ".safetensors"
+    head = head[:8]
     try:
         if is_safetensors:
             from safetensors import safe_open
@@ -366,7 +377,10 @@ def read_model_file(
             extra = json.loads(meta.get("extra", "{}"))
             state = {k: v.to(map_location) for k, v in state.items()}
         else:
-            blob = torch.load(path, map_location=map_location, weights_only=True)
+            # a file object: torch.load of a path ending in .safetensors reads safetensors
+            # (torch >= 2.14), whatever the content
+            with open(path, "rb") as fh:
+                blob = torch.load(fh, map_location=map_location, weights_only=True)
             if not isinstance(blob, dict) or blob.get("format") != FORMAT:
                 raise ModelFileError(f"{path}: not a cobkern model file")
             config, state, extra = blob["config"], blob["state_dict"], blob.get("extra", {})

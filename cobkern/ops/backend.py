@@ -115,6 +115,12 @@ def use_backend(name: str) -> Iterator[None]:
 
         with cobkern.ops.use_backend("reference"):
             y = cobkern.tsra(x, split=32)
+
+    In eager mode the backend is read each time an op runs, its backward included: a
+    ``y.backward()`` called after the block runs with the backend current then. A graph
+    compiled inside the block keeps the backend it was traced with (``torch.compile``
+    recompiles when it changes). Keep the backward inside the block to run both
+    directions with one backend.
     """
     previous = get_backend()
     set_backend(name)
