@@ -95,6 +95,14 @@ def test_shipped_tables_are_valid_and_named_after_their_device():
     (json.dumps({"format": FORMAT, "entries": [_entry(rmsnorm=True),
                                                _entry(rmsnorm=True, num_warps=2)]}),
      "entries 0 and 1 both describe"),
+    # the streaming backward runs on the split kernels only: a channels-last split that is
+    # not a multiple of 16 takes the tile kernel (the entry loaded, its first launch failed)
+    (json.dumps({"format": FORMAT, "entries": [_entry(direction="backward", channels_last=True,
+                                                      C=40, split=20, programs_per_sm=4)]}),
+     "entry 0: programs_per_sm (the streaming kernel) needs the split kernels"),
+    (json.dumps({"format": FORMAT, "entries": [_entry(direction="backward", C=20000,
+                                                      split=10000, programs_per_sm=4)]}),
+     "entry 0: programs_per_sm (the streaming kernel) needs the split kernels"),
 ])
 def test_bad_tables_are_refused_naming_file_and_entry(tmp_path, content, message):
     path = tmp_path / "bad.json"

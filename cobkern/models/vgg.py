@@ -211,10 +211,11 @@ def init_relu_weights(model: nn.Module, linear: bool = False) -> None:
     paper's ReLU recipe (SGD, lr 0.1, no warm-up) diverged to NaN within six steps (2-core
     CPU, float32, batch 128) and from the first evaluation of the ``fast`` preset (H200,
     2026-11-27). ``linear=True`` gives that reading, for comparison. Grad-norm clipping at
-    1.0 (which ``method.md`` §3 lists for the TSRA model only) keeps that reading finite, but
-    it starts far off and recovers slowly: width 0.5, batch 128, SGD lr 0.1 Nesterov, augmented CIFAR-10, 15
-    steps (2-core CPU, 2026-11-29) — full init unclipped: loss 29.2 → NaN at step 8; full
-    init clipped: 29.2 → 10.1; this default (convs only), unclipped: 2.34 → 2.24.
+    1.0 (which ``method.md`` §3 lists for the TSRA model only) keeps that reading finite,
+    but it starts far off and recovers slowly. Width 0.5, batch 128, SGD lr 0.1 Nesterov,
+    augmented CIFAR-10, 15 steps (2-core CPU, 2026-11-29): full init unclipped, loss 29.2 →
+    NaN at step 8; full init clipped, 29.2 → 10.1; this default (convs only), unclipped,
+    2.34 → 2.24.
 
     Args:
         model: initialised in place.

@@ -224,6 +224,16 @@ def _entry(source: str, i: int, raw: object) -> TuningEntry:
         if raw["direction"] != "backward":
             raise ValueError(f"{where}: programs_per_sm (the streaming kernel) is a backward "
                              f"option, got it on a {raw['direction']} entry")
+        from cobkern.kernels.tsra import MAX_TILE_CHANNELS, SPLIT_ALIGN
+
+        c, sp = raw.get("C"), raw.get("split")
+        if isinstance(c, int) and isinstance(sp, int) and (
+                c > MAX_TILE_CHANNELS or (raw["channels_last"] and sp % SPLIT_ALIGN)):
+            # the launcher takes the tile or chunked kernel there: the entry loaded, then its
+            # first launch failed naming neither the file nor the entry
+            raise ValueError(f"{where}: programs_per_sm (the streaming kernel) needs the split "
+                             f"kernels: C <= {MAX_TILE_CHANNELS} and, channels-last, a split "
+                             f"that is a multiple of {SPLIT_ALIGN}; got C={c}, split={sp}")
     return TuningEntry(
         direction=raw["direction"],
         itemsize=integer("itemsize", lambda v: v in (2, 4), "2 or 4"),
