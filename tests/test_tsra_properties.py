@@ -415,6 +415,16 @@ def test_rmsnorm_rejects_non_int_norm_size(norm_size, exc):
         cobkern.ops.rmsnorm(torch.randn(2, 4), norm_size=norm_size)
 
 
+def test_a_norm_size_beyond_int64_is_named():
+    """10**30 passed the check and failed in the dispatcher with "OverflowError: int too big
+    to convert", naming no argument."""
+    for call in (lambda: rmsnorm_tsra(torch.randn(2, 6), 3, norm_size=10**30),
+                 lambda: cobkern.ops.rmsnorm(torch.randn(2, 6), norm_size=2**63),
+                 lambda: RMSNormTSRA(6, norm_size=10**30)):
+        with pytest.raises(ValueError, match=r"positive int or None \(an int at most 2"):
+            call()
+
+
 def test_numpy_integer_norm_size_is_an_int():
     """A numpy integer (e.g. read from an array of widths) was refused with a ValueError
     saying it must be an int; it is one, and the modules store it as a Python int."""

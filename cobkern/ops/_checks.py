@@ -138,16 +138,21 @@ def check_norm_size(name: str, norm_size: int | None, c: int) -> int:
 
     Raises:
         TypeError: anything but ``None`` or an integer (a bool, a float such as 2.5).
-        ValueError: an integer below 1.
+        ValueError: an integer below 1, or above the int64 range the ops take (an
+            ``OverflowError`` naming no argument before).
     """
     if norm_size is None:
         return c
     if isinstance(norm_size, torch.SymInt):  # traced: its range was checked eagerly
         return norm_size
     n = as_int(name, "norm_size", norm_size, "a positive int or None")
-    if n < 1:
-        raise ValueError(f"{name}: norm_size must be a positive int or None, got {norm_size!r}")
+    if not 1 <= n <= _INT64_MAX:
+        raise ValueError(f"{name}: norm_size must be a positive int or None (an int at most "
+                         f"2**63 - 1), got {norm_size!r}")
     return n
+
+
+_INT64_MAX = 2**63 - 1
 
 
 def check_gain(name: str, a_u: float, b_u: float, a_v: float, b_v: float
