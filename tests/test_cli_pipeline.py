@@ -1019,6 +1019,17 @@ def test_train_relu_settings_reach_config_json(run_dir: Path, tmp_path: Path,
     assert "already trained" in capsys.readouterr().out
 
 
+def test_prune_into_a_name_taken_by_a_file_is_named(run_dir: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    out = _copy(run_dir, tmp_path)
+    (out / "pruned").mkdir(exist_ok=True)
+    (out / "pruned" / "xx").write_text("")
+    assert main(["prune", "--out", str(out), "--strategy", "ratio", "--value", "0.3",
+                 "--name", "xx", "--no-eval", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "exists and is not a folder" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("argv,message", [
     (["train", "--set", "arch=relu"], "'arch' is not a setting here"),
     (["train", "--arch", "relu", "--set", "arch=tsra"], "'arch' is not a setting here"),

@@ -522,6 +522,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     normalizer = report.meta["normalizer"]
     name = args.name or _default_name(args, normalizer)
     d = ctx.layout.pruned_dir(name)
+    if d.exists() and not d.is_dir():  # was "[Errno 17] File exists" from the writer
+        raise ValueError(f"{d} exists and is not a folder: remove it or choose another --name")
     info: dict[str, Any] = {"name": name, "strategy": args.strategy, "value": _value(args),
                             "importance": args.importance, "cob": not args.baseline,
                             "normalizer": normalizer, **rounding, **report.to_dict(),
