@@ -235,7 +235,7 @@ def _plain(v: Any, where: str) -> Any:
         return _plain(v.value, where)
     for plain in (bool, int, float, str):  # subclasses too (numpy.float64 is a float)
         if isinstance(v, plain):
-            return plain.__new__(plain, v) if plain is not bool else bool(v)
+            return plain(v)
     if isinstance(v, os.PathLike):
         return os.fspath(v)
     if isinstance(v, (list, tuple)):  # a namedtuple becomes a tuple, torch.Size stays

@@ -173,16 +173,16 @@ def check_gain(name: str, a_u: float, b_u: float, a_v: float, b_v: float
     return out[0], out[1], out[2], out[3]
 
 
-def check_rms_eps(name: str, rms_eps: float) -> float:
+def check_rms_eps(name: str, rms_eps: float, arg: str = "eps") -> float:
     """RMSNorm's ``eps`` inside the square root: a number ``>= 0`` (a negative one can make
     the mean square plus ``eps`` negative, and the output NaN). ``eps = 0`` is allowed — the
     normalisation is then exactly scale-invariant — but divides ``0 / 0`` at ``x = 0``: the
     output and gradient there are NaN. It must be finite in float32 (up to :data:`F32_MAX`):
     ``inf`` gave a zero output but a NaN gradient from the kernels. Returns ``float(eps)``."""
-    value = _as_float(name, "eps", rms_eps)
+    value = _as_float(name, arg, rms_eps)
     if not (0 <= value <= F32_MAX):  # also rejects NaN
-        raise ValueError(f"{name}: eps must be >= 0 and finite in float32 (<= {F32_MAX:.6g}), "
-                         f"got {rms_eps!r}")
+        raise ValueError(f"{name}: {arg} must be >= 0 and finite in float32 "
+                         f"(<= {F32_MAX:.6g}), got {rms_eps!r}")
     return value
 
 

@@ -76,7 +76,6 @@ from torch.autograd import forward_ad
 
 from . import reference
 from ._checks import (
-    F32_MAX,
     KERNEL_DTYPES,
     channel_geometry,
     check_activation_input,
@@ -296,8 +295,7 @@ def _check_op_args(name: str, x: Tensor, split: int, dim: int, eps: float, norm_
         raise ValueError(f"{name}: norm_size must be an int >= 0 (0: plain TSRA, n > 0: "
                          f"RMSNorm over n then TSRA), got {norm_size!r}")
     check_tsra_eps(name, eps)
-    if not 0 <= rms_eps <= F32_MAX:  # also rejects NaN
-        raise ValueError(f"{name}: rms_eps must be >= 0 and finite in float32, got {rms_eps!r}")
+    check_rms_eps(name, rms_eps, "rms_eps")
     if grad is not None:
         _check_grad(name, grad, x)
     check_bias(name, bias, x, dim)
