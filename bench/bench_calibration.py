@@ -190,18 +190,17 @@ def run_materialize(model, loader, device):
 def main(argv: list[str] | None = None) -> dict:
     cuda = torch.cuda.is_available()
     from bench import _args
-    from bench._args import positive_float, positive_int
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="bench-results")
-    p.add_argument("--width", type=positive_float, default=1.0 if cuda else 0.125)
-    p.add_argument("--images", type=positive_int, default=10_000 if cuda else 256)
-    p.add_argument("--batch", type=positive_int, default=500 if cuda else 64)
+    p.add_argument("--width", type=_args.positive_float, default=1.0 if cuda else 0.125)
+    p.add_argument("--images", type=_args.positive_int, default=10_000 if cuda else 256)
+    p.add_argument("--batch", type=_args.positive_int, default=500 if cuda else 64)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--layouts", default="nchw,nhwc",
                    help="comma list: nchw, nhwc (channels-last images: the forward pass and "
                         "streaming rows again)")
-    p.add_argument("--repeats", type=positive_int, default=3 if cuda else 1,
+    p.add_argument("--repeats", type=_args.positive_int, default=3 if cuda else 1,
                    help="runs per method; the fastest counts (one ~0.1 s GPU pass is noisy)")
     args = p.parse_args(argv)
     _args.out_dir(p, args.out)

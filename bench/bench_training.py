@@ -272,17 +272,17 @@ def profile_steps(step, sync, device: torch.device, n: int = 3) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from bench import _args
-    from bench._args import non_negative_int, positive_float, positive_int
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument("--width", type=positive_float, default=None,
+    p.add_argument("--width", type=_args.positive_float, default=None,
                    help="default 1.0 GPU, 0.125 CPU")
-    p.add_argument("--batch", type=positive_int, default=None, help="default 1024 GPU, 64 CPU")
-    p.add_argument("--steps", type=positive_int, default=None,
+    p.add_argument("--batch", type=_args.positive_int, default=None,
+                   help="default 1024 GPU, 64 CPU")
+    p.add_argument("--steps", type=_args.positive_int, default=None,
                    help="timed steps (default 50 / 5)")
-    p.add_argument("--warmup", type=non_negative_int, default=None,
+    p.add_argument("--warmup", type=_args.non_negative_int, default=None,
                    help="untimed steps (default 10 / 2)")
     p.add_argument("--no-bf16", action="store_true", help="fp32 on CUDA")
     p.add_argument("--no-channels-last", action="store_true")

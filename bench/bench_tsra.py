@@ -331,13 +331,12 @@ def environment(device: torch.device) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from bench import _args
-    from bench._args import positive_int
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="bench-results", help="output folder (JSON + Markdown)")
     p.add_argument("--dtypes", default=None, help="comma list of bf16,fp32,fp16 "
                    "(default: bf16,fp32 on GPU, fp32 on CPU)")
-    p.add_argument("--batch", type=positive_int, default=None,
+    p.add_argument("--batch", type=_args.positive_int, default=None,
                    help="default 1024 on GPU, 8 on CPU")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--ops", default="tsra,rmsnorm_tsra", help="comma list of tsra,rmsnorm_tsra")
