@@ -22,6 +22,7 @@ from cobkern.cob import (
     rotate_model,
 )
 from cobkern.cob.discovery import select_layers
+from cobkern.cob.rotate import ROTATION_MARK
 from cobkern.nn import TSRA, RMSNorm, RMSNormTSRA
 from cobkern.ops import use_backend
 from cobkern.ops.covariance import subspace_moments_reference
@@ -1010,3 +1011,38 @@ def test_non_finite_activations_are_named_not_ranked():
         derived = calibrate(m, batches(2), progress=False).rotated()
     assert torch.isnan(derived["0"].sum_abs).all()
     derived["0"].check_finite()
+
+
+def test_an_interrupted_rotation_leaves_the_model_as_it_was(monkeypatch):
+    """rotate_model rewrites layer after layer; a KeyboardInterrupt (or any error) between
+    two of them left the first layers rotated and the rest not — a model that neither the
+    statistics nor a retry fits (the retry was refused: the first producer carried the
+    mark). The rewritten weights and marks are now put back, and the retry rotates."""
+    from cobkern.cob import rotate as rotate_mod
+
+    torch.manual_seed(0)
+    m = small_net().double().eval()
+    data = [x.double() for x, _ in batches()]
+    with use_backend("reference"):
+        st = calibrate(m, data, progress=False)
+        y0 = m(data[0])
+        before = copy.deepcopy(m.state_dict())
+        calls = []
+        real = rotate_mod.rotate_input
+
+        def interrupted(module, r, spatial=1):
+            calls.append(module)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            real(module, r, spatial)
+
+        monkeypatch.setattr(rotate_mod, "rotate_input", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            rotate_model(m, st)
+        assert len(calls) == 2  # the first layer had been rotated, in and out
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, before[k]), k
+        assert not any(hasattr(mod, ROTATION_MARK) for mod in m.modules())
+        monkeypatch.setattr(rotate_mod, "rotate_input", real)
+        rotate_model(m, st)
+        assert rel_err(m(data[0]), y0) <= 1e-10  # float64 round-off

@@ -17,6 +17,8 @@ network's function is unchanged up to round-off.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +29,8 @@ from cobkern._digest import tensor_digest
 from .discovery import CoBLayer, refuse_masked_weights, select_layers
 from .stats import CalibrationStats, LayerStats, weight_fingerprint
 
-__all__ = ["rotate_model", "RotationResult", "rotate_output", "rotate_input", "ROTATION_MARK"]
+__all__ = ["rotate_model", "RotationResult", "rotate_output", "rotate_input", "ROTATION_MARK",
+           "undone_on_error"]
 
 #: Attribute :func:`rotate_model` sets on each producer it rotated: a digest of the
 #: statistics it rotated with. The weight fingerprint cannot tell a second rotation by the
@@ -40,6 +43,37 @@ def _stats_token(s: LayerStats) -> str:
     """A digest of one layer's statistics (what marks a rotation by them)."""
     return tensor_digest([(f"{s.name}|{s.num_channels}|{s.split}|{s.count}|sum_sq", s.sum_sq),
                           ("sum_abs", s.sum_abs), ("gram_u", s.gram_u.diagonal())])
+
+
+@contextmanager
+def undone_on_error(layers: Sequence[CoBLayer]) -> Iterator[None]:
+    """Put back what a rotation of ``layers`` rewrites if the block raises.
+
+    Copies every weight and bias of the layers' producers and consumers (one extra copy of
+    those parameters while the block runs) and their :data:`ROTATION_MARK`; on any exception
+    — ``KeyboardInterrupt`` included — they are restored and the exception re-raised, so the
+    model is never left partly rotated.
+    """
+    params: dict[int, Tensor] = {}
+    for lay in layers:
+        for m in (lay.producer, lay.consumer):
+            for p in (m.weight, m.bias):
+                if p is not None:
+                    params[id(p)] = p
+    saved = [(p, p.detach().clone()) for p in params.values()]
+    marks = [(lay.producer, getattr(lay.producer, ROTATION_MARK, None)) for lay in layers]
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for p, copy in saved:
+                p.copy_(copy)
+        for m, mark in marks:
+            if mark is None:
+                m.__dict__.pop(ROTATION_MARK, None)
+            else:
+                setattr(m, ROTATION_MARK, mark)
+        raise
 
 
 @dataclass
@@ -100,6 +134,9 @@ def rotate_model(model: nn.Module, stats: CalibrationStats,
             width, split or weights: e.g. a model this function already rotated — its
             weights, or the mark :data:`ROTATION_MARK` it leaves on the producers, tell),
             or a weight masked by ``torch.nn.utils.prune`` (:func:`refuse_masked_weights`).
+
+    If it fails or is interrupted part-way, the weights and marks it had rewritten are put
+    back (:func:`undone_on_error`).
     """
     if stats.basis != "original":
         raise ValueError(f"rotate_model needs statistics of the un-rotated model, got basis "
@@ -120,7 +157,7 @@ def rotate_model(model: nn.Module, stats: CalibrationStats,
                 "statistics rotate_model returned (RotationResult.stats), or calibrate the "
                 "rotated model anew")
     rotations = {lay.name: stats[lay.name].eigh().rotation() for lay in chosen}
-    with torch.no_grad():
+    with undone_on_error(chosen), torch.no_grad():
         for lay in chosen:
             r = rotations[lay.name]
             rotate_output(lay.producer, r)

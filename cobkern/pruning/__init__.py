@@ -19,13 +19,13 @@ Kept apart in the style of Torch-Pruning:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import nullcontext
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from cobkern.cob import CalibrationStats, calibrate, rotate_model, select_layers
-from cobkern.cob.rotate import ROTATION_MARK
+from cobkern.cob.rotate import undone_on_error
 
 from .importance import IMPORTANCE_KINDS, LayerScores, compute_importance
 from .strategy import (
@@ -161,9 +161,7 @@ def prune(
                          "through the rotated model: pass loader=")
     # Everything that can fail runs before the model is cut; if it fails after the rotation,
     # the weights are put back, so that a retry does not rotate an already rotated model.
-    saved = _weights(chosen) if rotate else None
-    marks = [(lay.producer, getattr(lay.producer, ROTATION_MARK, None)) for lay in chosen]
-    try:
+    with undone_on_error(chosen) if rotate else nullcontext():
         if rotate:
             stats = rotate_model(model, stats, layers).stats
             if importance == "l1":
@@ -173,34 +171,8 @@ def prune(
         # checked here, not only by the surgery: a keep set it refused (a custom strategy's)
         # would otherwise leave the model rotated and the statistics no longer its own
         keep = check_keep_sets(chosen, strategy.plan(scores, chosen, model))
-    except BaseException:
-        if saved is not None:
-            _restore(saved)
-            for m, mark in marks:  # un-rotated again: rotate_model may rotate it once more
-                if mark is None:
-                    m.__dict__.pop(ROTATION_MARK, None)
-                else:
-                    setattr(m, ROTATION_MARK, mark)
-        raise
     report = apply_keep_sets(model, chosen, keep, normalizer)
     report.meta.update({"importance": importance, "cob": cob, **strategy.describe()})
     if isinstance(strategy, ExactParameterTarget):
         report.meta.update({"ratio": strategy.ratio, "achieved": strategy.achieved})
     return model, report
-
-
-def _weights(layers) -> list[tuple[Tensor, Tensor]]:
-    """``(parameter, copy)`` of every weight and bias a rotation of ``layers`` rewrites."""
-    params = {}
-    for lay in layers:
-        for m in (lay.producer, lay.consumer):
-            for p in (m.weight, m.bias):
-                if p is not None:
-                    params[id(p)] = p
-    return [(p, p.detach().clone()) for p in params.values()]
-
-
-def _restore(saved: list[tuple[Tensor, Tensor]]) -> None:
-    with torch.no_grad():
-        for p, copy in saved:
-            p.copy_(copy)
