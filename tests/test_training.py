@@ -271,7 +271,7 @@ def test_fuse_conv_bias_trains_the_same_and_is_set_for_the_run_only(tmp_path) ->
         runs[fused] = model.state_dict()
     for k, v in runs[False].items():
         torch.testing.assert_close(runs[True][k], v, rtol=1e-4, atol=1e-5 * v.abs().max())
-    with pytest.raises(ConfigError, match="fuse_conv_bias=true needs a cobkern VGG"):
+    with pytest.raises(ConfigError, match="needs a cobkern VGG"):
         finetune(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3072, 4)), data,
                  _tiny_config(steps=1, fuse_conv_bias=True), tmp_path / "bad")
 
@@ -1027,7 +1027,8 @@ def test_resume_with_other_training_images_is_an_error(tmp_path) -> None:
     """Same settings, other data (another COBKERN_DATA, files replaced): the checkpoint
     records a fingerprint of the training images and labels and refuses them."""
     data = _toy_data()
-    other = ImageSet(data[0].images, data[0].labels.flip(0))  # the same images, relabelled
+    # the same images, relabelled
+    other = ImageSet(data[0].images, data[0].labels.flip(0), data[0].classes)
     cfg = _tiny_config(steps=8)
     with cobkern.use_backend("reference"):
         with pytest.raises(_Stop):
@@ -1076,3 +1077,57 @@ def test_num_threads_is_set_for_the_run_only(tmp_path) -> None:
             train(_tiny_config(steps=2, num_threads=want), tmp_path / "b", data=_toy_data(),
                   on_step=stop)
     assert torch.get_num_threads() == before
+
+
+def test_a_kill_in_the_final_checkpoint_write_logs_the_final_eval_once(tmp_path,
+                                                                       monkeypatch) -> None:
+    """With checkpoint_every dividing steps (every preset: 1500/250, ...), a checkpoint is
+    written at the final step. The final evaluation came after it, so that checkpoint did
+    not record it; killed in the final checkpoint write, the resumed run evaluated again and
+    metrics.jsonl kept two eval lines at the last step, for good. The final step is now
+    evaluated before its checkpoint, like every other."""
+    from cobkern.training import trainer as T
+
+    data = _toy_data()
+    cfg = _tiny_config(steps=8, checkpoint_every=4, log_every=2)
+    real = T.save_checkpoint_file
+    written = []
+
+    def dying(obj, path):
+        written.append(obj["step"])
+        if len(written) == 3:  # after the step-4 and step-8 checkpoints: the final write
+            raise _Stop
+        real(obj, path)
+
+    with cobkern.use_backend("reference"):
+        train(cfg, tmp_path / "a", data=data)
+        monkeypatch.setattr(T, "save_checkpoint_file", dying)
+        with pytest.raises(_Stop):
+            train(cfg, tmp_path / "b", data=data)
+        monkeypatch.setattr(T, "save_checkpoint_file", real)
+        train(cfg, tmp_path / "b", data=data, resume=True)
+    assert written == [4, 8, 8]
+    a = _metric_lines(tmp_path / "a" / "metrics.jsonl")
+    b = _metric_lines(tmp_path / "b" / "metrics.jsonl")
+    assert [(r["event"], r["step"]) for r in a].count(("eval", 8)) == 1
+    assert b == a
+
+
+def test_train_refuses_a_foreign_model_and_mismatched_classes_before_any_step(tmp_path) \
+        -> None:
+    """A model that is not a cobkern VGG trained its steps and then failed at the first
+    checkpoint (whose model_config records a VGG); given data=, the class count was not
+    checked (4 classes into a 10-way head trained silently; 6 classes into a 4-way head
+    failed inside the loss). Both are ConfigErrors now, before step 1."""
+    steps: list[int] = []
+    data = _toy_data()
+    foreign = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 4))
+    with pytest.raises(ConfigError, match="needs a cobkern VGG model.*Sequential"):
+        train(_tiny_config(), tmp_path / "a", data=data, model=foreign, on_step=steps.append)
+    with pytest.raises(ConfigError, match="10 outputs but the data has 4 classes"):
+        train(_tiny_config(num_classes=10), tmp_path / "b", data=data, on_step=steps.append)
+    six = [ImageSet(s.images, torch.arange(len(s.labels)) % 6, list("abcdef")) for s in data]
+    with pytest.raises(ConfigError, match="4 outputs but the data has 6 classes"):
+        train(_tiny_config(), tmp_path / "c", data=tuple(six), on_step=steps.append)
+    assert steps == []
+    assert not any((tmp_path / d).exists() for d in "abc")

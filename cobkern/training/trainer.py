@@ -133,9 +133,10 @@ def train(
             (only the fields in :data:`~.checkpoint.RESUME_MAY_CHANGE` may differ). Without it, an
             existing checkpoint in ``out_dir`` is an error (nothing is overwritten), and a
             ``metrics.jsonl`` left by a run killed before its first checkpoint is replaced.
-        model: train this model (e.g. a pruned one) instead of building ``config.arch``;
-            it is trained in place and keeps its architecture.
-        data: ``(train, test)`` image sets instead of loading ``config.data_source``.
+        model: train this cobkern VGG (e.g. a pruned one) instead of building
+            ``config.arch``; it is trained in place and keeps its architecture.
+        data: ``(train, test)`` image sets instead of loading ``config.data_source``; the
+            model's outputs must match their number of classes.
         on_step: called with the step number after every optimizer step (and after any
             checkpoint at that step); may raise to stop the run.
         on_start: called once, on the main rank, when the data, model, optimizer and any
@@ -149,7 +150,8 @@ def train(
         "ranks_in_sync"}`` (the last one only under data parallelism).
 
     Raises:
-        ConfigError: an invalid setting. CheckpointError: ``resume`` without a readable
+        ConfigError: an invalid setting, a model that is not a cobkern VGG or whose outputs
+        do not match the classes. CheckpointError: ``resume`` without a readable
         checkpoint of this model, or with settings that differ from the checkpoint's;
         a checkpoint in ``out_dir`` without ``resume``. :class:`cobkern.data.DataError`:
         missing or bad data.
@@ -233,14 +235,12 @@ def _train(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
     if model is None:
         model = _build_model(config)
     base = unwrap_model(model)
-    if isinstance(base, VGG):
-        base.fuse_conv_bias = config.fuse_conv_bias
-    elif config.fuse_conv_bias:
-        raise ConfigError(f"fuse_conv_bias=true needs a cobkern VGG model (whose forward "
-                          f"hands the convolutions' biases to the TSRA kernels), got "
-                          f"{type(base).__name__}")
-    if data is None:
-        check_num_classes(base, len(train_set.classes))
+    if not isinstance(base, VGG):  # checkpoints and the saved model record a VGG's config:
+        # refused now, not at the first checkpoint (or after the whole run, without one)
+        raise ConfigError(f"train needs a cobkern VGG model (vgg16_tsra / vgg16_relu / "
+                          f"build_model, pruned or not), got {type(base).__name__}")
+    base.fuse_conv_bias = config.fuse_conv_bias
+    check_num_classes(base, len(train_set.classes))
     device = d.device
     fmt = torch.channels_last if config.channels_last else torch.contiguous_format
     base.to(device=device, memory_format=fmt)
@@ -396,12 +396,13 @@ def _train(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
                     win_correct.zero_()
                     t_window, n_window = time.perf_counter(), 0
                 # Evaluate before checkpointing, so that a checkpoint records the evaluation
-                # at its step and a resumed run neither repeats nor loses it. Without
-                # eval_every, the end of every epoch is evaluated (the final step always is,
-                # below).
+                # at its step and a resumed run neither repeats nor loses it (the final step
+                # included: its checkpoint may be the last one). Without eval_every, the end
+                # of every epoch is evaluated.
                 epoch_done = loader.batch == len(loader)
-                if (config.eval_every and step % config.eval_every == 0) or \
-                        (not config.eval_every and epoch_done and step < config.steps):
+                if step >= config.steps or \
+                        (config.eval_every and step % config.eval_every == 0) or \
+                        (not config.eval_every and epoch_done):
                     last_eval = run_eval()
                 if config.checkpoint_every and step % config.checkpoint_every == 0:
                     save_checkpoint()
