@@ -1131,3 +1131,18 @@ def test_train_refuses_a_foreign_model_and_mismatched_classes_before_any_step(tm
         train(_tiny_config(), tmp_path / "c", data=tuple(six), on_step=steps.append)
     assert steps == []
     assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_evaluate_puts_back_each_submodules_own_mode() -> None:
+    """A training model with frozen (eval-mode) Dropout layers: evaluate restored only the
+    top-level flag (``model.train(True)``), which switched the frozen layers back on."""
+    model = vgg16_tsra(num_classes=4, width=0.0625)
+    frozen = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert frozen
+    for m in frozen:
+        m.eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    with cobkern.use_backend("reference"):
+        evaluate(model, _toy_data(8, 8)[1], batch_size=8)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert model.training and not any(m.training for m in frozen)

@@ -66,6 +66,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cobkern._modes import eval_mode
 from cobkern._wrappers import compiled_in_place, parallel_wrapped, unwrap_model
 from cobkern.ops._checks import as_int
 from cobkern.ops.covariance import CovarianceAccumulator
@@ -368,8 +369,7 @@ def calibrate(
             if isinstance(lay.consumer, nn.Linear):
                 undo.callback(lay.consumer.register_forward_pre_hook(
                     _flat_input_check(lay)).remove)
-        undo.callback(_restore_modes, [(m, m.training) for m in model.modules()])
-        model.eval()
+        undo.enter_context(eval_mode(model))
         undo.callback(_switch_fuse_conv_bias(unwrap_model(net), fused))
         run = net
         if cuda_graphs and _graphs_on(device):
@@ -432,12 +432,6 @@ def calibrate(
     for s in out.values():
         s.check_finite()  # NaN/Inf activations: say so now, not as odd rankings later
     return CalibrationStats(out, total, meta)
-
-
-def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
-    """Put back each submodule's own ``training`` flag."""
-    for m, mode in modes:
-        m.training = mode
 
 
 def _close_bar(bar) -> None:

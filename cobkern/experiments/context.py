@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cobkern._modes import eval_mode
 from cobkern.cob import CalibrationStats, calibrate, rotate_model
 from cobkern.data import DeviceLoader, ImageSet, calibration_set, load_cifar10, subset
 from cobkern.models import load_model
@@ -149,11 +150,8 @@ class Context:
         loader = DeviceLoader.from_imageset(self.eval_set(), self.config.eval_batch_size,
                                             augment=False, shuffle=False, drop_last=False,
                                             device=self.device)
-        was = model.training
-        model.eval()
-        out = [model(x).double().cpu() for x, _ in loader]
-        model.train(was)
-        return torch.cat(out)
+        with eval_mode(model):
+            return torch.cat([model(x).double().cpu() for x, _ in loader])
 
     # ------------------------------------------------------------------ models
     def model(self, arch: str = "tsra") -> nn.Module:

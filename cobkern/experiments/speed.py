@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cobkern._modes import eval_mode
+
 __all__ = ["count_flops", "measure_speed", "layer_flops", "cudnn_autotune"]
 
 
@@ -48,14 +50,12 @@ def layer_flops(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 32, 32),
     for name, m in model.named_modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             handles.append(m.register_forward_hook(hook(name)))
-    was = model.training
-    model.eval()
     try:
-        model(torch.zeros(input_shape, device=device))
+        with eval_mode(model):
+            model(torch.zeros(input_shape, device=device))
     finally:
         for h in handles:
             h.remove()
-        model.train(was)
     return macs
 
 
@@ -92,7 +92,8 @@ def cudnn_autotune(device: torch.device, enabled: bool = True) -> Iterator[None]
 def measure_speed(model: nn.Module, batch_size: int, device: torch.device | str, *,
                   repeats: int = 20, warmup: int = 3, channels_last: bool = False,
                   autotune: bool = True) -> dict[str, float]:
-    """Time ``model`` on random ``(batch_size, 3, 32, 32)`` inputs.
+    """Time ``model`` (in eval mode; its modes are put back after) on random
+    ``(batch_size, 3, 32, 32)`` inputs; the model is moved to ``device``.
 
     ``autotune``: let cuDNN choose its algorithms by timing them in the warm-up
     (:func:`cudnn_autotune`; CUDA only), so that pruned and unpruned models each run the
@@ -103,14 +104,14 @@ def measure_speed(model: nn.Module, batch_size: int, device: torch.device | str,
         images/s at the median, "batch": batch_size, "repeats"}``.
     """
     device = torch.device(device)
-    with cudnn_autotune(device, autotune):
+    with cudnn_autotune(device, autotune), eval_mode(model):
         return _measure(model, batch_size, device, repeats, warmup, channels_last)
 
 
 def _measure(model: nn.Module, batch_size: int, device: torch.device, repeats: int,
              warmup: int, channels_last: bool) -> dict[str, float]:
-    """:func:`measure_speed` without the cuDNN setting."""
-    model = model.eval().to(device)
+    """:func:`measure_speed` without the cuDNN setting and the eval mode."""
+    model = model.to(device)
     x = torch.randn(batch_size, 3, 32, 32, device=device,
                     generator=torch.Generator(device=device).manual_seed(0))
     if channels_last:

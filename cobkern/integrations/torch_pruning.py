@@ -44,6 +44,7 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.pruner.function import BasePruningFunc
 
+from cobkern._modes import eval_mode
 from cobkern.nn import TSRA, RMSNorm, RMSNormTSRA
 
 __all__ = [
@@ -265,15 +266,12 @@ def prune_with_torch_pruning(
         gen = torch.Generator().manual_seed(0)
         example_inputs = torch.randn(1, 3, 32, 32, generator=gen).to(first.device, dtype)
     imp = make_importance(importance) if isinstance(importance, str) else importance
-    was_training = model.training
-    model.eval()
-    try:
+    # also on a failed trace (e.g. a wrong example input) the modes are put back
+    with eval_mode(model):
         pruner = tp.pruner.MetaPruner(
             model, example_inputs, importance=SubspaceGuard(imp), pruning_ratio=channel_ratio,
             ignored_layers=[_logits_layer(model), *(ignored_layers or [])],
             customized_pruners=customized_pruners(normalizer))
         with torch.enable_grad():
             pruner.step()
-    finally:  # a failed trace (e.g. a wrong example input) must not leave it in eval mode
-        model.train(was_training)
     return model

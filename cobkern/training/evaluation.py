@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from cobkern._modes import eval_mode
 from cobkern.data import DeviceLoader, ImageSet
 from cobkern.models import unwrap_model
 
@@ -42,7 +43,7 @@ def evaluate(
 
     Args:
         model: any classifier returning ``(B, num_classes)`` logits. Put in eval mode for the
-            call and restored afterwards.
+            call; each submodule's mode is restored afterwards.
         data: an :class:`ImageSet` (wrapped in a plain :class:`DeviceLoader`) or a loader,
             whose images are scored the same way (:meth:`DeviceLoader.plain`: each once, in
             order, un-augmented — also from a training loader — and its position kept).
@@ -65,12 +66,10 @@ def evaluate(
         # every image once, un-augmented, whatever the loader's settings (a training loader
         # would augment and drop its tail), and without moving the caller's loader
         data = data.plain()
-    was_training = model.training
-    model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     n = 0
-    try:
+    with eval_mode(model):
         for x, y in data:
             if y.numel() == 0:
                 continue
@@ -79,8 +78,6 @@ def evaluate(
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
             correct += (logits.argmax(1) == y).sum()
             n += y.numel()
-    finally:
-        model.train(was_training)
     totals = [loss_sum.item(), float(correct.item()), float(n)]
     if data.world_size > 1 and dist.is_available() and dist.is_initialized():
         t = torch.tensor(totals, dtype=torch.float64, device=device)
