@@ -573,3 +573,80 @@ def test_archive_members_stored_as_links_are_images_too(tmp_path) -> None:
     with pytest.raises(DataError, match=r"dog/0000.png is a link to '../nowhere/0000.png', "
                                         "which is not a file in the archive"):
         load_cifar10("shipped", dangling, cache_dir=tmp_path / "c3")
+
+
+def test_16_bit_grey_images_are_scaled_and_32_bit_ones_refused(tmp_path) -> None:
+    """Pillow's ``convert("RGB")`` clips a 16-bit grey image (mode ``I;16``) at 255: a
+    50 % grey decoded white. It is now scaled (v·255/65535, rounded); 32-bit integer or
+    float pixels, whose range is not known, are named instead of clipped (or blackened)."""
+    for split in ("train", "test"):
+        for cls, v in (("dark", 4096), ("grey", 32768), ("white", 65535)):
+            d = tmp_path / "tree" / split / cls
+            d.mkdir(parents=True)
+            Image.fromarray(np.full((32, 32), v, np.uint16)).save(d / "a.png")
+    assert Image.open(tmp_path / "tree" / "train" / "grey" / "a.png").mode.startswith("I;16")
+    train, _ = load_cifar10("imagefolder", tmp_path / "tree", cache_dir=tmp_path / "c")
+    assert train.classes == ["dark", "grey", "white"]
+    assert train.images[:, 0, 0].tolist() == [[16] * 3, [128] * 3, [255] * 3]
+    bad = tmp_path / "tree" / "train" / "grey" / "b.tif"
+    Image.fromarray(np.full((32, 32), 0.5, np.float32)).save(bad)
+    with pytest.raises(DataError, match=r"b\.tif.*32-bit floats \(mode F\)"):
+        load_cifar10("imagefolder", tmp_path / "tree", cache_dir=tmp_path / "c")
+
+
+def test_a_tree_loads_in_one_order_as_a_folder_and_as_an_archive(tmp_path) -> None:
+    """The archive sorted its members by full name, where "cat-big/" comes before "cat/"
+    ("-" < "/"); the folder walks each level in name order. The same tree gave two image
+    orders — another data fingerprint (a resume across them refused), other shuffles and
+    subsets. Both now order by path component."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("cat", "cat-big"):
+            d = tmp_path / "tree" / split / cls
+            d.mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                    d / f"{i}.png")
+    _tar(tmp_path / "tree", tmp_path / "tree.tar.gz", "w:gz")
+    f, f_test = load_cifar10("imagefolder", tmp_path / "tree", cache_dir=tmp_path / "c")
+    a, a_test = load_cifar10("shipped", tmp_path / "tree.tar.gz", cache_dir=tmp_path / "c")
+    assert f.labels.tolist() == a.labels.tolist() == [0, 0, 1, 1]
+    assert torch.equal(f.images, a.images) and torch.equal(f_test.images, a_test.images)
+
+
+@pytest.mark.parametrize("content, words", [
+    ({"fine_label_names": ["a"]}, "holds no 'data' entry"),
+    ([1, 2, 3], "holds no 'data' entry"),
+    ({"data": np.zeros((3, 1024), np.uint8), "labels": [0] * 3}, r"rows of 3072.*\(3, 1024\)"),
+    ({"data": np.zeros((3, 3072), np.uint8), "labels": [0] * 2}, "3 images but 2 labels"),
+    ({"data": np.zeros((3, 3072), np.uint8)}, "3 images but no labels"),
+], ids=["no-data", "a-list", "grey-rows", "short-labels", "no-labels"])
+def test_a_torchvision_batch_file_with_other_content_is_named(tmp_path, content, words) -> None:
+    """Batch files that unpickle but are no CIFAR-10 batch raised KeyError / ValueError /
+    TypeError without the file's name (a traceback from the CLI)."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    good = {"data": np.zeros((3, 3072), np.uint8), "labels": [0, 1, 2]}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump(content if name == "data_batch_3" else good, f)
+    with pytest.raises(DataError, match=f"data_batch_3.*{words}"):
+        load_cifar10("torchvision", tmp_path)
+
+
+def test_a_file_replaced_with_its_size_and_mtime_kept_is_decoded_again(tmp_path) -> None:
+    """The folder cache was keyed by path, size and mtime: a file replaced by one of the
+    same size with its time restored (cp -p, rsync -a, tar x of a reproducible pack) loaded
+    the old pixels from the cache. The change time is in the key now."""
+    for split in ("train", "test"):
+        d = tmp_path / "tree" / split / "cat"
+        d.mkdir(parents=True)
+        Image.fromarray(np.full((32, 32, 3), 10, np.uint8)).save(d / "0.bmp")
+    f = tmp_path / "tree" / "train" / "cat" / "0.bmp"
+    first, _ = load_cifar10("imagefolder", tmp_path / "tree", cache_dir=tmp_path / "c")
+    st = f.stat()
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(f)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    again, _ = load_cifar10("imagefolder", tmp_path / "tree", cache_dir=tmp_path / "c")
+    assert int(first.images.float().mean()) == 10 and int(again.images.float().mean()) == 200

@@ -118,9 +118,10 @@ def load_cifar10(
         if not archive.is_file():
             raise DataError(f"CIFAR-10 archive not found: {archive} (set COBKERN_DATA or pass "
                             "--data-root)")
-        # "l" marks caches decoded with link members (hard links, symlinks) read as
-        # images: a cache from before skipped them, a smaller dataset for such an archive
-        key = "l" + _sha256_file(archive)
+        # The letter marks the decoder: "l" read link members (hard links, symlinks) as
+        # images (a cache from before skipped them), "p" orders members by path component
+        # and scales 16-bit grey images (caches from before: "cat-big" before "cat", white)
+        key = "p" + _sha256_file(archive)
         arrays = _cached(key, cache_dir, f"archive:{archive}",
                          lambda: _decode_archive(archive), rebuild_cache)
     elif source == "imagefolder":

@@ -42,6 +42,13 @@ def _decode(blob: bytes, name: str) -> np.ndarray:
 
     try:
         with Image.open(io.BytesIO(blob)) as im:
+            if im.mode.startswith("I;16"):  # 16-bit grey: convert() would clip it at 255
+                a = np.asarray(im).astype(np.uint32)
+                im = Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L")
+            elif im.mode in ("I", "F"):
+                kind = "integers" if im.mode == "I" else "floats"
+                raise ValueError(f"its pixels are 32-bit {kind} (mode {im.mode}), whose range "
+                                 "is not known; save it with 8 or 16 bits per channel")
             im = im.convert("RGB")
             if im.size != (IMAGE_SIZE, IMAGE_SIZE):
                 im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
@@ -117,7 +124,9 @@ def _decode_archive(path: Path) -> dict[str, object]:
         raise DataError(f"cannot read archive {path}: {e}") from None
     items: dict[str, list[tuple[str, np.ndarray]]] = {"train": [], "test": []}
     skip_val = _val_is_not_test({d for _, d, _, _ in found}, str(path))
-    for _, split_dir, cls, image in sorted(found, key=lambda t: t[0]):
+    # by path components, as the folder source walks a tree ("cat" before "cat-big", whose
+    # full name sorts first: "-" < "/")
+    for _, split_dir, cls, image in sorted(found, key=lambda t: Path(t[0]).parts):
         if not (skip_val and split_dir == "val"):
             items[_SPLITS[split_dir]].append((cls, image))
     return _assemble(items, str(path))
@@ -167,12 +176,15 @@ def _decode_folder(root: Path, files: Iterable[tuple[str, str, Path]]) -> dict[s
 
 
 def _folder_key(root: Path, files: list[tuple[str, str, Path]]) -> str:
-    h = hashlib.sha256(os.fsencode(root.resolve()) + b"\0\n")
+    # "decoder 2": 16-bit grey images scaled (caches from before hold them clipped, white)
+    h = hashlib.sha256(b"decoder 2\0" + os.fsencode(root.resolve()) + b"\0\n")
     for _, _, f in files:
         st = f.stat()
-        # fsencode: a file name that is not valid UTF-8 (surrogate-escaped) hashes too
+        # fsencode: a file name that is not valid UTF-8 (surrogate-escaped) hashes too. The
+        # change time too: a file replaced with its size and mtime kept (cp -p, rsync -a,
+        # tar x) still changes it.
         h.update(os.fsencode(f.relative_to(root)))
-        h.update(f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -192,6 +204,22 @@ def _unpickle(path: Path) -> dict:
         raise DataError(f"cannot read CIFAR-10 batch file {path}: {e}") from None
 
 
+def _batch_content(d: object, path: Path) -> tuple[np.ndarray, list[int]]:
+    """The ``(N, 3072)`` uint8 rows and the N labels of one unpickled batch file."""
+    if not isinstance(d, dict) or "data" not in d:
+        raise DataError(f"CIFAR-10 batch file {path} holds no 'data' entry (not a CIFAR-10 "
+                        "python batch)")
+    rows = np.asarray(d["data"])
+    if rows.ndim != 2 or rows.shape[1] != 3 * 32 * 32 or rows.dtype != np.uint8:
+        raise DataError(f"CIFAR-10 batch file {path}: 'data' must be uint8 rows of 3072 "
+                        f"(3x32x32) values, got {rows.dtype} {rows.shape}")
+    labels = d.get("labels", d.get("fine_labels"))
+    if labels is None or len(labels) != len(rows):
+        raise DataError(f"CIFAR-10 batch file {path}: {len(rows)} images but "
+                        f"{'no' if labels is None else len(labels)} labels")
+    return rows, list(labels)
+
+
 def _read_batches(folder: Path) -> dict[str, object]:
     out: dict[str, object] = {}
     for split, names in (("train", [f"data_batch_{i}" for i in range(1, 6)]),
@@ -202,8 +230,9 @@ def _read_batches(folder: Path) -> dict[str, object]:
             if not p.is_file():
                 raise DataError(f"missing CIFAR-10 file {p}")
             d = _unpickle(p)
-            data.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.extend(d.get("labels", d.get("fine_labels", [])))
+            rows, labs = _batch_content(d, p)
+            data.append(rows.reshape(-1, 3, 32, 32))
+            labels.extend(labs)
         out[f"{split}_images"] = np.concatenate(data).transpose(0, 2, 3, 1)
         out[f"{split}_labels"] = np.asarray(labels, dtype=np.int64)
     meta = folder / "batches.meta"
