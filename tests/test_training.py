@@ -542,7 +542,9 @@ def test_rank_state_fallbacks() -> None:
     ({"label_smoothing": 1.5}, "label_smoothing"), ({"label_smoothing": 1.0}, "label_smoothing"),
     ({"width": float("inf")}, "width"), ({"width": float("nan")}, "width"),
     ({"lr": float("inf")}, "lr"), ({"weight_decay": float("inf")}, "weight_decay"),
-    ({"grad_clip": float("nan")}, "grad_clip")])
+    ({"grad_clip": float("nan")}, "grad_clip"),
+    # torch's 64-bit seeds / 32-bit thread counts: these failed in train() after the data
+    ({"seed": 2**64}, "seed"), ({"seed": 2**63}, "seed"), ({"num_threads": 2**31}, "num_threads")])
 def test_config_validation_names_the_field(overrides, field) -> None:
     from cobkern.training import ConfigError, apply_overrides
 
@@ -1146,3 +1148,13 @@ def test_evaluate_puts_back_each_submodules_own_mode() -> None:
         evaluate(model, _toy_data(8, 8)[1], batch_size=8)
     assert {name: m.training for name, m in model.named_modules()} == modes
     assert model.training and not any(m.training for m in frozen)
+
+
+@pytest.mark.parametrize("key", ["preset", "arch"])
+def test_a_config_file_naming_a_preset_or_arch_that_is_not_a_string_is_one_line(
+        tmp_path, capsys, key) -> None:
+    """``{"preset": ["quick"]}`` raised TypeError (unhashable list) with a traceback."""
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({key: ["quick" if key == "preset" else "tsra"]}))
+    assert main(["--config", str(f), "--print-config"]) == 2
+    assert f"unknown {key} ['" in capsys.readouterr().err

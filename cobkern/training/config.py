@@ -183,6 +183,10 @@ class TrainConfig:
                      "eval_every", "checkpoint_every", "train_subset", "test_subset",
                      "num_threads", "momentum", "seed"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        # torch seeds are 64-bit (the run adds the rank and small offsets) and thread counts
+        # 32-bit: beyond, train() failed after loading the data with "Overflow when unpacking"
+        need(self.seed < 2**63, f"seed must be < 2**63, got {self.seed}")
+        need(self.num_threads < 2**31, f"num_threads must be < 2**31, got {self.num_threads}")
         need(self.schedule != "cosine" or self.min_lr <= self.lr,
              f"min_lr ({self.min_lr}) must not exceed lr ({self.lr}): the cosine schedule "
              "would raise the learning rate instead of decaying it")
@@ -252,10 +256,10 @@ def get_preset(name: str, arch: str = "tsra") -> TrainConfig:
     Raises:
         ValueError (:class:`ConfigError`): unknown preset or arch; the message lists them.
     """
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; available presets: "
                           f"{', '.join(sorted(PRESETS))}")
-    if arch not in PRESETS[name]:
+    if not isinstance(arch, str) or arch not in PRESETS[name]:
         raise ConfigError(f"unknown arch {arch!r}; expected one of {sorted(PRESETS[name])}")
     return TrainConfig(arch=arch, **PRESETS[name][arch]).validate()
 
