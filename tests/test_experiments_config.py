@@ -205,3 +205,11 @@ def test_record_keys_tell_close_strategy_values_apart() -> None:
     assert json_value(0.9999995) != json_value(0.9999999)
     assert json_value([0.5, 0.7]) == "0.5,0.7" and json_value(1e-07) == "1e-07"
     assert json_value(3) == "3" and json_value("max") == "max"
+
+
+@pytest.mark.parametrize("seed, words", [(-1, "seed must be >= 0"), (2**63, "seed must be < 2")])
+def test_the_experiment_seed_is_bounded_like_the_trainings(seed, words) -> None:
+    """A negative or 64-bit-overflowing seed passed the experiment config and failed later
+    (the loaders refuse negative seeds; torch's are 64-bit)."""
+    with pytest.raises(ValueError, match=words):
+        get_experiment_preset("quick").with_overrides({"seed": seed})

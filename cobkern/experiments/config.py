@@ -206,7 +206,8 @@ class ExperimentConfig:
         anything is written, so a bad ``--set`` never reaches ``config.json``)."""
         if not isinstance(self.preset, str):
             raise ValueError(f"preset: expected a name, got {self.preset!r}")
-        _check_int("seed", self.seed)
+        if _check_int("seed", self.seed, 0) >= 2**63:  # the training's bound (64-bit seeds)
+            raise ValueError(f"seed must be < 2**63, got {self.seed}")
         if not isinstance(self.device, str):
             raise ValueError(f"device: expected a string such as auto, cpu or cuda:0, got "
                              f"{self.device!r}")
