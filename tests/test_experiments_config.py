@@ -213,3 +213,23 @@ def test_the_experiment_seed_is_bounded_like_the_trainings(seed, words) -> None:
     (the loaders refuse negative seeds; torch's are 64-bit)."""
     with pytest.raises(ValueError, match=words):
         get_experiment_preset("quick").with_overrides({"seed": seed})
+
+
+def test_the_peers_experiment_without_torch_pruning_is_refused_before_any_work(
+        tmp_path, monkeypatch, capsys) -> None:
+    """Torch-Pruning is an extra: without it `cobkern run` trained, calibrated and swept,
+    then died at the peers with a ModuleNotFoundError traceback. It is now one error line
+    naming the install and the way to leave the experiment out, before anything is done."""
+    import sys
+
+    from cobkern.cli.main import main
+    from cobkern.experiments.sweeps import check_requirements
+
+    monkeypatch.setitem(sys.modules, "torch_pruning", None)  # as if not installed
+    with pytest.raises(ValueError, match=r"cobkern\[prune\].*--experiments fixed,speed"):
+        check_requirements(["fixed", "peers", "speed"])
+    check_requirements(["fixed", "speed"])
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), "--set", 'train={"steps": 1}']) == 2
+    assert "peers experiment needs Torch-Pruning" in capsys.readouterr().err
+    assert not (out / "train").exists()

@@ -187,7 +187,7 @@ def test_report_wording_follows_the_measurements(tmp_path: Path) -> None:
     was not measured."""
     out = tmp_path / "out"
     atomic_write_json(out / "config.json", {"experiment": ExperimentConfig(
-        fractions=[0.0, 0.3, 0.5, 0.7, 0.9]).to_dict()})
+        fractions=[0.0, 0.3, 0.5, 0.7, 0.9], speed_batches=[1, 64]).to_dict()})
     recs = _records()
     recs.append({**recs[0], "key": "reference|relu", "arch": "relu", "accuracy": 0.86})
     recs.append({"experiment": "speed", "key": "speed|unpruned|0|b64|cpu",
@@ -487,3 +487,77 @@ def test_setup_states_the_calibration_and_width_used_and_tolerates_null_logits(
     assert "Calibration: 240 training images" in text
     assert "A width-1/16 model" in text
     assert "largest logit change – (logits up to –;" in text
+
+
+def test_a_fixed_ratio_point_the_peers_sweep_logged_first_is_in_every_output() -> None:
+    """Without peer fine-tuning the peers' CoB point has the fixed sweep's key; run first
+    (``cobkern sweep --experiments peers``), it logged that record as a "peers" one, the
+    fixed sweep then skipped the key — and the summary's curves, frontier and CoB-vs-baseline
+    count left the point out while report.md's table showed it."""
+    from cobkern.report.summary import fixed_rows
+
+    recs = _records()
+    for r in recs:
+        if r.get("key") == "cob|l2|0.5":
+            r["experiment"] = "peers"
+    for finetune in (False, True):  # also after peer_finetune is switched on
+        s = summarize(recs, ExperimentConfig(peer_finetune=finetune, peer_fractions=[0.5]))
+        assert [p["target"] for p in s["fixed"]["l2/cob"]] == [0.0, 0.3, 0.5, 0.7, 0.9]
+        assert s["cob_wins"]["l2"] == {"ratios": 4, "cob_better": 4, "ties": 0}
+        # a peers table of fine-tuned points does not show it
+        assert [r["target"] for r in s.get("peers", [])] == ([] if finetune else [0.5])
+    assert 0.5 in [r["target"] for r in fixed_rows(recs) if r["method"] == "cob"
+                   and r["importance"] == "l2"]
+
+
+def test_the_speed_table_shows_the_configured_batches() -> None:
+    """After speed_batches changed from [1, 8] to [1, 4], the records of batch 8 (still
+    current: the batch is in their key, not their inputs) stayed the "large batch" and the
+    new batch-4 measurements showed nowhere."""
+    recs = [r for r in _records() if r["experiment"] != "speed"]
+    for method, target, params in (("unpruned", 0.0, 1000), ("cob", 0.7, 300)):
+        for b, thr in ((1, 100.0), (8, 800.0), (4, 400.0)):
+            recs.append({"experiment": "speed", "key": f"speed|{method}|{target}|b{b}|cpu",
+                         "method": method, "target": target, "params": params,
+                         "flops": 8 * params, "batch": b, "latency_ms": 1.0,
+                         "throughput": thr * (2 if method == "cob" and b == 4 else 1),
+                         "device": "CPU"})
+    rows = summarize(recs, ExperimentConfig(speed_batches=[1, 4]))["speed"]
+    assert {(r["batch_small"], r["batch_large"]) for r in rows} == {(1, 4)}
+    assert [r["throughput_bmax"] for r in rows] == [400.0, 800.0]
+    assert rows[1]["speedup_bmax"] == 2.0
+    assert summarize(recs, ExperimentConfig(speed_batches=[1, 8]))["speed"][1][
+        "speedup_bmax"] == 1.0
+
+
+def test_the_lossless_summary_without_a_tolerance_is_the_default_the_sweep_used() -> None:
+    """lossless_tol null → 1e-7 → null on float64 statistics (default 1e-10): the third
+    sweep reused the 1e-10 record, but the summary took the newest record whose tolerance
+    is any precision's default — the explicit 1e-7 one."""
+    first = dict(_lossless(1e-10, 0.50), default_tol=1e-10, time="2026-11-29T10:00:00")
+    explicit = dict(_lossless(1e-7, 0.60), default_tol=1e-10, time="2026-11-29T11:00:00")
+    s = summarize(_records() + [first, explicit], ExperimentConfig())["lossless"]
+    assert (s["tol"], s["fraction_pruned"]) == (1e-10, 0.50)
+    s = summarize(_records() + [first, explicit], ExperimentConfig(lossless_tol=1e-7))
+    assert s["lossless"]["tol"] == 1e-7
+
+
+def test_the_speed_figure_names_its_batches_and_draws_no_bar_for_a_missing_ratio(
+        tmp_path: Path, monkeypatch) -> None:
+    """The legend said "batch 1" whatever speed_batches were, and a ratio that was not
+    measured was drawn as a 0× bar (the table says "–")."""
+    import math
+
+    from cobkern.report import figures
+
+    figs = []
+    monkeypatch.setattr(figures, "save", lambda fig, path: figs.append(fig) or path)
+    rows = [{"target": 0.5, "flops_ratio": 2.0, "speedup_b1": 1.5, "speedup_bmax": None,
+             "batch_small": 16, "batch_large": 256}]
+    figures.fig_speed(rows, tmp_path / "speed.png")
+    ax = figs[0].axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "FLOPs reduction ×", "latency speed-up ×, batch 16", "throughput speed-up ×, batch 256"]
+    heights = [p.get_height() for p in ax.patches]
+    assert heights[:2] == [2.0, 1.5] and math.isnan(heights[2])
+    figures.plt.close(figs[0])

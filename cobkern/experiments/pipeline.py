@@ -24,7 +24,7 @@ from cobkern.training.checkpoint import CHECKPOINT_NAME, setting_change
 
 from .context import Context
 from .files import atomic_write_bytes, atomic_write_json
-from .sweeps import run_experiments
+from .sweeps import check_requirements, run_experiments
 
 __all__ = ["train_step", "calibrate_step", "sweep_step", "report_step", "run_pipeline",
            "check_trained_settings", "trained_with", "saved_config"]
@@ -241,6 +241,7 @@ def run_pipeline(ctx: Context, experiments: list[str] | None = None) -> dict[str
     (also written to ``OUT/run.json``)."""
     t_all = time.perf_counter()
     names = list(experiments or ctx.config.experiments)
+    check_requirements(names)  # before hours of training, not at the sweep
     relu = ctx.config.train_relu or ("peers" in names and "relu" in ctx.config.peer_archs)
     # refuse before config.json claims settings the trained models were not made with
     check_trained_settings(ctx, "tsra")

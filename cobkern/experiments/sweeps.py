@@ -31,6 +31,7 @@ made from another model, calibration, ``eval_subset`` or recipe is measured agai
 from __future__ import annotations
 
 import copy
+import importlib.util
 import time
 from collections.abc import Callable
 from typing import Any
@@ -176,14 +177,19 @@ def normalizer(ctx: Context, bar: Any = None) -> None:
 def lossless(ctx: Context, bar: Any = None) -> dict[str, Any]:
     """Experiment 3: CoB with the rank tolerance alone (normaliser ``original``, so only the
     directions the data never reaches are removed and nothing rescales)."""
-    tol = ctx.config.lossless_tol
-    if tol is None:  # the default for the precision the statistics were accumulated in
+    def default_tol() -> float:  # for the precision the statistics were accumulated in
         precisions = {s.accumulation for s in ctx.stats().layers.values()}
-        tol = max(DEFAULT_RANK_TOL[p] for p in precisions)
+        return max(DEFAULT_RANK_TOL[p] for p in precisions)
+
+    tol = ctx.config.lossless_tol
+    if tol is None:
+        tol = default_tol()
 
     def agreement(model: nn.Module, base: nn.Module) -> dict[str, Any]:
         a, b = ctx.logits(model), ctx.logits(base)
-        return {"agreement": float((a.argmax(1) == b.argmax(1)).double().mean()),
+        # default_tol: which record the report shows when the config names no tolerance
+        return {"default_tol": default_tol(),
+                "agreement": float((a.argmax(1) == b.argmax(1)).double().mean()),
                 "max_logit_diff": float((a - b).abs().max()),
                 "logit_scale": float(b.abs().max()),
                 "saturation_bound": _saturation_bounds(base)}
@@ -352,15 +358,31 @@ def _tick(bar: Any, n: int = 1) -> None:
         bar.update(n)
 
 
+def check_requirements(names: list[str]) -> None:
+    """Refuse, before any work, experiments whose optional package is not installed (the
+    peers need Torch-Pruning, an extra: without it a run trained, calibrated and swept, then
+    failed at the peers with a traceback)."""
+    if "peers" in names and importlib.util.find_spec("torch_pruning") is None:
+        others = ",".join(n for n in names if n != "peers")
+        raise ValueError("the peers experiment needs Torch-Pruning, which is not installed: "
+                         "pip install 'cobkern[prune]' (or torch-pruning)"
+                         + (f", or leave it out with --experiments {others}" if others else ""))
+
+
 def run_experiments(ctx: Context, experiments: list[str] | None = None) -> list[dict[str, Any]]:
     """Run the named experiments (default: the config's), skipping measured records.
 
     Returns:
         All records of ``OUT/metrics.jsonl`` afterwards.
+
+    Raises:
+        ValueError: an experiment needs a package that is not installed
+            (:func:`check_requirements`).
     """
     from tqdm.auto import tqdm
 
     names = list(experiments or ctx.config.experiments)
+    check_requirements(names)
     if "peers" in names and "relu" in ctx.config.peer_archs:
         ctx.layout.require_model("relu")
     ctx.layout.require_model("tsra")

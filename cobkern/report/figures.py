@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 from typing import Any
 
@@ -199,11 +200,13 @@ def fig_speed(rows: list[dict[str, Any]], path: Path) -> Path:
               + (f"\nround_to {r['round_to']}" if r.get("round_to", 1) != 1 else "")
               for r in rows]
     xs = range(len(rows))
-    series = [("flops_ratio", "FLOPs reduction ×"), ("speedup_b1", "latency speed-up ×, batch 1"),
-              ("speedup_bmax", "throughput speed-up ×, large batch")]
+    series = [("flops_ratio", "FLOPs reduction ×"),
+              ("speedup_b1", f"latency speed-up ×, batch {rows[0]['batch_small']}"),
+              ("speedup_bmax", f"throughput speed-up ×, batch {rows[0]['batch_large']}")]
     w = 0.8 / len(series)
-    for i, (k, lbl) in enumerate(series):
-        ax.bar([x - 0.4 + w / 2 + i * w for x in xs], [r.get(k) or 0 for r in rows], w, label=lbl)
+    for i, (k, lbl) in enumerate(series):  # a ratio not measured: no bar (not a 0× one)
+        ys = [math.nan if r.get(k) is None else r[k] for r in rows]
+        ax.bar([x - 0.4 + w / 2 + i * w for x in xs], ys, w, label=lbl)
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xticks(list(xs))
     ax.set_xticklabels(labels)

@@ -17,8 +17,10 @@ from .analysis import curve, dedupe, latest, reliable_frontier, select
 __all__ = ["summarize", "fixed_rows", "matches_recipe", "FIXED_EXPERIMENTS"]
 
 
-#: The experiments whose records make the fixed-ratio curves and table.
-FIXED_EXPERIMENTS = ("fixed", "normalizer")
+#: The experiments whose records make the fixed-ratio curves and table: the peers' CoB
+#: point without fine-tuning has the fixed sweep's key, so whichever experiment ran first
+#: logged it (the filters on strategy and fine-tuning leave the other peer records out).
+FIXED_EXPERIMENTS = ("fixed", "normalizer", "peers")
 
 
 def _expected_steps(r: dict[str, Any], cfg: ExperimentConfig) -> int:
@@ -27,11 +29,19 @@ def _expected_steps(r: dict[str, Any], cfg: ExperimentConfig) -> int:
     return cfg.finetune.steps
 
 
+def _fixed_point(r: dict[str, Any]) -> bool:
+    """A fixed-ratio measurement without fine-tuning (the fixed sweep's key, also when the
+    peers sweep logged it)."""
+    return r.get("strategy") == "param_target" and not r.get("finetuned")
+
+
 def matches_recipe(r: dict[str, Any], cfg: ExperimentConfig) -> bool:
     """Whether a threshold / peer record was fine-tuned as the current config says (records
     of an earlier recipe stay in ``metrics.jsonl`` but are not reported as this run's)."""
     if r.get("experiment") not in ("threshold", "peers"):
         return True
+    if r.get("experiment") == "peers" and _fixed_point(r):
+        return True  # a fixed-ratio point whatever the peers' recipe is now
     # the tables have no normaliser column: only this config's normaliser (records of another
     # one would show as duplicate rows with other numbers)
     if r.get("normalizer", cfg.normalizer) != cfg.normalizer:
@@ -56,8 +66,8 @@ def peer_records(records: list[dict[str, Any]], cfg: ExperimentConfig) -> list[d
     fine-tuning the CoB point is the fixed-ratio sweep's record of that budget (the same
     key: one measurement, logged by whichever experiment ran first)."""
     pe = select(records, experiment="peers")
-    if cfg.peer_finetune:
-        return pe
+    if cfg.peer_finetune:  # the peers' fine-tuned CoB points, not fixed-ratio ones
+        return [r for r in pe if not (r.get("method") == "cob" and _fixed_point(r))]
     have = {r["key"] for r in pe}
     budgets = {round(float(p), 6) for p in cfg.peer_fractions}
     cob = [r for r in fixed_rows(records)
@@ -118,8 +128,7 @@ def summarize(records: list[dict[str, Any]], cfg: ExperimentConfig,
     if cfg.lossless_tol is not None:  # the config's tolerance, not whichever key came last
         ll = [r for r in ll if (r.get("value") or [None])[0] == cfg.lossless_tol]
     else:
-        from cobkern.pruning.strategy import DEFAULT_RANK_TOL
-        ll = [r for r in ll if (r.get("value") or [None])[0] in DEFAULT_RANK_TOL.values()]
+        ll = [r for r in ll if _at_default_tol(r)]
     ll.sort(key=lambda r: str(r.get("time", "")))
     if ll:
         r = ll[-1]
@@ -146,24 +155,39 @@ def summarize(records: list[dict[str, Any]], cfg: ExperimentConfig,
                        "accuracy": r["accuracy"], "finetuned": r.get("finetuned"),
                        "finetune_steps": r.get("finetune_steps", 0) if r.get("finetuned")
                        else 0} for r in pe]
-    s["speed"] = _speed_rows(records)
+    s["speed"] = _speed_rows(records, cfg.speed_batches)
     return s
 
 
-def _speed_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _at_default_tol(r: dict[str, Any]) -> bool:
+    """Whether a lossless record ran at the default tolerance of its statistics (recorded
+    as ``default_tol``; older records: any precision's default)."""
+    from cobkern.pruning.strategy import DEFAULT_RANK_TOL
+
+    tol = (r.get("value") or [None])[0]
+    if "default_tol" in r:
+        return tol == r["default_tol"]
+    return tol in DEFAULT_RANK_TOL.values()
+
+
+def _speed_rows(records: list[dict[str, Any]],
+                batches: list[int] | None = None) -> list[dict[str, Any]]:
     """The speed table of the device measured last: ratios never mix machines.
 
     One row per model: the unpruned one and each CoB fraction, a model pruned with
     ``round_to`` N > 1 (the record's ``round_to``) in a row of its own after the unrounded
     one of its fraction, with ``round_to`` in the row (rows of unrounded models have none);
-    every ratio is relative to the unpruned model.
+    every ratio is relative to the unpruned model. The small and large batch are the
+    smallest and largest of ``batches`` (the config's ``speed_batches``: records of an
+    earlier setting are not shown as this one's) that were measured, else of the records.
     """
     sp = select(records, experiment="speed")
     if not sp:
         return []
     device = sp[-1].get("device")
     sp = [r for r in sp if r.get("device") == device]
-    batches = sorted({r["batch"] for r in sp})
+    measured = {r["batch"] for r in sp}
+    batches = sorted(set(batches or ()) & measured or measured)
     b1, bmax = batches[0], batches[-1]
     base = {r["batch"]: r for r in sp if r["method"] == "unpruned"}
     rows = []
