@@ -276,10 +276,11 @@ def _backward_coefs(s2u, s2v, du, dv, a_u, b_u, a_v, b_v, eps, inv_norm_size, rm
     ku = t * inv_su + kv
     if RMSNORM:
         w = gu * du + gv * dv + q * (ku * s2u + kv * s2v)
-        q2 = q * q
-        corr = q2 * q * w * inv_norm_size
-        ku = q2 * ku - corr
-        kv = q2 * kv - corr
+        # q³·w/n one factor of q at a time: q³ alone leaves float32 (0 for an RMS beyond
+        # ~1e13, inf below ~1e-13 with rms_eps = 0) where the product does not
+        corr = q * (q * (q * w) * inv_norm_size)
+        ku = q * (q * ku) - corr
+        kv = q * (q * kv) - corr
         gu = gu * q
         gv = gv * q
     return gu, gv, ku, kv

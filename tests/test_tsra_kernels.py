@@ -374,6 +374,31 @@ def test_subnormal_squared_norms_keep_the_norms_gradient(fused, shape, split, la
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("scale, rms_eps", [(1e16, 1e-6), (1e-14, 0.0)], ids=["large", "tiny"])
+@pytest.mark.parametrize("shape, split, layout", [
+    ((2, 12, 4, 4), 5, "nchw"),  # split kernels
+    ((3, 7, 5, 3), 3, "channels_last"),  # single tile (unaligned split)
+    ((2, 4100), 3, "2d"),  # chunked (C > MAX_TILE_CHANNELS)
+], ids=["nchw", "nhwc", "chunked"])
+def test_fused_backward_across_the_float32_range(shape, split, layout, scale, rms_eps,
+                                                 backend, device):
+    """The RMSNorm term of the fused backward is ``q³ w / n`` with ``q = 1/RMS(x)``: formed
+    as ``q²·q`` it underflowed to 0 in float32 for an RMS beyond ~1e13 (dx 19 % off at 1e16,
+    inside the documented range ||x|| < 1.8e19) and overflowed to inf below ~1e-13 with
+    rms_eps = 0 (dx inf, the true dx ~1e14). Compared relative to max|dx| (the values are
+    1e-16 / 1e14, where the suite's absolute tolerance means nothing) at float32's 1e-5."""
+    x = _make(shape, layout, torch.float32, device) * scale
+    dy = torch.randn(shape).to(device)
+    y64, dx64 = tsra64_grad(x.cpu(), dy.cpu(), split, 1, norm_size=None, rms_eps=rms_eps)
+    with cobkern.use_backend(backend):
+        y = rmsnorm_tsra(x, split, eps=rms_eps)
+        dx = rmsnorm_tsra_backward(dy, x, split, eps=rms_eps)
+    torch.testing.assert_close(y.cpu().double(), y64, **TOL[torch.float32])
+    err = (dx.cpu().double() - dx64).abs().max() / dx64.abs().max()
+    assert err <= 1e-5, err
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_smallest_rms_normaliser_is_still_rmsnorm(backend, device):
     """norm_size = 1 (x / sqrt(sum(x²) + eps)) is the smallest valid normaliser and must
     still normalise: "RMSNorm on" is norm_size > 0 in the raw op, and a launcher testing

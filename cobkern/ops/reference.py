@@ -186,9 +186,9 @@ def tsra_backward(
     kv = -t * r * inv_s
     if rms:
         w = gu * du + gv * dv + q * (ku * s2u + kv * s2v)
-        q2 = q * q
-        coef_u = q2 * ku - q2 * q * w / norm_size
-        coef_v = q2 * kv - q2 * q * w / norm_size
+        corr = q * (q * (q * w) / norm_size)  # not q³: it leaves float32 where this does not
+        coef_u = q * (q * ku) - corr
+        coef_v = q * (q * kv) - corr
         gain = _per_subspace(dim, c, split, q * gu, q * gv)
         coef = _per_subspace(dim, c, split, coef_u, coef_v)
     else:
