@@ -62,6 +62,28 @@ def test_discovery_names_layers_as_on_the_plain_model() -> None:
     assert [n for n, _ in leaf_modules(compiled(m))] == [n for n, _ in leaf_modules(m)]
 
 
+@pytest.mark.parametrize("how", ["wrapped", "in_place"])
+def test_a_compiled_model_that_already_ran_under_no_grad_is_calibrated(how) -> None:
+    """Compile, evaluate, calibrate: the graph compiled by the eval / no_grad call does not
+    guard on hooks added later (Dynamo skips module-hook guards), so calibrate's hooks never
+    ran and it refused every layer as "never ran in the model's forward". The calibration
+    pass now runs eagerly: the statistics equal the plain model's."""
+    m, data = tiny_net(), batches()
+    plain = calibrate(m, data, max_samples=None, progress=False)
+    twin = copy.deepcopy(m).eval()
+    if how == "wrapped":
+        net = compiled(twin)
+    else:
+        twin.compile(backend="eager")
+        net = twin
+    with torch.no_grad():
+        net(data[0])
+    through = calibrate(net, data, max_samples=None, progress=False)
+    for n in plain.layers:
+        assert torch.equal(through[n].gram_u, plain[n].gram_u)
+        assert torch.equal(through[n].gram_v, plain[n].gram_v)
+
+
 def test_statistics_through_a_compiled_model_rotate_the_plain_one() -> None:
     """Calibrated through ``torch.compile``: the same statistics as the plain model's (the
     eager backend runs the same ops: bit-identical), and they rotate a plain copy without

@@ -335,8 +335,8 @@ def calibrate(
     fused = _resolve_fuse_conv_bias(net, fuse_conv_bias, device)
 
     def make_hook(acc: CovarianceAccumulator):
-        # a compiled model (torch.compile) runs the hook eagerly, between its graphs: the
-        # accumulator's update is host bookkeeping around a Triton launch, not a traceable op
+        # never traced (the pass runs eagerly, below): the accumulator's update is host
+        # bookkeeping around a Triton launch, not a traceable op
         @torch.compiler.disable
         def hook(_module, _inputs, output):
             out = output.detach()
@@ -370,6 +370,10 @@ def calibrate(
                 undo.callback(lay.consumer.register_forward_pre_hook(
                     _flat_input_check(lay)).remove)
         undo.enter_context(eval_mode(model))
+        # Compiled graphs do not guard on hooks added after they were made (Dynamo skips
+        # module-hook guards): a graph compiled by an earlier eval / no_grad call would run
+        # without these hooks. The pass runs eagerly.
+        undo.enter_context(torch.compiler.set_stance("force_eager"))
         undo.callback(_switch_fuse_conv_bias(unwrap_model(net), fused))
         run = net
         if cuda_graphs and _graphs_on(device):
