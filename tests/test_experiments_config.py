@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -233,3 +235,27 @@ def test_the_peers_experiment_without_torch_pruning_is_refused_before_any_work(
     assert main(["run", "--out", str(out), "--set", 'train={"steps": 1}']) == 2
     assert "peers experiment needs Torch-Pruning" in capsys.readouterr().err
     assert not (out / "train").exists()
+
+
+def test_set_merges_a_settings_group_into_the_config_files_and_the_saved_one(tmp_path) -> None:
+    """``--set train={"width": ...}`` replaced the whole ``train`` group of the --config file
+    (or of OUT/config.json: an existing run was then refused as "trained with batch_size=32,
+    but these settings ask for 128"), and ``--set finetune=`` fell back to the preset's
+    steps instead of the file's. Groups now merge key by key; other values are replaced."""
+    from cobkern.cli.main import _experiment_config, build_parser
+
+    f = tmp_path / "cfg.json"
+    f.write_text(json.dumps({"train": {"steps": 100, "lr": 0.005}, "finetune": {"steps": 7},
+                             "fractions": [0.0, 0.5]}))
+    args = build_parser().parse_args([
+        "run", "--out", str(tmp_path / "new"), "--config", str(f),
+        "--set", 'train={"width": 0.0625}', "--set", 'finetune={"lr": 0.001}',
+        "--set", "fractions=[0.0, 0.3]"])
+    cfg = _experiment_config(args, preset=args.preset)
+    assert cfg.train == {"steps": 100, "lr": 0.005, "width": 0.0625}
+    assert (cfg.finetune.steps, cfg.finetune.lr) == (7, 0.001)
+    assert cfg.fractions == [0.0, 0.3]
+    # on top of a saved OUT/config.json, likewise
+    saved = get_experiment_preset("quick").with_overrides({"train": {"batch_size": 32}})
+    assert saved.with_overrides({"train": {"width": 0.0625}}).train == {
+        **get_experiment_preset("quick").train, "batch_size": 32, "width": 0.0625}

@@ -301,15 +301,17 @@ def _experiment_options(s: argparse.ArgumentParser) -> None:
     g.add_argument("--set", dest="overrides", action="append", type=_kv, default=[],
                    metavar="KEY=VALUE",
                    help="any ExperimentConfig setting as JSON, e.g. "
-                        "'thresholds=[[\"max\",0.1]]' or 'train={\"steps\":100}'; repeatable. "
-                        "'train=' sets the TSRA model's training only: the ReLU control shares "
-                        "its data settings and width but takes its own schedule from "
-                        "'train_relu_overrides={\"steps\":100}'")
+                        "'thresholds=[[\"max\",0.1]]' or 'train={\"steps\":100}' (a group "
+                        "such as train or finetune merges key by key into the settings it "
+                        "overrides); repeatable. 'train=' sets the TSRA model's training "
+                        "only: the ReLU control shares its data settings and width but takes "
+                        "its own schedule from 'train_relu_overrides={\"steps\":100}'")
 
 
 # ---------------------------------------------------------------------------- helpers
 def _experiment_config(args: argparse.Namespace, preset: str | None = None) -> Any:
     from cobkern.experiments import get_experiment_preset, load_experiment_config
+    from cobkern.experiments.config import merge_setting
     from cobkern.experiments.files import Layout
 
     layout = Layout(args.out)
@@ -333,7 +335,7 @@ def _experiment_config(args: argparse.Namespace, preset: str | None = None) -> A
         if k == "preset" and v != cfg.preset:  # as for --config: the preset is chosen above
             raise ValueError(f"--set preset={v} conflicts with this run's preset "
                              f"{cfg.preset!r}; use --preset {v} (and another --out)")
-        over[k] = v
+        over[k] = merge_setting(over.get(k), v)  # a group merges into --config's
     if getattr(args, "experiments", None):
         over["experiments"] = args.experiments
     if getattr(args, "fractions", None):

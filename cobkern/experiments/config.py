@@ -298,16 +298,23 @@ class ExperimentConfig:
         return cls(**d).validate()
 
     def with_overrides(self, overrides: dict[str, Any]) -> ExperimentConfig:
-        """A copy with top-level settings replaced (``finetune`` may be a partial dict)."""
+        """A copy with top-level settings replaced; a group (``train``,
+        ``train_relu_overrides``, ``finetune``) given as a dict is merged key by key into the
+        current one (``{"train": {"width": 0.5}}`` keeps the other training settings)."""
         if not isinstance(overrides, dict):
             raise ValueError(f"expected a dict of settings, got {overrides!r}")
         d = self.to_dict()
         for k, v in overrides.items():
-            if k == "finetune" and isinstance(v, dict) and isinstance(d.get("finetune"), dict):
-                d["finetune"] = {**d["finetune"], **v}
-            else:
-                d[k] = v
+            d[k] = merge_setting(d.get(k), v)
         return ExperimentConfig.from_dict(d)
+
+
+def merge_setting(old: Any, new: Any) -> Any:
+    """``new`` over ``old``: two dicts (a settings group) merge key by key, anything else is
+    replaced."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return {**old, **new}
+    return new
 
 
 def _recipe(d: dict[str, Any]) -> FinetuneRecipe:
