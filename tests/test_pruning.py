@@ -223,6 +223,10 @@ def test_surgery_rejects_empty_subspace_and_kept_normalizer():
     with pytest.raises(ValueError, match="empty"):
         apply_keep_sets(m, layers, {"0": KeepSet(torch.tensor([], dtype=torch.long),
                                                  torch.tensor([0]))})
+    # a plain empty list (torch reads [] as float32) is the same empty subspace, not a
+    # TypeError about float indices
+    with pytest.raises(ValueError, match="leaves subspace U empty"):
+        apply_keep_sets(m, layers, {"0": KeepSet([], [0])})
     with pytest.raises(ValueError, match="normalizer"):
         apply_keep_sets(m, layers, {}, normalizer="both")
     apply_keep_sets(m, layers, {"0": KeepSet(torch.tensor([0]), torch.tensor([0, 1]))})

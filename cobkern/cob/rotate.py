@@ -132,8 +132,9 @@ def rotate_model(model: nn.Module, stats: CalibrationStats,
     Raises:
         ValueError: statistics already in the rotated basis, or not matching the model (in
             width, split or weights: e.g. a model this function already rotated — its
-            weights, or the mark :data:`ROTATION_MARK` it leaves on the producers, tell),
-            or a weight masked by ``torch.nn.utils.prune`` (:func:`refuse_masked_weights`).
+            weights, or the mark :data:`~cobkern.cob.rotate.ROTATION_MARK` it leaves on
+            the producers, tell), or a weight masked by ``torch.nn.utils.prune``
+            (:func:`~cobkern.cob.discovery.refuse_masked_weights`).
 
     If it fails or is interrupted part-way, the weights and marks it had rewritten are put
     back (:func:`undone_on_error`).

@@ -23,6 +23,7 @@ layers around them but leaves :attr:`RMSNorm.num_channels`, the TSRA ``num_chann
 Example::
 
     import torch, torch_pruning as tp
+    import cobkern.models
     from cobkern.integrations.torch_pruning import SubspaceGuard, customized_pruners
     model = cobkern.models.vgg16_tsra(width=0.25)
     pruner = tp.pruner.MetaPruner(

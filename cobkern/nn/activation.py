@@ -81,7 +81,8 @@ class TSRA(_TSRABase):
         split: size of ``U``; default ``C // 2``. After pruning the two subspaces differ.
         dim: the channel axis (default 1).
         a_u, b_u, a_v, b_v: logistic constants (defaults 5, 0.5, 5, 0.7).
-        eps: added to ``||x||`` in ``r`` (default 1e-12); a finite number ``> 0``. Readable
+        eps: added to ``||x||`` in ``r`` (default 1e-12); a normal float32 number (about
+            ``1.2e-38`` to ``3.4e38``, as :func:`~cobkern.ops.tsra` checks). Readable
             and settable as the attribute ``eps`` (also available as ``tsra_eps``, the name
             :class:`RMSNormTSRA` uses); shown in the repr when not the default.
 

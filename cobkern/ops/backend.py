@@ -132,7 +132,8 @@ def use_backend(name: str) -> Iterator[None]:
 
 def get_compile_kernels() -> str:
     """How ``torch.compile`` reaches the TSRA kernels: ``"auto"``, ``"opaque"`` or
-    ``"inline"`` (see :func:`compile_kernels_for` for what ``"auto"`` picks)."""
+    ``"inline"`` (see :func:`~cobkern.ops.backend.compile_kernels_for` for what ``"auto"``
+    picks)."""
     return _compile_kernels
 
 
@@ -141,8 +142,8 @@ def set_compile_kernels(mode: str) -> None:
 
     ``"opaque"``: the custom ops, one dispatcher call each. ``"inline"``: the
     ``triton_op`` twins, whose kernel launches inductor generates itself. ``"auto"``: by
-    device (:func:`compile_kernels_for`). Functions compiled before the change are
-    recompiled on their next call (``torch.compile`` guards on it).
+    device (:func:`~cobkern.ops.backend.compile_kernels_for`). Functions compiled before the
+    change are recompiled on their next call (``torch.compile`` guards on it).
     """
     global _compile_kernels
     if mode not in COMPILE_KERNELS:

@@ -181,8 +181,9 @@ def subspace_moments(x: Tensor, split: int, dim: int = 1) -> Moments:
 class CovarianceAccumulator:
     """Running per-subspace sums over many batches, for one layer.
 
-    ``f32_dot``: the kernel's products for float32 batches (:data:`F32_DOTS`; ``None``: the
-    kernel module's default, ``"ieee"``). Other dtypes and the reference path ignore it.
+    ``f32_dot``: the kernel's products for float32 batches
+    (:data:`~cobkern.ops.covariance.F32_DOTS`; ``None``: the kernel module's default,
+    ``"ieee"``). Other dtypes and the reference path ignore it.
 
     Attributes (all on ``device``, in ``dtype``, default float64):
         gram_u: ``(split, split)``; gram_v: ``(C-split, C-split)`` (symmetric views of one
@@ -219,7 +220,7 @@ class CovarianceAccumulator:
         #: how precise the sums are (sets the lossless tolerance).
         self.accumulation = "float64" if dtype == torch.float64 else "float32"
         #: ``tl.dot`` products of float32 batches on the kernel path (``None``: the kernel
-        #: module's default, IEEE); see :data:`F32_DOTS`.
+        #: module's default, IEEE); see :data:`~cobkern.ops.covariance.F32_DOTS`.
         self.f32_dot = f32_dot
 
     def _views(self) -> tuple[Tensor, Tensor]:

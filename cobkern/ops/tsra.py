@@ -744,8 +744,9 @@ def tsra(
         split: size of the first subspace, ``1 <= split < C``.
         dim: the channel axis (default 1).
         a_u, b_u, a_v, b_v: logistic gain constants; defaults 5, 0.5, 5, 0.7.
-        eps: added to ``||x||`` in the ratio; default 1e-12. Must be a finite number
-            ``> 0`` (with ``eps = 0`` the output at ``x = 0`` would be NaN).
+        eps: added to ``||x||`` in the ratio; default 1e-12. Must be a normal float32
+            number, from about ``1.2e-38`` to ``3.4e38`` (with ``eps = 0`` the output at
+            ``x = 0`` would be NaN; a subnormal one too, where the GPU flushes it to 0).
         bias: optional ``(C,)`` float tensor added to ``x`` along ``dim`` first: the
             result is ``tsra(x + bias)``, with the add done by the kernel as it loads ``x``
             (in float32, not rounded to ``x``'s dtype) instead of in a pass of its own —
@@ -758,7 +759,8 @@ def tsra(
 
     Raises:
         TypeError, ValueError, IndexError: for a bad ``x``, ``split``, ``dim``, ``eps``,
-        gain constant (not a finite number) or ``bias``.
+        gain constant (not a finite number) or ``bias``. RuntimeError: ``bias`` on another
+        device than ``x``.
 
     Range:
         The per-position sums of squares accumulate in float32 (float64 for float64
@@ -817,7 +819,10 @@ def rmsnorm_tsra(
     Range:
         As for :func:`tsra`: the sums of squares accumulate in float32, so ``||x||`` over
         the channel axis must stay below about ``1.8e19`` (float32 / bfloat16 input);
-        beyond that the RMS overflows and the output is NaN.
+        beyond that the RMS overflows and the output is NaN. With ``eps = 0`` there is a
+        lower end too: below an RMS of about ``1e-20`` the float32 sum of squares loses
+        precision (subnormal) and at about ``1e-23`` it is 0 — NaN for a non-zero ``x``;
+        a positive ``eps`` (the default) has no such end.
     """
     name = "cobkern.rmsnorm_tsra"
     dim = check_activation_input(name, x, split, dim)

@@ -458,7 +458,8 @@ class RankTolerance(Strategy):
     default 1e-10, and the logits moved 2.6e-6 relative). ``value`` is ``tol``; ``None``
     (default) picks, per layer, the
     tolerance for the precision its statistics were accumulated in
-    (:data:`DEFAULT_RANK_TOL`: 1e-10 for float64 sums, 1e-7 for the float32 kernel's),
+    (:data:`~cobkern.pruning.strategy.DEFAULT_RANK_TOL`: 1e-10 for float64 sums, 1e-7 for
+    the float32 kernel's),
     applied per subspace (each subspace's directions against its own largest eigenvalue,
     so a weak but real subspace is not cut for being small next to the other).
     """

@@ -219,6 +219,8 @@ def _as_indices(lay: CoBLayer, sub: str, idx: Any) -> Tensor:
     and a bool mask read as the indices 0 and 1)."""
     try:
         t = idx if isinstance(idx, Tensor) else torch.as_tensor(idx)
+        if t.numel() == 0 and not isinstance(idx, Tensor):  # [] reads as float32: no type
+            t = t.to(torch.int64)  # an empty sequence is an empty keep set (a ValueError)
     except (TypeError, ValueError, RuntimeError) as e:
         raise TypeError(f"{lay.name}: keep set of {sub} must be integer indices (a tensor, "
                         f"array or sequence of ints), got {idx!r}") from e

@@ -50,6 +50,8 @@ def evaluate(
         device: where to run (default: the model's device).
         batch_size: batch size when ``data`` is an ImageSet.
         bf16: run under bf16 autocast.
+        channels_last: feed the images channels-last (an ImageSet's loader; a loader passed
+            in keeps its own layout).
 
     Returns:
         ``{"accuracy": float in [0, 1], "loss": float, "n": int}``. Under an active
