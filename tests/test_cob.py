@@ -88,7 +88,16 @@ def test_discovery_small_net(fused):
 def test_discovery_refuses_non_commuting_module(bad):
     m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), RMSNormTSRA(8), bad,
                       nn.Conv2d(8, 4, 1))
-    with pytest.raises(ValueError, match=rf"'2' \({type(bad).__name__}\)"):
+    with pytest.raises(ValueError, match=rf"'2' \(torch\.nn\.{type(bad).__name__}\)"):
+        find_cob_layers(m)
+
+
+def test_discovery_names_torch_rmsnorm_apart_from_cobkerns():
+    """torch.nn.RMSNorm (a learned per-channel gain: no rotation commutes with it) was refused
+    as "(RMSNorm) ... CoB needs only [..., 'RMSNorm', ...]": the message named both classes
+    alike. Classes are named by their public path now."""
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.RMSNorm(8), TSRA(8), nn.Conv2d(8, 4, 1))
+    with pytest.raises(ValueError, match=r"'1' \(torch\.nn\.RMSNorm\).*'cobkern\.nn\.RMSNorm'"):
         find_cob_layers(m)
 
 
@@ -650,7 +659,7 @@ def test_discovery_refuses_a_tsra_module_used_twice():
     assert [lay.name for lay in find_cob_layers(ok)] == ["0", "3"]
     relu = nn.ReLU()  # used once outside any chain, then again inside one
     bad = nn.Sequential(nn.Linear(4, 6), relu, nn.Linear(6, 6), TSRA(6), relu, nn.Linear(6, 2))
-    with pytest.raises(ValueError, match=r"module '4' \(ReLU\)"):
+    with pytest.raises(ValueError, match=r"module '4' \(torch\.nn\.ReLU\)"):
         find_cob_layers(bad)
 
 
@@ -698,7 +707,7 @@ def test_discovery_refuses_a_relu_between_the_producer_and_the_tsra():
     the TSRA (conv → ReLU → TSRA → conv), not only those after it."""
     m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), RMSNormTSRA(8),
                       nn.Conv2d(8, 4, 1))
-    with pytest.raises(ValueError, match=r"module '1' \(ReLU\)"):
+    with pytest.raises(ValueError, match=r"module '1' \(torch\.nn\.ReLU\)"):
         find_cob_layers(m)
 
 
@@ -931,7 +940,8 @@ def test_discovery_skips_empty_containers():
         y0 = m(x)
         rotate_model(m, calibrate(m, [x], progress=False))
         assert rel_err(m(x), y0) <= 1e-10  # float64, as the module docstring states
-    with pytest.raises(ValueError, match=r"'2.0' \(ReLU\)"):  # a non-empty one still counts
+    # a non-empty one still counts
+    with pytest.raises(ValueError, match=r"'2.0' \(torch\.nn\.ReLU\)"):
         find_cob_layers(nn.Sequential(nn.Linear(4, 6), TSRA(6), nn.Sequential(nn.ReLU()),
                                       nn.Linear(6, 2)))
 

@@ -108,6 +108,16 @@ class CoBLayer:
         return (self.name, self.num_channels, self.split)
 
 
+def _qualname(t: type) -> str:
+    """``torch.nn.AvgPool2d``, ``cobkern.nn.RMSNorm``, else ``module.Name``: the public
+    path where there is one (two libraries name a class RMSNorm)."""
+    mod = t.__module__
+    for public in ("torch.nn", "cobkern.nn"):
+        if mod == public or mod.startswith(public + "."):
+            return f"{public}.{t.__name__}"
+    return f"{mod}.{t.__name__}"
+
+
 def leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Leaf modules in registration order, with qualified names.
 
@@ -233,10 +243,11 @@ def find_cob_layers(model: nn.Module) -> list[CoBLayer]:
             continue  # no TSRA (e.g. a ReLU head): not a CoB layer, whatever lies between
         for n, m in between:
             if not isinstance(m, ROTATION_COMPATIBLE):
+                # qualified names: torch.nn.RMSNorm (learned gain) is not cobkern.nn.RMSNorm
                 raise ValueError(
-                    f"find_cob_layers: module {n!r} ({type(m).__name__}) between {pname!r} and "
-                    f"{cname!r} does not commute with a rotation of the channels; CoB needs "
-                    f"only {sorted({t.__name__ for t in ROTATION_COMPATIBLE})} there")
+                    f"find_cob_layers: module {n!r} ({_qualname(type(m))}) between {pname!r} "
+                    f"and {cname!r} does not commute with a rotation of the channels; CoB "
+                    f"needs only {sorted(_qualname(t) for t in ROTATION_COMPATIBLE)} there")
             if isinstance(m, nn.Flatten) and (m.start_dim != 1 or m.end_dim not in (-1, 3)):
                 raise ValueError(
                     f"find_cob_layers: Flatten {n!r} has start_dim={m.start_dim}, "
