@@ -259,3 +259,12 @@ def test_set_merges_a_settings_group_into_the_config_files_and_the_saved_one(tmp
     saved = get_experiment_preset("quick").with_overrides({"train": {"batch_size": 32}})
     assert saved.with_overrides({"train": {"width": 0.0625}}).train == {
         **get_experiment_preset("quick").train, "batch_size": 32, "width": 0.0625}
+
+
+def test_an_unknown_training_setting_lists_the_valid_ones_without_arch() -> None:
+    """The list of valid settings named 'arch', which `train` / `train_relu_overrides` then
+    refuse ("'arch' is not a setting here")."""
+    for key in ("train", "train_relu_overrides"):
+        with pytest.raises(ValueError, match=rf"{key}: unknown setting\(s\) \['bogus'\]") as e:
+            get_experiment_preset("quick").with_overrides({key: {"bogus": 1}})
+        assert "'steps'" in str(e.value) and "'arch'" not in str(e.value)

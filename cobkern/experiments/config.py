@@ -328,13 +328,17 @@ def _recipe(d: dict[str, Any]) -> FinetuneRecipe:
 
 def _check_train_settings(cfg: ExperimentConfig) -> None:
     """The ``train`` / ``train_relu_overrides`` settings must make valid TrainConfigs."""
-    from cobkern.training import apply_overrides, get_preset
+    from cobkern.training import TrainConfig, apply_overrides, get_preset
 
+    valid = sorted(f.name for f in dataclasses.fields(TrainConfig) if f.name != "arch")
     for arch, key in (("tsra", "train"), ("relu", "train_relu_overrides")):
         if "arch" in getattr(cfg, key):  # a ReLU net trained into the TSRA model's place
             raise ValueError(f"{key}: 'arch' is not a setting here: {key} holds the "
                              f"{arch} model's settings (the ReLU control is trained with "
                              "`cobkern train --arch relu`, or by the pipeline)")
+        unknown = sorted(set(getattr(cfg, key)) - set(valid))
+        if unknown:  # listed here without 'arch', which is not one of them here
+            raise ValueError(f"{key}: unknown setting(s) {unknown}; valid settings: {valid}")
         try:
             apply_overrides(get_preset(cfg.preset, arch), getattr(cfg, key))
         except ValueError as e:
