@@ -259,3 +259,34 @@ def test_gpu_diag_host_copy_cost_restores_the_host_copy(monkeypatch) -> None:
     with pytest.raises(RuntimeError, match="a failing run"):
         gpu_diag._host_copy_cost(fails_second, m, data, repeats=1)
     assert cal_mod._to_cpu is to_cpu
+
+
+def test_the_progress_bar_counts_to_the_images_the_loader_holds(monkeypatch) -> None:
+    """The bar's total was max_samples (10,000 by default) whatever the loader held: a
+    40-image loader showed 40/10000 and then a bar closed short. It is now what a pass
+    yields where the loader says (a DeviceLoader, a DataLoader over a sized dataset),
+    capped by max_samples."""
+    import tqdm.auto
+
+    from cobkern.data import DeviceLoader
+
+    totals = []
+
+    class Recording(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            totals.append(kwargs.get("total"))
+            super().__init__(*args, **{**kwargs, "disable": True})
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recording)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 32, 32, 3), dtype=torch.uint8, generator=g)
+    loader = DeviceLoader(images, torch.zeros(40, dtype=torch.long), 16, augment=False,
+                          shuffle=False, drop_last=False)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), RMSNormTSRA(6, split=2),
+                        nn.Conv2d(6, 4, 1))
+    xs = torch.utils.data.TensorDataset(torch.randn(30, 3, 8, 8))
+    with use_backend("reference"):
+        calibrate(net, loader)
+        calibrate(net, loader, max_samples=24)
+        calibrate(net, torch.utils.data.DataLoader(xs, batch_size=8), max_samples=None)
+    assert totals == [40, 24, 30]

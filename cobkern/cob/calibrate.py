@@ -359,7 +359,10 @@ def calibrate(
         if progress and rank == 0:  # closed last: after the graph's final synchronize
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=max_samples, desc="calibrate", unit="img")
+            known = _images_in(loader)  # a 200-image loader is not shown as 200 of 10,000
+            total = max_samples if known is None else \
+                known if max_samples is None else min(known, max_samples)
+            bar = tqdm(total=total, desc="calibrate", unit="img")
             undo.callback(_close_bar, bar)
         if side is not None:  # the sums are complete once the side stream has drained
             undo.callback(lambda: torch.cuda.current_stream(device).wait_stream(side))
@@ -436,6 +439,20 @@ def calibrate(
     for s in out.values():
         s.check_finite()  # NaN/Inf activations: say so now, not as odd rankings later
     return CalibrationStats(out, total, meta)
+
+
+def _images_in(loader: Any) -> int | None:
+    """How many images a pass over ``loader`` yields in all (every rank), where it says:
+    a :class:`~cobkern.data.DeviceLoader`, or a loader / sequence over a sized dataset."""
+    from cobkern.data import DeviceLoader
+
+    if isinstance(loader, DeviceLoader):
+        return min(len(loader) * loader.global_batch_size, loader.num_samples)
+    dataset = getattr(loader, "dataset", None)
+    try:
+        return len(dataset) if dataset is not None else None
+    except TypeError:  # an iterable dataset
+        return None
 
 
 def _close_bar(bar) -> None:
