@@ -243,6 +243,10 @@ def test_calibrate_f32_dot_reaches_every_kernel_launch(device, request):
                                    atol=1e-5 * ieee[n].gram_u.abs().max().item())
     with pytest.raises(ValueError, match="f32_dot must be one of"):
         calibrate(m, data, progress=False, f32_dot="fp16")
+    # the reference path (a CPU's default) ignores f32_dot: the statistics recorded it
+    # anyway, and the report then stated float32 products no kernel had used
+    with use_backend("reference"):
+        assert "f32_dot" not in calibrate(m, data, progress=False, f32_dot="tf32x3").meta
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

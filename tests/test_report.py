@@ -561,3 +561,24 @@ def test_the_speed_figure_names_its_batches_and_draws_no_bar_for_a_missing_ratio
     heights = [p.get_height() for p in ax.patches]
     assert heights[:2] == [2.0, 1.5] and math.isnan(heights[2])
     figures.plt.close(figs[0])
+
+
+def test_the_setup_states_the_float32_products_the_statistics_record(tmp_path: Path) -> None:
+    """The setup printed the config's calib_f32_dot ("float32 products on the GPU: fp64")
+    even for statistics a CPU pass made, where no kernel (and no such product) ran. It
+    states what calibration.pt records now."""
+    import torch
+
+    from cobkern.cob.stats import CalibrationStats, LayerStats
+
+    out = tmp_path / "out"
+    cfg = ExperimentConfig(calib_f32_dot="fp64")
+    _write_records(out, _records(), config=False)
+    atomic_write_json(out / "config.json", {"experiment": cfg.to_dict()})
+    g = torch.eye(2, dtype=torch.float64)
+    layer = LayerStats("features.0", 4, 2, g, g, torch.ones(4, dtype=torch.float64),
+                       torch.ones(4, dtype=torch.float64), 100)
+    for meta, shown in (({}, False), ({"f32_dot": "fp64"}, True)):
+        CalibrationStats({"features.0": layer}, 240, meta).save(out / "calibration.pt")
+        text = build_report(out).read_text()
+        assert ("float32 products on the GPU: `fp64`" in text) is shown

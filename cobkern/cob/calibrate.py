@@ -424,7 +424,8 @@ def calibrate(
                          "model's forward; calibrate only the layers the forward pass uses "
                          "(layers=...)")
     meta = dict(meta or {})
-    if f32_dot not in (None, "ieee"):
+    # recorded where it took effect (a CPU pass runs the reference path, which ignores it)
+    if f32_dot not in (None, "ieee") and any(a.f32_dot_applied for a in accs.values()):
         meta["f32_dot"] = f32_dot
     basis = meta.pop("basis", "original")
     out = {}

@@ -222,6 +222,9 @@ class CovarianceAccumulator:
         #: ``tl.dot`` products of float32 batches on the kernel path (``None``: the kernel
         #: module's default, IEEE); see :data:`~cobkern.ops.covariance.F32_DOTS`.
         self.f32_dot = f32_dot
+        #: whether a float32 batch went through the kernel, i.e. ``f32_dot`` took effect
+        #: (the reference path, e.g. on a CPU, and 16-bit batches ignore it)
+        self.f32_dot_applied = False
 
     def _views(self) -> tuple[Tensor, Tensor]:
         su, sv = self.split, self.num_channels - self.split
@@ -332,6 +335,7 @@ class CovarianceAccumulator:
         kernels.subspace_moments(x, geo, self.split, self._packed, self.sum_abs, self.sum_sq,
                                  mirror=False, f32_dot=self.f32_dot)
         self._symmetric = False
+        self.f32_dot_applied |= x.dtype == torch.float32
         # float32 batches with float64 products (exact) and float64 sums are as precise as
         # the reference path; everything else on the kernel path sums in float32
         exact = (x.dtype == torch.float32 and self._packed.dtype == torch.float64

@@ -45,10 +45,11 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _spectra(layout: Layout) -> tuple[list[dict[str, Any]], int | None]:
-    """Every calibrated layer's eigenvalues, and the images the calibration used."""
+def _spectra(layout: Layout) -> tuple[list[dict[str, Any]], int | None, str | None]:
+    """Every calibrated layer's eigenvalues, the images the calibration used and the float32
+    products its kernel used where not the default (``None`` also where no kernel ran)."""
     if not layout.calibration.is_file():
-        return [], None
+        return [], None, None
     from cobkern.cob import CalibrationStats
 
     stats = CalibrationStats.load(layout.calibration)
@@ -57,7 +58,7 @@ def _spectra(layout: Layout) -> tuple[list[dict[str, Any]], int | None]:
         e = s.eigh()
         out.append({"name": s.name, "channels": s.num_channels, "split": s.split,
                     "u": e.values_u.tolist(), "v": e.values_v.tolist()})
-    return out, stats.num_images
+    return out, stats.num_images, stats.meta.get("f32_dot")
 
 
 #: Figure key (``summary.json``'s ``figures``) → file under ``figures/``.
@@ -92,7 +93,7 @@ def build_report(out: str | Path) -> Path:
     train_final = _read_json(layout.train_dir("tsra") / "final.json")
     relu_final = _read_json(layout.train_dir("relu") / "final.json")
     s = summarize(records, cfg, train_final, relu_final)
-    spectra, s["calibration_images"] = _spectra(layout)
+    spectra, s["calibration_images"], s["calibration_f32_dot"] = _spectra(layout)
     train_cfg = _read_json(layout.train_dir("tsra") / "config.json") or {}
     s["train_width"] = train_cfg.get("width")
     ref = s["unpruned_accuracy"]

@@ -95,11 +95,14 @@ def _setup_body(s: dict[str, Any], cfg: ExperimentConfig) -> list[str]:
              f"(`eval_subset` = {cfg.eval_subset or 'all'}); the unpruned model scores "
              f"**{_pct(ref, 2)}%** on them.")
     calib_n = s.get("calibration_images") or cfg.calib_samples  # what the pass used
+    # the products the statistics record (none where no kernel ran: a CPU pass); the
+    # config's without statistics to read
+    f32 = s.get("calibration_f32_dot") if s.get("calibration_images") else \
+        (None if cfg.calib_f32_dot == "ieee" else cfg.calib_f32_dot)
     L.append(f"- Calibration: {calib_n:,} training images "
              f"({'with' if cfg.calib_augment else 'without'} crop/flip augmentation), one pass, "
              "uncentered second moments per subspace (`calibration.pt`"
-             + ("" if cfg.calib_f32_dot == "ieee" else
-                f"; float32 products on the GPU: `{cfg.calib_f32_dot}`") + ").")
+             + ("" if f32 is None else f"; float32 products on the GPU: `{f32}`") + ").")
     if cfg.preset == "quick":
         L += ["", f"> **Quick preset.** A {_width_words(s.get('train_width'))} model trained "
               "for a few minutes on a CPU: "
