@@ -268,3 +268,27 @@ def test_an_unknown_training_setting_lists_the_valid_ones_without_arch() -> None
         with pytest.raises(ValueError, match=rf"{key}: unknown setting\(s\) \['bogus'\]") as e:
             get_experiment_preset("quick").with_overrides({key: {"bogus": 1}})
         assert "'steps'" in str(e.value) and "'arch'" not in str(e.value)
+
+
+def test_an_experiment_directory_still_refuses_a_model_trained_on_another_data_root(
+        tmp_path) -> None:
+    """The trainer now resumes from the same data at another data_root (it checks the
+    images by fingerprint); the sweeps' records do not fingerprint the data, so an
+    experiment directory keeps refusing a model trained with another data_root."""
+    from dataclasses import asdict
+
+    from cobkern.experiments import Context
+    from cobkern.experiments.pipeline import check_trained_settings, trained_with
+
+    cfg = get_experiment_preset("quick").with_overrides({"train": {"data_root": "/a"}})
+    ctx = Context(tmp_path / "x", cfg, device="cpu", progress=False)
+    d = ctx.layout.train_dir("tsra")
+    d.mkdir(parents=True)
+    saved = asdict(ctx.train_config("tsra"))
+    (d / "config.json").write_text(json.dumps({**saved, "device": "cuda"}))
+    check_trained_settings(ctx)  # a resume-free field: accepted
+    assert trained_with(ctx)
+    (d / "config.json").write_text(json.dumps({**saved, "data_root": "/b"}))
+    with pytest.raises(ValueError, match="trained with data_root='/b'"):
+        check_trained_settings(ctx)
+    assert not trained_with(ctx)

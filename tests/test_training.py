@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -802,7 +803,8 @@ def test_training_loop_matches_a_hand_written_reference(tmp_path, optimizer) -> 
 #: change the optimisation); listed here so that adding one is a deliberate change.
 _MAY_CHANGE = {"progress", "log_every", "eval_every", "checkpoint_every", "eval_batch_size",
                "num_threads", "device", "compile", "compile_mode", "compile_kernels",
-               "channels_last", "fuse_conv_bias", "cache_dir", "download", "optimizer_impl"}
+               "channels_last", "fuse_conv_bias", "cache_dir", "download", "optimizer_impl",
+               "data_root"}
 
 
 def test_every_optimisation_setting_is_checked_on_resume() -> None:
@@ -1158,3 +1160,22 @@ def test_a_config_file_naming_a_preset_or_arch_that_is_not_a_string_is_one_line(
     f.write_text(json.dumps({key: ["quick" if key == "preset" else "tsra"]}))
     assert main(["--config", str(f), "--print-config"]) == 2
     assert f"unknown {key} ['" in capsys.readouterr().err
+
+
+def test_a_run_resumes_from_a_copy_of_its_data_elsewhere(tmp_path) -> None:
+    """data_root had to stay the same on resume, so the same data copied elsewhere (a
+    cluster job's $TMPDIR) was refused. The checkpoint's fingerprints of the training and
+    (now also) the test images decide: a copy resumes, bit-identical; other test images
+    are refused."""
+    data = _toy_data()
+    cfg = _tiny_config(steps=8, data_root=str(tmp_path / "here"))
+    moved = dataclasses.replace(cfg, data_root=str(tmp_path / "elsewhere"))
+    with cobkern.use_backend("reference"):
+        ref = train(cfg, tmp_path / "a", data=data)
+        with pytest.raises(_Stop):
+            train(cfg, tmp_path / "r", data=data, on_step=_stop_at(6))
+        other_test = ImageSet(data[1].images.flip(0), data[1].labels.flip(0), data[1].classes)
+        with pytest.raises(CheckpointError, match="written for other test images"):
+            train(moved, tmp_path / "r", data=(data[0], other_test), resume=True)
+        res = train(moved, tmp_path / "r", data=data, resume=True)
+    assert res["train_loss"] == ref["train_loss"] and res["test_loss"] == ref["test_loss"]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cobkern.training import train
-from cobkern.training.checkpoint import CHECKPOINT_NAME, setting_change
+from cobkern.training.checkpoint import CHECKPOINT_NAME, RESUME_MAY_CHANGE, setting_change
 
 from .context import Context
 from .files import atomic_write_bytes, atomic_write_json
@@ -45,6 +45,13 @@ def _read_final(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+#: The training fields an experiment directory's model may have been trained with other
+#: values of: the trainer's resume rules, but not ``data_root`` — a resumed training run
+#: checks its data by fingerprint, the sweeps' records do not (their ``inputs`` name the
+#: test subset, not the images), so other data must not inherit their results.
+TRAINED_MAY_CHANGE = RESUME_MAY_CHANGE - {"data_root"}
+
+
 def check_trained_settings(ctx: Context, arch: str = "tsra") -> None:
     """Raise ``ValueError`` if ``OUT/train[-arch]/`` holds a model (or an interrupted run)
     made with other training settings than ``ctx``'s (fields that may change on resume,
@@ -60,7 +67,8 @@ def check_trained_settings(ctx: Context, arch: str = "tsra") -> None:
         return  # the trainer's own resume check still compares the checkpoint's settings
     if not isinstance(saved, dict):
         return
-    change = setting_change(saved, ctx.train_config(arch), missing_ok=True)
+    change = setting_change(saved, ctx.train_config(arch), missing_ok=True,
+                            may_change=TRAINED_MAY_CHANGE)
     if change is not None:
         name, old, value = change
         flag = "" if arch == "tsra" else " --arch relu"
@@ -80,7 +88,7 @@ def trained_with(ctx: Context, arch: str = "tsra") -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(saved, dict) and \
-        setting_change(saved, ctx.train_config(arch)) is None
+        setting_change(saved, ctx.train_config(arch), may_change=TRAINED_MAY_CHANGE) is None
 
 
 @contextlib.contextmanager

@@ -40,7 +40,9 @@ CKPT_VERSION = 2  # 2: per-rank RNG state and metrics window, last evaluation
 #: ``eval_every``, ``checkpoint_every``), where and how fast it executes (``device``,
 #: ``num_threads``, ``compile``, ``compile_mode``, ``compile_kernels``, ``channels_last``,
 #: ``fuse_conv_bias``, ``eval_batch_size``, ``optimizer_impl``)
-#: and where the decoded data is cached (``cache_dir``, ``download``) — not the
+#: where the data is read and its decode cached (``data_root``: the checkpoint's
+#: fingerprints of the training and test images must match the data found there, so a copy
+#: of the same data elsewhere resumes; ``cache_dir``, ``download``) — not the
 #: optimisation itself. (``compile``, ``compile_mode``, ``compile_kernels`` — on a CPU —,
 #: ``channels_last``, ``fuse_conv_bias``, ``eval_batch_size``, ``optimizer_impl``,
 #: ``num_threads`` — CPU reductions split by thread — and another device may change
@@ -51,7 +53,7 @@ CKPT_VERSION = 2  # 2: per-rank RNG state and metrics window, last evaluation
 RESUME_MAY_CHANGE = frozenset({
     "progress", "log_every", "eval_every", "checkpoint_every", "eval_batch_size",
     "num_threads", "device", "compile", "compile_mode", "compile_kernels", "channels_last",
-    "fuse_conv_bias", "cache_dir", "download", "optimizer_impl"})
+    "fuse_conv_bias", "cache_dir", "download", "optimizer_impl", "data_root"})
 
 
 class CheckpointError(ValueError):
@@ -157,13 +159,14 @@ _MISSING = object()
 
 
 def setting_change(saved: dict[str, Any], config: TrainConfig, *,
-                   missing_ok: bool = False) -> tuple[str, Any, Any] | None:
-    """The first field outside :data:`RESUME_MAY_CHANGE` in which ``config`` differs from
-    ``saved`` (a recorded ``asdict(TrainConfig)``), as ``(name, old, new)``; ``None`` if
-    there is none. A field missing from ``saved`` counts as a change (``old`` is a private
-    sentinel) unless ``missing_ok``; ``True`` and ``1`` differ."""
+                   missing_ok: bool = False,
+                   may_change: frozenset[str] = RESUME_MAY_CHANGE) -> tuple[str, Any, Any] | None:
+    """The first field outside ``may_change`` (default :data:`RESUME_MAY_CHANGE`) in which
+    ``config`` differs from ``saved`` (a recorded ``asdict(TrainConfig)``), as ``(name,
+    old, new)``; ``None`` if there is none. A field missing from ``saved`` counts as a change
+    (``old`` is a private sentinel) unless ``missing_ok``; ``True`` and ``1`` differ."""
     for name, new in asdict(config).items():
-        if name in RESUME_MAY_CHANGE:
+        if name in may_change:
             continue
         old = saved.get(name, _MISSING)
         if old is _MISSING and missing_ok:

@@ -102,9 +102,9 @@ def _prepare_data(config: TrainConfig, data: tuple[ImageSet, ImageSet] | None,
     return train_set, test_set
 
 
-def _data_fingerprint(train_set: ImageSet) -> str:
-    """SHA-256 of the training images and labels a run uses (after subsetting)."""
-    return tensor_digest([("images", train_set.images), ("labels", train_set.labels)])
+def _data_fingerprint(images: ImageSet) -> str:
+    """SHA-256 of the images and labels a run uses (after subsetting)."""
+    return tensor_digest([("images", images.images), ("labels", images.labels)])
 
 
 def _build_model(config: TrainConfig) -> nn.Module:
@@ -231,6 +231,7 @@ def _train(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
                           "compile_mode=default or max-autotune-no-cudagraphs")
     train_set, test_set = _prepare_data(config, data, d)
     data_id = _data_fingerprint(train_set)
+    test_id = _data_fingerprint(test_set)
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     if model is None:
         model = _build_model(config)
@@ -264,11 +265,15 @@ def _train(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
     if resume:
         ckpt = load_checkpoint(ckpt_path, base, device)
         check_resume_config(ckpt.get("config"), config, ckpt_path)
-        if ckpt.get("data_id", data_id) != data_id:  # older checkpoints record none
-            raise CheckpointError(f"checkpoint {ckpt_path} was written for other training "
-                                  "images (same settings, different data: e.g. another "
-                                  "COBKERN_DATA or changed files); resume with that data or "
-                                  "start a new run in another output directory")
+        # older checkpoints record none; with both recorded, the data may have moved
+        # (data_root is free to change on resume: a copy of the same images resumes)
+        for key, have, what in (("data_id", data_id, "training"), ("test_id", test_id, "test")):
+            if ckpt.get(key, have) != have:
+                raise CheckpointError(
+                    f"checkpoint {ckpt_path} was written for other {what} images (same "
+                    "settings, different data: e.g. another COBKERN_DATA or data_root, or "
+                    "changed files); resume with that data or start a new run in another "
+                    "output directory")
         try:
             base.load_state_dict(ckpt["model"])
             # The checkpoint is read onto the CPU; load_state_dict casts the optimizer state
@@ -323,7 +328,7 @@ def _train(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
                 "format": CKPT_FORMAT, "version": CKPT_VERSION, "step": step,
                 "model": base.state_dict(), "model_config": model_config(base),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "loader": loader.state_dict(), "data_id": data_id,
+                "loader": loader.state_dict(), "data_id": data_id, "test_id": test_id,
                 "rng": ranks[0]["rng"],  # rank 0's, as in a one-process checkpoint
                 "rank_state": ranks, "last_train": last_train, "last_eval": last_eval,
                 "config": asdict(config),
