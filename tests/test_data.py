@@ -650,3 +650,21 @@ def test_a_file_replaced_with_its_size_and_mtime_kept_is_decoded_again(tmp_path)
     assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
     again, _ = load_cifar10("imagefolder", tmp_path / "tree", cache_dir=tmp_path / "c")
     assert int(first.images.float().mean()) == 10 and int(again.images.float().mean()) == 200
+
+
+def test_decoding_shows_progress_and_a_cache_read_does_not(tmp_path, capsys) -> None:
+    """Decoding the shipped archive (~6 s) or a large ImageFolder tree printed nothing; a
+    bar counts the decoded images now (``progress=False`` turns it off)."""
+    _make_folder(tmp_path / "tree")
+    _tar(tmp_path / "tree", tmp_path / "tree.tar.gz", "w:gz")
+    for source, root in (("imagefolder", tmp_path / "tree"),
+                         ("shipped", tmp_path / "tree.tar.gz")):
+        load_cifar10(source, root, cache_dir=tmp_path / "c")
+        err = capsys.readouterr().err
+        # 24 images (12 per split): a known total for a folder, a count for the archive
+        assert "decode tree" in err
+        assert ("24/24" if source == "imagefolder" else "24img") in err.replace(" ", ""), err
+        load_cifar10(source, root, cache_dir=tmp_path / "c")  # from the cache
+        assert "decode" not in capsys.readouterr().err
+        load_cifar10(source, root, cache_dir=tmp_path / "c", rebuild_cache=True, progress=False)
+        assert "decode" not in capsys.readouterr().err

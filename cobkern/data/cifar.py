@@ -71,6 +71,7 @@ def load_cifar10(
     *,
     download: bool = False,
     rebuild_cache: bool = False,
+    progress: bool = True,
 ) -> tuple[ImageSet, ImageSet]:
     """Load CIFAR-10 (or any two-split image set) as ``(train, test)`` :class:`ImageSet`.
 
@@ -87,6 +88,7 @@ def load_cifar10(
         cache_dir: where decoded JPEG sources are cached (default: see module docstring).
         download: allow torchvision to download the official files.
         rebuild_cache: decode the source again even if a cache exists.
+        progress: a progress bar while images are decoded (not when read from the cache).
 
     Returns:
         ``(train, test)``: images ``uint8 (N, 32, 32, 3)`` NHWC, labels ``int64 (N,)``.
@@ -114,7 +116,7 @@ def load_cifar10(
         archive = rootp if rootp is not None else default_archive_path()
         if archive.is_dir():
             return load_cifar10("auto", archive, cache_dir, download=download,
-                                rebuild_cache=rebuild_cache)
+                                rebuild_cache=rebuild_cache, progress=progress)
         if not archive.is_file():
             raise DataError(f"CIFAR-10 archive not found: {archive} (set COBKERN_DATA or pass "
                             "--data-root)")
@@ -123,7 +125,7 @@ def load_cifar10(
         # and scales 16-bit grey images (caches from before: "cat-big" before "cat", white)
         key = "p" + _sha256_file(archive)
         arrays = _cached(key, cache_dir, f"archive:{archive}",
-                         lambda: _decode_archive(archive), rebuild_cache)
+                         lambda: _decode_archive(archive, progress), rebuild_cache)
     elif source == "imagefolder":
         if rootp is None:
             raise DataError("data source 'imagefolder' needs a root folder (--data-root)")
@@ -134,7 +136,7 @@ def load_cifar10(
             raise DataError(f"no images under {rootp}/train|test/<class>/")
         key = _folder_key(rootp, files)
         arrays = _cached(key, cache_dir, f"imagefolder:{rootp}",
-                         lambda: _decode_folder(rootp, files), rebuild_cache)
+                         lambda: _decode_folder(rootp, files, progress), rebuild_cache)
     else:
         arrays = _load_torchvision(rootp, download)
     return _to_sets(arrays)

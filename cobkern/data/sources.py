@@ -16,7 +16,7 @@ import os
 import pickle
 import tarfile
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -87,10 +87,15 @@ def _split_and_class(parts: tuple[str, ...]) -> tuple[str, str] | None:
     return (split, parts[-2]) if split else None
 
 
-def _decode_archive(path: Path) -> dict[str, object]:
+def _decode_archive(path: Path, progress: bool = False) -> dict[str, object]:
+    from tqdm.auto import tqdm
+
     found: list[tuple[str, str, str, np.ndarray]] = []
+    # the member count is not known before the (compressed) stream has been read
+    bar = tqdm(desc=f"decode {path.name}", unit="img", disable=not progress,
+               dynamic_ncols=True)
     try:
-        with tarfile.open(path, "r:*") as tf:
+        with bar, tarfile.open(path, "r:*") as tf:
             # Members in archive order: a compressed archive seeks backwards only by
             # decompressing again from the start, so reading them in name order is
             # quadratic for an archive not packed sorted (GNU tar's readdir order).
@@ -112,6 +117,7 @@ def _decode_archive(path: Path) -> dict[str, object]:
                                     "which is not a file in the archive")
                 found.append((m.name, Path(m.name).parts[-3], sc[1],
                               _decode(f.read(), m.name)))
+                bar.update(1)
             # tarfile ends its iteration without a word at a truncated or damaged header:
             # the members must end at the end-of-archive marker (a zero block).
             tf.fileobj.seek(tf.offset)
@@ -168,9 +174,13 @@ def _image_files(root: Path) -> Iterator[tuple[str, str, Path]]:
                               stacklevel=3)
 
 
-def _decode_folder(root: Path, files: Iterable[tuple[str, str, Path]]) -> dict[str, object]:
+def _decode_folder(root: Path, files: list[tuple[str, str, Path]],
+                   progress: bool = False) -> dict[str, object]:
+    from tqdm.auto import tqdm
+
     items: dict[str, list[tuple[str, np.ndarray]]] = {"train": [], "test": []}
-    for split, cls, f in files:
+    for split, cls, f in tqdm(files, desc=f"decode {root.name}", unit="img",
+                              disable=not progress, dynamic_ncols=True):
         items[split].append((cls, _decode(f.read_bytes(), str(f))))
     return _assemble(items, str(root))
 

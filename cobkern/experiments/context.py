@@ -123,7 +123,7 @@ class Context:
         if self._data is None:
             tc = self.train_config("tsra")
             self._data = load_cifar10(tc.data_source, tc.data_root, tc.cache_dir,
-                                      download=tc.download)
+                                      download=tc.download, progress=self.progress)
         return self._data
 
     def eval_set(self) -> ImageSet:

@@ -91,11 +91,11 @@ def _prepare_data(config: TrainConfig, data: tuple[ImageSet, ImageSet] | None,
         # Rank 0 decodes and caches first; the others then read the cache.
         if d.main:
             data = load_cifar10(config.data_source, config.data_root, config.cache_dir,
-                                download=config.download)
+                                download=config.download, progress=config.progress)
         d.barrier()
         if not d.main:
             data = load_cifar10(config.data_source, config.data_root, config.cache_dir,
-                                download=False)
+                                download=False, progress=False)
     train_set, test_set = data
     train_set = subset(train_set, config.train_subset or None, seed=config.seed)
     test_set = subset(test_set, config.test_subset or None, seed=config.seed + 1)
