@@ -522,6 +522,10 @@ def test_weights_missing_or_extra_tensors_are_refused(tmp_path) -> None:
     blob = torch.load(path, weights_only=True)
     del blob["state_dict"]["features.0.bias"]
     torch.save(blob, path)
+    with pytest.raises(ModelFileError, match="do not match the checksum"):
+        load_model(path)
+    del blob["sha256"]  # a hand-made file (or one from before checksums): the keys tell
+    torch.save(blob, path)
     with pytest.raises(ModelFileError, match="features.0.bias"):
         load_model(path)
     blob["state_dict"]["features.0.bias"] = torch.zeros(4)
@@ -602,3 +606,26 @@ def test_a_model_file_is_read_by_its_content_not_its_suffix(tmp_path) -> None:
         if name == "b.bin":
             shutil.copy(tmp_path / "b.pt", tmp_path / name)
         torch.testing.assert_close(load_model(tmp_path / name).eval()(x), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_a_damaged_model_file_is_refused_by_its_checksum(tmp_path, suffix: str) -> None:
+    """16 flipped bytes in the middle of a model file (the weights' payload) loaded without
+    a word as other weights. Files record the SHA-256 of their weights now, and reading
+    checks it; a file without one (written before) still loads."""
+    if suffix == ".safetensors" and not safetensors_available():
+        pytest.skip("safetensors is not installed")
+    p = tmp_path / f"m{suffix}"
+    save_model(vgg16_tsra(width=0.0625), p)
+    load_model(p)
+    b = bytearray(p.read_bytes())
+    for i in range(len(b) // 2, len(b) // 2 + 16):
+        b[i] ^= 0xFF
+    p.write_bytes(bytes(b))
+    with pytest.raises(ModelFileError, match="do not match the checksum"):
+        load_model(p)
+    if suffix == ".pt":  # a file of an earlier version, without the digest, loads unchecked
+        m = vgg16_tsra(width=0.0625)
+        torch.save({"format": "cobkern.vgg", "config": model_config(m),
+                    "state_dict": m.state_dict(), "extra": {}}, p)
+        assert torch.equal(load_model(p).classifier[-1].bias, m.classifier[-1].bias)

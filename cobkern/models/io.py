@@ -18,6 +18,8 @@ config and ``extra`` as JSON in the header metadata; needs the ``safetensors`` p
 :class:`ModelFileError` and nothing is written); any other suffix is a ``torch.save`` pickle
 ``{"format", "config", "state_dict", "extra"}``. :func:`default_model_filename` picks
 ``model.safetensors`` when the package is installed, else ``model.pt``. Writes are atomic.
+Both record the SHA-256 of the weights (``sha256``), which reading checks: a damaged file
+is an error, not other weights (files without it load unchecked).
 Reading goes by the content (a renamed file still loads), the suffix only where the content
 is neither format.
 """
@@ -35,6 +37,7 @@ import torch
 from torch import nn
 
 from cobkern._atomic import atomic_path
+from cobkern._digest import tensor_digest
 from cobkern._wrappers import unwrap_model
 from cobkern.nn import TSRA, RMSNorm, RMSNormTSRA
 
@@ -329,6 +332,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, extra: dict | None = N
     state = _cpu_state_dict(base)
     extra = dict(extra or {})
     json.dumps(extra)  # fail before writing anything if extra is not serialisable
+    digest = _weights_digest(state)
     with atomic_path(path) as tmp:
         if path.suffix == ".safetensors":
             if not safetensors_available():
@@ -337,11 +341,16 @@ def save_model(model: nn.Module, path: str | os.PathLike, extra: dict | None = N
             from safetensors.torch import save_file
 
             save_file(state, str(tmp), metadata={"format": FORMAT, "config": json.dumps(config),
-                                                 "extra": json.dumps(extra)})
+                                                 "extra": json.dumps(extra), "sha256": digest})
         else:
             torch.save({"format": FORMAT, "config": config, "state_dict": state,
-                        "extra": extra}, tmp)
+                        "extra": extra, "sha256": digest}, tmp)
     return path
+
+
+def _weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's tensors, in name order."""
+    return tensor_digest(sorted(state.items()))
 
 
 def read_model_file(
@@ -375,6 +384,8 @@ def read_model_file(
                 raise ModelFileError(f"{path}: safetensors file without cobkern metadata")
             config = json.loads(meta["config"])
             extra = json.loads(meta.get("extra", "{}"))
+            recorded = meta.get("sha256")
+            _check_digest(path, state, recorded)
             state = {k: v.to(map_location) for k, v in state.items()}
         else:
             # a file object: torch.load of a path ending in .safetensors reads safetensors
@@ -384,6 +395,7 @@ def read_model_file(
             if not isinstance(blob, dict) or blob.get("format") != FORMAT:
                 raise ModelFileError(f"{path}: not a cobkern model file")
             config, state, extra = blob["config"], blob["state_dict"], blob.get("extra", {})
+            _check_digest(path, state, blob.get("sha256"))
     except ModelFileError:
         raise
     except pickle.UnpicklingError:
@@ -397,6 +409,17 @@ def read_model_file(
     return config, state, extra
 
 
+def _check_digest(path: Path, state: Any, recorded: Any) -> None:
+    """Raise :class:`ModelFileError` if the weights differ from the digest the file records
+    (files written before digests were recorded have none: not checked)."""
+    if recorded is None or not isinstance(state, dict):
+        return
+    if _weights_digest(state) != recorded:
+        raise ModelFileError(f"{path}: the weights do not match the checksum the file records "
+                             "(a damaged or altered file); save the model again or restore "
+                             "the file")
+
+
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> VGG:
     """Rebuild a model from a file written by :func:`save_model` and load its weights.
 
@@ -406,7 +429,8 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
 
     Raises:
         FileNotFoundError: no such file.
-        ModelFileError: unreadable file or weights that do not fit the stored config.
+        ModelFileError: unreadable file, weights that do not match the checksum the file
+            records (damaged), or weights that do not fit the stored config.
     """
     config, state, _ = read_model_file(path, map_location)
     if not isinstance(state, dict):
