@@ -16,7 +16,10 @@ def tensor_digest(items: Iterable[tuple[str, Tensor]]) -> str:
     the tensor's bytes (copied to the CPU, contiguous)."""
     h = hashlib.sha256()
     for name, t in items:
-        t = t.detach().cpu().contiguous().reshape(-1)
+        # a fresh dense copy: .contiguous() leaves a one-element view's stride as it is
+        # (a 1x1 matrix's diagonal has stride 2), which view(torch.uint8) refuses
+        t = t.detach().cpu()
+        t = torch.empty(t.shape, dtype=t.dtype).copy_(t).reshape(-1)
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype};".encode())
         h.update(t.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

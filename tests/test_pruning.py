@@ -77,6 +77,42 @@ def test_parameter_target_map_and_counts_and_thresholds():
     assert RelativeThreshold((1.0, 1.0), "median").select(s).u.tolist() == [0, 2]
 
 
+def test_equal_scores_are_equal_for_the_z_score_and_the_mean():
+    """Three 0.1s have a computed population std of 1.4e-17 (not 0) and a mean of
+    0.1 + 1.4e-17: every z-score came out ±1 by rounding, and equal scores counted as below
+    1.0 · mean — channels were cut where the rules (and the README) cut none."""
+    for n in (3, 6, 7, 9, 11):
+        s = scores([0.1] * n, [0.1] * n)
+        assert ZScore((0.0, 0.0)).select(s).num_kept == 2 * n, n
+        assert ZScore((5.0, 5.0)).select(s).num_kept == 2 * n, n
+        assert ZScore(0.0).select(s).num_kept == 2 * n, n  # one value over the whole layer
+        for ref in ("mean", "median", "max"):
+            assert RelativeThreshold((1.0, 1.0), ref).select(s).num_kept == 2 * n, (n, ref)
+    # unequal scores are still cut by the same rules
+    s = scores([0.1, 0.1, 0.3], [0.2, 0.2, 0.2])
+    assert ZScore((0.0, 0.0)).select(s).u.tolist() == [2]
+    assert RelativeThreshold((1.0, 1.0), "mean").select(s).u.tolist() == [2]
+
+
+def test_cob_prunes_a_layer_with_a_one_channel_subspace():
+    """split = 1 (a one-channel U, as an earlier prune can leave it): the rotation's marker
+    digested the 1x1 Gram's diagonal, a one-element view of stride 2, and
+    ``view(torch.uint8)`` raised RuntimeError. The digest copies densely now."""
+    from cobkern._digest import tensor_digest
+
+    g = torch.eye(1, dtype=torch.float64).diagonal()
+    assert g.stride() == (2,)
+    assert tensor_digest([("g", g)]) == tensor_digest([("g", torch.ones(1, dtype=torch.float64))])
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 6), TSRA(6, split=1), nn.Linear(6, 3)).double().eval()
+    x = torch.randn(32, 4, dtype=torch.float64)
+    with use_backend("reference"):
+        st = calibrate(m, [x], progress=False)
+        _, report = prune(m, st, ("ratio", (0.0, 0.5)))
+    assert report.total_after < report.total_before
+    assert m[1].split == 1 and m[1].num_channels == 4  # U kept whole, V: 5 → 3
+
+
 def test_energy_and_rank_tolerance():
     s = scores([4.0, 2.0, 1.0, 0.0], [3.0, 1e-9, 1.0])      # energies = squares
     # U energies 16, 4, 1, 0 (total 21): 16/21 < 0.8 ≤ 20/21 → keep 2 leading directions

@@ -374,7 +374,11 @@ class ZScore(Strategy):
     nothing is pruned when all scores are equal)."""
 
     def _prune_mask(self, scores, energy, value):
-        std = scores.std(unbiased=False) if scores.numel() > 1 else scores.new_zeros(())
+        # equal scores tested as such: their computed std is round-off (1.4e-17 for three
+        # 0.1s), which made every z-score ±1 and cut channels by rounding
+        if scores.numel() <= 1 or bool(scores.max() == scores.min()):
+            return torch.zeros(scores.numel(), dtype=torch.bool)
+        std = scores.std(unbiased=False)
         if std <= 0:
             return torch.zeros(scores.numel(), dtype=torch.bool)
         return (scores - scores.mean()) / std < value
@@ -399,8 +403,12 @@ class RelativeThreshold(Strategy):
     def _prune_mask(self, scores, energy, value):
         # the median of an even count is the mean of the two middle scores (quantile 0.5);
         # torch's median() would return the lower one
-        ref = {"mean": scores.mean, "median": lambda: scores.quantile(0.5),
-               "max": scores.max}[self.ref]()
+        if scores.numel() and bool(scores.max() == scores.min()):
+            ref = scores.max()  # every reference is the common value: exactly, not a mean
+            # whose round-off (0.1 + 1.4e-17 for three 0.1s) put equal scores below it
+        else:
+            ref = {"mean": scores.mean, "median": lambda: scores.quantile(0.5),
+                   "max": scores.max}[self.ref]()
         return scores < value * ref
 
     def __repr__(self) -> str:
