@@ -1179,3 +1179,19 @@ def test_a_run_resumes_from_a_copy_of_its_data_elsewhere(tmp_path) -> None:
             train(moved, tmp_path / "r", data=(data[0], other_test), resume=True)
         res = train(moved, tmp_path / "r", data=data, resume=True)
     assert res["train_loss"] == ref["train_loss"] and res["test_loss"] == ref["test_loss"]
+
+
+def test_evaluate_refuses_a_rank_slice_without_a_process_group() -> None:
+    """A loader for rank 0 of 2 without torch.distributed scored that rank's half of the
+    test images (n=16 of 32) as if it were the whole."""
+    from cobkern.data import DeviceLoader
+
+    _, test = _toy_data(8, 32)
+    model = vgg16_tsra(num_classes=4, width=0.0625)
+    half = DeviceLoader.from_imageset(test, 8, augment=False, shuffle=False, drop_last=False,
+                                      rank=0, world_size=2)
+    with pytest.raises(ValueError, match="rank 0's slice of 2.*no torch.distributed"):
+        evaluate(model, half)
+    whole = DeviceLoader.from_imageset(test, 8, augment=False, shuffle=False, drop_last=False)
+    with cobkern.use_backend("reference"):
+        assert evaluate(model, whole)["n"] == 32

@@ -56,7 +56,17 @@ def evaluate(
     Returns:
         ``{"accuracy": float in [0, 1], "loss": float, "n": int}``. Under an active
         ``torch.distributed`` group with a rank-sliced loader the sums are all-reduced.
+
+    Raises:
+        ValueError: a rank-sliced loader (``world_size > 1``) without an initialised
+            process group (it would score one rank's slice only).
     """
+    if not isinstance(data, ImageSet) and data.world_size > 1 and \
+            not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"evaluate: the loader is rank {data.rank}'s slice of "
+                         f"{data.world_size}, but no torch.distributed process group is "
+                         "initialised to sum the slices; call it from every rank of the group "
+                         "or pass a loader with world_size=1")
     if device is None:
         device = next(unwrap_model(model).parameters()).device
     device = torch.device(device)
