@@ -668,3 +668,21 @@ def test_decoding_shows_progress_and_a_cache_read_does_not(tmp_path, capsys) -> 
         assert "decode" not in capsys.readouterr().err
         load_cifar10(source, root, cache_dir=tmp_path / "c", rebuild_cache=True, progress=False)
         assert "decode" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source", ["auto", "shipped", "torchvision"])
+def test_torchvisions_packed_archive_as_the_root_says_to_extract_it(tmp_path, source) -> None:
+    """``cifar-10-python.tar.gz`` itself as the root: "need both a train/ and a test/ split"
+    (read as an image archive) or "pass download=True" (torchvision) — neither said that
+    the file only needs extracting."""
+    import io
+
+    tgz = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(tgz, "w:gz") as tf:
+        for n in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            blob = pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1]})
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{n}")
+            info.size = len(blob)
+            tf.addfile(info, io.BytesIO(blob))
+    with pytest.raises(DataError, match=r"still packed: extract it \(tar xzf cifar-10-python"):
+        load_cifar10(source, tgz, cache_dir=tmp_path / "c", progress=False)

@@ -91,6 +91,7 @@ def _decode_archive(path: Path, progress: bool = False) -> dict[str, object]:
     from tqdm.auto import tqdm
 
     found: list[tuple[str, str, str, np.ndarray]] = []
+    pickles = False  # members under cifar-10-batches-py/: torchvision's download, packed
     # the member count is not known before the (compressed) stream has been read
     bar = tqdm(desc=f"decode {path.name}", unit="img", disable=not progress,
                dynamic_ncols=True)
@@ -106,6 +107,7 @@ def _decode_archive(path: Path, progress: bool = False) -> dict[str, object]:
                 if not (m.isfile() or m.islnk() or m.issym()):
                     continue
                 sc = _split_and_class(Path(m.name).parts)
+                pickles |= _PICKLES in Path(m.name).parts
                 if sc is None or Path(m.name).suffix.lower() not in _IMAGE_EXTS:
                     continue
                 try:
@@ -128,6 +130,8 @@ def _decode_archive(path: Path, progress: bool = False) -> dict[str, object]:
                 pass
     except (tarfile.TarError, EOFError, OSError) as e:
         raise DataError(f"cannot read archive {path}: {e}") from None
+    if not found and pickles:
+        raise DataError(_packed_pickles(path))
     items: dict[str, list[tuple[str, np.ndarray]]] = {"train": [], "test": []}
     skip_val = _val_is_not_test({d for _, d, _, _ in found}, str(path))
     # by path components, as the folder source walks a tree ("cat" before "cat-big", whose
@@ -199,6 +203,15 @@ def _folder_key(root: Path, files: list[tuple[str, str, Path]]) -> str:
 
 
 # ----------------------------------------------------------------------------- torchvision
+_PICKLES = "cifar-10-batches-py"
+
+
+def _packed_pickles(path: Path) -> str:
+    return (f"{path} is torchvision's CIFAR-10 python archive, still packed: extract it "
+            f"(tar xzf {path.name}) and pass the folder that holds {_PICKLES}/ as the data "
+            "root")
+
+
 def _find_batches(root: Path) -> Path | None:
     for cand in (root / "cifar-10-batches-py", root):
         if (cand / "data_batch_1").is_file() and (cand / "test_batch").is_file():
@@ -252,6 +265,10 @@ def _read_batches(folder: Path) -> dict[str, object]:
 
 def _load_torchvision(root: Path | None, download: bool) -> dict[str, object]:
     root = Path(root) if root is not None else default_cache_dir() / "torchvision"
+    if root.is_file():
+        raise DataError(_packed_pickles(root) if tarfile.is_tarfile(root) else
+                        f"{root} is a file; the torchvision source needs the folder that holds "
+                        f"{_PICKLES}/")
     folder = _find_batches(root)
     if folder is None:
         if not download:
