@@ -582,3 +582,20 @@ def test_the_setup_states_the_float32_products_the_statistics_record(tmp_path: P
         CalibrationStats({"features.0": layer}, 240, meta).save(out / "calibration.pt")
         text = build_report(out).read_text()
         assert ("float32 products on the GPU: `fp64`" in text) is shown
+
+
+def test_relu_peers_do_not_depend_on_the_normaliser() -> None:
+    """The ReLU control has no RMSNorm, but its Torch-Pruning peers were keyed (and filtered)
+    by the normaliser: switching it pruned and fine-tuned every ReLU peer again for an
+    identical model. They are keyed "none" now and reported under either normaliser."""
+    relu = {"experiment": "peers", "key": "tp-l2|relu|l2|none|tp_ratio:0.5|ft0",
+            "method": "tp-l2", "arch": "relu", "importance": "l2", "normalizer": "none",
+            "strategy": "tp_ratio", "target": 0.5, "finetuned": False,
+            "fraction_pruned": 0.5, "accuracy": 0.4}
+    old = {**relu, "key": "tp-l2|relu|l2|kept|tp_ratio:0.5|ft0", "normalizer": "kept",
+           "accuracy": 0.3}  # keyed by a normaliser: measured again, not shown
+    for norm in ("kept", "original"):
+        cfg = ExperimentConfig(peer_finetune=False, peer_fractions=[0.5], normalizer=norm)
+        rows = [r for r in summarize(_records() + [old, relu], cfg)["peers"]
+                if r["arch"] == "relu"]
+        assert [r["accuracy"] for r in rows] == [0.4], norm

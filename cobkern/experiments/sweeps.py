@@ -243,8 +243,10 @@ def peers(ctx: Context, bar: Any = None) -> None:
                     finetune=cfg.peer_finetune)
         _tick(bar)
         for arch in cfg.peer_archs:
+            # the ReLU control has no RMSNorm: the normaliser does not change its pruning
+            norm = cfg.normalizer if arch == "tsra" else "none"
             for crit in cfg.peer_criteria:
-                key = (f"tp-{crit}|{arch}|{crit}|{cfg.normalizer}|tp_ratio:{json_value(P)}"
+                key = (f"tp-{crit}|{arch}|{crit}|{norm}|tp_ratio:{json_value(P)}"
                        f"|ft{steps}")
                 inputs = ctx.inputs(arch=arch, finetune=bool(steps))
                 if ctx.done(key, inputs) is None:
@@ -256,7 +258,7 @@ def peers(ctx: Context, bar: Any = None) -> None:
                     model.eval()
                     fields: dict[str, Any] = {
                         "method": f"tp-{crit}", "arch": arch, "importance": crit,
-                        "normalizer": cfg.normalizer, "strategy": "tp_ratio",
+                        "normalizer": norm, "strategy": "tp_ratio",
                         "value": parameter_target_ratio(P), "target": P,
                         "finetuned": bool(steps), **_measure(ctx, model, n0),
                         "inputs": inputs}
