@@ -444,7 +444,8 @@ def calibrate(
 
 def _images_in(loader: Any) -> int | None:
     """How many images a pass over ``loader`` yields in all (every rank), where it says:
-    a :class:`~cobkern.data.DeviceLoader`, or a loader / sequence over a sized dataset."""
+    a :class:`~cobkern.data.DeviceLoader`, or a loader over a sized ``dataset`` (a torch
+    ``DataLoader``); ``None`` for anything else (a list of batches, a generator)."""
     from cobkern.data import DeviceLoader
 
     if isinstance(loader, DeviceLoader):
