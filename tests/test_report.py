@@ -599,3 +599,17 @@ def test_relu_peers_do_not_depend_on_the_normaliser() -> None:
         rows = [r for r in summarize(_records() + [old, relu], cfg)["peers"]
                 if r["arch"] == "relu"]
         assert [r["accuracy"] for r in rows] == [0.4], norm
+
+
+def test_a_report_with_only_the_unpruned_model_timed_is_written(tmp_path: Path) -> None:
+    """A sweep killed in the speed experiment after the unpruned model's measurements (or
+    whose pruned models' records are no longer current): the figure of the pruned models'
+    speed-ups got no rows and raised IndexError, after the tables were rewritten and before
+    summary.json / report.md were."""
+    out = tmp_path / "out"
+    _write_records(out, [r for r in _records()
+                         if not (r["experiment"] == "speed" and r["method"] != "unpruned")])
+    text = build_report(out).read_text()
+    assert "| unpruned | 1,000 |" in text
+    assert not (out / "figures" / "speed.png").exists()
+    assert json.loads((out / "summary.json").read_text())["speed"][0]["method"] == "unpruned"

@@ -173,9 +173,9 @@ def build_report(out: str | Path) -> Path:
             refs["relu"] = s["relu_accuracy"]
         figs["peers"] = rel(F.fig_peers(peer_records(records, cfg), refs,
                                         fig_dir / _FIGURES["peers"]))
-    if s["speed"]:
-        figs["speed"] = rel(F.fig_speed([r for r in s["speed"] if r["method"] != "unpruned"],
-                                        fig_dir / _FIGURES["speed"]))
+    pruned_speed = [r for r in s["speed"] if r["method"] != "unpruned"]
+    if pruned_speed:  # the unpruned model alone (a sweep killed after timing it): no bars
+        figs["speed"] = rel(F.fig_speed(pruned_speed, fig_dir / _FIGURES["speed"]))
     s["figures"] = figs
     _remove_unwritten(tab_dir, {"threshold_finetune.csv": "threshold" in s,
                                 "peers.csv": "peers" in s, "lossless_layers.csv": "lossless" in s,

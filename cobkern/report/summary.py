@@ -182,7 +182,8 @@ def _speed_rows(records: list[dict[str, Any]],
     one of its fraction, with ``round_to`` in the row (rows of unrounded models have none);
     every ratio is relative to the unpruned model. The small and large batch are the
     smallest and largest of ``batches`` (the config's ``speed_batches``: records of an
-    earlier setting are not shown as this one's) that were measured, else of the records.
+    earlier setting are not shown as this one's), each where it was measured, else the
+    smallest / largest batch of the records.
     """
     sp = select(records, experiment="speed")
     if not sp:
@@ -190,8 +191,9 @@ def _speed_rows(records: list[dict[str, Any]],
     device = sp[-1].get("device")
     sp = [r for r in sp if r.get("device") == device]
     measured = {r["batch"] for r in sp}
-    batches = sorted(set(batches or ()) & measured or measured)
-    b1, bmax = batches[0], batches[-1]
+    # the config's smallest / largest batch where it was measured, else the records' own
+    b1 = min(batches) if batches and min(batches) in measured else min(measured)
+    bmax = max(batches) if batches and max(batches) in measured else max(measured)
     base = {r["batch"]: r for r in sp if r["method"] == "unpruned"}
     rows = []
     # the unpruned model first; a CoB model at P = 0 has the unpruned one's target and
