@@ -7,12 +7,15 @@ same folder, flushed to disk (``fsync``), then renamed over the target with ``os
 neither a killed process nor a power loss leaves an empty or partial file under the name.
 The file gets the permissions of a plain ``open(path, "w")`` (``0o666`` less the umask),
 whatever the writer created the temporary file with (safetensors creates ``0o600`` files).
+A temporary file left by a writer killed outright (SIGKILL: no cleanup runs) is removed by
+the next write of the same file, once its process is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,6 +53,37 @@ def _umask() -> int:
     return mask
 
 
+def _host() -> str:
+    """This machine's name, as it goes into temporary file names (no separators)."""
+    return "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, OverflowError):
+        return True
+    return True
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove ``path``'s temporary files whose writer died on this machine: the names end
+    in ``-<host>-<pid>`` (``-<pid>`` before the host was part of them). One of another
+    machine (a shared folder) or of a live process is left alone."""
+    prefix = f".{path.name}.tmp-"
+    host = _host()
+    for p in path.parent.glob(f"{prefix}*"):
+        tag = p.name[len(prefix):]
+        owner, _, pid = tag.rpartition("-")
+        if not pid.isdigit() or owner not in ("", host):
+            continue
+        if int(pid) != os.getpid() and not _alive(int(pid)):
+            p.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` if the block succeeds.
@@ -66,7 +100,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _remove_stale(path)
+    tmp = path.with_name(f".{path.name}.tmp-{_host()}-{os.getpid()}")
     try:
         yield tmp
         if tmp.exists():

@@ -1195,3 +1195,33 @@ def test_evaluate_refuses_a_rank_slice_without_a_process_group() -> None:
     whole = DeviceLoader.from_imageset(test, 8, augment=False, shuffle=False, drop_last=False)
     with cobkern.use_backend("reference"):
         assert evaluate(model, whole)["n"] == 32
+
+
+def test_a_temporary_file_left_by_a_killed_writer_is_removed_by_the_next_write(tmp_path) \
+        -> None:
+    """SIGKILL inside an atomic write (after the temporary file is written, before the
+    rename) runs no cleanup: ``.calibration.pt.tmp-<pid>`` (the size of the real file)
+    stayed beside it for good. The next write of the same file removes such files of dead
+    processes on this machine — not a live writer's, not another machine's."""
+    import subprocess
+    import sys
+
+    from cobkern import _atomic
+    from cobkern._atomic import atomic_path
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    target = tmp_path / "calibration.pt"
+    host = _atomic._host()
+    stale = [tmp_path / f".calibration.pt.tmp-{host}-{dead}",
+             tmp_path / f".calibration.pt.tmp-{dead}"]  # the name before hosts were in it
+    kept = [tmp_path / f".calibration.pt.tmp-{host}-{os.getppid()}",  # a live process
+            tmp_path / f".calibration.pt.tmp-otherhost-{dead}",  # another machine's
+            tmp_path / f".other.pt.tmp-{host}-{dead}"]  # another file's (its own write)
+    for p in stale + kept:
+        p.write_bytes(b"x" * 100)
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new"
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in kept)
