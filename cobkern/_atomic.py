@@ -19,7 +19,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path"]
+__all__ = ["atomic_path", "remove_stale"]
 
 
 def _fsync_file(path: Path) -> None:
@@ -69,10 +69,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _remove_stale(path: Path) -> None:
+def remove_stale(path: str | os.PathLike) -> None:
     """Remove ``path``'s temporary files whose writer died on this machine: the names end
     in ``-<host>-<pid>`` (``-<pid>`` before the host was part of them). One of another
     machine (a shared folder) or of a live process is left alone."""
+    path = Path(path)
     prefix = f".{path.name}.tmp-"
     host = _host()
     for p in path.parent.glob(f"{prefix}*"):
@@ -100,7 +101,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(path)
+    remove_stale(path)
     tmp = path.with_name(f".{path.name}.tmp-{_host()}-{os.getpid()}")
     try:
         yield tmp

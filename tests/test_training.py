@@ -1048,20 +1048,37 @@ def test_min_lr_above_lr_is_refused_under_the_cosine_schedule() -> None:
     assert _tiny_config(lr=2e-3, min_lr=1e-3).min_lr == 1e-3
 
 
+def _dead_pid() -> int:
+    """The pid of a process that has exited."""
+    import subprocess
+    import sys
+
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True).stdout)
+
+
 def test_a_resume_removes_the_temporary_file_of_a_killed_checkpoint_write(tmp_path) -> None:
-    """A kill during the checkpoint's write leaves ``.checkpoint.pt.tmp-<pid>`` (weights and
-    optimizer state: ~400 MB at full width); the next run in that folder removes it."""
+    """A kill during the checkpoint's write leaves ``.checkpoint.pt.tmp-<host>-<pid>``
+    (weights and optimizer state: ~400 MB at full width); the next run in that folder
+    removes it — but not the file of a live writer or of another machine's."""
+    from cobkern import _atomic
     from cobkern.training.trainer import CHECKPOINT_NAME
 
     data = _toy_data()
     cfg = _tiny_config(steps=8)
+    host, dead = _atomic._host(), _dead_pid()
     with cobkern.use_backend("reference"):
         with pytest.raises(_Stop):
             train(cfg, tmp_path / "r", data=data, on_step=_stop_at(6))
-        stale = tmp_path / "r" / f".{CHECKPOINT_NAME}.tmp-999999"
-        stale.write_bytes(b"half a checkpoint")
+        stale = [tmp_path / "r" / f".{CHECKPOINT_NAME}.tmp-{dead}",
+                 tmp_path / "r" / f".{CHECKPOINT_NAME}.tmp-{host}-{dead}"]
+        kept = [tmp_path / "r" / f".{CHECKPOINT_NAME}.tmp-{host}-{os.getppid()}",
+                tmp_path / "r" / f".{CHECKPOINT_NAME}.tmp-otherhost-{dead}"]
+        for p in stale + kept:
+            p.write_bytes(b"half a checkpoint")
         train(cfg, tmp_path / "r", data=data, resume=True)
-    assert not stale.exists()
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in kept)
 
 
 def test_num_threads_is_set_for_the_run_only(tmp_path) -> None:
@@ -1203,14 +1220,10 @@ def test_a_temporary_file_left_by_a_killed_writer_is_removed_by_the_next_write(t
     rename) runs no cleanup: ``.calibration.pt.tmp-<pid>`` (the size of the real file)
     stayed beside it for good. The next write of the same file removes such files of dead
     processes on this machine — not a live writer's, not another machine's."""
-    import subprocess
-    import sys
-
     from cobkern import _atomic
     from cobkern._atomic import atomic_path
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    dead = _dead_pid()
     target = tmp_path / "calibration.pt"
     host = _atomic._host()
     stale = [tmp_path / f".calibration.pt.tmp-{host}-{dead}",

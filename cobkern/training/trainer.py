@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cobkern._atomic import remove_stale
 from cobkern._digest import tensor_digest
 from cobkern.data import DeviceLoader, ImageSet, load_cifar10, subset
 from cobkern.models import (
@@ -189,8 +190,7 @@ def _train_in(config: TrainConfig, out: Path, ckpt_path: Path, resume: bool,
     """:func:`train` once its arguments are checked: the process group, then the run."""
     d = DistContext(config)
     if d.rank == 0:  # a run killed while writing its checkpoint left the temporary file
-        for stale in out.glob(f".{CHECKPOINT_NAME}.tmp-*"):
-            stale.unlink(missing_ok=True)
+        remove_stale(ckpt_path)  # (~400 MB at full width): freed before the first write
     given = unwrap_model(model) if model is not None else None
     fused_before = getattr(given, "fuse_conv_bias", None)
     try:
