@@ -48,6 +48,9 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
              "cache_dir": str(tmp / "cache")}
     argv = ["run", "--preset", "quick", "--out", str(out), "--no-progress",
             "--set", "train=" + json.dumps(train),
+            # the ReLU control (peers): as small, on the same images (not the preset's run
+            # on the shipped CIFAR-10, which took most of this module's time)
+            "--set", "train_relu_overrides=" + json.dumps(train),
             "--calib-samples", "200", "--eval-subset", "0", "--fractions", "0,0.5,0.9",
             "--importances", "l2,l1", "--finetune-steps", "2",
             "--set", "normalizer_fractions=[0.5]",
@@ -473,6 +476,38 @@ def test_an_interrupted_train_force_leaves_no_old_model_behind(run_dir: Path, tm
     assert not any((out / "train").glob("model.*"))
     assert main(["evaluate", "--out", str(out), "--no-progress"]) == 2
     assert "trained tsra model not found" in capsys.readouterr().err
+
+
+def test_an_interrupted_train_force_says_how_to_continue_the_new_run(
+        run_dir: Path, tmp_path: Path, monkeypatch, capsys: pytest.CaptureFixture) -> None:
+    """Once the forced run has started, the same command (``--force``) would start it over
+    at step 0: the message says to continue without ``--force``, and that resumes it."""
+    from cobkern.experiments import pipeline
+
+    out = _copy(run_dir, tmp_path)
+    real_train = pipeline.train
+
+    def killed_at_step_3(*args, **kwargs):
+        def stop(step: int) -> None:
+            if step == 3:
+                raise KeyboardInterrupt
+        return real_train(*args, on_step=stop, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train", killed_at_step_3)
+    assert main(["train", "--out", str(out), "--force", "--set", "steps=6",
+                 "--set", "checkpoint_every=1", "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert f"`cobkern train --out {out}` (without --force" in err
+    seen: list[int] = []
+
+    def spy(*args, **kwargs):
+        assert kwargs["resume"] is True
+        return real_train(*args, on_step=seen.append, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train", spy)
+    assert main(["train", "--out", str(out), "--no-progress"]) == 0
+    assert "after 6 steps" in capsys.readouterr().out
+    assert seen == [4, 5, 6]  # resumed from the step-3 checkpoint, not started over
 
 
 def test_finetune_checkpoints_and_keeps_a_finished_run_when_the_recipe_cannot_run(
@@ -1008,15 +1043,43 @@ def test_train_relu_settings_reach_config_json(run_dir: Path, tmp_path: Path,
     model it had just made ("trained with warmup_steps=1, but these settings ask for 0")."""
     out = _copy(run_dir, tmp_path)
     o = str(out)
+    before = json.loads((out / "config.json").read_text())["experiment"]
+    assert before["train_relu_overrides"]["warmup_steps"] != 2
     assert main(["train", "--out", o, "--arch", "relu", "--force", "--set", "steps=2",
-                 "--set", "warmup_steps=1", "--no-progress"]) == 0
+                 "--set", "warmup_steps=2", "--no-progress"]) == 0
     saved = json.loads((out / "config.json").read_text())["experiment"]
     assert saved["train_relu_overrides"]["steps"] == 2
-    assert saved["train_relu_overrides"]["warmup_steps"] == 1
+    assert saved["train_relu_overrides"]["warmup_steps"] == 2
     capsys.readouterr()
     # the pipeline accepts the model as trained with the settings it now reads
     assert main(["train", "--out", o, "--arch", "relu", "--no-progress"]) == 0
     assert "already trained" in capsys.readouterr().out
+
+
+def test_a_re_prune_killed_before_its_prune_json_leaves_no_stale_one(
+        run_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """Re-pruning a name writes the model file, then ``prune.json``: a kill between them
+    left the old prune's ``prune.json`` beside the new model."""
+    from cobkern.experiments import files
+
+    out = _copy(run_dir, tmp_path)
+    o = str(out)
+    assert main(["prune", "--out", o, "--strategy", "ratio", "--value", "0.3", "--name", "p",
+                 "--no-eval", "--no-progress"]) == 0
+    d = out / "pruned" / "p"
+    assert (d / "prune.json").is_file()
+    real = files.atomic_write_json
+
+    def killed(path, obj, *args, **kwargs):
+        if Path(path).name == "prune.json":
+            raise KeyboardInterrupt
+        return real(path, obj, *args, **kwargs)
+
+    monkeypatch.setattr(files, "atomic_write_json", killed)
+    assert main(["prune", "--out", o, "--strategy", "ratio", "--value", "0.6", "--name", "p",
+                 "--no-eval", "--no-progress"]) == 130
+    assert any(d.glob("model.*"))  # the new model was written ...
+    assert not (d / "prune.json").exists()  # ... and nothing describes it as the old one
 
 
 def test_prune_into_a_name_taken_by_a_file_is_named(run_dir: Path, tmp_path: Path,

@@ -448,6 +448,10 @@ def _model_file(d: Path) -> Path | None:
     return None
 
 
+class _Interrupted(KeyboardInterrupt):
+    """An interrupt whose message says how to continue (when not by the same command)."""
+
+
 # ---------------------------------------------------------------------------- commands
 def cmd_run(args: argparse.Namespace) -> int:
     from cobkern.experiments import run_pipeline
@@ -471,8 +475,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_trained_settings(ctx, args.arch)
     # config.json (the ReLU control's --set too: the pipeline checks its model against
     # train_relu_overrides), kept on failure only once a run was started with these settings
-    with saved_config(ctx, keep=lambda: trained_with(ctx, args.arch)):
-        res = train_step(ctx, args.arch, force=args.force)
+    try:
+        with saved_config(ctx, keep=lambda: trained_with(ctx, args.arch)):
+            res = train_step(ctx, args.arch, force=args.force)
+    except KeyboardInterrupt:
+        if args.force and trained_with(ctx, args.arch):
+            # the new run has started: the same command (--force) would start it over
+            flag = "" if args.arch == "tsra" else " --arch relu"
+            raise _Interrupted(f"interrupted; continue the new run with `cobkern train --out "
+                               f"{ctx.layout.root}{flag}` (without --force, which would "
+                               "start it again at step 0)") from None
+        raise
     print(f"{args.arch} model: test accuracy {100 * res['test_accuracy']:.2f}% after "
           f"{res['steps']} steps → {ctx.layout.model_file(args.arch)}")
     return 0
@@ -537,6 +550,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         # a fine-tuning run of the model this prune replaces: never resume or report it
         # (removed only now: a failed or interrupted evaluation keeps both as they were)
         shutil.rmtree(d / "finetune")
+    # a re-prune of this name killed between the two writes must not leave the old
+    # prune.json describing the new model file
+    (d / "prune.json").unlink(missing_ok=True)
     save_model(model, d / default_model_filename(), extra={
         k: info[k] for k in ("strategy", "importance", "cob", "normalizer", "round_to")
         if k in info})
@@ -679,8 +695,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted; run the same command again to continue", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        hint = str(e) if isinstance(e, _Interrupted) else \
+            "interrupted; run the same command again to continue"
+        print(f"\n{hint}", file=sys.stderr)
         return 130
 
 
