@@ -8,7 +8,13 @@ import torch
 
 import cobkern
 from cobkern.nn import TSRA, RMSNorm, RMSNormTSRA
-from cobkern.ops import rmsnorm_tsra, tsra, tsra_backward
+from cobkern.ops import (
+    CovarianceAccumulator,
+    rmsnorm_tsra,
+    subspace_moments,
+    tsra,
+    tsra_backward,
+)
 
 
 def _block_rotation(c: int, split: int, dtype=torch.float64) -> torch.Tensor:
@@ -434,6 +440,44 @@ def test_numpy_integer_norm_size_is_an_int():
                                rtol=0, atol=0)  # the same normaliser: bit-identical
     for mod in (RMSNorm(6, norm_size=np.int64(8)), RMSNormTSRA(6, norm_size=np.int32(8))):
         assert type(mod.norm_size) is int and mod.norm_size == 8
+
+
+def test_numpy_and_tensor_integers_are_ints_for_split_and_dim():
+    """The functional ops refused ``split`` / ``dim`` given as numpy integers or one-element
+    integer tensors ("split must be an int, got int64") where the modules and ``norm_size``
+    took them: one rule for every integer argument, and the same result bit for bit."""
+    x = torch.randn(3, 6, 2, dtype=torch.float64)
+    g = torch.randn_like(x)
+    cases = [(lambda s, d: tsra(x, s, d), tsra(x, 2, 1)),
+             (lambda s, d: rmsnorm_tsra(x, s, d), rmsnorm_tsra(x, 2, 1)),
+             (lambda s, d: tsra_backward(g, x, s, d), tsra_backward(g, x, 2, 1)),
+             (lambda s, d: cobkern.ops.rmsnorm_tsra_backward(g, x, s, d),
+              cobkern.ops.rmsnorm_tsra_backward(g, x, 2, 1)),
+             (lambda s, d: torch.cat([m.flatten() for m in subspace_moments(x, s, d)]),
+              torch.cat([m.flatten() for m in subspace_moments(x, 2, 1)]))]
+    for call, want in cases:
+        for split, dim in ((np.int64(2), np.int32(1)), (torch.tensor(2), torch.tensor(-2))):
+            torch.testing.assert_close(call(split, dim), want, rtol=0, atol=0)
+    torch.testing.assert_close(cobkern.ops.rmsnorm(x, np.int64(1)), cobkern.ops.rmsnorm(x, 1),
+                               rtol=0, atol=0)
+    acc = CovarianceAccumulator(6, 2)
+    acc.update(x, dim=np.int64(1))
+    acc.count_samples(np.int64(0))
+    assert acc.count == 6
+    for bad, got in ((2.0, "float"), (True, "bool"), ("2", "str")):
+        with pytest.raises(TypeError, match=f"cobkern.tsra: split must be an int, got {got}"):
+            tsra(x, bad)
+        with pytest.raises(TypeError, match=f"cobkern.tsra: dim must be an int, got {got}"):
+            tsra(x, 2, bad)
+
+
+@pytest.mark.parametrize("module", [TSRA(2), RMSNormTSRA(2), RMSNorm(2)])
+@pytest.mark.parametrize("bad", [[[1.0, 2.0]], None])
+def test_modules_name_a_non_tensor_input(module, bad):
+    """The modules' channel check read ``x.dim()`` first: an ``AttributeError`` ("'list'
+    object has no attribute 'dim'") instead of the ops' ``TypeError`` naming the input."""
+    with pytest.raises(TypeError, match=f"expected a torch.Tensor, got {type(bad).__name__}"):
+        module(bad)
 
 
 @pytest.mark.parametrize("kw, exc, match", [

@@ -56,8 +56,9 @@ class _TSRABase(nn.Module):
         self.tsra_eps = check_tsra_eps(type(self).__name__, tsra_eps, eps_arg)
 
     def _check(self, x: Tensor) -> None:
-        # an out-of-range dim is left to the op, whose error names it
-        if -x.dim() <= self.dim < x.dim() and x.shape[self.dim] != self.num_channels:
+        # a non-tensor or an out-of-range dim is left to the op, whose error names it
+        if isinstance(x, Tensor) and -x.dim() <= self.dim < x.dim() and \
+                x.shape[self.dim] != self.num_channels:
             raise ValueError(f"{type(self).__name__}: expected {self.num_channels} channels on "
                              f"dim {self.dim}, got input of shape {tuple(x.shape)}")
 
@@ -87,7 +88,8 @@ class TSRA(_TSRABase):
             :class:`RMSNormTSRA` uses); shown in the repr when not the default.
 
     Shape:
-        - Input: ``(N, C)``, ``(N, C, H, W)`` (NCHW or channels_last), ...
+        - Input: 2-D to 5-D, ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` (NCHW or
+          channels_last) or ``(N, C, D, H, W)``
         - Output: same shape, dtype and memory format.
 
     Example::
@@ -140,7 +142,7 @@ class RMSNormTSRA(_TSRABase):
     Attributes ``eps`` (RMSNorm's) and ``tsra_eps`` (TSRA's) match the constructor.
 
     Shape:
-        - Input: ``(N, C, *)``
+        - Input: 2-D to 5-D, ``(N, C)`` … ``(N, C, D, H, W)`` (NCHW or channels_last)
         - Output: same shape, dtype and memory format.
     """
 

@@ -47,8 +47,9 @@ class RMSNorm(nn.Module):
                           else check_norm_size("RMSNorm", norm_size, num_channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        # an out-of-range dim is left to rmsnorm, whose error names it
-        if -x.dim() <= self.dim < x.dim() and x.shape[self.dim] != self.num_channels:
+        # a non-tensor or an out-of-range dim is left to rmsnorm, whose error names it
+        if isinstance(x, Tensor) and -x.dim() <= self.dim < x.dim() and \
+                x.shape[self.dim] != self.num_channels:
             raise ValueError(f"RMSNorm: expected {self.num_channels} channels on dim {self.dim}, "
                              f"got input of shape {tuple(x.shape)}")
         return rmsnorm(x, self.dim, eps=self.eps, norm_size=self.norm_size)

@@ -51,10 +51,20 @@ def is_int(v: object) -> bool:
     return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
 
 
+def int_arg(name: str, arg: str, v: object) -> int:
+    """An integer argument as a Python ``int`` (a ``torch.SymInt`` while tracing is kept):
+    ``int``, numpy integers and one-element integer tensors — as :func:`as_int`, which
+    names ``arg`` in the ``TypeError`` for anything else (floats and bools included)."""
+    if isinstance(v, torch.SymInt):
+        return v  # type: ignore[return-value]
+    return as_int(name, arg, v)
+
+
 def check_activation_input(
     name: str, x: torch.Tensor, split: int, dim: int, *, min_rank: int = 2, max_rank: int = 5
-) -> int:
-    """Validate the common arguments of the TSRA-family ops; return ``dim`` normalised."""
+) -> tuple[int, int]:
+    """Validate the common arguments of the TSRA-family ops; return ``(split, dim)`` as
+    Python ints (numpy integers accepted), ``dim`` normalised to ``[0, x.dim())``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
@@ -67,8 +77,7 @@ def check_activation_input(
             f"{name}: expected a {min_rank}-D to {max_rank}-D tensor such as (N, C) or "
             f"(N, C, H, W), got shape {tuple(x.shape)} ({x.dim()}-D)"
         )
-    if not is_int(dim):
-        raise TypeError(f"{name}: dim must be an int, got {type(dim).__name__}")
+    dim = int_arg(name, "dim", dim)
     if not (-x.dim() <= dim < x.dim()):
         raise IndexError(
             f"{name}: dim={dim} is out of range for a {x.dim()}-D tensor "
@@ -81,14 +90,13 @@ def check_activation_input(
             f"{name}: the channel axis (dim={dim}) has size {c}; TSRA needs at least 2 channels "
             "(one in each subspace)"
         )
-    if not is_int(split):
-        raise TypeError(f"{name}: split must be an int, got {type(split).__name__}")
+    split = int_arg(name, "split", split)
     if not (1 <= split < c):
         raise ValueError(
             f"{name}: split={split} is out of range for {c} channels (need 1 <= split < {c}, "
             "so that both subspaces are non-empty)"
         )
-    return dim
+    return split, dim
 
 
 def _as_float(name: str, arg: str, v: object) -> float:

@@ -47,7 +47,7 @@ from ._checks import (
     as_int,
     channel_geometry,
     check_activation_input,
-    is_int,
+    int_arg,
 )
 from .backend import use_triton
 from .reference import compute_dtype
@@ -102,7 +102,7 @@ def subspace_moments_reference(
     autocast off: under ``torch.autocast`` the products ran in bfloat16/float16 (Grams
     2.7e-3 off, returned in that dtype, where the compiled op's float32 was promised).
     """
-    dim = check_activation_input("cobkern.subspace_moments", x, split, dim)
+    split, dim = check_activation_input("cobkern.subspace_moments", x, split, dim)
     cd = accum_dtype or compute_dtype(x.dtype)
     c = x.shape[dim]
     with _no_autocast(x.device.type):
@@ -122,7 +122,7 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
 def _moments_op(x: Tensor, split: int, dim: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     # the op is public as torch.ops.cobkern.subspace_moments and the kernel trusts split and
     # dim: validate (and normalise a negative dim) here, not only in the Python wrapper
-    dim = check_activation_input("cobkern.subspace_moments", x, split, dim)
+    split, dim = check_activation_input("cobkern.subspace_moments", x, split, dim)
     c = x.shape[dim]
     supported = x.dtype in KERNEL_DTYPES
     if x.numel() == 0 or not use_triton(x, op="cobkern.subspace_moments", supported=supported):
@@ -144,7 +144,7 @@ def _moments_op(x: Tensor, split: int, dim: int) -> tuple[Tensor, Tensor, Tensor
 
 @_moments_op.register_fake
 def _(x, split, dim):
-    dim = check_activation_input("cobkern.subspace_moments", x, split, dim)
+    split, dim = check_activation_input("cobkern.subspace_moments", x, split, dim)
     c = x.shape[dim]
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     sv = c - split
@@ -156,9 +156,9 @@ def subspace_moments(x: Tensor, split: int, dim: int = 1) -> Moments:
     """Per-subspace uncentered second moments of one batch, in one read of ``x``.
 
     Args:
-        x: activations, ``(N, C)``, ``(N, C, H, W)`` (NCHW or channels_last) or any
-            ``(N, C, *)``; float16, bfloat16, float32 (kernel, float32 accumulation) or
-            float64 (reference, float64 accumulation).
+        x: activations, 2-D to 5-D: ``(N, C)``, ``(N, C, H, W)`` (NCHW or channels_last),
+            ``(N, C, L)`` or ``(N, C, D, H, W)``; float16, bfloat16, float32 (kernel,
+            float32 accumulation) or float64 (reference, float64 accumulation).
         split: size of ``U``, ``1 <= split < C``.
         dim: the channel axis (default 1).
 
@@ -173,7 +173,7 @@ def subspace_moments(x: Tensor, split: int, dim: int = 1) -> Moments:
         >>> m.gram_u.shape
         torch.Size([32, 32])
     """
-    dim = check_activation_input("cobkern.subspace_moments", x, split, dim)
+    split, dim = check_activation_input("cobkern.subspace_moments", x, split, dim)
     with torch.no_grad():
         return Moments(*_moments_op(x.detach(), split, dim))
 
@@ -273,9 +273,7 @@ class CovarianceAccumulator:
             TypeError: ``n`` is not an int.
             ValueError: the count would drop below zero.
         """
-        if not is_int(n):
-            raise TypeError(f"CovarianceAccumulator.count_samples: n must be an int, got "
-                            f"{type(n).__name__}")
+        n = int_arg("CovarianceAccumulator.count_samples", "n", n)
         if self._count + n < 0:
             raise ValueError(f"CovarianceAccumulator.count_samples: the count {self._count} "
                              f"cannot drop by {-n}")
@@ -293,8 +291,7 @@ class CovarianceAccumulator:
         name = "cobkern.CovarianceAccumulator.update"
         if not isinstance(x, Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-        if not is_int(dim):
-            raise TypeError(f"{name}: dim must be an int, got {type(dim).__name__}")
+        dim = int_arg(name, "dim", dim)
         if not -x.dim() <= dim < x.dim():
             raise IndexError(f"{name}: dim={dim} is out of range for a {x.dim()}-D input of "
                              f"shape {tuple(x.shape)} (expected -{x.dim()} <= dim < {x.dim()})")
@@ -302,7 +299,7 @@ class CovarianceAccumulator:
         if x.shape[dim] != self.num_channels:
             raise ValueError(f"CovarianceAccumulator: expected {self.num_channels} channels on "
                              f"dim {dim}, got shape {tuple(x.shape)}")
-        dim = check_activation_input(name, x, self.split, dim)
+        dim = check_activation_input(name, x, self.split, dim)[1]
         x = x.detach()
         if x.numel() == 0:  # no samples: nothing to add, and no precision to lose
             return

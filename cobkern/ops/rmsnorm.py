@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import reference
-from ._checks import FLOAT_DTYPES, check_norm_size, check_rms_eps, is_int
+from ._checks import FLOAT_DTYPES, check_norm_size, check_rms_eps, int_arg
 
 __all__ = ["rmsnorm"]
 
@@ -26,8 +26,7 @@ def rmsnorm(x: Tensor, dim: int = 1, *, eps: float = 1e-6, norm_size: int | None
         raise TypeError(f"cobkern.rmsnorm: expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"cobkern.rmsnorm: expected a floating-point tensor, got dtype {x.dtype}")
-    if not is_int(dim):
-        raise TypeError(f"cobkern.rmsnorm: dim must be an int, got {type(dim).__name__}")
+    dim = int_arg("cobkern.rmsnorm", "dim", dim)
     if not (-x.dim() <= dim < x.dim()):
         raise IndexError(f"cobkern.rmsnorm: dim={dim} is out of range for a {x.dim()}-D tensor")
     n = check_norm_size("cobkern.rmsnorm", norm_size, x.shape[dim])

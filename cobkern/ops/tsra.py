@@ -290,7 +290,7 @@ def _check_op_args(name: str, x: Tensor, split: int, dim: int, eps: float, norm_
     ``dim`` and the shapes, so the op implementations (real and fake) check them here; it
     reads only shapes and Python scalars, never data.
     """
-    dim = check_activation_input(name, x, split, dim)
+    dim = check_activation_input(name, x, split, dim)[1]
     if not is_int(norm_size) or norm_size < 0:
         raise ValueError(f"{name}: norm_size must be an int >= 0 (0: plain TSRA, n > 0: "
                          f"RMSNorm over n then TSRA), got {norm_size!r}")
@@ -773,7 +773,7 @@ def tsra(
 
         >>> y = tsra(torch.randn(8, 64, 32, 32), split=32)
     """
-    dim = check_activation_input("cobkern.tsra", x, split, dim)
+    split, dim = check_activation_input("cobkern.tsra", x, split, dim)
     eps = check_tsra_eps("cobkern.tsra", eps)
     gain = check_gain("cobkern.tsra", a_u, b_u, a_v, b_v)
     check_bias("cobkern.tsra", bias, x, dim)
@@ -825,7 +825,7 @@ def rmsnorm_tsra(
         a positive ``eps`` (the default) has no such end.
     """
     name = "cobkern.rmsnorm_tsra"
-    dim = check_activation_input(name, x, split, dim)
+    split, dim = check_activation_input(name, x, split, dim)
     n = check_norm_size(name, norm_size, x.shape[dim])
     tsra_eps = check_tsra_eps(name, tsra_eps, "tsra_eps")
     gain = check_gain(name, a_u, b_u, a_v, b_v)
@@ -833,10 +833,11 @@ def rmsnorm_tsra(
     return _apply(x, split, dim, *gain, tsra_eps, n, check_rms_eps(name, eps), bias=bias)
 
 
-def _check_backward_inputs(name: str, grad: Tensor, x: Tensor, split: int, dim: int) -> int:
-    dim = check_activation_input(name, x, split, dim)
+def _check_backward_inputs(name: str, grad: Tensor, x: Tensor, split: int,
+                           dim: int) -> tuple[int, int]:
+    split, dim = check_activation_input(name, x, split, dim)
     _check_grad(name, grad, x)
-    return dim
+    return split, dim
 
 
 def tsra_backward(
@@ -861,7 +862,7 @@ def tsra_backward(
     is its sum over the positions).
     """
     name = "cobkern.tsra_backward"
-    dim = _check_backward_inputs(name, grad, x, split, dim)
+    split, dim = _check_backward_inputs(name, grad, x, split, dim)
     eps = check_tsra_eps(name, eps)
     gain = check_gain(name, a_u, b_u, a_v, b_v)
     check_bias(name, bias, x, dim)
@@ -886,7 +887,7 @@ def rmsnorm_tsra_backward(
     """Explicit vector-Jacobian product of :func:`rmsnorm_tsra` (``bias`` as in
     :func:`tsra_backward`)."""
     name = "cobkern.rmsnorm_tsra_backward"
-    dim = _check_backward_inputs(name, grad, x, split, dim)
+    split, dim = _check_backward_inputs(name, grad, x, split, dim)
     n = check_norm_size(name, norm_size, x.shape[dim])
     tsra_eps = check_tsra_eps(name, tsra_eps, "tsra_eps")
     gain = check_gain(name, a_u, b_u, a_v, b_v)
