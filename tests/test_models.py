@@ -360,6 +360,23 @@ def test_a_16_bit_model_loads_in_its_dtype(tmp_path, suffix: str, dtype) -> None
         assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_a_device_this_machine_lacks_is_named_not_blamed_on_the_file(tmp_path, suffix) -> None:
+    """``load_model(path, "cuda")`` without a GPU said "cannot read torch model file", as
+    for a damaged file; the device is the problem, and named before the file is read."""
+    if suffix == ".safetensors" and not safetensors_available():
+        pytest.skip("safetensors is not installed")
+    path = tmp_path / f"m{suffix}"
+    save_model(vgg16_tsra(width=0.0625), path)
+    for device in ("cuda", torch.device("cuda", 0)):
+        with pytest.raises(ValueError, match=r"cannot load a model onto cuda(:0)?: "):
+            load_model(path, device)
+    with pytest.raises(ValueError, match=r"map_location must be a device .* got 'gpu'"):
+        load_model(path, "gpu")
+    assert load_model(path, torch.device("cpu")).features[0].weight.device.type == "cpu"
+
+
 def test_bad_model_files_give_clear_errors(tmp_path) -> None:
     import pytest
 

@@ -356,10 +356,19 @@ def _weights_digest(state: dict[str, torch.Tensor]) -> str:
 def read_model_file(
     path: str | os.PathLike, map_location: str | torch.device = "cpu",
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
-    """Read ``(config, state_dict, extra)`` from a file written by :func:`save_model`."""
+    """Read ``(config, state_dict, extra)`` from a file written by :func:`save_model`, the
+    tensors on ``map_location``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: ``map_location`` is not a device this machine has (e.g. ``"cuda"``
+            without a GPU).
+        ModelFileError: an unreadable or damaged file.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
+    _check_device(map_location)
     with open(path, "rb") as f:
         head = f.read(9)
     # The format is the content's, whatever the suffix (a safetensors file renamed *.pt was
@@ -409,6 +418,21 @@ def read_model_file(
     return config, state, extra
 
 
+def _check_device(map_location: object) -> None:
+    """Raise ``ValueError`` unless ``map_location`` names a device tensors can be put on here
+    (it was found out while reading the file: "cannot read torch model file", as if the
+    file were damaged, for ``"cuda"`` on a machine without a GPU)."""
+    try:
+        device = torch.device(map_location)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"map_location must be a device such as 'cpu' or 'cuda:0', got "
+                         f"{map_location!r}") from None
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # no driver / not compiled with CUDA / index
+        raise ValueError(f"cannot load a model onto {device}: {e}") from None
+
+
 def _check_digest(path: Path, state: Any, recorded: Any) -> None:
     """Raise :class:`ModelFileError` if the weights differ from the digest the file records
     (files written before digests were recorded have none: not checked)."""
@@ -429,6 +453,8 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
 
     Raises:
         FileNotFoundError: no such file.
+        ValueError: ``map_location`` is not a device this machine has (``"cuda"`` without a
+            GPU, an index beyond the last GPU).
         ModelFileError: unreadable file, weights that do not match the checksum the file
             records (damaged), or weights that do not fit the stored config.
     """
