@@ -1027,6 +1027,55 @@ def test_non_finite_activations_are_named_not_ranked():
     derived["0"].check_finite()
 
 
+def test_prune_guards_its_rotation_once_and_still_puts_it_back(monkeypatch):
+    """prune wrapped its rotation in a guard and rotate_model took another inside it: every
+    rotated weight was copied twice (a model's worth of memory, for nothing). One guard,
+    prune's, covers the rotation; an interrupt inside it still leaves the model as it was."""
+    import cobkern.pruning as pruning_mod
+    from cobkern.cob import rotate as rotate_mod
+    from cobkern.pruning import FixedRatio, prune
+
+    entered = []
+    real_guard = rotate_mod.undone_on_error
+
+    def counting(layers):
+        entered.append(len(layers))
+        return real_guard(layers)
+
+    monkeypatch.setattr(rotate_mod, "undone_on_error", counting)
+    monkeypatch.setattr(pruning_mod, "undone_on_error", counting)
+    torch.manual_seed(0)
+    m = small_net().double().eval()
+    data = [x.double() for x, _ in batches()]
+    with use_backend("reference"):
+        st = calibrate(m, data, progress=False)
+        before = copy.deepcopy(m.state_dict())
+        calls = []
+        real = rotate_mod.rotate_input
+
+        def interrupted(module, r, spatial=1):
+            calls.append(module)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            real(module, r, spatial)
+
+        monkeypatch.setattr(rotate_mod, "rotate_input", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            prune(m, st, FixedRatio((0.5, 0.5)))
+        assert len(calls) == 2 and len(entered) == 1
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, before[k]), k
+        assert not any(hasattr(mod, ROTATION_MARK) for mod in m.modules())
+        monkeypatch.setattr(rotate_mod, "rotate_input", real)
+        entered.clear()
+        prune(m, st, FixedRatio((0.5, 0.5)))
+        assert len(entered) == 1
+        entered.clear()
+        m2 = small_net().double().eval()
+        rotate_model(m2, calibrate(m2, data, progress=False))
+        assert len(entered) == 1  # rotate_model on its own keeps its guard
+
+
 def test_an_interrupted_rotation_leaves_the_model_as_it_was(monkeypatch):
     """rotate_model rewrites layer after layer; a KeyboardInterrupt (or any error) between
     two of them left the first layers rotated and the rest not — a model that neither the

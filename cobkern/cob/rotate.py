@@ -30,7 +30,7 @@ from .discovery import CoBLayer, refuse_masked_weights, select_layers
 from .stats import CalibrationStats, LayerStats, weight_fingerprint
 
 __all__ = ["rotate_model", "RotationResult", "rotate_output", "rotate_input", "ROTATION_MARK",
-           "undone_on_error"]
+           "undone_on_error", "checked_layers", "rotate_layers"]
 
 #: Attribute :func:`rotate_model` sets on each producer it rotated: a digest of the
 #: statistics it rotated with. The weight fingerprint cannot tell a second rotation by the
@@ -139,6 +139,14 @@ def rotate_model(model: nn.Module, stats: CalibrationStats,
     If it fails or is interrupted part-way, the weights and marks it had rewritten are put
     back (:func:`undone_on_error`).
     """
+    chosen = checked_layers(model, stats, layers)
+    with undone_on_error(chosen):
+        return rotate_layers(chosen, stats)
+
+
+def checked_layers(model: nn.Module, stats: CalibrationStats,
+                   layers: list[str] | None) -> list[CoBLayer]:
+    """:func:`rotate_model`'s checks (it raises what they raise); the layers to rotate."""
     if stats.basis != "original":
         raise ValueError(f"rotate_model needs statistics of the un-rotated model, got basis "
                          f"{stats.basis!r}")
@@ -149,6 +157,15 @@ def rotate_model(model: nn.Module, stats: CalibrationStats,
     chosen: list[CoBLayer] = select_layers(model, layers)
     refuse_masked_weights(chosen, "rotate_model")
     stats.check_matches(chosen)
+    return chosen
+
+
+def rotate_layers(chosen: Sequence[CoBLayer], stats: CalibrationStats) -> RotationResult:
+    """Rotate ``chosen`` (from :func:`checked_layers`) in place, without a guard of its own:
+    the caller wraps it in :func:`undone_on_error` (:func:`rotate_model`, or ``prune``,
+    whose one guard also covers what it does after the rotation — a second would copy the
+    weights twice). Refuses, before writing anything, layers these statistics already
+    rotated (their :data:`ROTATION_MARK`)."""
     tokens = {lay.name: _stats_token(stats[lay.name]) for lay in chosen}
     for lay in chosen:
         if getattr(lay.producer, ROTATION_MARK, None) == tokens[lay.name]:
@@ -158,7 +175,7 @@ def rotate_model(model: nn.Module, stats: CalibrationStats,
                 "statistics rotate_model returned (RotationResult.stats), or calibrate the "
                 "rotated model anew")
     rotations = {lay.name: stats[lay.name].eigh().rotation() for lay in chosen}
-    with undone_on_error(chosen), torch.no_grad():
+    with torch.no_grad():
         for lay in chosen:
             r = rotations[lay.name]
             rotate_output(lay.producer, r)

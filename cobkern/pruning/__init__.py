@@ -24,8 +24,8 @@ from typing import Any
 
 from torch import nn
 
-from cobkern.cob import CalibrationStats, calibrate, rotate_model, select_layers
-from cobkern.cob.rotate import undone_on_error
+from cobkern.cob import CalibrationStats, calibrate, select_layers
+from cobkern.cob.rotate import checked_layers, rotate_layers, undone_on_error
 
 from .importance import IMPORTANCE_KINDS, LayerScores, compute_importance
 from .strategy import (
@@ -163,7 +163,8 @@ def prune(
     # the weights are put back, so that a retry does not rotate an already rotated model.
     with undone_on_error(chosen) if rotate else nullcontext():
         if rotate:
-            stats = rotate_model(model, stats, layers).stats
+            # unguarded: this block's guard puts the weights back (one copy, not two)
+            stats = rotate_layers(checked_layers(model, stats, layers), stats).stats
             if importance == "l1":
                 stats = calibrate(model, loader, layers, max_samples=max_samples,
                                   progress=progress, meta={"basis": "rotated"})
