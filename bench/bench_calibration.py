@@ -41,7 +41,10 @@ only) by the graphed forward pass in the same layout.
 
 Reported per method: wall time (CUDA-synchronised), peak memory — measured
 (``torch.cuda.max_memory_allocated`` above the model) on CUDA; on CPU the bytes the method
-holds beyond the model (activations kept + statistics, computed exactly from the shapes) —
+holds beyond the model (activations kept + statistics, computed exactly from the shapes:
+the streaming rows' float64 statistics; ``materialize``'s activations of every layer plus
+the float32 Gram matrices it forms from them; the transient copies that flatten one layer
+at a time — concatenation, NHWC reshape, float32 cast — are not counted) —
 and the largest relative difference between the two methods' Gram matrices. Images are
 random ``N(0, 1)`` tensors (timing does not depend on the pixels). Results:
 ``OUT/bench_calibration.json`` and ``OUT/bench_calibration.md``.
@@ -156,7 +159,16 @@ def run_streaming(model, loader, device, overlap=False, f32_dot=None, channels_l
     return elapsed, stats, held, _capture_note(caught)
 
 
+def _nbytes(tensors) -> int:
+    """Bytes of the elements of ``tensors`` (an iterable of tensors)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def run_materialize(model, loader, device):
+    """The authors' method: keep every CoB layer's activations of all images, then form each
+    layer's ``H_Uᵀ H_U``, ``H_Vᵀ H_V`` in float32. Returns (seconds, Grams by layer name,
+    bytes held: the activations kept plus the Grams formed — the transient copies that
+    flatten one layer at a time are not counted)."""
     from cobkern.cob import find_cob_layers
 
     layers = find_cob_layers(model)
@@ -171,7 +183,7 @@ def run_materialize(model, loader, device):
         with torch.no_grad():
             for x in loader:
                 model(x)
-        held = sum(a.numel() * a.element_size() for v in acts.values() for a in v)
+        held = _nbytes(a for v in acts.values() for a in v)
         for lay in layers:
             a = torch.cat(acts.pop(lay.name))
             c = a.shape[1]
@@ -184,7 +196,8 @@ def run_materialize(model, loader, device):
         for hk in hooks:
             hk.remove()
     _sync(device)
-    return time.perf_counter() - t, grams, held
+    elapsed = time.perf_counter() - t
+    return elapsed, grams, held + _nbytes(g for pair in grams.values() for g in pair)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -16,12 +16,15 @@ next to the bandwidth ceiling measured in the same run: the faster of ``torch``'
 copy and a simple Triton copy kernel moving the same bytes. Bytes are the minimum traffic:
 forward reads x and writes y; forward+backward additionally reads x and dy and writes dx.
 
-Timing: ``triton.testing.do_bench`` (median, after warm-up). Each row also checks the fused
+Timing: ``triton.testing.do_bench`` (median, after warm-up). Each row first checks the fused
 result against the eager function evaluated in float64 on the same input
-(``‖out − ref‖ / ‖ref‖``, forward output and, for forward+backward, the input gradient), so a
-timing is never reported for a wrong kernel; the reference is computed once from the NCHW
-tensors (x and dy) and the channels-last rows are checked against that same reference. On
-CUDA every variant is also replayed from a CUDA graph ("graph ms",
+(``‖out − ref‖ / ‖ref‖``, forward output and, for forward+backward, the input gradient; the
+reference is computed once from the NCHW tensors, x and dy, and the channels-last rows are
+checked against that same reference), so a timing is never reported for a wrong kernel: a
+row whose error is not finite or above its dtype's tolerance (:data:`REL_TOL`) is not timed
+— it is printed to stderr and kept as ``failed`` (the reason) with no timing fields and
+``rel_err`` the error (``null`` when not finite), the other rows still run, and the script
+exits with status 1. On CUDA every variant is also replayed from a CUDA graph ("graph ms",
 ``triton.testing.do_bench_cudagraph``): the same work without host overhead, which dominates
 rows of a few tens of microseconds. Every ``torch.compile`` row starts from a reset Dynamo
 cache, so a recompile limit can never silently turn the ``compile`` column into eager.
@@ -38,8 +41,10 @@ ops and both layouts. Each row names its ``layout``; the two layouts of a shape,
 are adjacent rows. On a GPU the default thus has 44 rows per dtype where ``nchw`` alone has 24
 (2 ops × 2 passes × (5 conv shapes × 2 layouts + the classifier)).
 
-Results go to ``OUT/bench_tsra.json`` and ``OUT/bench_tsra.md``, rewritten after every row so an
-interrupted run keeps what it measured.
+Results go to ``OUT/bench_tsra.json`` (strict JSON: a missing value is ``null``, never ``NaN``)
+and ``OUT/bench_tsra.md``, rewritten after every row so an interrupted run keeps what it
+measured. "% spec" is against the vendor's bandwidth of the device (:data:`SPEC_BANDWIDTH`,
+looked up by its full name); ``n/a`` for a device not in that table.
 
 On a CPU the script still runs (small shapes, batch 8, fp32, ``nchw`` only unless
 ``--layouts`` says otherwise: each row compiles its own ``torch.compile`` graph, seconds each
@@ -54,6 +59,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import sys
@@ -67,7 +73,20 @@ import cobkern
 # VGG-16 activation shapes (C, H, W) — one per distinct width/resolution — and the classifier.
 VGG_SHAPES = [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 2, 2), (4096,)]
 CPU_SHAPES = [(64, 8, 8), (512, 2, 2), (1024,)]
-SPEC_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s, vendor specs (SXM)
+#: Vendor memory bandwidth (bytes/s) by the full name ``torch.cuda.get_device_name`` reports.
+#: Whole names, not substrings: the H100's variants differ (SXM 3.35, PCIe 2.0, NVL 3.9 TB/s)
+#: and all three names contain "H100".
+SPEC_BANDWIDTH = {
+    "NVIDIA H100 80GB HBM3": 3.35e12,  # H100 SXM5
+    "NVIDIA H100 PCIe": 2.0e12,
+    "NVIDIA H100 NVL": 3.9e12,
+    "NVIDIA H200": 4.8e12,  # H200 SXM
+}
+#: Largest ``rel_err`` (norm-wise, against float64) a row may have and still be timed, per
+#: dtype: the element-wise ``rtol`` of the kernel tests (``tests/test_tsra_kernels.py``).
+#: The H200 runs in ``bench/results/`` recorded at most 1.7e-3 (bf16) and 1.5e-7 (fp32);
+#: a wrong kernel (a layout or indexing mistake) errs by O(1).
+REL_TOL = {"bf16": 2**-7, "fp32": 1e-5, "fp16": 2**-9}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 #: ``--layouts``: the memory format each 4-D input (x, and dy for forward+backward) is made in
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -188,15 +207,34 @@ def _accuracy(op: str, mode: str, x: torch.Tensor, dy: torch.Tensor, split: int,
     return err
 
 
+def spec_bandwidth(name: str | None) -> float | None:
+    """The vendor bandwidth (bytes/s) of the device called ``name`` (whitespace-normalised,
+    matched whole in :data:`SPEC_BANDWIDTH`); ``None`` for an unknown name or none."""
+    return SPEC_BANDWIDTH.get(" ".join(name.split())) if name else None
+
+
+def _accuracy_failure(row: dict, err: float) -> str | None:
+    """Why a row whose fused op erred by ``err`` must not be timed (a NaN/inf error, or one
+    above :data:`REL_TOL` of its dtype), naming op, pass, dtype, shape and layout; else
+    ``None``."""
+    tol = REL_TOL[row["dtype"]]
+    if math.isfinite(err) and err <= tol:
+        return None
+    what = "is not finite" if not math.isfinite(err) else f"exceeds the tolerance {tol:.1e}"
+    return (f"{row['op']} {row['mode']} {row['dtype']} {'×'.join(map(str, row['shape']))} "
+            f"{row['layout']}: relative error {err:.3g} {what}; not timed")
+
+
 def _write(out_dir: str | None, env: dict, rows: list[dict]) -> None:
-    """(Re)write the JSON and Markdown results; called after every row."""
+    """(Re)write the JSON (strict: ``allow_nan=False``) and Markdown results; called after
+    every row."""
     if out_dir is None:
         return
     from cobkern._atomic import atomic_path
 
     os.makedirs(out_dir, exist_ok=True)
     with atomic_path(os.path.join(out_dir, "bench_tsra.json")) as tmp, open(tmp, "w") as f:
-        json.dump({"environment": env, "results": rows}, f, indent=1)
+        json.dump({"environment": env, "results": rows}, f, indent=1, allow_nan=False)
     with atomic_path(os.path.join(out_dir, "bench_tsra.md")) as tmp, open(tmp, "w") as f:
         f.write(f"Environment: `{json.dumps(env)}`\n\n{HEADER}\n")
         f.write("\n".join(_fmt_row(r) for r in rows) + "\n")
@@ -205,7 +243,8 @@ def _write(out_dir: str | None, env: dict, rows: list[dict]) -> None:
 def run(shapes, batch, dtypes, device, ops=("tsra", "rmsnorm_tsra"), out_dir=None,
         env=None, layouts=("nchw",), passes=PASSES) -> list[dict]:
     """Time every (dtype, shape, op, pass, layout) row; ``layouts`` and ``passes`` as
-    ``--layouts`` (2-D shapes run under ``nchw`` only) and ``--passes``."""
+    ``--layouts`` (2-D shapes run under ``nchw`` only) and ``--passes``. A row failing its
+    accuracy check is not timed: it holds ``failed`` (see :func:`_accuracy_failure`)."""
     import torch._dynamo
 
     # each row compiles its own graph; never let Dynamo's recompile limit fall back to eager
@@ -215,8 +254,7 @@ def run(shapes, batch, dtypes, device, ops=("tsra", "rmsnorm_tsra"), out_dir=Non
     timer = _timer(device)
     graph = _graph_timer(device)
     rows = []
-    spec = next((v for k, v in SPEC_BANDWIDTH.items()
-                 if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
+    spec = spec_bandwidth(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     for dname in dtypes:
         dtype = DTYPES[dname]
         for shape in shapes:
@@ -251,10 +289,17 @@ def run(shapes, batch, dtypes, device, ops=("tsra", "rmsnorm_tsra"), out_dir=Non
                             for lay, (xl, dyl) in inputs.items()}
                     del ref  # not held while timing
                     for layout, (xl, dyl) in inputs.items():
+                        err = errs[layout]
                         row = dict(op=op, mode=mode, dtype=dname, shape=[batch, *shape],
                                    layout=layout, bytes=nbytes, ceiling_ms=ceil_ms,
-                                   ceiling_kind=ceil_how, rel_err=errs[layout])
-                        _time_row(row, op, mode, xl, dyl, split, timer, graph, spec)
+                                   ceiling_kind=ceil_how,
+                                   rel_err=err if math.isfinite(err) else None)
+                        failure = _accuracy_failure(row, err)
+                        if failure is None:
+                            _time_row(row, op, mode, xl, dyl, split, timer, graph, spec)
+                        else:  # a wrong kernel: no timing, and loudly
+                            row["failed"] = failure
+                            print(f"FAILED {failure}", file=sys.stderr, flush=True)
                         rows.append(row)
                         print(_fmt_row(row), flush=True)
                         _write(out_dir, env or {}, rows)
@@ -295,6 +340,13 @@ def _time_row(row: dict, op: str, mode: str, x: torch.Tensor, dy: torch.Tensor, 
 
 
 def _fmt_row(r: dict) -> str:
+    """The row's Markdown table line (:data:`HEADER`'s columns)."""
+    if "failed" in r:  # not timed: the copy ceiling only
+        err = (f"{r['rel_err']:.1e} > {REL_TOL[r['dtype']]:.1e}" if r["rel_err"] is not None
+               else "not finite")
+        return (f"| {r['op']} | {r['mode']} | {r['dtype']} | {'×'.join(map(str, r['shape']))} "
+                f"| {r['layout']} | — | — | — | {r['ceiling_ms']:.3f} | — | — | — | — | — "
+                f"| — | — | **failed**: {err} |")
     spec = f"{r['pct_of_spec']:.0f}%" if r["pct_of_spec"] is not None else "n/a"
     g = r.get("cobkern_graph_ms")
     gs = r.get("graph_speedup_vs_compile")
@@ -392,8 +444,13 @@ def main(argv: list[str] | None = None) -> int:
     ops = args.ops.split(",")
     if set(ops) - {"tsra", "rmsnorm_tsra"}:
         p.error(f"unknown op(s) {sorted(set(ops) - {'tsra', 'rmsnorm_tsra'})}")
-    run(shapes, batch, dtypes, device, ops=ops, out_dir=args.out, env=env, layouts=layouts,
-        passes=passes)
+    rows = run(shapes, batch, dtypes, device, ops=ops, out_dir=args.out, env=env,
+               layouts=layouts, passes=passes)
+    failed = [r["failed"] for r in rows if "failed" in r]
+    if failed:
+        print(f"{len(failed)} row(s) failed the accuracy check and were not timed:\n  "
+              + "\n  ".join(failed), file=sys.stderr)
+        return 1
     return 0
 
 

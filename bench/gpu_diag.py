@@ -1075,12 +1075,32 @@ def _markdown(rec: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: ``--parts``'s names, in the default order: tiles first, as its tuning table feeds the
+#: session's next step (bench_tsra --tuning)
+PART_NAMES = ("tiles", "covariance", "overhead", "nhwcsplit", "biasgrad", "calibration")
+
+
+def _parts(p: argparse.ArgumentParser, text: str) -> list[str]:
+    """``--parts`` as a list of part names (in the order given, once each). An unknown name is
+    ``p.error``, before anything runs: inside the run it was a ``KeyError`` caught as that
+    part's error, and a misspelt ``--parts tile`` exited 0 having measured nothing."""
+    names = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    bad = [n for n in names if n not in PART_NAMES]
+    if bad or not names:
+        what = f"unknown part(s) {bad}" if bad else "no part"
+        p.error(f"--parts: {what} in {text!r}; choose from {list(PART_NAMES)}")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="bench-results")
-    # tiles first: its tuning table feeds the session's next step (bench_tsra --tuning)
-    p.add_argument("--parts",
-                   default="tiles,covariance,overhead,nhwcsplit,biasgrad,calibration")
+    p.add_argument("--parts", default=",".join(PART_NAMES),
+                   help=f"comma list of {', '.join(PART_NAMES)} (default: all, in that order)")
+    p.add_argument("--check-args", action="store_true",
+                   help="only check the arguments (and the GPU_DIAG_* environment, read on "
+                        "import) and exit: bench/gpu_session.sh runs this before its first "
+                        "step, so that a misspelt GPU_DIAG_PARTS stops it at once")
     p.add_argument("--table-from", default=None, metavar="GPU_DIAG_JSON",
                    help="only (re)write OUT/tsra_tuning.json from an earlier run's "
                         "gpu_diag.json (no GPU needed)")
@@ -1088,6 +1108,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="write the sweep's entries alone, without the shipped table's "
                         "entries for what it did not time (ops, layouts, shapes)")
     args = p.parse_args(argv)
+    names = _parts(p, args.parts)
+    if args.check_args:
+        return 0
     if args.table_from:
         with open(args.table_from) as f:
             rec = json.load(f)
@@ -1116,7 +1139,7 @@ def main(argv: list[str] | None = None) -> int:
     parts = {"tiles": part_tiles, "overhead": part_overhead, "covariance": part_covariance,
              "calibration": part_calibration, "biasgrad": part_biasgrad,
              "nhwcsplit": part_nhwcsplit}
-    for name in args.parts.split(","):
+    for name in names:
         t = time.perf_counter()
         try:
             parts[name](rec)

@@ -94,6 +94,12 @@ STEPS=",$REQ,"
 # 2026-11-27 NCHW bf16+fp32 run took 174 s of the tsra step's 210 s cap
 TSRA_LAYOUTS=${GPU_SESSION_TSRA_LAYOUTS:-nchw,channels_last}
 want() { [[ $STEPS == *",$1,"* ]]; }
+# the diag step's parts, checked before the first step (as GPU_SESSION_STEPS above): at the
+# step itself, after the tests, a misspelt part would cost the lease's minutes first
+if want diag && [[ -n ${GPU_DIAG_PARTS:-} ]]; then
+  python3 bench/gpu_diag.py --check-args --parts "$GPU_DIAG_PARTS" 2>&1 | tee -a "$LOG"
+  ((PIPESTATUS[0] == 0)) || { echo "bad GPU_DIAG_PARTS='$GPU_DIAG_PARTS': stopping" | tee -a "$LOG"; exit 2; }
+fi
 
 step() { pack; echo "== $1 (t=${SECONDS}s, $(date +%T))" | tee -a "$LOG"; }
 # cap CAP CMD...: run CMD with at most CAP seconds, never past the session's deadline

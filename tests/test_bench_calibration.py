@@ -90,3 +90,31 @@ def test_markdown_flags_rows_whose_capture_failed() -> None:
               "partial": True, "note": ""}
     md = bc._markdown(record)
     assert "**Graph capture failed**" in md and "RuntimeError: sync" in md
+
+
+def test_materialize_bytes_held_counts_its_grams() -> None:
+    """``materialize``'s bytes held are the activations it kept plus the Gram matrices it
+    formed, as the streaming rows count their statistics (it counted the activations only)."""
+    from cobkern.cob import find_cob_layers
+
+    model, loader = tiny()
+    layers = find_cob_layers(model)
+    kept: dict[str, list[torch.Tensor]] = {lay.name: [] for lay in layers}  # hooked the same way
+    hooks = [lay.activation.register_forward_hook(
+        lambda m, i, o, n=lay.name: kept[n].append(o.detach())) for lay in layers]
+    try:
+        with torch.no_grad():
+            for x in loader:
+                model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    activations = sum(a.numel() * a.element_size() for v in kept.values() for a in v)
+    # each layer's H_Uᵀ H_U and H_Vᵀ H_V in float32: split² + (C − split)² entries
+    grams = sum(4 * (lay.split ** 2 + (kept[lay.name][0].shape[1] - lay.split) ** 2)
+                for lay in layers)
+
+    _, out, held = bc.run_materialize(model, loader, torch.device("cpu"))
+    assert len(out) == len(layers) == 15
+    assert all(g.dtype == torch.float32 for pair in out.values() for g in pair)
+    assert held == activations + grams > activations

@@ -11,6 +11,10 @@ the script's own ``--ops tsra --passes fwd+bwd``: each row compiles its own
 (``conftest.py``) the cobkern column runs the Triton kernels on the CPU tensors, so the
 channels-last rows exercise the kernels' channels-last launches, which a spy on the
 launcher asserts.
+
+A wrong fused op (NaN, or an error above the dtype's tolerance) gives a row that is marked
+``failed`` and never timed, in strict JSON, and exit status 1; the vendor bandwidth behind
+"% spec" is looked up by the device's whole name (the H100 variants differ).
 """
 
 from __future__ import annotations
@@ -98,3 +102,66 @@ def test_bench_tsra_rejects_unknown_layout(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--layouts" in err and "nhwc2" in err, err
+
+
+def _strict_json(path) -> dict:
+    """``path`` parsed as strict JSON: ``NaN`` / ``Infinity`` are errors, not values."""
+    def refuse(constant: str):
+        raise ValueError(f"non-strict JSON constant {constant} in {path}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+@pytest.mark.parametrize("wrong, err", [
+    (lambda x, split: x * float("nan"), None),  # NaN everywhere: the error is not finite
+    # the right function, 0.1 % too large: rel_err 1e-3 > fp32's tolerance 1e-5
+    (lambda x, split: bench_tsra.eager_tsra(x, split) * 1.001, 1e-3),
+], ids=["nan", "above-tolerance"])
+def test_a_wrong_kernel_is_never_timed(monkeypatch, tmp_path, capsys, wrong, err):
+    """A fused op that computes the wrong thing gives a row with ``failed`` (naming op, pass,
+    dtype, shape, layout and error) and no timing; the JSON stays strict (``rel_err`` null
+    when not finite) and the Markdown row says so."""
+    monkeypatch.setattr(cobkern, "tsra", wrong)
+    rows = bench_tsra.run([(64, 8, 8)], 2, ["fp32"], torch.device("cpu"), ops=("tsra",),
+                          passes=("fwd",), out_dir=str(tmp_path))
+    assert len(rows) == 1
+    (row,) = _strict_json(tmp_path / "bench_tsra.json")["results"]
+    assert "tsra fwd fp32 2×64×8×8 nchw: relative error" in row["failed"], row
+    assert not any(k.endswith("_ms") and k != "ceiling_ms" for k in row), row
+    assert "pct_of_ceiling" not in row and "speedup_vs_eager" not in row, row
+    if err is None:
+        assert row["rel_err"] is None and "is not finite" in row["failed"], row
+    else:
+        assert row["rel_err"] == pytest.approx(err, rel=1e-3), row
+        assert "exceeds the tolerance 1.0e-05" in row["failed"], row
+    assert "FAILED tsra fwd fp32" in capsys.readouterr().err
+    md = (tmp_path / "bench_tsra.md").read_text().splitlines()
+    header = next(line for line in md if line.startswith("| op |"))
+    (body,) = [line for line in md if line.startswith("| tsra |")]
+    assert "**failed**" in body and body.count("|") == header.count("|"), body
+
+
+def test_main_exits_1_when_a_row_failed(monkeypatch, tmp_path, capsys):
+    """The script's exit status says a row was not timed for a wrong result."""
+    monkeypatch.setattr(bench_tsra, "CPU_SHAPES", [(8, 4, 4)])
+    monkeypatch.setattr(cobkern, "tsra", lambda x, split: x * float("nan"))
+    assert bench_tsra.main(["--out", str(tmp_path), "--batch", "2", "--dtypes", "fp32",
+                            "--ops", "tsra", "--passes", "fwd", "--device", "cpu"]) == 1
+    assert "1 row(s) failed the accuracy check" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, bandwidth", [
+    ("NVIDIA H100 80GB HBM3", 3.35e12),  # SXM5
+    ("NVIDIA H100 PCIe", 2.0e12),
+    ("NVIDIA H100 NVL", 3.9e12),
+    ("NVIDIA H200", 4.8e12),
+    ("NVIDIA  H200 ", 4.8e12),  # whitespace does not matter
+    ("NVIDIA H100", None),  # an unknown variant: no "% spec", never a guess
+    ("NVIDIA H200 NVL", None),
+    ("NVIDIA A100-SXM4-80GB", None),
+    (None, None),
+])
+def test_spec_bandwidth_tells_the_h100_variants_apart(name, bandwidth):
+    """The H100 SXM, PCIe and NVL names all contain "H100": a substring match gave the PCIe
+    and NVL cards the SXM's 3.35 TB/s."""
+    assert bench_tsra.spec_bandwidth(name) == bandwidth
