@@ -11,8 +11,11 @@ once, calibrate once and prune many times::
     OUT/pruned/<name>/           a model pruned by `cobkern prune` (+ prune.json, finetune/)
     OUT/runs/<name>/             the sweeps' fine-tuning runs (start.json: the model and recipe
                                  a run started from; another start is never resumed)
-    OUT/metrics.jsonl            one JSON line per measured model (sweeps, evaluations), each
-                                 with the ``inputs`` it was measured from (see identity.py)
+    OUT/metrics.jsonl            one JSON line per measured model. The sweeps' records carry
+                                 a ``key`` and the ``inputs`` they were measured from (see
+                                 identity.py): a re-run reuses them, the report reads them.
+                                 Those of `cobkern prune` / `finetune` / `evaluate` are a log,
+                                 one line per run of the command (not reused or reported)
     OUT/summary.json, OUT/tables/*.csv, OUT/figures/*.png, OUT/report.md   (`cobkern report`)
 
 All writes go to a temporary file in the same folder and are renamed into place, so an
