@@ -1082,6 +1082,23 @@ def test_a_re_prune_killed_before_its_prune_json_leaves_no_stale_one(
     assert not (d / "prune.json").exists()  # ... and nothing describes it as the old one
 
 
+def test_run_data_root_sets_the_training_data_as_an_absolute_path(tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    """``cobkern run --data-root PATH`` (what the missing-archive message suggests) sets
+    ``train.data_root``, absolute (config.json outlives the working directory), merged
+    with a ``--set train=...`` group; the ReLU control shares it."""
+    from cobkern.cli.main import _experiment_config, build_parser
+    from cobkern.experiments import Context
+
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["run", "--out", "o", "--data-root", "cifar",
+                                      "--set", 'train={"steps": 3}'])
+    cfg = _experiment_config(args, preset=args.preset)
+    assert cfg.train == {"steps": 3, "data_root": str(tmp_path / "cifar")}
+    ctx = Context(tmp_path / "o", cfg, progress=False)
+    assert ctx.train_config("relu").data_root == str(tmp_path / "cifar")
+
+
 def test_prune_into_a_name_taken_by_a_file_is_named(run_dir: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture) -> None:
     out = _copy(run_dir, tmp_path)

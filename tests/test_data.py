@@ -348,6 +348,26 @@ def test_damaged_cache_sidecar_is_a_cache_error(tmp_path, edit, why) -> None:
     assert len(load_cifar10("imagefolder", tmp_path / "tree", cache_dir=cache)[1]) == 12
 
 
+def test_a_missing_shipped_archive_says_how_to_point_at_one(tmp_path, monkeypatch) -> None:
+    """Installed from a wheel there is no ``data/`` beside the package: the message told
+    users to "pass --data-root", which no ``cobkern`` command took. It names the ways that
+    exist (and the ``cobkern run --data-root`` option now exists)."""
+    from cobkern.data import sources
+
+    monkeypatch.delenv("COBKERN_DATA", raising=False)
+    monkeypatch.setattr(sources, "_REPO", tmp_path / "site-packages")
+    with pytest.raises(DataError) as e:
+        load_cifar10()
+    msg = str(e.value)
+    assert str(tmp_path / "site-packages" / "data" / "cifar10-jpeg.tar.gz") in msg
+    for way in ("COBKERN_DATA=PATH", "cobkern run --data-root PATH",
+                "cobkern train --set data_root=PATH", "load_cifar10(root=PATH)"):
+        assert way in msg
+    monkeypatch.setenv("COBKERN_DATA", str(tmp_path / "gone.tar.gz"))
+    with pytest.raises(DataError, match=r"gone.tar.gz \(the COBKERN_DATA environment"):
+        load_cifar10()
+
+
 def test_imagefolder_without_a_root_names_the_option() -> None:
     with pytest.raises(DataError, match=r"'imagefolder' needs a root folder \(--data-root\)"):
         load_cifar10("imagefolder")

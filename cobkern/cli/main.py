@@ -146,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", default="quick", choices=["quick", "fast", "paper"],
                    help="quick: width-1/8 model, minutes on a CPU; fast / paper: the full "
                         "model on a GPU (paper = the authors' 120k-step training)")
+    s.add_argument("--data-root", type=Path, default=None, metavar="PATH",
+                   help="the CIFAR-10 to use: the JPEG archive (cifar10-jpeg.tar.gz), "
+                        "torchvision's cifar-10-batches-py folder or an ImageFolder tree with "
+                        "train/ and test/ (default: $COBKERN_DATA if set, else the archive "
+                        "in data/ of the cobkern source checkout); kept in OUT/config.json "
+                        "(the training setting data_root)")
     _experiment_options(s)
     _common(s)
 
@@ -350,6 +356,9 @@ def _experiment_config(args: argparse.Namespace, preset: str | None = None) -> A
         ft = over.get("finetune", {})
         # merged into a --set finetune={...} (a non-object there is reported by validate)
         over["finetune"] = {**ft, "steps": args.finetune_steps} if isinstance(ft, dict) else ft
+    if getattr(args, "data_root", None) is not None:  # absolute: config.json outlives the cwd
+        over["train"] = merge_setting(over.get("train"),
+                                      {"data_root": str(args.data_root.resolve())})
     if args.seed is not None:
         over["seed"] = args.seed
     if args.device is not None:

@@ -64,6 +64,21 @@ def _to_sets(arrays: dict[str, object]) -> tuple[ImageSet, ImageSet]:
 SOURCES = ("auto", "shipped", "torchvision", "imagefolder")
 
 
+def _archive_not_found(archive: Path, given: bool) -> str:
+    """The message for a missing CIFAR-10 archive: how to point at one from where it was
+    looked for (an installed package has no ``data/``: the archive ships with the source)."""
+    if given:
+        return f"CIFAR-10 archive not found: {archive}"
+    if os.environ.get("COBKERN_DATA"):
+        return f"CIFAR-10 archive not found: {archive} (the COBKERN_DATA environment variable)"
+    return (f"CIFAR-10 archive not found: {archive}. The copy cobkern ships is "
+            "data/cifar10-jpeg.tar.gz in its source checkout (an installed wheel does not "
+            "include it): point to it, or to torchvision's cifar-10-batches-py folder or an "
+            "ImageFolder tree, with COBKERN_DATA=PATH (every entry point), `cobkern run "
+            "--data-root PATH`, `cobkern train --set data_root=PATH`, `python -m "
+            "cobkern.training --data-root PATH` or load_cifar10(root=PATH)")
+
+
 def load_cifar10(
     source: str = "auto",
     root: str | os.PathLike | None = None,
@@ -118,8 +133,7 @@ def load_cifar10(
             return load_cifar10("auto", archive, cache_dir, download=download,
                                 rebuild_cache=rebuild_cache, progress=progress)
         if not archive.is_file():
-            raise DataError(f"CIFAR-10 archive not found: {archive} (set COBKERN_DATA or pass "
-                            "--data-root)")
+            raise DataError(_archive_not_found(archive, given=rootp is not None))
         # The letter marks the decoder: "l" read link members (hard links, symlinks) as
         # images (a cache from before skipped them), "p" orders members by path component
         # and scales 16-bit grey images (caches from before: "cat-big" before "cat", white)
