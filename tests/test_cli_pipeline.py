@@ -358,6 +358,18 @@ def test_finetune_steps_merge_into_the_set_recipe(run_dir: Path) -> None:
     assert cfg["steps"] == 2 and cfg["batch_size"] == 40 and cfg["warmup_steps"] == 1
 
 
+def test_version_flag_prints_the_package_version(capsys: pytest.CaptureFixture) -> None:
+    import importlib.metadata
+
+    import cobkern
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"cobkern {cobkern.__version__}"
+    assert cobkern.__version__ == importlib.metadata.version("cobkern")
+
+
 def test_set_help_says_which_key_shrinks_the_relu_control(
         capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):

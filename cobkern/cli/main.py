@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Start with: cobkern run --preset quick --out runs/quick   (about 5 min on a "
                "2-core CPU). Then `cobkern <command> --help` for each step.")
+    from cobkern import __version__
+    p.add_argument("--version", action="version", version=f"cobkern {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     fmt = DefaultsHelpFormatter
 
