@@ -92,6 +92,28 @@ def test_torch_compile_fullgraph_matches_eager(device, compile_kernels, backend_
         torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-5)
 
 
+def test_torch_export_with_a_dynamic_batch_matches_eager(device, compile_kernels):
+    """``torch.export`` of a block using the ops (as graph nodes: the custom ops, or the
+    inline twins), with a symbolic batch: the exported module computes the eager outputs
+    and gradients at another batch size too, and survives ``run_decompositions``.
+    Tolerance as the compiled test's: the exported convolution may reorder float32 sums."""
+    model = _Tiny().to(device)
+    batch = torch.export.Dim("batch", min=2, max=64)
+    ep = torch.export.export(model, (torch.randn(2, 3, 4, 4, device=device),),
+                             dynamic_shapes=({0: batch},))
+    ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert any("cobkern" in o for o in ops), ops  # the ops are nodes, not decomposed away
+    x = torch.randn(5, 3, 4, 4, device=device)
+    for exported in (ep.module(), ep.run_decompositions().module()):
+        want = model(x)
+        got = exported(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        gw = torch.autograd.grad(want.square().sum(), list(model.parameters()))
+        gg = torch.autograd.grad(got.square().sum(), list(exported.parameters()))
+        for a, b in zip(gg, gw, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_compiled_graph_contains_the_custom_ops(device, compile_kernels):
     """Dynamo's graph holds the mode's forward op once per activation."""
     seen: list[str] = []
