@@ -731,3 +731,34 @@ def test_surgery_keeps_the_modules_and_their_hooks():
         handle.remove()
         m(x)
     assert seen == [4]
+
+
+def test_lossless_tolerance_is_relative_to_the_largest_eigenvalue_not_the_sum():
+    """``"lossless"`` drops ``λ ≤ tol·λ_max`` (strategy.py's table, method.md §5), not
+    ``λ ≤ tol·Σλ``: with several comparable eigenvalues the sum is several times the
+    largest, and a sum-relative cut removes real directions. U energies 1, .81, .64, .25
+    (sum 2.7): at tol 0.3 the max rule cuts only .25; a sum rule (cut below .81) would keep
+    one. Exact float64 comparisons far from the thresholds: no tolerance needed."""
+    s = scores([1.0, 0.9, 0.8, 0.5], [1.0, 0.95, 0.1])      # energies = squares
+    k = RankTolerance((0.3, 0.3)).select(s)
+    assert k.u.tolist() == [0, 1, 2]
+    assert k.v.tolist() == [0, 1]                            # .01 ≤ .3 · 1 goes, .9025 stays
+    assert RankTolerance(0.3).select(s).num_kept == 5       # pooled: λ_max = 1 over all 7
+
+
+# ------------------------------------------------------------ target: tests/test_pruning.py
+
+
+def test_energy_budget_cuts_a_subspace_without_energy_to_one_channel():
+    """A subspace whose eigenvalues are all zero (a dead half: its activations were zero on
+    every calibration sample) holds no energy, so no direction is needed to reach any
+    budget: the rule prunes it all and the at-least-one guard leaves one channel (index 0 on
+    the ties). Keeping every channel there would keep pure dead width. Exact: no tolerance."""
+    s = scores([3.0, 1.0, 0.5], [0.0, 0.0, 0.0, 0.0])
+    k = EnergyBudget((0.9, 0.9)).select(s)
+    assert k.u.tolist() == [0, 1]                            # 9, 1 of 10.25 reach 0.9
+    assert k.v.tolist() == [0]
+    assert EnergyBudget((1.0, 1.0)).select(s).v.tolist() == [0]
+
+
+# --------------------------------------------------------------- target: tests/test_cob.py
