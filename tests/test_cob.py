@@ -1027,6 +1027,31 @@ def test_non_finite_activations_are_named_not_ranked():
     derived["0"].check_finite()
 
 
+def _interrupt_the_second_rotate_input(monkeypatch) -> tuple[list, object]:
+    """Make ``rotate_input`` raise ``KeyboardInterrupt`` on its second call (the first layer
+    rotated, in and out); return the list of its calls and the real function."""
+    from cobkern.cob import rotate as rotate_mod
+
+    calls: list = []
+    real = rotate_mod.rotate_input
+
+    def interrupted(module, r, spatial=1):
+        calls.append(module)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(module, r, spatial)
+
+    monkeypatch.setattr(rotate_mod, "rotate_input", interrupted)
+    return calls, real
+
+
+def _assert_as_before(m: nn.Module, before: dict) -> None:
+    """``m`` has the weights of ``before`` exactly, and no rotation mark."""
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not any(hasattr(mod, ROTATION_MARK) for mod in m.modules())
+
+
 def test_prune_guards_its_rotation_once_and_still_puts_it_back(monkeypatch):
     """prune wrapped its rotation in a guard and rotate_model took another inside it: every
     rotated weight was copied twice (a model's worth of memory, for nothing). One guard,
@@ -1050,22 +1075,11 @@ def test_prune_guards_its_rotation_once_and_still_puts_it_back(monkeypatch):
     with use_backend("reference"):
         st = calibrate(m, data, progress=False)
         before = copy.deepcopy(m.state_dict())
-        calls = []
-        real = rotate_mod.rotate_input
-
-        def interrupted(module, r, spatial=1):
-            calls.append(module)
-            if len(calls) == 2:
-                raise KeyboardInterrupt
-            real(module, r, spatial)
-
-        monkeypatch.setattr(rotate_mod, "rotate_input", interrupted)
+        calls, real = _interrupt_the_second_rotate_input(monkeypatch)
         with pytest.raises(KeyboardInterrupt):
             prune(m, st, FixedRatio((0.5, 0.5)))
         assert len(calls) == 2 and len(entered) == 1
-        for k, v in m.state_dict().items():
-            assert torch.equal(v, before[k]), k
-        assert not any(hasattr(mod, ROTATION_MARK) for mod in m.modules())
+        _assert_as_before(m, before)
         monkeypatch.setattr(rotate_mod, "rotate_input", real)
         entered.clear()
         prune(m, st, FixedRatio((0.5, 0.5)))
@@ -1090,22 +1104,11 @@ def test_an_interrupted_rotation_leaves_the_model_as_it_was(monkeypatch):
         st = calibrate(m, data, progress=False)
         y0 = m(data[0])
         before = copy.deepcopy(m.state_dict())
-        calls = []
-        real = rotate_mod.rotate_input
-
-        def interrupted(module, r, spatial=1):
-            calls.append(module)
-            if len(calls) == 2:
-                raise KeyboardInterrupt
-            real(module, r, spatial)
-
-        monkeypatch.setattr(rotate_mod, "rotate_input", interrupted)
+        calls, real = _interrupt_the_second_rotate_input(monkeypatch)
         with pytest.raises(KeyboardInterrupt):
             rotate_model(m, st)
         assert len(calls) == 2  # the first layer had been rotated, in and out
-        for k, v in m.state_dict().items():
-            assert torch.equal(v, before[k]), k
-        assert not any(hasattr(mod, ROTATION_MARK) for mod in m.modules())
+        _assert_as_before(m, before)
         monkeypatch.setattr(rotate_mod, "rotate_input", real)
         rotate_model(m, st)
         assert rel_err(m(data[0]), y0) <= 1e-10  # float64 round-off
