@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "fine-tune, evaluate, sweep and report. Each step reads the previous "
                     "step's files from --out, so you can calibrate once and prune many times.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Start with: cobkern run --preset quick --out runs/quick   (about 5 min on a "
+        epilog="Start with: cobkern run --preset quick --out runs/quick   (5-17 min on a "
                "2-core CPU). Then `cobkern <command> --help` for each step.")
     from cobkern import __version__
     p.add_argument("--version", action="version", version=f"cobkern {__version__}")

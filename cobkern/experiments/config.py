@@ -360,7 +360,8 @@ def check_device(device: str) -> str:
 
 
 _PRESETS: dict[str, dict[str, Any]] = {
-    # A 2-core CPU: the whole `cobkern run` in about five minutes (4 min 52 s measured).
+    # A 2-core CPU: the whole `cobkern run` in 5 to 17 minutes, depending on the machine
+    # (4 min 52 s measured on one day, 16 min 57 s on another; README).
     "quick": dict(
         preset="quick", train_relu=True, calib_samples=10_000, calib_batch_size=500,
         eval_subset=5000,
