@@ -475,7 +475,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cobkern.experiments import train_step
-    from cobkern.experiments.pipeline import check_trained_settings, saved_config, trained_with
+    from cobkern.experiments.pipeline import (
+        check_trained_settings,
+        saved_config,
+        train_command,
+        trained_with,
+    )
 
     cfg = _experiment_config(args, preset=args.preset)  # another preset than OUT's: refused
     if args.overrides:
@@ -492,10 +497,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         if args.force and trained_with(ctx, args.arch):
             # the new run has started: the same command (--force) would start it over
-            flag = "" if args.arch == "tsra" else " --arch relu"
-            raise _Interrupted(f"interrupted; continue the new run with `cobkern train --out "
-                               f"{ctx.layout.root}{flag}` (without --force, which would "
-                               "start it again at step 0)") from None
+            raise _Interrupted(f"interrupted; continue the new run with "
+                               f"`{train_command(ctx, args.arch)}` (without --force, which "
+                               "would start it again at step 0)") from None
         raise
     print(f"{args.arch} model: test accuracy {100 * res['test_accuracy']:.2f}% after "
           f"{res['steps']} steps → {ctx.layout.model_file(args.arch)}")

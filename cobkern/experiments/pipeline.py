@@ -27,7 +27,13 @@ from .files import atomic_write_bytes, atomic_write_json
 from .sweeps import check_requirements, run_experiments
 
 __all__ = ["train_step", "calibrate_step", "sweep_step", "report_step", "run_pipeline",
-           "check_trained_settings", "trained_with", "saved_config"]
+           "check_trained_settings", "trained_with", "saved_config", "train_command"]
+
+
+def train_command(ctx: Context, arch: str = "tsra") -> str:
+    """``cobkern train --out OUT`` (``--arch relu`` for the ReLU control): the command the
+    messages name for (re)training ``arch`` in ``ctx``'s directory."""
+    return f"cobkern train --out {ctx.layout.root}" + ("" if arch == "tsra" else " --arch relu")
 
 
 def _say(msg: str) -> None:
@@ -71,13 +77,11 @@ def check_trained_settings(ctx: Context, arch: str = "tsra") -> None:
                             may_change=TRAINED_MAY_CHANGE)
     if change is not None:
         name, old, value = change
-        flag = "" if arch == "tsra" else " --arch relu"
         raise ValueError(
             f"{d} holds a {arch} model trained with {name}={old!r}, but these "
             f"settings ask for {name}={value!r}. Use another --out for the new settings, or "
             f"retrain (which invalidates everything derived from that model) with "
-            f"`cobkern train --out {ctx.layout.root}{flag} --force --set "
-            f"{name}={json.dumps(value)}`")
+            f"`{train_command(ctx, arch)} --force --set {name}={json.dumps(value)}`")
 
 
 def trained_with(ctx: Context, arch: str = "tsra") -> bool:
@@ -147,11 +151,10 @@ def train_step(ctx: Context, arch: str = "tsra", force: bool = False) -> dict[st
                 _say(f"{arch} model already trained: {ctx.layout.model_file(arch)}")
                 return result
             if not (d / CHECKPOINT_NAME).is_file():
-                flag = "" if arch == "tsra" else " --arch relu"
                 raise ValueError(
                     f"{final} is unreadable and there is no checkpoint in {d} to finish the "
-                    f"run from; retrain with `cobkern train --out {ctx.layout.root}{flag} "
-                    "--force` (or restore the file)")
+                    f"run from; retrain with `{train_command(ctx, arch)} --force` (or "
+                    "restore the file)")
             _say(f"{final} is unreadable; finishing the run from its checkpoint")
     config = ctx.train_config(arch)
     resume = (d / CHECKPOINT_NAME).is_file() and not force
